@@ -1,0 +1,82 @@
+"""`netdoctor check`: load -> graph -> rules -> findings (one Report per model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from netdoctor.catalogue import matches
+from netdoctor.findings import Finding, Report
+from netdoctor.suppress import is_suppressed
+
+
+@dataclass
+class CheckOptions:
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: str = "float32"
+    select: list[str] = field(default_factory=lambda: ["ALL"])
+    ignore: list[str] = field(default_factory=list)
+    rule_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def selected(rule_id: str, opts: CheckOptions) -> bool:
+    return matches(rule_id, opts.select) and not matches(rule_id, opts.ignore)
+
+
+def run_rules(ctx, stages: set[str], opts: CheckOptions) -> list[Finding]:
+    """Run every registered, selected rule whose inputs the context has."""
+    from netdoctor.rules import REGISTRY
+
+    available = {"outcome": ctx.outcome is not None, "graph": ctx.graph is not None,
+                 "data": ctx.data is not None, "runtime": ctx.run is not None}
+    findings: list[Finding] = []
+    for rule_id in sorted(REGISTRY):
+        impl = REGISTRY[rule_id]
+        if impl.needs not in stages or not available.get(impl.needs) or not selected(rule_id, opts):
+            continue
+        findings.extend(impl.fn(ctx))
+    return findings
+
+
+def check_loaded(loaded, opts: CheckOptions) -> Report:
+    """Build the graph of one loaded model and run the static rules on it."""
+    from netdoctor.graph.build import build_graph
+    from netdoctor.loading.shapes import InputSpec
+    from netdoctor.rules import Context
+
+    spec = None
+    if opts.input_shape is not None:
+        spec = InputSpec(tuple(opts.input_shape), opts.input_dtype, _vocab(loaded.model))
+    outcome = build_graph(loaded, spec)
+    ctx = Context(target=loaded.target, graph=outcome.graph, outcome=outcome,
+                  options=opts.rule_options)
+    findings = run_rules(ctx, {"outcome", "graph"}, opts)
+    report = Report(target=loaded.target, notes=list(outcome.notes))
+    class_lines = [loaded.class_location] if loaded.class_location else []
+    for f in findings:
+        if is_suppressed(f, class_lines):
+            report.notes.append(f"{f.rule} at {f.location} suppressed by a netdoctor: ignore comment")
+        else:
+            report.findings.append(f)
+    return report
+
+
+def _vocab(model) -> int | None:
+    from netdoctor.loading.shapes import first_layer
+
+    found = first_layer(model)
+    return getattr(found[1], "num_embeddings", None) if found else None
+
+
+def check(target: str, opts: CheckOptions) -> tuple[list[Report], list[str]]:
+    """Check every model a target names. Returns the reports and loader notes."""
+    from netdoctor.loading.target import load
+
+    result = load(target, opts.kwargs)
+    reports = [check_loaded(m, opts) for m in result.models]
+    for path in result.onnx_files:
+        from netdoctor.errors import UserError
+
+        raise UserError(f"{path}: reading ONNX files is not supported by this version yet")
+    return reports, result.notes

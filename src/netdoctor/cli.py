@@ -1,0 +1,229 @@
+"""The `netdoctor` command line. Heavy imports (torch) happen inside commands that need them,
+so `--help`, `rules` and `explain` stay fast."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from netdoctor import __version__
+from netdoctor.errors import UserError
+
+FORMATS = ["text", "json", "sarif", "github"]
+FAIL_ON = ["error", "warning", "info", "never"]
+
+
+class _Group(click.Group):
+    """Turns UserError into one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"netdoctor: error: {e}", err=True)
+            ctx.exit(2)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("netdoctor: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a bug in netdoctor: still one line unless --debug
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"netdoctor: internal error: {type(e).__name__}: {e} "
+                       "(run with --debug for the traceback)", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="netdoctor")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """A doctor for PyTorch models: finds why a network does not train, and shows the fix.
+
+    \b
+      netdoctor check model.py:Net --input-shape 1,28,28   static checks
+      netdoctor probe model.py:Net --data fashionmnist     short instrumented training run
+      netdoctor rules                                      the rule catalogue
+      netdoctor explain ND101                              one rule's documentation
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _shape(value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
+    from netdoctor.loading.shapes import parse_shape
+
+    try:
+        return parse_shape(value)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output:
+        try:
+            Path(output).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot write {output}: {e.strerror}") from None
+    else:
+        click.echo(text, nl=False)
+
+
+def _exit_code(reports, fail_on: str) -> int:
+    from netdoctor.findings import Severity
+
+    if fail_on == "never":
+        return 0
+    threshold = Severity.parse(fail_on)
+    return 1 if any(f.severity >= threshold for r in reports for f in r.findings) else 0
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _common_options(fn):
+    options = [
+        click.option("-a", "--arg", "args", multiple=True, metavar="KEY=VALUE",
+                     help="Constructor argument (repeatable; values are Python literals)."),
+        click.option("--kwargs", "kwargs_json", metavar="JSON",
+                     help="Constructor arguments as a JSON object."),
+        click.option("--input-shape", metavar="C,H,W",
+                     help="Input shape without the batch dimension."),
+        click.option("--input-dtype", type=click.Choice(["float32", "float64", "float16",
+                                                         "bfloat16", "long"]),
+                     help="Input dtype (long for token ids)."),
+        click.option("--format", "fmt", type=click.Choice(FORMATS), help="Report format."),
+        click.option("-o", "--output", metavar="FILE", help="Write the report to FILE."),
+        click.option("--fail-on", type=click.Choice(FAIL_ON),
+                     help="Exit 1 when a finding at or above this severity exists "
+                          "(default: error)."),
+        click.option("--select", multiple=True, metavar="IDS",
+                     help="Only these rules (IDs or prefixes, comma separated)."),
+        click.option("--ignore", "ignore_", multiple=True, metavar="IDS",
+                     help="Skip these rules (IDs or prefixes, comma separated)."),
+        click.option("--config", metavar="FILE",
+                     help="pyproject.toml to read [tool.netdoctor] from."),
+        click.option("--color/--no-color", default=None, help="Force colored text output."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _options_from(config, args, kwargs_json, input_shape, input_dtype, select, ignore_):
+    from netdoctor.check import CheckOptions
+    from netdoctor.loading.target import parse_kwargs
+
+    return CheckOptions(
+        kwargs=parse_kwargs(args, kwargs_json),
+        input_shape=_shape(input_shape or config.input_shape),
+        input_dtype=input_dtype or config.input_dtype or "float32",
+        select=_split(select) or config.select,
+        ignore=_split(ignore_) + config.ignore,
+        rule_options=config.rules,
+    )
+
+
+@main.command()
+@click.argument("targets", nargs=-1)
+@_common_options
+@click.option("--diff", "show_diff", is_flag=True, help="Print the fixes' patches as one diff.")
+def check(targets, args, kwargs_json, input_shape, input_dtype, fmt, output, fail_on, select,
+          ignore_, config, color, show_diff):
+    """Static checks of TARGET: file.py:Name, dotted.module:Name, or files/folders."""
+    from netdoctor.check import check as run_check
+    from netdoctor.config import load_config
+    from netdoctor.report import render
+
+    cfg = load_config(config)
+    targets = list(targets) or cfg.targets
+    if not targets:
+        raise UserError("no target given: netdoctor check path/to/model.py:ClassName "
+                        "(or set targets in [tool.netdoctor])")
+    opts = _options_from(cfg, args, kwargs_json, input_shape, input_dtype, select, ignore_)
+    reports, notes = [], []
+    for target in targets:
+        r, n = run_check(target, opts)
+        reports.extend(r)
+        notes.extend(n)
+    if not reports and not notes:
+        raise UserError("nothing to check")
+    if notes:
+        from netdoctor.findings import Report
+
+        if reports:
+            reports[0].notes.extend(notes)
+        else:
+            reports.append(Report(target=", ".join(targets), notes=notes))
+    if show_diff:
+        _emit(_diff_text(reports), output)
+    else:
+        fmt = fmt or cfg.format or "text"
+        _emit(render(reports, fmt, color=False if output else color), output)
+    sys.exit(_exit_code(reports, fail_on or cfg.fail_on))
+
+
+def _diff_text(reports) -> str:
+    patches = []
+    for r in reports:
+        for f in r.sorted_findings():
+            if f.fix and f.fix.kind == "diff" and f.fix.patch and f.fix.patch not in patches:
+                patches.append(f.fix.patch)
+    return "".join(patches)
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def rules(fmt):
+    """List the rule catalogue."""
+    from netdoctor.catalogue import RULES
+
+    if fmt == "json":
+        import json
+
+        click.echo(json.dumps([{"id": r.id, "name": r.name, "severity": r.severity.label,
+                                "stage": r.stage, "summary": r.summary}
+                               for r in RULES.values()], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("id", "name", "severity", "stage", "finds"):
+        table.add_column(col)
+    for r in RULES.values():
+        table.add_row(r.id, r.name, r.severity.label, r.stage, r.summary)
+    Console(width=140).print(table)
+
+
+@main.command()
+@click.argument("rule")
+def explain(rule):
+    """Print a rule's documentation (e.g. netdoctor explain ND101)."""
+    from netdoctor.catalogue import lookup
+    from netdoctor.docs import read_doc
+
+    try:
+        info = lookup(rule)
+    except KeyError:
+        raise UserError(f"unknown rule {rule!r} (netdoctor rules lists them)") from None
+    text = read_doc(info.id)
+    if text is None:
+        raise UserError(f"no documentation found for {info.id}")
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    console = Console()
+    if console.is_terminal:
+        console.print(Markdown(text))
+    else:
+        click.echo(text)

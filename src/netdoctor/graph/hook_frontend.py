@@ -1,0 +1,198 @@
+"""Fallback frontend for models torch.fx cannot trace (data-dependent control flow, modules kept
+in plain lists, ...): run one real forward on an example input and build the IR from what executed.
+
+Leaf modules are seen through forward hooks; functional ops between them (F.relu, +, torch.cat,
+.detach()) through a TorchFunctionMode. Dataflow edges follow tensor identity. Hooks and the mode
+are always removed and module modes restored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from netdoctor.graph.ir import Graph, Node
+from netdoctor.graph.ops import (OPAQUE_LEAVES, TRANSPARENT, function_op, module_attrs, module_op,
+                                 module_params, param_info, target_name)
+from netdoctor.graph.torch_common import record_modules, record_unregistered, user_frame_location
+from netdoctor.loading.forward import ForwardFailure, preserved_modes, tensor_shapes
+from netdoctor.loading.provenance import Provenance
+
+# Functions that never carry data flow worth a node.
+_IGNORED = {"size", "dim", "numel", "__get__", "__len__", "__format__", "__repr__", "__bool__",
+            "__contains__", "__iter__", "__hash__", "is_floating_point", "stride", "__setstate__",
+            "data_ptr", "element_size", "get_device", "__index__", "__int__", "__float__"}
+_FLOW_BREAKERS = {"item", "numpy", "tolist", "__bool__"}
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Like fx: torch.nn's own modules are leaves (except containers); user modules are looked into."""
+    if isinstance(module, OPAQUE_LEAVES):
+        return True
+    if isinstance(module, TRANSPARENT):
+        return False
+    return type(module).__module__.startswith("torch.nn") or not any(True for _ in module.children())
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+
+    def visit(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+
+    visit(value)
+    return out
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, graph: Graph, model: nn.Module, names: dict[nn.Module, str]) -> None:
+        super().__init__()
+        self.graph = graph
+        self.names = names
+        self.producer: dict[int, str] = {}
+        self.keep: list[Any] = []  # keeps tensors alive so ids stay unique
+        self.leaf_depth = 0
+        self.calls: dict[str, int] = {}
+        self.params = {id(p): n for n, p in model.named_parameters()}
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def unique(self, base: str) -> str:
+        base = base.replace(".", "_") if base else "node"
+        n = self.calls.get(base, 0)
+        self.calls[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+    def inputs_of(self, value: Any) -> list[str]:
+        names: list[str] = []
+        for t in _tensors(value):
+            name = self.producer.get(id(t))
+            if name is None and id(t) in self.params:
+                name = self._param_node(t)
+            if name is not None and name not in names:
+                names.append(name)
+        return names
+
+    def _param_node(self, t: torch.Tensor) -> str:
+        full = self.params[id(t)]
+        owner, _, leaf = full.rpartition(".")
+        node = self.graph.add(Node(name=self.unique("param_" + full), op="param", target=full,
+                                   module=owner or None, params={leaf: param_info(t)}))
+        self.producer[id(t)] = node.name
+        self.keep.append(t)
+        return node.name
+
+    def produced(self, value: Any, node_name: str) -> None:
+        for t in _tensors(value):
+            self.producer[id(t)] = node_name
+            self.keep.append(t)
+
+    # -- functional ops ----------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.leaf_depth:
+            return out
+        name = getattr(func, "__name__", "")
+        if name in _IGNORED:
+            return out
+        inputs = self.inputs_of((args, kwargs))
+        if not inputs:
+            return out
+        if not _tensors(out) and name not in _FLOW_BREAKERS:
+            return out
+        op = function_op(func)
+        node = Node(name=self.unique(name or "call"), op=op, target=target_name(func),
+                    inputs=inputs, location=user_frame_location(3))
+        shapes = tensor_shapes(out)
+        node.shape = shapes[0] if shapes else None
+        if op in ("softmax", "log_softmax"):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if isinstance(dim, int):
+                node.attrs["dim"] = dim
+        if not torch.is_grad_enabled():
+            node.attrs["no_grad"] = True
+        self.graph.add(node)
+        self.produced(out, node.name)
+        return out
+
+
+def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
+    """Run one forward of `example` and record it. Raises ForwardFailure if forward raises."""
+    graph = Graph(frontend="hooks")
+    record_modules(graph, model, prov)
+    extra = record_unregistered(graph, model, prov)
+    names = {m: n for n, m in model.named_modules()}
+    for n, m in extra.items():
+        names.setdefault(m, n)
+    rec = _Recorder(graph, model, names)
+    stack: list[tuple[nn.Module, list[tuple[int, ...]]]] = []
+    failed: list[tuple[nn.Module, list[tuple[int, ...]]]] = []
+    seen_leaf: list[int] = []
+
+    def pre(mod, args):
+        stack.append((mod, tensor_shapes(args)))
+        if mod in leaves:
+            if rec.leaf_depth == 0:
+                seen_leaf.append(len(stack))
+                rec._pending_inputs = rec.inputs_of(args)  # type: ignore[attr-defined]
+            rec.leaf_depth += 1
+
+    def post(mod, args, out):
+        if stack:
+            stack.pop()
+        if mod in leaves:
+            rec.leaf_depth -= 1
+            if rec.leaf_depth == 0:
+                path = names.get(mod, "")
+                node = Node(name=rec.unique(path or type(mod).__name__), op=module_op(mod),
+                            target=f"{type(mod).__module__}.{type(mod).__name__}", module=path,
+                            inputs=getattr(rec, "_pending_inputs", []),
+                            params=module_params(mod), attrs=module_attrs(mod),
+                            location=prov.site(mod))
+                shapes = tensor_shapes(out)
+                node.shape = shapes[0] if shapes else None
+                graph.add(node)
+                rec.produced(out, node.name)
+
+    leaves = {m for m in names if m is not model and is_leaf(m)}
+    handles = []
+    try:
+        for m in names:
+            if m is model:
+                continue
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+        inp = graph.add(Node(name="x", op="input", target="input", shape=tuple(example.shape)))
+        rec.produced(example, inp.name)
+        # Eval mode so BatchNorm running statistics are left untouched; grad stays enabled so
+        # a no_grad block inside forward is visible.
+        with preserved_modes(model):
+            model.eval()
+            try:
+                with rec:
+                    out = model(example)
+            except Exception as e:
+                failed = list(stack)
+                inner = failed[-1][0] if failed else None
+                raise ForwardFailure(
+                    error=e, module=names.get(inner) if inner is not None else None,
+                    module_type=type(inner).__name__ if inner is not None else None,
+                    input_shapes=failed[-1][1] if failed else tensor_shapes(example),
+                    param_shapes={k: tuple(p.shape) for k, p in inner.named_parameters(
+                        recurse=False)} if inner is not None else {}) from e
+        graph.add(Node(name="output", op="output", target="output", inputs=rec.inputs_of(out)))
+    finally:
+        for h in handles:
+            h.remove()
+    graph.input_shape = tuple(example.shape[1:])
+    return graph

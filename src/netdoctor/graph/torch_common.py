@@ -1,0 +1,93 @@
+"""Facts both torch frontends record the same way: registered modules, plain-container modules,
+source locations of user code lines."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from torch import nn
+
+from netdoctor.findings import Location
+from netdoctor.graph.ir import Graph, ModuleInfo, UnregisteredHolder
+from netdoctor.loading.provenance import Provenance, _is_internal, class_location
+
+_MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+                     "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"}
+
+
+def record_modules(graph: Graph, model: nn.Module, prov: Provenance) -> None:
+    for path, m in model.named_modules():
+        if not path:
+            continue
+        trainable = sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
+        graph.modules[path] = ModuleInfo(path=path, type=type(m).__name__, trainable=trainable,
+                                         location=prov.site(m),
+                                         is_leaf=not any(True for _ in m.children()))
+
+
+def unregistered_modules(model: nn.Module) -> list[tuple[str, str, str, list[tuple[str, nn.Module]], nn.Module]]:
+    """(owner path, attribute, container kind, [(display name, module)], owner) for every
+    nn.Module kept in a plain list/tuple/dict attribute of a registered module."""
+    found = []
+    for owner_path, owner in model.named_modules():
+        for attr, value in vars(owner).items():
+            if attr in _MODULE_INTERNALS or attr.startswith("__"):
+                continue
+            held: list[tuple[str, nn.Module]] = []
+            if isinstance(value, (list, tuple)):
+                held = [(f"{attr}[{i}]", v) for i, v in enumerate(value) if isinstance(v, nn.Module)]
+                kind = "list" if isinstance(value, list) else "tuple"
+            elif isinstance(value, dict):
+                held = [(f"{attr}[{k!r}]", v) for k, v in value.items() if isinstance(v, nn.Module)]
+                kind = "dict"
+            if held:
+                prefix = f"{owner_path}." if owner_path else ""
+                found.append((owner_path, attr, kind, [(prefix + n, m) for n, m in held], owner))
+    return found
+
+
+def record_unregistered(graph: Graph, model: nn.Module, prov: Provenance) -> dict[str, nn.Module]:
+    """Fill graph.unregistered; return {display path: module} so frontends can hook them too."""
+    extra: dict[str, nn.Module] = {}
+    for owner_path, attr, kind, held, owner in unregistered_modules(model):
+        first = held[0][1]
+        graph.unregistered.append(UnregisteredHolder(
+            owner=owner_path, attr=attr, container=kind, count=len(held),
+            module_types=sorted({type(m).__name__ for _, m in held}),
+            location=prov.site(first), owner_class=type(owner).__name__,
+            owner_location=class_location(type(owner))))
+        for name, m in held:
+            extra[name] = m
+            for sub_name, sub in m.named_modules():
+                if sub_name:
+                    extra[f"{name}.{sub_name}"] = sub
+    return extra
+
+
+def user_frame_location(depth: int = 2) -> Location | None:
+    """The innermost line of user code on the current stack (for functional ops in forward)."""
+    frame = sys._getframe(depth)
+    while frame is not None:
+        if not _is_internal(frame.f_code.co_filename):
+            return Location(os.path.abspath(frame.f_code.co_filename), frame.f_lineno)
+        frame = frame.f_back
+    return None
+
+
+def location_from_stack_trace(trace: str | None) -> Location | None:
+    """The last user-code frame in an fx node's recorded stack trace."""
+    if not trace:
+        return None
+    found = None
+    for line in trace.splitlines():
+        line = line.strip()
+        if line.startswith('File "'):
+            try:
+                path = line.split('"', 2)[1]
+                lineno = int(line.split("line ", 1)[1].split(",", 1)[0])
+            except (IndexError, ValueError):
+                continue
+            if not _is_internal(os.path.abspath(path)):
+                found = Location(os.path.abspath(path), lineno)
+    return found

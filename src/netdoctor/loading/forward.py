@@ -1,0 +1,104 @@
+"""Running one forward pass on the user's model safely: eval mode, no grad, hooks always removed,
+modes restored, and on failure the innermost submodule that raised (for ND002)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ForwardFailure(Exception):
+    """The model's forward raised. `module` is the innermost submodule running at the time."""
+
+    error: BaseException
+    module: str | None  # qualified path; None when it raised outside any submodule
+    module_type: str | None
+    input_shapes: list[tuple[int, ...]]
+    param_shapes: dict[str, tuple[int, ...]]
+
+    def __str__(self) -> str:
+        return f"{type(self.error).__name__}: {self.error}"
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's train/eval flag afterwards, whatever happens."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def tensor_shapes(values: Any) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = []
+
+    def visit(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            out.append(tuple(v.shape))
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+
+    visit(values)
+    return out
+
+
+def example_input(shape: tuple[int, ...], dtype: str = "float32", batch: int = 2,
+                  vocab: int | None = None) -> torch.Tensor:
+    """A deterministic example batch: unit-variance floats, or token ids below `vocab`."""
+    gen = torch.Generator().manual_seed(0)
+    if dtype in ("long", "int64", "int"):
+        return torch.randint(0, max(1, vocab or 2), (batch, *shape), generator=gen)
+    return torch.randn((batch, *shape), generator=gen, dtype=getattr(torch, dtype))
+
+
+def run_forward(model: nn.Module, x: torch.Tensor, extra_modules: dict[str, nn.Module] | None = None):
+    """Forward `x` in eval mode without grad; raise ForwardFailure naming the failing submodule."""
+    names = {m: n for n, m in model.named_modules()}
+    for n, m in (extra_modules or {}).items():
+        names.setdefault(m, n)
+    stack: list[tuple[nn.Module, list[tuple[int, ...]]]] = []
+    failed: list[tuple[nn.Module, list[tuple[int, ...]]]] = []
+
+    def pre(mod, args):
+        stack.append((mod, tensor_shapes(args)))
+
+    def post(mod, args, out):
+        if stack:
+            stack.pop()
+
+    handles = []
+    try:
+        for m in names:
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+        with preserved_modes(model), torch.no_grad():
+            model.eval()
+            try:
+                return model(x)
+            except Exception as e:
+                failed = list(stack)
+                inner = failed[-1] if failed else None
+                mod = inner[0] if inner else None
+                name = names.get(mod) if mod is not None else None
+                raise ForwardFailure(
+                    error=e,
+                    module=name if name else None,
+                    module_type=type(mod).__name__ if mod is not None else None,
+                    input_shapes=inner[1] if inner else tensor_shapes(x),
+                    param_shapes={k: tuple(p.shape) for k, p in
+                                  mod.named_parameters(recurse=False)} if mod is not None else {},
+                ) from e
+    finally:
+        for h in handles:
+            h.remove()

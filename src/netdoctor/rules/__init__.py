@@ -1,0 +1,4 @@
+"""Rule implementations. Importing this package registers every rule with the registry."""
+
+from netdoctor.rules.registry import REGISTRY, Context, rule  # noqa: F401
+from netdoctor.rules import meta, architecture, params  # noqa: F401,E402  (registration)

@@ -1,0 +1,44 @@
+"""ND2xx: parameter and initialization problems."""
+
+from __future__ import annotations
+
+from netdoctor.fixes.patch import diff_fix, set_keyword
+from netdoctor.rules.registry import Context, rule
+
+_BN_TYPES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d",
+             "LazyBatchNorm2d", "LazyBatchNorm3d")
+
+
+@rule("ND203")
+def batchnorm_momentum(ctx: Context):
+    high = float(ctx.option("ND203", "max-momentum", 0.5))
+    seen: set[str] = set()
+    for node in ctx.graph.of_op("batchnorm"):
+        key = node.module or node.name
+        if key in seen:
+            continue
+        seen.add(key)
+        momentum = node.attrs.get("momentum")
+        if momentum is None or node.attrs.get("track_running_stats") is False:
+            continue  # None = cumulative average, a valid choice
+        if momentum >= high:
+            why = (f"momentum={momentum:g} follows the TF/Keras convention; PyTorch updates "
+                   f"running = (1 - momentum) * running + momentum * batch, so running statistics "
+                   f"follow each batch almost exactly ({1 - momentum:.0%} of history kept) and "
+                   "eval-mode outputs jump around. PyTorch's 0.1 is Keras' 0.9.")
+        elif momentum == 0:
+            why = ("momentum=0 means the running statistics never update: eval mode normalizes "
+                   "with the initial mean 0 and variance 1, not the data's, so eval outputs "
+                   "differ from training.")
+        else:
+            continue
+        loc = node.location
+        summary = "set momentum=0.1 (PyTorch's default; equals Keras' 0.9)"
+        fix = diff_fix(summary, loc.path if loc else None,
+                       lambda src, line=loc.line if loc else 0: set_keyword(
+                           src, line, _BN_TYPES, "momentum", "0.1"),
+                       f"nn.{node.attrs.get('type', 'BatchNorm2d')}"
+                       f"({node.attrs.get('num_features', '...')}, momentum=0.1)")
+        yield ctx.finding("ND203", f"{key}: {why}", module=node.module, location=loc, fix=fix,
+                          evidence={"momentum": momentum, "onnx_momentum":
+                                    node.attrs.get("onnx_momentum")}, impact=2.0)
