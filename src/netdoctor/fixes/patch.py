@@ -128,10 +128,28 @@ def set_keyword(source: str, line: int, type_names: tuple[str, ...], key: str, v
     return module.visit(T()).code
 
 
-def insert_args_after(source: str, inserts: dict[int, str]) -> str | None:
+def arg_code(call: cst.Call, index: int, keyword: str) -> str | None:
+    """The source text of a call's argument, by keyword or position (e.g. a Linear's `width`)."""
+    for a in call.args:
+        if a.keyword is not None and a.keyword.value == keyword:
+            return cst.Module([]).code_for_node(a.value)
+    positional = [a for a in call.args if a.keyword is None and a.star == ""]
+    if len(positional) > index:
+        return cst.Module([]).code_for_node(positional[index].value)
+    return None
+
+
+def insert_args_after(source: str, inserts: dict[int, str | Callable[[cst.Call], str]]
+                      ) -> str | None:
     """In container calls like nn.Sequential(...), insert a new argument after the argument whose
-    call starts on each given line. Returns None unless every insert found its place."""
+    call starts on each given line. An insert may be a function of that call (to reuse its
+    arguments' source text). Returns None unless every insert found its place."""
     module, pos = _index(source)
+    inserts = {line: (text(call_at(pos.calls, line)) if callable(text) and
+                      call_at(pos.calls, line) is not None else text)
+               for line, text in inserts.items()}
+    if any(callable(t) for t in inserts.values()):
+        return None
     targets: dict[int, cst.Call] = {}
     for line in inserts:
         node = call_at(pos.calls, line)

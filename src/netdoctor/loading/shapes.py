@@ -35,16 +35,17 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
-    for name, m in model.named_modules():
+def first_layer(model: nn.Module, extra: dict[str, nn.Module] | None = None
+                ) -> tuple[str, nn.Module] | None:
+    for name, m in [*(extra or {}).items(), *model.named_modules()]:
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding,
                           nn.EmbeddingBag, nn.RNNBase)):
             return name, m
     return None
 
 
-def candidates(model: nn.Module) -> list[InputSpec]:
-    found = first_layer(model)
+def candidates(model: nn.Module, extra: dict[str, nn.Module] | None = None) -> list[InputSpec]:
+    found = first_layer(model, extra)
     if found is None:
         return []
     name, m = found
@@ -83,7 +84,8 @@ def infer(model: nn.Module, extra: dict[str, nn.Module] | None = None
     """Try the candidate shapes; return (working spec, first failure, the spec that failed)."""
     first_failure: ForwardFailure | None = None
     first_spec: InputSpec | None = None
-    for spec in candidates(model):
+    specs = candidates(model, extra) + (candidates(model) if extra else [])
+    for spec in specs:
         try:
             run_forward(model, example_input(spec.shape, spec.dtype, vocab=spec.vocab), extra)
         except ForwardFailure as f:

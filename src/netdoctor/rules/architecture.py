@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from netdoctor.findings import Fix
-from netdoctor.fixes.patch import (diff_fix, insert_args_after, nn_prefix, read, replace_calls,
+from netdoctor.fixes.patch import (arg_code, diff_fix, insert_args_after, nn_prefix, read, replace_calls,
                                    wrap_attribute)
 from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, SATURATING_OPS, WEIGHT_OPS, Graph, Node
 from netdoctor.rules.registry import Context, rule
@@ -76,6 +76,18 @@ def _norm_for(node: Node, prefix: str) -> str | None:
     return None
 
 
+def _norm_from_call(norm: str):
+    """BatchNorm text whose size reuses the layer's own argument text (`width`, not 128)."""
+    def make(call) -> str:
+        name, _, size = norm.rpartition("(")
+        keyword = "out_channels" if "2d" in name or "3d" in name else "out_features"
+        if "1d" in name and "Conv" in str(getattr(call.func, "attr", "")):
+            keyword = "out_channels"
+        code = arg_code(call, 1, keyword)
+        return f"{name}({code})" if code else norm
+    return make
+
+
 def _batchnorm_fix(chain: list[Node]) -> Fix:
     hidden = chain[:-1]  # the last layer produces the output: no BatchNorm after it
     summary = (f"insert BatchNorm after each of the {len(hidden)} hidden weight layers "
@@ -98,7 +110,7 @@ def _batchnorm_fix(chain: list[Node]) -> Fix:
         norm = _norm_for(n, prefix)
         if norm is None:
             return Fix(summary, snippet or None, "snippet")
-        inserts[n.location.line] = norm
+        inserts[n.location.line] = _norm_from_call(norm)
     return diff_fix(summary, path, lambda src: insert_args_after(src, inserts), snippet)
 
 
