@@ -308,9 +308,10 @@ def _discover(path: Path, result: LoadResult) -> None:
 
 
 def _mentions_module(path: Path) -> bool:
-    """Cheap pre-filter: only import files whose text defines a class at all."""
+    """Cheap pre-filter: only import files that define a class and mention Module (importing
+    runs the file, so plain scripts and unrelated code are left alone)."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
-    return "class " in text
+    return "class " in text and "Module" in text
