@@ -9,16 +9,19 @@ from torch.fx.passes.shape_prop import ShapeProp
 from netdoctor.graph.ir import Graph, Node
 from netdoctor.graph.ops import (function_op, module_attrs, module_op, module_params,
                                  param_info, target_name)
-from netdoctor.graph.torch_common import (location_from_stack_trace, record_modules,
-                                          record_unregistered)
+from netdoctor.graph.torch_common import record_modules, record_unregistered, user_frame_location
 from netdoctor.loading.forward import preserved_modes
 from netdoctor.loading.provenance import Provenance
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self) -> None:
-        super().__init__()
-        self.record_stack_traces = True
+    """Records, per node, the innermost user-code line (cheaper than fx's full stack traces)."""
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **kw)
+        if kind in ("call_function", "call_method"):
+            proxy.node.meta["netdoctor_location"] = user_frame_location(2)
+        return proxy
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -75,7 +78,7 @@ def build(model: nn.Module, prov: Provenance, gm: fx.GraphModule) -> Graph:
         else:  # call_function / call_method
             node.op = function_op(fxn.target)
             node.target = target_name(fxn.target)
-            node.location = location_from_stack_trace(fxn.stack_trace)
+            node.location = fxn.meta.get("netdoctor_location")
             _function_attrs(node, fxn)
         graph.add(node)
     return graph

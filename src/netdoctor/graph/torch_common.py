@@ -73,21 +73,3 @@ def user_frame_location(depth: int = 2) -> Location | None:
             return Location(os.path.abspath(frame.f_code.co_filename), frame.f_lineno)
         frame = frame.f_back
     return None
-
-
-def location_from_stack_trace(trace: str | None) -> Location | None:
-    """The last user-code frame in an fx node's recorded stack trace."""
-    if not trace:
-        return None
-    found = None
-    for line in trace.splitlines():
-        line = line.strip()
-        if line.startswith('File "'):
-            try:
-                path = line.split('"', 2)[1]
-                lineno = int(line.split("line ", 1)[1].split(",", 1)[0])
-            except (IndexError, ValueError):
-                continue
-            if not _is_internal(os.path.abspath(path)):
-                found = Location(os.path.abspath(path), lineno)
-    return found
