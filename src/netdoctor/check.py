@@ -75,8 +75,19 @@ def check(target: str, opts: CheckOptions) -> tuple[list[Report], list[str]]:
 
     result = load(target, opts.kwargs)
     reports = [check_loaded(m, opts) for m in result.models]
-    for path in result.onnx_files:
-        from netdoctor.errors import UserError
-
-        raise UserError(f"{path}: reading ONNX files is not supported by this version yet")
+    reports.extend(check_onnx(path, opts) for path in result.onnx_files)
     return reports, result.notes
+
+
+def check_onnx(path: str, opts: CheckOptions) -> Report:
+    """The graph rules on an ONNX file (no source code, so fixes are snippets)."""
+    from netdoctor.graph.build import BuildOutcome
+    from netdoctor.graph.onnx_frontend import build
+    from netdoctor.loading.target import display_path
+    from netdoctor.rules import Context
+
+    graph = build(path)
+    target = display_path(path)
+    ctx = Context(target=target, graph=graph, outcome=BuildOutcome(graph=graph),
+                  options=opts.rule_options)
+    return Report(target=target, findings=run_rules(ctx, {"outcome", "graph"}, opts))

@@ -19,9 +19,12 @@ from netdoctor.loading.target import display_path
 
 
 def read(path: str) -> str | None:
+    """The text of a Python source file, or None (ONNX files and unreadable paths get snippets)."""
+    if not str(path).endswith(".py"):
+        return None
     try:
         return Path(path).read_text(encoding="utf-8")
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
 
 

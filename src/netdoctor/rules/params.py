@@ -32,13 +32,24 @@ def batchnorm_momentum(ctx: Context):
                    "differ from training.")
         else:
             continue
+        onnx_momentum = node.attrs.get("onnx_momentum")
+        if onnx_momentum is not None:
+            why = (f"ONNX momentum={onnx_momentum:g} (ONNX weights the running value: it is "
+                   f"PyTorch's 1 - momentum) means PyTorch momentum={momentum:g}. " + why)
         loc = node.location
         summary = "set momentum=0.1 (PyTorch's default; equals Keras' 0.9)"
         fix = diff_fix(summary, loc.path if loc else None,
                        lambda src, line=loc.line if loc else 0: set_keyword(
                            src, line, _BN_TYPES, "momentum", "0.1"),
-                       f"nn.{node.attrs.get('type', 'BatchNorm2d')}"
-                       f"({node.attrs.get('num_features', '...')}, momentum=0.1)")
+                       _snippet(node))
         yield ctx.finding("ND203", f"{key}: {why}", module=node.module, location=loc, fix=fix,
                           evidence={"momentum": momentum, "onnx_momentum":
                                     node.attrs.get("onnx_momentum")}, impact=2.0)
+
+
+def _snippet(node) -> str:
+    features = node.attrs.get("num_features", "...")
+    if node.attrs.get("onnx_momentum") is not None:
+        return (f"# in the PyTorch source of this model (exports as ONNX momentum=0.9):\n"
+                f"nn.BatchNorm2d({features}, momentum=0.1)")
+    return f"nn.{node.attrs.get('type', 'BatchNorm2d')}({features}, momentum=0.1)"

@@ -1,0 +1,210 @@
+"""ONNX frontend: an .onnx file -> the same IR the torch frontends build.
+
+Weights come from initializers, shapes from ONNX shape inference, locations name the ONNX node.
+BatchNormalization's momentum is stored in PyTorch's convention (ONNX 0.9 == PyTorch 0.1) so
+ND203 judges the same number either way. External data outside the model's folder is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from netdoctor.errors import UserError
+from netdoctor.findings import Location
+from netdoctor.graph.ir import Graph, Node, ParamInfo
+
+_OPS = {
+    "Conv": "conv", "ConvTranspose": "conv", "Gemm": "linear",
+    "BatchNormalization": "batchnorm", "LayerNormalization": "layernorm",
+    "GroupNormalization": "groupnorm", "InstanceNormalization": "instancenorm",
+    "LRN": "lrn", "Relu": "relu", "LeakyRelu": "leaky_relu", "PRelu": "prelu", "Elu": "elu",
+    "Selu": "selu", "Celu": "celu", "Gelu": "gelu", "Sigmoid": "sigmoid", "Tanh": "tanh",
+    "HardSigmoid": "hardsigmoid", "HardSwish": "hardswish", "Softplus": "softplus",
+    "Mish": "mish", "Clip": "clamp", "Softmax": "softmax", "LogSoftmax": "log_softmax",
+    "MaxPool": "maxpool", "GlobalMaxPool": "maxpool", "AveragePool": "avgpool",
+    "GlobalAveragePool": "avgpool", "ReduceMean": "mean", "Add": "add", "Sub": "sub",
+    "Mul": "mul", "Div": "div", "Concat": "cat", "Flatten": "reshape", "Reshape": "reshape",
+    "Transpose": "reshape", "Squeeze": "reshape", "Unsqueeze": "reshape", "Expand": "reshape",
+    "Dropout": "dropout", "Identity": "identity", "Split": "split", "Slice": "getitem",
+    "Gather": "getitem", "LSTM": "rnn", "GRU": "rnn", "RNN": "rnn", "Constant": "param",
+    "Pad": "pad", "Resize": "upsample", "Upsample": "upsample", "Exp": "exp", "Log": "log",
+    "Sqrt": "sqrt", "Pow": "pow", "Neg": "neg", "Abs": "abs", "Shape": "size",
+    "If": "control", "Loop": "control", "Scan": "control", "Einsum": "matmul",
+}
+
+
+def load_model(path: str):
+    """Read and validate an ONNX file; refuse external data that points outside its folder."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    file = Path(path)
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'parse error'})") from None
+    if not model.graph.node and not model.graph.input:
+        raise UserError(f"{path}: not a readable ONNX model (empty graph)")
+    base = file.resolve().parent
+    external = [t for t in _all_initializers(model.graph) if uses_external_data(t)]
+    for tensor in external:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if not target.is_relative_to(base):
+            raise UserError(f"{path}: initializer {tensor.name!r} refers to external data "
+                            f"{location!r} outside the model's folder; refusing to read it")
+        if not target.is_file():
+            raise UserError(f"{path}: external data file {location!r} for {tensor.name!r} "
+                            "is missing")
+    if external:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(base))
+        except Exception as e:
+            raise UserError(f"{path}: cannot read external data ({e})") from None
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shapes are a bonus; rules work without them
+        pass
+    return model
+
+
+def _all_initializers(graph):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from _all_initializers(attr.g)
+            for g in attr.graphs:
+                yield from _all_initializers(g)
+
+
+def _param(array: np.ndarray) -> ParamInfo:
+    flat = array.astype(np.float64).reshape(-1)
+    n = flat.size
+    return ParamInfo(shape=tuple(array.shape), numel=int(n),
+                     mean=float(flat.mean()) if n else 0.0,
+                     std=float(flat.std(ddof=1)) if n > 1 else 0.0,
+                     all_equal=bool(n > 1 and np.all(flat == flat[0])))
+
+
+def _shape(value_info) -> tuple[int, ...] | None:
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+    return tuple(dims)
+
+
+def build(path: str) -> Graph:
+    from onnx import helper, numpy_helper
+
+    model = load_model(path)
+    shown = path
+    graph = Graph(frontend="onnx")
+    weights: dict[str, np.ndarray] = {}
+    for t in _all_initializers(model.graph):
+        try:
+            weights[t.name] = numpy_helper.to_array(t)
+        except Exception:
+            continue
+    shapes = {vi.name: _shape(vi) for vi in
+              [*model.graph.value_info, *model.graph.output, *model.graph.input]}
+    producer: dict[str, str] = {}
+    for inp in model.graph.input:
+        if inp.name in weights:
+            continue
+        node = graph.add(Node(name=f"input:{inp.name}", op="input", target="input",
+                              shape=_shape(inp)))
+        producer[inp.name] = node.name
+
+    def add_nodes(nodes, prefix: str = "") -> None:
+        for i, proto in enumerate(nodes):
+            name = prefix + (proto.name or f"{proto.op_type}_{i}")
+            while name in graph.nodes:
+                name += "_"
+            attrs = {a.name: helper.get_attribute_value(a) for a in proto.attribute
+                     if a.type != a.GRAPH and a.type != a.GRAPHS}
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()
+                     if isinstance(v, (int, float, bytes, str, list))}
+            attrs["type"] = proto.op_type
+            node = Node(name=name, op=_OPS.get(proto.op_type, proto.op_type.lower()),
+                        target=f"onnx.{proto.op_type}", module=name,
+                        inputs=[producer[i] for i in proto.input if i in producer],
+                        attrs=attrs, location=Location(shown, None))
+            _weights_of(node, proto, weights)
+            out = proto.output[0] if proto.output else None
+            node.shape = shapes.get(out) if out else None
+            graph.add(node)
+            for o in proto.output:
+                producer[o] = name
+            for a in proto.attribute:  # If/Loop bodies: their nodes join the graph
+                subgraphs = ([a.g] if a.type == a.GRAPH else list(a.graphs)
+                             if a.type == a.GRAPHS else [])
+                for sub in subgraphs:
+                    add_nodes(sub.node, prefix=f"{name}/")
+                    for o in sub.output:
+                        if o.name in producer:
+                            node.inputs.append(producer[o.name])
+
+    add_nodes(model.graph.node)
+    graph.add(Node(name="output", op="output", target="output",
+                   inputs=[producer[o.name] for o in model.graph.output if o.name in producer]))
+    return graph
+
+
+def _weights_of(node: Node, proto, weights: dict[str, np.ndarray]) -> None:
+    """Attach parameter summaries and the constructor-like facts rules read."""
+    ins = list(proto.input)
+
+    def w(i: int) -> np.ndarray | None:
+        return weights.get(ins[i]) if len(ins) > i else None
+
+    op = proto.op_type
+    if op in ("Conv", "ConvTranspose") and w(1) is not None:
+        W = w(1)
+        node.params["weight"] = _param(W)
+        if w(2) is not None:
+            node.params["bias"] = _param(w(2))
+        group = int(node.attrs.get("group", 1))
+        node.attrs.update(out_channels=int(W.shape[0]), in_channels=int(W.shape[1]) * group,
+                          kernel_size=tuple(int(k) for k in W.shape[2:]), groups=group,
+                          has_bias=w(2) is not None, type="Conv%dd" % max(1, W.ndim - 2))
+    elif op == "Gemm" and w(1) is not None:
+        W = w(1)
+        W = W if node.attrs.get("transB", 0) else W.T
+        node.params["weight"] = _param(W)
+        if w(2) is not None:
+            node.params["bias"] = _param(w(2))
+        node.attrs.update(out_features=int(W.shape[0]), in_features=int(W.shape[1]),
+                          has_bias=w(2) is not None, type="Linear")
+    elif op == "MatMul" and (w(1) is not None or w(0) is not None):
+        W = (w(1) if w(1) is not None else w(0)).T  # stored (in, out): report (out, in)
+        node.op = "linear"
+        node.params["weight"] = _param(W)
+        node.attrs.update(out_features=int(W.shape[0]),
+                          in_features=int(W.shape[1]) if W.ndim > 1 else 1, has_bias=False,
+                          type="Linear")
+    elif op == "MatMul":
+        node.op = "matmul"
+    elif op == "BatchNormalization":
+        onnx_momentum = float(node.attrs.get("momentum", 0.9))
+        node.attrs.update(onnx_momentum=onnx_momentum, momentum=round(1.0 - onnx_momentum, 6),
+                          track_running_stats=True, type="BatchNormalization")
+        if w(1) is not None:
+            node.params["weight"] = _param(w(1))
+            node.attrs["num_features"] = int(w(1).shape[0])
+        if w(2) is not None:
+            node.params["bias"] = _param(w(2))
+    elif op == "Gather" and w(0) is not None and w(0).ndim == 2:
+        node.op = "embedding"
+        node.params["weight"] = _param(w(0))
+    elif op in ("LayerNormalization", "GroupNormalization", "InstanceNormalization"):
+        if w(1) is not None:
+            node.params["weight"] = _param(w(1))
+    elif op == "Add" and (w(0) is not None or w(1) is not None):
+        node.attrs["bias_add"] = True
