@@ -69,12 +69,41 @@ def _vocab(model) -> int | None:
     return getattr(found[1], "num_embeddings", None) if found else None
 
 
-def check(target: str, opts: CheckOptions) -> tuple[list[Report], list[str]]:
-    """Check every model a target names. Returns the reports and loader notes."""
+def check_data(report: Report, loaded, source, opts: CheckOptions, spec=None,
+               n_batches: int = 4) -> None:
+    """Run the data rules (ND3xx) on a sample of an opened DataSource against one loaded model
+    and add their findings (suppression, select and ignore as for the static rules) and the
+    data's description to `report`. `source` may also be an already drawn DataSample."""
+    from netdoctor.rules import Context
+    from netdoctor.rules.data import DataSample, sample_data
+
+    if isinstance(source, DataSample):
+        sample = source.for_model(loaded.model)
+    else:
+        sample = sample_data(source, loaded.model, n_batches, spec)
+    report.notes.append(f"data: {sample.description}")
+    report.notes.extend(sample.notes)
+    ctx = Context(target=loaded.target, data=sample, options=opts.rule_options)
+    class_lines = [loaded.class_location] if loaded.class_location else []
+    for f in run_rules(ctx, {"data"}, opts):
+        if is_suppressed(f, class_lines):
+            report.notes.append(f"{f.rule} suppressed by a netdoctor: ignore comment")
+        else:
+            report.findings.append(f)
+
+
+def check(target: str, opts: CheckOptions, data=None) -> tuple[list[Report], list[str]]:
+    """Check every model a target names. Returns the reports and loader notes.
+
+    `data`: an opened DataSource or a DataSample (`check --data`); the data rules then run on
+    it against each model."""
     from netdoctor.loading.target import load
 
     result = load(target, opts.kwargs)
     reports = [check_loaded(m, opts) for m in result.models]
+    if data is not None:
+        for report, loaded in zip(reports, result.models):
+            check_data(report, loaded, data, opts)
     reports.extend(check_onnx(path, opts) for path in result.onnx_files)
     return reports, result.notes
 

@@ -137,9 +137,21 @@ def _options_from(config, args, kwargs_json, input_shape, input_dtype, select, i
 @click.argument("targets", nargs=-1)
 @_common_options
 @click.option("--diff", "show_diff", is_flag=True, help="Print the fixes' patches as one diff.")
+@click.option("--data", "data_source", metavar="SOURCE",
+              help="Also check a data sample (ND3xx): fashionmnist, mnist, synthetic, FILE.npz "
+                   "or path.py:loader_fn.")
+@click.option("--data-dir", metavar="DIR", help="Folder holding FashionMNIST/raw, MNIST/raw.")
+@click.option("--resize", type=int, metavar="N", help="Resize images to NxN.")
+@click.option("--raw", is_flag=True, help="Built-in sets: serve the stored 0..255 values.")
+@click.option("--normalize", is_flag=True, help="Built-in sets: per-channel mean/std normalize.")
+@click.option("--batch-size", type=int, default=64, show_default=True,
+              help="Samples per batch for --data.")
 def check(targets, args, kwargs_json, input_shape, input_dtype, fmt, output, fail_on, select,
-          ignore_, config, color, show_diff):
-    """Static checks of TARGET: file.py:Name, dotted.module:Name, or files/folders."""
+          ignore_, config, color, show_diff, data_source, data_dir, resize, raw, normalize,
+          batch_size):
+    """Static checks of TARGET: file.py:Name, dotted.module:Name, or files/folders.
+
+    With --data SOURCE, a sample of the data is checked against each model as well."""
     from netdoctor.check import check as run_check
     from netdoctor.config import load_config
     from netdoctor.report import render
@@ -150,9 +162,11 @@ def check(targets, args, kwargs_json, input_shape, input_dtype, fmt, output, fai
         raise UserError("no target given: netdoctor check path/to/model.py:ClassName "
                         "(or set targets in [tool.netdoctor])")
     opts = _options_from(cfg, args, kwargs_json, input_shape, input_dtype, select, ignore_)
+    data = _data_sample(opts, data_source, data_dir, resize, raw, normalize, batch_size) \
+        if data_source else None
     reports, notes = [], []
     for target in targets:
-        r, n = run_check(target, opts)
+        r, n = run_check(target, opts, data)
         reports.extend(r)
         notes.extend(n)
     if not reports and not notes:
@@ -170,6 +184,25 @@ def check(targets, args, kwargs_json, input_shape, input_dtype, fmt, output, fai
         fmt = fmt or cfg.format or "text"
         _emit(render(reports, fmt, color=False if output else color), output)
     sys.exit(_exit_code(reports, fail_on or cfg.fail_on))
+
+
+def _data_sample(opts, source, data_dir, resize, raw, normalize, batch_size):
+    """Open `--data` once and draw the sample every model's data rules read. Without an input
+    shape, the static checks use the data's (a note says so)."""
+    from netdoctor.data import DataSpec, open_source
+    from netdoctor.rules.data import DataSample
+
+    spec = DataSpec(source, data_dir=Path(data_dir) if data_dir else None, batch_size=batch_size,
+                    resize=resize, raw=raw, normalize=normalize,
+                    input_shape=opts.input_shape, input_dtype=opts.input_dtype)
+    sample = DataSample.from_source(open_source(spec), spec=spec)
+    if opts.input_shape is None and sample.x.dim() >= 2:
+        opts.input_shape = tuple(sample.x.shape[1:])
+        if str(sample.x.dtype) in ("torch.int64", "torch.int32"):
+            opts.input_dtype = "long"  # token ids
+        sample.notes.append("input shape " + ",".join(map(str, opts.input_shape))
+                            + " taken from the data")
+    return sample
 
 
 def _diff_text(reports) -> str:
@@ -227,3 +260,7 @@ def explain(rule):
         console.print(Markdown(text))
     else:
         click.echo(text)
+
+
+from netdoctor.probe.command import probe  # noqa: E402
+main.add_command(probe)

@@ -11,8 +11,18 @@ from netdoctor.findings import Finding, Location
 _COMMENT = re.compile(r"#\s*netdoctor:\s*ignore(?:\[(?P<ids>[^\]]*)\])?", re.I)
 
 
-@lru_cache(maxsize=256)
 def _lines(path: str) -> tuple[str, ...]:
+    # Cached by absolute path and modification time: a relative path (reports use paths relative
+    # to the cwd) may name another file after a chdir, and a file may change between checks.
+    try:
+        resolved = Path(path).resolve()
+        return _read_lines(str(resolved), resolved.stat().st_mtime_ns)
+    except OSError:
+        return ()
+
+
+@lru_cache(maxsize=256)
+def _read_lines(path: str, mtime_ns: int) -> tuple[str, ...]:
     try:
         return tuple(Path(path).read_text(encoding="utf-8", errors="replace").splitlines())
     except OSError:

@@ -251,3 +251,212 @@ def replace_calls(source: str, lines: list[int], type_names: tuple[str, ...],
             return replacement if id(original) in victims else updated
 
     return module.visit(T()).code
+
+
+# -- edits that take something out (softmax heads, detaches, redundant activations) ----------
+
+_FUNCTION_ROOTS = {"self", "torch", "F", "nn", "functional", "fn"}
+
+
+def _root_name(node: cst.BaseExpression) -> str | None:
+    while isinstance(node, (cst.Attribute, cst.Call, cst.Subscript)):
+        node = node.func if isinstance(node, cst.Call) else node.value
+    return node.value if isinstance(node, cst.Name) else None
+
+
+def _calls_on_line(pos: _Positions, line: int, names: tuple[str, ...]) -> list[cst.Call]:
+    return [node for node, start, _end in pos.calls
+            if start <= line <= _end and _call_name(node).split(".")[-1] in names]
+
+
+def remove_arg(source: str, line: int, type_names: tuple[str, ...]) -> str | None:
+    """Drop the constructor call on `line` (e.g. nn.Softmax(dim=1)) from the container call
+    (nn.Sequential(...)) it is an argument of. None when it is not a container argument."""
+    module, pos = _index(source)
+    target = call_at(pos.calls, line, type_names)
+    if target is None:
+        return None
+    removed: list[bool] = []
+
+    class T(cst.CSTTransformer):
+        def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+            for i, arg in enumerate(original.args):
+                if arg.value is target and arg.keyword is None and arg.star == "":
+                    args = list(updated.args)
+                    victim = args.pop(i)
+                    if i == len(args) and args:  # it was the last one: keep its trailing comma
+                        args[-1] = args[-1].with_changes(comma=victim.comma)
+                    removed.append(True)
+                    return updated.with_changes(args=args)
+            return updated
+
+    new = module.visit(T()).code
+    return new if removed else None
+
+
+def unwrap_call(source: str, line: int, names: tuple[str, ...]) -> str | None:
+    """Replace the one call on `line` whose name ends with one of `names` by what it was applied
+    to: `F.softmax(x, dim=1)` / `self.softmax(x)` -> `x`, `x.detach()` / `x.softmax(1)` -> `x`.
+    None unless exactly one such call is found."""
+    module, pos = _index(source)
+    found = _calls_on_line(pos, line, names)
+    if len(found) != 1:
+        return None
+    target = found[0]
+    func = target.func
+    positional = [a for a in target.args if a.keyword is None and a.star == ""]
+    if isinstance(func, cst.Name) or (isinstance(func, cst.Attribute)
+                                       and _root_name(func.value) in _FUNCTION_ROOTS
+                                       and isinstance(func.value, (cst.Name, cst.Attribute))):
+        if not positional:
+            return None
+        inner = positional[0].value
+    elif isinstance(func, cst.Attribute):
+        inner = func.value
+    else:
+        return None
+
+    class T(cst.CSTTransformer):
+        def leave_Call(self, original: cst.Call, updated: cst.Call):
+            return inner if original is target else updated
+
+        def leave_SimpleStatementLine(self, original, updated):
+            # `x = F.relu(x)` became `x = x`: drop the statement.
+            if updated is not original and len(updated.body) == 1 and \
+                    isinstance(updated.body[0], cst.Assign) and \
+                    len(updated.body[0].targets) == 1 and \
+                    isinstance(updated.body[0].targets[0].target, cst.Name) and \
+                    isinstance(updated.body[0].value, cst.Name) and \
+                    updated.body[0].targets[0].target.value == updated.body[0].value.value:
+                return cst.RemoveFromParent()
+            return updated
+
+    return module.visit(T()).code
+
+
+def unwrap_attribute(source: str, line: int, attr: str) -> str | None:
+    """Replace `expr.<attr>` on `line` (e.g. `x.data`) by `expr` (exactly one occurrence)."""
+    wrapper = MetadataWrapper(cst.parse_module(source))
+    found: list[cst.Attribute] = []
+
+    class V(cst.CSTVisitor):
+        METADATA_DEPENDENCIES = (PositionProvider,)
+
+        def visit_Attribute(self, node: cst.Attribute) -> None:
+            pos = self.get_metadata(PositionProvider, node)
+            if node.attr.value == attr and pos.start.line <= line <= pos.end.line:
+                found.append(node)
+
+    wrapper.visit(V())
+    if len(found) != 1:
+        return None
+    target = found[0]
+
+    class T(cst.CSTTransformer):
+        def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute):
+            return updated.value if original is target else updated
+
+    return wrapper.module.visit(T()).code
+
+
+def unwrap_with(source: str, line: int, names: tuple[str, ...]) -> str | None:
+    """Replace the innermost `with torch.no_grad():` (a context manager whose name ends with one
+    of `names`) enclosing `line` by its body."""
+    wrapper = MetadataWrapper(cst.parse_module(source))
+    found: list[tuple[int, cst.With]] = []
+
+    class V(cst.CSTVisitor):
+        METADATA_DEPENDENCIES = (PositionProvider,)
+
+        def visit_With(self, node: cst.With) -> None:
+            pos = self.get_metadata(PositionProvider, node)
+            if not pos.start.line <= line <= pos.end.line or len(node.items) != 1:
+                return
+            item = node.items[0].item
+            if isinstance(item, cst.Call) and _call_name(item).split(".")[-1] in names \
+                    and node.items[0].asname is None:
+                found.append((pos.start.line, node))
+
+    wrapper.visit(V())
+    if not found or not isinstance(max(found, key=lambda f: f[0])[1].body, cst.IndentedBlock):
+        return None
+    target = max(found, key=lambda f: f[0])[1]
+
+    class T(cst.CSTTransformer):
+        def leave_With(self, original: cst.With, updated: cst.With):
+            if original is not target:
+                return updated
+            body = list(updated.body.body)
+            if body and updated.leading_lines:
+                body[0] = body[0].with_changes(
+                    leading_lines=[*updated.leading_lines, *body[0].leading_lines])
+            return cst.FlattenSentinel(body)
+
+    return wrapper.module.visit(T()).code
+
+
+def wrap_call(source: str, line: int, names: tuple[str, ...], wrapper_func: str) -> str | None:
+    """Wrap the one call on `line` whose name ends with one of `names` (e.g. `self.fc1(x)`) in
+    `wrapper_func(...)` (e.g. `torch.relu(self.fc1(x))`)."""
+    module, pos = _index(source)
+    found = _calls_on_line(pos, line, names)
+    if len(found) != 1:
+        return None
+    target = found[0]
+    func = cst.parse_expression(wrapper_func)
+
+    class T(cst.CSTTransformer):
+        def leave_Call(self, original: cst.Call, updated: cst.Call):
+            if original is target:
+                return cst.Call(func=func, args=[cst.Arg(updated)])
+            return updated
+
+    return module.visit(T()).code
+
+
+def append_to_init(source: str, class_line: int, code: str) -> str | None:
+    """Append statements (`code`, written at indentation 0) to the end of the `__init__` of the
+    class defined on `class_line`."""
+    wrapper = MetadataWrapper(cst.parse_module(source))
+    found: list[cst.FunctionDef] = []
+
+    class V(cst.CSTVisitor):
+        METADATA_DEPENDENCIES = (PositionProvider,)
+
+        def visit_ClassDef(self, node: cst.ClassDef) -> None:
+            pos = self.get_metadata(PositionProvider, node)
+            start = pos.start.line
+            decorators = len(node.decorators)
+            if not (start <= class_line <= start + decorators + 1):
+                return
+            if not isinstance(node.body, cst.IndentedBlock):
+                return
+            for stmt in node.body.body:
+                if isinstance(stmt, cst.FunctionDef) and stmt.name.value == "__init__":
+                    found.append(stmt)
+
+    wrapper.visit(V())
+    if len(found) != 1 or not isinstance(found[0].body, cst.IndentedBlock):
+        return None
+    target = found[0]
+    new_statements = list(cst.parse_module(code).body)
+
+    class T(cst.CSTTransformer):
+        def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+            if original is not target:
+                return updated
+            return updated.with_changes(body=updated.body.with_changes(
+                body=[*updated.body.body, *new_statements]))
+
+    return wrapper.module.visit(T()).code
+
+
+def torch_function_prefix(source: str) -> str | None:
+    """How this file can call a torch function: 'torch.' or 'F.' (None if neither is imported)."""
+    if re.search(r"^\s*import torch\b(?!\.)", source, re.M) or \
+            re.search(r"^\s*import torch\s*$", source, re.M):
+        return "torch."
+    if re.search(r"^\s*import torch\.nn\.functional as F\b|^\s*from torch\.nn import functional as F\b",
+                 source, re.M):
+        return "F."
+    return None

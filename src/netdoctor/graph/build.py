@@ -76,6 +76,7 @@ def build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
             outcome.forward_failure, outcome.failed_input = f, outcome.input
         if outcome.graph is not None:
             outcome.graph.root_location = loaded.class_location
+            _measure_signal(outcome, loaded, extra)
         _locate_failure(outcome, loaded, extra)
         return outcome
 
@@ -89,7 +90,21 @@ def build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
     outcome.graph.root_location = loaded.class_location
     if outcome.input is not None:
         outcome.graph.input_shape = outcome.input.shape
+        _measure_signal(outcome, loaded, extra)
     return outcome
+
+
+def _measure_signal(outcome: BuildOutcome, loaded: LoadedModel, extra: dict) -> None:
+    """Per-layer output RMS at initialization (node.attrs["init_rms"], for ND204)."""
+    from netdoctor.graph.signal import record_init_rms
+
+    spec = outcome.input
+    if spec is None or outcome.graph is None or outcome.forward_failure is not None:
+        return
+    note = record_init_rms(outcome.graph, loaded.model, extra, spec.shape, spec.dtype,
+                           vocab=spec.vocab)
+    if note:
+        outcome.notes.append(note)
 
 
 def _locate_failure(outcome: BuildOutcome, loaded: LoadedModel, extra: dict) -> None:

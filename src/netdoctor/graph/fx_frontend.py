@@ -19,8 +19,10 @@ class _Tracer(fx.Tracer):
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
         proxy = super().create_proxy(kind, target, args, kwargs, *rest, **kw)
-        if kind in ("call_function", "call_method"):
+        if kind in ("call_function", "call_method", "call_module"):
             proxy.node.meta["netdoctor_location"] = user_frame_location(2)
+        if not torch.is_grad_enabled():  # inside a `with torch.no_grad():` block in forward
+            proxy.node.meta["netdoctor_no_grad"] = True
         return proxy
 
 
@@ -29,7 +31,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
     with preserved_modes(model):
         model.train()
         tracer = _Tracer()
-        graph = tracer.trace(model)
+        with torch.enable_grad():  # so only the model's own no_grad blocks are recorded
+            graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -75,16 +78,25 @@ def build(model: nn.Module, prov: Provenance, gm: fx.GraphModule) -> Graph:
             node.params = module_params(sub)
             node.attrs.update(module_attrs(sub))
             node.location = prov.site(orig)
+            if fxn.meta.get("netdoctor_location") is not None:  # the line in forward that calls it
+                node.attrs["call_location"] = fxn.meta["netdoctor_location"]
         else:  # call_function / call_method
             node.op = function_op(fxn.target)
             node.target = target_name(fxn.target)
             node.location = fxn.meta.get("netdoctor_location")
             _function_attrs(node, fxn)
+        if fxn.meta.get("netdoctor_no_grad"):
+            node.attrs["no_grad"] = True
         graph.add(node)
     return graph
 
 
 def _function_attrs(node: Node, fxn: fx.Node) -> None:
+    if node.op == "getattr" and len(fxn.args) > 1 and isinstance(fxn.args[1], str):
+        node.attrs["attr"] = fxn.args[1]
+        if fxn.args[1] == "data":  # `x.data`: a detached view, like x.detach()
+            node.op = "detach"
+            node.attrs["via"] = ".data"
     if node.op in ("softmax", "log_softmax"):
         dim = fxn.kwargs.get("dim", fxn.args[1] if len(fxn.args) > 1 else None)
         if isinstance(dim, int):

@@ -103,6 +103,8 @@ class _Recorder(TorchFunctionMode):
         if self.leaf_depth:
             return out
         name = getattr(func, "__name__", "")
+        if name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") == "data":
+            name = "data"  # `x.data`: a detached alias, recorded like x.detach()
         if name in _IGNORED:
             return out
         inputs = self.inputs_of((args, kwargs))
@@ -110,9 +112,11 @@ class _Recorder(TorchFunctionMode):
             return out
         if not _tensors(out) and name not in _FLOW_BREAKERS:
             return out
-        op = function_op(func)
+        op = "detach" if name == "data" else function_op(func)
         node = Node(name=self.unique(name or "call"), op=op, target=target_name(func),
-                    inputs=inputs, location=user_frame_location(3))
+                    inputs=inputs, location=user_frame_location(2))
+        if name == "data":
+            node.target, node.attrs["via"] = "Tensor.data", ".data"
         shapes = tensor_shapes(out)
         node.shape = shapes[0] if shapes else None
         if op in ("softmax", "log_softmax"):
@@ -151,18 +155,23 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
         if stack:
             stack.pop()
         if mod in leaves:
-            rec.leaf_depth -= 1
-            if rec.leaf_depth == 0:
+            if rec.leaf_depth == 1:  # still > 0: netdoctor's own tensor ops here go unrecorded
                 path = names.get(mod, "")
                 node = Node(name=rec.unique(path or type(mod).__name__), op=module_op(mod),
                             target=f"{type(mod).__module__}.{type(mod).__name__}", module=path,
                             inputs=getattr(rec, "_pending_inputs", []),
                             params=module_params(mod), attrs=module_attrs(mod),
                             location=prov.site(mod))
+                call = user_frame_location(2)
+                if call is not None:
+                    node.attrs["call_location"] = call
+                if not torch.is_grad_enabled():
+                    node.attrs["no_grad"] = True
                 shapes = tensor_shapes(out)
                 node.shape = shapes[0] if shapes else None
                 graph.add(node)
                 rec.produced(out, node.name)
+            rec.leaf_depth -= 1
 
     leaves = {m for m in names if m is not model and is_leaf(m)}
     handles = []
@@ -179,7 +188,7 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
         with preserved_modes(model):
             model.eval()
             try:
-                with rec:
+                with rec, torch.enable_grad():
                     out = model(example)
             except Exception as e:
                 failed = list(stack)

@@ -134,7 +134,7 @@ def module_attrs(module: nn.Module) -> dict[str, Any]:
     for key in ("in_channels", "out_channels", "kernel_size", "stride", "groups", "in_features",
                 "out_features", "num_features", "momentum", "eps", "affine",
                 "track_running_stats", "p", "inplace", "dim", "negative_slope", "num_embeddings",
-                "embedding_dim", "normalized_shape", "num_groups"):
+                "embedding_dim", "normalized_shape", "num_groups", "min_val", "max_val"):
         if hasattr(module, key):
             value = getattr(module, key)
             if isinstance(value, (int, float, bool, str, tuple, type(None))):

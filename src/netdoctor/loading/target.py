@@ -223,7 +223,9 @@ def _build(obj: Any, name: str, where: str, kwargs: dict[str, Any]):
             raise UserError(f"{name} is already a module instance; it takes no -a/--kwargs")
         return obj
     if not callable(obj):
-        raise UserError(f"{where}:{name} is a {type(obj).__name__}, not an nn.Module "
+        kind = type(obj).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise UserError(f"{where}:{name} is {article} {kind}, not an nn.Module "
                         "class or a function returning one")
     missing = [p for p in required_params(obj) if p not in kwargs]
     if missing:

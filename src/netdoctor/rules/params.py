@@ -53,3 +53,83 @@ def _snippet(node) -> str:
         return (f"# in the PyTorch source of this model (exports as ONNX momentum=0.9):\n"
                 f"nn.BatchNorm2d({features}, momentum=0.1)")
     return f"nn.{node.attrs.get('type', 'BatchNorm2d')}({features}, momentum=0.1)"
+
+
+# -- ND202 constant-init ---------------------------------------------------------------------
+
+_CONSTANT_INIT_CALLS = ("zeros_", "ones_", "constant_", "fill_(", "zero_()", "ones_like")
+
+
+@rule("ND202")
+def constant_init(ctx: Context):
+    """A hidden conv/linear layer whose weights are all equal: its units stay identical."""
+    from netdoctor.graph.ir import WEIGHT_OPS
+
+    graph = ctx.graph
+    seen: set[str] = set()
+    for node in graph.of_op(*WEIGHT_OPS):
+        key = node.module or node.name
+        info = node.params.get("weight")
+        if key in seen or info is None or not info.all_equal or info.numel < 2:
+            continue
+        seen.add(key)
+        if not _feeds_weight_layer(graph, node.name):
+            continue  # the last layer may start at zero (a common, harmless choice)
+        value = info.mean
+        units = info.shape[0] if info.shape else "?"
+        message = (f"{key}: all {info.numel} weights equal {value:g}, so its {units} units "
+                   "compute the same value, get the same gradient and stay identical forever "
+                   "(symmetry never breaks)" + (
+                       "; with zeros and a ReLU after it, no gradient flows back at all"
+                       if value == 0 else "") + ". Only the last layer may start constant.")
+        loc = node.location
+        attr = key.rsplit(".", 1)[-1]
+        summary = (f"initialise {key} randomly: remove the constant init (PyTorch's default "
+                   "breaks symmetry) or use nn.init.kaiming_normal_")
+        snippet = f"nn.init.kaiming_normal_(self.{attr}.weight, nonlinearity='relu')\n"
+        fix = diff_fix(summary, loc.path if loc else None,
+                       lambda src, a=attr: _replace_constant_init(src, a), snippet)
+        yield ctx.finding("ND202", message, module=node.module, location=loc, fix=fix,
+                          evidence={"value": value, "numel": info.numel,
+                                    "shape": list(info.shape)}, impact=8.0)
+
+
+def _feeds_weight_layer(graph, name: str) -> bool:
+    """Whether another conv/linear layer lies downstream of this node (it is hidden). A path
+    that reaches an addition first is the end of a residual branch (Fixup, ReZero and zero-conv
+    initialise that layer to zero on purpose): not followed further."""
+    from netdoctor.graph.ir import WEIGHT_OPS
+
+    stack, seen = [s.name for s in graph.successors(name)], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        node = graph.nodes[n]
+        if node.op in WEIGHT_OPS:
+            return True
+        if node.op in ("add", "sub"):
+            continue  # the end of a residual branch: zero-init there is a known technique
+        stack.extend(s.name for s in graph.successors(n))
+    return False
+
+
+def _replace_constant_init(source: str, attr: str) -> str | None:
+    """Swap a line like `nn.init.zeros_(self.fc2.weight)` for a Kaiming init of the same weight."""
+    import re
+
+    lines = source.splitlines(keepends=True)
+    pattern = re.compile(rf"\b{re.escape(attr)}\.weight\b")
+    for i, line in enumerate(lines):
+        if pattern.search(line) and any(c in line for c in _CONSTANT_INIT_CALLS):
+            indent = line[: len(line) - len(line.lstrip())]
+            prefix = "nn." if re.search(r"\bnn\.init\.", line) else (
+                "torch.nn." if "torch.nn.init." in line else "nn.")
+            target = pattern.search(line)
+            start = line.rfind("(", 0, target.start()) + 1
+            expr = line[start: target.end()].strip() if start > 0 else f"self.{attr}.weight"
+            lines[i] = (f"{indent}{prefix}init.kaiming_normal_({expr}, nonlinearity='relu')"
+                        + ("\n" if line.endswith("\n") else ""))
+            return "".join(lines)
+    return None

@@ -1,0 +1,147 @@
+"""Graph walks shared by the output, structure and initialization rules (ND105-ND111, ND2xx).
+
+"Data" below means values that depend on the model input; parameters, shapes (`x.shape`,
+`x.size(0)`) and what is computed from them alone (an expanded cls token) are constant-like.
+"""
+
+from __future__ import annotations
+
+from netdoctor.findings import Location
+from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, WEIGHT_OPS, Graph, Node
+
+_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
+# Ops after which a weight layer's scale no longer matters for the signal it sends on: a
+# normalization, a merge with another data path (residual branch, concatenation), gating or
+# attention (multiplication by another data tensor), a recurrent cell (its own gates).
+_MULTIPLICATIVE = {"mul", "div", "matmul"}
+
+
+def is_constant(graph: Graph, name: str, memo: dict[str, bool] | None = None) -> bool:
+    """True for parameters, shape queries and values computed from them alone."""
+    memo = {} if memo is None else memo
+    if name in memo:
+        return memo[name]
+    node = graph.nodes.get(name)
+    if node is None:
+        return True
+    memo[name] = False  # cycles (ONNX loops): not constant
+    if node.op in ("param", "size"):
+        result = True
+    elif node.op == "getattr":
+        result = node.attrs.get("attr", "shape") in _SHAPE_ATTRS
+    elif node.op in ("input", "output") or node.op in WEIGHT_OPS:
+        result = False
+    else:
+        result = bool(node.inputs) and all(is_constant(graph, i, memo) for i in node.inputs)
+    memo[name] = result
+    return result
+
+
+def data_inputs(graph: Graph, node: Node, memo: dict[str, bool] | None = None) -> list[str]:
+    return [i for i in node.inputs if i in graph.nodes and not is_constant(graph, i, memo)]
+
+
+def data_consumers(graph: Graph, name: str, memo: dict[str, bool] | None = None) -> list[Node]:
+    """Successors that use the value as data (not `x.shape` queries)."""
+    return [s for s in graph.successors(name)
+            if not (s.op in ("getattr", "size") and is_constant(graph, s.name, memo))]
+
+
+def output_producers(graph: Graph, through: set[str]) -> list[Node]:
+    """The nearest producers of the model outputs, looking past ops in `through`; parameters,
+    shapes and the raw input are left out."""
+    memo: dict[str, bool] = {}
+    found: list[Node] = []
+    for out in graph.outputs:
+        for node in graph.upstream(out.name, through=through):
+            if node.op == "input" or is_constant(graph, node.name, memo):
+                continue
+            if node not in found:
+                found.append(node)
+    return found
+
+
+def reaches_output_directly(graph: Graph, name: str) -> bool:
+    """Whether an output is reachable from this node without passing another weight layer
+    (the layer is a head: it produces the logits, or a value returned as is)."""
+    stack, seen = [s.name for s in graph.successors(name)], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        node = graph.nodes[n]
+        if node.op == "output":
+            return True
+        if node.op in WEIGHT_OPS:
+            continue
+        stack.extend(s.name for s in graph.successors(n))
+    return False
+
+
+def absorbed(graph: Graph, name: str, memo: dict[str, bool] | None = None) -> bool:
+    """Whether every path from this node to a model output first meets a normalization layer, a
+    merge with another data path (residual add, concatenation), gating/attention or a recurrent
+    layer: the layer's own output scale is then renormalized or sits inside a residual branch
+    (where a small scale is a deliberate choice: Fixup, ReZero, layer scale, GPT-2 init)."""
+    memo = {} if memo is None else memo
+    stack, seen = [s.name for s in graph.successors(name)], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        node = graph.nodes[n]
+        if node.op == "output":
+            return False
+        if node.op in NORM_OPS or node.op in ("rnn", "attention"):
+            continue
+        if (node.op in MERGE_OPS or node.op in _MULTIPLICATIVE) and \
+                len(data_inputs(graph, node, memo)) >= 2:
+            continue
+        stack.extend(s.name for s in graph.successors(n))
+    return True
+
+
+def call_site(node: Node) -> Location | None:
+    """Where forward calls this op: the line of a functional op, the calling line of a module."""
+    if node.module and node.attrs.get("call_location") is not None:
+        return node.attrs["call_location"]
+    if not node.module:
+        return node.location
+    return None
+
+
+def module_attr(node: Node) -> str | None:
+    """The attribute name a module is called through in forward (`head` for `self.head(x)`),
+    when its path ends in an identifier (not a Sequential index)."""
+    if not node.module:
+        return None
+    last = node.module.rsplit(".", 1)[-1]
+    return last if last.isidentifier() else None
+
+
+def source_line(location: Location | None) -> str | None:
+    """The text of a source line (for messages), stripped."""
+    if location is None or not location.line or not str(location.path).endswith(".py"):
+        return None
+    try:
+        with open(location.path, encoding="utf-8") as f:
+            for number, text in enumerate(f, start=1):
+                if number == location.line:
+                    return text.strip()
+    except OSError:
+        return None
+    return None
+
+
+def op_label(node: Node) -> str:
+    """How a message names an op: `net.3 (ReLU)` for a module, the source text of the line for a
+    functional call (`x = F.relu(x)`, line 37)."""
+    if node.module:
+        return f"{node.module} ({node.attrs.get('type', node.op)})"
+    loc = call_site(node)
+    text = source_line(loc)
+    if text:
+        return f"the {node.op} in `{text}` (line {loc.line})"
+    return f"{node.op} ({node.name})"
