@@ -53,6 +53,25 @@ def tensor_shapes(values: Any) -> list[tuple[int, ...]]:
     return out
 
 
+def main_output(value: Any) -> torch.Tensor | None:
+    """A model's main output tensor: a tensor, .logits, a dict's 'logits', or the first one."""
+    if isinstance(value, torch.Tensor):
+        return value
+    logits = getattr(value, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(value, dict):
+        if isinstance(value.get("logits"), torch.Tensor):
+            return value["logits"]
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            t = main_output(v)
+            if t is not None:
+                return t
+    return None
+
+
 def example_input(shape: tuple[int, ...], dtype: str = "float32", batch: int = 2,
                   vocab: int | None = None) -> torch.Tensor:
     """A deterministic example batch: unit-variance floats, or token ids below `vocab`."""

@@ -252,9 +252,9 @@ def _synthetic_spec(spec, model, notes: list[str]) -> None:
                                                    vocab=vocab))
         except ForwardFailure:
             return
-        from netdoctor.probe.engine import logits_of
+        from netdoctor.loading.forward import main_output
 
-        logits = logits_of(out)
+        logits = main_output(out)
         if logits is not None and logits.dim() == 2 and logits.shape[1] >= 2:
             spec.num_classes = int(logits.shape[1])
 

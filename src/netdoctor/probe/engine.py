@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from netdoctor.errors import UserError
 from netdoctor.findings import Location
-from netdoctor.loading.forward import preserved_modes
+from netdoctor.loading.forward import main_output, preserved_modes
 from netdoctor.loading.provenance import _is_internal
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -481,23 +481,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def logits_of(value: Any) -> torch.Tensor | None:
-    """The model's main output tensor: a tensor, .logits, a dict's 'logits', or the first one."""
-    if isinstance(value, torch.Tensor):
-        return value
-    lg = getattr(value, "logits", None)
-    if isinstance(lg, torch.Tensor):
-        return lg
-    if isinstance(value, dict):
-        if isinstance(value.get("logits"), torch.Tensor):
-            return value["logits"]
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            t = logits_of(v)
-            if t is not None:
-                return t
-    return None
 
 
 def make_optimizer(params: list[nn.Parameter], config: ProbeConfig) -> torch.optim.Optimizer:
@@ -717,7 +700,7 @@ def localize_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: s
         ev.bad_parameters = bad_params if not ev.bad_parameters else ev.bad_parameters
         ev.nonfinite_modules = bad_modules
         return ev
-    logits = logits_of(out)
+    logits = main_output(out)
     if logits is not None and bool(torch.isfinite(logits).all()):
         with torch.no_grad():
             value, _ = compute_loss(loss, logits.float(), y)
@@ -822,7 +805,7 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
                 opt.zero_grad(set_to_none=True)
                 with (recorder.forward() if recorder else nullcontext()):
                     out = net(x)
-                logits = logits_of(out)
+                logits = main_output(out)
                 if logits is None:
                     raise UserError("the model's forward returned no tensor "
                                     f"({type(out).__name__}); the probe needs logits")
@@ -1028,11 +1011,11 @@ def train_eval_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
                 for n, m in bns:
                     m.momentum = moms[n]
                     m.eval()
-            out_eval = logits_of(model(x))
+            out_eval = main_output(model(x))
             for name, m in bns:
                 m.train()
                 handles.append(m.register_forward_pre_hook(stat_hook(name, m)))
-            out_train = logits_of(model(x))
+            out_train = main_output(model(x))
     finally:
         for h in handles:
             h.remove()
@@ -1079,7 +1062,7 @@ def overfit_one_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config
     try:
         for _ in range(config.overfit_steps):
             opt.zero_grad(set_to_none=True)
-            logits = logits_of(net(xb))
+            logits = main_output(net(xb))
             if logits is None:
                 return None
             loss, correct = compute_loss(config.loss, logits.float(), yb)

@@ -8,6 +8,8 @@ instrumentation. Only fixes that can be expressed in memory are verified; the ot
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import copy
 import math
 from collections.abc import Callable
@@ -63,13 +65,18 @@ def _norm_after(module: nn.Module) -> nn.Module | None:
     return None
 
 
+def _present(model: nn.Module, names: list[str]) -> Iterator[tuple[str, nn.Module]]:
+    """The named submodules that exist in this copy of the model."""
+    for name in names:
+        try:
+            yield name, model.get_submodule(name)
+        except AttributeError:
+            continue
+
+
 def _insert_batchnorm(names: list[str]) -> Callable[[nn.Module], None]:
     def edit(model: nn.Module) -> None:
-        for name in names:
-            try:
-                layer = model.get_submodule(name)
-            except AttributeError:
-                continue
+        for name, layer in _present(model, names):
             norm = _norm_after(layer)
             if norm is not None:
                 _replace(model, name, nn.Sequential(layer, norm.to(_device_of(layer))))
@@ -83,11 +90,7 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def _swap_to_relu(names: list[str]) -> Callable[[nn.Module], None]:
     def edit(model: nn.Module) -> None:
-        for name in names:
-            try:
-                m = model.get_submodule(name)
-            except AttributeError:
-                continue
+        for name, m in _present(model, names):
             if isinstance(m, (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign)):
                 _replace(model, name, nn.ReLU())
     return edit
@@ -95,11 +98,7 @@ def _swap_to_relu(names: list[str]) -> Callable[[nn.Module], None]:
 
 def _kaiming(names: list[str]) -> Callable[[nn.Module], None]:
     def edit(model: nn.Module) -> None:
-        for name in names:
-            try:
-                m = model.get_submodule(name)
-            except AttributeError:
-                continue
+        for name, m in _present(model, names):
             w = getattr(m, "weight", None)
             if isinstance(w, torch.Tensor) and w.dim() >= 2:
                 with torch.no_grad():

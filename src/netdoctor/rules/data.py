@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from netdoctor.findings import Fix
+from netdoctor.loading.forward import main_output
 from netdoctor.rules.registry import Context, rule
 
 # Losses whose targets are class indices (the names the probe uses, case-insensitive).
@@ -143,7 +144,7 @@ class DataSample:
         finally:
             for h in handles:
                 h.remove()
-        logits = _first_tensor(result)
+        logits = main_output(result)
         if logits is not None:
             out.output_shape = tuple(logits.shape)
             out.num_outputs = _classes_from_output(tuple(logits.shape), tuple(self.y.shape))
@@ -163,22 +164,6 @@ def sample_data(source, model: nn.Module | None = None, n_batches: int = 4,
 
 # -------------------------------------------------------------------------------- helpers
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    logits = getattr(value, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(value, dict):
-        if isinstance(value.get("logits"), torch.Tensor):
-            return value["logits"]
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-    return None
 
 
 def _classes_from_output(out: tuple[int, ...], y: tuple[int, ...]) -> int | None:
