@@ -18,7 +18,7 @@ from netdoctor.graph.ir import Graph, Node
 from netdoctor.graph.ops import (OPAQUE_LEAVES, TRANSPARENT, function_op, module_attrs, module_op,
                                  module_params, param_info, target_name)
 from netdoctor.graph.torch_common import record_modules, record_unregistered, user_frame_location
-from netdoctor.loading.forward import ForwardFailure, preserved_modes, tensor_shapes
+from netdoctor.loading.forward import ForwardFailure, preserved_modes, tensor_shapes, tensors_in
 from netdoctor.loading.provenance import Provenance
 
 # Functions that never carry data flow worth a node.
@@ -35,23 +35,6 @@ def is_leaf(module: nn.Module) -> bool:
     if isinstance(module, TRANSPARENT):
         return False
     return type(module).__module__.startswith("torch.nn") or not any(True for _ in module.children())
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-
-    def visit(v: Any) -> None:
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x)
-        elif isinstance(v, dict):
-            for x in v.values():
-                visit(x)
-
-    visit(value)
-    return out
 
 
 class _Recorder(TorchFunctionMode):
@@ -74,7 +57,7 @@ class _Recorder(TorchFunctionMode):
 
     def inputs_of(self, value: Any) -> list[str]:
         names: list[str] = []
-        for t in _tensors(value):
+        for t in tensors_in(value):
             name = self.producer.get(id(t))
             if name is None and id(t) in self.params:
                 name = self._param_node(t)
@@ -92,7 +75,7 @@ class _Recorder(TorchFunctionMode):
         return node.name
 
     def produced(self, value: Any, node_name: str) -> None:
-        for t in _tensors(value):
+        for t in tensors_in(value):
             self.producer[id(t)] = node_name
             self.keep.append(t)
 
@@ -110,7 +93,7 @@ class _Recorder(TorchFunctionMode):
         inputs = self.inputs_of((args, kwargs))
         if not inputs:
             return out
-        if not _tensors(out) and name not in _FLOW_BREAKERS:
+        if not tensors_in(out) and name not in _FLOW_BREAKERS:
             return out
         op = "detach" if name == "data" else function_op(func)
         node = Node(name=self.unique(name or "call"), op=op, target=target_name(func),

@@ -36,12 +36,13 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def tensor_shapes(values: Any) -> list[tuple[int, ...]]:
-    out: list[tuple[int, ...]] = []
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a nest of lists, tuples and dicts (forward arguments and outputs)."""
+    out: list[torch.Tensor] = []
 
     def visit(v: Any) -> None:
         if isinstance(v, torch.Tensor):
-            out.append(tuple(v.shape))
+            out.append(v)
         elif isinstance(v, (list, tuple)):
             for x in v:
                 visit(x)
@@ -49,8 +50,12 @@ def tensor_shapes(values: Any) -> list[tuple[int, ...]]:
             for x in v.values():
                 visit(x)
 
-    visit(values)
+    visit(value)
     return out
+
+
+def tensor_shapes(values: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in tensors_in(values)]
 
 
 def main_output(value: Any) -> torch.Tensor | None:

@@ -623,19 +623,6 @@ def _all_finite(values: Any) -> bool:
     return ok
 
 
-def _first_tensor(values: Any) -> torch.Tensor | None:
-    if isinstance(values, torch.Tensor):
-        return values
-    if isinstance(values, (list, tuple)):
-        for v in values:
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-    if isinstance(values, dict):
-        return _first_tensor(list(values.values()))
-    return None
-
-
 def _rng_state(device: torch.device) -> tuple:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
@@ -662,7 +649,7 @@ def localize_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: s
     inputs_ok: dict[int, list[tuple[bool, dict | None]]] = {}
 
     def pre(mod, args):
-        t = _first_tensor(args)
+        t = main_output(args)
         inputs_ok.setdefault(id(mod), []).append(
             (_all_finite(args), _stats(t) if t is not None else None))
 
@@ -675,7 +662,7 @@ def localize_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: s
         if found:
             return
         if entry[0] and not out_ok:
-            t = _first_tensor(out)
+            t = main_output(out)
             name = names.get(mod, "")
             own_bad = [p for p in bad_params if p.rpartition(".")[0] == name]
             found.append(NonFinite(step, "forward", module=name, module_type=type(mod).__name__,

@@ -206,7 +206,7 @@ def dead_submodule(ctx: Context):
         message = (f"{path} ({info.type}, {info.trainable:,} trainable parameters) {how}: its "
                    "parameters get no gradient and never train.")
         parent = path.rpartition(".")[0]
-        hint = (f"use its output (a residual block returns F.relu(x + y), not F.relu(x))"
+        hint = ("use its output (a residual block returns F.relu(x + y), not F.relu(x))"
                 if parent else "use its output in forward")
         yield ctx.finding("ND103", message, module=path, location=info.location,
                           fix=Fix(f"{hint}, or delete {path}"),
