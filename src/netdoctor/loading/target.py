@@ -156,12 +156,16 @@ def _import_file(path: Path):
     resolved = path.resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
     mod_name = f"_netdoctor_user_{resolved.stem}_{digest}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
+    stat = resolved.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = sys.modules.get(mod_name)
+    if cached is not None and getattr(cached, "__netdoctor_stamp__", None) == stamp:
+        return cached  # several targets in one file import it once; an edited file re-imports
     spec = importlib.util.spec_from_file_location(mod_name, resolved)
     if spec is None or spec.loader is None:
         raise UserError(f"{path}: cannot be imported as a Python file")
     module = importlib.util.module_from_spec(spec)
+    module.__netdoctor_stamp__ = stamp
     sys.modules[mod_name] = module
     folder = str(resolved.parent)
     added = folder not in sys.path

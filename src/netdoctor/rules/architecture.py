@@ -146,13 +146,14 @@ def saturating_chain(ctx: Context):
                f"and saturated units pass almost none, so early layers barely learn "
                f"(vanishing gradients). Threshold: {min_chain}.")
     yield ctx.finding("ND102", message, module=chain[0].label, location=chain[0].location,
-                      fix=_relu_fix(chain),
+                      fix=relu_fix(chain),
                       evidence={"length": len(chain), "min_chain": min_chain,
                                 "activations": [n.label for n in chain]},
                       impact=float(len(chain)))
 
 
-def _relu_fix(chain: list[Node]) -> Fix:
+def relu_fix(chain: list[Node]) -> Fix:
+    """Replace the chain's sigmoid/tanh modules with ReLU (one diff when all live in one file)."""
     summary = "use ReLU instead of sigmoid/tanh in hidden layers (or insert BatchNorm before them)"
     snippet = "\n".join(f"nn.ReLU(),  # instead of {n.attrs.get('type', n.op)} at {n.label}"
                         for n in chain)

@@ -8,6 +8,7 @@ from collections import Counter
 from netdoctor.findings import Fix
 from netdoctor.fixes.patch import append_to_init, diff_fix, nn_prefix, read
 from netdoctor.graph.ir import RELU_FAMILY, WEIGHT_OPS, Graph, Node
+from netdoctor.rules.architecture import relu_fix
 from netdoctor.rules._paths import absorbed, reaches_output_directly
 from netdoctor.rules.registry import Context, rule
 
@@ -210,10 +211,16 @@ def signal_collapse(ctx: Context):
                + ("Deep layers receive (and send back) almost no signal: the loss barely moves."
                   if not grows else "Activations and gradients explode: loss NaN or "
                   "saturated units.") + f" Threshold: x{limit:g} either way.")
-    nl = Counter(_nonlinearity(following_activation(graph, n)) for n in chain).most_common(1)[0][0]
+    acts = [following_activation(graph, n) for n in chain]
+    nl = Counter(_nonlinearity(a) for a in acts).most_common(1)[0][0]
+    if nl == "sigmoid":
+        # No init scale carries a signal through a sigmoid chain (slope <= 1/4 per layer, mean
+        # 0.5): the activation is the cause, so the fix is ND102's.
+        fix = relu_fix([a for a in acts if a is not None and a.op in ("sigmoid", "tanh")])
+    else:
+        fix = init_fix(graph, chain, nl)
     yield ctx.finding(
-        "ND204", message, module=node.label, location=node.location,
-        fix=init_fix(graph, chain, nl),
+        "ND204", message, module=node.label, location=node.location, fix=fix,
         evidence={"max_ratio": limit, "start": start_value, "end_ratio": end_ratio,
                   "layers": [{"module": n.label, "signal_rms": n.attrs["init_signal_rms"],
                               "rms": n.attrs.get("init_rms")} for n in chain]},

@@ -75,11 +75,12 @@ def _shape_fix(f, location) -> Fix | None:
         return None
     summary = (f"{f.module} expects {want} input features but receives {have}: "
                f"construct it with {have}")
+    # Unsafe: it changes the model's interface to fit the --input-shape given, which may be wrong.
     if location is None:
-        return Fix(summary, f"{f.module_type}({have}, ...)  # was {want}", "snippet")
+        return Fix(summary, f"{f.module_type}({have}, ...)  # was {want}", "snippet", safe=False)
     return diff_fix(summary, location.path,
                     lambda src: set_positional(src, location.line, (f.module_type,), arg, str(have)),
-                    f"nn.{f.module_type}({have}, ...)  # was {want}")
+                    f"nn.{f.module_type}({have}, ...)  # was {want}", safe=False)
 
 
 
