@@ -119,4 +119,5 @@ def check_onnx(path: str, opts: CheckOptions) -> Report:
     target = display_path(path)
     ctx = Context(target=target, graph=graph, outcome=BuildOutcome(graph=graph),
                   options=opts.rule_options)
-    return Report(target=target, findings=run_rules(ctx, {"outcome", "graph"}, opts))
+    return Report(target=target, findings=run_rules(ctx, {"outcome", "graph"}, opts),
+                  notes=list(graph.notes))

@@ -142,6 +142,11 @@ def build(path: str) -> Graph:
             graph.add(node)
             for o in proto.output:
                 producer[o] = name
+            if from_pytorch and _folded_norm(proto):
+                folded.append(name)
+                norm = graph.add(_folded_batchnorm(node))
+                for o in proto.output:
+                    producer[o] = norm.name
             for a in proto.attribute:  # If/Loop bodies: their nodes join the graph
                 subgraphs = ([a.g] if a.type == a.GRAPH else list(a.graphs)
                              if a.type == a.GRAPHS else [])
@@ -151,10 +156,40 @@ def build(path: str) -> Graph:
                         if o.name in producer:
                             node.inputs.append(producer[o.name])
 
+    from_pytorch = model.producer_name == "pytorch"
+    folded: list[str] = []
     add_nodes(model.graph.node)
+    if folded:
+        graph.notes.append(
+            f"{len(folded)} convolution(s) carry a BatchNorm folded in at export (eval-mode "
+            "torch.onnx.export fuses Conv+BatchNorm): they are judged as Conv+BatchNorm. Export "
+            "with training=torch.onnx.TrainingMode.TRAINING to check the BatchNorm layers too.")
     graph.add(Node(name="output", op="output", target="output",
                    inputs=[producer[o.name] for o in model.graph.output if o.name in producer]))
     return graph
+
+
+def _folded_norm(proto) -> bool:
+    """PyTorch's eval-mode export fuses a Conv and the BatchNorm after it into one Conv whose
+    weight and bias are new constants (named 'onnx::Conv_<n>'); a Conv the exporter left alone
+    keeps its parameter names ('features.0.weight')."""
+    if proto.op_type not in ("Conv", "ConvTranspose") or len(proto.input) < 3:
+        return False
+    return all(name.startswith("onnx::") for name in proto.input[1:3])
+
+
+def _folded_batchnorm(conv: Node) -> Node:
+    """The BatchNorm the exporter folded into `conv`, made visible to the rules again. The conv's
+    bias is the BatchNorm's shift, not a bias before a norm (ND109)."""
+    conv.attrs["has_bias"] = False
+    conv.attrs["folded_batchnorm"] = True
+    channels = conv.attrs.get("out_channels")
+    attrs = {"type": "BatchNormalization", "folded": True}
+    if channels:
+        attrs["num_features"] = channels
+    return Node(name=f"{conv.name}/folded BatchNorm", op="batchnorm", target="onnx.folded",
+                module=conv.name, inputs=[conv.name], attrs=attrs, shape=conv.shape,
+                location=conv.location)
 
 
 def _weights_of(node: Node, proto, weights: dict[str, np.ndarray]) -> None:
