@@ -216,3 +216,36 @@ def test_files_outside_the_project_are_never_written(tmp_path):
     assert not writable(str(Path(torch.__file__)), [Path("/")])
     assert not writable(str(Path(sys.prefix) / "lib" / "x.py"), [Path("/")])
     assert not writable("/elsewhere/model.py", [tmp_path])
+
+
+# ------------------------------------------------------------ where a BatchNorm can go
+
+LAYERS = '''import torch.nn as nn
+
+
+class M(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        layers = [nn.Conv2d(1, width, 3), nn.ReLU()]  # one line, two calls
+        for _ in range(3):
+            layers.append(nn.Conv2d(width, width, 3))
+            layers.append(nn.ReLU())
+        self.body = nn.Sequential(*layers)
+'''
+
+
+def test_batchnorm_goes_after_the_layer_in_a_list_and_after_an_append_in_a_loop():
+    from netdoctor.fixes.patch import insert_args_after
+
+    new = insert_args_after(LAYERS, {7: "nn.BatchNorm2d(width)", 9: "nn.BatchNorm2d(width)"},
+                            types=("Conv2d",))
+    assert "layers = [nn.Conv2d(1, width, 3), nn.BatchNorm2d(width), nn.ReLU()]  # one line, " \
+           "two calls" in new
+    assert ("            layers.append(nn.Conv2d(width, width, 3))\n"
+            "            layers.append(nn.BatchNorm2d(width))\n"
+            "            layers.append(nn.ReLU())\n") in new
+    namespace: dict = {}
+    exec(compile(new, "m.py", "exec"), namespace)
+    body = namespace["M"]().body
+    assert [type(m).__name__ for m in body][:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert len(body) == 3 * 4  # conv, bn, relu: the block in the list and 3 from the loop

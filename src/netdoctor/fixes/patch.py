@@ -142,47 +142,87 @@ def arg_code(call: cst.Call, index: int, keyword: str) -> str | None:
     return None
 
 
-def insert_args_after(source: str, inserts: dict[int, str | Callable[[cst.Call], str]]
-                      ) -> str | None:
-    """In container calls like nn.Sequential(...), insert a new argument after the argument whose
-    call starts on each given line. An insert may be a function of that call (to reuse its
-    arguments' source text). Returns None unless every insert found its place."""
+def insert_args_after(source: str, inserts: dict[int, str | Callable[[cst.Call], str]],
+                      types: tuple[str, ...] = ()) -> str | None:
+    """Insert a new layer right after the layer whose call starts on each given line, wherever
+    that call sits: an argument of a container call (`nn.Sequential(...)`), an element of a list
+    (`layers += [...]`), or the argument of a `layers.append(...)` statement (a new `append`
+    statement follows it; in a loop, once per iteration). An insert may be a function of that
+    call (to reuse its arguments' source text); `types` (e.g. ("Conv2d", "Linear")) picks the
+    layer among several calls on one line. Returns None unless every insert found its place."""
     module, pos = _index(source)
-    inserts = {line: (text(call_at(pos.calls, line)) if callable(text) and
-                      call_at(pos.calls, line) is not None else text)
-               for line, text in inserts.items()}
-    if any(callable(t) for t in inserts.values()):
+    calls = {line: call_at(pos.calls, line, types) for line in inserts}
+    if any(call is None for call in calls.values()):
         return None
-    targets: dict[int, cst.Call] = {}
-    for line in inserts:
-        node = call_at(pos.calls, line)
-        if node is None:
-            return None
-        targets[id(node)] = node
-    by_node = {id(call_at(pos.calls, line)): text for line, text in inserts.items()}
+    texts = {line: text(calls[line]) if callable(text) else text
+             for line, text in inserts.items()}
+    by_node = {id(calls[line]): text for line, text in texts.items()}
+    # `x.append(<layer>)`: the layer gets a statement of its own, not a second argument.
+    in_append = {id(c.args[0]) for c, _, _ in pos.calls if len(c.args) == 1
+                 and isinstance(c.func, cst.Attribute) and c.func.attr.value == "append"}
     placed: set[int] = set()
+
+    def with_inserts(originals, updated, make):
+        """The items with a new one after each whose value is a target (commas kept); keyed by
+        the original nodes, as libcst rebuilds the updated ones."""
+        out, changed = [], False
+        for i, (orig, item) in enumerate(zip(originals, updated)):
+            out.append(item)
+            key = id(orig.value)
+            if key not in by_node or id(orig) in in_append \
+                    or getattr(orig, "keyword", None) is not None or getattr(orig, "star", ""):
+                continue
+            comma = item.comma
+            if comma is cst.MaybeSentinel.DEFAULT:
+                comma = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
+                out[-1] = item.with_changes(comma=comma)
+            last = i == len(originals) - 1
+            out.append(make(cst.parse_expression(by_node[key]), item.comma if last else comma))
+            placed.add(key)
+            changed = True
+        return out, changed
+
+    def appended_layer(statement) -> cst.BaseExpression | None:
+        """The layer of a `x.append(<layer call>)` statement line, else None."""
+        if not (isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1
+                and isinstance(statement.body[0], cst.Expr)):
+            return None
+        call = statement.body[0].value
+        if (isinstance(call, cst.Call) and isinstance(call.func, cst.Attribute)
+                and call.func.attr.value == "append" and len(call.args) == 1):
+            return call.args[0].value
+        return None
 
     class T(cst.CSTTransformer):
         def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
-            new_args: list[cst.Arg] = []
-            changed = False
-            for orig_arg, arg in zip(original.args, updated.args):
-                new_args.append(arg)
-                key = id(orig_arg.value)
-                if key in by_node and arg.keyword is None and arg.star == "":
-                    comma = arg.comma
-                    if comma is cst.MaybeSentinel.DEFAULT:
-                        comma = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
-                        new_args[-1] = arg.with_changes(comma=comma)
-                    new_args.append(cst.Arg(value=cst.parse_expression(by_node[key]),
-                                            comma=comma if orig_arg is not original.args[-1]
-                                            else arg.comma))
-                    placed.add(key)
-                    changed = True
-            return updated.with_changes(args=new_args) if changed else updated
+            args, changed = with_inserts(original.args, updated.args,
+                                         lambda v, c: cst.Arg(value=v, comma=c))
+            return updated.with_changes(args=args) if changed else updated
+
+        def leave_List(self, original: cst.List, updated: cst.List) -> cst.List:
+            items, changed = with_inserts(original.elements, updated.elements,
+                                          lambda v, c: cst.Element(value=v, comma=c))
+            return updated.with_changes(elements=items) if changed else updated
+
+        def leave_IndentedBlock(self, original: cst.IndentedBlock,
+                                updated: cst.IndentedBlock) -> cst.IndentedBlock:
+            body, changed = [], False
+            for orig, stmt in zip(original.body, updated.body):
+                body.append(stmt)
+                layer = appended_layer(orig)
+                if layer is None or id(layer) not in by_node:
+                    continue
+                expr = stmt.body[0]
+                call = expr.value.with_changes(
+                    args=[cst.Arg(value=cst.parse_expression(by_node[id(layer)]))])
+                body.append(stmt.with_changes(body=[expr.with_changes(value=call)],
+                                              leading_lines=[]))
+                placed.add(id(layer))
+                changed = True
+            return updated.with_changes(body=body) if changed else updated
 
     new = module.visit(T()).code
-    return new if len(placed) == len(by_node) else None
+    return new if placed >= set(by_node) else None
 
 
 def wrap_attribute(source: str, attr: str, wrapper: str, near_line: int | None = None) -> str | None:

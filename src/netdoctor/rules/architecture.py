@@ -100,18 +100,24 @@ def _batchnorm_fix(chain: list[Node]) -> Fix:
         if norm:
             snippet_lines.append(f"# after {n.label} ({n.attrs.get('type', n.op)}):\n{norm},")
     snippet = "\n".join(snippet_lines)
-    if len(paths) != 1 or len(lines) != len(hidden) or len(set(lines)) != len(lines):
+    # Layers built in a loop share a line: one insertion there serves them all, as long as the
+    # output layer is not among them (no BatchNorm after the logits).
+    last = chain[-1].location
+    if len(paths) != 1 or len(lines) != len(hidden) or (
+            last and last.path in paths and last.line in lines):
         return Fix(summary, snippet or None, "snippet")
     path = paths.pop()
     source = read(path) or ""
     prefix = nn_prefix(source)
-    inserts = {}
+    inserts, norms = {}, {}
     for n in hidden:
         norm = _norm_for(n, prefix)
-        if norm is None:
+        if norm is None or norms.setdefault(n.location.line, norm).split("(")[0] \
+                != norm.split("(")[0]:
             return Fix(summary, snippet or None, "snippet")
         inserts[n.location.line] = _norm_from_call(norm)
-    return diff_fix(summary, path, lambda src: insert_args_after(src, inserts), snippet)
+    types = tuple(sorted({n.attrs["type"] for n in hidden if n.attrs.get("type")}))
+    return diff_fix(summary, path, lambda src: insert_args_after(src, inserts, types), snippet)
 
 
 # -- ND102 saturating-activation-chain --------------------------------------------------------
