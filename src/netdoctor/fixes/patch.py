@@ -225,20 +225,38 @@ def insert_args_after(source: str, inserts: dict[int, str | Callable[[cst.Call],
     return new if placed >= set(by_node) else None
 
 
-def wrap_attribute(source: str, attr: str, wrapper: str, near_line: int | None = None) -> str | None:
-    """Rewrite `self.<attr> = <value>` as `self.<attr> = <wrapper>(<value>)` (the assignment
-    nearest `near_line`)."""
-    module, pos = _index(source)
+def _self_assignment(pos: _Positions, attr: str, near_line: int | None):
+    """The `self.<attr> = ...` assignment spanning `near_line`, else the nearest one:
+    (node, first line) or None."""
     candidates = []
-    for node, start, _end in pos.assigns:
+    for node, start, end in pos.assigns:
         for t in node.targets:
             tgt = t.target
             if isinstance(tgt, cst.Attribute) and tgt.attr.value == attr and \
                     isinstance(tgt.value, cst.Name) and tgt.value.value == "self":
-                candidates.append((abs(start - (near_line or start)), start, node))
+                near = near_line or start
+                candidates.append((not start <= near <= end, abs(start - near), start, node))
     if not candidates:
         return None
-    target = min(candidates, key=lambda c: (c[0], c[1]))[2]
+    best = min(candidates, key=lambda c: c[:3])
+    return best[3], best[2]
+
+
+def attribute_line(source: str, attr: str, near_line: int | None = None) -> int | None:
+    """The line of the `self.<attr> = ...` assignment nearest `near_line` (where a list of
+    layers is given its name, rather than where its first element is built)."""
+    found = _self_assignment(_index(source)[1], attr, near_line)
+    return found[1] if found else None
+
+
+def wrap_attribute(source: str, attr: str, wrapper: str, near_line: int | None = None) -> str | None:
+    """Rewrite `self.<attr> = <value>` as `self.<attr> = <wrapper>(<value>)` (the assignment
+    nearest `near_line`)."""
+    module, pos = _index(source)
+    found = _self_assignment(pos, attr, near_line)
+    if found is None:
+        return None
+    target = found[0]
 
     class T(cst.CSTTransformer):
         def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:

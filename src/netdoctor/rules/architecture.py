@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from netdoctor.findings import Fix
-from netdoctor.fixes.patch import (arg_code, diff_fix, insert_args_after, nn_prefix, read, replace_calls,
-                                   wrap_attribute)
+from netdoctor.findings import Fix, Location
+from netdoctor.fixes.patch import (arg_code, attribute_line, diff_fix, insert_args_after,
+                                   nn_prefix, read, replace_calls, wrap_attribute)
 from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, SATURATING_OPS, WEIGHT_OPS, Graph, Node
 from netdoctor.rules.registry import Context, rule
 
@@ -245,7 +245,12 @@ def unregistered_submodule(ctx: Context):
                                near_line=h.location.line if h.location else None),
                            fix.patch)
         module = f"{holder.owner}.{holder.attr}" if holder.owner else holder.attr
-        yield ctx.finding("ND104", message, module=module, location=holder.location,
+        location = holder.location
+        if location is not None and location.line:  # point at `self.layers = [`
+            source = read(location.path)
+            line = attribute_line(source, holder.attr, location.line) if source else None
+            location = Location(location.path, line) if line else location
+        yield ctx.finding("ND104", message, module=module, location=location,
                           fix=fix, evidence={"container": holder.container,
                                              "count": holder.count,
                                              "types": holder.module_types}, impact=10.0)
