@@ -184,6 +184,15 @@ def test_fast_commands_do_not_import_torch(args):
     assert result.stdout.strip()
 
 
+@pytest.mark.parametrize("shape", ["1,a,28", "0,28,28", ","])
+def test_a_bad_input_shape_fails_before_torch_is_imported(shape):
+    result = run_python(_PROBE.format(args=["check", "fixtures/sick/mlp.py:MLP",
+                                            "--input-shape", shape]))
+    assert result.returncode == 2
+    assert "netdoctor: error: input shape must be" in result.stderr
+    assert "TORCH-IMPORTED=False" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_rules_lists_the_catalogue():
     result = invoke("rules")
     assert result.exit_code == 0

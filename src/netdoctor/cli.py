@@ -56,15 +56,20 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-def _shape(value: str | None) -> tuple[int, ...] | None:
+def _shape(value: str | list | tuple | None) -> tuple[int, ...] | None:
+    """'1,28,28', '1x28x28' or [1, 28, 28] -> (1, 28, 28); parsed before torch is imported,
+    so a typo fails fast."""
     if not value:
         return None
-    from netdoctor.loading.shapes import parse_shape
-
+    text = value if isinstance(value, str) else ",".join(map(str, value))
+    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
     try:
-        return parse_shape(value)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UserError(f"input shape must be integers like 1,28,28, got {text!r}") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UserError(f"input shape must be positive integers like 1,28,28, got {text!r}")
+    return shape
 
 
 def _emit(text: str, output: str | None) -> None:

@@ -23,18 +23,6 @@ class InputSpec:
         return "x".join(str(s) for s in self.shape) + ("" if self.dtype == "float32" else f" ({self.dtype})")
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'1,28,28' or '1x28x28' -> (1, 28, 28)."""
-    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"input shape must be integers like 1,28,28, got {text!r}") from None
-    if not shape or any(s <= 0 for s in shape):
-        raise ValueError(f"input shape must be positive integers like 1,28,28, got {text!r}")
-    return shape
-
-
 def first_layer(model: nn.Module, extra: dict[str, nn.Module] | None = None
                 ) -> tuple[str, nn.Module] | None:
     for name, m in [*(extra or {}).items(), *model.named_modules()]:
