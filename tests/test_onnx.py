@@ -70,8 +70,8 @@ def test_plain_deep_cnn_export_reports_the_deep_plain_stack(tmp_path):
 def test_healthy_bn_cnn_export_is_clean(tmp_path, training):
     """Eval-mode export folds every BatchNorm into its conv: still no deep-plain-stack alarm (the
     folded norms are recognised, and a note says so)."""
-    path = export(f"{HEALTHY / 'vgg_bn.py'}:VGG11BN", tmp_path / "vgg.onnx", (3, 32, 32),
-                  training=training)
+    export(f"{HEALTHY / 'vgg_bn.py'}:VGG11BN", tmp_path / "vgg.onnx", (3, 32, 32),
+           training=training)
     result = invoke("check", "vgg.onnx", cwd=tmp_path)
     assert result.exit_code == 0 and "no problems found" in result.stdout, result.stdout
     assert ("BatchNorm folded in at export" in result.stdout) is (not training)

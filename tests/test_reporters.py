@@ -219,7 +219,8 @@ def test_github_annotations():
     out = render([make_report()], "github")
     lines = out.splitlines()
     assert len(lines) == 5
-    assert lines[0].startswith("::error file=fixtures/x.py,line=5,title=ND104 unregistered-submodule::")
+    assert lines[0].startswith(
+        "::error file=fixtures/x.py,line=5,title=ND104 unregistered-submodule::")
     # newline in the message is escaped, so the annotation stays one line
     assert "invisible%0Ato the optimizer Fix: use nn.ModuleList" in lines[0]
     deep = next(line for line in lines if "ND101" in line)
@@ -239,7 +240,8 @@ def test_github_escapes_properties():
     ])
     line = render([r], "github").rstrip("\n")
     assert "\n" not in line and "\r" not in line
-    assert line == "::warning file=dir%2Cwith%3Aodd/x.py,line=2,title=ND101 deep-plain-stack::a%0D%0Ab"
+    assert line == ("::warning file=dir%2Cwith%3Aodd/x.py,line=2,"
+                    "title=ND101 deep-plain-stack::a%0D%0Ab")
 
 
 # ----------------------------------------------------------------------------- text
@@ -258,7 +260,8 @@ def test_text_layout_plain():
     assert "note: input shape inferred as 1,28,28" in out
     assert "1 error, 3 warnings, 1 info" in out
     # grouped by severity, errors first
-    assert out.index("ND104") < out.index("ND301 input-not-normalized [warning]") < out.index("ND109")
+    assert (out.index("ND104") < out.index("ND301 input-not-normalized [warning]")
+            < out.index("ND109"))
     # evidence: short numbers only, never raw lists
     assert "dead_fraction=0.98" in out
     assert "per_unit" not in out
@@ -299,7 +302,8 @@ def test_text_measurement_sections():
 def test_text_measurement_sections_absent_and_robust():
     out = render([make_report()], "text", color=False)
     assert "Gradient flow" not in out and "Loss curve" not in out and "Verified fix" not in out
-    odd = {"gradient_flow": [{"name": "a", "grad_norm": 0.0}, {"name": "b", "grad_norm": float("nan")}],
+    odd = {"gradient_flow": [{"name": "a", "grad_norm": 0.0},
+                             {"name": "b", "grad_norm": float("nan")}],
            "loss_curve": [float("nan")] * 3, "verified_fix": {"fix": "x"}}
     out = render([make_report(measurements=odd)], "text", color=False)
     assert "Gradient flow" in out and "non-finite" in out

@@ -188,7 +188,8 @@ def test_nd108_detach(tmp_path):
 
 
 @pytest.mark.parametrize("cls, needle", [("DataFeatures", "self.backbone(x).data"),
-                                         ("NoGradBackbone", "features = self.backbone(x)\n        return")])
+                                         ("NoGradBackbone",
+                                          "features = self.backbone(x)\n        return")])
 def test_nd108_data_and_no_grad(tmp_path, cls, needle):
     path = SICK / "detached_variants.py"
     (f,) = of(run(f"{path}:{cls}"), "ND108")

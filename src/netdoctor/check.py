@@ -56,7 +56,8 @@ def check_loaded(loaded, opts: CheckOptions) -> Report:
     class_lines = [loaded.class_location] if loaded.class_location else []
     for f in findings:
         if is_suppressed(f, class_lines):
-            report.notes.append(f"{f.rule} at {f.location} suppressed by a netdoctor: ignore comment")
+            report.notes.append(
+                f"{f.rule} at {f.location} suppressed by a netdoctor: ignore comment")
         else:
             report.findings.append(f)
     return report

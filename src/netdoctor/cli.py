@@ -324,4 +324,5 @@ def explain(rule):
 
 
 from netdoctor.probe.command import probe  # noqa: E402
+
 main.add_command(probe)

@@ -20,11 +20,12 @@ class Severity(IntEnum):
         return self.name.lower()
 
     @classmethod
-    def parse(cls, text: str) -> "Severity":
+    def parse(cls, text: str) -> Severity:
         try:
             return cls[text.strip().upper()]
         except KeyError:
-            raise ValueError(f"unknown severity {text!r} (expected error, warning or info)") from None
+            raise ValueError(
+                f"unknown severity {text!r} (expected error, warning or info)") from None
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ class Report:
         """Priority order: severity, then impact, root causes before their symptoms."""
         return sorted(
             self.findings,
-            key=lambda f: (-int(f.severity), f.cause is not None, -f.impact, f.rule, f.module or ""),
+            key=lambda f: (-int(f.severity), f.cause is not None, -f.impact, f.rule,
+                           f.module or ""),
         )
 
     def fix_first(self) -> Finding | None:

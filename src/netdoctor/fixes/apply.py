@@ -14,9 +14,9 @@ import importlib.util
 import linecache
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from netdoctor.errors import UserError
 from netdoctor.findings import Finding, Report

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
@@ -30,7 +30,8 @@ def read(path: str) -> str | None:
 
 def unified_diff(path: str, old: str, new: str) -> str:
     shown = display_path(path)
-    return "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+    return "".join(difflib.unified_diff(old.splitlines(keepends=True),
+                                        new.splitlines(keepends=True),
                                         fromfile=f"a/{shown}", tofile=f"b/{shown}"))
 
 
@@ -45,7 +46,8 @@ def diff_fix(summary: str, path: str | None, edit: Callable[[str], str | None], 
             except cst.ParserSyntaxError:
                 new = None
             if new is not None and new != old:
-                return Fix(summary, unified_diff(path, old, new), "diff", path, safe, new_source=new)
+                return Fix(summary, unified_diff(path, old, new), "diff", path, safe,
+                           new_source=new)
     return Fix(summary, snippet, "snippet", None, safe)
 
 
@@ -91,19 +93,21 @@ def _index(source: str) -> tuple[cst.Module, _Positions]:
 
 
 def call_at(calls, line: int, name_suffix: tuple[str, ...] = ()) -> cst.Call | None:
-    """The innermost call starting on `line` (optionally whose name ends with one of the suffixes)."""
+    """The innermost call starting on `line` (optionally whose name ends with one of the
+    suffixes)."""
     best = None
     for node, start, end in calls:
         if start == line or (start <= line <= end and best is None):
             name = _call_name(node)
-            if name_suffix and not name.split(".")[-1] in name_suffix:
+            if name_suffix and name.split(".")[-1] not in name_suffix:
                 continue
             if best is None or start == line:
                 best = node
     return best
 
 
-def set_keyword(source: str, line: int, type_names: tuple[str, ...], key: str, value: str) -> str | None:
+def set_keyword(source: str, line: int, type_names: tuple[str, ...], key: str,
+                value: str) -> str | None:
     """Set `key=value` in the constructor call on `line` (adding the keyword if missing)."""
     module, pos = _index(source)
     target = call_at(pos.calls, line, type_names)
@@ -249,7 +253,8 @@ def attribute_line(source: str, attr: str, near_line: int | None = None) -> int 
     return found[1] if found else None
 
 
-def wrap_attribute(source: str, attr: str, wrapper: str, near_line: int | None = None) -> str | None:
+def wrap_attribute(source: str, attr: str, wrapper: str,
+                   near_line: int | None = None) -> str | None:
     """Rewrite `self.<attr> = <value>` as `self.<attr> = <wrapper>(<value>)` (the assignment
     nearest `near_line`)."""
     module, pos = _index(source)
@@ -514,7 +519,8 @@ def torch_function_prefix(source: str) -> str | None:
     if re.search(r"^\s*import torch\b(?!\.)", source, re.M) or \
             re.search(r"^\s*import torch\s*$", source, re.M):
         return "torch."
-    if re.search(r"^\s*import torch\.nn\.functional as F\b|^\s*from torch\.nn import functional as F\b",
+    if re.search(r"^\s*import torch\.nn\.functional as F\b"
+                 r"|^\s*from torch\.nn import functional as F\b",
                  source, re.M):
         return "F."
     return None

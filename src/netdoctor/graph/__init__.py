@@ -1,4 +1,5 @@
-"""The graph IR every frontend (torch.fx, the hook fallback, ONNX) produces and every static rule reads."""
+"""The graph IR every frontend (torch.fx, the hook fallback, ONNX) produces and every static
+rule reads."""
 
 from netdoctor.graph.ir import Graph, ModuleInfo, Node, ParamInfo, UnregisteredHolder
 

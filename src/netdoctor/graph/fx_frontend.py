@@ -7,8 +7,14 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from netdoctor.graph.ir import Graph, Node
-from netdoctor.graph.ops import (function_op, module_attrs, module_op, module_params,
-                                 param_info, target_name)
+from netdoctor.graph.ops import (
+    function_op,
+    module_attrs,
+    module_op,
+    module_params,
+    param_info,
+    target_name,
+)
 from netdoctor.graph.torch_common import record_modules, record_unregistered, user_frame_location
 from netdoctor.loading.forward import preserved_modes
 from netdoctor.loading.provenance import Provenance

@@ -15,8 +15,16 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from netdoctor.graph.ir import Graph, Node
-from netdoctor.graph.ops import (OPAQUE_LEAVES, TRANSPARENT, function_op, module_attrs, module_op,
-                                 module_params, param_info, target_name)
+from netdoctor.graph.ops import (
+    OPAQUE_LEAVES,
+    TRANSPARENT,
+    function_op,
+    module_attrs,
+    module_op,
+    module_params,
+    param_info,
+    target_name,
+)
 from netdoctor.graph.torch_common import record_modules, record_unregistered, user_frame_location
 from netdoctor.loading.forward import ForwardFailure, preserved_modes, tensor_shapes, tensors_in
 from netdoctor.loading.provenance import Provenance
@@ -29,12 +37,14 @@ _FLOW_BREAKERS = {"item", "numpy", "tolist", "__bool__"}
 
 
 def is_leaf(module: nn.Module) -> bool:
-    """Like fx: torch.nn's own modules are leaves (except containers); user modules are looked into."""
+    """Like fx: torch.nn's own modules are leaves (except containers); user modules are looked
+    into."""
     if isinstance(module, OPAQUE_LEAVES):
         return True
     if isinstance(module, TRANSPARENT):
         return False
-    return type(module).__module__.startswith("torch.nn") or not any(True for _ in module.children())
+    return (type(module).__module__.startswith("torch.nn")
+            or not any(True for _ in module.children()))
 
 
 class _Recorder(TorchFunctionMode):

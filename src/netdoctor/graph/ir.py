@@ -7,8 +7,9 @@ every static rule can read it without caring where it came from.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from netdoctor.findings import Location
 

@@ -208,7 +208,7 @@ def _weights_of(node: Node, proto, weights: dict[str, np.ndarray]) -> None:
         group = int(node.attrs.get("group", 1))
         node.attrs.update(out_channels=int(W.shape[0]), in_channels=int(W.shape[1]) * group,
                           kernel_size=tuple(int(k) for k in W.shape[2:]), groups=group,
-                          has_bias=w(2) is not None, type="Conv%dd" % max(1, W.ndim - 2))
+                          has_bias=w(2) is not None, type=f"Conv{max(1, W.ndim - 2)}d")
     elif op == "Gemm" and w(1) is not None:
         W = w(1)
         W = W if node.attrs.get("transB", 0) else W.T

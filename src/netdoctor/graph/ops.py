@@ -144,7 +144,7 @@ def module_attrs(module: nn.Module) -> dict[str, Any]:
     return attrs
 
 
-def param_info(tensor: torch.Tensor) -> "ParamInfo":  # noqa: F821 - imported lazily
+def param_info(tensor: torch.Tensor) -> ParamInfo:  # noqa: F821 - imported lazily
     from netdoctor.graph.ir import ParamInfo
 
     with torch.no_grad():

@@ -26,7 +26,8 @@ def record_modules(graph: Graph, model: nn.Module, prov: Provenance) -> None:
                                          is_leaf=not any(True for _ in m.children()))
 
 
-def unregistered_modules(model: nn.Module) -> list[tuple[str, str, str, list[tuple[str, nn.Module]], nn.Module]]:
+def unregistered_modules(
+        model: nn.Module) -> list[tuple[str, str, str, list[tuple[str, nn.Module]], nn.Module]]:
     """(owner path, attribute, container kind, [(display name, module)], owner) for every
     nn.Module kept in a plain list/tuple/dict attribute of a registered module."""
     found = []
@@ -36,7 +37,8 @@ def unregistered_modules(model: nn.Module) -> list[tuple[str, str, str, list[tup
                 continue
             held: list[tuple[str, nn.Module]] = []
             if isinstance(value, (list, tuple)):
-                held = [(f"{attr}[{i}]", v) for i, v in enumerate(value) if isinstance(v, nn.Module)]
+                held = [(f"{attr}[{i}]", v) for i, v in enumerate(value)
+                        if isinstance(v, nn.Module)]
                 kind = "list" if isinstance(value, list) else "tuple"
             elif isinstance(value, dict):
                 held = [(f"{attr}[{k!r}]", v) for k, v in value.items() if isinstance(v, nn.Module)]

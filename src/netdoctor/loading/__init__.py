@@ -1,1 +1,2 @@
-"""Loading user models: parse targets, import user code, build modules, record construction sites."""
+"""Loading user models: parse targets, import user code, build modules, record construction
+sites."""

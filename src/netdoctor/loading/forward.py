@@ -4,8 +4,9 @@ modes restored, and on failure the innermost submodule that raised (for ND002)."
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,7 +87,8 @@ def example_input(shape: tuple[int, ...], dtype: str = "float32", batch: int = 2
     return torch.randn((batch, *shape), generator=gen, dtype=getattr(torch, dtype))
 
 
-def run_forward(model: nn.Module, x: torch.Tensor, extra_modules: dict[str, nn.Module] | None = None):
+def run_forward(model: nn.Module, x: torch.Tensor,
+                extra_modules: dict[str, nn.Module] | None = None):
     """Forward `x` in eval mode without grad; raise ForwardFailure naming the failing submodule."""
     names = {m: n for n, m in model.named_modules()}
     for n, m in (extra_modules or {}).items():

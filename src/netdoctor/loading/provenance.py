@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 import weakref
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ class Provenance:
             pass
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator["Provenance"]:
+    def recording(self) -> Iterator[Provenance]:
         original = nn.Module.__init__
         prov = self
 

@@ -20,7 +20,8 @@ class InputSpec:
     inferred_from: str | None = None  # None when the user gave the shape
 
     def describe(self) -> str:
-        return "x".join(str(s) for s in self.shape) + ("" if self.dtype == "float32" else f" ({self.dtype})")
+        return "x".join(str(s) for s in self.shape) + (
+            "" if self.dtype == "float32" else f" ({self.dtype})")
 
 
 def first_layer(model: nn.Module, extra: dict[str, nn.Module] | None = None

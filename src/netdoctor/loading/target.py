@@ -44,9 +44,11 @@ class LoadResult:
 
 
 def split_target(spec: str) -> tuple[str, str | None]:
-    """'a/b.py:Net' -> ('a/b.py', 'Net'); 'pkg.mod:Net' -> ('pkg.mod', 'Net'); 'a/b.py' -> (.., None)."""
+    """'a/b.py:Net' -> ('a/b.py', 'Net'); 'pkg.mod:Net' -> ('pkg.mod', 'Net');
+    'a/b.py' -> (.., None)."""
     head, sep, tail = spec.rpartition(":")
-    if sep and tail and tail.replace(".", "").replace("_", "").isalnum() and not tail.startswith(("\\", "/")):
+    if (sep and tail and tail.replace(".", "").replace("_", "").isalnum()
+            and not tail.startswith(("\\", "/"))):
         if len(head) == 1 and head.isalpha():  # a Windows drive letter, not a name
             return spec, None
         return head, tail
@@ -63,7 +65,8 @@ def display_path(path: str | os.PathLike) -> str:
 
 
 def parse_kwargs(pairs: tuple[str, ...] | list[str], json_text: str | None) -> dict[str, Any]:
-    """`-a key=value` pairs (values parsed as Python literals, else kept as strings) and --kwargs."""
+    """`-a key=value` pairs (values parsed as Python literals, else kept as strings) and
+    --kwargs."""
     import json
 
     kwargs: dict[str, Any] = {}
@@ -309,8 +312,8 @@ def _discover(path: Path, result: LoadResult) -> None:
             result.notes.append(f"skipped {shown}:{name}: checked as part of another model "
                                 "in the same file")
             continue
-        result.models.append(LoadedModel(f"{shown}:{name}", model, prov, _class_location(cls, model),
-                                         str(path.resolve())))
+        result.models.append(LoadedModel(f"{shown}:{name}", model, prov,
+                                         _class_location(cls, model), str(path.resolve())))
 
 
 def _mentions_module(path: Path) -> bool:

@@ -8,11 +8,9 @@ instrumentation. Only fixes that can be expressed in memory are verified; the ot
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -98,7 +96,7 @@ def _swap_to_relu(names: list[str]) -> Callable[[nn.Module], None]:
 
 def _kaiming(names: list[str]) -> Callable[[nn.Module], None]:
     def edit(model: nn.Module) -> None:
-        for name, m in _present(model, names):
+        for _name, m in _present(model, names):
             w = getattr(m, "weight", None)
             if isinstance(w, torch.Tensor) and w.dim() >= 2:
                 with torch.no_grad():

@@ -42,7 +42,8 @@ def _rule_descriptor(rule_id: str, example: Finding) -> dict[str, Any]:
         "id": rule_id,
         "name": name,
         "shortDescription": {"text": summary},
-        "fullDescription": {"text": f"{rule_id} {name}: {summary}. See `netdoctor explain {rule_id}`."},
+        "fullDescription": {
+            "text": f"{rule_id} {name}: {summary}. See `netdoctor explain {rule_id}`."},
         "defaultConfiguration": {"level": level(sev)},
     }
     if stage:

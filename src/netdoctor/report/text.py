@@ -131,7 +131,8 @@ def sparkline(values: list[Any], width: int = SPARK_WIDTH) -> str:
         elif hi == lo:
             chars.append(SPARK[len(SPARK) // 2])
         else:
-            chars.append(SPARK[min(len(SPARK) - 1, int((m - lo) / (hi - lo) * (len(SPARK) - 1) + 0.5))])
+            chars.append(
+                SPARK[min(len(SPARK) - 1, int((m - lo) / (hi - lo) * (len(SPARK) - 1) + 0.5))])
     return "".join(chars)
 
 
@@ -213,7 +214,8 @@ def _finding(p: _Printer, f: Finding) -> None:
     if ev:
         p.line(Text(ev, style="dim"), indent=4)
     if f.cause:
-        p.line(Text.assemble(("likely caused by ", "italic"), (_rule_label(f.cause), "bold italic")),
+        p.line(Text.assemble(("likely caused by ", "italic"),
+                             (_rule_label(f.cause), "bold italic")),
                indent=4)
     if f.fix is not None:
         fix = Text.assemble(("fix: ", "bold green"), f.fix.summary)

@@ -5,8 +5,16 @@ from __future__ import annotations
 from collections import defaultdict
 
 from netdoctor.findings import Fix, Location
-from netdoctor.fixes.patch import (arg_code, attribute_line, diff_fix, insert_args_after,
-                                   nn_prefix, read, replace_calls, wrap_attribute)
+from netdoctor.fixes.patch import (
+    arg_code,
+    attribute_line,
+    diff_fix,
+    insert_args_after,
+    nn_prefix,
+    read,
+    replace_calls,
+    wrap_attribute,
+)
 from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, SATURATING_OPS, WEIGHT_OPS, Graph, Node
 from netdoctor.rules.registry import Context, rule
 
@@ -235,12 +243,13 @@ def unregistered_submodule(ctx: Context):
                    "so the optimizer never updates them and they never move to the GPU.")
         summary = f"wrap it in nn.{wrapper}: self.{holder.attr} = nn.{wrapper}(...)"
         path = (holder.location or holder.owner_location)
-        fix = Fix(summary, f"self.{holder.attr} = nn.{wrapper}({'{...}' if wrapper == 'ModuleDict' else '[...]'})",
+        empty = "{...}" if wrapper == "ModuleDict" else "[...]"
+        fix = Fix(summary, f"self.{holder.attr} = nn.{wrapper}({empty})",
                   "snippet")
         if path is not None:
             prefix = nn_prefix(read(path.path) or "")
             fix = diff_fix(summary, path.path,
-                           lambda src, h=holder: wrap_attribute(
+                           lambda src, h=holder, prefix=prefix, wrapper=wrapper: wrap_attribute(
                                src, h.attr, f"{prefix}{wrapper}",
                                near_line=h.location.line if h.location else None),
                            fix.patch)

@@ -356,7 +356,8 @@ def input_not_normalized(ctx: Context):
             lines.append("# or add --normalize to standardize with the measured statistics.")
         lines += ["# scale raw 0..255 pixels to [0, 1] before they reach the model:",
                   "x = x / 255.0",
-                  "# then standardize; in a torchvision pipeline (ToTensor already divides by 255):",
+                  "# then standardize; in a torchvision pipeline "
+                  "(ToTensor already divides by 255):",
                   f"transforms.Compose([transforms.ToTensor(), {norm}])"]
         if len(means) == 1:
             lines += ["# or by hand:",
@@ -587,7 +588,8 @@ def label_mismatch(ctx: Context):
         declared = s.num_classes
         if declared is not None and declared != C and not n_bad:
             problems.append(f"the data set has {declared} classes but the model has {C} outputs")
-            fixes += [f"# make the last layer output {declared} classes (nn.Linear(..., {declared}))"]
+            fixes += [f"# make the last layer output {declared} classes "
+                      f"(nn.Linear(..., {declared}))"]
             evidence["declared_classes"] = declared
         elif declared is None and hi + 1 < C and not n_bad:
             flat_y = y.reshape(-1)

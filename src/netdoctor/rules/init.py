@@ -8,8 +8,8 @@ from collections import Counter
 from netdoctor.findings import Fix
 from netdoctor.fixes.patch import append_to_init, diff_fix, nn_prefix, read
 from netdoctor.graph.ir import RELU_FAMILY, WEIGHT_OPS, Graph, Node
-from netdoctor.rules.architecture import relu_fix
 from netdoctor.rules._paths import absorbed, reaches_output_directly
+from netdoctor.rules.architecture import relu_fix
 from netdoctor.rules.registry import Context, rule
 
 # Ops between a layer and "the activation that follows it".

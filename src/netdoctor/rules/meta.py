@@ -47,7 +47,8 @@ def forward_failure(ctx: Context):
                  "pass --input-shape if it is wrong.")
     err = str(f.error).strip().splitlines()[0] if str(f.error).strip() else ""
     message = (f"forward raised {type(f.error).__name__} {where} on input "
-               f"{spec.describe() if spec else '?'}: {err} (input shapes {shapes}{weights}).{guess}")
+               f"{spec.describe() if spec else '?'}: {err} "
+               f"(input shapes {shapes}{weights}).{guess}")
     yield ctx.finding("ND002", message, module=f.module, location=out.failure_location,
                       fix=_shape_fix(f, out.failure_location),
                       evidence={"error": f"{type(f.error).__name__}: {err}",
@@ -79,7 +80,8 @@ def _shape_fix(f, location) -> Fix | None:
     if location is None:
         return Fix(summary, f"{f.module_type}({have}, ...)  # was {want}", "snippet", safe=False)
     return diff_fix(summary, location.path,
-                    lambda src: set_positional(src, location.line, (f.module_type,), arg, str(have)),
+                    lambda src: set_positional(src, location.line, (f.module_type,), arg,
+                                               str(have)),
                     f"nn.{f.module_type}({have}, ...)  # was {want}", safe=False)
 
 

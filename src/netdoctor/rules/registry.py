@@ -7,8 +7,9 @@ Its name, severity and summary come from netdoctor.catalogue; its options from t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from netdoctor.catalogue import RULES
 from netdoctor.findings import Finding, Fix, Location

@@ -334,7 +334,8 @@ def bias_before_norm(ctx: Context):
         if len(pairs) == 1:
             who = f"{layer.label} ({_describe(layer)}) has a bias, but its output goes"
         else:
-            names = ", ".join(lay.label for lay, _ in pairs[:5]) + (", ..." if len(pairs) > 5 else "")
+            names = ", ".join(lay.label for lay, _ in pairs[:5]) + (
+                ", ..." if len(pairs) > 5 else "")
             who = (f"{len(pairs)} {layer.attrs.get('type', layer.op)} layers built on the same "
                    f"line ({names}) have a bias, but each one's output goes")
         message = (f"{who} straight into a {kind} ({norm.label}"
