@@ -249,3 +249,17 @@ def test_batchnorm_goes_after_the_layer_in_a_list_and_after_an_append_in_a_loop(
     body = namespace["M"]().body
     assert [type(m).__name__ for m in body][:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
     assert len(body) == 3 * 4  # conv, bn, relu: the block in the list and 3 from the loop
+
+
+def test_fix_works_on_a_dotted_module_target_in_the_current_folder(tmp_path):
+    """`netdoctor check pkg.model:Net --fix` from the project root (no PYTHONPATH, as with
+    `python -m`): the module file is patched and re-imported for the re-check."""
+    package = tmp_path / "ndfixpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shutil.copy(SICK / "bn_momentum.py", package / "model.py")
+    result = invoke("check", "ndfixpkg.model:KerasMomentumNet", "--input-shape", "1,28,28",
+                    "--fix", cwd=tmp_path)
+    assert "2 fixes applied to 1 file, 0 findings left" in result.stderr, result.stderr
+    assert (package / "model.py").read_text().count(", momentum=0.1)") == 2
+    assert result.exit_code == 0

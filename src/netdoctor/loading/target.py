@@ -142,6 +142,11 @@ def _import(where: str):
         if path.is_dir():
             raise UserError(f"{where} is a folder; name a file.py:ClassName or drop ':Name'")
         return _import_file(path), str(path.resolve())
+    # Like `python -m`: packages in the current folder import without PYTHONPATH.
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(where)
     except ModuleNotFoundError as e:
@@ -152,6 +157,9 @@ def _import(where: str):
         raise UserError(_syntax_message(e)) from None
     except Exception as e:  # user code raised while importing
         raise UserError(f"importing {where} raised {type(e).__name__}: {_first_line(e)}") from None
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
     return module, getattr(module, "__file__", None)
 
 
