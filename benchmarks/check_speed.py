@@ -33,7 +33,7 @@ COMMANDS = [
     ("check sick AlexNet (1x224x224)",
      [PY, "-m", "netdoctor", "check", "fixtures/sick/alexnet.py:AlexNet", "--input-shape",
       "1,224,224"]),
-    ("check the healthy folder (15 models)",
+    ("check the healthy folder (19 models)",
      [PY, "-m", "netdoctor", "check", "fixtures/healthy"]),
     ("check --fix on a copy of AlexNet", None),  # filled in main(): needs a fresh copy per run
 ]

@@ -27,8 +27,9 @@ class InputSpec:
 def first_layer(model: nn.Module, extra: dict[str, nn.Module] | None = None
                 ) -> tuple[str, nn.Module] | None:
     for name, m in [*(extra or {}).items(), *model.named_modules()]:
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding,
-                          nn.EmbeddingBag, nn.RNNBase)):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                          nn.ConvTranspose2d, nn.Linear, nn.Embedding, nn.EmbeddingBag,
+                          nn.RNNBase)):
             return name, m
     return None
 
@@ -43,6 +44,13 @@ def candidates(model: nn.Module, extra: dict[str, nn.Module] | None = None) -> l
         c = m.in_channels
         sides = _IMAGE_SIDES.get(c, (32, 224, 64, 28))
         return [InputSpec((c, s, s), inferred_from=f"{why}, in_channels={c})") for s in sides]
+    if isinstance(m, nn.ConvTranspose2d):  # a generator's latent (nz x 1 x 1) or a decoder
+        c = m.in_channels
+        return [InputSpec((c, s, s), inferred_from=f"{why}, in_channels={c})")
+                for s in (1, 4, 7, 8, 16, 32)]
+    if isinstance(m, nn.ConvTranspose1d):
+        return [InputSpec((m.in_channels, n), inferred_from=f"{why}, in_channels={m.in_channels})")
+                for n in (1, 16, 128)]
     if isinstance(m, nn.Conv1d):
         return [InputSpec((m.in_channels, n), inferred_from=f"{why}, in_channels={m.in_channels})")
                 for n in (128, 256, 1000, 16000)]
