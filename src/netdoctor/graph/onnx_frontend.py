@@ -7,6 +7,7 @@ ND203 judges the same number either way. External data outside the model's folde
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -142,9 +143,10 @@ def build(path: str) -> Graph:
             graph.add(node)
             for o in proto.output:
                 producer[o] = name
-            if from_pytorch and _folded_norm(proto):
+            fused = _folded_norm(proto) if from_pytorch else None
+            if fused is not None:
                 folded.append(name)
-                norm = graph.add(_folded_batchnorm(node))
+                norm = graph.add(_folded_batchnorm(node, fused))
                 for o in proto.output:
                     producer[o] = norm.name
             for a in proto.attribute:  # If/Loop bodies: their nodes join the graph
@@ -161,34 +163,67 @@ def build(path: str) -> Graph:
     add_nodes(model.graph.node)
     if folded:
         graph.notes.append(
-            f"{len(folded)} convolution(s) carry a BatchNorm folded in at export (eval-mode "
-            "torch.onnx.export fuses Conv+BatchNorm): they are judged as Conv+BatchNorm. Export "
-            "with training=torch.onnx.TrainingMode.TRAINING to check the BatchNorm layers too.")
+            f"{len(folded)} conv/linear layer(s) carry a BatchNorm folded in at export "
+            "(torch.onnx.export fuses them for inference): they are judged as layer + "
+            "BatchNorm.")
     graph.add(Node(name="output", op="output", target="output",
                    inputs=[producer[o.name] for o in model.graph.output if o.name in producer]))
     return graph
 
 
-def _folded_norm(proto) -> bool:
-    """PyTorch's eval-mode export fuses a Conv and the BatchNorm after it into one Conv whose
-    weight and bias are new constants (named 'onnx::Conv_<n>'); a Conv the exporter left alone
-    keeps its parameter names ('features.0.weight')."""
-    if proto.op_type not in ("Conv", "ConvTranspose") or len(proto.input) < 3:
-        return False
-    return all(name.startswith("onnx::") for name in proto.input[1:3])
+# The dynamo exporter records the aten call each ONNX node came from; a folded BatchNorm keeps
+# its momentum there: _no_training(input, w, b, mean, var, momentum, eps), the training variants
+# (input, w, b, mean, var, training, momentum, eps).
+_BN_CALL = re.compile(r"aten\._native_batch_norm_legit(_no_training|_functional)?\.default\]"
+                      r"\(args = \((.*)\), kwargs")
 
 
-def _folded_batchnorm(conv: Node) -> Node:
+def _folded_norm(proto) -> dict | None:
+    """The BatchNorm an export fused into this Conv, as IR attributes, or None.
+
+    Both PyTorch exporters fold BatchNorm into the conv before it for inference. The TorchScript
+    exporter (dynamo=False, eval mode) replaces the conv's weight and bias by new constants named
+    'onnx::Conv_<n>' (a conv it leaves alone keeps 'features.0.weight'); the dynamo exporter's
+    optimizer names the rewrite in the node's metadata (FuseBatchNormIntoConv) and keeps the
+    original aten call, momentum included."""
+    if proto.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+        return None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "BatchNorm" in meta.get("pkg.onnxscript.rewriter.rule_name", ""):
+        attrs: dict = {}
+        call = _BN_CALL.search(meta.get("pkg.torch.onnx.fx_node", ""))
+        if call:
+            args = [a.strip() for a in call.group(2).split(",")]
+            index = 5 if call.group(1) == "_no_training" else 6
+            try:
+                attrs["momentum"] = float(args[index])
+                attrs["track_running_stats"] = True
+            except (IndexError, ValueError):
+                pass  # momentum=None: a cumulative average
+        scopes = meta.get("pkg.torch.onnx.name_scopes", "")
+        scope = re.findall(r"'([^']*)'", scopes)
+        if len(scope) >= 2 and scope[-2]:
+            attrs["torch_module"] = scope[-2]
+        return attrs
+    if proto.op_type != "Gemm" and len(proto.input) >= 3 \
+            and all(name.startswith("onnx::") for name in proto.input[1:3]):
+        return {}
+    return None
+
+
+def _folded_batchnorm(conv: Node, extra: dict) -> Node:
     """The BatchNorm the exporter folded into `conv`, made visible to the rules again. The conv's
     bias is the BatchNorm's shift, not a bias before a norm (ND109)."""
     conv.attrs["has_bias"] = False
     conv.attrs["folded_batchnorm"] = True
-    channels = conv.attrs.get("out_channels")
-    attrs = {"type": "BatchNormalization", "folded": True}
+    channels = conv.attrs.get("out_channels") or conv.attrs.get("out_features")
+    attrs = {"type": "BatchNormalization", "folded": True, **extra}
     if channels:
         attrs["num_features"] = channels
+    torch_module = extra.get("torch_module")
+    module = f"{torch_module} (folded into {conv.name})" if torch_module else conv.name
     return Node(name=f"{conv.name}/folded BatchNorm", op="batchnorm", target="onnx.folded",
-                module=conv.name, inputs=[conv.name], attrs=attrs, shape=conv.shape,
+                module=module, inputs=[conv.name], attrs=attrs, shape=conv.shape,
                 location=conv.location)
 
 
