@@ -169,8 +169,8 @@ class FixOutcome:
 
 def fix_until_clean(run_check: Callable[[], list[Report]], unsafe: bool,
                     allowed_roots: list[Path]) -> FixOutcome:
-    """Check, write the merged fixes, re-check; stop when nothing applicable is left, when a fix
-    comes back unchanged (it did not cure its finding), or after MAX_ROUNDS."""
+    """Check, write the merged fixes, re-check; stop when nothing applicable is left (a finding
+    whose fix was written once is not fixed again: its fix did not cure it), or after MAX_ROUNDS."""
     reports = run_check()
     outcome = FixOutcome(reports)
     offered: set[tuple[str, str]] = set()
