@@ -233,11 +233,11 @@ def _data_sample(opts, source, data_dir, resize, raw, normalize, batch_size):
 def _diff_text(reports) -> str:
     """All diff fixes, merged into one patch per file; fixes that collide with a higher-priority
     one are left out (stderr says which: re-run after applying)."""
-    from netdoctor.fixes.apply import plan_fixes, unified_diff
+    from netdoctor.fixes.apply import plan_diff, plan_fixes
 
     patches = []
     for plan in plan_fixes(reports, unsafe=True):
-        patches.append(unified_diff(plan))
+        patches.append(plan_diff(plan))
         for f in plan.skipped:
             click.echo(f"netdoctor: {f.rule} fix for {f.module or plan.path} left out of the diff: "
                        "it overlaps another fix (apply the diff, then run --diff again)", err=True)

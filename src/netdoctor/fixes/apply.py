@@ -20,6 +20,7 @@ from pathlib import Path
 
 from netdoctor.errors import UserError
 from netdoctor.findings import Finding, Report
+from netdoctor.fixes.patch import unified_diff
 
 MAX_ROUNDS = 10
 # A round that introduces a forward failure (the model no longer runs) is undone.
@@ -105,13 +106,9 @@ def plan_fixes(reports: list[Report], unsafe: bool) -> list[FilePlan]:
     return plans
 
 
-def unified_diff(plan: FilePlan) -> str:
-    from netdoctor.loading.target import display_path
-
-    shown = display_path(plan.path)
-    return "".join(difflib.unified_diff(plan.old.splitlines(keepends=True),
-                                        plan.new.splitlines(keepends=True),
-                                        fromfile=f"a/{shown}", tofile=f"b/{shown}"))
+def plan_diff(plan: FilePlan) -> str:
+    """The plan as one unified diff of its file."""
+    return unified_diff(plan.path, plan.old, plan.new)
 
 
 # -- writing ------------------------------------------------------------------------------------
