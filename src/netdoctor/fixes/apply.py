@@ -170,7 +170,6 @@ def fix_until_clean(run_check: Callable[[], list[Report]], unsafe: bool,
     whose fix was written once is not fixed again: its fix did not cure it), or after MAX_ROUNDS."""
     reports = run_check()
     outcome = FixOutcome(reports)
-    offered: set[tuple[str, str]] = set()
     refused: set[str] = set()
     tried: set[tuple[str, str, str | None]] = set()  # findings whose fix was written once
     for _ in range(MAX_ROUNDS):
@@ -185,11 +184,8 @@ def fix_until_clean(run_check: Callable[[], list[Report]], unsafe: bool,
                     outcome.messages.append(f"not fixing {plan.path}: outside the project "
                                             "(fix it by hand, see --diff)")
                 continue
-            key = (plan.path, plan.new)
-            if plan.new == plan.old or key in offered:
-                continue
-            offered.add(key)
-            plans.append(plan)
+            if plan.new != plan.old:
+                plans.append(plan)
         if not plans:
             break
         broken_before = _broken(reports)

@@ -117,11 +117,13 @@ def _batchnorm_fix(chain: list[Node]) -> Fix:
     path = paths.pop()
     source = read(path) or ""
     prefix = nn_prefix(source)
-    inserts, norms = {}, {}
+    inserts, kinds = {}, {}
     for n in hidden:
         norm = _norm_for(n, prefix)
-        if norm is None or norms.setdefault(n.location.line, norm).split("(")[0] \
-                != norm.split("(")[0]:
+        if norm is None:
+            return Fix(summary, snippet or None, "snippet")
+        kind = norm.split("(")[0]  # layers sharing a line (a loop) must want the same norm
+        if kinds.setdefault(n.location.line, kind) != kind:
             return Fix(summary, snippet or None, "snippet")
         inserts[n.location.line] = _norm_from_call(norm)
     types = tuple(sorted({n.attrs["type"] for n in hidden if n.attrs.get("type")}))
