@@ -333,7 +333,8 @@ def test_hooks_are_removed_when_the_forward_raises(data_dir):
     from torch import nn
 
     from netdoctor.data import DataSpec, open_source
-    from netdoctor.probe.engine import ProbeConfig, Recorder, run_probe
+    from netdoctor.measure.activations import ActivationRecorder
+    from netdoctor.probe.engine import ProbeConfig, run_probe
 
     class Flaky(nn.Module):
         def __init__(self):
@@ -348,7 +349,7 @@ def test_hooks_are_removed_when_the_forward_raises(data_dir):
             return torch.relu(self.fc(x.flatten(1)))
 
     model = Flaky()
-    rec = Recorder(model)
+    rec = ActivationRecorder(model)
     with pytest.raises(RuntimeError), rec.attached():
         assert _hook_count(model) > 0
         for _ in range(3):

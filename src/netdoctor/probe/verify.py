@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from netdoctor.findings import Finding, Report
-from netdoctor.probe.engine import ProbeConfig, ProbeRun, run_probe
+from netdoctor.measure.record import TrainingRun
+from netdoctor.probe.engine import ProbeConfig, run_probe
 
 
 @dataclass
@@ -185,7 +186,7 @@ def _standardize(mean: Any, std: Any, axis: int | None) -> Callable[[torch.Tenso
 
 # ------------------------------------------------------------------------------ the mapping
 
-def remedy_for(finding: Finding, report: Report, run: ProbeRun,
+def remedy_for(finding: Finding, report: Report, run: TrainingRun,
                model: nn.Module | None = None) -> Remedy | None:
     """The in-memory version of a finding's fix, or None when it needs a code change."""
     rule, ev = finding.rule, finding.evidence or {}
@@ -256,7 +257,7 @@ def remedy_for(finding: Finding, report: Report, run: ProbeRun,
     return None
 
 
-def verify(model: nn.Module, source, run: ProbeRun, report: Report,
+def verify(model: nn.Module, source, run: TrainingRun, report: Report,
            progress: Any = None) -> tuple[dict[str, Any] | None, str | None]:
     """Re-run the probe with the top fix applied. Returns (measurement, note)."""
     first = report.fix_first()

@@ -1,4 +1,5 @@
-"""ND4xx: training dynamics measured by `netdoctor probe` (ctx.run is a probe.engine.ProbeRun).
+"""ND4xx: training dynamics (ctx.run is a netdoctor.measure.record.TrainingRun, filled by the
+probe or by the watcher inside the user's training).
 
 Thresholds are options (`[tool.netdoctor.rules.ND404] dead-fraction = 0.5`); their defaults were
 calibrated on the fixtures (see each rule's doc in rules/ND4xx.md). Root causes (Finding.cause)

@@ -1,5 +1,6 @@
-"""`netdoctor probe`: the click command. Torch (and the engine) are imported inside the function,
-so importing this module (done by netdoctor.cli for `--help`) stays light."""
+"""Everything `netdoctor probe` does between parsing and printing: load the model, open the
+data, run the static and data rules, the instrumented run, the runtime rules and the verified fix.
+Returns the report (the CLI prints it)."""
 
 from __future__ import annotations
 
@@ -8,111 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import click
-
-from netdoctor.cli import _common_options, _emit, _exit_code, _options_from
 from netdoctor.errors import UserError
 
-PROBE_KEYS = {"data", "data-dir", "resize", "raw", "normalize", "steps", "batch-size", "lr",
-              "optimizer", "momentum", "weight-decay", "loss", "seed", "device", "verify"}
 
-# Documented defaults (netdoctor probe --help, README): measured, see benchmarks/.
-DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", "momentum": 0.9,
-                            "weight-decay": 0.0, "loss": "cross_entropy", "seed": 0,
-                            "device": "auto"}
-
-
-@click.command()
-@click.argument("target", required=False)
-@_common_options
-@click.option("--data", "data_source", metavar="SOURCE",
-              help="fashionmnist, mnist, synthetic, FILE.npz or path.py:loader_fn (required).")
-@click.option("--data-dir", metavar="DIR", help="Folder holding FashionMNIST/raw, MNIST/raw.")
-@click.option("--resize", type=int, metavar="N", help="Resize images to NxN.")
-@click.option("--raw", is_flag=True, default=None,
-              help="Built-in sets: serve the stored 0..255 values (default: [0, 1]).")
-@click.option("--normalize", is_flag=True, default=None,
-              help="Built-in sets: per-channel mean/std normalization.")
-@click.option("--steps", type=int, help="Training steps (default 100).")
-@click.option("--batch-size", type=int, help="Samples per batch (default 64).")
-@click.option("--lr", type=float,
-              help="Learning rate (default 0.01 for sgd, 0.001 for adam/adamw).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]),
-              help="Optimizer (default sgd).")
-@click.option("--momentum", type=float, help="SGD momentum (default 0.9).")
-@click.option("--weight-decay", type=float, help="Weight decay (default 0; adamw 0.01).")
-@click.option("--loss", "loss_name", type=click.Choice(["cross_entropy", "mse", "bce"]),
-              help="Loss (default cross_entropy; bce takes logits).")
-@click.option("--seed", type=int, help="Seed for the model's construction, data order and "
-                                       "dropout (default 0).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
-              help="auto (default): CUDA when present, else CPU.")
-@click.option("--no-verify", is_flag=True, help="Do not re-run the probe with the top fix.")
-@click.option("--plot", metavar="FILE.png", help="Draw the gradient-flow plot (needs matplotlib).")
-def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail_on, select,
-          ignore_, config, color, data_source, data_dir, resize, raw, normalize, steps,
-          batch_size, lr, optimizer, momentum, weight_decay, loss_name, seed, device, no_verify,
-          plot):
-    """Short instrumented training run of TARGET (file.py:Name) on --data: measures gradient
-    flow and training dynamics, diagnoses them and verifies the top fix.
-
-    \b
-      netdoctor probe model.py:Net --data fashionmnist --data-dir ./data
-      netdoctor probe mlp.py:MLP --data fashionmnist --raw --lr 0.5 --momentum 0
-      netdoctor probe model.py:Net --data synthetic --input-shape 3,32,32 --format json
-    """
-    from netdoctor.config import load_config
-
-    cfg = load_config(config)
-    table = dict(cfg.probe)
-    unknown = sorted(set(table) - PROBE_KEYS)
-    if unknown:
-        raise UserError(f"unknown key(s) in [tool.netdoctor.probe]: {', '.join(unknown)} "
-                        f"(known: {', '.join(sorted(PROBE_KEYS))})")
-
-    def pick(cli_value, key):
-        if cli_value is not None:
-            return cli_value
-        return table.get(key, DEFAULTS.get(key))
-
-    target = target or (cfg.targets[0] if len(cfg.targets) == 1 else None)
-    if not target:
-        raise UserError("no target given: netdoctor probe path/to/model.py:ClassName --data SOURCE")
-    data_source = pick(data_source, "data")
-    if not data_source:
-        raise UserError("no data given: pass --data fashionmnist|mnist|synthetic|FILE.npz|"
-                        "path.py:loader_fn (the probe trains on it)")
-    if plot:
-        _require_matplotlib()
-    opts = _options_from(cfg, args, kwargs_json, input_shape, input_dtype, select, ignore_)
-    settings = {
-        "data_dir": pick(data_dir, "data-dir"), "resize": pick(resize, "resize"),
-        "raw": bool(pick(raw, "raw")), "normalize": bool(pick(normalize, "normalize")),
-        "steps": int(pick(steps, "steps")), "batch_size": int(pick(batch_size, "batch-size")),
-        "lr": pick(lr, "lr"), "optimizer": pick(optimizer, "optimizer"),
-        "momentum": float(pick(momentum, "momentum")),
-        "weight_decay": float(pick(weight_decay, "weight-decay")),
-        "loss": pick(loss_name, "loss"), "seed": int(pick(seed, "seed")),
-        "device": pick(device, "device"),
-        "verify": not no_verify and bool(table.get("verify", True)),
-    }
-    report, _ = run_command(target, data_source, opts, settings, plot=plot)
-    fmt = fmt or cfg.format or "text"
-    from netdoctor.report import render
-
-    _emit(render([report], fmt, color=False if output else color), output)
-    sys.exit(_exit_code([report], fail_on or cfg.fail_on))
-
-
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError("--plot needs matplotlib, which is not installed: "
-                        "pip install matplotlib") from None
-
-
-def run_command(target: str, data_source: str, opts, settings: dict[str, Any],
+def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
                 plot: str | None = None):
     """Everything `probe` does, minus parsing and printing: returns (Report, ProbeRun|None)."""
     import torch
@@ -121,7 +21,7 @@ def run_command(target: str, data_source: str, opts, settings: dict[str, Any],
     from netdoctor.data import DataSpec, open_source
     from netdoctor.loading.target import load
     from netdoctor.probe.diagnose import link_causes
-    from netdoctor.probe.engine import ProbeConfig, _progress, run_probe
+    from netdoctor.probe.engine import ProbeConfig, progress_bar, run_probe
     from netdoctor.rules import Context
     from netdoctor.suppress import is_suppressed
 
@@ -176,7 +76,7 @@ def run_command(target: str, data_source: str, opts, settings: dict[str, Any],
             sites[name] = loc
         elif name == "" and loaded.class_location is not None:
             sites[name] = loaded.class_location
-    progress = _progress(sys.stderr.isatty())
+    progress = progress_bar(sys.stderr.isatty())
     from contextlib import nullcontext
 
     with (progress or nullcontext()):
@@ -220,6 +120,8 @@ def run_command(target: str, data_source: str, opts, settings: dict[str, Any],
         report.notes.append(f"the probe stopped at step {run.steps_run}: non-finite values "
                             "(ND401)")
     if plot:
+        from netdoctor.report.plot import write_plot
+
         write_plot(run, plot, loaded.target)
         report.notes.append(f"gradient-flow plot written to {plot}")
     return report, run
@@ -339,45 +241,3 @@ def measurements(run) -> dict[str, Any]:
     return out
 
 
-def write_plot(run, path: str, title: str) -> None:
-    """The classic gradient-flow plot (mean and max gradient norm per layer, input -> output)
-    next to the loss curve."""
-    _require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from netdoctor.rules.runtime import finite, gradient_flow
-
-    rows = gradient_flow(run) if run is not None else []
-    fig, (ax, lx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    names = [r["name"] for r in rows]
-    means = [r["grad_norm"] or 0.0 for r in rows]
-    maxes = [r["grad_norm_max"] or 0.0 for r in rows]
-    xs = range(len(rows))
-    ax.bar(xs, maxes, alpha=0.35, lw=1, color="c", label="max over steps")
-    ax.bar(xs, means, alpha=0.8, lw=1, color="b", label="mean over steps")
-    ax.set_xticks(list(xs), names, rotation=90, fontsize=8)
-    if any(v > 0 for v in maxes):
-        ax.set_yscale("log")
-    ax.set_xlabel("layer (input -> output)")
-    ax.set_ylabel("gradient norm")
-    ax.set_title("Gradient flow")
-    ax.legend()
-    losses = list(run.loss) if run is not None else []
-    lx.plot(range(1, len(losses) + 1), [v if math.isfinite(v) else float("nan") for v in losses])
-    shown = finite(losses)
-    if shown and min(shown) > 0 and max(shown) / min(shown) > 100:
-        lx.set_yscale("log")
-    lx.set_xlabel("step")
-    lx.set_ylabel("loss")
-    lx.set_title("Loss")
-    fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)

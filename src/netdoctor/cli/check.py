@@ -1,0 +1,150 @@
+"""`netdoctor check`: static checks, optionally with a data sample; --diff and --fix."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from netdoctor.cli.options import common_options, emit, exit_code, options_from
+from netdoctor.errors import UserError
+
+
+@click.command()
+@click.argument("targets", nargs=-1)
+@common_options
+@click.option("--diff", "show_diff", is_flag=True,
+              help="Print every fix as a patch (one per file; `git apply` takes it).")
+@click.option("--fix", "apply_fixes", is_flag=True,
+              help="Apply the safe fixes to the files in place, then report what is left.")
+@click.option("--unsafe-fixes", is_flag=True,
+              help="With --fix (implied): also apply fixes that change the model's behaviour "
+                   "beyond the fix (e.g. dropping a final softmax).")
+@click.option("--data", "data_source", metavar="SOURCE",
+              help="Also check a data sample (ND3xx): fashionmnist, mnist, synthetic, FILE.npz "
+                   "or path.py:loader_fn.")
+@click.option("--data-dir", metavar="DIR", help="Folder holding FashionMNIST/raw, MNIST/raw.")
+@click.option("--resize", type=int, metavar="N", help="Resize images to NxN.")
+@click.option("--raw", is_flag=True, help="Built-in sets: serve the stored 0..255 values.")
+@click.option("--normalize", is_flag=True, help="Built-in sets: per-channel mean/std normalize.")
+@click.option("--batch-size", type=int, default=64, show_default=True,
+              help="Samples per batch for --data.")
+def check(targets, args, kwargs_json, input_shape, input_dtype, fmt, output, fail_on, select,
+          ignore_, config, color, show_diff, apply_fixes, unsafe_fixes, data_source, data_dir,
+          resize, raw, normalize, batch_size):
+    """Static checks of TARGET: file.py:Name, dotted.module:Name, or files/folders.
+
+    With --data SOURCE, a sample of the data is checked against each model as well.
+    --diff shows the fixes as a patch; --fix writes the safe ones into your files."""
+    from netdoctor.check import check as run_check
+    from netdoctor.config import load_config
+    from netdoctor.report import render
+
+    cfg = load_config(config)
+    targets = list(targets) or cfg.targets
+    if not targets:
+        raise UserError("no target given: netdoctor check path/to/model.py:ClassName "
+                        "(or set targets in [tool.netdoctor])")
+    opts = options_from(cfg, args, kwargs_json, input_shape, input_dtype, select, ignore_)
+    apply_fixes = apply_fixes or unsafe_fixes
+    if show_diff and apply_fixes:
+        raise UserError("--diff shows the fixes and --fix applies them: use one of the two")
+    data = _data_sample(opts, data_source, data_dir, resize, raw, normalize, batch_size) \
+        if data_source else None
+    notes: list[str] = []
+
+    def check_all():
+        reports = []
+        notes.clear()
+        for target in targets:
+            r, n = run_check(target, opts, data)
+            reports.extend(r)
+            notes.extend(n)
+        return reports
+
+    if apply_fixes:
+        reports = _fix(check_all, targets, unsafe_fixes)
+    else:
+        reports = check_all()
+    if not reports and not notes:
+        raise UserError("nothing to check")
+    if notes:
+        from netdoctor.findings import Report
+
+        if reports:
+            reports[0].notes.extend(notes)
+        else:
+            reports.append(Report(target=", ".join(targets), notes=notes))
+    if show_diff:
+        emit(_diff_text(reports), output)
+    else:
+        fmt = fmt or cfg.format or "text"
+        emit(render(reports, fmt, color=False if output else color), output)
+    sys.exit(exit_code(reports, fail_on or cfg.fail_on))
+
+
+def _data_sample(opts, source, data_dir, resize, raw, normalize, batch_size):
+    """Open `--data` once and draw the sample every model's data rules read. Without an input
+    shape, the static checks use the data's (a note says so)."""
+    from netdoctor.data import DataSpec, open_source
+    from netdoctor.rules.data import DataSample
+
+    spec = DataSpec(source, data_dir=Path(data_dir) if data_dir else None, batch_size=batch_size,
+                    resize=resize, raw=raw, normalize=normalize,
+                    input_shape=opts.input_shape, input_dtype=opts.input_dtype)
+    sample = DataSample.from_source(open_source(spec), spec=spec)
+    if opts.input_shape is None and sample.x.dim() >= 2:
+        opts.input_shape = tuple(sample.x.shape[1:])
+        if str(sample.x.dtype) in ("torch.int64", "torch.int32"):
+            opts.input_dtype = "long"  # token ids
+        sample.notes.append("input shape " + ",".join(map(str, opts.input_shape))
+                            + " taken from the data")
+    return sample
+
+
+def _diff_text(reports) -> str:
+    """All diff fixes, merged into one patch per file; fixes that collide with a higher-priority
+    one are left out (stderr says which: re-run after applying)."""
+    from netdoctor.fixes.apply import plan_diff, plan_fixes
+
+    patches = []
+    for plan in plan_fixes(reports, unsafe=True):
+        patches.append(plan_diff(plan))
+        for f in plan.skipped:
+            click.echo(f"netdoctor: {f.rule} fix for {f.module or plan.path} left out of the diff: "
+                       "it overlaps another fix (apply the diff, then run --diff again)", err=True)
+    return "".join(patches)
+
+
+def _fix(check_all, targets, unsafe: bool):
+    """`check --fix`: apply, re-check, and say on stderr what changed (stdout keeps the report,
+    so --format json stays parseable)."""
+    from netdoctor.fixes.apply import fix_until_clean, fixable
+    from netdoctor.loading.target import display_path, split_target
+
+    roots = [Path.cwd().resolve()]
+    for target in targets:
+        path = Path(split_target(target)[0])
+        if path.exists():
+            roots.append((path if path.is_dir() else path.parent).resolve())
+    outcome = fix_until_clean(check_all, unsafe, roots)
+    for path, f in sorted(outcome.applied, key=lambda a: (a[0], a[1].location.line
+                                                          if a[1].location else 0, a[1].rule)):
+        where = f" ({f.module})" if f.module else ""
+        click.echo(f"fixed {display_path(path)}: {f.rule} {f.name}{where}: {f.fix.summary}",
+                   err=True)
+    for message in outcome.messages:
+        click.echo(f"netdoctor: {message}", err=True)
+    left = [f for r in outcome.reports for f in r.findings]
+    unsafe_left = sum(1 for f in left if not unsafe and fixable(f, unsafe=True)
+                      and not f.fix.safe)
+    line = (f"{len(outcome.applied)} fix{'es' if len(outcome.applied) != 1 else ''} applied to "
+            f"{len(outcome.files)} file{'s' if len(outcome.files) != 1 else ''}, "
+            f"{len(left)} finding{'s' if len(left) != 1 else ''} left")
+    if unsafe_left:
+        line += f" ({unsafe_left} more fixable with --unsafe-fixes)"
+    click.echo(line, err=True)
+    return outcome.reports
+
+

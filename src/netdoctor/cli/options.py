@@ -1,0 +1,98 @@
+"""What the commands share: option sets, parsing that must not import torch, writing the
+report and the exit code. Every command module imports these from here (and nothing from another
+command)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from netdoctor.errors import UserError
+
+FORMATS = ["text", "json", "sarif", "github"]
+FAIL_ON = ["error", "warning", "info", "never"]
+
+
+def parse_shape(value: str | list | tuple | None) -> tuple[int, ...] | None:
+    """'1,28,28', '1x28x28' or [1, 28, 28] -> (1, 28, 28); parsed before torch is imported,
+    so a typo fails fast."""
+    if not value:
+        return None
+    text = value if isinstance(value, str) else ",".join(map(str, value))
+    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UserError(f"input shape must be integers like 1,28,28, got {text!r}") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UserError(f"input shape must be positive integers like 1,28,28, got {text!r}")
+    return shape
+
+
+def emit(text: str, output: str | None) -> None:
+    if output:
+        try:
+            Path(output).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot write {output}: {e.strerror}") from None
+    else:
+        click.echo(text, nl=False)
+
+
+def exit_code(reports, fail_on: str) -> int:
+    from netdoctor.findings import Severity
+
+    if fail_on == "never":
+        return 0
+    threshold = Severity.parse(fail_on)
+    return 1 if any(f.severity >= threshold for r in reports for f in r.findings) else 0
+
+
+def split_ids(values: tuple[str, ...]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def common_options(fn):
+    options = [
+        click.option("-a", "--arg", "args", multiple=True, metavar="KEY=VALUE",
+                     help="Constructor argument (repeatable; values are Python literals)."),
+        click.option("--kwargs", "kwargs_json", metavar="JSON",
+                     help="Constructor arguments as a JSON object."),
+        click.option("--input-shape", metavar="C,H,W",
+                     help="Input shape without the batch dimension."),
+        click.option("--input-dtype", type=click.Choice(["float32", "float64", "float16",
+                                                         "bfloat16", "long"]),
+                     help="Input dtype (long for token ids)."),
+        click.option("--format", "fmt", type=click.Choice(FORMATS), help="Report format."),
+        click.option("-o", "--output", metavar="FILE", help="Write the report to FILE."),
+        click.option("--fail-on", type=click.Choice(FAIL_ON),
+                     help="Exit 1 when a finding at or above this severity exists "
+                          "(default: error)."),
+        click.option("--select", multiple=True, metavar="IDS",
+                     help="Only these rules (IDs or prefixes, comma separated)."),
+        click.option("--ignore", "ignore_", multiple=True, metavar="IDS",
+                     help="Skip these rules (IDs or prefixes, comma separated)."),
+        click.option("--config", metavar="FILE",
+                     help="pyproject.toml to read [tool.netdoctor] from."),
+        click.option("--color/--no-color", default=None, help="Force colored text output."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def options_from(config, args, kwargs_json, input_shape, input_dtype, select, ignore_):
+    from netdoctor.check import CheckOptions
+    from netdoctor.loading.target import parse_kwargs
+
+    return CheckOptions(
+        kwargs=parse_kwargs(args, kwargs_json),
+        input_shape=parse_shape(input_shape or config.input_shape),
+        input_dtype=input_dtype or config.input_dtype or "float32",
+        select=split_ids(select) or config.select,
+        ignore=split_ids(ignore_) + config.ignore,
+        rule_options=config.rules,
+    )
+
+

@@ -1,0 +1,13 @@
+"""Measurements of a training run, shared by every way in that trains.
+
+`netdoctor probe` (its own short run) and `netdoctor run` / `netdoctor.watch` (the user's own
+training) fill the same record with the same instruments, so the runtime rules read one thing:
+
+* `record`      -- `TrainingRun` and its traces (per parameter, per activation site, NaN origin)
+* `activations` -- `ActivationRecorder`: module hooks + a TorchFunctionMode that measure every
+  ReLU/sigmoid/tanh call (dead units, saturation) and know which module produced which tensor
+* `params`      -- `ParamMeter`: gradient norms, weight norms and update ratios with fused
+  `_foreach` norms and one host sync per measured step
+* `nonfinite`   -- where the first NaN/Inf came from (replaying a forward with hooks)
+* `targets`     -- how outputs meet targets (class indices or per-output), loss and accuracy
+"""

@@ -1,0 +1,263 @@
+"""Activation measurement: which units fire, which saturate, and who produced what.
+
+`ActivationRecorder` puts a pre/post hook on every module of a model (a module stack, the order
+in which layers with parameters run, which module produced which output tensor) and, around each
+measured forward, a TorchFunctionMode that sees every ReLU/sigmoid/tanh -- module *and*
+functional calls (`torch.relu`, `F.relu`, `x.sigmoid()`) -- and measures its output on the
+device, without a host sync until `flush_step()`.
+
+Use as `with recorder.attached(): ... with recorder.forward(): out = model(x)`; the hooks are
+removed on exit whatever happens. Outside `forward()` the hooks only keep the module stack, so a
+forward that is not measured costs a few Python calls per module.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from netdoctor.findings import Location
+from netdoctor.loading.provenance import _is_internal
+from netdoctor.measure.record import ActivationTrace
+
+_ACT_FUNCS: dict[Any, str] = {}
+
+
+def _act_table() -> dict[Any, str]:
+    if not _ACT_FUNCS:
+        for fn in (torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, torch.Tensor.relu,
+                   torch.Tensor.relu_):
+            _ACT_FUNCS[fn] = "relu"
+        for fn in (torch.sigmoid, torch.sigmoid_, F.sigmoid, torch.Tensor.sigmoid,
+                   torch.Tensor.sigmoid_):
+            _ACT_FUNCS[fn] = "sigmoid"
+        for fn in (torch.tanh, torch.tanh_, F.tanh, torch.Tensor.tanh, torch.Tensor.tanh_):
+            _ACT_FUNCS[fn] = "tanh"
+    return _ACT_FUNCS
+
+
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh)
+_CONV = (nn.modules.conv._ConvNd,)
+
+
+class _Site:
+    __slots__ = ("active", "pending", "trace", "unit_axis")
+
+    def __init__(self, trace: ActivationTrace, unit_axis: int | None):
+        self.trace = trace
+        self.active: torch.Tensor | None = None
+        self.pending: list[tuple[torch.Tensor, int]] = []
+        self.unit_axis = unit_axis
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, recorder: ActivationRecorder):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        kind = _ACT_FUNCS.get(func)
+        if kind is not None and isinstance(out, torch.Tensor) and out.is_floating_point():
+            try:
+                self.recorder._observe(kind, args[0] if args else None, out)
+            except Exception:  # instrumentation must never break the user's forward
+                pass
+        return out
+
+
+class ActivationRecorder:
+    """Hooks on every module of the probe's copy (a module stack, execution order, which module
+    produced which tensor) and a TorchFunctionMode that measures every activation call.
+
+    Use as `with recorder.attached(): ... with recorder.forward(): out = model(x)`; hooks are
+    removed on exit whatever happens."""
+
+    def __init__(self, model: nn.Module, sites: dict[str, Location] | None = None):
+        self.model = model
+        self.names = {m: n for n, m in model.named_modules()}
+        self.types = {n: type(m).__name__ for m, n in self.names.items()}
+        self.module_sites = sites or {}
+        self.handles: list[Any] = []
+        self.stack: list[str] = []
+        self.calls: dict[str, int] = {}
+        self.line_calls: dict[tuple, int] = {}
+        self.producers: dict[int, tuple[str, Any]] = {}
+        self.order: list[str] = []  # modules with direct parameters, first-forward order
+        self._order_seen: set[str] = set()
+        self.sites: dict[tuple, _Site] = {}
+        self.site_list: list[_Site] = []
+        self.in_window = False
+        _act_table()
+
+    # -- hooks ------------------------------------------------------------------------
+    @contextmanager
+    def attached(self) -> Iterator[ActivationRecorder]:
+        try:
+            for m, name in self.names.items():
+                self.handles.append(m.register_forward_pre_hook(self._pre(name)))
+                self.handles.append(m.register_forward_hook(self._post(name, m)))
+            yield self
+        finally:
+            for h in self.handles:
+                h.remove()
+            self.handles.clear()
+
+    def _pre(self, name: str):
+        def hook(mod, args):
+            self.stack.append(name)
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return hook
+
+    def _post(self, name: str, module: nn.Module):
+        has_params = any(True for _ in module.parameters(recurse=False))
+
+        def hook(mod, args, out):
+            if self.stack:
+                self.stack.pop()
+            if isinstance(out, torch.Tensor) and self.producer_of(out) is None:
+                # innermost module first: a container returning its child's output keeps the
+                # child's name; the weak reference tells a freed tensor's reused id apart
+                self.producers[id(out)] = (name, weakref.ref(out))
+            if has_params and name not in self._order_seen:
+                self._order_seen.add(name)
+                self.order.append(name)
+        return hook
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        self.stack.clear()
+        self.calls.clear()
+        self.line_calls.clear()
+        self.producers.clear()
+        mode = _Mode(self)
+        try:
+            with mode:
+                yield
+        finally:
+            self.producers.clear()
+
+    def producer_of(self, t: Any) -> str | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        entry = self.producers.get(id(t))
+        if entry is None or entry[1]() is not t:
+            return None
+        return entry[0]
+
+    # -- activation measurement ---------------------------------------------------------
+    def _observe(self, kind: str, inp: Any, out: torch.Tensor) -> None:
+        top = self.stack[-1] if self.stack else ""
+        top_mod = self._module(top)
+        if isinstance(top_mod, _ACT_MODULES):
+            count = self.calls.get(top, 1)
+            key = ("module", top, count)
+            site = self.sites.get(key)
+            if site is None:
+                name = top if count == 1 else f"{top}#{count}"
+                producer = self.producer_of(inp)
+                trace = ActivationTrace(name=name, kind=kind, module=top, producer=producer,
+                                        functional=False, location=self.module_sites.get(top))
+                site = self._new_site(key, trace, producer)
+        else:
+            frame = sys._getframe(2)
+            while frame is not None and _is_internal(frame.f_code.co_filename):
+                frame = frame.f_back
+            where = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("?", 0)
+            line_key = (top, *where)
+            n = self.line_calls.get(line_key, 0) + 1
+            self.line_calls[line_key] = n
+            key = ("func", top, *where, n)
+            site = self.sites.get(key)
+            if site is None:
+                producer = self.producer_of(inp)
+                base = producer if producer is not None else (top or "forward")
+                name = f"{kind}({base})"
+                taken = {s.trace.name for s in self.site_list}
+                k = 2
+                while name in taken:
+                    name = f"{kind}({base})#{k}"
+                    k += 1
+                loc = Location(where[0], where[1]) if frame is not None else None
+                trace = ActivationTrace(name=name, kind=kind, module=producer, producer=producer,
+                                        functional=True, location=loc)
+                site = self._new_site(key, trace, producer)
+        self._measure(site, kind, out.detach())
+
+    def _module(self, name: str) -> nn.Module | None:
+        try:
+            return self.model.get_submodule(name) if name else self.model
+        except AttributeError:
+            return None
+
+    def _new_site(self, key: tuple, trace: ActivationTrace, producer: str | None) -> _Site:
+        pm = self._module(producer) if producer else None
+        axis = 1 if isinstance(pm, _CONV) else (-1 if isinstance(pm, nn.Linear) else None)
+        site = _Site(trace, axis)
+        self.sites[key] = site
+        self.site_list.append(site)
+        return site
+
+    def _measure(self, site: _Site, kind: str, t: torch.Tensor) -> None:
+        n = t.numel()
+        if n == 0:
+            return
+        if kind == "relu":
+            site.pending.append((torch.count_nonzero(t), n))
+            if self.in_window:
+                axis = site.unit_axis
+                if axis is None:
+                    axis = 1 if t.dim() == 2 or t.dim() >= 4 else (-1 if t.dim() == 3 else None)
+                if axis is None or t.dim() < 2:
+                    active = (t.reshape(-1) > 0)
+                else:
+                    axis = axis % t.dim()
+                    dims = [d for d in range(t.dim()) if d != axis]
+                    active = t.amax(dim=dims) > 0
+                if site.active is None or site.active.shape != active.shape:
+                    site.active = active
+                else:
+                    site.active |= active
+        elif kind == "sigmoid":
+            site.pending.append((((t - 0.5).abs() > 0.49).sum(), n))
+        else:
+            site.pending.append(((t.abs() > 0.99).sum(), n))
+
+    def flush_step(self) -> None:
+        """Move this step's pending activation counts to the traces (one device sync)."""
+        pend = [(s, v, n) for s in self.site_list for v, n in s.pending]
+        if not pend:
+            return
+        values = torch.stack([v.to(torch.float64) for _, v, _ in pend]).tolist()
+        seen: set[int] = set()
+        for (site, _, n), v in zip(pend, values):
+            if id(site) in seen:
+                continue
+            seen.add(id(site))
+            if site.trace.kind == "relu":
+                site.trace.zero_fraction.append(1.0 - v / n)
+            else:
+                site.trace.saturation.append(v / n)
+        for s in self.site_list:
+            s.pending.clear()
+            if self.in_window and s.trace.kind == "relu":
+                s.trace.window_steps += 1
+
+    def finish(self) -> list[ActivationTrace]:
+        out = []
+        for s in self.site_list:
+            if s.trace.kind == "relu" and s.active is not None:
+                s.trace.units = int(s.active.numel())
+                s.trace.dead_units = int((~s.active).sum())
+            out.append(s.trace)
+        return out
+
+

@@ -1,0 +1,151 @@
+"""Where the first non-finite value came from.
+
+The loss of a step went NaN: `localize_forward` replays that step's forward (same weights, same
+random state) with a hook on every module and names the first module whose inputs were all finite
+but whose output was not -- the producer, not the modules that only propagate it. A finite loss
+with a non-finite gradient: `first_bad_grad` names the parameter backward reached first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from netdoctor.loading.forward import main_output
+from netdoctor.measure.record import NonFinite, ParamTrace
+from netdoctor.measure.targets import compute_loss
+
+
+def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
+    t = t.detach()
+    if not t.is_floating_point():
+        return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+    f = t.to(torch.float64).reshape(-1)
+    fin = torch.isfinite(f)
+    v = f[fin]
+    out: dict[str, Any] = {"shape": list(t.shape), "nan": int(torch.isnan(f).sum()),
+                           "inf": int(torch.isinf(f).sum())}
+    if v.numel():
+        out.update(min=float(v.min()), max=float(v.max()), mean=float(v.mean()),
+                   std=float(v.std(unbiased=False)) if v.numel() > 1 else 0.0,
+                   abs_max=float(v.abs().max()))
+    return out
+
+
+def _all_finite(values: Any) -> bool:
+    ok = True
+
+    def visit(v: Any) -> None:
+        nonlocal ok
+        if not ok:
+            return
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() or v.is_complex():
+                ok = bool(torch.isfinite(v).all())
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+
+    visit(values)
+    return ok
+
+
+def rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def localize_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str,
+                     step: int, rng: tuple | None, device: torch.device) -> NonFinite:
+    """Replay one step's forward with hooks on every module: the producer of the first
+    non-finite value is the first module (in the order forwards complete, i.e. innermost first)
+    whose tensor inputs were all finite but whose output was not."""
+    names = {m: n for n, m in model.named_modules()}
+    bad_params = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        return NonFinite(step, "input", input_stats=tensor_stats(x),
+                         detail="the input batch itself holds non-finite values")
+    found: list[NonFinite] = []
+    bad_modules: list[str] = []
+    inputs_ok: dict[int, list[tuple[bool, dict | None]]] = {}
+
+    def pre(mod, args):
+        t = main_output(args)
+        inputs_ok.setdefault(id(mod), []).append(
+            (_all_finite(args), tensor_stats(t) if t is not None else None))
+
+    def post(mod, args, out):
+        stack = inputs_ok.get(id(mod))
+        entry = stack.pop() if stack else (True, None)
+        out_ok = _all_finite(out)
+        if not out_ok:
+            bad_modules.append(names.get(mod, ""))
+        if found:
+            return
+        if entry[0] and not out_ok:
+            t = main_output(out)
+            name = names.get(mod, "")
+            own_bad = [p for p in bad_params if p.rpartition(".")[0] == name]
+            found.append(NonFinite(step, "forward", module=name, module_type=type(mod).__name__,
+                                   input_stats=entry[1],
+                                   output_stats=tensor_stats(t) if t is not None else None,
+                                   bad_parameters=own_bad))
+
+    handles = []
+    try:
+        for m in names:
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+        if rng is not None:
+            set_rng_state(rng, device)
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if found:
+        ev = found[0]
+        ev.bad_parameters = bad_params if not ev.bad_parameters else ev.bad_parameters
+        ev.nonfinite_modules = bad_modules
+        return ev
+    logits = main_output(out)
+    if logits is not None and bool(torch.isfinite(logits).all()):
+        with torch.no_grad():
+            value, _ = compute_loss(loss, logits.float(), y)
+        if not bool(torch.isfinite(value).all()):
+            return NonFinite(step, "loss", output_stats=tensor_stats(logits),
+                             detail=f"the model's outputs are finite but the {loss} loss is not")
+    return NonFinite(step, "forward", reproduced=False, bad_parameters=bad_params,
+                     detail="replaying the step's forward gave finite values (non-deterministic "
+                            "kernels)")
+
+
+
+
+def first_bad_grad(traces: list[ParamTrace], step: int, order: list[str]) -> NonFinite:
+    """The parameter nearest the output (backward runs output -> input) whose gradient is
+    non-finite."""
+    pos = {n: i for i, n in enumerate(order)}
+    bad = [t for t in traces if t.grad_norm and not math.isfinite(t.grad_norm[-1])
+           and t.steps_with_grad]
+    bad.sort(key=lambda t: -pos.get(t.module, -1))
+    first = bad[0] if bad else None
+    return NonFinite(step, "gradient", module=first.module if first else None,
+                     module_type=first.module_type if first else None,
+                     parameter=first.name if first else None,
+                     bad_parameters=[t.name for t in bad],
+                     detail="the loss was finite but a gradient was not")
+
+

@@ -1,0 +1,157 @@
+"""The training-run record: what a measured run saw, step by step.
+
+One `TrainingRun` is filled by the probe's own loop (`netdoctor.probe.engine`) or by the watcher
+inside the user's training (`netdoctor.watch`); the ND4xx rules read it without knowing which.
+`config` holds the settings the run trained with (`optimizer`, `learning_rate`, `momentum`,
+`loss`, `steps`, `window`, ...): the probe's `ProbeConfig` or the watcher's reading of the user's
+optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from netdoctor.findings import Location
+
+
+@dataclass
+class ActivationTrace:
+    """One activation site: a ReLU/Sigmoid/Tanh module call or a functional call in forward."""
+
+    name: str  # "net.2" (module), "net.2#2" (its 2nd call per forward), "relu(fc1)" (functional)
+    kind: str  # "relu", "sigmoid", "tanh"
+    module: str | None  # the activation module, or for functional calls the producer module
+    producer: str | None  # the module whose output it received, when known
+    functional: bool
+    location: Location | None  # construction site (module) or the calling line (functional)
+    units: int = 0  # channels (conv) or features (linear)
+    zero_fraction: list[float] = field(default_factory=list)  # per step, ReLU
+    saturation: list[float] = field(default_factory=list)  # per step, sigmoid/tanh
+    dead_units: int | None = None  # never active over the window (ReLU)
+    window_steps: int = 0
+
+    @property
+    def dead_fraction(self) -> float | None:
+        if self.dead_units is None or not self.units:
+            return None
+        return self.dead_units / self.units
+
+
+@dataclass
+class ParamTrace:
+    name: str  # "net.1.weight"
+    module: str  # "net.1"
+    module_type: str
+    shape: tuple[int, ...]
+    grad_norm: list[float] = field(default_factory=list)  # per step; nan = no gradient (None)
+    weight_norm: list[float] = field(default_factory=list)  # before the step's update
+    update_ratio: list[float] = field(default_factory=list)  # ||w_after - w_before|| / ||w_before||
+    # (relative to max(||w_before||, reference_norm) for weights; see reference_norm)
+    steps_with_grad: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.shape else 1
+
+    @property
+    def reference_norm(self) -> float:
+        """The norm PyTorch's default init gives a weight of this shape (std 1/sqrt(3 fan_in)).
+        Update ratios are taken relative to max(weight norm, this), so a layer that starts at
+        zero (a zero-initialised last layer) does not look like it moves infinitely fast."""
+        if len(self.shape) < 2:
+            return 0.0
+        fan_in = self.numel // self.shape[0]
+        return math.sqrt(self.numel / (3.0 * max(1, fan_in)))
+
+    @property
+    def is_weight(self) -> bool:
+        """A layer's weight matrix/kernel (Linear, ConvNd, Embedding, RNN weight_ih_l0, ...);
+        not biases, norms' scales, or tensors like cls tokens held by the model itself."""
+        return len(self.shape) >= 2 and self.module != "" and \
+            self.name.rpartition(".")[2].startswith("weight")
+
+
+@dataclass
+class NonFinite:
+    step: int  # 1-based
+    kind: str  # "input", "forward", "loss", "gradient", "parameter"
+    module: str | None = None  # the producer ("" = the model's own forward code)
+    module_type: str | None = None
+    parameter: str | None = None
+    input_stats: dict[str, Any] | None = None
+    output_stats: dict[str, Any] | None = None
+    bad_parameters: list[str] = field(default_factory=list)
+    nonfinite_modules: list[str] = field(default_factory=list)  # every module whose output was
+    # non-finite in the replayed forward, in the order their forwards completed
+    reproduced: bool = True
+    detail: str = ""
+
+
+@dataclass
+class TrainingRun:
+    """Everything one measured training run saw (read by the ND4xx rules through ctx.run)."""
+
+    config: Any  # ProbeConfig, or the watcher's settings (see the module docstring)
+    device: str
+    target: str = ""
+    steps_run: int = 0
+    stopped: str | None = None  # "non-finite", "labels", "non-finite-input", "no-data"
+    loss: list[float] = field(default_factory=list)
+    accuracy: list[float | None] = field(default_factory=list)
+    classification: bool = False
+    num_outputs: int | None = None
+    label_counts: list[int] | None = None
+    pred_counts: list[int] | None = None  # predictions over the window
+    activations: list[ActivationTrace] = field(default_factory=list)
+    params: list[ParamTrace] = field(default_factory=list)  # in forward execution order
+    layer_order: list[str] = field(default_factory=list)  # modules with parameters, executed order
+    module_types: dict[str, str] = field(default_factory=dict)
+    sites: dict[str, Location] = field(default_factory=dict)  # module name -> construction site
+    frozen: list[str] = field(default_factory=list)  # parameters with requires_grad=False
+    nonfinite: NonFinite | None = None
+    bad_batch: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    train_eval: dict[str, Any] | None = None
+    overfit: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    prior_rules: set[str] = field(default_factory=set)  # static/data rule ids already found
+
+    # -- helpers the rules use ---------------------------------------------------------
+    def site(self, module: str | None) -> Location | None:
+        return self.sites.get(module) if module is not None else None
+
+    @property
+    def window(self) -> int:
+        """Number of final steps used for "over the probe" statistics."""
+        return max(1, int(round(self.steps_run * self.config.window)))
+
+    @property
+    def chance(self) -> float | None:
+        if not self.classification or not self.label_counts or not sum(self.label_counts):
+            return None
+        return max(self.label_counts) / sum(self.label_counts)
+
+    def finite_losses(self) -> list[float]:
+        return [v for v in self.loss if math.isfinite(v)]
+
+    def summary_side(self) -> dict[str, Any]:
+        """{"loss_first", "loss_last", "accuracy"} as the verified-fix line shows them."""
+        losses = self.loss
+        k = max(1, min(10, len(losses) // 10 or 1))
+        tail = [v for v in losses[-k:]]
+        last = (sum(tail) / len(tail)) if tail and all(math.isfinite(v) for v in tail) else (
+            float("nan") if tail else None)
+        accs = [a for a in self.accuracy[-k:] if a is not None]
+        return {"loss_first": losses[0] if losses else None, "loss_last": last,
+                "accuracy": (sum(accs) / len(accs)) if accs else None,
+                "steps": self.steps_run}
+
+    def weight_layers(self) -> list[ParamTrace]:
+        """The weight (ndim >= 2) parameters in execution order."""
+        return [p for p in self.params if p.is_weight]
+
+
