@@ -154,3 +154,24 @@ def test_check_and_probe_share_one_seed_option():
 
     assert seed_help(check_help) == seed_help(probe_help)
     assert check_help.count("--seed") == probe_help.count("--seed") == 1
+
+
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k != "timings_s"}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_two_probe_processes_give_the_same_report():
+    """Everything but the wall-clock timings (measurements of this machine, not of the model)."""
+    import json
+
+    args = ("probe", MLP, "--data", "synthetic", "--steps", "10", "--format", "json")
+    procs = [start_cli(*args), start_cli(*args), start_cli(*args, "--seed", "1")]
+    outs = [proc.communicate(timeout=600) for proc in procs]
+    reports = [_without_timings(json.loads(out)) for out, _ in outs]
+    assert reports[0] == reports[1]
+    assert reports[0]["measurements"]["loss_curve"] != reports[2]["measurements"]["loss_curve"]

@@ -96,9 +96,11 @@ def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail
         "device": pick(device, "device"),
         "verify": not no_verify and bool(table.get("verify", True)),
     }
+    from netdoctor.loading.seeding import seeded
     from netdoctor.probe.session import probe_target
 
-    report, _ = probe_target(target, data_source, opts, settings, plot=plot)
+    with seeded(opts.seed):  # user code drawing from random or NumPy during the probe, too
+        report, _ = probe_target(target, data_source, opts, settings, plot=plot)
     fmt = fmt or cfg.format or "text"
     from netdoctor.report import render
 
