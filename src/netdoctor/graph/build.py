@@ -44,42 +44,31 @@ def build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
         gm = fx_frontend.trace(model)
     except Exception as e:  # fx raises many kinds (TraceError, NameError, TypeError, ...)
         gm, outcome.fallback_reason = None, _reason(e)
-    if gm is not None:
-        outcome.graph = fx_frontend.build(model, prov, gm)
-        outcome.graph.root_location = loaded.class_location
 
-    # 2. The given input, in one forward pass: the signal measurement run through the traced
-    # graph also records its shapes and shows that the input runs. Anything short of that (no
-    # weight layer to measure, a failure) leaves the decision to step 3.
-    measured = False
-    if gm is not None and spec is not None:
-        outcome.input = spec
-        with fx_frontend.recording_shapes(gm) as recorder:
-            note = _measure_signal(outcome, gm, extra)
-        measured = recorder.completed and note is None
-        if not measured:
-            outcome.input = None
-            _forget_signal(outcome.graph)
-
-    # 3. Otherwise: the given input must run; without one, infer one. With a traced graph, the
-    # run that tries an input also records the shapes; when the traced graph does not run, the
-    # eager model decides (and names the failing submodule, ND002).
+    # 2. An input: the given one must run; otherwise infer one. With a traced graph, one run of
+    # it on a single sample shows that the input runs and records the shapes; when that fails,
+    # the eager model on the usual batch of two decides (and names the failing submodule, ND002).
     shape_failure: list[str] = []
+    by_trace: list[bool] = []  # the input was shown to run by the traced graph, not eagerly
 
     def run(candidate: InputSpec) -> None:
-        x = example_input(candidate.shape, candidate.dtype, vocab=candidate.vocab)
         shape_failure.clear()
+        by_trace.clear()
         if gm is not None:
-            try:
-                fx_frontend.propagate_shapes(gm, x)
-                return
-            except Exception as e:  # traced graph differs from eager: keep it, drop shapes
-                shape_failure.append(_reason(e))
-        run_forward(model, x, extra)
+            for batch in (1, 2):  # a model may squeeze a batch of one away
+                x = example_input(candidate.shape, candidate.dtype, batch=batch,
+                                  vocab=candidate.vocab)
+                try:
+                    fx_frontend.propagate_shapes(gm, x)
+                    shape_failure.clear()
+                    by_trace.append(True)
+                    return
+                except Exception as e:  # traced graph may differ from eager: eager decides
+                    shape_failure.append(_reason(e))
+        run_forward(model, example_input(candidate.shape, candidate.dtype,
+                                         vocab=candidate.vocab), extra)
 
-    if measured:
-        pass
-    elif spec is not None:
+    if spec is not None:
         try:
             run(spec)
             outcome.input = spec
@@ -97,57 +86,57 @@ def build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
             outcome.notes.append("no input shape given and none could be inferred: rules that "
                                  "need a forward pass were skipped (pass --input-shape C,H,W)")
     if gm is not None and outcome.input is not None and shape_failure:
-        outcome.notes.append(f"shape propagation failed ({shape_failure[0]}); shapes unknown")
+        outcome.notes.append(f"shape propagation failed ({shape_failure[-1]}); shapes unknown")
 
     _locate_failure(outcome, loaded, extra)
 
-    if gm is not None:
-        fx_frontend.apply_shapes(outcome.graph, gm)
-        if outcome.input is not None:
-            outcome.graph.input_shape = outcome.input.shape
-            if not measured:
-                _add_note(outcome, _measure_signal(outcome, model, extra))
+    # 3. The graph: fx, else one recorded forward.
+    if gm is None:
+        if outcome.input is None:
+            outcome.notes.append("torch.fx could not trace the model and no working input is "
+                                 "available for the fallback: graph rules were skipped")
+            return outcome
+        x = example_input(outcome.input.shape, outcome.input.dtype, vocab=outcome.input.vocab)
+        try:
+            outcome.graph = hook_frontend.build(model, prov, x)
+        except ForwardFailure as f:
+            outcome.forward_failure, outcome.failed_input = f, outcome.input
+        if outcome.graph is not None:
+            outcome.graph.root_location = loaded.class_location
+            _measure_signal(outcome, loaded, extra)
+        _locate_failure(outcome, loaded, extra)
         return outcome
 
-    # 4. Without a traced graph: one recorded forward.
-    if outcome.input is None:
-        outcome.notes.append("torch.fx could not trace the model and no working input is "
-                             "available for the fallback: graph rules were skipped")
-        return outcome
-    x = example_input(outcome.input.shape, outcome.input.dtype, vocab=outcome.input.vocab)
-    try:
-        outcome.graph = hook_frontend.build(model, prov, x)
-    except ForwardFailure as f:
-        outcome.forward_failure, outcome.failed_input = f, outcome.input
-    if outcome.graph is not None:
-        outcome.graph.root_location = loaded.class_location
-        _add_note(outcome, _measure_signal(outcome, model, extra))
-    _locate_failure(outcome, loaded, extra)
+    outcome.graph = fx_frontend.build(model, prov, gm)
+    outcome.graph.root_location = loaded.class_location
+    if outcome.input is not None:
+        outcome.graph.input_shape = outcome.input.shape
+        if not _measure_signal(outcome, loaded, extra) and by_trace:
+            # The traced graph ran (traced in train mode) but the eager model did not: its
+            # eval-mode path may be the broken one. The eager forward decides (ND002).
+            try:
+                run_forward(model, example_input(outcome.input.shape, outcome.input.dtype,
+                                                 vocab=outcome.input.vocab), extra)
+            except ForwardFailure as f:
+                outcome.forward_failure, outcome.failed_input = f, outcome.input
+                _locate_failure(outcome, loaded, extra)
     return outcome
 
 
-def _measure_signal(outcome: BuildOutcome, model, extra: dict) -> str | None:
-    """Per-layer output RMS at initialization (node.attrs["init_rms"], for ND204), measured by
-    calling `model` (the user's model, or the traced graph that records shapes on the way).
-    Returns the measurement's note (None when it worked or had nothing to measure)."""
+def _measure_signal(outcome: BuildOutcome, loaded: LoadedModel, extra: dict) -> bool:
+    """Per-layer output RMS at initialization (node.attrs["init_rms"], for ND204): a forward
+    pass of the user's model as it is (hooks see every module). False when it failed (a note
+    says so)."""
     from netdoctor.graph.signal import record_init_rms
 
     spec = outcome.input
     if spec is None or outcome.graph is None or outcome.forward_failure is not None:
-        return None
-    return record_init_rms(outcome.graph, model, extra, spec.shape, spec.dtype,
+        return True
+    note = record_init_rms(outcome.graph, loaded.model, extra, spec.shape, spec.dtype,
                            vocab=spec.vocab)
-
-
-def _forget_signal(graph: Graph) -> None:
-    for node in graph:
-        node.attrs.pop("init_rms", None)
-        node.attrs.pop("init_signal_rms", None)
-
-
-def _add_note(outcome: BuildOutcome, note: str | None) -> None:
     if note:
         outcome.notes.append(note)
+    return note is None
 
 
 def _locate_failure(outcome: BuildOutcome, loaded: LoadedModel, extra: dict) -> None:

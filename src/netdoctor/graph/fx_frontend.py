@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import fx, nn
 
@@ -63,7 +60,7 @@ class _ShapeRecorder(fx.Interpreter):
         """fx.Interpreter.run without its progress bar (making one, even disabled, imports
         multiprocessing's locks: a third of a second on a small machine)."""
         self.completed = False
-        self.shapes.clear()
+        self.shapes = {}
         self.env = {}
         self.args_iter = iter(self.graph.process_inputs(*args))
         try:
@@ -97,28 +94,6 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
             recorder.run(example)
     finally:
         recorder.commit()
-
-
-@contextlib.contextmanager
-def recording_shapes(gm: fx.GraphModule) -> Iterator[_ShapeRecorder]:
-    """While active, calling `gm` runs its graph through a recorder that keeps every node's
-    shape, so a forward someone else runs (the signal measurement) yields the shapes too: one
-    pass instead of two. `recorder.completed` says whether a call ran to the end."""
-    recorder = _ShapeRecorder(gm)
-    gm.forward = recorder.run  # an instance attribute shadows the generated forward
-    try:
-        yield recorder
-    finally:
-        del gm.forward
-        recorder.commit()
-
-
-def apply_shapes(graph: Graph, gm: fx.GraphModule) -> None:
-    """Copy the recorded shapes onto the IR nodes (fx and IR nodes share names)."""
-    for fxn in gm.graph.nodes:
-        node = graph.nodes.get(fxn.name)
-        if node is not None:
-            node.shape = fxn.meta.get("netdoctor_shape")
 
 
 def build(model: nn.Module, prov: Provenance, gm: fx.GraphModule) -> Graph:
