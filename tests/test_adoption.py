@@ -12,10 +12,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import SICK, check_json, findings_of, invoke
+from conftest import SICK, chdir, check_json, findings_of, invoke
 
 from netdoctor.findings import Finding, Location, Report, Severity
 from netdoctor.fixes.ignores import add_ignores
+from netdoctor.loading.target import load
 from netdoctor.suppress import is_suppressed, with_ignores
 
 ADDED = re.compile(r"^added (\d+) ignore comments? to (\d+) files?$", re.M)
@@ -119,10 +120,9 @@ def _changed_lines(old: str, new: str) -> list[tuple[str, str]]:
 @pytest.mark.slow
 def test_add_ignore_on_the_sick_fixtures_leaves_a_clean_gate_and_only_added_comments(sick_copy):
     before = {p.name: p.read_text() for p in sick_copy.glob("*.py")}
-    report, _ = check_json(".", cwd=sick_copy)
-    targets = [r["target"] for r in report["reports"]]
-    today = findings_of(report)
-    assert len(today) >= 30 and {f["severity"] for f in today} == {"error", "warning", "info"}
+    with chdir(sick_copy):
+        built = sorted(m.target for m in load(".").models)  # what imports and builds today
+    assert len(built) >= 25
 
     result = invoke("check", ".", "--add-ignore", cwd=sick_copy)
     assert result.exit_code == 0, result.stderr
@@ -133,7 +133,7 @@ def test_add_ignore_on_the_sick_fixtures_leaves_a_clean_gate_and_only_added_comm
 
     after = {p.name: p.read_text() for p in sick_copy.glob("*.py")}
     changed = [name for name in before if before[name] != after[name]]
-    assert int(m.group(2)) == len(changed)
+    assert int(m.group(2)) == len(changed) >= 15
     pairs = [pair for name in changed for pair in _changed_lines(before[name], after[name])]
     assert int(m.group(1)) == len(pairs)
     for old, new in pairs:  # each changed line is the old one plus an appended comment
@@ -143,14 +143,12 @@ def test_add_ignore_on_the_sick_fixtures_leaves_a_clean_gate_and_only_added_comm
     # The next check: the same models still import and build, and nothing is reported.
     report, result = check_json(".", cwd=sick_copy)
     assert result.exit_code == 0
-    assert [r["target"] for r in report["reports"]] == targets
+    assert sorted(r["target"] for r in report["reports"]) == built
     assert findings_of(report) == []
     assert report["summary"]["total"] == 0
-
-    # Running it again adds nothing.
-    again = invoke("check", ".", "--add-ignore", cwd=sick_copy)
-    assert "added 0 ignore comments to 0 files" in again.stderr
-    assert {p.name: p.read_text() for p in sick_copy.glob("*.py")} == after
+    suppressed = [n for r in report["reports"] for n in r["notes"] if "suppressed by" in n]
+    assert len(suppressed) >= 30  # today's findings, all of them still found and suppressed
+    assert {n.split()[0] for n in suppressed} >= {"ND002", "ND101", "ND104", "ND109", "ND201"}
 
 
 MULTILINE = textwrap.dedent('''\
