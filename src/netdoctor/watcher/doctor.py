@@ -310,9 +310,11 @@ class Doctor:
                 self.models.remove(other)
                 self._model_by_id.pop(id(other.model), None)
                 self.facts.models.remove(other.facts)
-        label = self._label(name or type(model).__name__, [m.facts.label for m in self.models])
-        site = self.provenance.site(model) or class_location(type(model))
-        facts = ModelFacts(label=label, class_name=type(model).__name__, site=site)
+        inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: name the model
+        label = self._label(name or type(inner).__name__, [m.facts.label for m in self.models])
+        site = self.provenance.site(getattr(model, "_orig_mod", model)) or \
+            class_location(type(getattr(model, "_orig_mod", model)))
+        facts = ModelFacts(label=label, class_name=type(inner).__name__, site=site)
         sites = {}
         for qual, mod in model.named_modules():
             loc = self.provenance.site(mod)
@@ -535,7 +537,7 @@ class Doctor:
             reason = "zero-grad"
         wo.step_reason = reason
         wo.choose_sample(with_grad)
-        if not deep:
+        if not meters:  # the deep path measures every parameter's update itself
             wo.snapshot()
         # ND504: did its models train in eval mode?
         for wm in self.models:

@@ -43,7 +43,9 @@ class ForwardCall:
 
 
 def is_compiled(module: nn.Module) -> bool:
-    return type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+    """torch.compile(module) (an OptimizedModule wrapper) or module.compile() (in place)."""
+    wrapped = type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+    return wrapped or getattr(module, "_compiled_call_impl", None) is not None
 
 
 class WatchedModel:
@@ -57,7 +59,10 @@ class WatchedModel:
             ActivationRecorder(model, sites)
         if self.recorder is not None:
             self.recorder.in_window = True
-        self.handles = [
+        # Hooks on an OptimizedModule wrapper run outside the compiled code; a module compiled
+        # in place would trace them into its graph: it gets none.
+        in_place = self.compiled and not hasattr(model, "_orig_mod")
+        self.handles = [] if in_place else [
             model.register_forward_pre_hook(on_pre, with_kwargs=True, prepend=True),
             model.register_forward_hook(on_post, always_call=True),
         ]

@@ -60,15 +60,24 @@ def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
     sync."""
     if not grads:
         return None
+    first = grads[0]
+    if all(g.device == first.device and g.dtype == first.dtype for g in grads):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
     groups: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)
-    device = grads[0].device
-    parts = []
-    for group in groups.values():
-        norms = torch.stack(torch._foreach_norm(group))
-        parts.append(norms.to(device=device, dtype=torch.float32))
+    parts = [torch.stack(torch._foreach_norm(group)).to(device=first.device,
+                                                        dtype=torch.float32)
+             for group in groups.values()]
     return torch.linalg.vector_norm(torch.cat(parts))
+
+
+def _flat(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The parameters' values as one vector (one copy), when they share device and dtype."""
+    first = params[0]
+    if not all(p.device == first.device and p.dtype == first.dtype for p in params):
+        return None
+    return torch.cat([p.detach().reshape(-1) for p in params])
 
 
 class WatchedOptimizer:
@@ -86,8 +95,9 @@ class WatchedOptimizer:
         # gradient still held a non-zero one (None: could not tell yet)
         self.carried: list[list[Any]] = []
         self.last_backward_site = None
-        self._before: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, clone) for ND503
+        self._before: tuple[list, torch.Tensor | None] | None = None  # ND503 snapshot
         self.sampled: list[torch.nn.Parameter] = []  # had a gradient at the last step
+        self._sample_key: tuple = ()
         self.step_reason: str | None = None  # why the current step may change nothing
         self.meters: list = []  # (WatchedModel, ParamMeter) pairs, built on deep steps
         self.meter_signature: tuple = ()
@@ -185,17 +195,30 @@ class WatchedOptimizer:
 
     # -- ND503: did the step change anything? ----------------------------------------------
     def choose_sample(self, with_grad: list[torch.nn.Parameter]) -> None:
-        """The parameters the next backward and this step's change check look at."""
-        self.sampled = self._sample(with_grad)
+        """The parameters the next backward and this step's change check look at (chosen again
+        when the set of parameters with a gradient changes)."""
+        key = (len(with_grad), len(self.trainable))
+        if key != self._sample_key or any(p.grad is None for p in self.sampled):
+            self.sampled = self._sample(with_grad)
+            self._sample_key = key
 
     def snapshot(self) -> None:
-        self._before = [(p, p.detach().clone()) for p in self.sampled]
+        params = list(self.sampled)
+        if not params:
+            self._before = None
+            return
+        flat = _flat(params)
+        self._before = (params, flat if flat is not None else
+                        [p.detach().clone() for p in params])
 
     def changed(self) -> torch.Tensor | None:
         """A device bool: whether any sampled parameter moved in the step (None: none
         sampled)."""
-        before, self._before = self._before, []
-        if not before:
+        before, self._before = self._before, None
+        if before is None:
             return None
-        flags = [torch.ne(p.detach(), old).any() for p, old in before]
+        params, old = before
+        if isinstance(old, torch.Tensor):
+            return torch.ne(_flat(params), old).any()
+        flags = [torch.ne(p.detach(), o).any() for p, o in zip(params, old)]
         return torch.stack([f.to(flags[0].device) for f in flags]).any()

@@ -117,7 +117,7 @@ def _system_exit(e: SystemExit) -> ScriptOutcome:
 
 def _is_ours(filename: str) -> bool:
     return filename.startswith(_NETDOCTOR_DIR) or filename == runpy.__file__ or \
-        os.path.basename(filename) == "runpy.py"
+        os.path.basename(filename) == "runpy.py" or filename == "<frozen runpy>"
 
 
 def print_user_traceback(error: BaseException) -> None:
