@@ -445,6 +445,8 @@ class Doctor:
             return None
         if wo.refresh():
             self._associate()
+        for wm in self.models:
+            wm.detach_recorder()
         f = wo.facts
         step = f.steps + 1
         f.steps = step

@@ -145,6 +145,7 @@ class WatchedModel:
         rec = self.recorder
         if rec is None or self.measuring:
             return
+        self.detach_recorder()
         if self.measured_step != step:
             rec.discard_pending()  # left over from a forward whose step never came
             rec.refresh()
@@ -155,17 +156,24 @@ class WatchedModel:
         self.measuring = True
 
     def end_measure(self) -> None:
+        """Pop the activation mode. The recorder's hooks stay until `detach_recorder()`:
+        this runs inside the root's forward hook, and when the forward raised, torch is still
+        iterating the module's hook table (removing a hook there would replace the user's
+        exception with a RuntimeError)."""
         rec = self.recorder
         if rec is None or not self.measuring:
             return
         self.measuring = False
-        try:
-            rec.end_forward()
-        finally:
-            rec.detach()
+        rec.end_forward()
+
+    def detach_recorder(self) -> None:
+        """Remove the recorder's per-module hooks (outside any forward)."""
+        if self.recorder is not None and not self.measuring:
+            self.recorder.detach()
 
     def close(self) -> None:
         self.end_measure()
+        self.detach_recorder()
         for h in self.handles:
             h.remove()
         self.handles.clear()
