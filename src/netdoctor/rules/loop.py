@@ -59,7 +59,7 @@ def grads_not_cleared(ctx: Context):
                    "up all earlier gradients, so the effective step grows with training and the "
                    "loss oscillates or diverges. (Accumulating over k backward passes and "
                    "clearing after each step is fine.)")
-        fix = _zero_grad_fix(o.step_site)
+        fix = _zero_grad_fix(o.step_site, ctx.draft)
         yield ctx.finding("ND501", message, location=o.step_site, fix=fix,
                           evidence={"optimizer": o.label, "stale_steps": n, "steps": o.steps,
                                     "share": n / judged, "first_step": o.stale_steps[0],
@@ -68,13 +68,13 @@ def grads_not_cleared(ctx: Context):
                           impact=14.0)
 
 
-def _zero_grad_fix(step_site: Location | None) -> Fix:
+def _zero_grad_fix(step_site: Location | None, draft: bool) -> Fix:
     from netdoctor.fixes.patch import diff_fix, insert_statement_after, method_receiver
 
     summary = "clear the gradients after every optimizer step (or before each backward)"
     snippet = ("optimizer.step()\noptimizer.zero_grad()   # the gradient was consumed: start "
                "the next one from zero\n")
-    if not _user_file(step_site):
+    if draft or not _user_file(step_site):
         return Fix(summary, snippet)
 
     def edit(src: str, line=step_site.line) -> str | None:
@@ -369,7 +369,7 @@ def loss_broadcast(ctx: Context):
                    f"{tuple(tgt)}: they broadcast to {tuple(both)}, so every prediction is "
                    f"compared with every target ({c.broadcast_calls} of {c.calls} calls). The "
                    "loss is wrong and the model learns to predict the targets' mean.")
-        fix = _broadcast_fix(c)
+        fix = _broadcast_fix(c, ctx.draft)
         yield ctx.finding("ND507", message, location=c.site, fix=fix,
                           evidence={"loss": c.fn, "input_shape": list(inp),
                                     "target_shape": list(tgt), "broadcast_shape": list(both),
@@ -377,7 +377,7 @@ def loss_broadcast(ctx: Context):
                           impact=12.0)
 
 
-def _broadcast_fix(c) -> Fix:
+def _broadcast_fix(c, draft: bool) -> Fix:
     from netdoctor.fixes.patch import diff_fix, wrap_call_argument
 
     inp, tgt = tuple(c.input_shape), tuple(c.target_shape)
@@ -390,7 +390,7 @@ def _broadcast_fix(c) -> Fix:
     summary = f"make the shapes equal ({what})"
     snippet = ("loss = criterion(pred.squeeze(-1), y)   # (N, 1) -> (N,), like y\n"
                if index == 0 else "loss = criterion(pred, y.view_as(pred))\n")
-    if not _user_file(c.site) or suffix == ".view_as(input)":
+    if draft or not _user_file(c.site) or suffix == ".view_as(input)":
         return Fix(summary, snippet)
     return diff_fix(summary, c.site.path,
                     lambda src, line=c.site.line: wrap_call_argument(src, line, index, suffix),

@@ -53,6 +53,9 @@ class Context:
     run: Any = None  # probe measurements for ND4xx
     loop: Any = None  # netdoctor.watcher.facts.LoopFacts for ND5xx
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A draft judgement (the watcher's live announcement): rules may skip building patches,
+    # which read and parse the user's files.
+    draft: bool = False
 
     def option(self, rule_id: str, key: str, default: Any) -> Any:
         return self.options.get(rule_id, {}).get(key, default)

@@ -19,12 +19,12 @@ _LOSS_NAMES = {"cross_entropy": "cross_entropy", "mse_loss": "mse",
 
 
 def _rules(ctx, stages: set[str], doctor, only: set[str] | None = None) -> list[Finding]:
+    from netdoctor.catalogue import matches
     from netdoctor.check import run_rules
 
     opts = doctor.options.check_options()
     if only is not None:
-        opts.select = [r for r in only if any(r.startswith(p.strip().upper()) or p.upper() ==
-                                               "ALL" for p in opts.select)] or ["NONE"]
+        opts.select = [r for r in sorted(only) if matches(r, opts.select)] or ["NONE"]
     return run_rules(ctx, stages, opts)
 
 
@@ -142,13 +142,16 @@ def _label(doctor, findings: list[Finding], label: str) -> None:
             f.message = f"{label}: {f.message}"
 
 
-def live_findings(doctor) -> list[Finding]:
-    """The loop rules on the facts so far, and ND401 once a NaN was localised."""
+def live_findings(doctor, rules: set[str]) -> list[Finding]:
+    """`rules` (loop rules whose facts changed; ND401 once a NaN was localised) on the facts so
+    far. A draft: fixes are summaries only (patches are built for the report)."""
     from netdoctor.rules import Context
 
-    found = _rules(Context(target=doctor.target or "training", loop=doctor.facts), {"loop"},
-                   doctor)
-    if doctor.nonfinite:
+    loop_rules = {r for r in rules if r.startswith("ND5")}
+    found = _rules(Context(target=doctor.target or "training", loop=doctor.facts, draft=True,
+                           options=doctor.options.rule_options), {"loop"}, doctor,
+                   only=loop_rules) if loop_rules else []
+    if doctor.nonfinite and "ND401" in rules:
         for wm in doctor.models:
             run = build_run(doctor, wm, light=True)
             if run is None or run.nonfinite is None:

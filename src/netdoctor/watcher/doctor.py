@@ -120,6 +120,7 @@ class Doctor:
         self.announce_to: Callable[[str], None] = lambda line: print(line, file=sys.stderr,
                                                                       flush=True)
         self.announced: set[tuple] = set()
+        self._settled: set[str] = set()  # rules already confirmed: not judged live again
         self.should_stop = False
         self.stopped_by: Finding | None = None
         self.notes: list[str] = []
@@ -130,7 +131,7 @@ class Doctor:
         self.ended: float | None = None
         self.busy_depth = 0
         self._depth = 0  # top-level forward nesting seen by the discovery hooks
-        self._dirty = False
+        self._dirty: set[str] = set()  # rules whose facts changed since the last judgement
         self._report: Report | None = None
         self.active = False
         self.closed = False
@@ -527,7 +528,7 @@ class Doctor:
         if stale:
             f.stale_steps.append(step)
             f.stale_backward_site = f.stale_backward_site or wo.last_backward_site
-            self._dirty = True
+            self._dirty.add("ND501")
         # ND503: why the step might change nothing
         reason = None
         finite_lrs = [v for v in lrs if not math.isnan(v)]
@@ -549,11 +550,15 @@ class Doctor:
             if forwards and seen:
                 f.eval_steps.append(step)
                 f.eval_modules.update(seen)
+                if wm.facts.eval_site is None and wm.model is not None:
+                    wm.facts.eval_site = next(
+                        (self.eval_sites[id(m)] for m in wm.model.modules()
+                         if id(m) in self.eval_sites), None)
                 if wm.facts.label not in f.eval_models:
                     f.eval_models.append(wm.facts.label)
-                self._dirty = True
+                self._dirty.add("ND504")
         if f.steps == 1 and f.n_trainable == 0:
-            self._dirty = True  # ND502: an optimizer of frozen parameters
+            self._dirty.add("ND502")  # ND502: an optimizer of frozen parameters
 
         # NaN/Inf: localise the first one, before the update spreads it
         bad_grad = grad_norm is not None and not math.isfinite(grad_norm)
@@ -563,11 +568,12 @@ class Doctor:
             self.nonfinite_step = step
             where, event = localize(self, wo, step, backwards, loss)
             self.nonfinite[where] = event
-            self._dirty = True
+            self._dirty.add("ND401")
         if self.exchange.world_size > 1 and deep:
             self.exchange.gather(step, self.step_statistics(wo))
+        if self.schedule.restarts_window(step) and f.lr and f.lr[-1] != f.lr[0]:
+            self._dirty.add("ND505")  # judged on doubling intervals: the curve grows with the run
         if self._dirty:
-            self._dirty = False
             return self._live(step)
         return None
 
@@ -620,7 +626,7 @@ class Doctor:
         f.unchanged_steps.append(step)
         key = reason or "no-change"
         f.unchanged_reasons[key] = f.unchanged_reasons.get(key, 0) + 1
-        self._dirty = True
+        self._dirty.add("ND503")
 
     def _meters(self, wo: WatchedOptimizer, build: bool = True) -> list[tuple[Any, ParamMeter]]:
         """One ParamMeter per (optimizer, model): per-parameter norms on deep steps."""
@@ -665,7 +671,7 @@ class Doctor:
                             loc = None
                         if loc is not None:
                             wm.facts.unoptimized_sites[module] = loc
-                    self._dirty = True
+                    self._dirty.add("ND502")
 
     # -- backward, modes, schedulers -----------------------------------------------------
     def on_backward(self, tensors: Any) -> None:
@@ -749,8 +755,12 @@ class Doctor:
         with stop_on, stop there."""
         from netdoctor.watcher.diagnosis import live_findings
 
+        rules, self._dirty = self._dirty - self._settled, set()
+        if not rules:
+            return None
         with self._busy():
-            found = live_findings(self)
+            found = live_findings(self, rules)
+        self._settled |= {f.rule for f in found} - {"ND502"}  # ND502: per model
         stop_level = None if self.options.stop_on == "never" else \
             Severity.parse(self.options.stop_on)
         announce_level = min(Severity.ERROR, stop_level or Severity.ERROR)

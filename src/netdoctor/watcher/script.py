@@ -39,13 +39,13 @@ def resolve(script: str | None, module: str | None) -> tuple[str, str]:
     if module:
         import importlib.util
 
-        cwd = os.getcwd()
-        if cwd not in sys.path:
-            sys.path.insert(0, cwd)
+        sys.path.insert(0, os.getcwd())  # as `python -m` would see it
         try:
             spec = importlib.util.find_spec(module)
         except (ImportError, ValueError) as e:
             raise UserError(f"-m {module}: {e}") from None
+        finally:
+            del sys.path[0]
         if spec is None:
             raise UserError(f"-m {module}: no module named {module!r}")
         return f"-m {module}", module
