@@ -451,3 +451,34 @@ def test_report_formats_and_output_file(tmp_path):
     assert [f["rule"] for f in data_["findings"]] == ["ND501"]
     assert "ND501 grads-not-cleared" in doctor.report(format="text", color=False)
     assert doctor.exit_code() == 1 and doctor.exit_code("never") == 0
+
+
+def test_a_step_with_a_closure_is_measured_after_its_backward():
+    """LBFGS (and Lightning's automatic optimization) run forward and backward inside the
+    closure the step calls: measured when its first call returns, results unchanged."""
+    def run(watched: bool):
+        torch.manual_seed(0)
+        x = torch.randn(128, 8)
+        y = x @ torch.randn(8, 1)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+        doctor = netdoctor.watch(model, opt, static=False) if watched else None
+
+        def closure():
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(6):
+            opt.step(closure)
+        if doctor is not None:
+            doctor.close()
+        return [p.detach().clone() for p in model.parameters()], doctor
+
+    (plain, _), (watched, doctor) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, watched))
+    facts = doctor.optimizers[0].facts
+    assert facts.steps == 6 and all(math.isfinite(v) for v in facts.loss)
+    assert facts.loss[-1] < facts.loss[0]
+    assert doctor.findings == []

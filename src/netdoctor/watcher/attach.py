@@ -3,7 +3,9 @@ wrappers, each installed by `Attachment.install()` and removed by `remove()` (in
 every one in its own `finally`, so a failure to remove one never leaves the others behind).
 
 * optimizer steps: `torch.optim.optimizer.register_optimizer_step_pre_hook` / `_post_hook`
-  (every `Optimizer` subclass, the user's own included, runs them);
+  (every `Optimizer` subclass, the user's own included, runs them); a step given a closure
+  (LBFGS, Lightning's automatic optimization) is measured when the closure's first call returns,
+  since forward and backward run inside it;
 * model discovery (`netdoctor run`, `watch()` without a model): global module forward
   pre/post hooks that notice a module called at the top level with gradients enabled. They
   cost a Python call per module call, so they are switched off once every optimizer's
@@ -35,9 +37,9 @@ from torch.optim import optimizer as optimizer_hooks
 
 class Attachment:
     """The global hooks and wrappers of one doctor. `doctor` provides the event methods:
-    `on_step_pre(opt)`, `on_step_post(opt)`, `on_global_forward_pre(module, args, kwargs)`,
-    `on_global_forward_post(module)`, `on_backward(tensors)`, `after_backward()`, `on_train_mode(module, mode)`,
-    `on_scheduler_step(scheduler)`."""
+    `on_step_pre(opt, args, kwargs)`, `on_step_post(opt)`, `on_global_forward_pre(module, args)`,
+    `on_global_forward_post(module)`, `on_backward(tensors)`, `after_backward()`,
+    `on_train_mode(module, mode)`, `on_scheduler_step(scheduler)`."""
 
     def __init__(self, doctor: Any):
         self.doctor = doctor
@@ -47,8 +49,7 @@ class Attachment:
     # -- install / remove ----------------------------------------------------------------
     def install(self, discover_models: bool) -> None:
         d = self.doctor
-        pre = optimizer_hooks.register_optimizer_step_pre_hook(
-            lambda opt, args, kwargs: d.on_step_pre(opt))
+        pre = optimizer_hooks.register_optimizer_step_pre_hook(d.on_step_pre)
         self._undo.append(pre.remove)
         post = optimizer_hooks.register_optimizer_step_post_hook(
             lambda opt, args, kwargs: d.on_step_post(opt))

@@ -280,7 +280,7 @@ def measurements(doctor, runs) -> dict[str, Any]:
         "hook_seconds": round(doctor.hook_seconds - doctor.static_seconds, 4),
         "static_seconds": round(doctor.static_seconds, 4),
     }
-    for wm, run in runs:
+    for _, run in runs:
         if run.nonfinite is not None:
             out["non_finite"] = asdict(run.nonfinite)
             break

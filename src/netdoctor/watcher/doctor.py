@@ -430,10 +430,31 @@ class Doctor:
             known |= set(wm.params_by_id)
         return all(id(p) in known for wo in self.optimizers for p in wo.trainable)
 
-    def on_step_pre(self, opt: torch.optim.Optimizer) -> None:
+    def on_step_pre(self, opt: torch.optim.Optimizer, args: tuple = (), kwargs: dict | None = None
+                    ) -> tuple[tuple, dict] | None:
+        kwargs = kwargs or {}
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if callable(closure) and not self.busy:
+            # forward and backward run inside the closure: measure when its first call returns
+            # (the gradients exist then, the update has not run yet)
+            done = [False]
+
+            def measured_closure(*a, **k):
+                result = closure(*a, **k)
+                if not done[0]:
+                    done[0] = True
+                    stop = self._guard(lambda: self._step_pre(opt))
+                    if stop is not None:
+                        raise stop
+                return result
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": measured_closure}
+            return (args[0], measured_closure, *args[2:]), kwargs
         stop = self._guard(lambda: self._step_pre(opt))
         if stop is not None:
             raise stop
+        return None
 
     def on_step_post(self, opt: torch.optim.Optimizer) -> None:
         self._guard(lambda: self._step_post(opt))

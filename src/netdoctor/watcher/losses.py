@@ -99,9 +99,9 @@ class LossWatch:
             call = watch.guard(lambda: watch.before(name, args, kwargs))
             try:
                 out = original(*args, **kwargs)
-            except Exception as e:
+            except Exception as error:
                 if call is not None:
-                    watch.guard(lambda: watch.raised(call, e))
+                    watch.guard(lambda e=error: watch.raised(call, e))
                 raise
             if call is not None:
                 call.output = out if isinstance(out, torch.Tensor) else None
