@@ -52,9 +52,9 @@ def grads_not_cleared(ctx: Context):
         judged = max(1, o.steps - 1)  # the first step has no previous one to re-use
         if n < min_steps or n / judged < min_share:
             continue
-        message = (f"gradients are never cleared between optimizer steps: at {n} of the "
-                   f"{judged} steps of {o.label} after its first (from step {o.stale_steps[0]}) "
-                   "the gradient it consumed still held everything the previous step had "
+        message = (f"gradients are never cleared between optimizer steps: {n} of the {judged} "
+                   f"steps of {o.label} after its first (from step {o.stale_steps[0]} on) "
+                   "consumed a gradient that still held everything the previous step had "
                    "already used, because no zero_grad() ran in between. Every update then adds "
                    "up all earlier gradients, so the effective step grows with training and the "
                    "loss oscillates or diverges. (Accumulating over k backward passes and "
