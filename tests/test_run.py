@@ -253,3 +253,15 @@ def test_repo_loop_readme_lists_every_script():
     for script in sorted(LOOPS.glob("*.py")):
         assert f"`{script.name}`" in readme, script.name
     assert REPO.joinpath("rules", "ND501.md").is_file()
+
+
+def test_watch_inside_a_run_script_joins_the_run(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text((LOOPS / "no_zero_grad.py").read_text().replace(
+        "for step in range(args.steps):",
+        "import netdoctor\ndoctor = netdoctor.watch(model, optimizer)\n"
+        "for step in range(args.steps):") + "doctor.close()\n")
+    report, result = run_json(script, "--steps", "6", tmp_path=tmp_path)
+    assert result.exit_code == 1, result.stderr
+    assert [f["rule"] for f in report["findings"]] == ["ND501"]
+    assert report["target"].endswith("train.py")

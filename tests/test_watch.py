@@ -482,3 +482,18 @@ def test_a_step_with_a_closure_is_measured_after_its_backward():
     assert facts.steps == 6 and all(math.isfinite(v) for v in facts.loss)
     assert facts.loss[-1] < facts.loss[0]
     assert doctor.findings == []
+
+
+def test_nd504_ignores_a_validation_forward_without_no_grad():
+    """A validation pass that forgets no_grad() runs an eval-mode forward with gradients, but
+    no backward uses it: no training step in eval mode."""
+    x, y = data()
+    model = mlp(dropout=0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with netdoctor.watch(model, opt, static=False) as doctor:
+        for epoch in range(4):
+            model.train()
+            train(model, opt, 3, x, y)
+            model.eval()
+            model(x[:64])  # validation, gradients enabled
+    assert "ND504" not in rules(doctor)

@@ -79,6 +79,7 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, ar
 
     provenance = Provenance()
     doctor = Doctor(opts, target=name, provenance=provenance)
+    doctor.joinable = True
     outcome = run_script(where, args, module is not None, doctor, provenance)
     if outcome.kind == "stopped" and doctor.stopped_by is not None:
         f = doctor.stopped_by

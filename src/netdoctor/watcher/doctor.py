@@ -135,6 +135,7 @@ class Doctor:
         self._report: Report | None = None
         self.active = False
         self.closed = False
+        self.joinable = False  # netdoctor run: a watch() in the script joins this doctor
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> Doctor:
@@ -206,7 +207,8 @@ class Doctor:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(f"netdoctor.watch: expected a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
-        self._allowed_optimizers.add(id(optimizer))
+        if not self.discover_optimizers:
+            self._allowed_optimizers.add(id(optimizer))
         self._guard(lambda: self._optimizer(optimizer, create=True))
 
     def observe_loss(self, value: Any) -> None:
@@ -379,7 +381,6 @@ class Doctor:
             if wm is None:
                 return
             device = _device_of(module)
-            wm.trained_forwards += 1
             wm.record_call(args, kwargs, rng_state(device), _autocast_state(device))
             wm.note_modes()
             owner = wm.owner
@@ -705,6 +706,8 @@ class Doctor:
                 self.facts.backward_site = site
             for wo in self.optimizers:
                 wo.before_backward(self.pending, site)
+            for wm in self.models:
+                wm.note_backward()
             t = tensors if isinstance(tensors, torch.Tensor) else (
                 tensors[0] if isinstance(tensors, (list, tuple)) and len(tensors) == 1 and
                 isinstance(tensors[0], torch.Tensor) else None)
@@ -828,15 +831,43 @@ def _autocast_state(device: torch.device) -> tuple[str, torch.dtype] | None:
     return None
 
 
+class JoinedDoctor:
+    """What `netdoctor.watch()` returns inside a script that `netdoctor run` already watches:
+    the models and optimizers join the running doctor, and closing this handle leaves it
+    running (`netdoctor run` writes the one report)."""
+
+    def __init__(self, doctor: Doctor):
+        self._doctor = doctor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._doctor, name)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> JoinedDoctor:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return False
+
+
 def watch(model: nn.Module | list | tuple | None = None,
           optimizer: torch.optim.Optimizer | list | tuple | None = None,
-          **options: Any) -> Doctor:
+          **options: Any) -> Doctor | JoinedDoctor:
     """See `netdoctor.watch`."""
     opts = WatchOptions.from_kwargs(**options)
     models = [] if model is None else list(model) if isinstance(model, (list, tuple)) \
         else [model]
     optimizers = [] if optimizer is None else list(optimizer) \
         if isinstance(optimizer, (list, tuple)) else [optimizer]
+    if _ACTIVE and _ACTIVE[0].joinable:
+        running = _ACTIVE[0]
+        for m in models:
+            running.add_model(m)
+        for o in optimizers:
+            running.add_optimizer(o)
+        return JoinedDoctor(running)
     target = opts.name or (", ".join(type(m).__name__ for m in models) if models else
                            "training")
     doctor = Doctor(opts, discover_models=not models, discover_optimizers=not optimizers,

@@ -13,6 +13,7 @@ logits) is examined on the spot before the exception goes on unchanged.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,13 +37,19 @@ DEFAULT_IGNORE_INDEX = -100
 
 @dataclass(eq=False)  # compared by identity (it holds tensors)
 class LossCall:
-    """One call since the last step (references, for the NaN localisation)."""
+    """One call since the last step, for the NaN localisation: the target and the loss value
+    (small) are held; the input (logits can be large) only weakly, so netdoctor never keeps
+    it alive past the user's own references."""
 
     facts: LossCallFacts
-    input: torch.Tensor | None
+    input_ref: Callable[[], torch.Tensor | None]
     target: torch.Tensor | None
     ignore_index: int | None
     output: torch.Tensor | None = None
+
+    @property
+    def input(self) -> torch.Tensor | None:
+        return self.input_ref()
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
@@ -134,7 +141,8 @@ class LossWatch:
         if name in CLASS_LOSSES:
             ignore = int(_arg(args, kwargs, 4, "ignore_index", DEFAULT_IGNORE_INDEX))
             facts.ignore_index = ignore
-        call = LossCall(facts, x, y if isinstance(y, torch.Tensor) else None, ignore)
+        call = LossCall(facts, weakref.ref(x), y if isinstance(y, torch.Tensor) else None,
+                        ignore)
         self.recent.append(call)
         if len(self.recent) > RECENT_KEPT:
             del self.recent[0]
@@ -160,39 +168,40 @@ class LossWatch:
 
     def _examine(self, name: str, facts: LossCallFacts, x: torch.Tensor,
                  y: torch.Tensor | None, ignore: int | None) -> None:
-        """Device flags for the input's kind; no host sync here."""
+        """Device flags for the input's kind; no host sync here, and no copy of the input
+        (reductions accumulate in float32 themselves)."""
         if not x.is_floating_point() or x.numel() == 0:
             return
-        xf = x.detach().float()
+        xd = x.detach()
         producer = _producer(x)
-        self.pending.add(xf.min(), lambda v: setattr(facts, "input_min", v))
-        self.pending.add(xf.max(), lambda v: setattr(facts, "input_max", v))
+        lo, hi = xd.amin(), xd.amax()
+        self.pending.add(lo, lambda v: setattr(facts, "input_min", v))
+        self.pending.add(hi, lambda v: setattr(facts, "input_max", v))
+        true = torch.ones((), dtype=torch.bool, device=xd.device)
 
         def count(attr: str) -> Callable[[float], None]:
             return lambda v: setattr(facts, attr, getattr(facts, attr) + int(v > 0.5))
 
         if name in CLASS_LOSSES:
-            dim = 1 if xf.dim() >= 2 else 0
-            if xf.shape[dim] < 2:
+            dim = 1 if xd.dim() >= 2 else 0
+            if xd.shape[dim] < 2:
                 return
-            sums = xf.sum(dim)
-            probs = (xf.min() >= 0) & (xf.max() <= 1) & ((sums - 1).abs().max() < 1e-3)
-            if producer == "SoftmaxBackward0":
-                probs = torch.ones((), dtype=torch.bool, device=xf.device)
+            sums = xd.sum(dim, dtype=torch.float32)
+            probs = true if producer == "SoftmaxBackward0" else \
+                (lo >= 0) & (hi <= 1) & ((sums - 1).abs().amax() < 1e-2)
             self.pending.add(probs, count("probabilities"))
             if name == "nll_loss":
-                lse = torch.logsumexp(xf, dim).abs().max()
+                lse = torch.logsumexp(xd.float() if xd.dtype in (torch.float16, torch.bfloat16)
+                                      else xd, dim).abs().amax()
                 self.pending.add((lse > 1e-2) & ~probs, count("not_log_probs"))
             if y is not None and not y.is_floating_point():
-                self._classification(xf, y, dim, ignore)
+                self._classification(xd, y, dim, ignore)
         elif name == "binary_cross_entropy_with_logits":
-            inside = (xf.min() > 0) & (xf.max() < 1) if xf.numel() >= 8 else \
-                torch.zeros((), dtype=torch.bool, device=xf.device)
-            if producer == "SigmoidBackward0":
-                inside = torch.ones((), dtype=torch.bool, device=xf.device)
+            inside = true if producer == "SigmoidBackward0" else (
+                (lo > 0) & (hi < 1) if xd.numel() >= 8 else ~true)
             self.pending.add(inside, count("probabilities"))
         elif name == "binary_cross_entropy":
-            self.pending.add((xf.min() < 0) | (xf.max() > 1), count("out_of_range"))
+            self.pending.add((lo < 0) | (hi > 1), count("out_of_range"))
 
     def _classification(self, logits: torch.Tensor, y: torch.Tensor, dim: int,
                         ignore: int | None) -> None:

@@ -74,8 +74,10 @@ class WatchedModel:
         self.owner = None  # the WatchedOptimizer holding most of its parameters
         self.optimizers: list = []
         self.mode_modules: list[tuple[str, nn.Module]] = []
-        self.eval_seen: dict[str, str] = {}  # eval-mode modules in a training forward
-        self.trained_forwards = 0  # forwards with grad enabled since the last step
+        self.last_eval: dict[str, str] = {}  # eval-mode modules of its latest forward
+        self.backwarded = 0  # its forward counter at the latest backward
+        self.eval_seen: dict[str, str] = {}  # eval-mode modules in forwards that backward used
+        self.trained_forwards = 0  # such forwards since the last step
         self.params_by_id: dict[int, tuple[str, nn.Parameter]] = {}
         self.refresh_params()
 
@@ -129,9 +131,16 @@ class WatchedModel:
                 self.multi_input = len(tensors_in((args, kwargs))) > 1
 
     def note_modes(self) -> None:
-        for name, m in self.mode_modules:
-            if not m.training:
-                self.eval_seen[name] = type(m).__name__
+        """The eval-mode Dropout/BatchNorm modules of this forward (counted only if a
+        backward follows: a validation forward that forgot no_grad() is no training step)."""
+        self.last_eval = {name: type(m).__name__ for name, m in self.mode_modules
+                          if not m.training}
+
+    def note_backward(self) -> None:
+        if self.forwards > self.backwarded:
+            self.backwarded = self.forwards
+            self.trained_forwards += 1
+            self.eval_seen.update(self.last_eval)
 
     def take_step_facts(self) -> tuple[dict[str, str], int]:
         """(eval-mode modules seen in training forwards, number of such forwards) since the
