@@ -491,7 +491,7 @@ def test_nd504_ignores_a_validation_forward_without_no_grad():
     model = mlp(dropout=0.2)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with netdoctor.watch(model, opt, static=False) as doctor:
-        for epoch in range(4):
+        for _ in range(4):  # epochs
             model.train()
             train(model, opt, 3, x, y)
             model.eval()
