@@ -192,10 +192,13 @@ def non_finite(ctx: Context):
                    f"reproduce it ({ev.detail}).{history}")
     elif ev.kind == "loss":
         outs = ev.output_stats or {}
+        stats = (f" (outputs: min {g(outs.get('min'))}, max {g(outs.get('max'))})"
+                 if outs.get("min") is not None else "")
         message = (f"step {s}: the model's outputs were finite but the {run.config.loss} loss "
-                   f"was not (outputs: min {g(outs.get('min'))}, max {g(outs.get('max'))})")
+                   f"was not{stats}")
         if ev.detail and "ignore_index" in ev.detail:
-            message += f": {ev.detail}."
+            message = (f"step {s}: the {run.config.loss} loss went non-finite{stats}: "
+                       f"{ev.detail}.")
             fix = Fix("skip batches without a single target to learn from (or compute the "
                       "mean over the real targets yourself)",
                       "if (y != -100).any():   # the loss's ignore_index\n"

@@ -41,18 +41,21 @@ def localize(doctor: Any, wo: Any, step: int, backwards: list, loss: float
     if bad is None:
         return owner_id, _bad_gradient(wo, owner, step)
     for call in bad.calls:
-        out = call.output
-        if out is None or _finite(out) or not _finite(call.input):
+        out, inp = call.output, call.input  # the input only while the user still holds it
+        if out is None or _finite(out):
             continue
-        detail = ""
         if doctor.losses.all_ignored(call):
             call.facts.all_ignored += 1
             n = call.target.numel()
             detail = (f"every one of the {n} targets of this batch equals ignore_index "
                       f"({call.ignore_index}), so the mean over the remaining 0 targets is "
                       "0/0 = NaN")
-        return owner_id, NonFinite(step, "loss", output_stats=tensor_stats(call.input),
-                                   detail=detail, location=call.facts.site)
+        elif inp is not None and _finite(inp):
+            detail = ""
+        else:
+            continue  # the input was already non-finite (or is gone): replay the model
+        return owner_id, NonFinite(step, "loss", detail=detail, location=call.facts.site,
+                                   output_stats=tensor_stats(inp) if inp is not None else None)
     for wm in sorted(doctor.models, key=lambda m: m is not owner):
         index = bad.forwards.get(id(wm))
         call = next((c for c in reversed(wm.calls) if c.index == index), None) \
