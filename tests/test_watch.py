@@ -497,3 +497,21 @@ def test_nd504_ignores_a_validation_forward_without_no_grad():
             model.eval()
             model(x[:64])  # validation, gradients enabled
     assert "ND504" not in rules(doctor)
+
+
+def test_grad_scaler_loss_is_recorded_unscaled():
+    x, y = data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    seen = []
+    with netdoctor.watch(model, opt, static=False) as doctor:
+        for i in range(6):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32])
+            seen.append(loss.item())
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert doctor.optimizers[0].facts.loss == pytest.approx(seen, rel=1e-6)
+    assert doctor.findings == []

@@ -14,7 +14,7 @@ every one in its own `finally`, so a failure to remove one never leaves the othe
   backward ran on is seen, and whether the gradients were cleared since the last step;
 * `nn.Module.train` (where a model was put in eval mode, for ND504's fix) and the lr
   schedulers' `step` (where the scheduler is stepped, for ND505's fix): wrapped, recording the
-  user's line only;
+  user's line only; `GradScaler.scale`: wrapped, so the loss is recorded unscaled;
 * the loss functions: `netdoctor.watcher.losses.LossWatch`.
 
 Every wrapper calls the original with the same arguments and returns its result; what netdoctor
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.optim.lr_scheduler as lr_scheduler
 from torch import nn
+from torch.amp.grad_scaler import GradScaler
 from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as optimizer_hooks
 
@@ -39,7 +40,8 @@ class Attachment:
     """The global hooks and wrappers of one doctor. `doctor` provides the event methods:
     `on_step_pre(opt, args, kwargs)`, `on_step_post(opt)`, `on_global_forward_pre(module, args)`,
     `on_global_forward_post(module)`, `on_backward(tensors)`, `after_backward()`,
-    `on_train_mode(module, mode)`, `on_scheduler_step(scheduler)`."""
+    `on_train_mode(module, mode)`, `on_scheduler_step(scheduler)`,
+    `on_loss_scaled(outputs, scaled)`."""
 
     def __init__(self, doctor: Any):
         self.doctor = doctor
@@ -58,6 +60,7 @@ class Attachment:
         self._wrap(nn.Module, "train", self._train_wrapper)
         for cls in _scheduler_classes():
             self._wrap(cls, "step", self._scheduler_wrapper)
+        self._wrap(GradScaler, "scale", self._scale_wrapper)
         if discover_models:
             self.discovery(True)
 
@@ -126,6 +129,17 @@ class Attachment:
                 depth[0] -= 1
 
         return train
+
+    def _scale_wrapper(self, original: Callable) -> Callable:
+        d = self.doctor
+
+        @functools.wraps(original)
+        def scale(self_scaler, outputs):
+            scaled = original(self_scaler, outputs)
+            d.on_loss_scaled(outputs, scaled)
+            return scaled
+
+        return scale
 
     def _scheduler_wrapper(self, original: Callable) -> Callable:
         d = self.doctor

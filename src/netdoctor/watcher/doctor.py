@@ -112,6 +112,7 @@ class Doctor:
         self.attachment = Attachment(self)
         self.backwards: list[BackwardRecord] = []
         self.observed: list[float] = []
+        self._unscaled: dict[int, tuple] = {}  # id(scaled loss) -> (its weakref, the loss)
         self.nonfinite: dict[int, NonFinite] = {}  # id(WatchedModel) or 0 -> first event
         self.nonfinite_step: int | None = None
         self.static: dict[int, tuple[list[Finding], list[str]]] = {}
@@ -492,6 +493,7 @@ class Doctor:
         norm = total_grad_norm([p.grad for p in with_grad])
         backwards, self.backwards = self.backwards, []
         grad_seen, wo.grad_seen = wo.grad_seen, set()
+        self._unscaled.clear()
         for rec in backwards:
             if rec.loss is not None:
                 self.pending.add(rec.loss.float().mean() if rec.loss.numel() > 1 else rec.loss,
@@ -711,12 +713,18 @@ class Doctor:
             t = tensors if isinstance(tensors, torch.Tensor) else (
                 tensors[0] if isinstance(tensors, (list, tuple)) and len(tensors) == 1 and
                 isinstance(tensors[0], torch.Tensor) else None)
-            loss = t.detach() if t is not None and t.is_floating_point() and \
-                t.numel() <= 1 else None
+            source = t  # the tensor a loss function returned, when netdoctor saw it
+            unscaled = self._unscaled.pop(id(t), None) if t is not None else None
+            if unscaled is not None and unscaled[0]() is t:  # GradScaler.scale(loss)
+                loss, source_id = unscaled[1], unscaled[2]
+            else:
+                loss = t.detach() if t is not None and t.is_floating_point() and \
+                    t.numel() <= 1 else None
+                source_id = id(source) if source is not None else None
             taken = {id(c) for r in self.backwards for c in r.calls}
             calls = [c for c in self.losses.recent if id(c) not in taken]
             self.backwards.append(BackwardRecord(
-                loss=loss, fn=self.losses.outputs.get(id(t)) if t is not None else None,
+                loss=loss, fn=self.losses.outputs.get(source_id),
                 forwards={id(wm): wm.forwards for wm in self.models}, calls=calls))
         self._guard(body)
 
@@ -728,6 +736,17 @@ class Doctor:
                 return
             for wo in self.optimizers:
                 wo.grad_seen |= {id(p) for p in wo.trainable if p.grad is not None}
+        self._guard(body)
+
+    def on_loss_scaled(self, outputs: Any, scaled: Any) -> None:
+        """GradScaler.scale(loss): remember the unscaled loss for the backward of the scaled
+        one (the scale changes during training; the loss curve must not)."""
+        def body():
+            if self.busy or not isinstance(scaled, torch.Tensor) or scaled is outputs:
+                return
+            if isinstance(outputs, torch.Tensor):
+                self._unscaled[id(scaled)] = (weakref.ref(scaled), outputs.detach(),
+                                              id(outputs))
         self._guard(body)
 
     def on_train_mode(self, module: nn.Module, mode: bool) -> None:
