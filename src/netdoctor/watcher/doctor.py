@@ -462,6 +462,8 @@ class Doctor:
         self._guard(lambda: self._step_post(opt))
 
     def _step_pre(self, opt: torch.optim.Optimizer) -> StopTraining | None:
+        """Everything netdoctor does before an update: the step's measurements (one host sync),
+        the loop facts, a NaN's localisation, and the live judgement (which may stop here)."""
         if self.busy:
             return None
         wo = self._optimizer(opt)
@@ -472,8 +474,7 @@ class Doctor:
         for wm in self.models:
             wm.detach_recorder()
         f = wo.facts
-        step = f.steps + 1
-        f.steps = step
+        step = f.steps = f.steps + 1
         wo.in_step = True
         self._depth = 0  # no forward runs across an optimizer step (resynchronise)
         if self.primary is None:
@@ -482,16 +483,41 @@ class Doctor:
             self.facts.iterations = step
         if f.step_site is None:
             f.step_site = user_location()
-        deep = self.schedule.is_deep(step)
         for wm in self.models:
             if wo in wm.optimizers and id(wm) not in self.static:
-                self._static_check(wm)
+                self._static_check(wm)  # once per model, at its first step: still at init
 
-        lrs = wo.lrs()
-        f.lr.append(lrs)
-        with_grad = [p for p in wo.trainable if p.grad is not None]
-        norm = total_grad_norm([p.grad for p in with_grad])
+        deep = self.schedule.is_deep(step)
         backwards, self.backwards = self.backwards, []
+        with_grad = [p for p in wo.trainable if p.grad is not None]
+        loss, grad_norm, measured = self._measure_step(wo, step, deep, backwards, with_grad)
+        self._loop_facts(wo, step, with_grad, grad_norm, measured)
+        if self.nonfinite_step is None and (
+                not math.isfinite(loss) or (grad_norm is not None and
+                                            not math.isfinite(grad_norm))):
+            from netdoctor.watcher.localize import localize
+
+            self.nonfinite_step = step
+            where, event = localize(self, wo, step, backwards, loss)
+            self.nonfinite[where] = event
+            self._dirty.add("ND401")
+        if self.exchange.world_size > 1 and deep:
+            self.exchange.gather(step, self.step_statistics(wo))
+        if self.schedule.restarts_window(step) and f.lr and f.lr[-1] != f.lr[0]:
+            self._dirty.add("ND505")  # judged on doubling intervals: the curve grows with the run
+        if self._dirty:
+            return self._live(step)
+        return None
+
+    def _measure_step(self, wo: WatchedOptimizer, step: int, deep: bool,
+                      backwards: list[BackwardRecord], with_grad: list
+                      ) -> tuple[float, float | None, bool]:
+        """Learning rates, total gradient norm, the step's loss and accuracy -- plus, on deep
+        steps, every parameter's norms -- in one host sync. Returns (loss, gradient norm or None
+        when no parameter had one, whether the per-parameter meters ran)."""
+        f = wo.facts
+        f.lr.append(wo.lrs())
+        norm = total_grad_norm([p.grad for p in with_grad])
         grad_seen, wo.grad_seen = wo.grad_seen, set()
         self._unscaled.clear()
         for rec in backwards:
@@ -526,80 +552,53 @@ class Doctor:
         else:
             self.pending.resolve()
 
-        # the loss of the step: what backward ran on since the last step, else a logged one
+        # the loss: what backward ran on since the last step, else a trainer's logged one
         values = [r.value for r in backwards if r.value is not None]
-        if values:
-            loss = sum(values) / len(values)
-        elif self.observed:
-            loss = self.observed[-1]
-        else:
-            loss = math.nan
+        loss = sum(values) / len(values) if values else (
+            self.observed[-1] if self.observed else math.nan)
         self.observed.clear()
         f.loss.append(loss)
-        wo.loss_fns.append({r.fn for r in backwards} if backwards else set())
-        grad_norm = result.get("norm")  # None: no parameter had a gradient
+        wo.loss_fns.append({r.fn for r in backwards})
+        grad_norm = result.get("norm")
         f.grad_norm.append(math.nan if grad_norm is None else grad_norm)
-        if deep:
-            counted = result.get("counted", 0.0)
-            wo.accuracy.append(result["correct"] / counted if counted else None)
-        else:
-            wo.accuracy.append(None)
+        counted = result.get("counted", 0.0)
+        wo.accuracy.append(result["correct"] / counted if deep and counted else None)
         if deep:
             self._unoptimized_check(wo)
+        return loss, grad_norm, bool(meters)
 
-        # ND501: was the gradient cleared since the previous step?
-        stale = wo.judge_stale()
-        if stale:
+    def _loop_facts(self, wo: WatchedOptimizer, step: int, with_grad: list,
+                    grad_norm: float | None, measured: bool) -> None:
+        """ND501 (was the gradient cleared since the last step?), ND503 (why the step may
+        change nothing; the change itself is checked after it), ND504 (did its models train
+        in eval mode?), ND502 (an optimizer of frozen parameters)."""
+        f = wo.facts
+        if wo.judge_stale():
             f.stale_steps.append(step)
             f.stale_backward_site = f.stale_backward_site or wo.last_backward_site
             self._dirty.add("ND501")
-        # ND503: why the step might change nothing
-        reason = None
-        finite_lrs = [v for v in lrs if not math.isnan(v)]
-        if finite_lrs and all(v == 0 for v in finite_lrs):
-            reason = "lr-zero"
-        elif not with_grad:
-            reason = "no-grad"
-        elif grad_norm == 0:
-            reason = "zero-grad"
-        wo.step_reason = reason
+        lrs = [v for v in f.lr[-1] if not math.isnan(v)]
+        wo.step_reason = "lr-zero" if lrs and all(v == 0 for v in lrs) else \
+            "no-grad" if not with_grad else "zero-grad" if grad_norm == 0 else None
         wo.choose_sample(with_grad)
-        if not meters:  # the deep path measures every parameter's update itself
+        if not measured:  # the deep path measures every parameter's update itself
             wo.snapshot()
-        # ND504: did its models train in eval mode?
         for wm in self.models:
             if wo not in wm.optimizers:
                 continue
             seen, forwards = wm.take_step_facts()
-            if forwards and seen:
-                f.eval_steps.append(step)
-                f.eval_modules.update(seen)
-                if wm.facts.eval_site is None and wm.model is not None:
-                    wm.facts.eval_site = next(
-                        (self.eval_sites[id(m)] for m in wm.model.modules()
-                         if id(m) in self.eval_sites), None)
-                if wm.facts.label not in f.eval_models:
-                    f.eval_models.append(wm.facts.label)
-                self._dirty.add("ND504")
+            if not (forwards and seen):
+                continue
+            f.eval_steps.append(step)
+            f.eval_modules.update(seen)
+            if wm.facts.eval_site is None and wm.model is not None:
+                wm.facts.eval_site = next((self.eval_sites[id(m)] for m in wm.model.modules()
+                                           if id(m) in self.eval_sites), None)
+            if wm.facts.label not in f.eval_models:
+                f.eval_models.append(wm.facts.label)
+            self._dirty.add("ND504")
         if f.steps == 1 and f.n_trainable == 0:
-            self._dirty.add("ND502")  # ND502: an optimizer of frozen parameters
-
-        # NaN/Inf: localise the first one, before the update spreads it
-        bad_grad = grad_norm is not None and not math.isfinite(grad_norm)
-        if self.nonfinite_step is None and (not math.isfinite(loss) or bad_grad):
-            from netdoctor.watcher.localize import localize
-
-            self.nonfinite_step = step
-            where, event = localize(self, wo, step, backwards, loss)
-            self.nonfinite[where] = event
-            self._dirty.add("ND401")
-        if self.exchange.world_size > 1 and deep:
-            self.exchange.gather(step, self.step_statistics(wo))
-        if self.schedule.restarts_window(step) and f.lr and f.lr[-1] != f.lr[0]:
-            self._dirty.add("ND505")  # judged on doubling intervals: the curve grows with the run
-        if self._dirty:
-            return self._live(step)
-        return None
+            self._dirty.add("ND502")
 
     def step_statistics(self, wo: WatchedOptimizer) -> list[float]:
         """The small vector a multi-process exchange compares across ranks on deep steps:
