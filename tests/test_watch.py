@@ -42,6 +42,8 @@ def global_state(model: nn.Module | None = None) -> dict:
         "opt_post": dict(o._global_optimizer_post_hooks),
         "backward": torch.autograd.backward,
         "train": nn.Module.__dict__["train"],
+        "getstate": nn.Module.__dict__["__getstate__"],
+        "scale": torch.amp.GradScaler.__dict__["scale"],
         "init": nn.Module.__dict__["__init__"],
         "opt_init": torch.optim.Optimizer.__dict__["__init__"],
         "scheduler_step": lr_scheduler.LRScheduler.__dict__["step"],
@@ -515,3 +517,22 @@ def test_grad_scaler_loss_is_recorded_unscaled():
             scaler.update()
     assert doctor.optimizers[0].facts.loss == pytest.approx(seen, rel=1e-6)
     assert doctor.findings == []
+
+
+def test_a_copy_or_a_saved_watched_model_carries_no_netdoctor_hook(tmp_path):
+    """EMA models are deep copies, checkpoints of whole modules are pickles: neither may drag
+    the doctor along (or fail on it)."""
+    import copy
+
+    x, y = data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with netdoctor.watch(model, opt, static=False):
+        train(model, opt, 3, x, y)
+        ema = copy.deepcopy(model)
+        torch.save(model, tmp_path / "model.pt")
+        assert model._forward_pre_hooks  # still watched
+    assert not ema._forward_pre_hooks and not ema._forward_hooks
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert not loaded._forward_pre_hooks and not loaded._forward_hooks
+    assert torch.equal(loaded(x[:4]), model(x[:4]))

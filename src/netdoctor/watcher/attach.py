@@ -15,6 +15,8 @@ every one in its own `finally`, so a failure to remove one never leaves the othe
 * `nn.Module.train` (where a model was put in eval mode, for ND504's fix) and the lr
   schedulers' `step` (where the scheduler is stepped, for ND505's fix): wrapped, recording the
   user's line only; `GradScaler.scale`: wrapped, so the loss is recorded unscaled;
+  `nn.Module.__getstate__`: wrapped, so a copy of a watched model (`copy.deepcopy` for an EMA
+  model, `torch.save(model)`) carries none of netdoctor's hooks (nor the doctor behind them);
 * the loss functions: `netdoctor.watcher.losses.LossWatch`.
 
 Every wrapper calls the original with the same arguments and returns its result; what netdoctor
@@ -41,7 +43,7 @@ class Attachment:
     `on_step_pre(opt, args, kwargs)`, `on_step_post(opt)`, `on_global_forward_pre(module, args)`,
     `on_global_forward_post(module)`, `on_backward(tensors)`, `after_backward()`,
     `on_train_mode(module, mode)`, `on_scheduler_step(scheduler)`,
-    `on_loss_scaled(outputs, scaled)`."""
+    `on_loss_scaled(outputs, scaled)`, `without_our_hooks(state)`."""
 
     def __init__(self, doctor: Any):
         self.doctor = doctor
@@ -58,6 +60,7 @@ class Attachment:
         self._undo.append(post.remove)
         self._wrap(torch.autograd, "backward", self._backward_wrapper)
         self._wrap(nn.Module, "train", self._train_wrapper)
+        self._wrap(nn.Module, "__getstate__", self._getstate_wrapper)
         for cls in _scheduler_classes():
             self._wrap(cls, "step", self._scheduler_wrapper)
         self._wrap(GradScaler, "scale", self._scale_wrapper)
@@ -129,6 +132,15 @@ class Attachment:
                 depth[0] -= 1
 
         return train
+
+    def _getstate_wrapper(self, original: Callable) -> Callable:
+        d = self.doctor
+
+        @functools.wraps(original)
+        def __getstate__(self_module):  # noqa: N807 - mirrors nn.Module
+            return d.without_our_hooks(original(self_module))
+
+        return __getstate__
 
     def _scale_wrapper(self, original: Callable) -> Callable:
         d = self.doctor

@@ -737,6 +737,26 @@ class Doctor:
                 wo.grad_seen |= {id(p) for p in wo.trainable if p.grad is not None}
         self._guard(body)
 
+    def without_our_hooks(self, state: dict) -> dict:
+        """A module's pickling/copying state without the hooks netdoctor registered on it."""
+        try:
+            ours = {h.id for wm in self.models for h in wm.handles}
+            ours |= {h.id for wm in self.models if wm.recorder is not None
+                     for h in wm.recorder.handles}
+            keys = [k for k in ("_forward_pre_hooks", "_forward_hooks",
+                                "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+                                "_forward_hooks_always_called")
+                    if isinstance(state.get(k), dict) and ours & set(state[k])]
+            if not keys:
+                return state
+            state = dict(state)
+            for k in keys:
+                state[k] = type(state[k])((hid, v) for hid, v in state[k].items()
+                                          if hid not in ours)
+            return state
+        except Exception:
+            return state
+
     def on_loss_scaled(self, outputs: Any, scaled: Any) -> None:
         """GradScaler.scale(loss): remember the unscaled loss for the backward of the scaled
         one (the scale changes during training; the loss curve must not)."""
