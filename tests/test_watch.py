@@ -536,3 +536,20 @@ def test_a_copy_or_a_saved_watched_model_carries_no_netdoctor_hook(tmp_path):
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
     assert not loaded._forward_pre_hooks and not loaded._forward_hooks
     assert torch.equal(loaded(x[:4]), model(x[:4]))
+
+
+class _ScriptedLoss(nn.Module):
+    def forward(self, x, y):
+        return F.mse_loss(x, y) + F.cross_entropy(x.unsqueeze(0), y.argmax().unsqueeze(0))
+
+
+def test_torch_jit_script_still_compiles_the_losses_while_watching():
+    x, y = torch.randn(3), torch.randn(3)
+    expected = _ScriptedLoss()(x, y)
+    with netdoctor.watch(mlp(), static=False):
+        wrapped = F.cross_entropy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+            scripted = torch.jit.script(_ScriptedLoss())
+        assert F.cross_entropy is wrapped  # still watching
+    assert torch.equal(scripted(x, y), expected)

@@ -12,6 +12,7 @@ logits) is examined on the spot before the exception goes on unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable
@@ -81,6 +82,7 @@ class LossWatch:
         self.accuracy: list[tuple[float, float]] = []  # (correct, counted) per deep step
         self._step_correct: list[torch.Tensor] = []
         self._originals: dict[str, Callable] = {}
+        self._script: Callable | None = None  # torch.jit.script, while wrapped
         self.classes: int | None = None
 
     # -- install ---------------------------------------------------------------------------
@@ -91,11 +93,43 @@ class LossWatch:
                 continue
             self._originals[name] = original
             setattr(F, name, self._wrap(name, original))
+        if self._script is None:
+            self._script = torch.jit.script
+            torch.jit.script = self._script_wrapper(self._script)
 
     def uninstall(self) -> None:
         for name, original in self._originals.items():
             setattr(F, name, original)
         self._originals.clear()
+        if self._script is not None:
+            torch.jit.script = self._script
+            self._script = None
+
+    def _script_wrapper(self, script: Callable) -> Callable:
+        """TorchScript compiles the functions a scripted module calls from their source: it
+        must see torch's own loss functions, not the wrappers (it scripts recursively: only
+        the outermost call swaps them)."""
+        watch = self
+        depth = [0]
+
+        @functools.wraps(script)
+        def scripted(*args, **kwargs):
+            kwargs = {**kwargs, "_frames_up": kwargs.get("_frames_up", 0) + 1}  # one frame more
+            if depth[0]:
+                return script(*args, **kwargs)
+            wrappers = {name: getattr(F, name) for name in watch._originals}
+            for name, original in watch._originals.items():
+                setattr(F, name, original)
+            depth[0] += 1
+            try:
+                return script(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                for name, wrapper in wrappers.items():
+                    if getattr(F, name) is watch._originals.get(name):
+                        setattr(F, name, wrapper)
+
+        return scripted
 
     def _wrap(self, name: str, original: Callable) -> Callable:
         watch = self
