@@ -41,6 +41,7 @@ def global_state(model: nn.Module | None = None) -> dict:
         "opt_pre": dict(o._global_optimizer_pre_hooks),
         "opt_post": dict(o._global_optimizer_post_hooks),
         "backward": torch.autograd.backward,
+        "jit_script": torch.jit.script,
         "train": nn.Module.__dict__["train"],
         "getstate": nn.Module.__dict__["__getstate__"],
         "scale": torch.amp.GradScaler.__dict__["scale"],

@@ -7,7 +7,9 @@ call the original with the very same arguments and return its result. Per call t
 shapes (free), and on sampled calls (the first few per line, and deep steps) whether the input
 looks like the wrong kind -- probabilities where logits belong, logits where probabilities
 belong -- as device flags resolved at the step's one host sync. A loss that raises (BCELoss fed
-logits) is examined on the spot before the exception goes on unchanged.
+logits) is examined on the spot before the exception goes on unchanged. `torch.jit.script` is
+wrapped too, so TorchScript compiles torch's own functions, not the wrappers. A loss function
+bound before watching began (`from torch.nn.functional import cross_entropy`) is not seen.
 """
 
 from __future__ import annotations
