@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from netdoctor.graph.ir import WEIGHT_OPS, Graph
-from netdoctor.loading.forward import example_input, preserved_modes
+from netdoctor.loading.forward import example_input, model_device, preserved_modes
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 
@@ -72,7 +72,8 @@ def record_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
     norms = [m for m in model.modules() if isinstance(m, _BATCHNORM)]
     saved = [{k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None}
              for m in norms]
-    x = example_input(shape, dtype, batch=batch_size(shape), vocab=vocab)
+    x = example_input(shape, dtype, batch=batch_size(shape), vocab=vocab).to(
+        model_device(model))
     try:
         for path, module in modules.items():
             handles.append(module.register_forward_hook(
