@@ -10,7 +10,9 @@ module's train/eval flag is restored: the user's model is left exactly as it was
 The measurements land on the IR as node.attrs["init_rms"] (the output's RMS) and
 node.attrs["init_signal_rms"] (the RMS of its deviation from the batch mean: the input-dependent
 part, which a bias cannot fake) on conv/linear module nodes, matched by node.module (a module
-called twice gets one value per call, in call order), and on the input node. ND204 reads them.
+called twice gets one value per call, in call order), on the one functional conv/linear call made
+inside a conv/linear subclass's own forward (a weight-standardized conv: the module's output is
+that call's), and on the input node. ND204 reads them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from netdoctor.graph.ir import WEIGHT_OPS, Graph
+from netdoctor.graph.ops import module_op
 from netdoctor.loading.forward import example_input, preserved_modes
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
@@ -53,20 +56,29 @@ def record_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
                     vocab: int | None = None) -> str | None:
     """Annotate the graph's weight-layer nodes with init_rms. Returns a note when it could not."""
     nodes = defaultdict(list)
+    functional = defaultdict(list)
     for node in graph.topological():
         if node.op in WEIGHT_OPS and node.module:
             nodes[node.module].append(node)
-    if not nodes:
-        return None
+        elif node.op in WEIGHT_OPS and node.attrs.get("scope"):
+            functional[node.attrs["scope"]].append(node)
     modules: dict[str, nn.Module] = {}
-    for path in nodes:
+    for path in list(nodes) + list(functional):
         module = extra.get(path)
         if module is None:
             try:
                 module = model.get_submodule(path)
             except AttributeError:
                 continue
+        if path in functional:
+            # A conv/linear subclass whose forward makes its one functional call itself (a
+            # weight-standardized conv): the module's output is that call's output.
+            if path in nodes or len(functional[path]) != 1 or module_op(module) not in WEIGHT_OPS:
+                continue
+            nodes[path] = functional[path]
         modules[path] = module
+    if not modules:
+        return None
     calls: dict[str, list[tuple[float | None, float | None]]] = defaultdict(list)
     handles = []
     norms = [m for m in model.modules() if isinstance(m, _BATCHNORM)]
