@@ -82,6 +82,18 @@ def common_options(fn):
     return fn
 
 
+def download_options(fn):
+    """--data-mirror and --no-download, shared by every command that opens --data."""
+    fn = click.option("--no-download", is_flag=True, default=None,
+                      help="Built-in sets: never download; fail when the files are not in the "
+                           "data folder.")(fn)
+    fn = click.option("--data-mirror", metavar="URL",
+                      help="Built-in sets: download missing files from URL, a folder serving "
+                           "the four standard .gz files (default: $NETDOCTOR_DATA_MIRROR, else "
+                           "the public mirrors; the published MD5 checksums apply).")(fn)
+    return fn
+
+
 def options_from(config, args, kwargs_json, input_shape, input_dtype, select, ignore_):
     from netdoctor.check import CheckOptions
     from netdoctor.loading.target import parse_kwargs

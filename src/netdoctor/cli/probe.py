@@ -8,11 +8,12 @@ from typing import Any
 
 import click
 
-from netdoctor.cli.options import common_options, emit, exit_code, options_from
+from netdoctor.cli.options import common_options, download_options, emit, exit_code, options_from
 from netdoctor.errors import UserError
 
 PROBE_KEYS = {"data", "data-dir", "resize", "raw", "normalize", "steps", "batch-size", "lr",
               "optimizer", "momentum", "weight-decay", "loss", "seed", "device", "verify"}
+PROBE_KEYS |= {"data-mirror", "download"}  # built-in sets: where missing files come from
 
 # Documented defaults (netdoctor probe --help, README): measured, see benchmarks/.
 DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", "momentum": 0.9,
@@ -25,7 +26,9 @@ DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", 
 @common_options
 @click.option("--data", "data_source", metavar="SOURCE",
               help="fashionmnist, mnist, synthetic, FILE.npz or path.py:loader_fn (required).")
-@click.option("--data-dir", metavar="DIR", help="Folder holding FashionMNIST/raw, MNIST/raw.")
+@click.option("--data-dir", metavar="DIR", help="Folder holding FashionMNIST/raw, MNIST/raw "
+              "(default: $NETDOCTOR_DATA_DIR, else ~/.cache/netdoctor/data).")
+@download_options
 @click.option("--resize", type=int, metavar="N", help="Resize images to NxN.")
 @click.option("--raw", is_flag=True, default=None,
               help="Built-in sets: serve the stored 0..255 values (default: [0, 1]).")
@@ -50,7 +53,7 @@ DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", 
 def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail_on, select,
           ignore_, config, color, data_source, data_dir, resize, raw, normalize, steps,
           batch_size, lr, optimizer, momentum, weight_decay, loss_name, seed, device, no_verify,
-          plot):
+          plot, no_download, data_mirror):
     """Short instrumented training run of TARGET (file.py:Name) on --data: measures gradient
     flow and training dynamics, diagnoses them and verifies the top fix.
 
@@ -95,6 +98,8 @@ def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail
         "loss": pick(loss_name, "loss"), "seed": int(pick(seed, "seed")),
         "device": pick(device, "device"),
         "verify": not no_verify and bool(table.get("verify", True)),
+        "data_mirror": pick(data_mirror, "data-mirror"),
+        "download": not no_download and bool(table.get("download", True)),
     }
     from netdoctor.probe.session import probe_target
 
