@@ -106,20 +106,22 @@ def absorbed(graph: Graph, name: str, memo: dict[str, bool] | None = None) -> bo
 # Second-moment statistics and normalizations which, applied to a layer's own weight inside its
 # forward, fix the weight's scale by construction (weight standardization, the scaled WS of
 # NF-Nets, weight normalization): torch.var_mean / var / std / norm / F.normalize, or a
-# normalization function (timm's StdConv2d runs F.batch_norm over the weight).
+# normalization function (timm's StdConv2d runs F.batch_norm over the weight). An exported graph
+# spells the statistic out: the square root of a mean (ONNX ReduceMean ... Sqrt).
 _WEIGHT_SCALERS = {"var", "std", "var_mean", "std_mean", "norm", "linalg_vector_norm",
                    "linalg_norm", "l2norm"} | NORM_OPS
+_ROOTS, _REDUCTIONS = {"sqrt", "rsqrt"}, {"mean", "sum"}
 
 
 def standardized_weight(graph: Graph, node: Node, memo: dict[str, bool] | None = None) -> bool:
     """Whether a conv/linear call uses a weight normalized by its own statistics in forward
     (`F.conv2d(x, (w - w.mean()) / w.std() * gain)`): the layer then preserves the signal's scale
     whatever the raw weight's init, the job a normalization layer does (NF-ResNets, BiT)."""
-    if node.op not in WEIGHT_OPS or node.module:
-        return False  # a module call uses its raw weight parameter
+    if node.op not in WEIGHT_OPS or "weight" in node.params:
+        return False  # the layer uses its weight parameter as it is
     memo = {} if memo is None else memo
     weights = [i for i in node.inputs[1:] if is_constant(graph, i, memo)]
-    stack, seen = list(weights), set()
+    stack, seen, ops = list(weights), set(), set()
     while stack:
         name = stack.pop()
         if name in seen or name not in graph.nodes:
@@ -128,8 +130,9 @@ def standardized_weight(graph: Graph, node: Node, memo: dict[str, bool] | None =
         producer = graph.nodes[name]
         if producer.op in _WEIGHT_SCALERS:
             return True
+        ops.add(producer.op)
         stack.extend(producer.inputs)
-    return False
+    return bool(ops & _ROOTS) and bool(ops & _REDUCTIONS)
 
 
 # Ops whose output is zero when their (first) input is: views, reductions, pooling, and the
@@ -140,10 +143,12 @@ _ZERO_PRESERVING = {"reshape", "getitem", "identity", "dropout", "neg", "split",
                     "hardtanh", "tanh"}
 
 
+def _zero_info(info) -> bool:
+    return info.numel > 0 and info.mean == 0 and (info.all_equal or info.numel == 1)
+
+
 def _zero_param(node: Node) -> bool:
-    infos = list(node.params.values())
-    return bool(infos) and all(i.numel > 0 and i.mean == 0 and (i.all_equal or i.numel == 1)
-                               for i in infos)
+    return bool(node.params) and all(_zero_info(i) for i in node.params.values())
 
 
 def zero_at_init(graph: Graph) -> set[str]:
@@ -162,8 +167,14 @@ def zero_at_init(graph: Graph) -> set[str]:
             hit = bool(ins) and ins[0] in zero
         elif node.op in MERGE_OPS:
             hit = bool(ins) and all(i in zero for i in ins)
-        elif (node.op in WEIGHT_OPS or node.op in NORM_OPS) and node.module:
-            hit = _zero_param(node)  # all-zero weights and bias (a zero-init last BatchNorm)
+        elif node.op in WEIGHT_OPS and node.module:
+            hit = _zero_param(node)  # all-zero weights and bias (Fixup's last conv)
+        elif node.op in NORM_OPS:
+            # All-zero affine parameters (a zero-init last BatchNorm), or a zero input and no
+            # bias to add (a normalized zero is zero; an exported conv's folded-BatchNorm mark).
+            bias = node.params.get("bias")
+            hit = _zero_param(node) or (bool(ins) and ins[0] in zero and (
+                _zero_info(bias) if bias is not None else len(ins) == 1))
         else:
             hit = False
         if hit:
