@@ -30,20 +30,21 @@ from netdoctor.loading.forward import example_input, preserved_modes
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 
 
-def _rms(value, centered: bool = False) -> float | None:
-    """Root mean square of a tensor; `centered`: of its deviation from the batch mean (the part
-    of the output that depends on the input, not the bias)."""
+def _rms(value) -> tuple[float | None, float | None]:
+    """Root mean square of a tensor, and of its deviation from the batch mean (the part of the
+    output that depends on the input, not the bias). In float64: exploding signals overflow
+    float32's squares."""
     if isinstance(value, (tuple, list)) and value:
         value = value[0]
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
-        return None
+        return None, None
     v = value.detach().double()
-    if centered:
-        if v.dim() == 0 or v.shape[0] < 2:
-            return None
-        v = v - v.mean(dim=0, keepdim=True)
     rms = float(v.pow(2).mean().sqrt())
-    return rms if not math.isnan(rms) else None
+    centered = None
+    if v.dim() > 0 and v.shape[0] >= 2:
+        centered = float((v - v.mean(dim=0, keepdim=True)).pow_(2).mean().sqrt())
+    return (None if math.isnan(rms) else rms,
+            None if centered is None or math.isnan(centered) else centered)
 
 
 def batch_size(shape: tuple[int, ...]) -> int:
@@ -88,7 +89,7 @@ def record_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
     try:
         for path, module in modules.items():
             handles.append(module.register_forward_hook(
-                lambda mod, args, out, p=path: calls[p].append((_rms(out), _rms(out, True)))))
+                lambda mod, args, out, p=path: calls[p].append(_rms(out))))
         with preserved_modes(model), torch.no_grad():
             model.eval()
             for m in norms:
@@ -111,6 +112,5 @@ def record_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
                 node.attrs["init_signal_rms"] = signal
     if x.is_floating_point():
         for node in graph.of_op("input"):
-            node.attrs["init_rms"] = _rms(x)
-            node.attrs["init_signal_rms"] = _rms(x, True)
+            node.attrs["init_rms"], node.attrs["init_signal_rms"] = _rms(x)
     return None
