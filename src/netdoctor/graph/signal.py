@@ -10,7 +10,9 @@ module's train/eval flag is restored: the user's model is left exactly as it was
 The measurements land on the IR as node.attrs["init_rms"] (the output's RMS) and
 node.attrs["init_signal_rms"] (the RMS of its deviation from the batch mean: the input-dependent
 part, which a bias cannot fake) on conv/linear module nodes, matched by node.module (a module
-called twice gets one value per call, in call order), and on the input node. ND204 reads them.
+called twice gets one value per call, in call order), on the one functional conv/linear call made
+inside a conv/linear subclass's own forward (a weight-standardized conv: the module's output is
+that call's), and on the input node. ND204 reads them.
 """
 
 from __future__ import annotations
@@ -22,22 +24,27 @@ import torch
 from torch import nn
 
 from netdoctor.graph.ir import WEIGHT_OPS, Graph
-from netdoctor.loading.forward import example_input, preserved_modes
+from netdoctor.graph.ops import module_op
+from netdoctor.loading.forward import example_input, model_device, preserved_modes
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 
 
-def _rms(value, centered: bool = False) -> float | None:
-    """Root mean square of a tensor; `centered`: of its deviation from the batch mean (the part
-    of the output that depends on the input, not the bias). One pass in the tensor's precision
-    (float64 only when float32 squares overflow): this runs on every layer's output."""
+def _rms(value) -> tuple[float | None, float | None]:
+    """Root mean square of a tensor, and of its deviation from the batch mean (the part of the
+    output that depends on the input, not the bias). One float32 pass each, accumulated by
+    torch's pairwise sums (float64 only when float32 squares overflow, as exploding signals
+    do): this runs on every layer's output."""
     if isinstance(value, (tuple, list)) and value:
         value = value[0]
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
-        return None
+        return None, None
     v = value.detach()
-    if centered and (v.dim() == 0 or v.shape[0] < 2):
-        return None
+    centered = _root_mean_square(v, True) if v.dim() > 0 and v.shape[0] >= 2 else None
+    return _root_mean_square(v, False), centered
+
+
+def _root_mean_square(v: torch.Tensor, centered: bool) -> float | None:
     for dtype in (torch.float32, torch.float64):
         w = v.to(dtype)
         if centered:
@@ -49,9 +56,9 @@ def _rms(value, centered: bool = False) -> float | None:
 
 
 def batch_size(shape: tuple[int, ...]) -> int:
-    """Enough samples for batch statistics, few enough to stay fast on big inputs: this pass
-    is the one forward a check runs at the input's full size (it also records the shapes), and
-    on ImageNet-sized inputs two samples times every pixel are plenty of statistics."""
+    """Enough samples for batch statistics, few enough to stay fast on big inputs: this is the
+    one forward pass of a check on more than one sample, and on ImageNet-sized inputs two
+    samples times every pixel are plenty of statistics."""
     n = math.prod(shape)
     return 8 if n <= 3 * 64 * 64 else 4 if n <= 3 * 128 * 128 else 2
 
@@ -61,30 +68,40 @@ def record_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
                     vocab: int | None = None) -> str | None:
     """Annotate the graph's weight-layer nodes with init_rms. Returns a note when it could not."""
     nodes = defaultdict(list)
+    functional = defaultdict(list)
     for node in graph.topological():
         if node.op in WEIGHT_OPS and node.module:
             nodes[node.module].append(node)
-    if not nodes:
-        return None
+        elif node.op in WEIGHT_OPS and node.attrs.get("scope"):
+            functional[node.attrs["scope"]].append(node)
     modules: dict[str, nn.Module] = {}
-    for path in nodes:
+    for path in list(nodes) + list(functional):
         module = extra.get(path)
         if module is None:
             try:
                 module = model.get_submodule(path)
             except AttributeError:
                 continue
+        if path in functional:
+            # A conv/linear subclass whose forward makes its one functional call itself (a
+            # weight-standardized conv): the module's output is that call's output.
+            if path in nodes or len(functional[path]) != 1 or module_op(module) not in WEIGHT_OPS:
+                continue
+            nodes[path] = functional[path]
         modules[path] = module
+    if not modules:
+        return None
     calls: dict[str, list[tuple[float | None, float | None]]] = defaultdict(list)
     handles = []
     norms = [m for m in model.modules() if isinstance(m, _BATCHNORM)]
     saved = [{k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None}
              for m in norms]
-    x = example_input(shape, dtype, batch=batch_size(shape), vocab=vocab)
+    x = example_input(shape, dtype, batch=batch_size(shape), vocab=vocab).to(
+        model_device(model))
     try:
         for path, module in modules.items():
             handles.append(module.register_forward_hook(
-                lambda mod, args, out, p=path: calls[p].append((_rms(out), _rms(out, True)))))
+                lambda mod, args, out, p=path: calls[p].append(_rms(out))))
         with preserved_modes(model), torch.no_grad():
             model.eval()
             for m in norms:
@@ -107,6 +124,5 @@ def record_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
                 node.attrs["init_signal_rms"] = signal
     if x.is_floating_point():
         for node in graph.of_op("input"):
-            node.attrs["init_rms"] = _rms(x)
-            node.attrs["init_signal_rms"] = _rms(x, True)
+            node.attrs["init_rms"], node.attrs["init_signal_rms"] = _rms(x)
     return None
