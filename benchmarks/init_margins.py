@@ -3,7 +3,7 @@
     python benchmarks/init_margins.py               # seeds 0..9
     python benchmarks/init_margins.py --seeds 20
 
-For every fixture model and seed (torch.manual_seed(seed) before the model is built, as
+For every fixture model and seed (the model built and measured under the seed, as
 `netdoctor check --seed` does), the statistics ND201 and ND204 compare with their thresholds:
 
   * ND201 shrink -- the largest product of shrink factors along a path of unnormalized layers
@@ -29,9 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-import torch  # noqa: E402
-
 from netdoctor.graph.build import build_graph  # noqa: E402
+from netdoctor.loading.seeding import seeded  # noqa: E402
 from netdoctor.loading.shapes import InputSpec  # noqa: E402
 from netdoctor.loading.target import load  # noqa: E402
 from netdoctor.rules.init import init_scale_outliers, signal_ratios  # noqa: E402
@@ -56,9 +55,9 @@ def targets() -> list[tuple[str, InputSpec | None]]:
 
 
 def statistics(target: str, spec: InputSpec | None, seed: int) -> dict[str, float] | None:
-    torch.manual_seed(seed)
-    loaded = load(str(REPO / target)).models[0]
-    graph = build_graph(loaded, spec).graph
+    loaded = load(str(REPO / target), seed=seed).models[0]
+    with seeded(seed):
+        graph = build_graph(loaded, spec).graph
     if graph is None:
         return None
     _, shrink, above = init_scale_outliers(graph, FACTOR, MAX_SHRINK)

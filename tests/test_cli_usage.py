@@ -74,6 +74,8 @@ BAD_INPUT = {
                         ["input shape", "1,a,28"]),
     "bad kwargs json": (["check", "models.py:Net", "--kwargs", "{channels: 3}"],
                         ["--kwargs", "JSON"]),
+    "bad seed": (["check", "models.py:Net", "--seed", "abc"],
+                 ["--seed must be an integer from 0 to 4294967295", "'abc'"]),
 }
 
 # More of the same, checked in process (same code path, cheaper).
@@ -92,6 +94,10 @@ BAD_INPUT_IN_PROCESS = {
     "unknown rule": (["explain", "ND999"], ["ND999"]),
     "unknown --config": (["check", "models.py:Net", "--config", "missing.toml"],
                          ["missing.toml", "not found"]),
+    "--add-ignore with --fix": (["check", "models.py:Net", "--add-ignore", "--fix"],
+                                ["--add-ignore", "--fix", "one of the two"]),
+    "probe with a bad seed": (["probe", "models.py:Net", "--data", "synthetic", "--seed", "1.5"],
+                              ["--seed must be an integer", "'1.5'"]),
 }
 
 
@@ -214,3 +220,33 @@ def test_module_entry_point_matches_console_script():
     result = run_cli("--version")
     assert result.returncode == 0 and "netdoctor" in result.stdout
     assert (REPO / "src" / "netdoctor" / "__main__.py").is_file()
+
+
+PID_MODEL = '''\
+import os
+from pathlib import Path
+
+from torch import nn
+
+
+class Net{n}(nn.Module):
+    def __init__(self):
+        super().__init__()
+        with open(Path(__file__).parent / "pids.txt", "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+'''
+
+
+def test_a_folder_of_models_is_checked_in_one_process(tmp_path):
+    """One torch import for the whole folder: every model is built in the same process."""
+    for n in range(4):
+        (tmp_path / f"model{n}.py").write_text(PID_MODEL.format(n=n))
+    result = run_cli("check", ".", "--input-shape", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "4 targets: no problems found" in result.stdout
+    pids = (tmp_path / "pids.txt").read_text().split()
+    assert len(pids) == 4 and len(set(pids)) == 1

@@ -643,13 +643,12 @@ def test_weight_dependent_verdicts_hold_for_every_seed(target, shape, dtype, rul
     from netdoctor.loading.target import load
 
     verdicts, weights = set(), set()
-    for seed in range(5):
-        torch.manual_seed(seed)
-        loaded = load(str(REPO / "fixtures" / target)).models[0]
+    for seed in range(5):  # what `check --seed N` builds and measures
+        loaded = load(str(REPO / "fixtures" / target), seed=seed).models[0]
         weights.add(float(next(loaded.model.parameters()).detach().flatten()[:16].sum()))
         with chdir(REPO):
             findings = check_loaded(loaded, CheckOptions(input_shape=shape, input_dtype=dtype,
-                                                         select=[rule])).findings
+                                                         select=[rule], seed=seed)).findings
         verdicts.add(bool(of(findings, rule)))
     assert len(weights) == 5, "the seeds did not change the model's weights"
     assert verdicts == {fires}

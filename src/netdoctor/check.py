@@ -7,6 +7,7 @@ from typing import Any
 
 from netdoctor.catalogue import matches
 from netdoctor.findings import Finding, Report
+from netdoctor.loading.seeding import DEFAULT_SEED
 from netdoctor.suppress import is_suppressed
 
 
@@ -18,6 +19,7 @@ class CheckOptions:
     select: list[str] = field(default_factory=lambda: ["ALL"])
     ignore: list[str] = field(default_factory=list)
     rule_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seed: int = DEFAULT_SEED  # model construction and every forward pass run under it
 
 
 def selected(rule_id: str, opts: CheckOptions) -> bool:
@@ -41,18 +43,21 @@ def run_rules(ctx, stages: set[str], opts: CheckOptions) -> list[Finding]:
 
 
 def check_loaded(loaded, opts: CheckOptions) -> Report:
-    """Build the graph of one loaded model and run the static rules on it."""
+    """Build the graph of one loaded model and run the static rules on it (under opts.seed: a
+    forward that draws random numbers sees the same ones in every run)."""
     from netdoctor.graph.build import build_graph
+    from netdoctor.loading.seeding import seeded
     from netdoctor.loading.shapes import InputSpec
     from netdoctor.rules import Context
 
     spec = None
     if opts.input_shape is not None:
         spec = InputSpec(tuple(opts.input_shape), opts.input_dtype, _vocab(loaded.model))
-    outcome = build_graph(loaded, spec)
-    ctx = Context(target=loaded.target, graph=outcome.graph, outcome=outcome,
-                  options=opts.rule_options)
-    findings = run_rules(ctx, {"outcome", "graph"}, opts)
+    with seeded(opts.seed):
+        outcome = build_graph(loaded, spec)
+        ctx = Context(target=loaded.target, graph=outcome.graph, outcome=outcome,
+                      options=opts.rule_options)
+        findings = run_rules(ctx, {"outcome", "graph"}, opts)
     report = Report(target=loaded.target, notes=list(outcome.notes))
     class_lines = [loaded.class_location] if loaded.class_location else []
     for f in findings:
@@ -76,18 +81,21 @@ def check_data(report: Report, loaded, source, opts: CheckOptions, spec=None,
     """Run the data rules (ND3xx) on a sample of an opened DataSource against one loaded model
     and add their findings (suppression, select and ignore as for the static rules) and the
     data's description to `report`. `source` may also be an already drawn DataSample."""
+    from netdoctor.loading.seeding import seeded
     from netdoctor.rules import Context
     from netdoctor.rules.data import DataSample, sample_data
 
-    if isinstance(source, DataSample):
-        sample = source.for_model(loaded.model)
-    else:
-        sample = sample_data(source, loaded.model, n_batches, spec)
+    with seeded(opts.seed):
+        if isinstance(source, DataSample):
+            sample = source.for_model(loaded.model)
+        else:
+            sample = sample_data(source, loaded.model, n_batches, spec)
+        ctx = Context(target=loaded.target, data=sample, options=opts.rule_options)
+        findings = run_rules(ctx, {"data"}, opts)
     report.notes.append(f"data: {sample.description}")
     report.notes.extend(sample.notes)
-    ctx = Context(target=loaded.target, data=sample, options=opts.rule_options)
     class_lines = [loaded.class_location] if loaded.class_location else []
-    for f in run_rules(ctx, {"data"}, opts):
+    for f in findings:
         if is_suppressed(f, class_lines):
             report.notes.append(f"{f.rule} suppressed by a netdoctor: ignore comment")
         else:
@@ -101,7 +109,7 @@ def check(target: str, opts: CheckOptions, data=None) -> tuple[list[Report], lis
     it against each model."""
     from netdoctor.loading.target import load
 
-    result = load(target, opts.kwargs)
+    result = load(target, opts.kwargs, seed=opts.seed)
     reports = [check_loaded(m, opts) for m in result.models]
     if data is not None:
         for report, loaded in zip(reports, result.models):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from netdoctor.errors import UserError
+from netdoctor.loading.seeding import DEFAULT_SEED, parse_seed
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -15,7 +16,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 KNOWN_KEYS = {"select", "ignore", "fail-on", "input-shape", "input-dtype", "targets", "rules",
-              "probe", "run", "format"}
+              "probe", "run", "format", "seed"}
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Config:
     input_dtype: str | None = None
     targets: list[str] = field(default_factory=list)
     format: str | None = None
+    seed: int = DEFAULT_SEED
     rules: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-rule options
     probe: dict[str, Any] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)  # [tool.netdoctor.run]: every, stop-on
@@ -81,6 +83,8 @@ def load_config(explicit: str | None = None) -> Config:
     cfg.input_shape = shape
     cfg.input_dtype = table.get("input-dtype")
     cfg.format = table.get("format")
+    if "seed" in table:
+        cfg.seed = parse_seed(table["seed"], f"{path}: [tool.netdoctor] seed")
     rules = table.get("rules", {})
     if not isinstance(rules, dict):
         raise UserError(f"{path}: [tool.netdoctor.rules] must be a table of rule tables")

@@ -1,4 +1,5 @@
-"""`netdoctor check`: static checks, optionally with a data sample; --diff and --fix."""
+"""`netdoctor check`: static checks, optionally with a data sample; --diff and --fix;
+--add-ignore and --statistics for adopting the gate on an existing codebase."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ from netdoctor.errors import UserError
 @click.option("--unsafe-fixes", is_flag=True,
               help="With --fix (implied): also apply fixes that change the model's behaviour "
                    "beyond the fix (e.g. dropping a final softmax).")
+@click.option("--add-ignore", is_flag=True,
+              help="Accept today's findings: write '# netdoctor: ignore[NDxxx]' on the lines "
+                   "that built the flagged layers (merged with existing ones) and exit 0, so "
+                   "the gate fails only on new problems.")
+@click.option("--statistics", is_flag=True,
+              help="Print one line per rule with its number of findings instead of the report.")
 @click.option("--data", "data_source", metavar="SOURCE",
               help="Also check a data sample (ND3xx): fashionmnist, mnist, synthetic, FILE.npz "
                    "or path.py:loader_fn.")
@@ -33,12 +40,21 @@ from netdoctor.errors import UserError
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Samples per batch for --data.")
 def check(targets, args, kwargs_json, input_shape, input_dtype, fmt, output, fail_on, select,
-          ignore_, config, color, show_diff, apply_fixes, unsafe_fixes, data_source, data_dir,
-          no_download, data_mirror, resize, raw, normalize, batch_size):
-    """Static checks of TARGET: file.py:Name, dotted.module:Name, or files/folders.
+          ignore_, config, color, seed, show_diff, apply_fixes, unsafe_fixes, add_ignore,
+          statistics, data_source, data_dir, no_download, data_mirror, resize, raw, normalize,
+          batch_size):
+    """Static checks of TARGET: file.py:Name, dotted.module:Name, model.onnx, or files/folders.
 
     With --data SOURCE, a sample of the data is checked against each model as well.
-    --diff shows the fixes as a patch; --fix writes the safe ones into your files."""
+    --diff shows the fixes as a patch; --fix writes the safe ones into your files.
+    --add-ignore accepts today's findings (ignore comments); --statistics counts them per rule.
+
+    \b
+      netdoctor check model.py:Net --input-shape 3,224,224
+      netdoctor check models/ --format sarif -o netdoctor.sarif
+      netdoctor check models/ --statistics
+      netdoctor check models/ --add-ignore
+    """
     from netdoctor.check import check as run_check
     from netdoctor.config import load_config
     from netdoctor.report import render
@@ -48,10 +64,11 @@ def check(targets, args, kwargs_json, input_shape, input_dtype, fmt, output, fai
     if not targets:
         raise UserError("no target given: netdoctor check path/to/model.py:ClassName "
                         "(or set targets in [tool.netdoctor])")
-    opts = options_from(cfg, args, kwargs_json, input_shape, input_dtype, select, ignore_)
+    opts = options_from(cfg, args, kwargs_json, input_shape, input_dtype, select, ignore_, seed)
     apply_fixes = apply_fixes or unsafe_fixes
     if show_diff and apply_fixes:
         raise UserError("--diff shows the fixes and --fix applies them: use one of the two")
+    _refuse_combinations(add_ignore, statistics, show_diff, apply_fixes, fmt or cfg.format)
     data = _data_sample(opts, data_source, data_dir, resize, raw, normalize, batch_size,
                         download=not no_download, mirror=data_mirror) if data_source else None
     notes: list[str] = []
@@ -71,6 +88,9 @@ def check(targets, args, kwargs_json, input_shape, input_dtype, fmt, output, fai
         reports = check_all()
     if not reports and not notes:
         raise UserError("nothing to check")
+    if add_ignore:
+        _add_ignore(reports, targets)
+        sys.exit(0)
     if notes:
         from netdoctor.findings import Report
 
@@ -80,6 +100,10 @@ def check(targets, args, kwargs_json, input_shape, input_dtype, fmt, output, fai
             reports.append(Report(target=", ".join(targets), notes=notes))
     if show_diff:
         emit(_diff_text(reports), output)
+    elif statistics:
+        from netdoctor.report.statistics import render as render_statistics
+
+        emit(render_statistics(reports, fmt or cfg.format or "text"), output)
     else:
         fmt = fmt or cfg.format or "text"
         emit(render(reports, fmt, color=False if output else color), output)
@@ -120,18 +144,58 @@ def _diff_text(reports) -> str:
     return "".join(patches)
 
 
-def _fix(check_all, targets, unsafe: bool):
-    """`check --fix`: apply, re-check, and say on stderr what changed (stdout keeps the report,
-    so --format json stays parseable)."""
-    from netdoctor.fixes.apply import fix_until_clean, fixable
-    from netdoctor.loading.target import display_path, split_target
+def _refuse_combinations(add_ignore, statistics, show_diff, apply_fixes, fmt) -> None:
+    if add_ignore:
+        for flag, used in (("--fix", apply_fixes), ("--diff", show_diff),
+                           ("--statistics", statistics)):
+            if used:
+                raise UserError(f"--add-ignore accepts today's findings and {flag} "
+                                f"{'counts' if flag == '--statistics' else 'fixes'} them: "
+                                "use one of the two")
+    if statistics and show_diff:
+        raise UserError("--statistics counts the findings and --diff shows their fixes: "
+                        "use one of the two")
+    if statistics and fmt not in (None, "text", "json"):
+        raise UserError(f"--statistics prints text or json, not {fmt}")
+
+
+def _project_roots(targets) -> list[Path]:
+    """Where --fix and --add-ignore may write: the cwd and the targets' folders (never an
+    installed package or a virtual environment, see fixes.apply.writable)."""
+    from netdoctor.loading.target import split_target
 
     roots = [Path.cwd().resolve()]
     for target in targets:
         path = Path(split_target(target)[0])
         if path.exists():
             roots.append((path if path.is_dir() else path.parent).resolve())
-    outcome = fix_until_clean(check_all, unsafe, roots)
+    return roots
+
+
+def _add_ignore(reports, targets) -> None:
+    """`check --add-ignore`: write the comments, say on stderr how many and what could not be
+    suppressed (stdout stays empty)."""
+    from netdoctor.fixes.ignores import add_ignores
+    from netdoctor.loading.target import display_path
+
+    outcome = add_ignores(reports, _project_roots(targets))
+    for f, reason in outcome.left:
+        where = f" at {display_path(f.location.path)}:{f.location.line}" \
+            if f.location and f.location.line else f" ({f.module})" if f.module else ""
+        click.echo(f"netdoctor: {f.rule}{where} not suppressible: {reason} (use --ignore "
+                   f"{f.rule} or ignore it in [tool.netdoctor])", err=True)
+    n, m = outcome.comments, len(outcome.files)
+    click.echo(f"added {n} ignore comment{'s' if n != 1 else ''} to {m} "
+               f"file{'s' if m != 1 else ''}", err=True)
+
+
+def _fix(check_all, targets, unsafe: bool):
+    """`check --fix`: apply, re-check, and say on stderr what changed (stdout keeps the report,
+    so --format json stays parseable)."""
+    from netdoctor.fixes.apply import fix_until_clean, fixable
+    from netdoctor.loading.target import display_path
+
+    outcome = fix_until_clean(check_all, unsafe, _project_roots(targets))
     for path, f in sorted(outcome.applied, key=lambda a: (a[0], a[1].location.line
                                                           if a[1].location else 0, a[1].rule)):
         where = f" ({f.module})" if f.module else ""

@@ -69,6 +69,10 @@ def report_options(fn):
         click.option("--config", metavar="FILE",
                      help="pyproject.toml to read [tool.netdoctor] from."),
         click.option("--color/--no-color", default=None, help="Force colored text output."),
+        click.option("--seed", metavar="N",
+                     help="Seed for everything random: the model's construction, forward passes "
+                          "and the probe's data order and dropout (default 0), so the same "
+                          "command gives the same report."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -106,8 +110,11 @@ def download_options(fn):
     return fn
 
 
-def options_from(config, args, kwargs_json, input_shape, input_dtype, select, ignore_):
+def options_from(config, args, kwargs_json, input_shape, input_dtype, select, ignore_,
+                 seed=None):
+    """CheckOptions from the shared options; the command line overrides [tool.netdoctor]."""
     from netdoctor.check import CheckOptions
+    from netdoctor.loading.seeding import parse_seed
     from netdoctor.loading.target import parse_kwargs
 
     return CheckOptions(
@@ -117,6 +124,7 @@ def options_from(config, args, kwargs_json, input_shape, input_dtype, select, ig
         select=split_ids(select) or config.select,
         ignore=split_ids(ignore_) + config.ignore,
         rule_options=config.rules,
+        seed=config.seed if seed is None else parse_seed(seed),
     )
 
 

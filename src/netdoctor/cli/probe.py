@@ -17,8 +17,7 @@ PROBE_KEYS |= {"data-mirror", "download"}  # built-in sets: where missing files 
 
 # Documented defaults (netdoctor probe --help, README): measured, see benchmarks/.
 DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", "momentum": 0.9,
-                            "weight-decay": 0.0, "loss": "cross_entropy", "seed": 0,
-                            "device": "auto"}
+                            "weight-decay": 0.0, "loss": "cross_entropy", "device": "auto"}
 
 
 @click.command()
@@ -44,16 +43,14 @@ DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", 
 @click.option("--weight-decay", type=float, help="Weight decay (default 0; adamw 0.01).")
 @click.option("--loss", "loss_name", type=click.Choice(["cross_entropy", "mse", "bce"]),
               help="Loss (default cross_entropy; bce takes logits).")
-@click.option("--seed", type=int, help="Seed for the model's construction, data order and "
-                                       "dropout (default 0).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
               help="auto (default): CUDA when present, else CPU.")
 @click.option("--no-verify", is_flag=True, help="Do not re-run the probe with the top fix.")
 @click.option("--plot", metavar="FILE.png", help="Draw the gradient-flow plot (needs matplotlib).")
 def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail_on, select,
-          ignore_, config, color, data_source, data_dir, resize, raw, normalize, steps,
-          batch_size, lr, optimizer, momentum, weight_decay, loss_name, seed, device, no_verify,
-          plot, no_download, data_mirror):
+          ignore_, config, color, seed, data_source, data_dir, resize, raw, normalize, steps,
+          batch_size, lr, optimizer, momentum, weight_decay, loss_name, device, no_verify, plot,
+          no_download, data_mirror):
     """Short instrumented training run of TARGET (file.py:Name) on --data: measures gradient
     flow and training dynamics, diagnoses them and verifies the top fix.
 
@@ -87,7 +84,11 @@ def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail
         from netdoctor.report.plot import require_matplotlib
 
         require_matplotlib()
-    opts = options_from(cfg, args, kwargs_json, input_shape, input_dtype, select, ignore_)
+    if seed is None and "seed" in table:  # a probe-only seed overrides [tool.netdoctor] seed
+        from netdoctor.loading.seeding import parse_seed
+
+        seed = parse_seed(table["seed"], "[tool.netdoctor.probe] seed")
+    opts = options_from(cfg, args, kwargs_json, input_shape, input_dtype, select, ignore_, seed)
     settings = {
         "data_dir": pick(data_dir, "data-dir"), "resize": pick(resize, "resize"),
         "raw": bool(pick(raw, "raw")), "normalize": bool(pick(normalize, "normalize")),
@@ -95,15 +96,17 @@ def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail
         "lr": pick(lr, "lr"), "optimizer": pick(optimizer, "optimizer"),
         "momentum": float(pick(momentum, "momentum")),
         "weight_decay": float(pick(weight_decay, "weight-decay")),
-        "loss": pick(loss_name, "loss"), "seed": int(pick(seed, "seed")),
+        "loss": pick(loss_name, "loss"), "seed": opts.seed,
         "device": pick(device, "device"),
         "verify": not no_verify and bool(table.get("verify", True)),
         "data_mirror": pick(data_mirror, "data-mirror"),
         "download": not no_download and bool(table.get("download", True)),
     }
+    from netdoctor.loading.seeding import seeded
     from netdoctor.probe.session import probe_target
 
-    report, _ = probe_target(target, data_source, opts, settings, plot=plot)
+    with seeded(opts.seed):  # user code drawing from random or NumPy during the probe, too
+        report, _ = probe_target(target, data_source, opts, settings, plot=plot)
     fmt = fmt or cfg.format or "text"
     from netdoctor.report import render
 

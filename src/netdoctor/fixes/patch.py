@@ -7,15 +7,34 @@ not be located (the rule then falls back to a paste-ready snippet).
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
+import sys
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
-
-import libcst as cst
-from libcst.metadata import MetadataWrapper, PositionProvider
+from typing import Any
 
 from netdoctor.findings import Fix
 from netdoctor.loading.target import display_path
+
+
+def _lazy_import(name: str):
+    """The standard library's lazy-import recipe (importlib.util.LazyLoader): the module loads
+    on first attribute access, so a check without findings never pays for importing libcst."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module
+
+
+cst = _lazy_import("libcst")
+Positions = Any  # an instance of _positions_class(): calls and assignments with their lines
 
 
 def read(path: str) -> str | None:
@@ -69,25 +88,31 @@ def _call_name(node: cst.Call) -> str:
     return ".".join(reversed(parts))
 
 
-class _Positions(cst.CSTVisitor):
-    METADATA_DEPENDENCIES = (PositionProvider,)
+@cache
+def _positions_class():
+    """The visitor class that indexes calls and assignments by line (made on first use, as it
+    subclasses a libcst class)."""
+    class _Positions(cst.CSTVisitor):
+        METADATA_DEPENDENCIES = (cst.metadata.PositionProvider,)
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[cst.Call, int, int]] = []
-        self.assigns: list[tuple[cst.Assign, int, int]] = []
+        def __init__(self) -> None:
+            self.calls: list[tuple[cst.Call, int, int]] = []
+            self.assigns: list[tuple[cst.Assign, int, int]] = []
 
-    def visit_Call(self, node: cst.Call) -> None:
-        pos = self.get_metadata(PositionProvider, node)
-        self.calls.append((node, pos.start.line, pos.end.line))
+        def visit_Call(self, node: cst.Call) -> None:
+            pos = self.get_metadata(cst.metadata.PositionProvider, node)
+            self.calls.append((node, pos.start.line, pos.end.line))
 
-    def visit_Assign(self, node: cst.Assign) -> None:
-        pos = self.get_metadata(PositionProvider, node)
-        self.assigns.append((node, pos.start.line, pos.end.line))
+        def visit_Assign(self, node: cst.Assign) -> None:
+            pos = self.get_metadata(cst.metadata.PositionProvider, node)
+            self.assigns.append((node, pos.start.line, pos.end.line))
+
+    return _Positions
 
 
-def _index(source: str) -> tuple[cst.Module, _Positions]:
-    wrapper = MetadataWrapper(cst.parse_module(source))
-    visitor = _Positions()
+def _index(source: str) -> tuple[cst.Module, Positions]:
+    wrapper = cst.metadata.MetadataWrapper(cst.parse_module(source))
+    visitor = _positions_class()()
     wrapper.visit(visitor)
     return wrapper.module, visitor
 
@@ -229,7 +254,7 @@ def insert_args_after(source: str, inserts: dict[int, str | Callable[[cst.Call],
     return new if placed >= set(by_node) else None
 
 
-def _self_assignment(pos: _Positions, attr: str, near_line: int | None):
+def _self_assignment(pos: Positions, attr: str, near_line: int | None):
     """The `self.<attr> = ...` assignment spanning `near_line`, else the nearest one:
     (node, first line) or None."""
     candidates = []
@@ -327,7 +352,7 @@ def _root_name(node: cst.BaseExpression) -> str | None:
     return node.value if isinstance(node, cst.Name) else None
 
 
-def _calls_on_line(pos: _Positions, line: int, names: tuple[str, ...]) -> list[cst.Call]:
+def _calls_on_line(pos: Positions, line: int, names: tuple[str, ...]) -> list[cst.Call]:
     return [node for node, start, _end in pos.calls
             if start <= line <= _end and _call_name(node).split(".")[-1] in names]
 
@@ -399,14 +424,14 @@ def unwrap_call(source: str, line: int, names: tuple[str, ...]) -> str | None:
 
 def unwrap_attribute(source: str, line: int, attr: str) -> str | None:
     """Replace `expr.<attr>` on `line` (e.g. `x.data`) by `expr` (exactly one occurrence)."""
-    wrapper = MetadataWrapper(cst.parse_module(source))
+    wrapper = cst.metadata.MetadataWrapper(cst.parse_module(source))
     found: list[cst.Attribute] = []
 
     class V(cst.CSTVisitor):
-        METADATA_DEPENDENCIES = (PositionProvider,)
+        METADATA_DEPENDENCIES = (cst.metadata.PositionProvider,)
 
         def visit_Attribute(self, node: cst.Attribute) -> None:
-            pos = self.get_metadata(PositionProvider, node)
+            pos = self.get_metadata(cst.metadata.PositionProvider, node)
             if node.attr.value == attr and pos.start.line <= line <= pos.end.line:
                 found.append(node)
 
@@ -425,14 +450,14 @@ def unwrap_attribute(source: str, line: int, attr: str) -> str | None:
 def unwrap_with(source: str, line: int, names: tuple[str, ...]) -> str | None:
     """Replace the innermost `with torch.no_grad():` (a context manager whose name ends with one
     of `names`) enclosing `line` by its body."""
-    wrapper = MetadataWrapper(cst.parse_module(source))
+    wrapper = cst.metadata.MetadataWrapper(cst.parse_module(source))
     found: list[tuple[int, cst.With]] = []
 
     class V(cst.CSTVisitor):
-        METADATA_DEPENDENCIES = (PositionProvider,)
+        METADATA_DEPENDENCIES = (cst.metadata.PositionProvider,)
 
         def visit_With(self, node: cst.With) -> None:
-            pos = self.get_metadata(PositionProvider, node)
+            pos = self.get_metadata(cst.metadata.PositionProvider, node)
             if not pos.start.line <= line <= pos.end.line or len(node.items) != 1:
                 return
             item = node.items[0].item
@@ -480,14 +505,14 @@ def wrap_call(source: str, line: int, names: tuple[str, ...], wrapper_func: str)
 def append_to_init(source: str, class_line: int, code: str) -> str | None:
     """Append statements (`code`, written at indentation 0) to the end of the `__init__` of the
     class defined on `class_line`."""
-    wrapper = MetadataWrapper(cst.parse_module(source))
+    wrapper = cst.metadata.MetadataWrapper(cst.parse_module(source))
     found: list[cst.FunctionDef] = []
 
     class V(cst.CSTVisitor):
-        METADATA_DEPENDENCIES = (PositionProvider,)
+        METADATA_DEPENDENCIES = (cst.metadata.PositionProvider,)
 
         def visit_ClassDef(self, node: cst.ClassDef) -> None:
-            pos = self.get_metadata(PositionProvider, node)
+            pos = self.get_metadata(cst.metadata.PositionProvider, node)
             start = pos.start.line
             decorators = len(node.decorators)
             if not (start <= class_line <= start + decorators + 1):
@@ -529,14 +554,14 @@ def torch_function_prefix(source: str) -> str | None:
 def _statement_spanning(source: str, line: int):
     """The simple statement line (`x = f(...)`, `opt.step()`) that spans `line`, with the
     module and its position index: (module, statement, positions) or None."""
-    wrapper = MetadataWrapper(cst.parse_module(source))
+    wrapper = cst.metadata.MetadataWrapper(cst.parse_module(source))
     found: list[cst.SimpleStatementLine] = []
 
     class V(cst.CSTVisitor):
-        METADATA_DEPENDENCIES = (PositionProvider,)
+        METADATA_DEPENDENCIES = (cst.metadata.PositionProvider,)
 
         def visit_SimpleStatementLine(self, node: cst.SimpleStatementLine) -> None:
-            pos = self.get_metadata(PositionProvider, node)
+            pos = self.get_metadata(cst.metadata.PositionProvider, node)
             if pos.start.line <= line <= pos.end.line:
                 found.append(node)
 

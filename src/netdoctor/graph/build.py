@@ -39,15 +39,43 @@ def build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
     outcome = BuildOutcome(graph=None)
     extra = record_unregistered(Graph(), model, prov)  # so list-held modules get hooks too
 
-    # 1. An input: the given one must run; otherwise infer one.
+    # 1. The graph: torch.fx when it can trace the model.
+    try:
+        gm = fx_frontend.trace(model)
+    except Exception as e:  # fx raises many kinds (TraceError, NameError, TypeError, ...)
+        gm, outcome.fallback_reason = None, _reason(e)
+
+    # 2. An input: the given one must run; otherwise infer one. With a traced graph, one run of
+    # it on a single sample shows that the input runs and records the shapes; when that fails,
+    # the eager model on the usual batch of two decides (and names the failing submodule, ND002).
+    shape_failure: list[str] = []
+    by_trace: list[bool] = []  # the input was shown to run by the traced graph, not eagerly
+
+    def run(candidate: InputSpec) -> None:
+        shape_failure.clear()
+        by_trace.clear()
+        if gm is not None:
+            for batch in (1, 2):  # a model may squeeze a batch of one away
+                x = example_input(candidate.shape, candidate.dtype, batch=batch,
+                                  vocab=candidate.vocab).to(model_device(model))
+                try:
+                    fx_frontend.propagate_shapes(gm, x)
+                    shape_failure.clear()
+                    by_trace.append(True)
+                    return
+                except Exception as e:  # traced graph may differ from eager: eager decides
+                    shape_failure.append(_reason(e))
+        run_forward(model, example_input(candidate.shape, candidate.dtype,
+                                         vocab=candidate.vocab), extra)
+
     if spec is not None:
         try:
-            run_forward(model, example_input(spec.shape, spec.dtype, vocab=spec.vocab), extra)
+            run(spec)
             outcome.input = spec
         except ForwardFailure as f:
             outcome.forward_failure, outcome.failed_input = f, spec
     else:
-        found, failure, failed_spec = infer(model, extra)
+        found, failure, failed_spec = infer(model, extra, run)
         if found is not None:
             outcome.input = found
             outcome.notes.append(f"input shape {found.describe()} inferred from "
@@ -57,14 +85,13 @@ def build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
         else:
             outcome.notes.append("no input shape given and none could be inferred: rules that "
                                  "need a forward pass were skipped (pass --input-shape C,H,W)")
+    if gm is not None and outcome.input is not None and shape_failure:
+        outcome.notes.append(f"shape propagation failed ({shape_failure[-1]}); shapes unknown")
 
     _locate_failure(outcome, loaded, extra)
 
-    # 2. The graph: fx, else one recorded forward.
-    try:
-        gm = fx_frontend.trace(model)
-    except Exception as e:  # fx raises many kinds (TraceError, NameError, TypeError, ...)
-        outcome.fallback_reason = _reason(e)
+    # 3. The graph: fx, else one recorded forward.
+    if gm is None:
         if outcome.input is None:
             outcome.notes.append("torch.fx could not trace the model and no working input is "
                                  "available for the fallback: graph rules were skipped")
@@ -81,32 +108,36 @@ def build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
         _locate_failure(outcome, loaded, extra)
         return outcome
 
-    if outcome.input is not None:
-        x = example_input(outcome.input.shape, outcome.input.dtype,
-                          vocab=outcome.input.vocab).to(model_device(model))
-        try:
-            fx_frontend.propagate_shapes(gm, x)
-        except Exception as e:  # traced graph differs from eager: keep the graph, drop shapes
-            outcome.notes.append(f"shape propagation failed ({_reason(e)}); shapes unknown")
     outcome.graph = fx_frontend.build(model, prov, gm)
     outcome.graph.root_location = loaded.class_location
     if outcome.input is not None:
         outcome.graph.input_shape = outcome.input.shape
-        _measure_signal(outcome, loaded, extra)
+        if not _measure_signal(outcome, loaded, extra) and by_trace:
+            # The traced graph ran (traced in train mode) but the eager model did not: its
+            # eval-mode path may be the broken one. The eager forward decides (ND002).
+            try:
+                run_forward(model, example_input(outcome.input.shape, outcome.input.dtype,
+                                                 vocab=outcome.input.vocab), extra)
+            except ForwardFailure as f:
+                outcome.forward_failure, outcome.failed_input = f, outcome.input
+                _locate_failure(outcome, loaded, extra)
     return outcome
 
 
-def _measure_signal(outcome: BuildOutcome, loaded: LoadedModel, extra: dict) -> None:
-    """Per-layer output RMS at initialization (node.attrs["init_rms"], for ND204)."""
+def _measure_signal(outcome: BuildOutcome, loaded: LoadedModel, extra: dict) -> bool:
+    """Per-layer output RMS at initialization (node.attrs["init_rms"], for ND204): a forward
+    pass of the user's model as it is (hooks see every module). False when it failed (a note
+    says so)."""
     from netdoctor.graph.signal import record_init_rms
 
     spec = outcome.input
     if spec is None or outcome.graph is None or outcome.forward_failure is not None:
-        return
+        return True
     note = record_init_rms(outcome.graph, loaded.model, extra, spec.shape, spec.dtype,
                            vocab=spec.vocab)
     if note:
         outcome.notes.append(note)
+    return note is None
 
 
 def _locate_failure(outcome: BuildOutcome, loaded: LoadedModel, extra: dict) -> None:

@@ -1,10 +1,9 @@
-"""torch.fx frontend: symbolic trace (train mode) -> IR, shapes from shape propagation."""
+"""torch.fx frontend: symbolic trace (train mode) -> IR, shapes from one run of the traced graph."""
 
 from __future__ import annotations
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from netdoctor.graph.ir import Graph, Node
 from netdoctor.graph.ops import (
@@ -42,10 +41,59 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the traced graph and keeps each node's output shape: what fx's ShapeProp records,
+    without its symbolic-shape machinery (importing that alone costs more than a whole check)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+        self.completed = False
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            self.shapes[n] = tuple(result.shape)
+        return result
+
+    def run(self, *args):
+        """fx.Interpreter.run without its progress bar (making one, even disabled, imports
+        multiprocessing's locks: a third of a second on a small machine)."""
+        self.completed = False
+        self.shapes = {}
+        self.env = {}
+        self.args_iter = iter(self.graph.process_inputs(*args))
+        try:
+            for node in self.graph.nodes:
+                self.env[node] = self.run_node(node)
+                if self.garbage_collect_values:
+                    for done in self.user_to_last_uses.get(node, []):
+                        del self.env[done]
+                if node.op == "output":
+                    self.completed = True
+                    return self.graph.process_outputs(self.env[node])
+        finally:
+            self.env = {}
+
+    def commit(self) -> None:
+        """node.meta["netdoctor_shape"] from the last complete run (shapes of a failed run are
+        never kept)."""
+        for node in self.module.graph.nodes:
+            node.meta.pop("netdoctor_shape", None)
+            if self.completed and node in self.shapes:
+                node.meta["netdoctor_shape"] = self.shapes[node]
+
+
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    with preserved_modes(gm), torch.no_grad():
-        gm.eval()
-        ShapeProp(gm).propagate(example)
+    """Run the traced graph in eval mode without grad and record node.meta["netdoctor_shape"];
+    raises what the run raises (and then records nothing)."""
+    recorder = _ShapeRecorder(gm)
+    try:
+        with preserved_modes(gm), torch.no_grad():
+            gm.eval()
+            recorder.run(example)
+    finally:
+        recorder.commit()
 
 
 def build(model: nn.Module, prov: Provenance, gm: fx.GraphModule) -> Graph:
@@ -55,9 +103,8 @@ def build(model: nn.Module, prov: Provenance, gm: fx.GraphModule) -> Graph:
     for fxn in gm.graph.nodes:
         node = Node(name=fxn.name, op="other", target=str(fxn.target),
                     inputs=[a.name for a in fxn.all_input_nodes])
-        meta = fxn.meta.get("tensor_meta")
-        if meta is not None and hasattr(meta, "shape"):
-            node.shape = tuple(meta.shape)
+        if fxn.meta.get("netdoctor_shape") is not None:
+            node.shape = fxn.meta["netdoctor_shape"]
         stack = fxn.meta.get("nn_module_stack")
         if stack:
             node.attrs["scope"] = list(stack.values())[-1][0] if isinstance(

@@ -159,7 +159,11 @@ def param_info(tensor: torch.Tensor) -> ParamInfo:  # noqa: F821 - imported lazi
         flat = t.reshape(-1)
         mean = float(flat.mean())
         std = float(flat.std()) if numel > 1 else 0.0
-        all_equal = bool((flat == flat[0]).all()) if numel > 1 else False
+        if numel > 1:  # min == max: one cheap pass (a NaN makes both NaN, hence unequal)
+            low, high = torch.aminmax(flat)
+            all_equal = bool(low == high)
+        else:
+            all_equal = False
     return ParamInfo(tuple(t.shape), numel, mean, std, all_equal, tensor.requires_grad)
 
 

@@ -32,24 +32,35 @@ _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 
 def _rms(value) -> tuple[float | None, float | None]:
     """Root mean square of a tensor, and of its deviation from the batch mean (the part of the
-    output that depends on the input, not the bias). In float64: exploding signals overflow
-    float32's squares."""
+    output that depends on the input, not the bias). One float32 pass each, accumulated by
+    torch's pairwise sums (float64 only when float32 squares overflow, as exploding signals
+    do): this runs on every layer's output."""
     if isinstance(value, (tuple, list)) and value:
         value = value[0]
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
         return None, None
-    v = value.detach().double()
-    rms = float(v.pow(2).mean().sqrt())
-    centered = None
-    if v.dim() > 0 and v.shape[0] >= 2:
-        centered = float((v - v.mean(dim=0, keepdim=True)).pow_(2).mean().sqrt())
-    return (None if math.isnan(rms) else rms,
-            None if centered is None or math.isnan(centered) else centered)
+    v = value.detach()
+    centered = _root_mean_square(v, True) if v.dim() > 0 and v.shape[0] >= 2 else None
+    return _root_mean_square(v, False), centered
+
+
+def _root_mean_square(v: torch.Tensor, centered: bool) -> float | None:
+    for dtype in (torch.float32, torch.float64):
+        w = v.to(dtype)
+        if centered:
+            w = w - w.mean(dim=0, keepdim=True)
+        ms = float(w.square().mean())
+        if math.isfinite(ms):
+            return math.sqrt(ms)
+    return None if math.isnan(ms) else math.inf
 
 
 def batch_size(shape: tuple[int, ...]) -> int:
-    """Enough samples for batch statistics, few enough to stay fast on big inputs."""
-    return 8 if math.prod(shape) <= 3 * 64 * 64 else 4
+    """Enough samples for batch statistics, few enough to stay fast on big inputs: this is the
+    one forward pass of a check on more than one sample, and on ImageNet-sized inputs two
+    samples times every pixel are plenty of statistics."""
+    n = math.prod(shape)
+    return 8 if n <= 3 * 64 * 64 else 4 if n <= 3 * 128 * 128 else 2
 
 
 def record_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],

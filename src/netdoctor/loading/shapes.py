@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -76,15 +77,22 @@ def candidates(model: nn.Module, extra: dict[str, nn.Module] | None = None) -> l
     return []
 
 
-def infer(model: nn.Module, extra: dict[str, nn.Module] | None = None
+def infer(model: nn.Module, extra: dict[str, nn.Module] | None = None,
+          run: Callable[[InputSpec], None] | None = None
           ) -> tuple[InputSpec | None, ForwardFailure | None, InputSpec | None]:
-    """Try the candidate shapes; return (working spec, first failure, the spec that failed)."""
+    """Try the candidate shapes; return (working spec, first failure, the spec that failed).
+    `run(spec)` tries one (default: an eager forward); it raises ForwardFailure when the model
+    does not take it."""
+    def eager(spec: InputSpec) -> None:
+        run_forward(model, example_input(spec.shape, spec.dtype, vocab=spec.vocab), extra)
+
+    run = run or eager
     first_failure: ForwardFailure | None = None
     first_spec: InputSpec | None = None
     specs = candidates(model, extra) + (candidates(model) if extra else [])
     for spec in specs:
         try:
-            run_forward(model, example_input(spec.shape, spec.dtype, vocab=spec.vocab), extra)
+            run(spec)
         except ForwardFailure as f:
             if first_failure is None:
                 first_failure, first_spec = f, spec

@@ -20,6 +20,7 @@ from typing import Any
 
 from netdoctor.errors import UserError
 from netdoctor.findings import Location
+from netdoctor.loading.seeding import DEFAULT_SEED, seeded
 
 SKIP_DIRS = {".git", ".hg", ".venv", "venv", "env", "__pycache__", "node_modules", "build", "dist",
              ".tox", ".mypy_cache", ".pytest_cache", ".ruff_cache", "site-packages"}
@@ -89,8 +90,12 @@ def parse_kwargs(pairs: tuple[str, ...] | list[str], json_text: str | None) -> d
     return kwargs
 
 
-def load(spec: str, kwargs: dict[str, Any] | None = None) -> LoadResult:
-    """Load one target string into built models (or ONNX file paths)."""
+def load(spec: str, kwargs: dict[str, Any] | None = None,
+         seed: int = DEFAULT_SEED) -> LoadResult:
+    """Load one target string into built models (or ONNX file paths).
+
+    Importing and each model's construction run under `seed` (re-seeded per model), so a model
+    gets the same weights in every process, alone or among the other models of its folder."""
     kwargs = kwargs or {}
     where, name = split_target(spec)
     result = LoadResult()
@@ -109,7 +114,7 @@ def load(spec: str, kwargs: dict[str, Any] | None = None) -> LoadResult:
                             "file.py:ClassName")
         files = [path] if path.is_file() else _python_files(path)
         for f in files:
-            _discover(f, result)
+            _discover(f, result, seed)
         if not result.models and not result.onnx_files:
             result.notes.append(f"{spec}: no buildable nn.Module found")
         return result
@@ -118,13 +123,15 @@ def load(spec: str, kwargs: dict[str, Any] | None = None) -> LoadResult:
 
     prov = Provenance()
     with prov.recording():
-        module, source = _import(where)
+        with seeded(seed):
+            module, source = _import(where)
         if not hasattr(module, name):
             found = _module_classes(module)
             hint = f" (nn.Module classes there: {', '.join(found)})" if found else ""
             raise UserError(f"{where} has no attribute {name!r}{hint}")
         obj = getattr(module, name)
-        model = _build(obj, name, where, kwargs)
+        with seeded(seed):
+            model = _build(obj, name, where, kwargs)
     display = f"{display_path(source)}:{name}" if source else spec
     result.models.append(LoadedModel(display, model, prov, _class_location(obj, model), source))
     return result
@@ -280,7 +287,7 @@ def _python_files(folder: Path) -> list[Path]:
     return files
 
 
-def _discover(path: Path, result: LoadResult) -> None:
+def _discover(path: Path, result: LoadResult, seed: int) -> None:
     """Build every nn.Module subclass defined in `path` that needs no arguments."""
     if path.suffix == ".onnx":
         result.onnx_files.append(str(path))
@@ -295,7 +302,8 @@ def _discover(path: Path, result: LoadResult) -> None:
     prov = Provenance()
     built: list[tuple[str, Any, nn.Module]] = []
     with prov.recording():
-        module = _import_file(path)
+        with seeded(seed):
+            module = _import_file(path)
         for name in _module_classes(module):
             cls = getattr(module, name)
             if inspect.isabstract(cls):
@@ -306,7 +314,8 @@ def _discover(path: Path, result: LoadResult) -> None:
                                     f"({', '.join(missing)})")
                 continue
             try:
-                model = cls()
+                with seeded(seed):
+                    model = cls()
             except Exception as e:
                 result.notes.append(f"skipped {shown}:{name}: building it raised "
                                     f"{type(e).__name__}: {_first_line(e)}")

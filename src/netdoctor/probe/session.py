@@ -30,8 +30,8 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
                          momentum=settings["momentum"], weight_decay=settings["weight_decay"],
                          loss=settings["loss"], seed=settings["seed"], device=settings["device"])
     config.validate()
-    torch.manual_seed(config.seed)  # the model's own initialisation is part of the experiment
-    result = load(target, opts.kwargs)
+    # The model's own initialisation is part of the experiment: built under the probe's seed.
+    result = load(target, opts.kwargs, seed=config.seed)
     if result.onnx_files and not result.models:
         raise UserError(f"{target}: the probe trains a PyTorch model; an ONNX graph cannot be "
                         "trained (use file.py:ClassName)")
