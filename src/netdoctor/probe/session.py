@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import sys
+import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +16,19 @@ from netdoctor.errors import UserError
 
 def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
                 plot: str | None = None):
-    """Everything `probe` does, minus parsing and printing: returns (Report, ProbeRun|None)."""
+    """Everything `probe` does, minus parsing and printing: returns (Report, ProbeRun|None).
+
+    `settings["time_budget"]` (seconds, None for no budget) bounds the whole probe, counted
+    from `settings["started"]` (time.monotonic() when the command began; default: now)."""
+    started = settings.get("started") or time.monotonic()
+    budget_s = settings.get("time_budget")
+    deadline = started + budget_s if budget_s else None
     import torch
 
-    from netdoctor.check import check_loaded, run_rules
+    from netdoctor.check import check_loaded
     from netdoctor.data import DataSpec, open_source
     from netdoctor.loading.target import load
-    from netdoctor.probe.diagnose import link_causes
-    from netdoctor.probe.engine import ProbeConfig, progress_bar, run_probe
-    from netdoctor.rules import Context
-    from netdoctor.suppress import is_suppressed
+    from netdoctor.probe.engine import ProbeConfig, progress_bar
 
     config = ProbeConfig(steps=settings["steps"], batch_size=settings["batch_size"],
                          lr=settings["lr"], optimizer=settings["optimizer"],
@@ -59,15 +64,31 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
         if not sample.x.is_floating_point() and sample.x.dtype != torch.uint8:
             opts.input_dtype = "long"  # token ids
 
-    report = check_loaded(loaded, opts)
-    report.command = "probe"
-    report.notes[:0] = notes
-    _data_rules(report, loaded, sample, opts)
-    report.notes.append(f"probe: {config.describe()}")
-    if any(f.rule == "ND002" for f in report.findings):
-        report.notes.append("the probe did not train: the model's forward fails on the data's "
-                            "shape (ND002)")
-        return report, None
+    progress = progress_bar(sys.stderr.isatty())
+    with (progress or nullcontext()):
+        with _phase(progress, "static checks"):
+            report = check_loaded(loaded, opts)
+        report.command = "probe"
+        report.notes[:0] = notes
+        with _phase(progress, "data rules"):
+            _data_rules(report, loaded, sample, opts)
+        if any(f.rule == "ND002" for f in report.findings):
+            report.notes.append(f"probe: {config.describe()}")
+            report.notes.append("the probe did not train: the model's forward fails on the "
+                                "data's shape (ND002)")
+            return report, None
+        return _train_and_diagnose(report, loaded, source, config, opts, settings, progress,
+                                   deadline, budget_s, plot)
+
+
+def _train_and_diagnose(report, loaded, source, config, opts, settings, progress, deadline,
+                        budget_s, plot):
+    """The probe's run, the runtime rules, the root causes and the verified fix."""
+    from netdoctor.check import run_rules
+    from netdoctor.probe.diagnose import link_causes, settle_data_findings
+    from netdoctor.probe.engine import run_probe
+    from netdoctor.rules import Context
+    from netdoctor.suppress import is_suppressed
 
     sites = {}
     for name, module in loaded.model.named_modules():
@@ -76,46 +97,57 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
             sites[name] = loc
         elif name == "" and loaded.class_location is not None:
             sites[name] = loaded.class_location
-    progress = progress_bar(sys.stderr.isatty())
-    from contextlib import nullcontext
+    main_s = None
+    if deadline is not None:
+        from netdoctor.probe.budget import plan
 
-    with (progress or nullcontext()):
-        try:
-            run = run_probe(loaded.model, source, config, sites=sites, progress=progress)
-        except UserError:
-            raise
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UserError(f"the model raised during the probe's training step: "
-                            f"{type(e).__name__}: {first}") from e
-        run.target = loaded.target
-        run.prior_rules = {f.rule for f in report.findings}
-        if run.stopped in ("labels", "non-finite-input") and run.bad_batch is not None:
-            _bad_batch_rules(report, loaded, run, opts)
-        if run.stopped == "labels":
-            report.notes.append("the probe did not train: the labels do not fit the model's "
-                                "outputs (ND303); fix them first")
-        ctx = Context(target=loaded.target, run=run, options=opts.rule_options)
-        class_lines = [loaded.class_location] if loaded.class_location else []
-        for f in run_rules(ctx, {"runtime"}, opts):
-            if is_suppressed(f, class_lines):
-                report.notes.append(f"{f.rule} at {f.location} suppressed by a netdoctor: "
-                                    "ignore comment")
-            else:
-                report.findings.append(f)
-        link_causes(report.findings)
-        report.measurements = measurements(run)
-        if settings.get("verify", True):
-            from netdoctor.probe.verify import verify
+        with _phase(progress, "timing a step"):
+            pl = plan(loaded.model, source, config, deadline, budget_s,
+                      batch_given=bool(settings.get("batch_given")))
+        config, main_s = pl.config, pl.main_s
+        report.notes.extend(pl.notes)
+    requested = config.steps
+    try:
+        run = run_probe(loaded.model, source, config, sites=sites, progress=progress,
+                        budget_s=main_s)
+    except UserError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"the model raised during the probe's training step: "
+                        f"{type(e).__name__}: {first}") from e
+    report.notes.append(f"probe: {run.config.describe()}")
+    if deadline is not None:
+        from netdoctor.probe.budget import steps_note
 
-            vf, note = verify(loaded.model, source, run, report, progress)
-            if vf is not None:
-                report.measurements["verified_fix"] = vf
-                if not vf["improved"]:
-                    report.notes.append(f"the top fix ({vf['rule']}: {vf['applied']}) did not "
-                                        "improve the probe's loss on its own")
-            if note:
-                report.notes.append(note)
+        note = steps_note(requested, run, budget_s)
+        if note:
+            report.notes.append(note)
+    run.target = loaded.target
+    run.prior_rules = {f.rule for f in report.findings}
+    if run.stopped in ("labels", "non-finite-input") and run.bad_batch is not None:
+        _bad_batch_rules(report, loaded, run, opts)
+    if run.stopped == "labels":
+        report.notes.append("the probe did not train: the labels do not fit the model's "
+                            "outputs (ND303); fix them first")
+    ctx = Context(target=loaded.target, run=run, options=opts.rule_options)
+    class_lines = [loaded.class_location] if loaded.class_location else []
+    for f in run_rules(ctx, {"runtime"}, opts):
+        if is_suppressed(f, class_lines):
+            report.notes.append(f"{f.rule} at {f.location} suppressed by a netdoctor: "
+                                "ignore comment")
+        else:
+            report.findings.append(f)
+    link_causes(report.findings)
+    settle_data_findings(report.findings, run, opts.rule_options)
+    report.measurements = measurements(run)
+    if settings.get("verify", True):
+        from netdoctor.probe.verify import verify
+
+        vf, notes = verify(loaded.model, source, run, report, progress, deadline)
+        if vf is not None:
+            report.measurements["verified_fix"] = vf
+        report.notes.extend(notes)
     if run.stopped == "non-finite":
         report.notes.append(f"the probe stopped at step {run.steps_run}: non-finite values "
                             "(ND401)")
@@ -125,6 +157,22 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
         write_plot(run, plot, loaded.target)
         report.notes.append(f"gradient-flow plot written to {plot}")
     return report, run
+
+
+def _phase(progress, label: str):
+    """A spinner line for a phase without steps (only on a terminal)."""
+    if progress is None:
+        return nullcontext()
+    from contextlib import contextmanager
+
+    @contextmanager
+    def shown():
+        task = progress.add_task(label, total=None)
+        try:
+            yield
+        finally:
+            progress.remove_task(task)
+    return shown()
 
 
 def _synthetic_spec(spec, model, notes: list[str]) -> None:
@@ -157,8 +205,17 @@ def _synthetic_spec(spec, model, notes: list[str]) -> None:
         from netdoctor.loading.forward import main_output
 
         logits = main_output(out)
-        if logits is not None and logits.dim() == 2 and logits.shape[1] >= 2:
+        if logits is None:
+            return
+        shape = tuple(spec.input_shape)
+        if logits.dim() == 2 and logits.shape[1] >= 2:
             spec.num_classes = int(logits.shape[1])
+        elif logits.dim() == 3 and spec.input_dtype in ("long", "int64") and \
+                tuple(logits.shape[1:2]) == shape[:1] and logits.shape[2] >= 2:
+            spec.num_classes, spec.target_shape = int(logits.shape[2]), shape[:1]  # a tagger
+        elif logits.dim() == 4 and len(shape) >= 2 and tuple(logits.shape[2:]) == shape[-2:] \
+                and logits.shape[1] >= 2:
+            spec.num_classes, spec.target_shape = int(logits.shape[1]), shape[-2:]  # per pixel
 
 
 def _sample(source, spec, config):

@@ -73,6 +73,36 @@ def gradient_flow(run) -> list[dict[str, Any]]:
     return rows
 
 
+def gradient_ends(run):
+    """(first, its gradient norm, last, its gradient norm) over the weight layers, in execution
+    order, that received a nonzero gradient; None with fewer than two. Layers whose gradient is
+    exactly zero are dead (ND404) or starved (ND410), not vanishing."""
+    rows = [(p, layer_grad(p)) for p in run.weight_layers()]
+    live = [(p, v) for p, v in rows if v is not None and v > 0]
+    if len(live) < 2:
+        return None
+    (first, g_first), (last, g_last) = live[0], live[-1]
+    return first, g_first, last, g_last
+
+
+def total_grad_norms(run) -> list[float]:
+    """The total gradient norm over the weight layers, per step (NaN where none had one)."""
+    layers = run.weight_layers()
+    totals = []
+    for i in range(run.steps_run):
+        sq = [p.grad_norm[i] ** 2 for p in layers if i < len(p.grad_norm)
+              and not math.isnan(p.grad_norm[i])]
+        totals.append(math.sqrt(sum(sq)) if sq else float("nan"))
+    return totals
+
+
+def cut_short(run) -> int | None:
+    """The steps a run was meant to take when a time budget cut it short, else None: the
+    loss-trend rules then cannot say the model does not learn, only that it had not yet."""
+    requested = getattr(run.config, "requested_steps", None)
+    return requested if requested and requested > run.steps_run else None
+
+
 def early_steps(n: int) -> int:
     """How many of the first steps count as "early": 10%, at least 3."""
     return min(n, max(3, n // 10))
@@ -198,11 +228,7 @@ def exploding_gradients(ctx: Context):
     layers = run.weight_layers()
     if not layers:
         return
-    totals = []
-    for i in range(run.steps_run):
-        sq = [p.grad_norm[i] ** 2 for p in layers if i < len(p.grad_norm)
-              and not math.isnan(p.grad_norm[i])]
-        totals.append(math.sqrt(sum(sq)) if sq else float("nan"))
+    totals = total_grad_norms(run)
     start = median(totals[:3])
     peak = max(finite(totals), default=None)
     nonfinite_grad = any(not math.isfinite(t) and not math.isnan(t) for t in totals) or (
@@ -250,14 +276,12 @@ def vanishing_gradients(ctx: Context):
     min_norm = float(ctx.option("ND403", "min-grad-norm", 1e-7))
     rows = [(p, layer_grad(p)) for p in run.weight_layers()]
     rows = [(p, v) for p, v in rows if v is not None]
-    if len(rows) < 2:
+    ends = gradient_ends(run)
+    if ends is None:
         return
-    # Layers whose gradient is exactly zero are dead (ND404) or starved (ND410), not vanishing.
+    first, g_first, last, g_last = ends
+    ratio = g_first / g_last
     live = [(p, v) for p, v in rows if v > 0]
-    if len(live) < 2:
-        return
-    (first, g_first), (last, g_last) = live[0], live[-1]
-    ratio = g_first / g_last if g_last > 0 else math.inf
     tiny = [(p, v) for p, v in live if v < min_norm]
     reasons = []
     if ratio < min_ratio:
@@ -458,13 +482,19 @@ def loss_stalled(ctx: Context):
         message += (f" But the model memorizes one batch and its updates are normal-sized "
                     f"(median update/weight ratio {g(typical)}): it can learn, this data needs a "
                     "longer probe (--steps) or a higher learning rate.")
+    short = cut_short(run)
+    if short:
+        message += (f" The time budget allowed only {run.steps_run} of {short} steps, so this "
+                    "says the model had not learned yet, not that it cannot (--steps, "
+                    "--time-budget).")
     f = ctx.finding("ND407", message, fix=fix,
                       evidence={"loss_first": first, "loss_last": last, "relative_drop": drop,
                                 "accuracy": acc, "chance": chance, "steps": run.steps_run,
                                 "can_overfit_batch": bool(can_overfit),
-                                "median_update_ratio": typical, "fallback_fix": True},
+                                "median_update_ratio": typical, "fallback_fix": True,
+                                "steps_cut_from": short},
                       impact=3.0)
-    if slow_but_able and "severity" not in ctx.options.get("ND407", {}):
+    if (slow_but_able or short) and "severity" not in ctx.options.get("ND407", {}):
         f.severity = Severity.INFO
     yield f
 
@@ -542,12 +572,16 @@ def prediction_collapse(ctx: Context):
         message += (" The model memorizes one batch and its updates are normal-sized, so this is "
                     "likely an early phase of training (it predicts the most common answers "
                     "first), not a broken model.")
+    short = cut_short(run)
+    if short:
+        message += (f" The time budget allowed only {run.steps_run} of {short} steps: an early "
+                    "phase of training predicts the most common answers first.")
     f = ctx.finding("ND409", message, fix=None,
                     evidence={"top2_share": top2, "label_top2_share": label_top2,
                               "predicted": run.pred_counts, "labels": run.label_counts,
-                              "can_overfit_batch": can_overfit},
+                              "can_overfit_batch": can_overfit, "steps_cut_from": short},
                     impact=2.0)
-    if still_learning and "severity" not in ctx.options.get("ND409", {}):
+    if (still_learning or short) and "severity" not in ctx.options.get("ND409", {}):
         f.severity = Severity.INFO
     yield f
 

@@ -1,0 +1,147 @@
+"""Fitting the probe into a time budget (`--time-budget`, default 60 s).
+
+Unless `--steps` is given, the whole probe command -- static checks, data rules, the training
+run, the overfit-one-batch and train/eval checks and the verified fix -- has to end within the
+budget. When the training starts, `plan` times a forward pass of a few samples. When the probe
+as asked (its steps, the extra checks and ~`VERIFY_RUNS` re-runs for the verified fix) fits
+the time that is left, nothing changes. Otherwise the time left is split: `MAIN_SHARE` for the
+probe's own run (which picks its step count from its own measured step time,
+`engine.run_probe(budget_s=...)`), up to `EXTRA_SHARE` for the overfit and train/eval checks,
+the rest for the verified fix's re-runs (each is started only when it fits). A model so big that
+`MIN_STEPS` steps at the requested batch size would not fit trains on smaller batches (the
+first samples of each batch, down to `MIN_BATCH`), unless `--batch-size` was given. Every
+reduction is said in a note.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from netdoctor.loading.forward import preserved_modes
+from netdoctor.probe.engine import ProbeConfig, resolve_device
+
+DEFAULT_BUDGET_S = 60.0
+MIN_STEPS = 10  # the loss-trend rules (ND407, ND409) need this many
+MIN_BATCH = 2  # BatchNorm needs two samples
+MAIN_SHARE = 0.35  # of the time left when training starts: the probe's own run
+EXTRA_SHARE = 0.15  # the overfit-one-batch run and the train/eval check
+VERIFY_RUNS = 1.5  # re-runs of the probe's length kept for the verified fix (when it fits)
+STEP_PER_FORWARD = 3.5  # a measured training step (forward, backward, update, instruments)
+# costs about this many no-grad forwards of the same batch
+TIMED_SAMPLES = 4
+
+
+@dataclass
+class Plan:
+    deadline: float  # time.monotonic() by which the probe should be done
+    budget_s: float
+    config: ProbeConfig  # batch limit, overfit steps and settle batches that fit
+    main_s: float  # seconds the probe's own run may take
+    step_estimate_s: float  # a training step at the planned batch size, estimated
+    notes: list[str] = field(default_factory=list)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def forward_cost(model: nn.Module, x: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """(fixed seconds, seconds per sample) of a no-grad forward on a copy of `model` in train
+    mode (as in the probe; the copy's BatchNorm statistics absorb the passes), fitted to two
+    timed forwards of 2 and `TIMED_SAMPLES` samples: small models are dominated by the fixed
+    part, big ones by the part per sample."""
+    net = copy.deepcopy(model).to(device)
+    x = x.to(device)
+    k = min(TIMED_SAMPLES, x.shape[0])
+
+    def timed(n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        net(x[:n])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t
+
+    small = min(2, k)  # BatchNorm in train mode needs two samples
+    with preserved_modes(net), torch.no_grad():
+        net.train()
+        timed(small)  # warm-up: allocations, lazy initialisation
+        t_small = timed(small)
+        t_k = timed(k) if k > small else t_small
+    if k == small:
+        return 0.0, t_small / small
+    per = max(0.0, (t_k - t_small) / (k - small))
+    return max(0.0, t_small - per * small), per
+
+
+def plan(model: nn.Module, source, config: ProbeConfig, deadline: float, budget_s: float,
+         batch_given: bool) -> Plan:
+    """Split the time left until `deadline` between the probe's phases (module docstring)."""
+    left = max(0.0, deadline - time.monotonic())
+    device = resolve_device(config.device)
+    x, _ = next(source.batches(1))
+    try:
+        fixed, per = forward_cost(model, x, device)
+    except Exception:  # the probe's own run will report a forward that fails
+        fixed = per = 0.0
+
+    def step_s(b: int) -> float:
+        return STEP_PER_FORWARD * (fixed + per * b)
+
+    batch = config.batch_size
+    overfit_s = config.overfit_steps * step_s(min(config.overfit_samples, batch))
+    settle_s = config.settle_batches * step_s(batch) / STEP_PER_FORWARD
+    main_full = config.steps * step_s(batch)
+    notes: list[str] = []
+    if (1 + VERIFY_RUNS) * main_full + overfit_s + settle_s <= left:
+        # everything fits as asked: the main run only guards against a wrong estimate
+        return Plan(deadline=deadline, budget_s=budget_s, config=config,
+                    main_s=left / (1 + VERIFY_RUNS), step_estimate_s=step_s(batch))
+    main_s = MAIN_SHARE * left
+    limit = None
+    if not batch_given and per > 0:
+        while batch > MIN_BATCH and MIN_STEPS * step_s(batch) > main_s:
+            batch = max(MIN_BATCH, batch // 2)
+        if batch < config.batch_size:
+            limit = batch
+            notes.append(f"time budget: a training step of batch {config.batch_size} would "
+                         f"take about {step_s(config.batch_size):.1f} s, so the probe "
+                         f"trains on the first {batch} samples of each batch (pass "
+                         "--batch-size or a larger --time-budget to change it)")
+    extra = EXTRA_SHARE * left
+    overfit_steps = config.overfit_steps
+    overfit_s = overfit_steps * step_s(min(config.overfit_samples, batch))
+    settle = config.settle_batches
+    settle_s = settle * step_s(batch) / STEP_PER_FORWARD
+    if overfit_steps and overfit_s > 0.75 * extra:
+        overfit_steps = 0
+        notes.append(f"time budget: the overfit-one-batch check (ND412) was skipped: "
+                     f"{config.overfit_steps} steps would take about {overfit_s:.0f} s")
+    if settle and settle_s > 0.25 * extra:
+        settle = max(1, int(0.25 * extra / max(step_s(batch) / STEP_PER_FORWARD, 1e-9)))
+        if settle < config.settle_batches:
+            notes.append(f"time budget: the train/eval check re-estimates BatchNorm statistics "
+                         f"on {settle} batch(es) instead of {config.settle_batches}")
+    cfg = replace(config, batch_limit=limit, overfit_steps=overfit_steps, settle_batches=settle)
+    return Plan(deadline=deadline, budget_s=budget_s, config=cfg, main_s=main_s,
+                step_estimate_s=step_s(batch), notes=notes)
+
+
+def steps_note(requested: int, run, budget_s: float) -> str | None:
+    """A note when the budget cut the probe's steps."""
+    done = run.config.steps
+    if done >= requested:
+        return None
+    step_s = run.timings.get("train_s", 0.0) / max(1, run.steps_run)
+    note = (f"time budget: {done} steps instead of {requested} (a step took {step_s:.2f} s; the "
+            f"whole probe has {budget_s:g} s): pass --steps N or --time-budget SECONDS to "
+            "change it")
+    if done < MIN_STEPS:
+        note += (f"; the loss-trend rules (ND407, ND409) need {MIN_STEPS} steps and were not "
+                 "judged")
+    return note
