@@ -7,7 +7,9 @@ as asked (its steps, the extra checks and ~`VERIFY_RUNS` re-runs for the verifie
 the time that is left, nothing changes. Otherwise the time left is split: `MAIN_SHARE` for the
 probe's own run (which picks its step count from its own measured step time,
 `engine.run_probe(budget_s=...)`), up to `EXTRA_SHARE` for the overfit and train/eval checks,
-the rest for the verified fix's re-runs (each is started only when it fits). A model so big that
+the rest for the verified fix's re-runs (each is started only when it fits); the overfit check
+runs when, measured against the probe's own step time, it leaves room for one such re-run
+(`overfit_fits`). A model so big that
 `MIN_STEPS` steps at the requested batch size would not fit trains on smaller batches (the
 first samples of each batch, down to `MIN_BATCH`), unless `--batch-size` was given. Every
 reduction is said in a note.
@@ -34,6 +36,8 @@ VERIFY_RUNS = 1.5  # re-runs of the probe's length kept for the verified fix (wh
 STEP_PER_FORWARD = 3.5  # a measured training step (forward, backward, update, instruments)
 # costs about this many no-grad forwards of the same batch
 TIMED_SAMPLES = 4
+BIG_FORWARD_S = 0.5  # a forward of 2 samples this slow has ops big enough for threads to pay
+ONE_THREAD_GAIN = 0.6  # one thread is used when it takes at most this share of the time
 
 
 @dataclass
@@ -79,6 +83,43 @@ def forward_cost(model: nn.Module, x: torch.Tensor, device: torch.device) -> tup
     return max(0.0, t_small - per * small), per
 
 
+def one_thread_is_faster(model: nn.Module, x: torch.Tensor, device: torch.device) -> bool:
+    """Whether one intra-op thread runs this model's forward clearly faster than torch's default.
+
+    On a CPU shared with other work (or limited by a container quota that torch does not see),
+    every parallel op waits for the thread that is not scheduled: small models can run tens of
+    times slower with several threads than with one. Big ops still gain from threads, so a
+    forward that already takes `BIG_FORWARD_S` keeps them."""
+    if device.type != "cpu" or torch.get_num_threads() <= 1:
+        return False
+    net = copy.deepcopy(model)
+    xb = x[:2]
+
+    def typical(n: int) -> float:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            net(xb)
+            times.append(time.perf_counter() - t)
+        return sorted(times)[n // 2]  # the median: a busy machine is busy most of the time
+
+    threads = torch.get_num_threads()
+    try:
+        with preserved_modes(net), torch.no_grad():
+            net.train()
+            net(xb)  # warm-up
+            multi = typical(5)
+            if multi > BIG_FORWARD_S:
+                return False
+            torch.set_num_threads(1)
+            one = typical(5)
+    except Exception:  # the probe's own run reports a forward that fails
+        return False
+    finally:
+        torch.set_num_threads(threads)
+    return one < ONE_THREAD_GAIN * multi
+
+
 def plan(model: nn.Module, source, config: ProbeConfig, deadline: float, budget_s: float,
          batch_given: bool) -> Plan:
     """Split the time left until `deadline` between the probe's phases (module docstring)."""
@@ -114,20 +155,14 @@ def plan(model: nn.Module, source, config: ProbeConfig, deadline: float, budget_
                          f"trains on the first {batch} samples of each batch (pass "
                          "--batch-size or a larger --time-budget to change it)")
     extra = EXTRA_SHARE * left
-    overfit_steps = config.overfit_steps
-    overfit_s = overfit_steps * step_s(min(config.overfit_samples, batch))
     settle = config.settle_batches
     settle_s = settle * step_s(batch) / STEP_PER_FORWARD
-    if overfit_steps and overfit_s > 0.75 * extra:
-        overfit_steps = 0
-        notes.append(f"time budget: the overfit-one-batch check (ND412) was skipped: "
-                     f"{config.overfit_steps} steps would take about {overfit_s:.0f} s")
     if settle and settle_s > 0.25 * extra:
         settle = max(1, int(0.25 * extra / max(step_s(batch) / STEP_PER_FORWARD, 1e-9)))
         if settle < config.settle_batches:
             notes.append(f"time budget: the train/eval check re-estimates BatchNorm statistics "
                          f"on {settle} batch(es) instead of {config.settle_batches}")
-    cfg = replace(config, batch_limit=limit, overfit_steps=overfit_steps, settle_batches=settle)
+    cfg = replace(config, batch_limit=limit, settle_batches=settle)
     return Plan(deadline=deadline, budget_s=budget_s, config=cfg, main_s=main_s,
                 step_estimate_s=step_s(batch), notes=notes)
 
@@ -145,3 +180,23 @@ def steps_note(requested: int, run, budget_s: float) -> str | None:
         note += (f"; the loss-trend rules (ND407, ND409) need {MIN_STEPS} steps and were not "
                  "judged")
     return note
+
+
+def overfit_fits(plan: Plan, batch: int, notes: list[str]):
+    """The time budget's check before the overfit-one-batch run: it runs when, after it, one
+    re-run of the probe's length is still left for the verified fix."""
+    def decide(run) -> bool:
+        cfg = run.config
+        if not cfg.overfit_steps:
+            return False
+        per_step = run.timings.get("train_s", 0.0) / max(1, run.steps_run)
+        share = min(1.0, max(0.3, min(cfg.overfit_samples, batch) / max(1, batch)))
+        cost = cfg.overfit_steps * per_step * share
+        reserve = 1.15 * run.timings.get("train_s", 0.0)
+        if plan.left() - cost >= reserve:
+            return True
+        notes.append(f"time budget: the overfit-one-batch check (ND412) was skipped: "
+                     f"{cfg.overfit_steps} steps would take about {cost:.0f} s of the "
+                     f"{max(0.0, plan.left()):.0f} s left")
+        return False
+    return decide

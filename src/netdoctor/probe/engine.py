@@ -104,8 +104,11 @@ class ProbeConfig:
         extra = f", momentum {self.momentum:g}" if opt == "sgd" else ""
         if self.weight_decay:
             extra += f", weight decay {self.weight_decay:g}"
+        batch = f"{self.batch_size}" if self.batch_limit is None or \
+            self.batch_limit >= self.batch_size else \
+            f"{self.batch_limit} (the first of each batch of {self.batch_size})"
         return (f"{self.steps} steps of {opt} (lr {self.learning_rate:g}{extra}), batch size "
-                f"{self.batch_size}, {self.loss} loss, seed {self.seed}")
+                f"{batch}, {self.loss} loss, seed {self.seed}")
 
 
 
@@ -149,7 +152,7 @@ def _train_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def run_probe(model: nn.Module, source, config: ProbeConfig, *,
               sites: dict[str, Location] | None = None, instrument: bool = True,
               transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              progress: Any = None, label: str = "probe", overfit: bool | None = None,
+              progress: Any = None, label: str = "probe", overfit: Any = None,
               train_eval: bool | None = None, budget_s: float | None = None) -> TrainingRun:
     """Train a deep copy of `model` on `config.steps` batches of `source` and measure it.
 
@@ -159,6 +162,8 @@ def run_probe(model: nn.Module, source, config: ProbeConfig, *,
     `budget_s`: seconds the training loop may take; the number of steps (at most
     `config.steps`) is then chosen from the measured time of the first steps, and
     `run.config.steps` says what was chosen.
+    `overfit` / `train_eval`: run those checks (None: when instrumented); `overfit` may also be
+    a function of the finished run that decides (the time budget's check).
     """
     config.validate()
     device = resolve_device(config.device)
@@ -186,7 +191,7 @@ def steps_that_fit(done: int, elapsed: float, step_s: float, budget_s: float,
 def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.device, *,
                sites: dict[str, Location] | None, instrument: bool,
                transform: Callable[[torch.Tensor], torch.Tensor] | None, progress: Any,
-               label: str, overfit: bool | None, train_eval: bool | None,
+               label: str, overfit: Any, train_eval: bool | None,
                budget_s: float | None) -> TrainingRun:
     torch.manual_seed(config.seed)
     try:
@@ -357,6 +362,8 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
                                         settle())
         run.timings["train_eval_s"] = time.perf_counter() - t1
     do_of = instrument if overfit is None else overfit
+    if callable(do_of):
+        do_of = do_of(run)
     if do_of and config.overfit_steps > 0 and first_batch is not None and \
             run.stopped not in ("labels", "non-finite-input"):
         t1 = time.perf_counter()

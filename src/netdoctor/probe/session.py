@@ -83,12 +83,9 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
 
 def _train_and_diagnose(report, loaded, source, config, opts, settings, progress, deadline,
                         budget_s, plot):
-    """The probe's run, the runtime rules, the root causes and the verified fix."""
-    from netdoctor.check import run_rules
-    from netdoctor.probe.diagnose import link_causes, settle_data_findings
-    from netdoctor.probe.engine import run_probe
-    from netdoctor.rules import Context
-    from netdoctor.suppress import is_suppressed
+    """The probe's run, the runtime rules, the root causes and the verified fix (torch's
+    thread count is restored afterwards if the time budget changed it)."""
+    import torch
 
     sites = {}
     for name, module in loaded.model.named_modules():
@@ -97,19 +94,47 @@ def _train_and_diagnose(report, loaded, source, config, opts, settings, progress
             sites[name] = loc
         elif name == "" and loaded.class_location is not None:
             sites[name] = loaded.class_location
-    main_s = None
-    if deadline is not None:
-        from netdoctor.probe.budget import plan
+    pl = None
+    threads = torch.get_num_threads()
+    try:
+        if deadline is not None:
+            from netdoctor.probe.budget import one_thread_is_faster, plan
+            from netdoctor.probe.engine import resolve_device
 
-        with _phase(progress, "timing a step"):
-            pl = plan(loaded.model, source, config, deadline, budget_s,
-                      batch_given=bool(settings.get("batch_given")))
-        config, main_s = pl.config, pl.main_s
-        report.notes.extend(pl.notes)
+            with _phase(progress, "timing a step"):
+                x0, _ = next(source.batches(1))
+                if one_thread_is_faster(loaded.model, x0, resolve_device(config.device)):
+                    torch.set_num_threads(1)
+                    report.notes.append(f"the probe ran torch on 1 thread instead of {threads}: "
+                                        "on this machine (busy, or limited to fewer cores than "
+                                        "torch sees) one thread was faster")
+                pl = plan(loaded.model, source, config, deadline, budget_s,
+                          batch_given=bool(settings.get("batch_given")))
+            config = pl.config
+            report.notes.extend(pl.notes)
+        return _run_and_diagnose(report, loaded, source, config, opts, settings, progress,
+                                 deadline, budget_s, plot, sites, pl)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_and_diagnose(report, loaded, source, config, opts, settings, progress, deadline,
+                      budget_s, plot, sites, plan):
+    from netdoctor.check import run_rules
+    from netdoctor.probe.diagnose import link_causes, settle_data_findings
+    from netdoctor.probe.engine import run_probe
+    from netdoctor.rules import Context
+    from netdoctor.suppress import is_suppressed
+
     requested = config.steps
+    overfit = None
+    if plan is not None:
+        from netdoctor.probe.budget import overfit_fits
+
+        overfit = overfit_fits(plan, config.batch_limit or config.batch_size, report.notes)
     try:
         run = run_probe(loaded.model, source, config, sites=sites, progress=progress,
-                        budget_s=main_s)
+                        budget_s=plan.main_s if plan else None, overfit=overfit)
     except UserError:
         raise
     except Exception as e:
@@ -277,10 +302,14 @@ def measurements(run) -> dict[str, Any]:
         "accuracy_curve": list(run.accuracy),
         "activations": acts,
         "loss_at_init": run.loss[0] if run.loss else None,
+        "chance": run.chance,  # accuracy of always predicting the most common class
         "expected_initial_loss": math.log(c) if c and c > 1 and run.classification and
         run.config.loss == "cross_entropy" else None,
-        "probe": {"steps": run.steps_run, "steps_requested": run.config.steps,
-                  "batch_size": run.config.batch_size, "optimizer": run.config.optimizer,
+        "probe": {"steps": run.steps_run,
+                  "steps_requested": run.config.requested_steps or run.config.steps,
+                  "batch_size": min(run.config.batch_size,
+                                    run.config.batch_limit or run.config.batch_size),
+                  "optimizer": run.config.optimizer,
                   "lr": run.config.learning_rate, "momentum": run.config.momentum
                   if run.config.optimizer == "sgd" else None,
                   "weight_decay": run.config.weight_decay, "loss": run.config.loss,

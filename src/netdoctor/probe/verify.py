@@ -107,12 +107,13 @@ def verify(model: nn.Module, source, run: TrainingRun, report: Report, progress:
                              f"because after {run.steps_run} steps the difference was unclear")
                 if longer.improved:
                     winner = longer
+    if not v.attempts:
+        return None, notes + [f"fix first ({top.rule}) was not verified: a re-run of the probe "
+                              "would not fit the time left in the budget (--time-budget, or "
+                              "--steps for no budget)"]
     if v.out_of_time:
         notes.append(f"the verification stopped after {len(v.attempts)} attempt(s): the next "
                      "would not fit the time budget (--time-budget)")
-    if not v.attempts:
-        return None, notes or ["the fix was not verified: no time left in the budget "
-                               "(--time-budget)"]
     if v.attempts[0].outcome == "failed" and len(v.attempts) == 1:
         a = v.attempts[0]
         return None, [f"fix first ({top.rule}) was applied in memory ({_applied(a, run)}) but "

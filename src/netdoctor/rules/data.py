@@ -368,7 +368,8 @@ def input_not_normalized(ctx: Context):
                 f"integer values in 0..{t} ({_RANGE_NAMES.get(top, 'a fixed-range encoding')})")
         message = (f"the inputs are {what} ({measured} over {x.shape[0]} samples; "
                    f"{'; '.join(reasons)}): with values this large the first layer's outputs "
-                   "are too large, ReLUs die or saturate and the loss stalls"
+                   "are large, and at a high learning rate ReLUs die or saturate and the loss "
+                   "stalls"
                    + (" (the 784-300-10 MLP on raw FashionMNIST pixels reached accuracy 0.1)"
                       if top == 255 else "")
                    + f". Scale them to [0, 1] by their range (x / {t}) and standardize: after "
