@@ -67,11 +67,15 @@ class Symptom:
         return f"{value:.3g}"
 
     def to_dict(self, before: float | None, after: float | None, steps: int) -> dict[str, Any]:
+        was_healthy = self.healthy(before, steps)
         return {"rule": self.rule, "name": self.name, "unit": self.unit,
                 "threshold": self.threshold, "better": self.better, "before": before,
                 "after": after, "before_text": self.describe(before, steps),
                 "after_text": self.describe(after, steps),
-                "gone": bool(self.healthy(after, steps)) and not self.healthy(before, steps)}
+                "threshold_text": None if self.threshold is None else
+                self.describe(self.threshold, steps),
+                "present_before": None if was_healthy is None else not was_healthy,
+                "gone": bool(self.healthy(after, steps)) and was_healthy is False}
 
 
 # ------------------------------------------------------------------------------ measurements

@@ -27,6 +27,7 @@ from torch import nn
 
 from netdoctor.findings import Finding, Report, Severity
 from netdoctor.measure.record import TrainingRun
+from netdoctor.probe.diagnose import learned_well
 from netdoctor.probe.engine import run_probe
 from netdoctor.probe.remedies import Remedy, conflicts, lr_text, remedy_for
 from netdoctor.probe.symptoms import Symptom, symptom_for
@@ -39,6 +40,8 @@ EXTEND = 3
 # lower, and the accuracy at least this much higher (unless both are already near 1).
 LOSS_GAIN = 0.10
 ACC_GAIN = 0.02
+# When both runs reach an accuracy of 0.98, the loss must also fall by this much (absolute).
+SOLVED_LOSS_GAIN = 0.05
 # Smaller gains than these are noise; in between, the difference is unclear.
 UNCLEAR_LOSS_GAIN = 0.03
 
@@ -104,7 +107,7 @@ def verify(model: nn.Module, source, run: TrainingRun, report: Report, progress:
             if longer is not None:
                 extended = True
                 notes.append(f"the verification ran {longer.steps} steps ({EXTEND}x the probe) "
-                             f"because after {run.steps_run} steps the difference was unclear")
+                             f"because after {v.steps} steps the difference was unclear")
                 if longer.improved:
                     winner = longer
     if not v.attempts:
@@ -137,6 +140,7 @@ def verify(model: nn.Module, source, run: TrainingRun, report: Report, progress:
         if symptom else None,
         "attempts": [_attempt_dict(a, run, symptom) for a in v.attempts],
         "stopped": "time budget" if v.out_of_time else None,
+        "baseline_learned_well": learned_well(run) is not None,
     }
     return result, notes
 
@@ -169,7 +173,10 @@ class _Verifier:
         self.attempts: list[Attempt] = []
         self.out_of_time = False
         self.step_s = run.timings.get("train_s", 0.0) / max(1, run.steps_run)
-        self._baselines: dict[int, TrainingRun] = {run.steps_run: run}
+        # the probe's planned steps: a probe stopped early (NaN at step 3) still compares
+        # with a full-length re-run
+        self.steps = run.config.steps
+        self._baselines: dict[int, TrainingRun] = {self.steps: run}
 
     def _fits(self, steps: int, runs: int = 1) -> bool:
         if self.deadline is None:
@@ -199,7 +206,7 @@ class _Verifier:
 
     def attempt(self, remedies: list[Remedy], lr_times: int = 1,
                 steps: int | None = None) -> Attempt | None:
-        steps = steps or self.run.steps_run
+        steps = steps or self.steps
         if not self._fits(steps):
             return None
         a = Attempt(list(remedies), lr_times, steps)
@@ -222,7 +229,7 @@ class _Verifier:
         return a
 
     def extend(self, best: Attempt) -> Attempt | None:
-        steps = EXTEND * self.run.steps_run
+        steps = EXTEND * self.steps
         if not self._fits(steps, runs=2):
             return None
         base = replace(self.run.config, steps=steps)
@@ -281,7 +288,11 @@ def judge(before: dict[str, Any], after: dict[str, Any]) -> str:
         learns = a0 is not None and math.isfinite(a0) and a < (1 - LOSS_GAIN) * a0
         return "improved" if learns else "no"
     loss_gain = (b - a) / abs(b) if b else 0.0
-    acc_ok = acc_gain is None or acc_gain >= ACC_GAIN or (ba >= 0.98 and aa >= 0.98)
+    solved = acc_gain is not None and ba >= 0.98 and aa >= 0.98
+    acc_ok = acc_gain is None or acc_gain >= ACC_GAIN or solved
+    # both runs solved the task: a lower loss near zero is noise, not an improvement
+    if solved and b - a < SOLVED_LOSS_GAIN:
+        return "no"
     if loss_gain >= LOSS_GAIN and acc_ok:
         return "improved"
     if loss_gain >= UNCLEAR_LOSS_GAIN or (acc_gain is not None and acc_gain >= ACC_GAIN):

@@ -54,12 +54,12 @@ def fmt_num(x: Any) -> str:
 
 
 def fmt_fixed(x: Any) -> str:
-    """Two decimals, for losses and accuracies."""
+    """Two decimals, for losses and accuracies (huge losses in scientific notation)."""
     try:
         v = float(x)
     except (TypeError, ValueError):
         return "?"
-    if not math.isfinite(v):
+    if not math.isfinite(v) or abs(v) >= 1e4:
         return fmt_num(v)
     return f"{v:.2f}"
 
@@ -320,9 +320,20 @@ def _verified_fix(p: _Printer, v: Any) -> None:
             line.append(" (the loss and accuracy did not improve in this short run)")
     else:
         attempts = v.get("attempts") or []
-        line.append(f"nothing tried improved the probe's loss {_side(v.get('before'))}"
-                    + (f" over {steps} steps" if steps else "")
-                    + (f"; tried {len(attempts)}:" if attempts else ""))
+        sym = v.get("symptom") if isinstance(v.get("symptom"), dict) else {}
+        if sym.get("present_before") is False:
+            line.append(f"the probe showed no {sym.get('name')} problem for it to remove "
+                        f"({sym.get('before_text')}; the rule's threshold is "
+                        f"{sym.get('threshold_text')}), and ")
+        if v.get("baseline_learned_well"):
+            line.append(f"the model learned well without it (loss {_side(v.get('before'))}"
+                        + (f" over {steps} steps" if steps else "")
+                        + "), so this short run had nothing for it to improve"
+                        + (f"; tried {len(attempts)}:" if attempts else ""))
+        else:
+            line.append(f"nothing tried improved the probe's loss {_side(v.get('before'))}"
+                        + (f" over {steps} steps" if steps else "")
+                        + (f"; tried {len(attempts)}:" if attempts else ""))
     p.line(line)
     symptom = _symptom_text(v.get("symptom"))
     if symptom and improved:
@@ -344,7 +355,8 @@ def _verified_fix(p: _Printer, v: Any) -> None:
             if a.get("steps") and a.get("steps") != steps:
                 t.append(f" ({a['steps']} steps)")
         p.line(t, indent=2)
-    if not improved and symptom:
+    sym = v.get("symptom") if isinstance(v.get("symptom"), dict) else {}
+    if not improved and symptom and sym.get("present_before") is not False:
         p.line(Text("before: " + symptom.split(" → ")[0]), indent=2)
 
 
