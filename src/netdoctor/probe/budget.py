@@ -30,13 +30,14 @@ from netdoctor.probe.engine import ProbeConfig, resolve_device
 DEFAULT_BUDGET_S = 60.0
 MIN_STEPS = 10  # the loss-trend rules (ND407, ND409) need this many
 MIN_BATCH = 2  # BatchNorm needs two samples
+MIN_TRAIN_EVAL_BATCH = 16  # smaller batches make the train/eval check (ND411) noise
 MAIN_SHARE = 0.35  # of the time left when training starts: the probe's own run
 EXTRA_SHARE = 0.15  # the overfit-one-batch run and the train/eval check
 VERIFY_RUNS = 1.5  # re-runs of the probe's length kept for the verified fix (when it fits)
 STEP_PER_FORWARD = 3.5  # a measured training step (forward, backward, update, instruments)
 # costs about this many no-grad forwards of the same batch
 TIMED_SAMPLES = 4
-BIG_FORWARD_S = 0.5  # a forward of 2 samples this slow has ops big enough for threads to pay
+BIG_FORWARD_S = 0.5  # a forward of 2 samples this slow: big ops (threads pay), timed once
 ONE_THREAD_GAIN = 0.6  # one thread is used when it takes at most this share of the time
 
 
@@ -48,76 +49,72 @@ class Plan:
     main_s: float  # seconds the probe's own run may take
     step_estimate_s: float  # a training step at the planned batch size, estimated
     notes: list[str] = field(default_factory=list)
+    one_thread: bool = False  # run torch on one intra-op thread (it was clearly faster)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
 
-def forward_cost(model: nn.Module, x: torch.Tensor, device: torch.device) -> tuple[float, float]:
-    """(fixed seconds, seconds per sample) of a no-grad forward on a copy of `model` in train
-    mode (as in the probe; the copy's BatchNorm statistics absorb the passes), fitted to two
-    timed forwards of 2 and `TIMED_SAMPLES` samples: small models are dominated by the fixed
-    part, big ones by the part per sample."""
+@dataclass
+class ForwardCost:
+    fixed: float  # seconds of a no-grad forward that do not grow with the batch
+    per_sample: float  # seconds per sample
+    one_thread: bool  # one intra-op thread ran it clearly faster (see `measure_forward`)
+
+
+def measure_forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> ForwardCost:
+    """Time no-grad forwards on a copy of `model` in train mode (as in the probe; the copy's
+    BatchNorm statistics absorb the passes).
+
+    A model whose first forward of 2 samples takes `BIG_FORWARD_S` or more is measured by that
+    forward alone (its cost grows with the batch; the first forward's set-up makes the estimate
+    a little high, which errs on the side of the budget). A smaller one is timed at 2 and
+    `TIMED_SAMPLES` samples (fixed part + part per sample) -- and once more with one intra-op
+    thread: on a CPU shared with other work, or limited by a container quota torch does not see,
+    every parallel op waits for the thread that is not scheduled, and small models can run tens
+    of times slower with several threads than with one. Medians, as a busy machine is busy most
+    of the time."""
     net = copy.deepcopy(model).to(device)
     x = x.to(device)
     k = min(TIMED_SAMPLES, x.shape[0])
-
-    def timed(n: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        net(x[:n])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t
-
     small = min(2, k)  # BatchNorm in train mode needs two samples
-    with preserved_modes(net), torch.no_grad():
-        net.train()
-        timed(small)  # warm-up: allocations, lazy initialisation
-        t_small = timed(small)
-        t_k = timed(k) if k > small else t_small
-    if k == small:
-        return 0.0, t_small / small
-    per = max(0.0, (t_k - t_small) / (k - small))
-    return max(0.0, t_small - per * small), per
 
-
-def one_thread_is_faster(model: nn.Module, x: torch.Tensor, device: torch.device) -> bool:
-    """Whether one intra-op thread runs this model's forward clearly faster than torch's default.
-
-    On a CPU shared with other work (or limited by a container quota that torch does not see),
-    every parallel op waits for the thread that is not scheduled: small models can run tens of
-    times slower with several threads than with one. Big ops still gain from threads, so a
-    forward that already takes `BIG_FORWARD_S` keeps them."""
-    if device.type != "cpu" or torch.get_num_threads() <= 1:
-        return False
-    net = copy.deepcopy(model)
-    xb = x[:2]
-
-    def typical(n: int) -> float:
+    def timed(n: int, repeat: int = 1) -> float:
         times = []
-        for _ in range(n):
+        for _ in range(repeat):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             t = time.perf_counter()
-            net(xb)
+            net(x[:n])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t)
-        return sorted(times)[n // 2]  # the median: a busy machine is busy most of the time
+        return sorted(times)[repeat // 2]
+
+    def fit(t_small: float, t_k: float) -> tuple[float, float]:
+        if k == small:
+            return 0.0, t_small / small
+        per = max(0.0, (t_k - t_small) / (k - small))
+        return max(0.0, t_small - per * small), per
 
     threads = torch.get_num_threads()
-    try:
-        with preserved_modes(net), torch.no_grad():
-            net.train()
-            net(xb)  # warm-up
-            multi = typical(5)
-            if multi > BIG_FORWARD_S:
-                return False
+    with preserved_modes(net), torch.no_grad():
+        net.train()
+        warm = timed(small)  # allocations, lazy initialisation
+        if warm >= BIG_FORWARD_S:  # its own (slightly high) estimate: another costs too much
+            return ForwardCost(0.0, warm / small, False)
+        multi = fit(timed(small, 5), timed(k, 3))
+        if device.type != "cpu" or threads <= 1:
+            return ForwardCost(*multi, False)
+        try:
             torch.set_num_threads(1)
-            one = typical(5)
-    except Exception:  # the probe's own run reports a forward that fails
-        return False
-    finally:
-        torch.set_num_threads(threads)
-    return one < ONE_THREAD_GAIN * multi
+            one = fit(timed(small, 5), timed(k, 3))
+        finally:
+            torch.set_num_threads(threads)
+    one_s, multi_s = one[0] + one[1] * small, multi[0] + multi[1] * small
+    if one_s < ONE_THREAD_GAIN * multi_s:
+        return ForwardCost(*one, True)
+    return ForwardCost(*multi, False)
 
 
 def plan(model: nn.Module, source, config: ProbeConfig, deadline: float, budget_s: float,
@@ -127,9 +124,10 @@ def plan(model: nn.Module, source, config: ProbeConfig, deadline: float, budget_
     device = resolve_device(config.device)
     x, _ = next(source.batches(1))
     try:
-        fixed, per = forward_cost(model, x, device)
+        cost = measure_forward(model, x, device)
     except Exception:  # the probe's own run will report a forward that fails
-        fixed = per = 0.0
+        cost = ForwardCost(0.0, 0.0, False)
+    fixed, per = cost.fixed, cost.per_sample
 
     def step_s(b: int) -> float:
         return STEP_PER_FORWARD * (fixed + per * b)
@@ -142,7 +140,8 @@ def plan(model: nn.Module, source, config: ProbeConfig, deadline: float, budget_
     if (1 + VERIFY_RUNS) * main_full + overfit_s + settle_s <= left:
         # everything fits as asked: the main run only guards against a wrong estimate
         return Plan(deadline=deadline, budget_s=budget_s, config=config,
-                    main_s=left / (1 + VERIFY_RUNS), step_estimate_s=step_s(batch))
+                    main_s=left / (1 + VERIFY_RUNS), step_estimate_s=step_s(batch),
+                    one_thread=cost.one_thread)
     main_s = MAIN_SHARE * left
     limit = None
     if not batch_given and per > 0:
@@ -157,14 +156,18 @@ def plan(model: nn.Module, source, config: ProbeConfig, deadline: float, budget_
     extra = EXTRA_SHARE * left
     settle = config.settle_batches
     settle_s = settle * step_s(batch) / STEP_PER_FORWARD
-    if settle and settle_s > 0.25 * extra:
+    if settle and batch < MIN_TRAIN_EVAL_BATCH:
+        settle = 0
+        notes.append(f"time budget: the BatchNorm train/eval check (ND411) was skipped: batches "
+                     f"of {batch} are too small for BatchNorm statistics to mean much")
+    elif settle and settle_s > 0.25 * extra:
         settle = max(1, int(0.25 * extra / max(step_s(batch) / STEP_PER_FORWARD, 1e-9)))
         if settle < config.settle_batches:
             notes.append(f"time budget: the train/eval check re-estimates BatchNorm statistics "
                          f"on {settle} batch(es) instead of {config.settle_batches}")
     cfg = replace(config, batch_limit=limit, settle_batches=settle)
     return Plan(deadline=deadline, budget_s=budget_s, config=cfg, main_s=main_s,
-                step_estimate_s=step_s(batch), notes=notes)
+                step_estimate_s=step_s(batch), notes=notes, one_thread=cost.one_thread)
 
 
 def steps_note(requested: int, run, budget_s: float) -> str | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +65,13 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
             opts.input_dtype = "long"  # token ids
 
     progress = progress_bar(sys.stderr.isatty())
+    times = settings.setdefault("phase_times", {})
     with (progress or nullcontext()):
-        with _phase(progress, "static checks"):
+        with _phase(progress, "static checks", times, "check_s"):
             report = check_loaded(loaded, opts)
         report.command = "probe"
         report.notes[:0] = notes
-        with _phase(progress, "data rules"):
+        with _phase(progress, "data rules", times, "data_rules_s"):
             _data_rules(report, loaded, sample, opts)
         if any(f.rule == "ND002" for f in report.findings):
             report.notes.append(f"probe: {config.describe()}")
@@ -98,18 +99,16 @@ def _train_and_diagnose(report, loaded, source, config, opts, settings, progress
     threads = torch.get_num_threads()
     try:
         if deadline is not None:
-            from netdoctor.probe.budget import one_thread_is_faster, plan
-            from netdoctor.probe.engine import resolve_device
+            from netdoctor.probe.budget import plan
 
-            with _phase(progress, "timing a step"):
-                x0, _ = next(source.batches(1))
-                if one_thread_is_faster(loaded.model, x0, resolve_device(config.device)):
-                    torch.set_num_threads(1)
-                    report.notes.append(f"the probe ran torch on 1 thread instead of {threads}: "
-                                        "on this machine (busy, or limited to fewer cores than "
-                                        "torch sees) one thread was faster")
+            with _phase(progress, "timing a step", settings["phase_times"], "plan_s"):
                 pl = plan(loaded.model, source, config, deadline, budget_s,
                           batch_given=bool(settings.get("batch_given")))
+            if pl.one_thread:
+                torch.set_num_threads(1)
+                report.notes.append(f"the probe ran torch on 1 thread instead of {threads}: "
+                                    "on this machine (busy, or limited to fewer cores than "
+                                    "torch sees) one thread was faster")
             config = pl.config
             report.notes.extend(pl.notes)
         return _run_and_diagnose(report, loaded, source, config, opts, settings, progress,
@@ -166,10 +165,14 @@ def _run_and_diagnose(report, loaded, source, config, opts, settings, progress, 
     link_causes(report.findings)
     settle_data_findings(report.findings, run, opts.rule_options)
     report.measurements = measurements(run)
+    report.measurements["probe"]["timings_s"].update(
+        {k: round(v, 3) for k, v in settings.get("phase_times", {}).items()})
     if settings.get("verify", True):
         from netdoctor.probe.verify import verify
 
+        t = time.perf_counter()
         vf, notes = verify(loaded.model, source, run, report, progress, deadline)
+        report.measurements["probe"]["timings_s"]["verify_s"] = round(time.perf_counter() - t, 3)
         if vf is not None:
             report.measurements["verified_fix"] = vf
         report.notes.extend(notes)
@@ -184,20 +187,18 @@ def _run_and_diagnose(report, loaded, source, config, opts, settings, progress, 
     return report, run
 
 
-def _phase(progress, label: str):
-    """A spinner line for a phase without steps (only on a terminal)."""
-    if progress is None:
-        return nullcontext()
-    from contextlib import contextmanager
-
-    @contextmanager
-    def shown():
-        task = progress.add_task(label, total=None)
-        try:
-            yield
-        finally:
+@contextmanager
+def _phase(progress, label: str, times: dict[str, float] | None = None, key: str = ""):
+    """A phase without steps: a spinner line (only on a terminal), and its wall time."""
+    task = progress.add_task(label, total=None) if progress is not None else None
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        if times is not None and key:
+            times[key] = time.perf_counter() - t
+        if task is not None:
             progress.remove_task(task)
-    return shown()
 
 
 def _synthetic_spec(spec, model, notes: list[str]) -> None:
