@@ -90,6 +90,21 @@ def test_first_command_sigmoid_lenet_fix_improves_loss_and_accuracy():
     assert sym["rule"] == "ND403" and sym["before"] < 1e-2 <= sym["after"] and sym["gone"]
 
 
+def test_an_unclear_difference_is_run_three_times_longer_and_says_so():
+    """40 steps: the ReLU LeNet's gradients flow (the symptom is gone) but its loss has not
+    moved yet; 120 steps show the outcome."""
+    result = invoke("probe", LENET_SIGMOID, "--data", "synthetic", "--steps", "40",
+                    "--format", "json")
+    report = json.loads(result.stdout)
+    vf = report["measurements"]["verified_fix"]
+    assert vf["extended"] and vf["steps"] == 120 and vf["outcome_improved"]
+    assert vf["before"]["steps"] == vf["after"]["steps"] == 120  # both sides re-run longer
+    first = vf["attempts"][0]
+    assert first["steps"] == 40 and first["outcome"] != "improved" and first["symptom_gone"]
+    assert any("ran 120 steps (3x the probe) because after 40 steps the difference was unclear"
+               in n for n in report["notes"])
+
+
 @pytest.mark.parametrize("target", [f"{HEALTHY / 'lenet_relu.py'}:LeNet",
                                     f"{HEALTHY / 'mlp_normalized.py'}:MLP"])
 def test_healthy_lenet_and_mlp_probe_clean_with_the_loss_falling(target):

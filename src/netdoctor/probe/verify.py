@@ -5,8 +5,9 @@ top finding (`symptoms`), e.g. the first/last gradient ratio or the dead-unit fr
 When the top fix alone does not improve the outcome, the next ranked remedies are added one at a
 time (at most `MAX_REMEDIES` in all; a learning-rate change that does not help is scaled again,
 at most twice) and the smallest combination that works is reported. When the difference is
-still unclear, both sides are re-run for `EXTEND` times the steps, and the report says so. When
-nothing helps, every attempt is listed with its numbers.
+still unclear -- a small gain, or the symptom gone while the loss has not moved yet -- both sides
+are re-run for `EXTEND` times the steps, and the report says so. When nothing helps, every
+attempt is listed with its numbers.
 
 Each re-run uses the same batches (sources are deterministic for a seed), the same steps and
 the probe's own instruments, on a fresh copy of the model (`remedies`); the user's object and
@@ -56,7 +57,6 @@ class Attempt:
     outcome: str = "no"  # "improved" | "unclear" | "no" | "failed"
     symptom_gone: bool = False
     error: str | None = None
-    still_falling: bool = False
 
     @property
     def improved(self) -> bool:
@@ -100,9 +100,12 @@ def verify(model: nn.Module, source, run: TrainingRun, report: Report, progress:
             winner = smaller
     extended = False
     if winner is None:
-        unclear = [a for a in v.attempts if a.outcome == "unclear" and a.still_falling]
-        if unclear:
-            best = min(unclear, key=lambda a: a.side.get("loss_last") or math.inf)
+        # a small gain, or the mechanism fixed (the symptom gone) while the loss has not moved
+        # yet: the probe may be too short to show the outcome
+        promising = [a for a in v.attempts if a.outcome == "unclear" or
+                     (a.symptom_gone and a.outcome != "failed")]
+        if promising:
+            best = min(promising, key=lambda a: _finite_or_inf(a.side.get("loss_last")))
             longer = v.extend(best)
             if longer is not None:
                 extended = True
@@ -219,7 +222,6 @@ class _Verifier:
             return a
         a.side = after.summary_side()
         a.symptom = self.symptom.value(after) if self.symptom else None
-        a.still_falling = _still_falling(after.loss)
         before = self.before_side(steps)
         sym_before = self.before_symptom(steps)
         a.outcome = judge(before, a.side)
@@ -262,15 +264,8 @@ def _compose(fns: list[Callable[[torch.Tensor], torch.Tensor]]):
     return transform
 
 
-def _still_falling(losses: list[float]) -> bool:
-    """The loss of the last quarter is still clearly below that of the quarter before."""
-    q = len(losses) // 4
-    if q < 2:
-        return False
-    prev, last = losses[-2 * q:-q], losses[-q:]
-    if not all(math.isfinite(v) for v in prev + last):
-        return False
-    return sum(last) / q < 0.97 * sum(prev) / q
+def _finite_or_inf(v: float | None) -> float:
+    return v if v is not None and math.isfinite(v) else math.inf
 
 
 # ------------------------------------------------------------------------------ judging
