@@ -132,7 +132,8 @@ def verify(model: nn.Module, source, run: TrainingRun, report: Report, progress:
         "fix": top.fix.summary if top.fix and len(shown.remedies) == 1 and shown.lr_times == 1
         else _applied(shown, run),
         "applied": _applied(shown, run),
-        "remedies": [{"rule": r.rule, "description": r.description} for r in shown.remedies],
+        "remedies": [{"rule": r.rule, "description": _described(r, shown, run)}
+                     for r in shown.remedies],
         "before": before_side,
         "after": shown.side,
         "improved": winner is not None or shown.symptom_gone,
@@ -315,15 +316,15 @@ def _best(attempts: list[Attempt], symptom: Symptom | None) -> Attempt:
 
 # ------------------------------------------------------------------------------ the record
 
+def _described(r: Remedy, a: Attempt, run: TrainingRun) -> str:
+    if r.lr_factor is None:
+        return r.description
+    lr = run.config.learning_rate
+    return lr_text(lr, lr * r.lr_factor ** a.lr_times)
+
+
 def _applied(a: Attempt, run: TrainingRun) -> str:
-    parts = []
-    for r in a.remedies:
-        if r.lr_factor is not None:
-            lr = run.config.learning_rate
-            parts.append(lr_text(lr, lr * r.lr_factor ** a.lr_times))
-        else:
-            parts.append(r.description)
-    return " + ".join(parts)
+    return " + ".join(_described(r, a, run) for r in a.remedies)
 
 
 def _attempt_dict(a: Attempt, run: TrainingRun, symptom: Symptom | None) -> dict[str, Any]:
