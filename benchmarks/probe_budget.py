@@ -72,6 +72,8 @@ def main() -> None:
                   f"(ratio {wall / budget:.2f}); {steps} steps of "
                   f"batch {probe.get('batch_size')}, {step_s:.2f} s per step; "
                   f"warnings/errors: {', '.join(loud) or 'none'}")
+            phases = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in timings.items() if v)
+            print(f"    phases (s): {phases}")
             for note in report.get("notes", []):
                 if note.startswith("time budget") or note.startswith("probe:"):
                     print(f"    {note}")

@@ -37,7 +37,8 @@ VERIFY_RUNS = 1.5  # re-runs of the probe's length kept for the verified fix (wh
 STEP_PER_FORWARD = 3.5  # a measured training step (forward, backward, update, instruments)
 # costs about this many no-grad forwards of the same batch
 TIMED_SAMPLES = 4
-BIG_FORWARD_S = 0.5  # a forward of 2 samples this slow: big ops (threads pay), timed once
+CHEAP_FORWARD_S = 0.05  # forwards cheaper than this are timed five times (medians)
+THREAD_TEST_MAX_S = 1.0  # a forward of 2 this slow is not timed again on one thread
 ONE_THREAD_GAIN = 0.6  # one thread is used when it takes at most this share of the time
 
 
@@ -63,52 +64,51 @@ class ForwardCost:
 
 
 def measure_forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> ForwardCost:
-    """Time no-grad forwards on a copy of `model` in train mode (as in the probe; the copy's
-    BatchNorm statistics absorb the passes).
+    """Time no-grad forwards of 2 and `TIMED_SAMPLES` samples on a copy of `model` in train
+    mode (as in the probe; the copy's BatchNorm statistics absorb the passes; the model has run
+    before, in the static checks and data rules, so the process is warm): the part of a
+    forward that does not grow with the batch, and the part per sample.
 
-    A model whose first forward of 2 samples takes `BIG_FORWARD_S` or more is measured by that
-    forward alone (its cost grows with the batch; the first forward's set-up makes the estimate
-    a little high, which errs on the side of the budget). A smaller one is timed at 2 and
-    `TIMED_SAMPLES` samples (fixed part + part per sample) -- and once more with one intra-op
-    thread: on a CPU shared with other work, or limited by a container quota torch does not see,
-    every parallel op waits for the thread that is not scheduled, and small models can run tens
-    of times slower with several threads than with one. Medians, as a busy machine is busy most
-    of the time."""
+    When the fixed part dominates (many small ops: a small model, or small inputs) and a forward
+    takes less than `THREAD_TEST_MAX_S`, it is timed once more with one intra-op thread: on a CPU
+    shared with other work, or limited by a container quota torch does not see, every parallel op
+    waits for the thread that is not scheduled, and such models can run many times slower with
+    several threads than with one. Medians of a few runs where a forward is cheap."""
     net = copy.deepcopy(model).to(device)
     x = x.to(device)
     k = min(TIMED_SAMPLES, x.shape[0])
     small = min(2, k)  # BatchNorm in train mode needs two samples
 
-    def timed(n: int, repeat: int = 1) -> float:
-        times = []
-        for _ in range(repeat):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            net(x[:n])
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t)
-        return sorted(times)[repeat // 2]
+    def timed(n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        net(x[:n])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t
 
-    def fit(t_small: float, t_k: float) -> tuple[float, float]:
+    def fit() -> tuple[float, float]:
+        first = timed(small)
+        repeat = 1 if first >= CHEAP_FORWARD_S else 5
+        t_small = sorted([first] + [timed(small) for _ in range(repeat - 1)])[repeat // 2]
         if k == small:
             return 0.0, t_small / small
+        t_k = sorted(timed(k) for _ in range(max(1, repeat // 2)))[max(1, repeat // 2) // 2]
         per = max(0.0, (t_k - t_small) / (k - small))
         return max(0.0, t_small - per * small), per
 
     threads = torch.get_num_threads()
     with preserved_modes(net), torch.no_grad():
         net.train()
-        warm = timed(small)  # allocations, lazy initialisation
-        if warm >= BIG_FORWARD_S:  # its own (slightly high) estimate: another costs too much
-            return ForwardCost(0.0, warm / small, False)
-        multi = fit(timed(small, 5), timed(k, 3))
-        if device.type != "cpu" or threads <= 1:
+        multi = fit()
+        fixed_bound = multi[0] >= multi[1] * small
+        if device.type != "cpu" or threads <= 1 or not fixed_bound or \
+                multi[0] + multi[1] * small >= THREAD_TEST_MAX_S:
             return ForwardCost(*multi, False)
         try:
             torch.set_num_threads(1)
-            one = fit(timed(small, 5), timed(k, 3))
+            one = fit()
         finally:
             torch.set_num_threads(threads)
     one_s, multi_s = one[0] + one[1] * small, multi[0] + multi[1] * small

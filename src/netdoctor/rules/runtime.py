@@ -103,6 +103,21 @@ def cut_short(run) -> int | None:
     return requested if requested and requested > run.steps_run else None
 
 
+def batch_cut(run) -> tuple[int, int] | None:
+    """(samples per step, the batch size asked for) when a time budget made the probe train on
+    fewer samples per step; gradients of a few samples are noisier, so update and gradient
+    sizes are not the ones the asked-for batch would see."""
+    limit = getattr(run.config, "batch_limit", None)
+    batch = getattr(run.config, "batch_size", None)
+    return (limit, batch) if limit and batch and limit < batch else None
+
+
+def _batch_cut_text(cut: tuple[int, int]) -> str:
+    return (f" The time budget cut the batch from {cut[1]} to {cut[0]} samples, whose gradients "
+            "are noisier: reported as info (probe with --batch-size or a larger --time-budget "
+            "to judge it).")
+
+
 def early_steps(n: int) -> int:
     """How many of the first steps count as "early": 10%, at least 3."""
     return min(n, max(3, n // 10))
@@ -257,12 +272,18 @@ def exploding_gradients(ctx: Context):
               f"{g(run.config.learning_rate / 10)}) and/or clip the gradient norm",
               lr_snippet(run, 0.1) + "# between loss.backward() and optimizer.step():\n"
               "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)\n")
-    yield ctx.finding("ND402", message, module=module, location=_site(run, module), fix=fix,
-                      evidence={"growth": growth, "start_norm": start, "peak_norm": peak,
-                                "max_grad_weight_ratio": worst_ratio,
-                                "worst_parameter": worst.name if worst else None,
-                                "total_grad_norm": totals},
-                      impact=7.0)
+    cut = batch_cut(run)
+    if cut:
+        message += _batch_cut_text(cut)
+    f = ctx.finding("ND402", message, module=module, location=_site(run, module), fix=fix,
+                    evidence={"growth": growth, "start_norm": start, "peak_norm": peak,
+                              "max_grad_weight_ratio": worst_ratio,
+                              "worst_parameter": worst.name if worst else None,
+                              "total_grad_norm": totals, "batch_cut_from": cut and cut[1]},
+                    impact=7.0)
+    if cut and not nonfinite_grad and "severity" not in ctx.options.get("ND402", {}):
+        f.severity = Severity.INFO
+    yield f
 
 
 # ------------------------------------------------------------------------------ ND403
@@ -437,12 +458,19 @@ def update_ratio(ctx: Context):
             fix = Fix(f"raise the learning rate ({g(lr)} -> {g(lr * factor)}) once the "
                       "gradient problem behind it is fixed", lr_snippet(run, factor))
         p = worst[0]
-        yield ctx.finding("ND406", message, module=p.module, location=_site(run, p.module),
-                          fix=fix, evidence={"direction": direction, "min_ratio": low,
-                                             "max_ratio": high,
-                                             "ratios": {q.module: r for q, r in rows},
-                                             "early_ratios": {q.module: r for q, r in early}},
-                          impact=5.0)
+        cut = batch_cut(run) if direction == "too-large" else None
+        if cut:
+            message += _batch_cut_text(cut)
+        f = ctx.finding("ND406", message, module=p.module, location=_site(run, p.module),
+                        fix=fix, evidence={"direction": direction, "min_ratio": low,
+                                           "max_ratio": high,
+                                           "ratios": {q.module: r for q, r in rows},
+                                           "early_ratios": {q.module: r for q, r in early},
+                                           "batch_cut_from": cut and cut[1]},
+                        impact=5.0)
+        if cut and "severity" not in ctx.options.get("ND406", {}):
+            f.severity = Severity.INFO
+        yield f
 
 
 # ------------------------------------------------------------------------------ ND407
