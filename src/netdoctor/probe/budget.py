@@ -38,7 +38,7 @@ STEP_PER_FORWARD = 3.5  # a measured training step (forward, backward, update, i
 # costs about this many no-grad forwards of the same batch
 TIMED_SAMPLES = 4
 CHEAP_FORWARD_S = 0.05  # forwards cheaper than this are timed five times (medians)
-THREAD_TEST_MAX_S = 1.0  # a forward of 2 this slow is not timed again on one thread
+THREAD_TEST_MAX_S = 3.0  # a forward of 2 this slow is not timed again on one thread
 ONE_THREAD_GAIN = 0.6  # one thread is used when it takes at most this share of the time
 
 
@@ -102,19 +102,21 @@ def measure_forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> 
     with preserved_modes(net), torch.no_grad():
         net.train()
         multi = fit()
-        fixed_bound = multi[0] >= multi[1] * small
+        multi_s = multi[0] + multi[1] * small
+        fixed_bound = multi[0] >= 2 * multi[1] * small
         if device.type != "cpu" or threads <= 1 or not fixed_bound or \
-                multi[0] + multi[1] * small >= THREAD_TEST_MAX_S:
+                multi_s >= THREAD_TEST_MAX_S:
             return ForwardCost(*multi, False)
         try:
             torch.set_num_threads(1)
-            one = fit()
+            n = 1 if multi_s >= CHEAP_FORWARD_S else 5
+            one_s = sorted(timed(small) for _ in range(n))[n // 2]
+            if one_s >= ONE_THREAD_GAIN * multi_s:
+                return ForwardCost(*multi, False)
+            one = fit()  # faster: measure it properly, as the probe will run it
         finally:
             torch.set_num_threads(threads)
-    one_s, multi_s = one[0] + one[1] * small, multi[0] + multi[1] * small
-    if one_s < ONE_THREAD_GAIN * multi_s:
-        return ForwardCost(*one, True)
-    return ForwardCost(*multi, False)
+    return ForwardCost(*one, True)
 
 
 def plan(model: nn.Module, source, config: ProbeConfig, deadline: float, budget_s: float,

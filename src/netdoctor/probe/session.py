@@ -245,14 +245,17 @@ def _synthetic_spec(spec, model, notes: list[str]) -> None:
 
 
 def _sample(source, spec, config):
-    """The first batches, as the data rules see them (with the loss the probe trains with)."""
+    """The first batches, as the data rules see them (with the loss the probe trains with):
+    four, or one of ImageNet-sized inputs (a batch of them is plenty for the statistics)."""
     try:
         from netdoctor.rules.data import DataSample
     except ImportError:  # pragma: no cover - data rules not available
         return None
     from dataclasses import replace
 
-    return replace(DataSample.from_source(source, spec=spec), loss=config.loss)
+    big = math.prod(source.sample_shape or ()) > 100_000
+    return replace(DataSample.from_source(source, n_batches=1 if big else 4, spec=spec),
+                   loss=config.loss)
 
 
 def _data_rules(report, loaded, sample, opts) -> None:
