@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner, Result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,3 +99,15 @@ def line_of(path: Path, needle: str) -> int:
         if needle in text:
             return number
     raise AssertionError(f"{needle!r} not found in {path}")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_real_downloads(tmp_path_factory) -> Iterator[None]:
+    """No test reaches the internet: a built-in set missing from a test's data folder would be
+    downloaded from the public mirrors, so every test (and every CLI subprocess, which inherits
+    the environment) gets a mirror that is an empty local folder instead. Tests about downloads
+    set their own mirror (a local HTTP server)."""
+    empty = tmp_path_factory.mktemp("no-mirror")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NETDOCTOR_DATA_MIRROR", empty.as_uri())
+        yield

@@ -176,7 +176,7 @@ main()
 
 
 @pytest.mark.parametrize("args", [["--help"], ["rules"], ["rules", "--format", "json"],
-                                  ["explain", "ND101"], ["--version"]])
+                                  ["explain", "ND101"], ["--version"], ["run", "--help"]])
 def test_fast_commands_do_not_import_torch(args):
     result = run_python(_PROBE.format(args=args))
     assert result.returncode == 0, result.stderr
@@ -206,7 +206,7 @@ def test_rules_lists_the_catalogue():
 def test_help_mentions_the_commands():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("check", "rules", "explain"):
+    for command in ("check", "probe", "run", "rules", "explain"):
         assert command in result.stdout
 
 

@@ -116,20 +116,20 @@ def test_builtin_max_samples(tmp_path):
 
 def test_builtin_missing_files_message_names_path(tmp_path):
     with pytest.raises(UserError) as exc:
-        open_source(DataSpec("fashionmnist", data_dir=tmp_path))
+        open_source(DataSpec("fashionmnist", data_dir=tmp_path, download=False))
     msg = str(exc.value)
     expected = tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
     assert msg.startswith("FashionMNIST not found")
     assert f"{expected}[.gz]" in msg
     assert "torchvision.datasets.FashionMNIST" in msg and "download=True" in msg
-    assert "--data-dir" in msg
+    assert "--data-dir" in msg and "without --no-download" in msg
 
 
 def test_builtin_missing_labels_only_names_labels(tmp_path):
     raw = write_idx_dataset(tmp_path, "MNIST", n_train=10, n_test=5)
     (raw / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(UserError, match="MNIST not found") as exc:
-        open_source(DataSpec("mnist", data_dir=tmp_path, train=False))
+        open_source(DataSpec("mnist", data_dir=tmp_path, train=False, download=False))
     assert "t10k-labels-idx1-ubyte[.gz]" in str(exc.value)
     assert "t10k-images" not in str(exc.value)
 

@@ -342,3 +342,314 @@ def test_output_rules_read_onnx_graphs(tmp_path):
             (report,), _ = check(str(onnx_path), CheckOptions())
         found[rule] = of(report.findings, rule)
         assert found[rule] and found[rule][0].fix.kind == "snippet", (rule, report.findings)
+
+
+# ----------------------------------------------------------------------- ND201 along a path
+
+MLP_INIT = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """784-256-256-10 ReLU MLP; `stds` draws each Linear's weight from N(0, std) (None: keep
+    PyTorch's default); `norm` puts a BatchNorm1d after the first hidden layer."""
+
+    def __init__(self, stds=(None, None, None), norm=False):
+        super().__init__()
+        layers = [nn.Flatten(), nn.Linear(784, 256)]
+        layers += [nn.BatchNorm1d(256)] if norm else []
+        layers += [nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)]
+        self.net = nn.Sequential(*layers)
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        for m, std in zip(linears, stds):
+            if std is not None:
+                nn.init.normal_(m.weight, std=std)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.net(x)
+'''
+
+
+def _mlp(tmp_path: Path, **kwargs):
+    path = tmp_path / "mlp_init.py"
+    path.write_text(MLP_INIT, encoding="utf-8")
+    from netdoctor.loading.target import load
+
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", kwargs).models[0]
+        return check_loaded(loaded, CheckOptions(input_shape=MNIST)).findings
+
+
+# He for 784 inputs is 0.0505, for 256 inputs 0.0884; LeCun for the 256-input head is 0.0625.
+@pytest.mark.parametrize("stds, norm, flagged, shrink", [
+    ((0.0101, None, None), False, False, None),  # one hidden layer 5x below: harmless
+    ((None, None, 0.001), False, False, None),  # a small logit layer alone: recommended
+    ((None, None, 0.0), False, False, None),  # a zero logit layer
+    ((0.0101, None, 0.0125), False, True, 25.0),  # 5x below, then a 5x smaller head
+    ((0.0101, 0.0177, None), False, True, 25.0),  # two hidden layers 5x below each
+    ((0.0101, 0.0177, None), True, False, None),  # a BatchNorm between the two cuts the path
+    ((0.0101, 0.0177, 0.0125), False, True, 125.0),  # three in series: 5 * 5 * 5
+])
+def test_nd201_judges_the_compound_shrink_along_a_path(tmp_path, stds, norm, flagged, shrink):
+    found = of(_mlp(tmp_path, stds=stds, norm=norm), "ND201")
+    assert bool(found) is flagged, [f.message for f in found]
+    if flagged:
+        (f,) = found
+        assert f.evidence["shrink"] == pytest.approx(shrink, rel=0.1)
+        assert f.evidence["max_shrink"] == 24.0
+        assert f"shrink the signal {f.evidence['shrink']:.3g}x" in f.message
+        assert f.module == f.evidence["layers"][0]["module"]
+
+
+def test_nd201_still_judges_a_single_layer_above_its_scale(tmp_path):
+    (f,) = of(_mlp(tmp_path, stds=(None, 0.5, None)), "ND201")  # N(0, 0.5): 5.7x above He
+    assert f.module == "net.3" and f.evidence["layers"][0]["ratio"] > 5
+    assert "amplifies" in f.message
+
+
+def test_nd201_on_small_init_heads_of_widely_used_designs():
+    """torchvision's N(0, 0.01) classifier and BERT's N(0, 0.02) pooler + classifier: one hidden
+    layer a few times below its scale and a small logit layer, clean; the seed MLP is not."""
+    bert = run(str(HEALTHY / "bert.py") + ":BertClassifier", shape=(16,), select=("ND201",))
+    assert bert == []
+    mobile = run(str(HEALTHY / "tv_init_classifier.py") + ":TVInitMobileNet", shape=(3, 32, 32),
+                 select=("ND201",))
+    assert mobile == []
+    (seed,) = run(str(SICK / "mlp.py") + ":MLP", select=("ND201",))
+    assert [layer["module"] for layer in seed.evidence["layers"]] == ["net.1", "net.3"]
+    assert seed.evidence["layers"][1]["output_layer"] is True
+    assert 27 < seed.evidence["shrink"] < 31  # 5.05x (He, 784 inputs) * 5.8x (LeCun, 300)
+
+
+# ----------------------------------------------------------------------- normalizer-free designs
+
+WS_STACK = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StdConv2d(nn.Conv2d):
+    """A conv whose forward standardizes its weight the way `kind` says."""
+
+    def __init__(self, cin, cout, kind):
+        super().__init__(cin, cout, 3, padding=1)
+        self.kind = kind
+
+    def forward(self, x):
+        w = self.weight
+        if self.kind == "var_mean":  # NF-Nets' scaled WS
+            var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+            w = (w - mean) * torch.rsqrt(var * w[0].numel() + 1e-4)
+        elif self.kind == "batch_norm":  # timm's StdConv2d
+            w = F.batch_norm(w.reshape(1, self.out_channels, -1), None, None, training=True,
+                             momentum=0.0, eps=1e-6).reshape_as(w)
+        elif self.kind == "std":  # weight standardization (Qiao et al.)
+            w = w - w.mean(dim=(1, 2, 3), keepdim=True)
+            w = w / (w.view(w.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class Net(nn.Module):
+    """Ten 3x3 convs with ReLU between, no normalization layer, no skip connection."""
+
+    def __init__(self, kind="var_mean"):
+        super().__init__()
+        layers, cin = [], 1
+        for _ in range(10):
+            layers += [StdConv2d(cin, 16, kind), nn.ReLU()]
+            cin = 16
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+'''
+
+
+@pytest.mark.parametrize("kind, plain", [("plain", True), ("var_mean", False),
+                                         ("batch_norm", False), ("std", False)])
+def test_nd101_sees_weight_standardization_as_normalization(tmp_path, kind, plain):
+    path = tmp_path / "ws_stack.py"
+    path.write_text(WS_STACK, encoding="utf-8")
+    from netdoctor.graph.build import build_graph
+    from netdoctor.loading.shapes import InputSpec
+    from netdoctor.loading.target import load
+    from netdoctor.rules._paths import standardized_weight
+
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", {"kind": kind}).models[0]
+        found = check_loaded(loaded, CheckOptions(input_shape=MNIST)).findings
+    assert bool(of(found, "ND101")) is plain, [f.message for f in found]
+    graph = build_graph(loaded, InputSpec(MNIST, "float32", None)).graph
+    convs = graph.of_op("conv")
+    assert len(convs) == 10
+    assert [standardized_weight(graph, c) for c in convs] == [not plain] * 10
+    # The standardized convs are functional calls inside nn.Conv2d subclasses: their signal is
+    # measured through the module that makes the call (ND204 follows them).
+    assert all("init_signal_rms" in c.attrs for c in convs)
+
+
+SKIP_GAIN = '''
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, d=64, how="add"):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.gain = nn.Parameter(torch.zeros(1))
+        self.how = how
+
+    def forward(self, x):
+        f = self.fc2(torch.relu(self.fc1(x)))
+        if self.how == "addcmul":
+            return torch.addcmul(x, self.gain, f)
+        if self.how == "lerp":
+            return torch.lerp(x, f, self.gain)
+        if self.how == "none":
+            return torch.relu(f)
+        return x + self.gain * f
+
+
+class Net(nn.Module):
+    """Eight two-layer blocks, no normalization; each block's residual branch (if any) is
+    scaled by a gain that starts at zero (ReZero / SkipInit)."""
+
+    def __init__(self, how="add"):
+        super().__init__()
+        self.inp = nn.Linear(784, 64)
+        self.blocks = nn.Sequential(*[Block(64, how) for _ in range(8)])
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.out(self.blocks(self.inp(x.flatten(1))))
+'''
+
+
+@pytest.mark.parametrize("how", ["add", "addcmul", "lerp", "none"])
+def test_nd101_sees_residual_skips_through_a_gain(tmp_path, how):
+    path = tmp_path / "skip_gain.py"
+    path.write_text(SKIP_GAIN, encoding="utf-8")
+    from netdoctor.loading.target import load
+
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", {"how": how}).models[0]
+        found = check_loaded(loaded, CheckOptions(input_shape=MNIST)).findings
+    assert bool(of(found, "ND101")) is (how == "none")
+
+
+ZERO_GAIN = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Block(nn.Module):
+    """A residual block whose branch is multiplied by a gain that starts at `gain`, with a
+    squeeze-excitation after the gain (so at gain 0 it sees an all-zero map)."""
+
+    def __init__(self, c=16, gain=0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.se1 = nn.Conv2d(c, c // 2, 1)
+        self.se2 = nn.Conv2d(c // 2, c, 1)
+        self.gain = nn.Parameter(torch.full((), gain))
+
+    def forward(self, x):
+        out = self.conv2(F.relu(self.conv1(F.relu(x)))) * self.gain
+        s = torch.sigmoid(self.se2(F.relu(self.se1(out.mean((2, 3), keepdim=True)))))
+        return x + out * s
+
+
+class Net(nn.Module):
+    def __init__(self, gain=0.0, depth=3):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.blocks = nn.Sequential(*[Block(16, gain) for _ in range(depth)])
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+'''
+
+
+@pytest.mark.parametrize("gain", [0.0, 1.0])
+def test_nd204_follows_the_residual_stream_around_zero_gain_branches(tmp_path, gain):
+    path = tmp_path / "zero_gain.py"
+    path.write_text(ZERO_GAIN, encoding="utf-8")
+    from netdoctor.graph.build import build_graph
+    from netdoctor.loading.shapes import InputSpec
+    from netdoctor.loading.target import load
+    from netdoctor.rules.init import signal_chain
+
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", {"gain": gain}).models[0]
+        found = check_loaded(loaded, CheckOptions(input_shape=MNIST)).findings
+    assert of(found, "ND204") == []  # at gain 0 the SE layers measure 0: not the signal's path
+    graph = build_graph(loaded, InputSpec(MNIST, "float32", None)).graph
+    chain = [n.label for n in signal_chain(graph)]
+    inside = [n for n in chain if n.startswith("blocks.")]
+    if gain == 0.0:
+        assert chain == ["stem"] and inside == []
+    else:
+        assert len(inside) == 3 * 4  # every branch layer carries signal to the output
+
+
+def test_nd204_zero_init_branches_in_widely_used_designs():
+    """The zero-initialised last BatchNorm of timm's / torchvision's ResNets (here with
+    squeeze-excitation after it), Fixup's zero conv, ReZero's zero gain: their branches are left
+    out of the signal chain; the residual stream is what ND204 follows."""
+    from netdoctor.graph.build import build_graph
+    from netdoctor.loading.shapes import InputSpec
+    from netdoctor.loading.target import load
+    from netdoctor.rules._paths import live_at_init
+    from netdoctor.rules.init import signal_chain
+
+    loaded = load(str(HEALTHY / "se_resnet.py") + ":SEResNet").models[0]
+    graph = build_graph(loaded, InputSpec((3, 32, 32), "float32", None)).graph
+    chain = [n.label for n in signal_chain(graph)]
+    assert chain == ["stem.0", "layers.2.downsample.0", "layers.4.downsample.0"]
+    live = live_at_init(graph)
+    assert not any(n.module and ".se." in n.module and n.name in live for n in graph)
+    # A zero output layer is not a branch: a collapsing body behind it is still found.
+    deep = load(str(SICK / "bad_init.py") + ":DeepTanhMLP").models[0]
+    torch.nn.init.zeros_(deep.model.net[-1].weight)
+    torch.nn.init.zeros_(deep.model.net[-1].bias)
+    with chdir(REPO):
+        found = check_loaded(deep, CheckOptions(input_shape=MNIST)).findings
+    assert of(found, "ND204")
+
+
+# ----------------------------------------------------------------------- verdicts over seeds
+
+# The fixtures closest to ND201's and ND204's thresholds (benchmarks/init_margins.py; the rule
+# docs list the ranges): (target, input shape, dtype, rule, expected verdict).
+BORDERLINE = [
+    ("healthy/bert.py:BertClassifier", (16,), "long", "ND201", False),  # 20x vs 24x
+    ("sick/mlp.py:MLP", MNIST, "float32", "ND201", True),  # 29x vs 24x
+    ("sick/untraceable_plain.py:GatedDeepNet", MNIST, "float32", "ND204", False),  # 1/12000
+    ("sick/sigmoid_mlp.py:SigmoidMLP", MNIST, "float32", "ND204", True),  # 1e-7
+]
+
+
+@pytest.mark.parametrize("target, shape, dtype, rule, fires", BORDERLINE,
+                         ids=[b[0].split(":")[1] for b in BORDERLINE])
+def test_weight_dependent_verdicts_hold_for_every_seed(target, shape, dtype, rule, fires):
+    from netdoctor.loading.target import load
+
+    verdicts, weights = set(), set()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        loaded = load(str(REPO / "fixtures" / target)).models[0]
+        weights.add(float(next(loaded.model.parameters()).detach().flatten()[:16].sum()))
+        with chdir(REPO):
+            findings = check_loaded(loaded, CheckOptions(input_shape=shape, input_dtype=dtype,
+                                                         select=[rule])).findings
+        verdicts.add(bool(of(findings, rule)))
+    assert len(weights) == 5, "the seeds did not change the model's weights"
+    assert verdicts == {fires}

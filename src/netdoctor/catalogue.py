@@ -16,7 +16,7 @@ class RuleInfo:
     id: str
     name: str
     severity: Severity
-    stage: str  # "meta", "graph", "params", "data", "runtime"
+    stage: str  # "meta", "graph", "params", "data", "runtime", "loop"
     summary: str
 
 
@@ -90,6 +90,20 @@ RULES: dict[str, RuleInfo] = {
                  "outputs differ strongly between train and eval mode"),
         RuleInfo("ND412", "cannot-overfit-batch", _W, "runtime",
                  "the model cannot drive the loss down on one small fixed batch"),
+        RuleInfo("ND501", "grads-not-cleared", _E, "loop",
+                 "gradients accumulate across optimizer steps: no zero_grad() between them"),
+        RuleInfo("ND502", "params-not-optimized", _E, "loop",
+                 "parameters that receive gradients but are in no optimizer (or all frozen)"),
+        RuleInfo("ND503", "step-changes-nothing", _E, "loop",
+                 "optimizer.step() runs but no parameter changes (lr 0, gradients None/zero)"),
+        RuleInfo("ND504", "eval-mode-training", _W, "loop",
+                 "backward and step while Dropout/BatchNorm modules are in eval mode"),
+        RuleInfo("ND505", "lr-collapse", _W, "loop",
+                 "the learning rate falls by orders of magnitude early in the run"),
+        RuleInfo("ND506", "loss-pairing", _E, "loop",
+                 "a loss fed what it does not expect (probabilities into cross-entropy, ...)"),
+        RuleInfo("ND507", "loss-broadcast", _E, "loop",
+                 "loss input and target of different shapes that broadcast"),
     ]
 }
 

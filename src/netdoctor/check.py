@@ -29,7 +29,8 @@ def run_rules(ctx, stages: set[str], opts: CheckOptions) -> list[Finding]:
     from netdoctor.rules import REGISTRY
 
     available = {"outcome": ctx.outcome is not None, "graph": ctx.graph is not None,
-                 "data": ctx.data is not None, "runtime": ctx.run is not None}
+                 "data": ctx.data is not None, "runtime": ctx.run is not None,
+                 "loop": getattr(ctx, "loop", None) is not None}
     findings: list[Finding] = []
     for rule_id in sorted(REGISTRY):
         impl = REGISTRY[rule_id]

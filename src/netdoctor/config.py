@@ -15,7 +15,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 KNOWN_KEYS = {"select", "ignore", "fail-on", "input-shape", "input-dtype", "targets", "rules",
-              "probe", "format"}
+              "probe", "run", "format"}
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Config:
     format: str | None = None
     rules: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-rule options
     probe: dict[str, Any] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)  # [tool.netdoctor.run]: every, stop-on
 
 
 def find_pyproject(start: Path | None = None) -> Path | None:
@@ -97,4 +98,8 @@ def load_config(explicit: str | None = None) -> Config:
     if not isinstance(probe, dict):
         raise UserError(f"{path}: [tool.netdoctor.probe] must be a table")
     cfg.probe = probe
+    run = table.get("run", {})
+    if not isinstance(run, dict):
+        raise UserError(f"{path}: [tool.netdoctor.run] must be a table")
+    cfg.run = run
     return cfg

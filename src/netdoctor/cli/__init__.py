@@ -10,6 +10,7 @@ from netdoctor import __version__
 from netdoctor.cli.catalogue import explain, rules
 from netdoctor.cli.check import check
 from netdoctor.cli.probe import probe
+from netdoctor.cli.run import run
 from netdoctor.errors import UserError
 
 
@@ -47,6 +48,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     \b
       netdoctor check model.py:Net --input-shape 1,28,28   static checks
       netdoctor probe model.py:Net --data fashionmnist     short instrumented training run
+      netdoctor run train.py [ARGS...]                     watch your own training script
       netdoctor rules                                      the rule catalogue
       netdoctor explain ND101                              one rule's documentation
     """
@@ -54,5 +56,5 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for command in (check, probe, rules, explain):
+for command in (check, probe, run, rules, explain):
     main.add_command(command)

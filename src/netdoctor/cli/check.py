@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from netdoctor.cli.options import common_options, emit, exit_code, options_from
+from netdoctor.cli.options import common_options, download_options, emit, exit_code, options_from
 from netdoctor.errors import UserError
 
 
@@ -24,7 +24,9 @@ from netdoctor.errors import UserError
 @click.option("--data", "data_source", metavar="SOURCE",
               help="Also check a data sample (ND3xx): fashionmnist, mnist, synthetic, FILE.npz "
                    "or path.py:loader_fn.")
-@click.option("--data-dir", metavar="DIR", help="Folder holding FashionMNIST/raw, MNIST/raw.")
+@click.option("--data-dir", metavar="DIR", help="Folder holding FashionMNIST/raw, MNIST/raw "
+              "(default: $NETDOCTOR_DATA_DIR, else ~/.cache/netdoctor/data).")
+@download_options
 @click.option("--resize", type=int, metavar="N", help="Resize images to NxN.")
 @click.option("--raw", is_flag=True, help="Built-in sets: serve the stored 0..255 values.")
 @click.option("--normalize", is_flag=True, help="Built-in sets: per-channel mean/std normalize.")
@@ -32,7 +34,7 @@ from netdoctor.errors import UserError
               help="Samples per batch for --data.")
 def check(targets, args, kwargs_json, input_shape, input_dtype, fmt, output, fail_on, select,
           ignore_, config, color, show_diff, apply_fixes, unsafe_fixes, data_source, data_dir,
-          resize, raw, normalize, batch_size):
+          no_download, data_mirror, resize, raw, normalize, batch_size):
     """Static checks of TARGET: file.py:Name, dotted.module:Name, or files/folders.
 
     With --data SOURCE, a sample of the data is checked against each model as well.
@@ -50,8 +52,8 @@ def check(targets, args, kwargs_json, input_shape, input_dtype, fmt, output, fai
     apply_fixes = apply_fixes or unsafe_fixes
     if show_diff and apply_fixes:
         raise UserError("--diff shows the fixes and --fix applies them: use one of the two")
-    data = _data_sample(opts, data_source, data_dir, resize, raw, normalize, batch_size) \
-        if data_source else None
+    data = _data_sample(opts, data_source, data_dir, resize, raw, normalize, batch_size,
+                        download=not no_download, mirror=data_mirror) if data_source else None
     notes: list[str] = []
 
     def check_all():
@@ -84,14 +86,15 @@ def check(targets, args, kwargs_json, input_shape, input_dtype, fmt, output, fai
     sys.exit(exit_code(reports, fail_on or cfg.fail_on))
 
 
-def _data_sample(opts, source, data_dir, resize, raw, normalize, batch_size):
+def _data_sample(opts, source, data_dir, resize, raw, normalize, batch_size, download=True,
+                 mirror=None):
     """Open `--data` once and draw the sample every model's data rules read. Without an input
     shape, the static checks use the data's (a note says so)."""
     from netdoctor.data import DataSpec, open_source
     from netdoctor.rules.data import DataSample
 
     spec = DataSpec(source, data_dir=Path(data_dir) if data_dir else None, batch_size=batch_size,
-                    resize=resize, raw=raw, normalize=normalize,
+                    resize=resize, raw=raw, normalize=normalize, download=download, mirror=mirror,
                     input_shape=opts.input_shape, input_dtype=opts.input_dtype)
     sample = DataSample.from_source(open_source(spec), spec=spec)
     if opts.input_shape is None and sample.x.dim() >= 2:

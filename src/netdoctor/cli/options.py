@@ -53,17 +53,10 @@ def split_ids(values: tuple[str, ...]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
-def common_options(fn):
+def report_options(fn):
+    """The options every command that writes a report takes: format, output, exit code and
+    rule selection, config file, color."""
     options = [
-        click.option("-a", "--arg", "args", multiple=True, metavar="KEY=VALUE",
-                     help="Constructor argument (repeatable; values are Python literals)."),
-        click.option("--kwargs", "kwargs_json", metavar="JSON",
-                     help="Constructor arguments as a JSON object."),
-        click.option("--input-shape", metavar="C,H,W",
-                     help="Input shape without the batch dimension."),
-        click.option("--input-dtype", type=click.Choice(["float32", "float64", "float16",
-                                                         "bfloat16", "long"]),
-                     help="Input dtype (long for token ids)."),
         click.option("--format", "fmt", type=click.Choice(FORMATS), help="Report format."),
         click.option("-o", "--output", metavar="FILE", help="Write the report to FILE."),
         click.option("--fail-on", type=click.Choice(FAIL_ON),
@@ -79,6 +72,37 @@ def common_options(fn):
     ]
     for opt in reversed(options):
         fn = opt(fn)
+    return fn
+
+
+def common_options(fn):
+    """Model options (constructor arguments, input shape) plus the report options."""
+    options = [
+        click.option("-a", "--arg", "args", multiple=True, metavar="KEY=VALUE",
+                     help="Constructor argument (repeatable; values are Python literals)."),
+        click.option("--kwargs", "kwargs_json", metavar="JSON",
+                     help="Constructor arguments as a JSON object."),
+        click.option("--input-shape", metavar="C,H,W",
+                     help="Input shape without the batch dimension."),
+        click.option("--input-dtype", type=click.Choice(["float32", "float64", "float16",
+                                                         "bfloat16", "long"]),
+                     help="Input dtype (long for token ids)."),
+    ]
+    fn = report_options(fn)
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def download_options(fn):
+    """--data-mirror and --no-download, shared by every command that opens --data."""
+    fn = click.option("--no-download", is_flag=True, default=None,
+                      help="Built-in sets: never download; fail when the files are not in the "
+                           "data folder.")(fn)
+    fn = click.option("--data-mirror", metavar="URL",
+                      help="Built-in sets: download missing files from URL, a folder serving "
+                           "the four standard .gz files (default: $NETDOCTOR_DATA_MIRROR, else "
+                           "the public mirrors; the published MD5 checksums apply).")(fn)
     return fn
 
 

@@ -9,12 +9,13 @@ from typing import Any
 
 import click
 
-from netdoctor.cli.options import common_options, emit, exit_code, options_from
+from netdoctor.cli.options import common_options, download_options, emit, exit_code, options_from
 from netdoctor.errors import UserError
 
 PROBE_KEYS = {"data", "data-dir", "resize", "raw", "normalize", "steps", "batch-size", "lr",
               "optimizer", "momentum", "weight-decay", "loss", "seed", "device", "verify",
               "time-budget"}
+PROBE_KEYS |= {"data-mirror", "download"}  # built-in sets: where missing files come from
 
 # Documented defaults (netdoctor probe --help, README): measured, see benchmarks/.
 DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", "momentum": 0.9,
@@ -27,7 +28,9 @@ DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", 
 @common_options
 @click.option("--data", "data_source", metavar="SOURCE",
               help="fashionmnist, mnist, synthetic, FILE.npz or path.py:loader_fn (required).")
-@click.option("--data-dir", metavar="DIR", help="Folder holding FashionMNIST/raw, MNIST/raw.")
+@click.option("--data-dir", metavar="DIR", help="Folder holding FashionMNIST/raw, MNIST/raw "
+              "(default: $NETDOCTOR_DATA_DIR, else ~/.cache/netdoctor/data).")
+@download_options
 @click.option("--resize", type=int, metavar="N", help="Resize images to NxN.")
 @click.option("--raw", is_flag=True, default=None,
               help="Built-in sets: serve the stored 0..255 values (default: [0, 1]).")
@@ -56,7 +59,7 @@ DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", 
 def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail_on, select,
           ignore_, config, color, data_source, data_dir, resize, raw, normalize, steps,
           batch_size, lr, optimizer, momentum, weight_decay, loss_name, seed, device, no_verify,
-          plot, time_budget):
+          plot, no_download, data_mirror, time_budget):
     """Short instrumented training run of TARGET (file.py:Name) on --data: measures gradient
     flow and training dynamics, diagnoses them and verifies the top fix.
 
@@ -104,6 +107,8 @@ def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail
         "verify": not no_verify and bool(table.get("verify", True)),
         "started": started,
         "batch_given": batch_size is not None or "batch-size" in table,
+        "data_mirror": pick(data_mirror, "data-mirror"),
+        "download": not no_download and bool(table.get("download", True)),
     }
     steps_given = steps is not None or "steps" in table
     budget = pick(time_budget, "time-budget")

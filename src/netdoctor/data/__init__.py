@@ -1,4 +1,5 @@
-"""Data sources: built-in image sets, synthetic data, .npz files and user loader functions."""
+"""Data sources: built-in image sets (downloaded into the data folder when missing, see
+`download`), synthetic data, .npz files and user loader functions."""
 
 from netdoctor.data.sources import (
     ACCEPTED_FORMS,

@@ -4,7 +4,8 @@ A data source is named by one string (`DataSpec.source`):
 
 * ``fashionmnist`` / ``mnist`` -- the built-in image sets, read from the torchvision raw
   layout under the data folder (``DIR/FashionMNIST/raw/train-images-idx3-ubyte[.gz]`` ...).
-  Nothing is ever downloaded.
+  Missing files are downloaded there first (published checksums verified; see
+  `netdoctor.data.download`) unless ``DataSpec.download`` is False.
 * ``synthetic`` -- a learnable task of ``--input-shape`` (see `netdoctor.data.synthetic`).
 * ``path/file.npz`` -- arrays ``x`` and ``y``, fed exactly as stored.
 * ``path/file.py:fn`` or ``dotted.module:fn`` -- ``fn()`` returns an iterable of ``(x, y)``
@@ -99,6 +100,10 @@ class DataSpec:
     vocab_size: synthetic with ``input_dtype="long"``: token vocabulary (default 100).
     target_shape: synthetic only: per-sample target shape; None or () for one class per
         sample, the token shape (T,) for one tag per token, (H, W) for one class per pixel.
+    download: built-in sets only: download the standard files that are missing from the data
+        folder (False: fail with "not found" instead; nothing is fetched when they are there).
+    mirror: built-in sets only: URL of a folder serving the set's four ``.gz`` files (default
+        ``$NETDOCTOR_DATA_MIRROR``, else the public mirrors; the published checksums apply).
     """
 
     source: str
@@ -115,6 +120,8 @@ class DataSpec:
     max_samples: int | None = None
     vocab_size: int | None = None
     target_shape: tuple[int, ...] | None = None
+    download: bool = True
+    mirror: str | None = None
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -338,12 +345,21 @@ class _BuiltinSource(DataSource):
         prefix = "train" if spec.train else "t10k"
         stems = {"images": f"{prefix}-images-idx3-ubyte", "labels": f"{prefix}-labels-idx1-ubyte"}
         found = {kind: _find_idx(raw_dirs, stem) for kind, stem in stems.items()}
+        fetched = None
+        if spec.download and None in found.values():
+            from netdoctor.data.download import download_missing
+
+            fetched = download_missing(
+                folder, primary, lambda stem: _find_idx(raw_dirs, stem) is not None, spec.mirror
+            )
+            found = {kind: _find_idx(raw_dirs, stem) for kind, stem in stems.items()}
         missing = [stem for kind, stem in stems.items() if found[kind] is None]
         if missing:
             looked = " and ".join(f"{primary / stem}[.gz]" for stem in missing)
             raise UserError(
-                f"{folder} not found: looked for {looked}; download it with torchvision "
-                f"(torchvision.datasets.{folder}({str(data_dir)!r}, download=True)) "
+                f"{folder} not found: looked for {looked}; netdoctor downloads it when run "
+                "without --no-download, or download it with torchvision "
+                f"(torchvision.datasets.{folder}({str(data_dir)!r}, download=True)), "
                 "or pass --data-dir (or set NETDOCTOR_DATA_DIR) to the folder that holds "
                 f"{folder}/raw"
             )
@@ -403,6 +419,12 @@ class _BuiltinSource(DataSource):
         shape = "x".join(map(str, self.sample_shape))
         resized = f", resized to {spec.resize}x{spec.resize}" if spec.resize else ""
         self.description = f"{folder} {split} ({under}), {count}, {served}{resized} ({shape})"
+        if fetched:
+            files, mirror = fetched
+            self.description += (
+                f"; {len(files)} file{'s' if len(files) != 1 else ''} downloaded from {mirror} "
+                "(MD5 verified)"
+            )
 
     def _name(self) -> str:
         return self.description.split(" (")[0]

@@ -524,3 +524,91 @@ def torch_function_prefix(source: str) -> str | None:
                  source, re.M):
         return "F."
     return None
+
+
+def _statement_spanning(source: str, line: int):
+    """The simple statement line (`x = f(...)`, `opt.step()`) that spans `line`, with the
+    module and its position index: (module, statement, positions) or None."""
+    wrapper = MetadataWrapper(cst.parse_module(source))
+    found: list[cst.SimpleStatementLine] = []
+
+    class V(cst.CSTVisitor):
+        METADATA_DEPENDENCIES = (PositionProvider,)
+
+        def visit_SimpleStatementLine(self, node: cst.SimpleStatementLine) -> None:
+            pos = self.get_metadata(PositionProvider, node)
+            if pos.start.line <= line <= pos.end.line:
+                found.append(node)
+
+    wrapper.visit(V())
+    return (wrapper.module, found[-1]) if found else None
+
+
+def method_receiver(source: str, line: int, method: str) -> str | None:
+    """The object a `<x>.<method>(...)` call on `line` is made on, as source text (`opt` for
+    `opt.step()`; for `scaler.step(opt)` the first argument, `opt`)."""
+    _, pos = _index(source)
+    call = call_at(pos.calls, line, (method,))
+    if call is None or not isinstance(call.func, cst.Attribute):
+        return None
+    receiver = cst.Module([]).code_for_node(call.func.value)
+    if call.args and receiver.split(".")[-1].lower().endswith("scaler"):
+        return cst.Module([]).code_for_node(call.args[0].value)
+    return receiver
+
+
+def insert_statement_after(source: str, line: int, statement: str) -> str | None:
+    """Insert `statement` as a new line after the statement spanning `line`, in the same
+    block (same indentation)."""
+    found = _statement_spanning(source, line)
+    if found is None:
+        return None
+    module, target = found
+    new = cst.parse_statement(statement)
+    placed = []
+
+    def after(body):
+        out = []
+        for stmt in body:
+            out.append(stmt)
+            if stmt is target:
+                out.append(new)
+                placed.append(True)
+        return out
+
+    class T(cst.CSTTransformer):
+        def leave_IndentedBlock(self, original, updated):
+            if any(s is target for s in original.body):
+                return updated.with_changes(body=after(list(original.body)))
+            return updated
+
+        def leave_Module(self, original, updated):
+            if any(s is target for s in original.body):
+                return updated.with_changes(body=after(list(original.body)))
+            return updated
+
+    code = module.visit(T()).code
+    return code if placed else None
+
+
+def wrap_call_argument(source: str, line: int, index: int, suffix: str,
+                       min_args: int = 2) -> str | None:
+    """Append `suffix` (e.g. `.squeeze(-1)`) to the `index`-th positional argument of the one
+    call on `line` that takes at least `min_args` positional arguments (`criterion(out, y)`,
+    `F.mse_loss(out, y)`); None when there is not exactly one such call."""
+    module, pos = _index(source)
+    calls = [c for c, start, _ in pos.calls if start == line and
+             len([a for a in c.args if a.keyword is None and a.star == ""]) >= min_args]
+    if len(calls) != 1:
+        return None
+    target = calls[0]
+    victim = [a for a in target.args if a.keyword is None and a.star == ""][index]
+    code = cst.Module([]).code_for_node(victim.value)
+    simple = isinstance(victim.value, (cst.Name, cst.Attribute, cst.Call, cst.Subscript))
+    new_value = cst.parse_expression(f"{code}{suffix}" if simple else f"({code}){suffix}")
+
+    class T(cst.CSTTransformer):
+        def leave_Arg(self, original: cst.Arg, updated: cst.Arg) -> cst.Arg:
+            return updated.with_changes(value=new_value) if original is victim else updated
+
+    return module.visit(T()).code

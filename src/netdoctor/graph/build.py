@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from netdoctor.findings import Location
 from netdoctor.graph.ir import Graph
-from netdoctor.loading.forward import ForwardFailure, example_input, run_forward
+from netdoctor.loading.forward import ForwardFailure, example_input, model_device, run_forward
 from netdoctor.loading.shapes import InputSpec, infer
 from netdoctor.loading.target import LoadedModel
 
@@ -69,7 +69,8 @@ def build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
             outcome.notes.append("torch.fx could not trace the model and no working input is "
                                  "available for the fallback: graph rules were skipped")
             return outcome
-        x = example_input(outcome.input.shape, outcome.input.dtype, vocab=outcome.input.vocab)
+        x = example_input(outcome.input.shape, outcome.input.dtype,
+                          vocab=outcome.input.vocab).to(model_device(model))
         try:
             outcome.graph = hook_frontend.build(model, prov, x)
         except ForwardFailure as f:
@@ -81,7 +82,8 @@ def build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
         return outcome
 
     if outcome.input is not None:
-        x = example_input(outcome.input.shape, outcome.input.dtype, vocab=outcome.input.vocab)
+        x = example_input(outcome.input.shape, outcome.input.dtype,
+                          vocab=outcome.input.vocab).to(model_device(model))
         try:
             fx_frontend.propagate_shapes(gm, x)
         except Exception as e:  # traced graph differs from eager: keep the graph, drop shapes

@@ -74,6 +74,7 @@ _FUNC_NAMES: dict[str, str] = {
     "dropout": "dropout", "dropout1d": "dropout", "dropout2d": "dropout", "dropout3d": "dropout",
     "add": "add", "add_": "add", "iadd": "add", "__add__": "add", "__radd__": "add",
     "__iadd__": "add", "sub": "sub", "__sub__": "sub", "__rsub__": "sub", "isub": "sub",
+    "addcmul": "add", "addcmul_": "add", "addcdiv": "add", "lerp": "add", "lerp_": "add",
     "mul": "mul", "mul_": "mul", "__mul__": "mul", "__rmul__": "mul", "imul": "mul",
     "__imul__": "mul", "truediv": "div", "div": "div", "__truediv__": "div",
     "__rtruediv__": "div", "matmul": "matmul", "__matmul__": "matmul", "bmm": "matmul",

@@ -78,6 +78,16 @@ def main_output(value: Any) -> torch.Tensor | None:
     return None
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model lives (its first parameter or buffer): example inputs go there (a model
+    watched while it trains on a GPU)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def example_input(shape: tuple[int, ...], dtype: str = "float32", batch: int = 2,
                   vocab: int | None = None) -> torch.Tensor:
     """A deterministic example batch: unit-variance floats, or token ids below `vocab`."""
@@ -93,6 +103,7 @@ def run_forward(model: nn.Module, x: torch.Tensor,
     names = {m: n for n, m in model.named_modules()}
     for n, m in (extra_modules or {}).items():
         names.setdefault(m, n)
+    x = x.to(model_device(model))
     stack: list[tuple[nn.Module, list[tuple[int, ...]]]] = []
     failed: list[tuple[nn.Module, list[tuple[int, ...]]]] = []
 

@@ -3,6 +3,9 @@
 While active, `nn.Module.__init__` is wrapped: on each construction it walks the call stack
 outwards past torch internals, netdoctor itself and the module's own `__init__` chain, and keeps
 the first frame left (the user's `nn.Conv2d(...)` line). The wrapper is always removed.
+`recording(bases=...)` records other classes the same way (`netdoctor run` also records where
+each optimizer was built), and `user_frame()` finds the user's line of any call in progress
+(the `optimizer.step()` that a hook runs inside).
 """
 
 from __future__ import annotations
@@ -42,25 +45,60 @@ class Provenance:
             pass
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[Provenance]:
-        original = nn.Module.__init__
+    def recording(self, bases: tuple[type, ...] = (nn.Module,)) -> Iterator[Provenance]:
+        """Record the construction site of every instance of `bases` built meanwhile."""
+        originals = {base: base.__dict__["__init__"] for base in bases}
         prov = self
 
-        def __init__(self_module, *args, **kwargs):  # noqa: N807 - mirrors nn.Module
-            original(self_module, *args, **kwargs)
-            loc = _construction_site(self_module)
-            if loc is not None:
-                prov.record(self_module, loc)
+        def wrap(original):
+            def __init__(self_obj, *args, **kwargs):  # noqa: N807 - mirrors the base class
+                original(self_obj, *args, **kwargs)
+                loc = _construction_site(self_obj)
+                if loc is not None:
+                    prov.record(self_obj, loc)
+            return __init__
 
-        nn.Module.__init__ = __init__  # type: ignore[method-assign]
+        for base, original in originals.items():
+            base.__init__ = wrap(original)  # type: ignore[method-assign]
         try:
             yield self
         finally:
-            nn.Module.__init__ = original  # type: ignore[method-assign]
+            for base, original in originals.items():
+                base.__init__ = original  # type: ignore[method-assign]
 
 
 def _is_internal(filename: str) -> bool:
     return filename.startswith(_SKIP_PREFIXES) or filename.startswith("<")
+
+
+_LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+
+
+def user_frame(depth: int = 1):
+    """The innermost frame of the user's own code in the current call stack: past torch,
+    netdoctor, the standard library's runpy/contextlib and installed packages (a trainer
+    library's frames), or None."""
+    import runpy
+
+    skip = _SKIP_PREFIXES + (os.path.dirname(runpy.__file__),)
+    frame = sys._getframe(depth)
+    library = None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(skip) or name.startswith("<")):
+            if not any(m in name for m in _LIBRARY_MARKERS):
+                return frame
+            library = library or frame
+        frame = frame.f_back
+    return library
+
+
+def user_location(depth: int = 1) -> Location | None:
+    """`user_frame()` as a Location (absolute path; reporters relativize)."""
+    frame = user_frame(depth + 1)
+    if frame is None:
+        return None
+    return Location(os.path.abspath(frame.f_code.co_filename), frame.f_lineno)
 
 
 def _construction_site(module: nn.Module) -> Location | None:

@@ -9,6 +9,12 @@ device, without a host sync until `flush_step()`.
 Use as `with recorder.attached(): ... with recorder.forward(): out = model(x)`; the hooks are
 removed on exit whatever happens. Outside `forward()` the hooks only keep the module stack, so a
 forward that is not measured costs a few Python calls per module.
+
+The watcher (`netdoctor.watcher`), which cannot wrap the user's forward in a `with`, uses the
+same steps one by one from its root-module hooks: `attach()` + `begin_forward()` in the root's
+forward pre-hook, `end_forward()` + `detach()` in its forward hook (registered with
+`always_call=True`, so an exception in forward never leaves the mode on the stack), and
+`new_window()` to restart the "never active" window as a long run goes on.
 """
 
 from __future__ import annotations
@@ -49,11 +55,12 @@ _CONV = (nn.modules.conv._ConvNd,)
 
 
 class _Site:
-    __slots__ = ("active", "pending", "trace", "unit_axis")
+    __slots__ = ("active", "pending", "previous", "trace", "unit_axis")
 
     def __init__(self, trace: ActivationTrace, unit_axis: int | None):
         self.trace = trace
         self.active: torch.Tensor | None = None
+        self.previous: tuple[torch.Tensor, int] | None = None  # the last full window (watcher)
         self.pending: list[tuple[torch.Tensor, int]] = []
         self.unit_axis = unit_axis
 
@@ -83,10 +90,12 @@ class ActivationRecorder:
 
     def __init__(self, model: nn.Module, sites: dict[str, Location] | None = None):
         self.model = model
-        self.names = {m: n for n, m in model.named_modules()}
-        self.types = {n: type(m).__name__ for m, n in self.names.items()}
+        self.names: dict[nn.Module, str] = {}
+        self.types: dict[str, str] = {}
+        self.refresh()
         self.module_sites = sites or {}
         self.handles: list[Any] = []
+        self._mode: _Mode | None = None
         self.stack: list[str] = []
         self.calls: dict[str, int] = {}
         self.line_calls: dict[tuple, int] = {}
@@ -96,25 +105,46 @@ class ActivationRecorder:
         self.sites: dict[tuple, _Site] = {}
         self.site_list: list[_Site] = []
         self.in_window = False
+        self.min_window = 0
         _act_table()
+
+    def refresh(self) -> None:
+        """Re-read the model's module tree (a watched model may gain or replace layers)."""
+        self.names = {m: n for n, m in self.model.named_modules()}
+        self.types = {n: type(m).__name__ for m, n in self.names.items()}
 
     # -- hooks ------------------------------------------------------------------------
     @contextmanager
     def attached(self) -> Iterator[ActivationRecorder]:
         try:
-            for m, name in self.names.items():
-                self.handles.append(m.register_forward_pre_hook(self._pre(name)))
-                self.handles.append(m.register_forward_hook(self._post(name, m)))
+            self.attach()
             yield self
         finally:
-            for h in self.handles:
-                h.remove()
-            self.handles.clear()
+            self.detach()
+
+    def attach(self) -> None:
+        """Hooks on every module (pair with `detach()`, in a `finally` or an always-called
+        hook)."""
+        if self.handles:
+            return
+        for m, name in self.names.items():
+            self.handles.append(m.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(m.register_forward_hook(self._post(name, m)))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def enter(self, name: str) -> None:
+        """What a module's pre-hook records; for a root whose forward began before `attach()`
+        (hooks registered during a forward run from the next call on)."""
+        self.stack.append(name)
+        self.calls[name] = self.calls.get(name, 0) + 1
 
     def _pre(self, name: str):
         def hook(mod, args):
-            self.stack.append(name)
-            self.calls[name] = self.calls.get(name, 0) + 1
+            self.enter(name)
         return hook
 
     def _post(self, name: str, module: nn.Module):
@@ -134,16 +164,31 @@ class ActivationRecorder:
 
     @contextmanager
     def forward(self) -> Iterator[None]:
+        self.begin_forward()
+        try:
+            yield
+        finally:
+            self.end_forward()
+
+    def begin_forward(self) -> None:
+        """Start measuring one forward: push the activation mode (pair with `end_forward()`)."""
         self.stack.clear()
         self.calls.clear()
         self.line_calls.clear()
         self.producers.clear()
-        mode = _Mode(self)
-        try:
-            with mode:
-                yield
-        finally:
-            self.producers.clear()
+        self._mode = _Mode(self)
+        self._mode.__enter__()
+
+    def end_forward(self) -> None:
+        """Pop the activation mode pushed by `begin_forward()` (a no-op when none is on)."""
+        mode, self._mode = self._mode, None
+        self.producers.clear()
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    @property
+    def measuring(self) -> bool:
+        return self._mode is not None
 
     def producer_of(self, t: Any) -> str | None:
         if not isinstance(t, torch.Tensor):
@@ -251,12 +296,34 @@ class ActivationRecorder:
             if self.in_window and s.trace.kind == "relu":
                 s.trace.window_steps += 1
 
+    def discard_pending(self) -> None:
+        """Drop measurements not yet flushed (a forward whose step never came)."""
+        for s in self.site_list:
+            s.pending.clear()
+
+    def new_window(self, min_steps: int = 3) -> None:
+        """Start a new "never active" window (a long watched run: units must be dead over the
+        recent measured steps, not over all of them). The previous window is kept for
+        `finish()` while the new one holds fewer than `min_steps` steps."""
+        for s in self.site_list:
+            if s.trace.kind != "relu":
+                continue
+            if s.active is not None and s.trace.window_steps >= min_steps:
+                s.previous = (s.active, s.trace.window_steps)
+            s.active = None
+            s.trace.window_steps = 0
+        self.min_window = min_steps
+
     def finish(self) -> list[ActivationTrace]:
         out = []
         for s in self.site_list:
-            if s.trace.kind == "relu" and s.active is not None:
-                s.trace.units = int(s.active.numel())
-                s.trace.dead_units = int((~s.active).sum())
+            active, steps = s.active, s.trace.window_steps
+            if s.previous is not None and (active is None or steps < self.min_window):
+                active, steps = s.previous
+                s.trace.window_steps = steps
+            if s.trace.kind == "relu" and active is not None:
+                s.trace.units = int(active.numel())
+                s.trace.dead_units = int((~active).sum())
             out.append(s.trace)
         return out
 

@@ -4,7 +4,11 @@ One `TrainingRun` is filled by the probe's own loop (`netdoctor.probe.engine`) o
 inside the user's training (`netdoctor.watch`); the ND4xx rules read it without knowing which.
 `config` holds the settings the run trained with (`optimizer`, `learning_rate`, `momentum`,
 `loss`, `steps`, `window`, ...): the probe's `ProbeConfig` or the watcher's reading of the user's
-optimizer.
+optimizer (`netdoctor.watcher.settings.LoopConfig`).
+
+The probe measures every step; the watcher measures deeply only on a schedule. Per-step traces
+(`ParamTrace.grad_norm`, `ActivationTrace.zero_fraction`, ...) then hold one entry per measured
+step, listed in `measured_steps` (empty: every step was measured), while `loss` holds every step.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class NonFinite:
     # non-finite in the replayed forward, in the order their forwards completed
     reproduced: bool = True
     detail: str = ""
+    location: Location | None = None  # the user's line, when known (the loss call)
 
 
 @dataclass
@@ -119,6 +124,13 @@ class TrainingRun:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     prior_rules: set[str] = field(default_factory=set)  # static/data rule ids already found
+    measured_steps: list[int] = field(default_factory=list)  # 1-based; empty: every step
+    # The probe trains a fresh model from its initialisation; a watched run may resume from a
+    # checkpoint or fine-tune pretrained weights, so "already confident at step 1" proves nothing.
+    from_init: bool = True
+    # Several optimizers pursue competing objectives (a GAN's generator and discriminator): a
+    # loss that does not fall is then no symptom.
+    competing_losses: bool = False
 
     # -- helpers the rules use ---------------------------------------------------------
     def site(self, module: str | None) -> Location | None:
@@ -126,8 +138,9 @@ class TrainingRun:
 
     @property
     def window(self) -> int:
-        """Number of final steps used for "over the probe" statistics."""
-        return max(1, int(round(self.steps_run * self.config.window)))
+        """Number of final measured steps used for "over the probe" statistics."""
+        measured = len(self.measured_steps) if self.measured_steps else self.steps_run
+        return max(1, int(round(measured * self.config.window)))
 
     @property
     def chance(self) -> float | None:

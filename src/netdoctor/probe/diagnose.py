@@ -15,20 +15,27 @@ _NOT_LEARNING = ("ND304", "ND303", "ND302", "ND301", "ND202", "ND410", "ND108", 
                  "ND103", "ND105", "ND106", "ND401", "ND404", "ND403", "ND405", "ND406+",
                  "ND406-", "ND402", "ND102", "ND101", "ND201", "ND204")
 
+# The training-loop rules (ND5xx, found inside the user's own training) are roots too: a flat
+# loss follows from steps that change nothing, gradients that pile up, softmax fed to
+# cross_entropy, ...
+_LOOP_ROOTS = ("ND503", "ND502", "ND506", "ND507", "ND501", "ND505", "ND504")
+
 CAUSES: dict[str, tuple[str, ...]] = {
-    "ND401": ("ND304", "ND302", "ND301", "ND201", "ND204", "ND406+", "ND402", "ND101"),
-    "ND402": ("ND304", "ND302", "ND301", "ND201", "ND204", "ND406+", "ND101"),
+    "ND401": ("ND304", "ND302", "ND301", "ND506", "ND501", "ND201", "ND204", "ND406+", "ND402",
+              "ND101"),
+    "ND402": ("ND304", "ND302", "ND301", "ND501", "ND201", "ND204", "ND406+", "ND101"),
     "ND403": ("ND102", "ND101", "ND405", "ND202", "ND204", "ND302", "ND301", "ND406+",
               "ND404"),
     "ND404": ("ND302", "ND301", "ND202", "ND201", "ND406+", "ND402", "ND401", "ND204",
               "ND101"),
     "ND405": ("ND302", "ND301", "ND201", "ND102"),
-    "ND406+": ("ND302", "ND301"),
-    "ND406-": ("ND410", "ND202", "ND404", "ND403", "ND405", "ND102", "ND101"),
-    "ND407": _NOT_LEARNING,
-    "ND408": ("ND302", "ND301", "ND201", "ND105", "ND106"),
-    "ND409": _NOT_LEARNING + ("ND407",),
-    "ND410": ("ND108", "ND103", "ND104"),
+    "ND406+": ("ND501", "ND302", "ND301"),
+    "ND406-": ("ND503", "ND505", "ND410", "ND202", "ND404", "ND403", "ND405", "ND102",
+               "ND101"),
+    "ND407": _LOOP_ROOTS + _NOT_LEARNING,
+    "ND408": ("ND506", "ND302", "ND301", "ND201", "ND105", "ND106"),
+    "ND409": _LOOP_ROOTS + _NOT_LEARNING + ("ND407",),
+    "ND410": ("ND503", "ND108", "ND103", "ND104"),
     "ND411": ("ND203",),
     "ND412": ("ND304", "ND303", "ND202", "ND410", "ND108", "ND104", "ND105", "ND106", "ND404",
               "ND403", "ND405", "ND102", "ND101", "ND302", "ND301"),

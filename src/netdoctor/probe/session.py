@@ -53,6 +53,7 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
                     if settings["data_dir"] else None, batch_size=config.batch_size,
                     resize=settings["resize"], raw=settings["raw"],
                     normalize=settings["normalize"], seed=config.seed,
+                    download=settings.get("download", True), mirror=settings.get("data_mirror"),
                     input_shape=opts.input_shape, input_dtype=opts.input_dtype)
     notes: list[str] = list(result.notes)
     if spec.source.strip().lower() == "synthetic":

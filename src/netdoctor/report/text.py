@@ -239,7 +239,7 @@ def _gradient_flow(p: _Printer, rows: Any) -> None:
     positive = [math.log10(v) for v in norms if math.isfinite(v) and v > 0]
     lo, hi = (min(positive), max(positive)) if positive else (0.0, 0.0)
     names = [str(r.get("name", "?")) if isinstance(r, dict) else "?" for r in rows]
-    name_width = min(max(len(n) for n in names), max(12, p.c.width // 2))
+    name_width = min(max(len("layer"), *(len(n) for n in names)), max(12, p.c.width // 2))
     bar_width = max(5, min(BAR_WIDTH, p.c.width - name_width - 14))
     table = Table(
         title=None, box=None, show_header=True, header_style="bold", pad_edge=False,

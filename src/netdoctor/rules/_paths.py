@@ -103,6 +103,107 @@ def absorbed(graph: Graph, name: str, memo: dict[str, bool] | None = None) -> bo
     return True
 
 
+# Second-moment statistics and normalizations which, applied to a layer's own weight inside its
+# forward, fix the weight's scale by construction (weight standardization, the scaled WS of
+# NF-Nets, weight normalization): torch.var_mean / var / std / norm / F.normalize, or a
+# normalization function (timm's StdConv2d runs F.batch_norm over the weight). An exported graph
+# spells the statistic out: the square root of a mean (ONNX ReduceMean ... Sqrt).
+_WEIGHT_SCALERS = {"var", "std", "var_mean", "std_mean", "norm", "linalg_vector_norm",
+                   "linalg_norm", "l2norm"} | NORM_OPS
+_ROOTS, _REDUCTIONS = {"sqrt", "rsqrt"}, {"mean", "sum"}
+
+
+def standardized_weight(graph: Graph, node: Node, memo: dict[str, bool] | None = None) -> bool:
+    """Whether a conv/linear call uses a weight normalized by its own statistics in forward
+    (`F.conv2d(x, (w - w.mean()) / w.std() * gain)`): the layer then preserves the signal's scale
+    whatever the raw weight's init, the job a normalization layer does (NF-ResNets, BiT)."""
+    if node.op not in WEIGHT_OPS or "weight" in node.params:
+        return False  # the layer uses its weight parameter as it is
+    memo = {} if memo is None else memo
+    weights = [i for i in node.inputs[1:] if is_constant(graph, i, memo)]
+    stack, seen, ops = list(weights), set(), set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in graph.nodes:
+            continue
+        seen.add(name)
+        producer = graph.nodes[name]
+        if producer.op in _WEIGHT_SCALERS:
+            return True
+        ops.add(producer.op)
+        stack.extend(producer.inputs)
+    return bool(ops & _ROOTS) and bool(ops & _REDUCTIONS)
+
+
+# Ops whose output is zero when their (first) input is: views, reductions, pooling, and the
+# activations with f(0) = 0.
+_ZERO_PRESERVING = {"reshape", "getitem", "identity", "dropout", "neg", "split", "mean", "sum",
+                    "avgpool", "maxpool", "pad", "upsample", "div", "relu", "relu6", "leaky_relu",
+                    "elu", "selu", "celu", "prelu", "rrelu", "gelu", "silu", "mish", "hardswish",
+                    "hardtanh", "tanh"}
+
+
+def _zero_info(info) -> bool:
+    return info.numel > 0 and info.mean == 0 and (info.all_equal or info.numel == 1)
+
+
+def _zero_param(node: Node) -> bool:
+    return bool(node.params) and all(_zero_info(i) for i in node.params.values())
+
+
+def zero_at_init(graph: Graph) -> set[str]:
+    """Names of the nodes whose value is exactly zero at initialization whatever the input: zero
+    parameters (a ReZero / SkipInit gain), products with them, views, pools and f(0) = 0
+    activations of those, weight and normalization layers whose parameters are all zero (Fixup's
+    last conv of a branch, the zero-init last BatchNorm of torchvision's and timm's ResNets)."""
+    zero: set[str] = set()
+    for node in graph.topological():
+        ins = [i for i in node.inputs if i in graph.nodes]
+        if node.op == "param":
+            hit = _zero_param(node)
+        elif node.op == "mul":
+            hit = 0 in node.attrs.get("constants", ()) or any(i in zero for i in ins)
+        elif node.op in _ZERO_PRESERVING:
+            hit = bool(ins) and ins[0] in zero
+        elif node.op in MERGE_OPS:
+            hit = bool(ins) and all(i in zero for i in ins)
+        elif node.op in WEIGHT_OPS and node.module:
+            hit = _zero_param(node)  # all-zero weights and bias (Fixup's last conv)
+        elif node.op in NORM_OPS:
+            # All-zero affine parameters (a zero-init last BatchNorm), or a zero input and no
+            # bias to add (a normalized zero is zero; an exported conv's folded-BatchNorm mark).
+            bias = node.params.get("bias")
+            hit = _zero_param(node) or (bool(ins) and ins[0] in zero and (
+                _zero_info(bias) if bias is not None else len(ins) == 1))
+        else:
+            hit = False
+        if hit:
+            zero.add(node.name)
+    return zero
+
+
+def live_at_init(graph: Graph) -> set[str]:
+    """Names of the nodes whose value reaches a model output at initialization, following the
+    residual stream: a residual branch whose value is zero at init, because it is multiplied by a
+    zero gain (`x + alpha * f(x)`, alpha = 0: SkipInit, ReZero, NF-Nets) or ends in an all-zero
+    layer (Fixup), adds nothing to the stream it merges into, and what runs inside it is not
+    followed. (A zero output layer is not a branch: the layers before it are followed.)"""
+    zero = zero_at_init(graph)
+    live: set[str] = set()
+    stack = [n.name for n in graph.outputs]
+    while stack:
+        name = stack.pop()
+        if name in live or name not in graph.nodes:
+            continue
+        live.add(name)
+        node = graph.nodes[name]
+        inputs = [i for i in node.inputs if i in graph.nodes]
+        if node.op in MERGE_OPS and any(i not in zero for i in inputs):
+            inputs = [i for i in inputs if i not in zero]
+        stack.extend(inputs)
+    return live
+
+
 def call_site(node: Node) -> Location | None:
     """Where forward calls this op: the line of a functional op, the calling line of a module."""
     if node.module and node.attrs.get("call_location") is not None:

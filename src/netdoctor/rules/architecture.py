@@ -16,6 +16,7 @@ from netdoctor.fixes.patch import (
     wrap_attribute,
 )
 from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, SATURATING_OPS, WEIGHT_OPS, Graph, Node
+from netdoctor.rules._paths import standardized_weight
 from netdoctor.rules.registry import Context, rule
 
 # Ops a value may pass through and still be "the same" tensor for gating checks.
@@ -31,11 +32,15 @@ def _where(node: Node) -> str:
 def plain_chains(graph: Graph) -> dict[str, list[Node]]:
     """For each node, the longest chain of weight layers reaching it with no normalization
     layer and no skip connection between. A merge (add/cat of two paths) keeps the SHORTEST
-    incoming chain: the skip path is how the gradient gets around the stack."""
+    incoming chain: the skip path is how the gradient gets around the stack, whatever gain
+    either path is multiplied by. A layer whose weight is standardized in its forward (scaled
+    weight standardization) normalizes like a layer followed by a normalization layer."""
     chains: dict[str, list[Node]] = {}
+    memo: dict[str, bool] = {}
     for node in graph.topological():
         incoming = [chains[i] for i in node.inputs if i in chains]
-        if node.op in NORM_OPS or node.op in ("input", "param"):
+        if node.op in NORM_OPS or node.op in ("input", "param") or \
+                standardized_weight(graph, node, memo):
             chains[node.name] = []
             continue
         real = [c for i, c in zip(node.inputs, incoming)

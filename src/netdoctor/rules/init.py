@@ -7,8 +7,14 @@ from collections import Counter
 
 from netdoctor.findings import Fix
 from netdoctor.fixes.patch import append_to_init, diff_fix, nn_prefix, read
-from netdoctor.graph.ir import RELU_FAMILY, WEIGHT_OPS, Graph, Node
-from netdoctor.rules._paths import absorbed, reaches_output_directly
+from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, RELU_FAMILY, WEIGHT_OPS, Graph, Node
+from netdoctor.rules._paths import (
+    absorbed,
+    data_inputs,
+    is_constant,
+    live_at_init,
+    reaches_output_directly,
+)
 from netdoctor.rules.architecture import relu_fix
 from netdoctor.rules.registry import Context, rule
 
@@ -24,7 +30,7 @@ _NONLINEARITY = {"tanh": "tanh", "sigmoid": "sigmoid", "selu": "selu"}
 
 def following_activation(graph: Graph, node: Node) -> Node | None:
     nxt = graph.downstream(node.name, through=_TO_ACTIVATION)
-    return nxt[0] if len(nxt) == 1 else None
+    return nxt[0] if len(nxt) == 1 and nxt[0].op != "output" else None
 
 
 def _nonlinearity(act: Node | None) -> str:
@@ -81,39 +87,102 @@ def init_fix(graph: Graph, layers: list[Node], nonlinearity: str) -> Fix:
 
 # -- ND201 init-scale ---------------------------------------------------------------------------
 
-def init_scale_outliers(graph: Graph, factor: float) -> list[dict]:
-    memo: dict[str, bool] = {}
-    seen: set[str] = set()
-    found = []
+# Where a path of unnormalized layers starts afresh: the signal's scale there no longer depends
+# on the layers before (normalized, or the sum/product with another data path), or it is the input.
+_RESETS = NORM_OPS | {"input", "rnn", "attention"}
+_MIXING = MERGE_OPS | {"mul", "div", "matmul"}
+
+
+def layer_scale(graph: Graph, node: Node) -> dict | None:
+    """How far a layer's weight std is from the fan-in-preserving scale for the activation that
+    follows (ratio = std / target), or None when the weights say nothing about the init."""
+    w = node.params.get("weight")
+    if w is None or not w.trainable or w.all_equal or w.std <= 0:
+        return None
+    if w.numel < _MIN_WEIGHTS:
+        return None  # too few weights for their std to say anything about the init
+    if node.attrs.get("type") == "Bilinear" or node.attrs.get("no_grad"):
+        return None
+    n_in = fan_in(w.shape)
+    if not n_in:
+        return None
+    act = following_activation(graph, node)
+    nl = _nonlinearity(act)
+    target = _gain(nl, act) / math.sqrt(n_in)
+    return {"node": node, "std": w.std, "target": target, "ratio": w.std / target,
+            "fan_in": n_in, "activation": act.op if act is not None else None,
+            "nonlinearity": nl, "head": reaches_output_directly(graph, node.name)}
+
+
+def _path_predecessors(graph: Graph, node: Node, memo: dict) -> list[Node]:
+    """The nearest weight layers upstream of `node` on a path without a reset point between."""
+    found: list[Node] = []
+    stack, seen = list(node.inputs), set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in graph.nodes:
+            continue
+        seen.add(name)
+        prev = graph.nodes[name]
+        if prev.op in WEIGHT_OPS:
+            found.append(prev)
+        elif prev.op in _RESETS or is_constant(graph, name, memo):
+            continue
+        elif prev.op in _MIXING and len(data_inputs(graph, prev, memo)) >= 2:
+            continue
+        else:
+            stack.extend(prev.inputs)
+    return found
+
+
+def init_scale_outliers(graph: Graph, factor: float,
+                        max_shrink: float) -> tuple[list[dict], float, float]:
+    """The layers whose init scale is a problem; the worst shrink factor along a path that holds
+    a hidden layer more than `factor` below its scale (1.0 when none does); the largest ratio of
+    a judged hidden layer's std to its scale (how far the worst one is above it).
+
+    Too large is judged per layer: a hidden layer more than `factor` above its scale amplifies
+    the signal (saturating the tanh/sigmoid after it, inflating the logits). Too small is judged
+    along each path of unnormalized layers to the output: the shrink factors of the layers more
+    than `factor` below their scale multiply, the output layer's included, and the path is
+    reported when the product exceeds `max_shrink` and a hidden layer is among them. One hidden
+    layer a few times small, or a small output layer on its own (recommended practice), is not.
+    """
+    memo: dict = {}
+    scales: dict[str, dict | None] = {}
+    judged: dict[str, dict | None] = {}
     for node in graph.topological():
         if node.op not in WEIGHT_OPS:
             continue
         key = node.module or node.name
-        w = node.params.get("weight")
-        if key in seen or w is None or not w.trainable or w.all_equal or w.std <= 0:
-            continue
-        seen.add(key)
-        if w.numel < _MIN_WEIGHTS:
-            continue  # too few weights for their std to say anything about the init
-        if node.attrs.get("type") == "Bilinear" or node.attrs.get("no_grad"):
-            continue
-        n_in = fan_in(w.shape)
-        if not n_in:
-            continue
-        if reaches_output_directly(graph, node.name):
-            continue  # the output layer: small or zero heads are a deliberate choice
+        if key not in scales:
+            scales[key] = layer_scale(graph, node)
         if absorbed(graph, node.name, memo):
             continue  # normalized afterwards, or inside a residual branch / gate
-        act = following_activation(graph, node)
-        nl = _nonlinearity(act)
-        target = _gain(nl, act) / math.sqrt(n_in)
-        ratio = w.std / target
-        if 1.0 / factor <= ratio <= factor:
-            continue
-        found.append({"node": node, "std": w.std, "target": target, "ratio": ratio,
-                      "fan_in": n_in, "activation": act.op if act is not None else None,
-                      "nonlinearity": nl})
-    return found
+        judged[node.name] = scales[key]
+    # Along paths: (sum of log shrink factors, the layers that contributed) ending at each layer.
+    paths: dict[str, tuple[float, list[dict]]] = {}
+    limit = math.log(max_shrink)
+    worst, offending, grow, largest = 0.0, {}, {}, 0.0
+    for name, info in judged.items():
+        node = graph.nodes[name]
+        before = [paths[p.name] for p in _path_predecessors(graph, node, memo) if p.name in paths]
+        total, layers = max(before, key=lambda t: t[0], default=(0.0, []))
+        if info is not None and info["ratio"] < 1.0 / factor:
+            total, layers = total + math.log(1.0 / info["ratio"]), layers + [info]
+        paths[name] = (total, layers)
+        if info is not None and not info["head"]:
+            largest = max(largest, info["ratio"])
+            if info["ratio"] > factor:
+                grow[info["node"].name] = info  # a module called twice is one layer
+        if any(not i["head"] for i in layers):
+            worst = max(worst, total)
+            if total > limit:
+                offending.update((i["node"].name, i) for i in layers)
+    bad = {**offending, **grow}
+    order = {n.name: i for i, n in enumerate(graph.topological())}
+    found = sorted(bad.values(), key=lambda i: order[i["node"].name])
+    return found, math.exp(worst), largest
 
 
 @rule("ND201")
@@ -122,7 +191,8 @@ def init_scale(ctx: Context):
     if graph.frontend == "onnx":
         return  # exported weights are usually trained ones: their scale says nothing of init
     factor = float(ctx.option("ND201", "factor", 3.0))
-    bad = init_scale_outliers(graph, factor)
+    max_shrink = float(ctx.option("ND201", "max-shrink", 24.0))
+    bad, shrink, _ = init_scale_outliers(graph, factor, max_shrink)
     if not bad:
         return
     parts = []
@@ -133,25 +203,33 @@ def init_scale(ctx: Context):
         after = f"the {b['activation']} that follows" if b["activation"] else "no activation"
         direction = "below" if b["ratio"] < 1 else "above"
         times = 1 / b["ratio"] if b["ratio"] < 1 else b["ratio"]
-        parts.append(f"{node.label} weight std {b['std']:.3g} is {times:.1f}x {direction} the "
-                     f"{scale} = {b['target']:.3g} for fan-in {b['fan_in']} and {after}")
+        role = " (the output layer)" if b["head"] else ""
+        parts.append(f"{node.label}{role} weight std {b['std']:.3g} is {times:.1f}x {direction} "
+                     f"the {scale} = {b['target']:.3g} for fan-in {b['fan_in']} and {after}")
     more = f" (and {len(bad) - 4} more layers)" if len(bad) > 4 else ""
-    shrink = sum(b["ratio"] < 1 for b in bad)
-    effect = ("each such layer shrinks the signal (and the gradient) by that factor, so deep "
-              "layers see almost nothing and learning stalls" if shrink >= len(bad) / 2 else
-              "each such layer amplifies the signal by that factor: activations and gradients "
-              "blow up (loss NaN) or saturate")
-    message = (f"{'; '.join(parts)}{more}: {effect}. No normalization layer follows to undo "
-               f"it. Threshold: {factor:g}x either way (PyTorch's default init is 2.4x below He "
-               "and passes).")
-    common = Counter(b["nonlinearity"] for b in bad).most_common(1)[0][0]
+    effects = []
+    if shrink > max_shrink:
+        effects.append(f"in series, with no normalization between, these layers shrink the "
+                       f"signal {shrink:.3g}x on its way to the output (and the gradient on its "
+                       "way back), so the first layers start out learning far slower than the "
+                       "last")
+    if any(b["ratio"] > factor for b in bad):
+        effects.append("a layer above its scale amplifies the signal by that factor: "
+                       "activations and gradients blow up (loss NaN) or saturate")
+    message = (f"{'; '.join(parts)}{more}: {'; '.join(effects)}. Thresholds: a hidden layer "
+               f"{factor:g}x above its scale, or a {max_shrink:g}x shrink along a path of "
+               f"layers each {factor:g}x or more below it (PyTorch's default init is 2.4x below "
+               "He and never counts; one such layer, or a small output layer, alone is fine).")
+    hidden = [b for b in bad if not b["head"]] or bad
+    common = Counter(b["nonlinearity"] for b in hidden).most_common(1)[0][0]
     first = bad[0]["node"]
     yield ctx.finding(
         "ND201", message, module=first.label, location=first.location,
         fix=init_fix(graph, [b["node"] for b in bad], common),
-        evidence={"factor": factor, "layers": [
+        evidence={"factor": factor, "max_shrink": max_shrink, "shrink": shrink, "layers": [
             {"module": b["node"].label, "std": b["std"], "expected": b["target"],
-             "ratio": b["ratio"], "fan_in": b["fan_in"], "activation": b["activation"]}
+             "ratio": b["ratio"], "fan_in": b["fan_in"], "activation": b["activation"],
+             "output_layer": b["head"]}
             for b in bad]},
         impact=5.0 + len(bad))
 
@@ -159,11 +237,16 @@ def init_scale(ctx: Context):
 # -- ND204 signal-collapse ----------------------------------------------------------------------
 
 def signal_chain(graph: Graph) -> list[Node]:
-    """Hidden weight layers (heads and constant-initialized layers left out) with a measured
-    output scale, in topological order."""
+    """Hidden weight layers with a measured output scale, in topological order: heads and
+    constant-initialized layers left out, and so are the layers inside a residual branch that
+    starts at zero gain (their output does not reach the model's output at initialization: the
+    signal travels on the residual stream around them)."""
     chain, seen = [], set()
+    live = live_at_init(graph)
     for node in graph.topological():
         if node.op not in WEIGHT_OPS or "init_signal_rms" not in node.attrs:
+            continue
+        if node.name not in live:
             continue
         key = node.module or node.name
         w = node.params.get("weight")
@@ -176,30 +259,39 @@ def signal_chain(graph: Graph) -> list[Node]:
     return chain
 
 
+_TINY = 1e-30
+
+
+def signal_ratios(graph: Graph) -> tuple[Node | None, list[Node], list[float]]:
+    """Where the signal is measured from (the input when its RMS was measured, else the chain's
+    first layer; None when there is no chain), the signal chain, and each chain layer's signal
+    RMS relative to the start's."""
+    chain = signal_chain(graph)
+    inputs = [n for n in graph.of_op("input") if n.attrs.get("init_signal_rms")]
+    start = inputs[0] if inputs else (chain[0] if chain else None)
+    if start is None:
+        return None, [], []
+    base = max(start.attrs["init_signal_rms"], _TINY)
+    return start, chain, [max(n.attrs["init_signal_rms"], _TINY) / base for n in chain]
+
+
 @rule("ND204")
 def signal_collapse(ctx: Context):
     graph: Graph = ctx.graph
     limit = float(ctx.option("ND204", "max-ratio", 1e5))
-    chain = signal_chain(graph)
+    start, chain, ratios = signal_ratios(graph)
     if len(chain) < 2:
         return
-    inputs = [n for n in graph.of_op("input") if n.attrs.get("init_signal_rms")]
-    start_value = inputs[0].attrs["init_signal_rms"] if inputs else chain[0].attrs[
-        "init_signal_rms"]
-    start_label = "the input" if inputs else chain[0].label
+    start_value = start.attrs["init_signal_rms"]
+    start_label = "the input" if start.op == "input" else start.label
     values = [n.attrs["init_signal_rms"] for n in chain]
-    tiny = 1e-30
-    crossing = None
-    for node, v in zip(chain, values):
-        ratio = max(v, tiny) / max(start_value, tiny)
-        if ratio > limit or ratio < 1.0 / limit:
-            crossing = (node, ratio)
-            break
+    crossing = next(((node, ratio) for node, ratio in zip(chain, ratios)
+                     if ratio > limit or ratio < 1.0 / limit), None)
     if crossing is None:
         return
     node, _ = crossing
     last = chain[-1]
-    end_ratio = max(values[-1], tiny) / max(start_value, tiny)
+    end_ratio = ratios[-1]
     lo, hi = min(values), max(values)
     grows = end_ratio > 1 if (end_ratio > limit or end_ratio < 1 / limit) else crossing[1] > 1
     verb = "grows" if grows else "shrinks"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from netdoctor.fixes.patch import diff_fix, set_keyword
+from netdoctor.rules._paths import live_at_init
 from netdoctor.rules.registry import Context, rule
 
 _BN_TYPES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d",
@@ -67,13 +68,14 @@ def constant_init(ctx: Context):
 
     graph = ctx.graph
     seen: set[str] = set()
+    live = live_at_init(graph)
     for node in graph.of_op(*WEIGHT_OPS):
         key = node.module or node.name
         info = node.params.get("weight")
         if key in seen or info is None or not info.all_equal or info.numel < 2:
             continue
         seen.add(key)
-        if not _feeds_weight_layer(graph, node.name):
+        if not _feeds_weight_layer(graph, node.name, live):
             continue  # the last layer may start at zero (a common, harmless choice)
         value = info.mean
         units = info.shape[0] if info.shape else "?"
@@ -94,10 +96,12 @@ def constant_init(ctx: Context):
                                     "shape": list(info.shape)}, impact=8.0)
 
 
-def _feeds_weight_layer(graph, name: str) -> bool:
+def _feeds_weight_layer(graph, name: str, live: set[str]) -> bool:
     """Whether another conv/linear layer lies downstream of this node (it is hidden). A path
     that reaches an addition first is the end of a residual branch (Fixup, ReZero and zero-conv
-    initialise that layer to zero on purpose): not followed further."""
+    initialise that layer to zero on purpose): not followed further. Nor do layers count whose
+    output does not reach the model's output at init (`live`): a squeeze-excitation computed
+    from the zero branch and multiplied back into it is part of that branch."""
     from netdoctor.graph.ir import WEIGHT_OPS
 
     stack, seen = [s.name for s in graph.successors(name)], set()
@@ -107,7 +111,7 @@ def _feeds_weight_layer(graph, name: str) -> bool:
             continue
         seen.add(n)
         node = graph.nodes[n]
-        if node.op in WEIGHT_OPS:
+        if node.op in WEIGHT_OPS and n in live:
             return True
         if node.op in ("add", "sub"):
             continue  # the end of a residual branch: zero-init there is a known technique

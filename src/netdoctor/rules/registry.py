@@ -22,7 +22,7 @@ RuleFn = Callable[["Context"], Iterable[Finding]]
 class RuleImpl:
     id: str
     fn: RuleFn
-    needs: str  # "outcome" (ND0xx), "graph", "data", "runtime"
+    needs: str  # "outcome" (ND0xx), "graph", "data", "runtime", "loop" (ND5xx)
 
 
 REGISTRY: dict[str, RuleImpl] = {}
@@ -42,14 +42,20 @@ def rule(rule_id: str, needs: str = "graph") -> Callable[[RuleFn], RuleFn]:
 @dataclass
 class Context:
     """What a rule may read. Static rules read `graph`; ND0xx read `outcome`; data and runtime
-    rules read `data` / `run` (measurements); none of them touch the user's files."""
+    rules read `data` / `run` (measurements); the training-loop rules (ND5xx) read `loop`, the
+    facts only the watcher sees inside the user's own loop; none of them touch the user's
+    files."""
 
     target: str
     graph: Any = None  # netdoctor.graph.Graph
     outcome: Any = None  # netdoctor.graph.build.BuildOutcome
     data: Any = None  # data sample for ND3xx
     run: Any = None  # probe measurements for ND4xx
+    loop: Any = None  # netdoctor.watcher.facts.LoopFacts for ND5xx
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A draft judgement (the watcher's live announcement): rules may skip building patches,
+    # which read and parse the user's files.
+    draft: bool = False
 
     def option(self, rule_id: str, key: str, default: Any) -> Any:
         return self.options.get(rule_id, {}).get(key, default)

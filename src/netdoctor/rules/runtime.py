@@ -130,12 +130,27 @@ def loss_window(run) -> tuple[float | None, float | None, int]:
     return mean(losses[:k]), mean(losses[-k:]), k
 
 
+_TORCH_OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
+
+
+def optimizer_expr(cfg) -> str:
+    """How the fix snippets spell the optimizer's class: the probe's sgd/adam/adamw, or the
+    class a watched run trained with (`optimizer_expr` of the watcher's settings: torch.optim.X
+    for torch's own, the bare name for the user's)."""
+    expr = getattr(cfg, "optimizer_expr", None)
+    if expr:
+        return expr
+    name = _TORCH_OPTIMIZERS.get(str(cfg.optimizer).lower(), str(cfg.optimizer))
+    return f"torch.optim.{name}"
+
+
 def lr_snippet(run, factor: float) -> str:
     cfg = run.config
     lr = cfg.learning_rate * factor
-    cls = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[cfg.optimizer]
-    extra = f", momentum={cfg.momentum:g}" if cfg.optimizer == "sgd" and cfg.momentum else ""
-    return (f"optimizer = torch.optim.{cls}(model.parameters(), lr={lr:g}{extra})  "
+    sgd = str(cfg.optimizer).lower() == "sgd"
+    momentum = getattr(cfg, "momentum", None)
+    extra = f", momentum={momentum:g}" if sgd and momentum else ""
+    return (f"optimizer = {optimizer_expr(cfg)}(model.parameters(), lr={lr:g}{extra})  "
             f"# was lr={cfg.learning_rate:g}\n")
 
 
@@ -181,8 +196,7 @@ def non_finite(ctx: Context):
     if ev.kind == "input":
         st = ev.input_stats or {}
         message = (f"step {s}: the input batch holds {st.get('nan', '?')} NaN and "
-                   f"{st.get('inf', '?')} Inf values, so the loss and every gradient are NaN "
-                   "(the probe stopped there).")
+                   f"{st.get('inf', '?')} Inf values, so the loss and every gradient are NaN.")
         fix = Fix("remove or repair the non-finite samples before training",
                   "bad = ~torch.isfinite(x).flatten(1).all(1)\nx, y = x[~bad], y[~bad]\n")
     elif ev.kind == "forward" and ev.module is not None:
@@ -203,7 +217,14 @@ def non_finite(ctx: Context):
         if ev.bad_parameters:
             message += (f" Its parameters {', '.join(ev.bad_parameters[:4])} are already "
                         f"non-finite: the update of step {s - 1} overflowed.")
-        if s == 1 and not ev.bad_parameters:
+        if ev.detail and "mask" in ev.detail:
+            message += f" Why: {ev.detail}."
+            fix = Fix("leave at least one unmasked key per sequence (drop fully padded "
+                      "sequences from the batch, or unmask one position of them)",
+                      "keep = ~key_padding_mask.all(dim=1)   # sequences with at least one "
+                      "real token\nx, key_padding_mask, y = x[keep], key_padding_mask[keep], "
+                      "y[keep]\n")
+        elif s == 1 and not ev.bad_parameters:
             message += (" It happened on the very first forward with freshly initialised "
                         "weights: look for an unguarded log/sqrt/division or overflow in "
                         "this layer rather than at the learning rate.")
@@ -215,20 +236,32 @@ def non_finite(ctx: Context):
         message = (f"step {s}: the loss went non-finite, but replaying the step did not "
                    f"reproduce it ({ev.detail}).{history}")
     elif ev.kind == "loss":
+        outs = ev.output_stats or {}
+        stats = (f" (outputs: min {g(outs.get('min'))}, max {g(outs.get('max'))})"
+                 if outs.get("min") is not None else "")
         message = (f"step {s}: the model's outputs were finite but the {run.config.loss} loss "
-                   f"was not (outputs: min {g((ev.output_stats or {}).get('min'))}, max "
-                   f"{g((ev.output_stats or {}).get('max'))}); check the targets and that the "
-                   "loss matches the output (logits, not probabilities).")
-        fix = Fix("check the targets' range and use a loss that takes logits "
-                  "(cross_entropy, BCEWithLogitsLoss)", None)
+                   f"was not{stats}")
+        if ev.detail and "ignore_index" in ev.detail:
+            message = (f"step {s}: the {run.config.loss} loss went non-finite{stats}: "
+                       f"{ev.detail}.")
+            fix = Fix("skip batches without a single target to learn from (or compute the "
+                      "mean over the real targets yourself)",
+                      "if (y != -100).any():   # the loss's ignore_index\n"
+                      "    loss = criterion(out, y)\n")
+        else:
+            message += ("; check the targets and that the loss matches the output (logits, not "
+                        "probabilities).")
+            fix = Fix("check the targets' range and use a loss that takes logits "
+                      "(cross_entropy, BCEWithLogitsLoss)", None)
     else:  # gradient
         module = ev.module
         message = (f"step {s}: the loss was finite but the gradient of {ev.parameter} "
                    f"({_display(module, run)}) went non-finite: it is the first one backward "
                    f"reaches from the output ({len(ev.bad_parameters)} parameters affected)."
                    f"{history}")
-    yield ctx.finding("ND401", message, module=module, location=_site(run, module), fix=fix,
-                      evidence=evidence, impact=15.0)
+    yield ctx.finding("ND401", message, module=module,
+                      location=ev.location or _site(run, module), fix=fix, evidence=evidence,
+                      impact=15.0)
 
 
 # ------------------------------------------------------------------------------ ND402
@@ -483,6 +516,8 @@ def loss_stalled(ctx: Context):
     margin = float(ctx.option("ND407", "chance-margin", 0.1))
     if run.steps_run < min_steps or run.stopped in ("non-finite", "labels", "non-finite-input"):
         return
+    if run.competing_losses:
+        return  # a GAN's losses hover by design
     first, last, k = loss_window(run)
     if first is None or last is None:
         return
@@ -553,6 +588,8 @@ def initial_loss(ctx: Context):
     expected = math.log(c)
     if abs(loss0 - expected) <= tol * expected:
         return
+    if loss0 < expected and not run.from_init:
+        return  # resumed or pretrained weights are allowed to know something at step 1
     if loss0 > expected:
         why = ("the initial outputs are confidently wrong: the logits are far from zero at "
                "initialisation (input scale or the last layer's init), so the first steps are "
@@ -579,6 +616,8 @@ def prediction_collapse(ctx: Context):
     if not run.pred_counts or not run.label_counts or (run.num_outputs or 0) < 3:
         return
     if run.stopped in ("non-finite", "labels", "non-finite-input") or run.steps_run < 10:
+        return
+    if run.competing_losses:
         return
     preds = sorted(run.pred_counts, reverse=True)
     labels = sorted(run.label_counts, reverse=True)

@@ -1,0 +1,176 @@
+"""Attaching to the user's training from outside: torch's global hooks and a few reversible
+wrappers, each installed by `Attachment.install()` and removed by `remove()` (in reverse order,
+every one in its own `finally`, so a failure to remove one never leaves the others behind).
+
+* optimizer steps: `torch.optim.optimizer.register_optimizer_step_pre_hook` / `_post_hook`
+  (every `Optimizer` subclass, the user's own included, runs them); a step given a closure
+  (LBFGS, Lightning's automatic optimization) is measured when the closure's first call returns,
+  since forward and backward run inside it;
+* model discovery (`netdoctor run`, `watch()` without a model): global module forward
+  pre/post hooks that notice a module called at the top level with gradients enabled. They
+  cost a Python call per module call, so they are switched off once every optimizer's
+  parameters belong to a watched model (`discovery(False)`), and on again for a new optimizer;
+* the loss: `torch.autograd.backward` (which `Tensor.backward` calls) is wrapped, so the tensor
+  backward ran on is seen, and whether the gradients were cleared since the last step;
+* `nn.Module.train` (where a model was put in eval mode, for ND504's fix) and the lr
+  schedulers' `step` (where the scheduler is stepped, for ND505's fix): wrapped, recording the
+  user's line only; `GradScaler.scale`: wrapped, so the loss is recorded unscaled;
+  `nn.Module.__getstate__`: wrapped, so a copy of a watched model (`copy.deepcopy` for an EMA
+  model, `torch.save(model)`) carries none of netdoctor's hooks (nor the doctor behind them);
+* the loss functions: `netdoctor.watcher.losses.LossWatch`.
+
+Every wrapper calls the original with the same arguments and returns its result; what netdoctor
+does around it runs in the doctor's guard (an internal error becomes a note, never an exception
+in the user's loop).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.optim.lr_scheduler as lr_scheduler
+from torch import nn
+from torch.amp.grad_scaler import GradScaler
+from torch.nn.modules import module as module_hooks
+from torch.optim import optimizer as optimizer_hooks
+
+
+class Attachment:
+    """The global hooks and wrappers of one doctor. `doctor` provides the event methods:
+    `on_step_pre(opt, args, kwargs)`, `on_step_post(opt)`, `on_global_forward_pre(module, args)`,
+    `on_global_forward_post(module)`, `on_backward(tensors)`, `after_backward()`,
+    `on_train_mode(module, mode)`, `on_scheduler_step(scheduler)`,
+    `on_loss_scaled(outputs, scaled)`, `without_our_hooks(state)`."""
+
+    def __init__(self, doctor: Any):
+        self.doctor = doctor
+        self._undo: list[Callable[[], None]] = []
+        self._discovery: list[Any] = []
+
+    # -- install / remove ----------------------------------------------------------------
+    def install(self, discover_models: bool) -> None:
+        d = self.doctor
+        pre = optimizer_hooks.register_optimizer_step_pre_hook(d.on_step_pre)
+        self._undo.append(pre.remove)
+        post = optimizer_hooks.register_optimizer_step_post_hook(
+            lambda opt, args, kwargs: d.on_step_post(opt))
+        self._undo.append(post.remove)
+        self._wrap(torch.autograd, "backward", self._backward_wrapper)
+        self._wrap(nn.Module, "train", self._train_wrapper)
+        self._wrap(nn.Module, "__getstate__", self._getstate_wrapper)
+        for cls in _scheduler_classes():
+            self._wrap(cls, "step", self._scheduler_wrapper)
+        self._wrap(GradScaler, "scale", self._scale_wrapper)
+        if discover_models:
+            self.discovery(True)
+
+    def remove(self) -> None:
+        self.discovery(False)
+        undo, self._undo = self._undo, []
+        errors = []
+        for fn in reversed(undo):
+            try:
+                fn()
+            except Exception as e:  # keep removing the rest
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def discovery(self, on: bool) -> None:
+        """Switch the global module hooks that find models called at the top level."""
+        if on and not self._discovery:
+            d = self.doctor
+            self._discovery = [
+                module_hooks.register_module_forward_pre_hook(
+                    lambda m, args: d.on_global_forward_pre(m, args)),
+                module_hooks.register_module_forward_hook(
+                    lambda m, args, out: d.on_global_forward_post(m), always_call=True),
+            ]
+        elif not on and self._discovery:
+            for h in self._discovery:
+                h.remove()
+            self._discovery = []
+
+    @property
+    def discovering(self) -> bool:
+        return bool(self._discovery)
+
+    def _wrap(self, owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        wrapper = make(original)
+        setattr(owner, name, wrapper)
+        self._undo.append(lambda: setattr(owner, name, original))
+
+    # -- wrappers ------------------------------------------------------------------------
+    def _backward_wrapper(self, original: Callable) -> Callable:
+        d = self.doctor
+
+        @functools.wraps(original)
+        def backward(tensors, *args, **kwargs):
+            d.on_backward(tensors)
+            result = original(tensors, *args, **kwargs)
+            d.after_backward()
+            return result
+
+        return backward
+
+    def _train_wrapper(self, original: Callable) -> Callable:
+        d = self.doctor
+        depth = [0]  # Module.train recurses into the children: only the outer call is the user's
+
+        @functools.wraps(original)
+        def train(self_module, mode: bool = True):
+            if depth[0] == 0:
+                d.on_train_mode(self_module, mode)
+            depth[0] += 1
+            try:
+                return original(self_module, mode)
+            finally:
+                depth[0] -= 1
+
+        return train
+
+    def _getstate_wrapper(self, original: Callable) -> Callable:
+        d = self.doctor
+
+        @functools.wraps(original)
+        def __getstate__(self_module):  # noqa: N807 - mirrors nn.Module
+            return d.without_our_hooks(original(self_module))
+
+        return __getstate__
+
+    def _scale_wrapper(self, original: Callable) -> Callable:
+        d = self.doctor
+
+        @functools.wraps(original)
+        def scale(self_scaler, outputs):
+            scaled = original(self_scaler, outputs)
+            d.on_loss_scaled(outputs, scaled)
+            return scaled
+
+        return scale
+
+    def _scheduler_wrapper(self, original: Callable) -> Callable:
+        d = self.doctor
+
+        @functools.wraps(original)
+        def step(self_scheduler, *args, **kwargs):
+            d.on_scheduler_step(self_scheduler)
+            return original(self_scheduler, *args, **kwargs)
+
+        return step
+
+
+def _scheduler_classes() -> list[type]:
+    """The lr scheduler classes that define their own `step` (LRScheduler and the few that
+    override it: ReduceLROnPlateau, SequentialLR, ChainedScheduler, ...)."""
+    out = []
+    for value in vars(lr_scheduler).values():
+        if isinstance(value, type) and "step" in value.__dict__ and (
+                issubclass(value, lr_scheduler.LRScheduler)
+                or value.__name__ == "ReduceLROnPlateau"):
+            out.append(value)
+    return out

@@ -1,0 +1,127 @@
+"""The loop facts: what only the watcher sees inside the user's own training loop.
+
+`LoopFacts` is to the ND5xx rules (`netdoctor.rules.loop`, through `ctx.loop`) what
+`measure.record.TrainingRun` is to the ND4xx rules: plain numbers and source locations gathered
+by the hooks while the script trains, judged later (and live, for the announcement) by the
+rules. Torch-free: tensors never end up here, only Python floats, ints, names and locations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from netdoctor.findings import Location
+
+
+@dataclass
+class OptimizerFacts:
+    """One optimizer the training stepped."""
+
+    index: int
+    name: str  # class name: "SGD", "Adam", "MyOptimizer"
+    label: str  # how reports name it: "SGD", or "SGD#2" when two share a class
+    site: Location | None = None  # where it was built (netdoctor run records it)
+    step_site: Location | None = None  # the user's `optimizer.step()` line (first seen)
+    steps: int = 0
+    n_params: int = 0
+    n_trainable: int = 0  # parameters with requires_grad
+    models: list[str] = field(default_factory=list)  # labels of the models it trains
+    lr: list[list[float]] = field(default_factory=list)  # per step, per param group
+    grad_norm: list[float] = field(default_factory=list)  # total, per step (nan: no gradient)
+    loss: list[float] = field(default_factory=list)  # per step (nan: no loss seen)
+    # ND501: steps whose gradients still held a previous step's (no reset in between), and the
+    # line of the backward that accumulated into them
+    stale_steps: list[int] = field(default_factory=list)
+    stale_backward_site: Location | None = None
+    # ND503: steps after which no parameter had changed, and why (lr-zero, no-grad, zero-grad)
+    unchanged_steps: list[int] = field(default_factory=list)
+    unchanged_reasons: dict[str, int] = field(default_factory=dict)
+    changed_steps: int = 0
+    # ND504: steps that trained with Dropout/BatchNorm modules of its models in eval mode
+    eval_steps: list[int] = field(default_factory=list)
+    eval_modules: dict[str, str] = field(default_factory=dict)  # qualified name -> type
+    eval_models: list[str] = field(default_factory=list)
+
+    @property
+    def initial_lr(self) -> float | None:
+        return max(self.lr[0]) if self.lr and self.lr[0] else None
+
+    def lr_curve(self) -> list[float]:
+        """The largest learning rate of any param group, per step."""
+        return [max(groups) if groups else float("nan") for groups in self.lr]
+
+
+@dataclass
+class ModelFacts:
+    """One model the training ran forward and backward through."""
+
+    label: str  # "Net", or "Generator" / "Discriminator"; "Net#2" when two share a class
+    class_name: str
+    site: Location | None = None  # where the root model was built (or its class line)
+    input_shape: tuple[int, ...] | None = None  # first positional tensor of the first forward
+    input_dtype: str | None = None
+    compiled: bool = False  # torch.compile'd: not instrumented
+    optimized: int = 0  # trainable parameters held by an optimizer
+    # ND502: trainable parameters that had a gradient at a measured step while no optimizer
+    # held them: qualified name -> number of measured steps
+    unoptimized: dict[str, int] = field(default_factory=dict)
+    unoptimized_sites: dict[str, Location] = field(default_factory=dict)  # module -> built at
+    grad_checks: int = 0  # measured steps at which the check ran
+    eval_site: Location | None = None  # the last `.eval()` / `.train(False)` on it or a child
+
+
+@dataclass
+class LossCallFacts:
+    """One loss function called at one line of the user's code."""
+
+    fn: str  # "cross_entropy", "nll_loss", "binary_cross_entropy", "mse_loss", ...
+    site: Location | None
+    calls: int = 0
+    input_shape: tuple[int, ...] | None = None
+    target_shape: tuple[int, ...] | None = None
+    input_producer: str | None = None  # autograd node that made the input ("SoftmaxBackward0")
+    checked: int = 0  # calls whose values were examined
+    # ND506: examined calls whose input was the wrong kind for this loss
+    probabilities: int = 0  # softmax/sigmoid outputs where logits (or log-probs) belong
+    not_log_probs: int = 0  # nll_loss fed values that are not log-probabilities
+    out_of_range: int = 0  # binary_cross_entropy fed values outside [0, 1]
+    input_min: float | None = None
+    input_max: float | None = None
+    # ND507: the shapes met by broadcasting into a larger one
+    broadcast_shape: tuple[int, ...] | None = None
+    broadcast_calls: int = 0
+    all_ignored: int = 0  # cross_entropy/nll calls where every target was ignore_index
+    ignore_index: int | None = None
+    raised: str | None = None  # the exception the loss itself raised
+
+
+@dataclass
+class SchedulerFacts:
+    """An lr scheduler's `.step()` calls at one line."""
+
+    name: str
+    site: Location | None
+    calls: int = 0
+    first_iteration: int | None = None  # the training step during which it was first called
+    last_iteration: int | None = None
+
+
+@dataclass
+class LoopFacts:
+    """Everything the ND5xx rules read (ctx.loop)."""
+
+    iterations: int = 0  # steps of the first optimizer that stepped (the training step)
+    optimizers: list[OptimizerFacts] = field(default_factory=list)
+    models: list[ModelFacts] = field(default_factory=list)
+    losses: dict[tuple, LossCallFacts] = field(default_factory=dict)
+    schedulers: dict[tuple, SchedulerFacts] = field(default_factory=dict)
+    backward_calls: int = 0
+    backward_site: Location | None = None
+    finished: bool = False  # the run is over (end-of-run judgements may be made)
+    stopped: str | None = None  # "non-finite", "stop-on", "exception", "interrupted"
+
+    def loss_calls(self) -> list[LossCallFacts]:
+        return list(self.losses.values())
+
+    def model(self, label: str) -> ModelFacts | None:
+        return next((m for m in self.models if m.label == label), None)

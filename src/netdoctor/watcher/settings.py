@@ -1,0 +1,111 @@
+"""The watcher's options (`netdoctor run` flags, `netdoctor.watch(**options)`, the callbacks'
+keyword arguments) and `LoopConfig`, the watched run's `TrainingRun.config`: the reading of the
+user's own optimizer that the ND4xx rules' messages and fixes quote (`optimizer`,
+`learning_rate`, `momentum`, `loss`, `steps`, `window`), in the same fields as the probe's
+`ProbeConfig`.
+
+Torch-free, so the CLI can validate flags before torch is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from netdoctor.errors import UserError
+
+STOP_ON = ("error", "warning", "never")
+STOP_ACTIONS = ("raise", "flag")
+FORMATS = ("text", "json", "sarif", "github")
+FAIL_ON = ("error", "warning", "info", "never")
+
+# Deep measurements (per-layer activations, gradient norms, update ratios) run on the first
+# WARM_STEPS steps, then on log-spaced steps (8, 16, 32, ...) up to `every`, then every `every`
+# steps: about 2% of the steps at the default, so the per-step cost stays a few fused norms.
+DEFAULT_EVERY = 50
+WARM_STEPS = 4
+
+
+@dataclass
+class WatchOptions:
+    """What `netdoctor.watch(model, optimizer, **options)` accepts (and `netdoctor run`'s
+    flags fill). Unknown keywords are a TypeError, bad values a UserError."""
+
+    every: int = DEFAULT_EVERY  # deep-measurement interval, in training steps
+    select: list[str] = field(default_factory=lambda: ["ALL"])
+    ignore: list[str] = field(default_factory=list)
+    stop_on: str = "never"  # stop training at a confirmed finding of this severity
+    stop_action: str = "raise"  # "raise" StopTraining, or only "flag" doctor.should_stop
+    fail_on: str = "error"
+    output: str | None = None  # where doctor.report() writes by default
+    format: str = "text"
+    rule_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    announce: bool = True  # one line on stderr per confirmed severe finding
+    static: bool = True  # run the static rules on each watched model once
+    name: str | None = None  # how the report names the target (default: the model's class)
+
+    @classmethod
+    def from_kwargs(cls, **options: Any) -> WatchOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)} (known: "
+                            f"{', '.join(sorted(known))})")
+        for key in ("select", "ignore"):
+            if isinstance(options.get(key), str):
+                options[key] = [v.strip() for v in options[key].split(",") if v.strip()]
+        opts = cls(**{k: v for k, v in options.items() if v is not None})
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
+            raise UserError(f"every must be a positive number of steps, got {self.every!r}")
+        for key, allowed in (("stop_on", STOP_ON), ("stop_action", STOP_ACTIONS),
+                             ("format", FORMATS), ("fail_on", FAIL_ON)):
+            value = getattr(self, key)
+            if value not in allowed:
+                raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+    def check_options(self):
+        """The rule selection as `check.run_rules` takes it."""
+        from netdoctor.check import CheckOptions
+
+        return CheckOptions(select=list(self.select), ignore=list(self.ignore),
+                            rule_options=self.rule_options)
+
+
+_TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta", "ASGD", "LBFGS",
+                     "NAdam", "RAdam", "RMSprop", "Rprop", "SparseAdam", "Adafactor", "Muon")
+
+
+@dataclass
+class LoopConfig:
+    """`TrainingRun.config` of a watched run: the user's optimizer as the rules quote it."""
+
+    optimizer: str  # class name ("SGD", "AdamW", "MyOptimizer")
+    learning_rate: float  # the first param group's lr at the first step
+    momentum: float | None = None  # SGD/RMSprop momentum, when the optimizer has one
+    weight_decay: float = 0.0
+    loss: str = "unknown"  # the loss function backward ran on: cross_entropy, mse_loss, ...
+    steps: int = 0
+    batch_size: int | None = None
+    seed: int | None = None
+    window: float = 0.5  # share of the last measured steps for "over the run" statistics
+    param_groups: int = 1
+    lrs: list[float] = field(default_factory=list)  # every group's lr at the first step
+
+    @property
+    def optimizer_expr(self) -> str:
+        """How a fix snippet spells its constructor."""
+        if self.optimizer in _TORCH_OPTIMIZERS:
+            return f"torch.optim.{self.optimizer}"
+        return self.optimizer
+
+    def describe(self) -> str:
+        extra = f", momentum {self.momentum:g}" if self.momentum else ""
+        if self.weight_decay:
+            extra += f", weight decay {self.weight_decay:g}"
+        groups = f" in {self.param_groups} param groups" if self.param_groups > 1 else ""
+        return (f"{self.steps} steps of {self.optimizer} (lr {self.learning_rate:g}{extra}"
+                f"{groups}), {self.loss} loss")
