@@ -50,6 +50,12 @@ HEALTHY = {
     "transformer": (H + "transformer.py:TransformerClassifier", []),
     "gru_tagger": (H + "gru_tagger.py:GRUTagger", []),
     "unet": (H + "unet.py:UNet", ["--input-shape", "1,32,32"]),
+    "bert": (H + "bert.py:BertClassifier", []),
+    "rezero_transformer": (H + "rezero_transformer.py:ReZeroTransformer", []),
+    "fixup_resnet": (H + "fixup_resnet.py:FixupResNet", []),
+    "nf_resnet": (H + "nf_resnet.py:NFResNet", []),
+    "se_resnet": (H + "se_resnet.py:SEResNet", []),
+    "tv_init_classifier": (H + "tv_init_classifier.py:TVInitMobileNet", []),
 }
 SICK = {
     "lenet_sigmoid": (S + "lenet_sigmoid.py:LeNet", []),

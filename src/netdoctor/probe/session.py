@@ -21,6 +21,7 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
     `settings["time_budget"]` (seconds, None for no budget) bounds the whole probe, counted
     from `settings["started"]` (time.monotonic() when the command began; default: now)."""
     started = settings.get("started") or time.monotonic()
+    settings = {**settings, "phase_times": {}}  # seconds per phase, for the JSON report
     budget_s = settings.get("time_budget")
     deadline = started + budget_s if budget_s else None
     import torch
@@ -66,7 +67,7 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
             opts.input_dtype = "long"  # token ids
 
     progress = progress_bar(sys.stderr.isatty())
-    times = settings.setdefault("phase_times", {})
+    times = settings["phase_times"]
     with (progress or nullcontext()):
         with _phase(progress, "static checks", times, "check_s"):
             report = check_loaded(loaded, opts)
