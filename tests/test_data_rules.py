@@ -482,3 +482,39 @@ def test_doc_example_triggers_and_fix_does_not(rule_id, tmp_path):
             assert rule_id in found, (kind, found)
         else:
             assert found == [], (kind, found)
+
+
+@pytest.mark.parametrize("top,maximum,divisor", [(16, 16, 16.0), (255, 255, 255.0),
+                                                 (255, 100, 255.0), (4095, 3000, 4095.0),
+                                                 (65535, 65535, 65535.0)])
+def test_nd301_scale_follows_the_measured_range(top, maximum, divisor):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, maximum + 1, (256, 1, 8, 8), generator=g).float()
+    x[0, 0, 0, 0] = maximum
+    (f,) = [f for f in run_data_rules(DataSample(x, torch.zeros(256, dtype=torch.long)))
+            if f.rule == "ND301"]
+    assert f.evidence["range_max"] == divisor
+    assert f"x = x / {divisor:.1f}" in f.fix.patch and f"x / {divisor:.1f}" in f.fix.summary
+    assert f"0..{top}" in f.message
+    assert f.evidence["scaled_mean"][0] == pytest.approx(float(x.double().mean()) / divisor)
+
+
+def test_nd301_standardizes_what_no_range_fits():
+    g = torch.Generator().manual_seed(0)
+    y = torch.zeros(256, dtype=torch.long)
+    for x in (torch.randint(0, 41, (256, 1, 8, 8), generator=g).float(),  # max 40: no range
+              torch.randn(256, 1, 8, 8, generator=g) * 30,                # signed
+              torch.rand(256, 1, 8, 8, generator=g) * 200):               # fractional
+        (f,) = [f for f in run_data_rules(DataSample(x, y)) if f.rule == "ND301"]
+        assert "range_max" not in f.evidence
+        assert f.fix.summary.startswith("standardize"), f.fix.summary
+
+
+def test_nd302_ranks_before_nd301_on_raw_tabular_data():
+    from netdoctor.findings import Report
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g) * torch.tensor([0.1, 1.0, 300.0, 20.0]) + 50
+    found = run_data_rules(DataSample(x, torch.zeros(256, dtype=torch.long)))
+    assert ids(found) == ["ND301", "ND302"]
+    assert Report(target="t", findings=found).fix_first().rule == "ND302"

@@ -324,3 +324,53 @@ def test_text_no_fix_first_without_fixable_warning():
     out = render([r], "text", color=False)
     assert "Fix first" not in out
     assert "0 errors, 0 warnings, 1 info" in out
+
+
+VERIFIED_CHAIN = {
+    "fix": "inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05", "rule": "ND301",
+    "applied": "inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05",
+    "before": {"loss_first": 5.18, "loss_last": 2.31, "accuracy": 0.08},
+    "after": {"loss_first": 2.30, "loss_last": 0.41, "accuracy": 0.88},
+    "improved": True, "outcome_improved": True, "steps": 100,
+    "symptom": {"rule": "ND404", "name": "dead ReLU units (worst layer)", "before_text": "100%",
+                "after_text": "19%", "gone": True},
+    "attempts": [
+        {"applied": "inputs scaled to [0, 1] (x / 255)", "steps": 100, "outcome": "no",
+         "after": {"loss_first": 2.30, "loss_last": 2.31, "accuracy": 0.09},
+         "symptom_text": "100%"},
+        {"applied": "inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05", "steps": 100,
+         "outcome": "improved", "after": {"loss_first": 2.30, "loss_last": 0.41,
+                                          "accuracy": 0.88}, "symptom_text": "19%"},
+    ],
+}
+
+
+def test_text_verified_fix_shows_symptom_and_what_was_tried():
+    out = render([make_report(command="probe", measurements={"verified_fix": VERIFIED_CHAIN})],
+                 "text", color=False)
+    flat = " ".join(out.split())
+    assert ("Verified fix: inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05: loss "
+            "5.18 → 2.31 (accuracy 0.08) became 2.30 → 0.41 (accuracy 0.88) over 100 steps"
+            ) in flat
+    assert "dead ReLU units (worst layer): 100% → 19% (symptom gone)" in flat
+    assert ("tried inputs scaled to [0, 1] (x / 255): loss 2.30 → 2.31 (accuracy 0.09), dead "
+            "ReLU units (worst layer) 100%") in flat
+    assert flat.count("tried ") == 1  # the winning attempt is the headline, not a "tried" line
+
+
+def test_text_fix_not_verified_lists_every_attempt_with_its_numbers():
+    failed = dict(VERIFIED_CHAIN, improved=False, outcome_improved=False,
+                  after=VERIFIED_CHAIN["attempts"][0]["after"],
+                  symptom=dict(VERIFIED_CHAIN["symptom"], gone=False, after_text="100%"))
+    failed["attempts"] = [VERIFIED_CHAIN["attempts"][0],
+                          dict(VERIFIED_CHAIN["attempts"][1], outcome="no",
+                               after={"loss_first": 2.3, "loss_last": 2.29, "accuracy": 0.1})]
+    out = render([make_report(command="probe", measurements={"verified_fix": failed})], "text",
+                 color=False)
+    flat = " ".join(out.split())
+    assert "Fix not verified: nothing tried improved the probe's loss 5.18 → 2.31" in flat
+    assert "tried 2:" in flat
+    assert "inputs scaled to [0, 1] (x / 255): loss 2.30 → 2.31 (accuracy 0.09)" in flat
+    assert "+ learning rate 0.5 → 0.05: loss 2.30 → 2.29 (accuracy 0.10)" in flat
+    assert "before: dead ReLU units (worst layer): 100%" in flat
+    assert "Verified fix" not in flat

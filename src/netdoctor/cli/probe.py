@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import click
@@ -12,12 +13,14 @@ from netdoctor.cli.options import common_options, download_options, emit, exit_c
 from netdoctor.errors import UserError
 
 PROBE_KEYS = {"data", "data-dir", "resize", "raw", "normalize", "steps", "batch-size", "lr",
-              "optimizer", "momentum", "weight-decay", "loss", "seed", "device", "verify"}
+              "optimizer", "momentum", "weight-decay", "loss", "seed", "device", "verify",
+              "time-budget"}
 PROBE_KEYS |= {"data-mirror", "download"}  # built-in sets: where missing files come from
 
 # Documented defaults (netdoctor probe --help, README): measured, see benchmarks/.
 DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", "momentum": 0.9,
-                            "weight-decay": 0.0, "loss": "cross_entropy", "device": "auto"}
+                            "weight-decay": 0.0, "loss": "cross_entropy", "device": "auto",
+                            "time-budget": 60.0}
 
 
 @click.command()
@@ -33,7 +36,11 @@ DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", 
               help="Built-in sets: serve the stored 0..255 values (default: [0, 1]).")
 @click.option("--normalize", is_flag=True, default=None,
               help="Built-in sets: per-channel mean/std normalization.")
-@click.option("--steps", type=int, help="Training steps (default 100).")
+@click.option("--steps", type=int, help="Training steps (default 100, fewer when a step is "
+                                       "too slow for --time-budget).")
+@click.option("--time-budget", type=float, metavar="SECONDS",
+              help="Wall time for the whole probe when --steps is not given: steps (and for big "
+                   "models the batch and the extra checks) are scaled to fit (default 60).")
 @click.option("--batch-size", type=int, help="Samples per batch (default 64).")
 @click.option("--lr", type=float,
               help="Learning rate (default 0.01 for sgd, 0.001 for adam/adamw).")
@@ -50,7 +57,7 @@ DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", 
 def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail_on, select,
           ignore_, config, color, seed, data_source, data_dir, resize, raw, normalize, steps,
           batch_size, lr, optimizer, momentum, weight_decay, loss_name, device, no_verify, plot,
-          no_download, data_mirror):
+          no_download, data_mirror, time_budget):
     """Short instrumented training run of TARGET (file.py:Name) on --data: measures gradient
     flow and training dynamics, diagnoses them and verifies the top fix.
 
@@ -59,6 +66,7 @@ def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail
       netdoctor probe mlp.py:MLP --data fashionmnist --raw --lr 0.5 --momentum 0
       netdoctor probe model.py:Net --data synthetic --input-shape 3,32,32 --format json
     """
+    started = time.monotonic()  # the time budget counts the whole command
     from netdoctor.config import load_config
 
     cfg = load_config(config)
@@ -99,9 +107,20 @@ def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail
         "loss": pick(loss_name, "loss"), "seed": opts.seed,
         "device": pick(device, "device"),
         "verify": not no_verify and bool(table.get("verify", True)),
+        "started": started,
+        "batch_given": batch_size is not None or "batch-size" in table,
         "data_mirror": pick(data_mirror, "data-mirror"),
         "download": not no_download and bool(table.get("download", True)),
     }
+    steps_given = steps is not None or "steps" in table
+    budget = pick(time_budget, "time-budget")
+    try:
+        budget = float(budget)
+    except (TypeError, ValueError):
+        raise UserError(f"time-budget must be a number of seconds, got {budget!r}") from None
+    if not budget > 0:
+        raise UserError(f"--time-budget must be a positive number of seconds, got {budget:g}")
+    settings["time_budget"] = None if steps_given else budget
     from netdoctor.loading.seeding import seeded
     from netdoctor.probe.session import probe_target
 

@@ -6,7 +6,7 @@ A data source is named by one string (`DataSpec.source`):
   layout under the data folder (``DIR/FashionMNIST/raw/train-images-idx3-ubyte[.gz]`` ...).
   Missing files are downloaded there first (published checksums verified; see
   `netdoctor.data.download`) unless ``DataSpec.download`` is False.
-* ``synthetic`` -- random inputs of ``--input-shape`` with learnable labels.
+* ``synthetic`` -- a learnable task of ``--input-shape`` (see `netdoctor.data.synthetic`).
 * ``path/file.npz`` -- arrays ``x`` and ``y``, fed exactly as stored.
 * ``path/file.py:fn`` or ``dotted.module:fn`` -- ``fn()`` returns an iterable of ``(x, y)``
   batches (a DataLoader, a list of tuples, a generator, ...).
@@ -23,7 +23,6 @@ import importlib
 import importlib.util
 import inspect
 import itertools
-import math
 import os
 import re
 import sys
@@ -60,9 +59,6 @@ ACCEPTED_FORMS = (
     "or a loader function (path/file.py:fn or dotted.module:fn)"
 )
 
-_SYNTHETIC_DEFAULT_SAMPLES = 1024
-_SYNTHETIC_DEFAULT_VOCAB = 100
-_SYNTHETIC_DEFAULT_CLASSES = 10
 _NORMALIZE_STATS_SAMPLES = 10_000  # at most this many samples feed the mean/std estimate
 _PEEK_BATCHES = 4  # batches a loader function is read ahead at open time to learn shapes
 
@@ -96,12 +92,14 @@ class DataSpec:
     seed: shuffling / synthetic generation seed; the same seed gives the same batches.
     train: built-in sets: train split (True) or test split (False).
     input_shape: synthetic only: per-sample shape (no batch dim); required there.
-    input_dtype: synthetic: ``"float32"`` (standard normal; also float64/float16/bfloat16)
+    input_dtype: synthetic: ``"float32"`` (unit-scale values; also float64/float16/bfloat16)
         or ``"long"`` (token ids in [0, vocab)). For npz, ``"long"`` keeps integer x as int64.
     num_classes: synthetic only: number of label classes (default 10).
     max_samples: cap on samples read (built-ins: a seeded random subset; npz: the first ones;
         synthetic: the size of the generated pool, default 1024). None: all of them.
     vocab_size: synthetic with ``input_dtype="long"``: token vocabulary (default 100).
+    target_shape: synthetic only: per-sample target shape; None or () for one class per
+        sample, the token shape (T,) for one tag per token, (H, W) for one class per pixel.
     download: built-in sets only: download the standard files that are missing from the data
         folder (False: fail with "not found" instead; nothing is fetched when they are there).
     mirror: built-in sets only: URL of a folder serving the set's four ``.gz`` files (default
@@ -121,6 +119,7 @@ class DataSpec:
     num_classes: int | None = None
     max_samples: int | None = None
     vocab_size: int | None = None
+    target_shape: tuple[int, ...] | None = None
     download: bool = True
     mirror: str | None = None
 
@@ -556,134 +555,6 @@ def _open_npz(spec: DataSpec, path: Path) -> DataSource:
 
 
 # --------------------------------------------------------------------------------------------
-# synthetic
-
-
-_FLOAT_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float64": torch.float64,
-    "double": torch.float64,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-_LONG_DTYPES = ("long", "int64")
-
-
-class _SyntheticSource(DataSource):
-    """Random inputs with labels a model can learn.
-
-    Inputs: standard normal (float dtypes) or uniform token ids in [0, vocab) (``long``).
-    Labels: a fixed function of the inputs, so the task is learnable --
-    float inputs: ``argmax(x.flatten() @ W)`` with W a fixed random (D, num_classes) matrix;
-    token inputs: ``argmax(sum over positions of E[token])`` with E a fixed random
-    (vocab, num_classes) table (learnable by embedding + pooling + linear).
-    W / E depend only on the seed. A pool of max_samples (default 1024) samples is generated
-    batch by batch on demand (each batch from its own seed) and cycled; each pass visits the
-    pool's batches in a seeded order.
-    """
-
-    def __init__(self, spec: DataSpec) -> None:
-        self._bs = _check_spec(spec)
-        if spec.input_shape is None:
-            raise UserError(
-                "synthetic data needs a per-sample input shape: pass --input-shape "
-                "(e.g. --input-shape 1,28,28, without the batch dimension)"
-            )
-        try:
-            shape = tuple(int(d) for d in spec.input_shape)
-        except (TypeError, ValueError):
-            raise UserError(
-                f"input shape must be a list of positive integers, got {spec.input_shape!r}"
-            ) from None
-        if not shape or any(d < 1 for d in shape):
-            raise UserError(f"input shape must be a list of positive integers, got {shape}")
-        dtype_name = spec.input_dtype.lower()
-        if dtype_name in _LONG_DTYPES:
-            self._dtype = torch.int64
-        elif dtype_name in _FLOAT_DTYPES:
-            self._dtype = _FLOAT_DTYPES[dtype_name]
-        else:
-            raise UserError(
-                f"unknown input dtype {spec.input_dtype!r}: use float32, float64, "
-                "float16, bfloat16 or long (token ids)"
-            )
-        classes = spec.num_classes if spec.num_classes is not None else _SYNTHETIC_DEFAULT_CLASSES
-        if classes < 1:
-            raise UserError(f"number of classes must be at least 1, got {classes}")
-        self._vocab = spec.vocab_size or _SYNTHETIC_DEFAULT_VOCAB
-        if self._vocab < 1:
-            raise UserError(f"vocab size must be at least 1, got {self._vocab}")
-        if self._dtype == torch.int64 and spec.resize:
-            raise UserError("cannot resize synthetic token ids (input dtype long): drop --resize")
-        if spec.resize and len(shape) < 2:
-            raise UserError(
-                f"cannot resize synthetic inputs of shape {shape}: resize needs "
-                "image-shaped inputs (C, H, W) or (H, W)"
-            )
-
-        self._shape = shape
-        self._classes = classes
-        self._seed = spec.seed
-        self._resize = spec.resize
-        self._n = spec.max_samples or _SYNTHETIC_DEFAULT_SAMPLES
-        self._n_batches = math.ceil(self._n / self._bs)
-
-        g = torch.Generator().manual_seed(self._seed_for("W"))
-        if self._dtype == torch.int64:
-            self._W = torch.randn(self._vocab, classes, generator=g)
-        else:
-            d = int(np.prod(shape))
-            self._W = torch.randn(d, classes, generator=g) / math.sqrt(d)
-
-        self.num_samples = self._n
-        self.batch_size = self._bs
-        self.num_classes = classes
-        self.sample_shape = _resized_shape(shape, spec.resize)
-        if self._dtype == torch.int64:
-            xdesc = f"token ids in [0, {self._vocab})"
-        else:
-            xdesc = f"{str(self._dtype).replace('torch.', '')} standard normal"
-        resized = f", resized to {spec.resize}x{spec.resize}" if spec.resize else ""
-        self.description = (
-            f"synthetic, {self._n} samples of shape {shape}, {xdesc}{resized}, "
-            f"{classes} learnable classes (labels = argmax of a fixed random projection)"
-        )
-
-    def _seed_for(self, *parts: Any) -> int:
-        ss = np.random.SeedSequence(
-            [self._seed & 0xFFFFFFFF]
-            + [p if isinstance(p, int) else sum(map(ord, str(p))) for p in parts]
-        )
-        return int(ss.generate_state(1, dtype=np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF)
-
-    def _make_batch(self, k: int) -> Batch:
-        size = min(self._bs, self._n - k * self._bs)
-        g = torch.Generator().manual_seed(self._seed_for("batch", k))
-        if self._dtype == torch.int64:
-            x = torch.randint(0, self._vocab, (size, *self._shape), generator=g)
-            logits = self._W[x.reshape(size, -1)].sum(dim=1)
-        else:
-            x32 = torch.randn((size, *self._shape), generator=g)
-            logits = x32.reshape(size, -1) @ self._W
-            x = x32.to(self._dtype)
-        y = logits.argmax(dim=1).to(torch.int64)
-        if self._resize:
-            x = _resize(x, self._resize, "synthetic")
-        return x, y
-
-    def _epoch(self, epoch: int) -> Iterator[Batch]:
-        order = (
-            range(self._n_batches)
-            if epoch == 0
-            else _epoch_order(self._n_batches, self._seed, epoch).tolist()
-        )
-        for k in order:
-            yield self._make_batch(k)
-
-
-# --------------------------------------------------------------------------------------------
 # loader functions (path/file.py:fn, dotted.module:fn)
 
 
@@ -902,7 +773,9 @@ def open_source(spec: DataSpec) -> DataSource:
     if key in BUILTIN_SETS:
         return _BuiltinSource(spec, key)
     if key == "synthetic":
-        return _SyntheticSource(spec)
+        from netdoctor.data.synthetic import SyntheticSource
+
+        return SyntheticSource(spec)
     if source.lower().endswith(".npz"):
         return _open_npz(spec, Path(source).expanduser())
     if ":" in source:

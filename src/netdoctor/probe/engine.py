@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -75,6 +75,11 @@ class ProbeConfig:
     overfit_steps: int = 50  # 0: no overfit-one-batch run
     overfit_samples: int = 16
     overfit_lr: float = 1e-3  # Adam, independent of the probe's optimizer (Karpathy's recipe)
+    settle_batches: int = 8  # batches that re-estimate BatchNorm statistics for the train/eval
+    # check (0: no check)
+    batch_limit: int | None = None  # the time budget's cap on samples per step (the first ones
+    # of each batch); None: batches as served
+    requested_steps: int | None = None  # set when the time budget cut `steps` short
 
     @property
     def learning_rate(self) -> float:
@@ -99,8 +104,11 @@ class ProbeConfig:
         extra = f", momentum {self.momentum:g}" if opt == "sgd" else ""
         if self.weight_decay:
             extra += f", weight decay {self.weight_decay:g}"
+        batch = f"{self.batch_size}" if self.batch_limit is None or \
+            self.batch_limit >= self.batch_size else \
+            f"{self.batch_limit} (the first of each batch of {self.batch_size})"
         return (f"{self.steps} steps of {opt} (lr {self.learning_rate:g}{extra}), batch size "
-                f"{self.batch_size}, {self.loss} loss, seed {self.seed}")
+                f"{batch}, {self.loss} loss, seed {self.seed}")
 
 
 
@@ -144,13 +152,18 @@ def _train_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def run_probe(model: nn.Module, source, config: ProbeConfig, *,
               sites: dict[str, Location] | None = None, instrument: bool = True,
               transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              progress: Any = None, label: str = "probe", overfit: bool | None = None,
-              train_eval: bool | None = None) -> TrainingRun:
+              progress: Any = None, label: str = "probe", overfit: Any = None,
+              train_eval: bool | None = None, budget_s: float | None = None) -> TrainingRun:
     """Train a deep copy of `model` on `config.steps` batches of `source` and measure it.
 
     `source`: a DataSource (its `batches(n)` is deterministic for the seed it was opened with).
     `transform`: applied to each input batch (the verify step's in-memory data fixes).
     `instrument=False` records only loss and accuracy (cheap re-runs).
+    `budget_s`: seconds the training loop may take; the number of steps (at most
+    `config.steps`) is then chosen from the measured time of the first steps, and
+    `run.config.steps` says what was chosen.
+    `overfit` / `train_eval`: run those checks (None: when instrumented); `overfit` may also be
+    a function of the finished run that decides (the time budget's check).
     """
     config.validate()
     device = resolve_device(config.device)
@@ -160,13 +173,26 @@ def run_probe(model: nn.Module, source, config: ProbeConfig, *,
     with torch.random.fork_rng(devices=cuda):
         return _run_probe(model, source, config, device, sites=sites, instrument=instrument,
                           transform=transform, progress=progress, label=label, overfit=overfit,
-                          train_eval=train_eval)
+                          train_eval=train_eval, budget_s=budget_s)
+
+
+def _window_start(steps: int, window: float) -> int:
+    return steps - max(1, int(round(steps * window)))
+
+
+def steps_that_fit(done: int, elapsed: float, step_s: float, budget_s: float,
+                   most: int) -> int:
+    """How many steps in all, `done` of them taken in `elapsed` seconds, fit `budget_s` at
+    `step_s` per step (at most `most`, at least the ones done)."""
+    more = int((budget_s - elapsed) / step_s) if step_s > 0 else most
+    return max(done, min(most, done + max(0, more)))
 
 
 def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.device, *,
                sites: dict[str, Location] | None, instrument: bool,
                transform: Callable[[torch.Tensor], torch.Tensor] | None, progress: Any,
-               label: str, overfit: bool | None, train_eval: bool | None) -> TrainingRun:
+               label: str, overfit: Any, train_eval: bool | None,
+               budget_s: float | None) -> TrainingRun:
     torch.manual_seed(config.seed)
     try:
         net = copy.deepcopy(model)
@@ -184,22 +210,33 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
     opt = make_optimizer(params, config)
     meter = ParamMeter(named, run.module_types) if instrument else None
     recorder = ActivationRecorder(net, sites) if instrument else None
-    window_start = config.steps - max(1, int(round(config.steps * config.window)))
+    steps = config.steps
+    window_start = _window_start(steps, config.window)
     label_counts: torch.Tensor | None = None
     pred_counts: torch.Tensor | None = None
     first_batch: tuple[torch.Tensor, torch.Tensor] | None = None
     t0 = time.perf_counter()
-    task = progress.add_task(label, total=config.steps) if progress is not None else None
+    first_step_s = step_s = 0.0
+    task = progress.add_task(label, total=steps) if progress is not None else None
 
     batches = source.batches(config.steps)
+    limit = config.batch_limit
     try:
         with (recorder.attached() if recorder else nullcontext()):
             for step in range(config.steps):
+                if step >= steps:
+                    break
+                if budget_s is not None and step >= 2 and \
+                        time.perf_counter() - t0 + step_s > 1.05 * budget_s:
+                    steps = step  # the steps were slower than the first ones
+                    break
                 try:
                     x, y = next(batches)
                 except StopIteration:
                     run.stopped = run.stopped or "no-data"
                     break
+                if limit is not None and x.shape[0] > limit:
+                    x, y = x[:limit], y[:limit]
                 if transform is not None:
                     x = transform(x)
                 x = x.to(device, non_blocking=True)
@@ -279,12 +316,27 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
                 opt.step()
                 if meter:
                     meter.after_step()
+                if budget_s is not None:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    elapsed = time.perf_counter() - t0
+                    if step == 0:
+                        first_step_s = step_s = elapsed
+                    else:
+                        step_s = (elapsed - first_step_s) / step  # the first step warms up
+                    if step < 2:
+                        steps = steps_that_fit(step + 1, elapsed, step_s, budget_s, config.steps)
+                        window_start = _window_start(steps, config.window)
+                        if task is not None:
+                            progress.update(task, total=steps)
                 if task is not None:
                     progress.update(task, advance=1)
     finally:
         if task is not None:
             progress.remove_task(task)
     run.timings["train_s"] = time.perf_counter() - t0
+    if steps != config.steps:
+        run.config = config = replace(config, steps=steps, requested_steps=config.steps)
     if label_counts is not None:
         run.label_counts = [int(v) for v in label_counts.tolist()]
     if pred_counts is not None:
@@ -295,13 +347,14 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
         run.params = sorted(meter.traces, key=lambda t: order.get(t.module, len(order)))
         run.layer_order = list(recorder.order)
 
-    do_te = instrument if train_eval is None else train_eval
+    do_te = (instrument if train_eval is None else train_eval) and config.settle_batches > 0
     if do_te and first_batch is not None and run.stopped not in ("non-finite", "labels",
                                                                  "non-finite-input"):
         t1 = time.perf_counter()
 
         def settle() -> Iterator[torch.Tensor]:
-            for xs, _ in source.batches(SETTLE_BATCHES):
+            for xs, _ in source.batches(config.settle_batches):
+                xs = xs[:limit] if limit is not None else xs
                 xs = transform(xs) if transform is not None else xs
                 yield xs.to(device, non_blocking=True)
 
@@ -309,6 +362,8 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
                                         settle())
         run.timings["train_eval_s"] = time.perf_counter() - t1
     do_of = instrument if overfit is None else overfit
+    if callable(do_of):
+        do_of = do_of(run)
     if do_of and config.overfit_steps > 0 and first_batch is not None and \
             run.stopped not in ("labels", "non-finite-input"):
         t1 = time.perf_counter()
@@ -324,9 +379,6 @@ def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
             and m.running_mean is not None]
-
-
-SETTLE_BATCHES = 8
 
 
 def train_eval_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str,

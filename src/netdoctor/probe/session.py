@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import sys
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +16,20 @@ from netdoctor.errors import UserError
 
 def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
                 plot: str | None = None):
-    """Everything `probe` does, minus parsing and printing: returns (Report, ProbeRun|None)."""
+    """Everything `probe` does, minus parsing and printing: returns (Report, ProbeRun|None).
+
+    `settings["time_budget"]` (seconds, None for no budget) bounds the whole probe, counted
+    from `settings["started"]` (time.monotonic() when the command began; default: now)."""
+    started = settings.get("started") or time.monotonic()
+    settings = {**settings, "phase_times": {}}  # seconds per phase, for the JSON report
+    budget_s = settings.get("time_budget")
+    deadline = started + budget_s if budget_s else None
     import torch
 
-    from netdoctor.check import check_loaded, run_rules
+    from netdoctor.check import check_loaded
     from netdoctor.data import DataSpec, open_source
     from netdoctor.loading.target import load
-    from netdoctor.probe.diagnose import link_causes
-    from netdoctor.probe.engine import ProbeConfig, progress_bar, run_probe
-    from netdoctor.rules import Context
-    from netdoctor.suppress import is_suppressed
+    from netdoctor.probe.engine import ProbeConfig, progress_bar
 
     config = ProbeConfig(steps=settings["steps"], batch_size=settings["batch_size"],
                          lr=settings["lr"], optimizer=settings["optimizer"],
@@ -60,15 +66,29 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
         if not sample.x.is_floating_point() and sample.x.dtype != torch.uint8:
             opts.input_dtype = "long"  # token ids
 
-    report = check_loaded(loaded, opts)
-    report.command = "probe"
-    report.notes[:0] = notes
-    _data_rules(report, loaded, sample, opts)
-    report.notes.append(f"probe: {config.describe()}")
-    if any(f.rule == "ND002" for f in report.findings):
-        report.notes.append("the probe did not train: the model's forward fails on the data's "
-                            "shape (ND002)")
-        return report, None
+    progress = progress_bar(sys.stderr.isatty())
+    times = settings["phase_times"]
+    with (progress or nullcontext()):
+        with _phase(progress, "static checks", times, "check_s"):
+            report = check_loaded(loaded, opts)
+        report.command = "probe"
+        report.notes[:0] = notes
+        with _phase(progress, "data rules", times, "data_rules_s"):
+            _data_rules(report, loaded, sample, opts)
+        if any(f.rule == "ND002" for f in report.findings):
+            report.notes.append(f"probe: {config.describe()}")
+            report.notes.append("the probe did not train: the model's forward fails on the "
+                                "data's shape (ND002)")
+            return report, None
+        return _train_and_diagnose(report, loaded, source, config, opts, settings, progress,
+                                   deadline, budget_s, plot)
+
+
+def _train_and_diagnose(report, loaded, source, config, opts, settings, progress, deadline,
+                        budget_s, plot):
+    """The probe's run, the runtime rules, the root causes and the verified fix (torch's
+    thread count is restored afterwards if the time budget changed it)."""
+    import torch
 
     sites = {}
     for name, module in loaded.model.named_modules():
@@ -77,46 +97,87 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
             sites[name] = loc
         elif name == "" and loaded.class_location is not None:
             sites[name] = loaded.class_location
-    progress = progress_bar(sys.stderr.isatty())
-    from contextlib import nullcontext
+    pl = None
+    threads = torch.get_num_threads()
+    try:
+        if deadline is not None:
+            from netdoctor.probe.budget import plan
 
-    with (progress or nullcontext()):
-        try:
-            run = run_probe(loaded.model, source, config, sites=sites, progress=progress)
-        except UserError:
-            raise
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UserError(f"the model raised during the probe's training step: "
-                            f"{type(e).__name__}: {first}") from e
-        run.target = loaded.target
-        run.prior_rules = {f.rule for f in report.findings}
-        if run.stopped in ("labels", "non-finite-input") and run.bad_batch is not None:
-            _bad_batch_rules(report, loaded, run, opts)
-        if run.stopped == "labels":
-            report.notes.append("the probe did not train: the labels do not fit the model's "
-                                "outputs (ND303); fix them first")
-        ctx = Context(target=loaded.target, run=run, options=opts.rule_options)
-        class_lines = [loaded.class_location] if loaded.class_location else []
-        for f in run_rules(ctx, {"runtime"}, opts):
-            if is_suppressed(f, class_lines):
-                report.notes.append(f"{f.rule} at {f.location} suppressed by a netdoctor: "
-                                    "ignore comment")
-            else:
-                report.findings.append(f)
-        link_causes(report.findings)
-        report.measurements = measurements(run)
-        if settings.get("verify", True):
-            from netdoctor.probe.verify import verify
+            with _phase(progress, "timing a step", settings["phase_times"], "plan_s"):
+                pl = plan(loaded.model, source, config, deadline, budget_s,
+                          batch_given=bool(settings.get("batch_given")))
+            if pl.one_thread:
+                torch.set_num_threads(1)
+                report.notes.append(f"the probe ran torch on 1 thread instead of {threads}: "
+                                    "on this machine (busy, or limited to fewer cores than "
+                                    "torch sees) one thread was faster")
+            config = pl.config
+            report.notes.extend(pl.notes)
+        return _run_and_diagnose(report, loaded, source, config, opts, settings, progress,
+                                 deadline, budget_s, plot, sites, pl)
+    finally:
+        torch.set_num_threads(threads)
 
-            vf, note = verify(loaded.model, source, run, report, progress)
-            if vf is not None:
-                report.measurements["verified_fix"] = vf
-                if not vf["improved"]:
-                    report.notes.append(f"the top fix ({vf['rule']}: {vf['applied']}) did not "
-                                        "improve the probe's loss on its own")
-            if note:
-                report.notes.append(note)
+
+def _run_and_diagnose(report, loaded, source, config, opts, settings, progress, deadline,
+                      budget_s, plot, sites, plan):
+    from netdoctor.check import run_rules
+    from netdoctor.probe.diagnose import link_causes, settle_data_findings
+    from netdoctor.probe.engine import run_probe
+    from netdoctor.rules import Context
+    from netdoctor.suppress import is_suppressed
+
+    requested = config.steps
+    overfit = None
+    if plan is not None:
+        from netdoctor.probe.budget import overfit_fits
+
+        overfit = overfit_fits(plan, config.batch_limit or config.batch_size, report.notes)
+    try:
+        run = run_probe(loaded.model, source, config, sites=sites, progress=progress,
+                        budget_s=plan.main_s if plan else None, overfit=overfit)
+    except UserError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"the model raised during the probe's training step: "
+                        f"{type(e).__name__}: {first}") from e
+    report.notes.append(f"probe: {run.config.describe()}")
+    if deadline is not None:
+        from netdoctor.probe.budget import steps_note
+
+        note = steps_note(requested, run, budget_s)
+        if note:
+            report.notes.append(note)
+    run.target = loaded.target
+    run.prior_rules = {f.rule for f in report.findings}
+    if run.stopped in ("labels", "non-finite-input") and run.bad_batch is not None:
+        _bad_batch_rules(report, loaded, run, opts)
+    if run.stopped == "labels":
+        report.notes.append("the probe did not train: the labels do not fit the model's "
+                            "outputs (ND303); fix them first")
+    ctx = Context(target=loaded.target, run=run, options=opts.rule_options)
+    class_lines = [loaded.class_location] if loaded.class_location else []
+    for f in run_rules(ctx, {"runtime"}, opts):
+        if is_suppressed(f, class_lines):
+            report.notes.append(f"{f.rule} at {f.location} suppressed by a netdoctor: "
+                                "ignore comment")
+        else:
+            report.findings.append(f)
+    link_causes(report.findings)
+    settle_data_findings(report.findings, run, opts.rule_options)
+    report.measurements = measurements(run)
+    report.measurements["probe"]["timings_s"].update(
+        {k: round(v, 3) for k, v in settings.get("phase_times", {}).items()})
+    if settings.get("verify", True):
+        from netdoctor.probe.verify import verify
+
+        t = time.perf_counter()
+        vf, notes = verify(loaded.model, source, run, report, progress, deadline)
+        report.measurements["probe"]["timings_s"]["verify_s"] = round(time.perf_counter() - t, 3)
+        if vf is not None:
+            report.measurements["verified_fix"] = vf
+        report.notes.extend(notes)
     if run.stopped == "non-finite":
         report.notes.append(f"the probe stopped at step {run.steps_run}: non-finite values "
                             "(ND401)")
@@ -126,6 +187,20 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
         write_plot(run, plot, loaded.target)
         report.notes.append(f"gradient-flow plot written to {plot}")
     return report, run
+
+
+@contextmanager
+def _phase(progress, label: str, times: dict[str, float] | None = None, key: str = ""):
+    """A phase without steps: a spinner line (only on a terminal), and its wall time."""
+    task = progress.add_task(label, total=None) if progress is not None else None
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        if times is not None and key:
+            times[key] = time.perf_counter() - t
+        if task is not None:
+            progress.remove_task(task)
 
 
 def _synthetic_spec(spec, model, notes: list[str]) -> None:
@@ -158,19 +233,31 @@ def _synthetic_spec(spec, model, notes: list[str]) -> None:
         from netdoctor.loading.forward import main_output
 
         logits = main_output(out)
-        if logits is not None and logits.dim() == 2 and logits.shape[1] >= 2:
+        if logits is None:
+            return
+        shape = tuple(spec.input_shape)
+        if logits.dim() == 2 and logits.shape[1] >= 2:
             spec.num_classes = int(logits.shape[1])
+        elif logits.dim() == 3 and spec.input_dtype in ("long", "int64") and \
+                tuple(logits.shape[1:2]) == shape[:1] and logits.shape[2] >= 2:
+            spec.num_classes, spec.target_shape = int(logits.shape[2]), shape[:1]  # a tagger
+        elif logits.dim() == 4 and len(shape) >= 2 and tuple(logits.shape[2:]) == shape[-2:] \
+                and logits.shape[1] >= 2:
+            spec.num_classes, spec.target_shape = int(logits.shape[1]), shape[-2:]  # per pixel
 
 
 def _sample(source, spec, config):
-    """The first batches, as the data rules see them (with the loss the probe trains with)."""
+    """The first batches, as the data rules see them (with the loss the probe trains with):
+    four, or one of ImageNet-sized inputs (a batch of them is plenty for the statistics)."""
     try:
         from netdoctor.rules.data import DataSample
     except ImportError:  # pragma: no cover - data rules not available
         return None
     from dataclasses import replace
 
-    return replace(DataSample.from_source(source, spec=spec), loss=config.loss)
+    big = math.prod(source.sample_shape or ()) > 100_000
+    return replace(DataSample.from_source(source, n_batches=1 if big else 4, spec=spec),
+                   loss=config.loss)
 
 
 def _data_rules(report, loaded, sample, opts) -> None:
@@ -221,10 +308,14 @@ def measurements(run) -> dict[str, Any]:
         "accuracy_curve": list(run.accuracy),
         "activations": acts,
         "loss_at_init": run.loss[0] if run.loss else None,
+        "chance": run.chance,  # accuracy of always predicting the most common class
         "expected_initial_loss": math.log(c) if c and c > 1 and run.classification and
         run.config.loss == "cross_entropy" else None,
-        "probe": {"steps": run.steps_run, "steps_requested": run.config.steps,
-                  "batch_size": run.config.batch_size, "optimizer": run.config.optimizer,
+        "probe": {"steps": run.steps_run,
+                  "steps_requested": run.config.requested_steps or run.config.steps,
+                  "batch_size": min(run.config.batch_size,
+                                    run.config.batch_limit or run.config.batch_size),
+                  "optimizer": run.config.optimizer,
                   "lr": run.config.learning_rate, "momentum": run.config.momentum
                   if run.config.optimizer == "sgd" else None,
                   "weight_decay": run.config.weight_decay, "loss": run.config.loss,

@@ -1,315 +1,339 @@
-"""Verified fixes: apply the report's top fix in memory and re-run the probe, before vs after.
+"""Verified fixes: apply the report's top fix in memory, re-run the probe, and show before and
+after both the outcome (loss, accuracy) and the mechanism -- the measured symptom behind the
+top finding (`symptoms`), e.g. the first/last gradient ratio or the dead-unit fraction.
 
-The fix is applied to a fresh deep copy of the model, to the input batches (a transform) or to
-the optimizer settings; the user's object and files are never touched. The re-run uses the same
-batches (sources are deterministic for a seed), the same number of steps and no
-instrumentation. Only fixes that can be expressed in memory are verified; the others get a note.
+When the top fix alone does not improve the outcome, the next ranked remedies are added one at a
+time (at most `MAX_REMEDIES` in all; a learning-rate change that does not help is scaled again,
+at most twice) and the smallest combination that works is reported. When the difference is
+still unclear -- a small gain, or the symptom gone while the loss has not moved yet -- both sides
+are re-run for `EXTEND` times the steps, and the report says so. When nothing helps, every
+attempt is listed with its numbers.
+
+Each re-run uses the same batches (sources are deterministic for a seed), the same steps and
+the probe's own instruments, on a fresh copy of the model (`remedies`); the user's object and
+files are never touched. Attempts that would not fit the time budget are not started.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from netdoctor.findings import Finding, Report
+from netdoctor.findings import Finding, Report, Severity
 from netdoctor.measure.record import TrainingRun
-from netdoctor.probe.engine import ProbeConfig, run_probe
+from netdoctor.probe.diagnose import learned_well
+from netdoctor.probe.engine import run_probe
+from netdoctor.probe.remedies import Remedy, conflicts, lr_text, remedy_for
+from netdoctor.probe.symptoms import Symptom, symptom_for
+
+MAX_REMEDIES = 3
+LR_RETRIES = 2
+EXTEND = 3
+
+# The outcome improved: the final loss (mean of the last 10% of steps) is at least this much
+# lower, and the accuracy at least this much higher (unless both are already near 1).
+LOSS_GAIN = 0.10
+ACC_GAIN = 0.02
+# When both runs reach an accuracy of 0.98, the loss must also fall by this much (absolute).
+SOLVED_LOSS_GAIN = 0.05
+# Smaller gains than these are noise; in between, the difference is unclear.
+UNCLEAR_LOSS_GAIN = 0.03
 
 
 @dataclass
-class Remedy:
-    rule: str
-    description: str  # what was changed, in words ("inputs scaled by 1/255")
-    model_fn: Callable[[nn.Module], None] | None = None  # edits a copy of the model in place
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-    config: ProbeConfig | None = None
-    retry_factor: float | None = None  # lr fixes: if no better, scale the lr again (twice)
+class Attempt:
+    remedies: list[Remedy]
+    lr_times: int = 1  # the learning-rate factor applied this many times (retries)
+    steps: int = 0
+    side: dict[str, Any] = field(default_factory=dict)
+    symptom: float | None = None
+    outcome: str = "no"  # "improved" | "unclear" | "no" | "failed"
+    symptom_gone: bool = False
+    error: str | None = None
+
+    @property
+    def improved(self) -> bool:
+        return self.outcome == "improved"
 
 
-# ------------------------------------------------------------------------------ model edits
+def verify(model: nn.Module, source, run: TrainingRun, report: Report, progress: Any = None,
+           deadline: float | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+    """Re-run the probe with the top fix (and, if needed, the next ranked ones) applied.
+    Returns (the measurement for report.measurements["verified_fix"], notes)."""
+    top = report.fix_first()
+    if top is None or run.steps_run == 0:
+        return None, []  # nothing to fix, or nothing to compare with (the report says why)
+    first = remedy_for(top, report, run, model)
+    if first is None:
+        return None, [f"fix first ({top.rule} {top.name}) changes code that cannot be applied "
+                      "in memory: not verified"]
+    ranked = report.sorted_findings()
+    candidates = _candidates(first, top, ranked, report, run, model)
+    symptom = symptom_for(top, ranked)
+    v = _Verifier(model, source, run, symptom, progress, deadline)
+    notes: list[str] = []
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
-    parent_name, _, attr = name.rpartition(".")
-    try:
-        parent = model.get_submodule(parent_name) if parent_name else model
-    except AttributeError:
-        return None
-    return (parent, attr) if attr in parent._modules else None
+    winner: Attempt | None = None
+    for size in range(1, len(candidates) + 1):
+        combo = candidates[:size]
+        retries = LR_RETRIES if any(r.retry for r in combo) else 0
+        for times in range(1, retries + 2):
+            a = v.attempt(combo, times)
+            if a is None or a.improved or a.outcome == "failed":
+                break
+        if a is None or a.outcome == "failed":
+            break
+        if a.improved:
+            winner = a
+            break
+    if winner is not None and len(winner.remedies) == MAX_REMEDIES:
+        # the smallest combination that works: is the middle remedy needed?
+        smaller = v.attempt([winner.remedies[0], winner.remedies[2]], winner.lr_times)
+        if smaller is not None and smaller.improved:
+            winner = smaller
+    extended = False
+    if winner is None:
+        # a small gain, or the mechanism fixed (the symptom gone) while the loss has not moved
+        # yet: the probe may be too short to show the outcome
+        promising = [a for a in v.attempts if a.outcome == "unclear" or
+                     (a.symptom_gone and a.outcome != "failed")]
+        if promising:
+            best = min(promising, key=lambda a: _finite_or_inf(a.side.get("loss_last")))
+            longer = v.extend(best)
+            if longer is not None:
+                extended = True
+                notes.append(f"the verification ran {longer.steps} steps ({EXTEND}x the probe) "
+                             f"because after {v.steps} steps the difference was unclear")
+                if longer.improved:
+                    winner = longer
+    if not v.attempts:
+        return None, notes + [f"fix first ({top.rule}) was not verified: a re-run of the probe "
+                              "would not fit the time left in the budget (--time-budget, or "
+                              "--steps for no budget)"]
+    if v.out_of_time:
+        notes.append(f"the verification stopped after {len(v.attempts)} attempt(s): the next "
+                     "would not fit the time budget (--time-budget)")
+    if v.attempts[0].outcome == "failed" and len(v.attempts) == 1:
+        a = v.attempts[0]
+        return None, [f"fix first ({top.rule}) was applied in memory ({_applied(a, run)}) but "
+                      f"the re-run failed: {a.error}"]
+
+    shown = winner or _best(v.attempts, symptom)
+    before_side = v.before_side(shown.steps)
+    result: dict[str, Any] = {
+        "rule": top.rule,
+        "fix": top.fix.summary if top.fix and len(shown.remedies) == 1 and shown.lr_times == 1
+        else _applied(shown, run),
+        "applied": _applied(shown, run),
+        "remedies": [{"rule": r.rule, "description": _described(r, shown, run)}
+                     for r in shown.remedies],
+        "before": before_side,
+        "after": shown.side,
+        "improved": winner is not None or shown.symptom_gone,
+        "outcome_improved": winner is not None,
+        "steps": shown.steps,
+        "extended": extended,
+        "symptom": symptom.to_dict(v.before_symptom(shown.steps), shown.symptom, shown.steps)
+        if symptom else None,
+        "attempts": [_attempt_dict(a, run, symptom) for a in v.attempts],
+        "stopped": "time budget" if v.out_of_time else None,
+        "baseline_learned_well": learned_well(run) is not None,
+    }
+    return result, notes
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> bool:
-    found = _parent(model, name)
-    if found is None:
-        return False
-    parent, attr = found
-    setattr(parent, attr, new)
-    return True
+# ------------------------------------------------------------------------------ the candidates
 
-
-def _norm_after(module: nn.Module) -> nn.Module | None:
-    if isinstance(module, nn.Conv2d):
-        return nn.BatchNorm2d(module.out_channels)
-    if isinstance(module, nn.Conv1d):
-        return nn.BatchNorm1d(module.out_channels)
-    if isinstance(module, nn.Conv3d):
-        return nn.BatchNorm3d(module.out_channels)
-    if isinstance(module, nn.Linear):
-        return nn.BatchNorm1d(module.out_features)
-    return None
-
-
-def _present(model: nn.Module, names: list[str]) -> Iterator[tuple[str, nn.Module]]:
-    """The named submodules that exist in this copy of the model."""
-    for name in names:
-        try:
-            yield name, model.get_submodule(name)
-        except AttributeError:
+def _candidates(first: Remedy, top: Finding, ranked: list[Finding], report: Report,
+                run: TrainingRun, model: nn.Module) -> list[Remedy]:
+    """The top remedy, then the remedies of the next ranked findings (warnings and errors), one
+    per kind of change, at most MAX_REMEDIES."""
+    out = [first]
+    for f in ranked:
+        if len(out) >= MAX_REMEDIES:
+            break
+        if f is top or f.severity < Severity.WARNING or f.fix is None:
             continue
+        r = remedy_for(f, report, run, model)
+        if r is not None and not conflicts(r, out):
+            out.append(r)
+    return out
 
 
-def _insert_batchnorm(names: list[str]) -> Callable[[nn.Module], None]:
-    def edit(model: nn.Module) -> None:
-        for name, layer in _present(model, names):
-            norm = _norm_after(layer)
-            if norm is not None:
-                _replace(model, name, nn.Sequential(layer, norm.to(_device_of(layer))))
-    return edit
+# ------------------------------------------------------------------------------ the runs
 
+class _Verifier:
+    def __init__(self, model: nn.Module, source, run: TrainingRun, symptom: Symptom | None,
+                 progress: Any, deadline: float | None):
+        self.model, self.source, self.run, self.symptom = model, source, run, symptom
+        self.progress, self.deadline = progress, deadline
+        self.attempts: list[Attempt] = []
+        self.out_of_time = False
+        self.step_s = run.timings.get("train_s", 0.0) / max(1, run.steps_run)
+        # the probe's planned steps: a probe stopped early (NaN at step 3) still compares
+        # with a full-length re-run
+        self.steps = run.config.steps
+        self._baselines: dict[int, TrainingRun] = {self.steps: run}
 
-def _device_of(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    def _fits(self, steps: int, runs: int = 1) -> bool:
+        if self.deadline is None:
+            return True
+        need = 1.15 * self.step_s * steps * runs
+        if time.monotonic() + need > self.deadline:
+            self.out_of_time = True
+            return False
+        return True
 
+    def _train(self, remedies: list[Remedy], lr_times: int, steps: int,
+               label: str) -> TrainingRun:
+        net = self.model
+        if any(r.model_fn for r in remedies):
+            net = copy.deepcopy(self.model)
+            for r in remedies:
+                if r.model_fn is not None:
+                    r.model_fn(net)
+        transforms = [r.transform for r in remedies if r.transform is not None]
+        config = replace(self.run.config, steps=steps)
+        for r in remedies:
+            config = r.config(config, lr_times)
+        needs_te = bool(self.symptom and self.symptom.needs_train_eval)
+        return run_probe(net, self.source, config, instrument=True,
+                         transform=_compose(transforms), progress=self.progress, label=label,
+                         overfit=False, train_eval=needs_te)
 
-def _swap_to_relu(names: list[str]) -> Callable[[nn.Module], None]:
-    def edit(model: nn.Module) -> None:
-        for name, m in _present(model, names):
-            if isinstance(m, (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign)):
-                _replace(model, name, nn.ReLU())
-    return edit
-
-
-def _kaiming(names: list[str]) -> Callable[[nn.Module], None]:
-    def edit(model: nn.Module) -> None:
-        for _name, m in _present(model, names):
-            w = getattr(m, "weight", None)
-            if isinstance(w, torch.Tensor) and w.dim() >= 2:
-                with torch.no_grad():
-                    nn.init.kaiming_normal_(w, nonlinearity="relu")
-                    b = getattr(m, "bias", None)
-                    if isinstance(b, torch.Tensor):
-                        b.zero_()
-    return edit
-
-
-def _bn_momentum(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None and (
-                m.momentum == 0 or m.momentum >= 0.5):
-            m.momentum = 0.1
-
-
-_OUTPUT_ACTIVATIONS = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.ReLU, nn.ReLU6, nn.LeakyReLU,
-                       nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
-
-
-def _identity(names: list[str]) -> Callable[[nn.Module], None]:
-    def edit(model: nn.Module) -> None:
-        for name in names:
-            _replace(model, name, nn.Identity())
-    return edit
-
-
-def _is_activation_module(model: nn.Module, name: str | None) -> bool:
-    if not name:
-        return False
-    try:
-        return isinstance(model.get_submodule(name), _OUTPUT_ACTIVATIONS)
-    except AttributeError:
-        return False
-
-
-def _init_scale(layers: list[tuple[str, float]]) -> Callable[[nn.Module], None]:
-    def edit(model: nn.Module) -> None:
-        for name, std in layers:
-            try:
-                w = getattr(model.get_submodule(name), "weight", None)
-            except AttributeError:
-                continue
-            if isinstance(w, torch.Tensor) and w.dim() >= 2:
-                with torch.no_grad():
-                    nn.init.normal_(w, mean=0.0, std=std)
-    return edit
-
-
-def _zero_last(name: str) -> Callable[[nn.Module], None]:
-    def edit(model: nn.Module) -> None:
+    def attempt(self, remedies: list[Remedy], lr_times: int = 1,
+                steps: int | None = None) -> Attempt | None:
+        steps = steps or self.steps
+        if not self._fits(steps):
+            return None
+        a = Attempt(list(remedies), lr_times, steps)
         try:
-            m = model.get_submodule(name)
-        except AttributeError:
-            return
-        with torch.no_grad():
-            for p in m.parameters(recurse=False):
-                p.zero_()
-    return edit
+            after = self._train(remedies, lr_times, steps, "verify fix")
+        except Exception as e:  # the edited model may not run (e.g. BatchNorm1d on 3-D input)
+            a.outcome = "failed"
+            a.error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            self.attempts.append(a)
+            return a
+        a.side = after.summary_side()
+        a.symptom = self.symptom.value(after) if self.symptom else None
+        before = self.before_side(steps)
+        sym_before = self.before_symptom(steps)
+        a.outcome = judge(before, a.side)
+        a.symptom_gone = bool(self.symptom and self.symptom.healthy(a.symptom, steps)
+                              and not self.symptom.healthy(sym_before, steps))
+        self.attempts.append(a)
+        return a
+
+    def extend(self, best: Attempt) -> Attempt | None:
+        steps = EXTEND * self.steps
+        if not self._fits(steps, runs=2):
+            return None
+        base = replace(self.run.config, steps=steps)
+        try:
+            self._baselines[steps] = run_probe(self.model, self.source, base, instrument=True,
+                                               progress=self.progress, label="verify: baseline",
+                                               overfit=False,
+                                               train_eval=bool(self.symptom and
+                                                               self.symptom.needs_train_eval))
+        except Exception:  # the original model ran before; a failure here is not the fix's
+            return None
+        return self.attempt(best.remedies, best.lr_times, steps)
+
+    def before_side(self, steps: int) -> dict[str, Any]:
+        return self._baselines.get(steps, self.run).summary_side()
+
+    def before_symptom(self, steps: int) -> float | None:
+        return self.symptom.value(self._baselines.get(steps, self.run)) if self.symptom \
+            else None
 
 
-# ------------------------------------------------------------------------------ data edits
+def _compose(fns: list[Callable[[torch.Tensor], torch.Tensor]]):
+    if not fns:
+        return None
 
-def _scale(factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: x * factor if x.is_floating_point() else x
-
-
-def _standardize(mean: Any, std: Any, axis: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
     def transform(x: torch.Tensor) -> torch.Tensor:
-        if not x.is_floating_point():
-            return x
-        if isinstance(mean, (list, tuple)) and axis is not None and len(mean) > 1 \
-                and x.dim() > axis and x.shape[axis] == len(mean):
-            shape = [1] * x.dim()
-            shape[axis] = len(mean)
-            m = torch.tensor(mean, dtype=x.dtype, device=x.device).reshape(shape)
-            s = torch.tensor([max(float(v), 1e-8) for v in std], dtype=x.dtype,
-                             device=x.device).reshape(shape)
-            return (x - m) / s
-        m = float(mean[0] if isinstance(mean, (list, tuple)) else mean)
-        s = float(std[0] if isinstance(std, (list, tuple)) else std)
-        return (x - m) / max(s, 1e-8)
+        for fn in fns:
+            x = fn(x)
+        return x
     return transform
 
 
-# ------------------------------------------------------------------------------ the mapping
-
-def remedy_for(finding: Finding, report: Report, run: TrainingRun,
-               model: nn.Module | None = None) -> Remedy | None:
-    """The in-memory version of a finding's fix, or None when it needs a code change."""
-    rule, ev = finding.rule, finding.evidence or {}
-    cfg = run.config
-    if rule == "ND301":
-        if ev.get("looks_like") == "raw 0..255 pixels":
-            return Remedy(rule, "inputs scaled to [0, 1] (x / 255)", transform=_scale(1 / 255))
-        means, stds = ev.get("channel_mean"), ev.get("channel_std")
-        if means and stds and len(means) > 1:
-            return Remedy(rule, "inputs standardized per channel with the measured mean/std",
-                          transform=_standardize(means, stds, 1))
-        m, s = ev.get("mean"), ev.get("std")
-        if m is None or s is None or not (math.isfinite(m) and math.isfinite(s)):
-            return None
-        return Remedy(rule, f"inputs standardized: (x - {m:.4g}) / {s:.4g}",
-                      transform=_standardize(m, s, None))
-    if rule == "ND302":
-        axis, m, s = ev.get("axis"), ev.get("mean"), ev.get("std")
-        if axis is None or not m or not s:
-            return None
-        return Remedy(rule, "each input feature standardized with its measured mean/std",
-                      transform=_standardize(m, s, axis))
-    if rule == "ND102":
-        acts = [a for a in ev.get("activations", []) if isinstance(a, str)]
-        return Remedy(rule, f"{len(acts)} sigmoid/tanh activations replaced by ReLU",
-                      model_fn=_swap_to_relu(acts)) if acts else None
-    if rule == "ND101" or (rule == "ND403" and finding.cause is None):
-        if rule == "ND101":
-            layers = [d.get("module") for d in ev.get("layers", []) if isinstance(d, dict)]
-        else:
-            layers = [p.module for p in run.weight_layers()]
-            layers = list(dict.fromkeys(layers))
-        hidden = [n for n in layers[:-1] if n]
-        return Remedy(rule, f"BatchNorm inserted after {len(hidden)} hidden conv/linear layers",
-                      model_fn=_insert_batchnorm(hidden)) if hidden else None
-    if rule == "ND202":
-        names = sorted({f.module for f in report.findings if f.rule == "ND202" and f.module})
-        return Remedy(rule, f"{', '.join(names)} re-initialised (Kaiming normal)",
-                      model_fn=_kaiming(names)) if names else None
-    if rule in ("ND203", "ND411"):
-        return Remedy(rule, "BatchNorm momentum set to 0.1", model_fn=_bn_momentum)
-    if rule in ("ND105", "ND106"):
-        if not _is_activation_module(model, finding.module):
-            return None  # a functional softmax/relu in forward: a code change
-        return Remedy(rule, f"{finding.module} removed from the output",
-                      model_fn=_identity([finding.module]))
-    if rule == "ND201":
-        layers = [(d["module"], float(d["expected"])) for d in ev.get("layers", [])
-                  if isinstance(d, dict) and d.get("module") and d.get("expected")]
-        return Remedy(rule, f"{len(layers)} layer(s) re-initialised at the fan-in-preserving "
-                      "scale", model_fn=_init_scale(layers)) if layers else None
-    lower = (rule in ("ND402", "ND404") or (rule == "ND406" and ev.get("direction") ==
-                                           "too-large")
-             or (rule == "ND401" and finding.fix is not None
-                 and finding.fix.summary.startswith("lower the learning rate")))
-    if lower:
-        lr = cfg.learning_rate / 10
-        return Remedy(rule, f"learning rate lowered to {lr:g}", config=replace(cfg, lr=lr),
-                      retry_factor=0.1)
-    if (rule == "ND406" and ev.get("direction") == "too-small" and finding.fix is not None
-            and finding.fix.patch) or (rule == "ND407" and finding.cause is None):
-        lr = cfg.learning_rate * 10
-        return Remedy(rule, f"learning rate raised to {lr:g}", config=replace(cfg, lr=lr))
-    if rule == "ND408" and ev.get("loss_at_init", 0) > ev.get("expected", math.inf):
-        last = next((p.module for p in reversed(run.weight_layers())), None)
-        return Remedy(rule, f"{last} initialised to zero", model_fn=_zero_last(last)) \
-            if last else None
-    return None
+def _finite_or_inf(v: float | None) -> float:
+    return v if v is not None and math.isfinite(v) else math.inf
 
 
-def verify(model: nn.Module, source, run: TrainingRun, report: Report,
-           progress: Any = None) -> tuple[dict[str, Any] | None, str | None]:
-    """Re-run the probe with the top fix applied. Returns (measurement, note)."""
-    first = report.fix_first()
-    if first is None:
-        return None, None
-    if run.steps_run == 0:
-        return None, None  # nothing to compare with (the report says why it did not train)
-    remedy = remedy_for(first, report, run, model)
-    if remedy is None:
-        return None, (f"fix first ({first.rule} {first.name}) changes code that cannot be applied "
-                      "in memory: not verified")
-    net = model
-    if remedy.model_fn is not None:
-        net = copy.deepcopy(model)
-        remedy.model_fn(net)
-    config = remedy.config or run.config
-    before = run.summary_side()
-    description = remedy.description
-    tried: list[str] = []
-    for attempt in range(3 if remedy.retry_factor else 1):
-        try:
-            after = run_probe(net, source, config, instrument=False, transform=remedy.transform,
-                              progress=progress, label="verify fix", overfit=False,
-                              train_eval=False)
-        except Exception as e:  # the edited model may not run (e.g. BatchNorm1d on 3-D input)
-            return None, (f"fix first ({first.rule}) was applied in memory ({description}) "
-                          f"but the re-run failed: {type(e).__name__}: "
-                          f"{(str(e).splitlines() or [''])[0]}")
-        after_side = after.summary_side()
-        better = improved(before, after_side)
-        if better or not remedy.retry_factor or attempt == 2:
-            break
-        tried.append(f"{config.learning_rate:g}")
-        config = replace(config, lr=config.learning_rate * remedy.retry_factor)
-        description = f"learning rate lowered to {config.learning_rate:g}"
-    if tried:
-        description += f" ({', '.join(tried)} did not help)"
-    return {"fix": first.fix.summary if first.fix and not tried else description,
-            "rule": first.rule, "applied": description,
-            "before": before, "after": after_side,
-            "improved": better}, None
+# ------------------------------------------------------------------------------ judging
+
+def judge(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """"improved": the final loss is clearly lower and the accuracy higher (or the probe blew up
+    and the re-run learns); "unclear": a smaller gain; "no": no gain, or worse."""
+    a, a0 = after.get("loss_last"), after.get("loss_first")
+    if a is None or not math.isfinite(a):
+        return "no"
+    b = before.get("loss_last")
+    ba, aa = before.get("accuracy"), after.get("accuracy")
+    acc_gain = None if ba is None or aa is None else aa - ba
+    if b is None or not math.isfinite(b):  # the probe went non-finite; the re-run did not
+        learns = a0 is not None and math.isfinite(a0) and a < (1 - LOSS_GAIN) * a0
+        return "improved" if learns else "no"
+    loss_gain = (b - a) / abs(b) if b else 0.0
+    solved = acc_gain is not None and ba >= 0.98 and aa >= 0.98
+    acc_ok = acc_gain is None or acc_gain >= ACC_GAIN or solved
+    # both runs solved the task: a lower loss near zero is noise, not an improvement
+    if solved and b - a < SOLVED_LOSS_GAIN:
+        return "no"
+    if loss_gain >= LOSS_GAIN and acc_ok:
+        return "improved"
+    if loss_gain >= UNCLEAR_LOSS_GAIN or (acc_gain is not None and acc_gain >= ACC_GAIN):
+        return "unclear"
+    return "no"
 
 
 def improved(before: dict[str, Any], after: dict[str, Any]) -> bool:
-    """The fix helped: the re-run learns (its loss falls from its own start) and ends lower
-    than before, or its accuracy is clearly higher."""
-    b, a, a0 = before.get("loss_last"), after.get("loss_last"), after.get("loss_first")
-    if a is None or not math.isfinite(a):
-        return False
-    ba, aa = before.get("accuracy"), after.get("accuracy")
-    if ba is not None and aa is not None and aa >= ba + 0.1:
-        return True
-    learns = a0 is None or not math.isfinite(a0) or a < 0.9 * a0
-    lower = b is None or not math.isfinite(b) or a < 0.9 * b
-    return learns and lower and (ba is None or aa is None or aa >= ba)
+    """The outcome improved (see `judge`)."""
+    return judge(before, after) == "improved"
+
+
+def _best(attempts: list[Attempt], symptom: Symptom | None) -> Attempt:
+    """What to show when no attempt improved the outcome: one that removed the symptom, else
+    the one with the lowest final loss."""
+    ok = [a for a in attempts if a.outcome != "failed"]
+    gone = [a for a in ok if a.symptom_gone]
+    if gone:
+        return gone[0]
+    if not ok:
+        return attempts[-1]
+    return min(ok, key=lambda a: a.side.get("loss_last") if a.side.get("loss_last") is not None
+               and math.isfinite(a.side["loss_last"]) else math.inf)
+
+
+# ------------------------------------------------------------------------------ the record
+
+def _described(r: Remedy, a: Attempt, run: TrainingRun) -> str:
+    if r.lr_factor is None:
+        return r.description
+    lr = run.config.learning_rate
+    return lr_text(lr, lr * r.lr_factor ** a.lr_times)
+
+
+def _applied(a: Attempt, run: TrainingRun) -> str:
+    return " + ".join(_described(r, a, run) for r in a.remedies)
+
+
+def _attempt_dict(a: Attempt, run: TrainingRun, symptom: Symptom | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"applied": _applied(a, run), "rules": [r.rule for r in a.remedies],
+                           "steps": a.steps, "after": a.side, "outcome": a.outcome,
+                           "symptom_gone": a.symptom_gone}
+    if symptom is not None and a.outcome != "failed":
+        out["symptom"] = a.symptom
+        out["symptom_text"] = symptom.describe(a.symptom, a.steps)
+    if a.error:
+        out["error"] = a.error
+    return out

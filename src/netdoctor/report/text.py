@@ -54,12 +54,12 @@ def fmt_num(x: Any) -> str:
 
 
 def fmt_fixed(x: Any) -> str:
-    """Two decimals, for losses and accuracies."""
+    """Two decimals, for losses and accuracies (huge losses in scientific notation)."""
     try:
         v = float(x)
     except (TypeError, ValueError):
         return "?"
-    if not math.isfinite(v):
+    if not math.isfinite(v) or abs(v) >= 1e4:
         return fmt_num(v)
     return f"{v:.2f}"
 
@@ -283,15 +283,81 @@ def _side(d: Any) -> str:
     return text
 
 
+def _symptom_text(s: Any, before: bool = True) -> str | None:
+    if not isinstance(s, dict) or not s.get("name"):
+        return None
+    text = f"{s['name']}: "
+    if before:
+        text += f"{s.get('before_text', '?')} → "
+    text += str(s.get("after_text", "?"))
+    if s.get("gone"):
+        text += " (symptom gone)"
+    return text
+
+
 def _verified_fix(p: _Printer, v: Any) -> None:
+    """The verified fix: what was applied, the outcome before → after, the symptom's
+    measurement before → after, and the attempts that did not work (or all of them)."""
     if not isinstance(v, dict):
         return
+    improved = v.get("improved", True)
+    outcome = v.get("outcome_improved", improved)
+    steps = v.get("steps")
     line = Text()
-    line.append("Verified fix: ", style="bold green")
-    if v.get("fix"):
-        line.append(f"{v['fix']}: ")
-    line.append(f"loss {_side(v.get('before'))} became {_side(v.get('after'))}")
+    if improved:
+        line.append("Verified fix: ", style="bold green")
+        what = v.get("applied") or v.get("fix")
+    else:
+        line.append("Fix not verified: ", style="bold yellow")
+        what = None
+    if what:
+        line.append(f"{what}: ")
+    if improved:
+        line.append(f"loss {_side(v.get('before'))} became {_side(v.get('after'))}")
+        if steps:
+            line.append(f" over {steps} steps", style="dim")
+        if not outcome:
+            line.append(" (the loss and accuracy did not improve in this short run)")
+    else:
+        attempts = v.get("attempts") or []
+        sym = v.get("symptom") if isinstance(v.get("symptom"), dict) else {}
+        if sym.get("present_before") is False:
+            line.append(f"the probe showed no {sym.get('name')} problem for it to remove "
+                        f"({sym.get('before_text')}; the rule's threshold is "
+                        f"{sym.get('threshold_text')}), and ")
+        if v.get("baseline_learned_well"):
+            line.append(f"the model learned well without it (loss {_side(v.get('before'))}"
+                        + (f" over {steps} steps" if steps else "")
+                        + "), so this short run had nothing for it to improve"
+                        + (f"; tried {len(attempts)}:" if attempts else ""))
+        else:
+            line.append(f"nothing tried improved the probe's loss {_side(v.get('before'))}"
+                        + (f" over {steps} steps" if steps else "")
+                        + (f"; tried {len(attempts)}:" if attempts else ""))
     p.line(line)
+    symptom = _symptom_text(v.get("symptom"))
+    if symptom and improved:
+        p.line(Text(symptom), indent=2)
+    tried = [a for a in v.get("attempts") or [] if isinstance(a, dict)]
+    if improved:
+        tried = [a for a in tried if a.get("applied") != v.get("applied")
+                 or a.get("steps") != steps]
+    if improved and symptom is None and not tried:
+        return
+    for a in tried:
+        t = Text(("tried " if improved else "") + f"{a.get('applied', '?')}: ")
+        if a.get("error"):
+            t.append(f"the re-run failed ({a['error']})")
+        else:
+            t.append(f"loss {_side(a.get('after'))}")
+            if a.get("symptom_text") and isinstance(v.get("symptom"), dict):
+                t.append(f", {v['symptom']['name']} {a['symptom_text']}")
+            if a.get("steps") and a.get("steps") != steps:
+                t.append(f" ({a['steps']} steps)")
+        p.line(t, indent=2)
+    sym = v.get("symptom") if isinstance(v.get("symptom"), dict) else {}
+    if not improved and symptom and sym.get("present_before") is not False:
+        p.line(Text("before: " + symptom.split(" → ")[0]), indent=2)
 
 
 def _report(p: _Printer, report: Report) -> None:

@@ -120,6 +120,8 @@ class DataSample:
             device = next(model.parameters()).device
         except StopIteration:
             device = torch.device("cpu")
+        if self.x[0].numel() > 100_000:  # ImageNet-sized inputs: two samples say enough
+            probe_batch = min(probe_batch, 2)
         xb = self.x[:probe_batch].to(device)
         seen: dict[str, Any] = {}
         names = {m: n for n, m in model.named_modules()}
@@ -274,6 +276,25 @@ def _g(v: float) -> str:
 
 # -------------------------------------------------------------------------------- ND301
 
+# Fixed ranges of integer-coded inputs: the scale fix divides by the range's top. A range
+# fits data whose maximum lies in its upper three quarters (0..255 for a maximum of 64..255).
+_RANGES = (16.0, 255.0, 1023.0, 4095.0, 65535.0)
+_RANGE_NAMES = {16.0: "e.g. 4-bit intensities such as scikit-learn's 8x8 digits",
+                1023.0: "10-bit values", 4095.0: "12-bit sensor values",
+                65535.0: "16-bit images"}
+
+
+def _nominal_range(stats: dict[str, float], integer_coded: bool) -> float | None:
+    """The fixed range (0..16, 0..255, ..., 0..65535) non-negative integer data is coded in,
+    or None when it is not such data (signed, fractional, or a maximum no range fits)."""
+    if not integer_coded or stats["min"] < 0 or not stats["max"] > 1:
+        return None
+    for top in _RANGES:
+        if top / 4 <= stats["max"] <= top:
+            return top
+    return None
+
+
 def _standardize(mean: float, std: float) -> str:
     shift = f"x - {_g(mean)}" if mean >= 0 else f"x + {_g(-mean)}"
     return f"({shift}) / {_g(std)}"
@@ -325,7 +346,7 @@ def input_not_normalized(ctx: Context):
         return  # the model rescales its input itself before the first weight layer
 
     integer_valued = bool(torch.equal(values, values.round()))
-    pixels = stats["min"] >= 0 and 1 < stats["max"] <= 255 and (integer_valued or s.raw)
+    top = _nominal_range(stats, integer_valued or s.raw)
     twice = 0 <= stats["min"] and 0 < stats["max"] <= 1 / 255 + 1e-9
     evidence: dict[str, Any] = {
         "mean": stats["mean"], "std": stats["std"], "min": stats["min"], "max": stats["max"],
@@ -336,33 +357,45 @@ def input_not_normalized(ctx: Context):
                 f"max {_g(stats['max'])}")
     means = (ch["mean"]).tolist()
     stds = ch["std"].tolist()
-    if pixels:
-        scaled_m = [m / 255.0 for m in means]
-        scaled_s = [max(v / 255.0, 1e-8) for v in stds]
-        evidence["looks_like"] = "raw 0..255 pixels"
+    if top is not None:
+        t = f"{top:g}"
+        scaled_m = [m / top for m in means]
+        scaled_s = [max(v / top, 1e-8) for v in stds]
+        evidence["looks_like"] = "raw 0..255 pixels" if top == 255 else f"integers in 0..{t}"
+        evidence["range_max"] = float(top)
         evidence["scaled_mean"] = scaled_m
         evidence["scaled_std"] = scaled_s
         norm = f"transforms.Normalize({_tuple(scaled_m)}, {_tuple(scaled_s)})"
-        message = (f"the inputs are raw 0..255 pixels ({measured} over {x.shape[0]} samples; "
+        what = ("raw 0..255 pixels" if top == 255 else
+                f"integer values in 0..{t} ({_RANGE_NAMES.get(top, 'a fixed-range encoding')})")
+        message = (f"the inputs are {what} ({measured} over {x.shape[0]} samples; "
                    f"{'; '.join(reasons)}): with values this large the first layer's outputs "
-                   "are huge, ReLUs die and the loss stalls (the 784-300-10 MLP on raw "
-                   "FashionMNIST pixels reached accuracy 0.1). Scale them to [0, 1] and "
-                   f"standardize: after /255 the measured mean is {_tuple(scaled_m)} and std "
+                   "are large, and at a high learning rate ReLUs die or saturate and the loss "
+                   "stalls"
+                   + (" (the 784-300-10 MLP on raw FashionMNIST pixels reached accuracy 0.1)"
+                      if top == 255 else "")
+                   + f". Scale them to [0, 1] by their range (x / {t}) and standardize: after "
+                   f"the division the measured mean is {_tuple(scaled_m)} and std "
                    f"{_tuple(scaled_s)}.")
         lines = []
         if s.builtin and s.raw:
             lines.append("# netdoctor served this built-in set raw because of --raw: drop --raw "
                          "(the default is [0, 1], like ToTensor)")
             lines.append("# or add --normalize to standardize with the measured statistics.")
-        lines += ["# scale raw 0..255 pixels to [0, 1] before they reach the model:",
-                  "x = x / 255.0",
-                  "# then standardize; in a torchvision pipeline "
-                  "(ToTensor already divides by 255):",
-                  f"transforms.Compose([transforms.ToTensor(), {norm}])"]
-        if len(means) == 1:
+        lines += [f"# scale the 0..{t} values to [0, 1] before they reach the model:",
+                  f"x = x / {top:.1f}"]
+        if top == 255:
+            lines += ["# then standardize; in a torchvision pipeline "
+                      "(ToTensor already divides by 255):",
+                      f"transforms.Compose([transforms.ToTensor(), {norm}])"]
+        else:
+            lines += ["# then standardize with the statistics measured after the division:",
+                      norm if len(means) > 1 else
+                      f"x = (x - {_f4(scaled_m[0])}) / {_f4(scaled_s[0])}"]
+        if len(means) == 1 and top == 255:
             lines += ["# or by hand:",
                       f"x = (x / 255.0 - {_f4(scaled_m[0])}) / {_f4(scaled_s[0])}"]
-        summary = (f"scale the inputs: x = x / 255.0, then Normalize({_tuple(scaled_m)}, "
+        summary = (f"scale the inputs: x = x / {top:.1f}, then Normalize({_tuple(scaled_m)}, "
                    f"{_tuple(scaled_s)})")
     else:
         m, sd = stats["mean"], max(stats["std"], 1e-12)
@@ -473,11 +506,11 @@ def feature_scale_mismatch(ctx: Context):
         summary = "standardize each feature: x = (x - mean) / std, per feature"
     yield ctx.finding(
         "ND302", message, fix=Fix(summary, "\n".join(lines) + "\n", "snippet"),
-        evidence={"axis": dim, "ratio": ratio, "max_ratio": max_ratio,
+        evidence={"axis": dim, "word": word, "ratio": ratio, "max_ratio": max_ratio,
                   "largest": {str(i): float(std[i]) for i in big},
                   "smallest": {str(i): float(std[i]) for i in small},
                   "std": std.tolist(), "mean": means, "constant": constant, "sparse": sparse},
-        impact=5.0)
+        impact=11.0)  # above ND301's: standardizing each feature also fixes the overall scale
 
 
 def _dims_but(x: torch.Tensor, dim: int) -> str:

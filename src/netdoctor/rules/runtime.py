@@ -73,6 +73,51 @@ def gradient_flow(run) -> list[dict[str, Any]]:
     return rows
 
 
+def gradient_ends(run):
+    """(first, its gradient norm, last, its gradient norm) over the weight layers, in execution
+    order, that received a nonzero gradient; None with fewer than two. Layers whose gradient is
+    exactly zero are dead (ND404) or starved (ND410), not vanishing."""
+    rows = [(p, layer_grad(p)) for p in run.weight_layers()]
+    live = [(p, v) for p, v in rows if v is not None and v > 0]
+    if len(live) < 2:
+        return None
+    (first, g_first), (last, g_last) = live[0], live[-1]
+    return first, g_first, last, g_last
+
+
+def total_grad_norms(run) -> list[float]:
+    """The total gradient norm over the weight layers, per step (NaN where none had one)."""
+    layers = run.weight_layers()
+    totals = []
+    for i in range(run.steps_run):
+        sq = [p.grad_norm[i] ** 2 for p in layers if i < len(p.grad_norm)
+              and not math.isnan(p.grad_norm[i])]
+        totals.append(math.sqrt(sum(sq)) if sq else float("nan"))
+    return totals
+
+
+def cut_short(run) -> int | None:
+    """The steps a run was meant to take when a time budget cut it short, else None: the
+    loss-trend rules then cannot say the model does not learn, only that it had not yet."""
+    requested = getattr(run.config, "requested_steps", None)
+    return requested if requested and requested > run.steps_run else None
+
+
+def batch_cut(run) -> tuple[int, int] | None:
+    """(samples per step, the batch size asked for) when a time budget made the probe train on
+    fewer samples per step; gradients of a few samples are noisier, so update and gradient
+    sizes are not the ones the asked-for batch would see."""
+    limit = getattr(run.config, "batch_limit", None)
+    batch = getattr(run.config, "batch_size", None)
+    return (limit, batch) if limit and batch and limit < batch else None
+
+
+def _batch_cut_text(cut: tuple[int, int]) -> str:
+    return (f" The time budget cut the batch from {cut[1]} to {cut[0]} samples, whose gradients "
+            "are noisier: reported as info (probe with --batch-size or a larger --time-budget "
+            "to judge it).")
+
+
 def early_steps(n: int) -> int:
     """How many of the first steps count as "early": 10%, at least 3."""
     return min(n, max(3, n // 10))
@@ -231,11 +276,7 @@ def exploding_gradients(ctx: Context):
     layers = run.weight_layers()
     if not layers:
         return
-    totals = []
-    for i in range(run.steps_run):
-        sq = [p.grad_norm[i] ** 2 for p in layers if i < len(p.grad_norm)
-              and not math.isnan(p.grad_norm[i])]
-        totals.append(math.sqrt(sum(sq)) if sq else float("nan"))
+    totals = total_grad_norms(run)
     start = median(totals[:3])
     peak = max(finite(totals), default=None)
     nonfinite_grad = any(not math.isfinite(t) and not math.isnan(t) for t in totals) or (
@@ -264,12 +305,18 @@ def exploding_gradients(ctx: Context):
               f"{g(run.config.learning_rate / 10)}) and/or clip the gradient norm",
               lr_snippet(run, 0.1) + "# between loss.backward() and optimizer.step():\n"
               "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)\n")
-    yield ctx.finding("ND402", message, module=module, location=_site(run, module), fix=fix,
-                      evidence={"growth": growth, "start_norm": start, "peak_norm": peak,
-                                "max_grad_weight_ratio": worst_ratio,
-                                "worst_parameter": worst.name if worst else None,
-                                "total_grad_norm": totals},
-                      impact=7.0)
+    cut = batch_cut(run)
+    if cut:
+        message += _batch_cut_text(cut)
+    f = ctx.finding("ND402", message, module=module, location=_site(run, module), fix=fix,
+                    evidence={"growth": growth, "start_norm": start, "peak_norm": peak,
+                              "max_grad_weight_ratio": worst_ratio,
+                              "worst_parameter": worst.name if worst else None,
+                              "total_grad_norm": totals, "batch_cut_from": cut and cut[1]},
+                    impact=7.0)
+    if cut and not nonfinite_grad and "severity" not in ctx.options.get("ND402", {}):
+        f.severity = Severity.INFO
+    yield f
 
 
 # ------------------------------------------------------------------------------ ND403
@@ -283,14 +330,12 @@ def vanishing_gradients(ctx: Context):
     min_norm = float(ctx.option("ND403", "min-grad-norm", 1e-7))
     rows = [(p, layer_grad(p)) for p in run.weight_layers()]
     rows = [(p, v) for p, v in rows if v is not None]
-    if len(rows) < 2:
+    ends = gradient_ends(run)
+    if ends is None:
         return
-    # Layers whose gradient is exactly zero are dead (ND404) or starved (ND410), not vanishing.
+    first, g_first, last, g_last = ends
+    ratio = g_first / g_last
     live = [(p, v) for p, v in rows if v > 0]
-    if len(live) < 2:
-        return
-    (first, g_first), (last, g_last) = live[0], live[-1]
-    ratio = g_first / g_last if g_last > 0 else math.inf
     tiny = [(p, v) for p, v in live if v < min_norm]
     reasons = []
     if ratio < min_ratio:
@@ -446,12 +491,19 @@ def update_ratio(ctx: Context):
             fix = Fix(f"raise the learning rate ({g(lr)} -> {g(lr * factor)}) once the "
                       "gradient problem behind it is fixed", lr_snippet(run, factor))
         p = worst[0]
-        yield ctx.finding("ND406", message, module=p.module, location=_site(run, p.module),
-                          fix=fix, evidence={"direction": direction, "min_ratio": low,
-                                             "max_ratio": high,
-                                             "ratios": {q.module: r for q, r in rows},
-                                             "early_ratios": {q.module: r for q, r in early}},
-                          impact=5.0)
+        cut = batch_cut(run) if direction == "too-large" else None
+        if cut:
+            message += _batch_cut_text(cut)
+        f = ctx.finding("ND406", message, module=p.module, location=_site(run, p.module),
+                        fix=fix, evidence={"direction": direction, "min_ratio": low,
+                                           "max_ratio": high,
+                                           "ratios": {q.module: r for q, r in rows},
+                                           "early_ratios": {q.module: r for q, r in early},
+                                           "batch_cut_from": cut and cut[1]},
+                        impact=5.0)
+        if cut and "severity" not in ctx.options.get("ND406", {}):
+            f.severity = Severity.INFO
+        yield f
 
 
 # ------------------------------------------------------------------------------ ND407
@@ -493,13 +545,19 @@ def loss_stalled(ctx: Context):
         message += (f" But the model memorizes one batch and its updates are normal-sized "
                     f"(median update/weight ratio {g(typical)}): it can learn, this data needs a "
                     "longer probe (--steps) or a higher learning rate.")
+    short = cut_short(run)
+    if short:
+        message += (f" The time budget allowed only {run.steps_run} of {short} steps, so this "
+                    "says the model had not learned yet, not that it cannot (--steps, "
+                    "--time-budget).")
     f = ctx.finding("ND407", message, fix=fix,
                       evidence={"loss_first": first, "loss_last": last, "relative_drop": drop,
                                 "accuracy": acc, "chance": chance, "steps": run.steps_run,
                                 "can_overfit_batch": bool(can_overfit),
-                                "median_update_ratio": typical, "fallback_fix": True},
+                                "median_update_ratio": typical, "fallback_fix": True,
+                                "steps_cut_from": short},
                       impact=3.0)
-    if slow_but_able and "severity" not in ctx.options.get("ND407", {}):
+    if (slow_but_able or short) and "severity" not in ctx.options.get("ND407", {}):
         f.severity = Severity.INFO
     yield f
 
@@ -581,12 +639,16 @@ def prediction_collapse(ctx: Context):
         message += (" The model memorizes one batch and its updates are normal-sized, so this is "
                     "likely an early phase of training (it predicts the most common answers "
                     "first), not a broken model.")
+    short = cut_short(run)
+    if short:
+        message += (f" The time budget allowed only {run.steps_run} of {short} steps: an early "
+                    "phase of training predicts the most common answers first.")
     f = ctx.finding("ND409", message, fix=None,
                     evidence={"top2_share": top2, "label_top2_share": label_top2,
                               "predicted": run.pred_counts, "labels": run.label_counts,
-                              "can_overfit_batch": can_overfit},
+                              "can_overfit_batch": can_overfit, "steps_cut_from": short},
                     impact=2.0)
-    if still_learning and "severity" not in ctx.options.get("ND409", {}):
+    if (still_learning or short) and "severity" not in ctx.options.get("ND409", {}):
         f.severity = Severity.INFO
     yield f
 
