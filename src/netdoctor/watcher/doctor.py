@@ -49,13 +49,13 @@ from netdoctor.errors import StopTraining, UserError
 from netdoctor.findings import Finding, Location, Report, Severity
 from netdoctor.loading.provenance import Provenance, class_location, user_location
 from netdoctor.measure.nonfinite import rng_state
-from netdoctor.measure.params import ParamMeter
 from netdoctor.measure.record import NonFinite
 from netdoctor.watcher.attach import Attachment
 from netdoctor.watcher.facts import LoopFacts, ModelFacts, OptimizerFacts, SchedulerFacts
 from netdoctor.watcher.losses import LossCall, LossWatch
+from netdoctor.watcher.measurement import measure_step, meters
 from netdoctor.watcher.models import WatchedModel
-from netdoctor.watcher.optimizers import PendingScalars, WatchedOptimizer, total_grad_norm
+from netdoctor.watcher.optimizers import PendingScalars, WatchedOptimizer
 from netdoctor.watcher.schedule import Schedule
 from netdoctor.watcher.settings import WatchOptions
 
@@ -490,7 +490,7 @@ class Doctor:
         deep = self.schedule.is_deep(step)
         backwards, self.backwards = self.backwards, []
         with_grad = [p for p in wo.trainable if p.grad is not None]
-        loss, grad_norm, measured = self._measure_step(wo, step, deep, backwards, with_grad)
+        loss, grad_norm, measured = measure_step(self, wo, step, deep, backwards, with_grad)
         self._loop_facts(wo, step, with_grad, grad_norm, measured)
         if self.nonfinite_step is None and (
                 not math.isfinite(loss) or (grad_norm is not None and
@@ -508,64 +508,6 @@ class Doctor:
         if self._dirty:
             return self._live(step)
         return None
-
-    def _measure_step(self, wo: WatchedOptimizer, step: int, deep: bool,
-                      backwards: list[BackwardRecord], with_grad: list
-                      ) -> tuple[float, float | None, bool]:
-        """Learning rates, total gradient norm, the step's loss and accuracy -- plus, on deep
-        steps, every parameter's norms -- in one host sync. Returns (loss, gradient norm or None
-        when no parameter had one, whether the per-parameter meters ran)."""
-        f = wo.facts
-        f.lr.append(wo.lrs())
-        norm = total_grad_norm([p.grad for p in with_grad])
-        grad_seen, wo.grad_seen = wo.grad_seen, set()
-        self._unscaled.clear()
-        for rec in backwards:
-            if rec.loss is not None:
-                self.pending.add(rec.loss.float().mean() if rec.loss.numel() > 1 else rec.loss,
-                                 lambda v, r=rec: setattr(r, "value", v))
-        result: dict[str, float] = {}
-        if norm is not None:
-            self.pending.add(norm, lambda v: result.__setitem__("norm", v))
-        acc = self.losses.step_accuracy()
-        for i in range(0, len(acc) - 1, 2):
-            self.pending.add(acc[i], lambda v: result.__setitem__(
-                "correct", result.get("correct", 0.0) + v))
-            self.pending.add(acc[i + 1], lambda v: result.__setitem__(
-                "counted", result.get("counted", 0.0) + v))
-
-        meters = self._meters(wo) if deep else []
-        if meters:
-            items = self.pending.take()
-            device = meters[0][1].params[0].device if meters[0][1].params else None
-            extra = [t.to(device) if device is not None else t for t, _ in items]
-            values = meters[0][1].before_step(extra)
-            for (_, then), v in zip(items, values):
-                then(v)
-            for _, meter in meters[1:]:
-                meter.before_step()
-            for _, meter in meters:  # a gradient backward gave, cleared before the step
-                for p, trace in zip(meter.params, meter.traces):
-                    if p.grad is None and id(p) in grad_seen:
-                        trace.steps_with_grad += 1
-            wo.deep_steps.append(step)
-        else:
-            self.pending.resolve()
-
-        # the loss: what backward ran on since the last step, else a trainer's logged one
-        values = [r.value for r in backwards if r.value is not None]
-        loss = sum(values) / len(values) if values else (
-            self.observed[-1] if self.observed else math.nan)
-        self.observed.clear()
-        f.loss.append(loss)
-        wo.loss_fns.append({r.fn for r in backwards})
-        grad_norm = result.get("norm")
-        f.grad_norm.append(math.nan if grad_norm is None else grad_norm)
-        counted = result.get("counted", 0.0)
-        wo.accuracy.append(result["correct"] / counted if deep and counted else None)
-        if deep:
-            self._unoptimized_check(wo)
-        return loss, grad_norm, bool(meters)
 
     def _loop_facts(self, wo: WatchedOptimizer, step: int, with_grad: list,
                     grad_norm: float | None, measured: bool) -> None:
@@ -617,7 +559,7 @@ class Doctor:
         reason = wo.step_reason
         if wo.deep_steps and wo.deep_steps[-1] == step:
             moved = False
-            for _, meter in self._meters(wo, build=False):
+            for _, meter in meters(self, wo, build=False):
                 meter.after_step()
                 moved |= any(t.update_ratio and t.update_ratio[-1] > 0 for t in meter.traces)
             self._changed(wo, step, moved, reason)
@@ -650,51 +592,6 @@ class Doctor:
         key = reason or "no-change"
         f.unchanged_reasons[key] = f.unchanged_reasons.get(key, 0) + 1
         self._dirty.add("ND503")
-
-    def _meters(self, wo: WatchedOptimizer, build: bool = True) -> list[tuple[Any, ParamMeter]]:
-        """One ParamMeter per (optimizer, model): per-parameter norms on deep steps."""
-        sig = (len(wo.trainable), len(self.models))
-        if build and wo.meter_signature != sig:
-            wo.meters = []
-            for wm in self.models:
-                if wm.compiled or wo not in wm.optimizers:
-                    continue
-                named = [(wm.params_by_id[id(p)][0], p) for p in wo.trainable
-                         if id(p) in wm.params_by_id]
-                if not named:
-                    continue
-                model = wm.model
-                types = {n: type(m).__name__ for n, m in model.named_modules()} if model \
-                    is not None else {}
-                wo.meters.append((wm, ParamMeter(named, types)))
-            wo.meter_signature = sig
-        return wo.meters
-
-    def _unoptimized_check(self, wo: WatchedOptimizer) -> None:
-        """ND502 facts: trainable parameters with a gradient that no optimizer holds."""
-        if wo is not self.primary:
-            return
-        held: set[int] = set()
-        for other in self.optimizers:
-            held |= {id(p) for p in other.params}
-        for wm in self.models:
-            model = wm.model
-            if model is None or wm.compiled:
-                continue
-            wm.refresh_params()
-            wm.facts.grad_checks += 1
-            for pid, (name, p) in wm.params_by_id.items():
-                if p.requires_grad and p.grad is not None and pid not in held:
-                    wm.facts.unoptimized[name] = wm.facts.unoptimized.get(name, 0) + 1
-                    module = name.rpartition(".")[0]
-                    if module not in wm.facts.unoptimized_sites:
-                        try:
-                            loc = self.provenance.site(model.get_submodule(module))
-                        except AttributeError:
-                            loc = None
-                        if loc is not None:
-                            wm.facts.unoptimized_sites[module] = loc
-                    self._dirty.add("ND502")
 
     # -- backward, modes, schedulers -----------------------------------------------------
     def on_backward(self, tensors: Any) -> None:
