@@ -268,7 +268,8 @@ def exploding_gradients(ctx: Context):
                       evidence={"growth": growth, "start_norm": start, "peak_norm": peak,
                                 "max_grad_weight_ratio": worst_ratio,
                                 "worst_parameter": worst.name if worst else None,
-                                "total_grad_norm": totals},
+                                "total_grad_norm": totals,
+                                "nonfinite_only": reasons == ["a gradient overflowed to Inf"]},
                       impact=7.0)
 
 
