@@ -107,6 +107,8 @@ def jobs(tmp_path_factory):
     j.add("raise", *run, "-o", folder / "raise.json", LOOPS / "ddp.py", "--raise-at", "1:5")
     j.add("uneven", *run, "-o", folder / "uneven.json", "--config", config, "--every", "5",
           LOOPS / "ddp.py", "--uneven", "8")
+    j.add("fsdp", *run, "-o", folder / "fsdp.json", LOOPS / "fsdp.py",
+          "--norms", folder / "norms.json")
     j.add("doc_bad", *run, "-o", folder / "doc_bad.json", bad)
     j.add("doc_good", *run, "-o", folder / "doc_good.json", good)
     yield j
@@ -144,7 +146,8 @@ def test_bypassing_the_ddp_wrapper_is_nd508_once_at_that_line_and_every_rank_sto
     assert report["measurements"]["run"]["stopped"] == "stop-on"
     assert report["measurements"]["run"]["steps"] == 2
     assert report["measurements"]["run"]["ranks"]["per_rank"]["1"]["steps"] == 2
-    assert result.stderr.count("ND508 replicas-diverged") == 1  # rank 0 announces, once
+    assert result.stderr.count("step 2: ND508 replicas-diverged") == 1  # announced once
+    assert "[rank 1]" not in result.stderr  # by rank 0
     assert result.returncode != 0  # an error, --fail-on error: rank 0 exits 1
 
 
@@ -214,6 +217,21 @@ def test_nd508_doc_example_triggers_and_its_fix_does_not(jobs):
     assert [f["rule"] for f in bad["findings"]] == ["ND508"], bad["findings"]
     good, result = report_of(jobs, "doc_good")
     assert result.returncode == 0 and not loud(good), loud(good)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fsdp2_sharded_model_is_clean_and_its_norm_is_reduced_over_the_shards(jobs):
+    report, result = report_of(jobs, "fsdp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not loud(report), loud(report)
+    assert not [n for n in report["notes"] if "internal netdoctor error" in n], report["notes"]
+    assert any("static rules skipped: its forward communicates" in n for n in report["notes"])
+    reduced = report["measurements"]["run"]["ranks"]["sharded_grad_norm"]
+    clipped = json.loads((jobs.folder / "norms.json").read_text())  # torch's own reduction
+    assert [s for s, _ in reduced] == [1, 2, 3, 4, 8, 16, 32]
+    for step, norm in reduced:
+        assert math.isclose(norm, clipped[str(step)], rel_tol=1e-5), (step, norm, clipped)
 
 
 # -- in this process -----------------------------------------------------------------------

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from netdoctor.rules.distributed import DEFAULT_TOLERANCE
+from netdoctor.measure.params import is_sharded, local
 from netdoctor.watcher.facts import DistributedFacts
 from netdoctor.watcher.ranks import NONFINITE_KINDS
 from netdoctor.watcher.replicas import compare
@@ -200,7 +200,32 @@ def connect(timeout: float) -> DistributedExchange | None:
 
 
 # -- what the ranks compare ---------------------------------------------------------------
-STATS = 6  # loss, gradient norm, lr, first non-finite step, its kind, the --stop-on request
+# loss, gradient norm, lr, first non-finite step, its kind, the --stop-on request, the sharded
+# gradients' share of the squared norm
+STATS = 7
+
+
+def sharded_square(params: list[torch.Tensor]) -> tuple[float, float]:
+    """(sum over the sharded (DTensor) gradients of this rank's squared local norm divided by
+    the number of ranks that hold the same shard, the squared norm of the other gradients). The
+    model's gradient norm is sqrt(own plain part + the sum of the first part over every rank):
+    a shard counts once however many ranks replicate it, a plain (DDP-replicated) gradient is
+    the same on every rank and counts once."""
+    sharded, plain = [], []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if is_sharded(g):
+            copies = 1
+            for dim, placement in enumerate(g.placements):
+                if placement.is_replicate():
+                    copies *= g.device_mesh.size(dim)
+            sharded.append(torch.linalg.vector_norm(local(g).float()) ** 2 / copies)
+        else:
+            plain.append(torch.linalg.vector_norm(g.detach().float()) ** 2)
+    values = [torch.stack(x).sum().cpu() if x else torch.zeros(()) for x in (sharded, plain)]
+    return float(values[0]), float(values[1])
 
 
 def _nonfinite_code(doctor: Doctor) -> tuple[float, float]:
@@ -218,11 +243,13 @@ def exchange_step(doctor: Doctor, wo: WatchedOptimizer, step: int) -> bool:
     if facts is None or not isinstance(ex, DistributedExchange):
         return False
     values: list[float] = []
+    plain = 0.0
     try:  # whatever fails here, this rank still joins the collective (with what it has)
         nf_step, nf_kind = _nonfinite_code(doctor)
         request = float(doctor.stop_request.rule[2:]) if doctor.stop_request is not None \
             else 0.0
-        values = list(doctor.step_statistics(wo)) + [nf_step, nf_kind, request]
+        sharded, plain = sharded_square(wo.trainable)
+        values = list(doctor.step_statistics(wo)) + [nf_step, nf_kind, request, sharded]
         values += doctor.replicas.checksums(doctor.label_of)
     except Exception as e:
         doctor.note_error(e)
@@ -242,11 +269,16 @@ def exchange_step(doctor: Doctor, wo: WatchedOptimizer, step: int) -> bool:
         if row[5] > 0:
             facts.stop_requested.setdefault(r, f"ND{int(row[5]):03d}")
             stop = True
+    shards = [row[6] for row in rows if len(row) > 6]
+    if any(v > 0 for v in shards):  # FSDP/DTensor: the model's norm, reduced over the shards
+        facts.grad_norms.append((step, math.sqrt(plain + sum(shards))))
     checks = [row[STATS:] for row in rows]
     facts.compared_tensors = len(doctor.replicas.compared)
     facts.bypass = doctor.replicas.bypasses()
     facts.wrapper_sites = doctor.replicas.sites()
     if doctor.replicas.compared or any(checks):
+        from netdoctor.rules.distributed import DEFAULT_TOLERANCE
+
         tolerance = float(doctor.options.rule_options.get("ND508", {}).get(
             "tolerance", DEFAULT_TOLERANCE))
         largest, divergence = compare(checks, doctor.replicas.compared, step, tolerance)

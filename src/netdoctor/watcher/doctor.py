@@ -591,7 +591,9 @@ class Doctor:
         self._connected = True
         from netdoctor.watcher import distributed
 
+        t0 = time.perf_counter()
         ex = distributed.connect(self.options.dist_timeout)
+        self.exchange_seconds += time.perf_counter() - t0
         if ex is not None:
             self.exchange = ex
             self.facts.distributed = distributed.new_facts(ex, self)
@@ -804,6 +806,11 @@ class Doctor:
     def _static_check(self, wm: WatchedModel) -> None:
         self.static[id(wm)] = ([], [])
         if not self.options.static or wm.compiled or wm.model is None:
+            return
+        if wm.communicates:
+            self.static[id(wm)] = ([], [f"{wm.facts.label}: static rules skipped: its forward "
+                                        "communicates with the other ranks (sharded DTensor "
+                                        "parameters or SyncBatchNorm)"])
             return
         from netdoctor.watcher.diagnosis import static_findings
 

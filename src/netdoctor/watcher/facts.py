@@ -149,6 +149,9 @@ class DistributedFacts:
     # exchanged statistics showed it
     nonfinite: dict[int, tuple[int, str]] = field(default_factory=dict)
     stop_requested: dict[int, str] = field(default_factory=dict)  # rank -> rule it stopped on
+    # sharded (FSDP/DTensor) models: (step, the whole model's gradient norm) on exchange steps,
+    # reduced over the shards (each rank's per-step norm is its own shards')
+    grad_norms: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass

@@ -98,6 +98,12 @@ def _notes(summaries, missing, facts, own_nonfinite, timeout) -> list[str]:
             notes.append(f"torchrun: {what}; the ranks compared nothing")
         if facts.broken:
             notes.append(f"the ranks stopped comparing {facts.broken}")
+        if facts.grad_norms:
+            shown = "; ".join(f"step {s}: {v:.3g}" for s, v in facts.grad_norms[-6:])
+            notes.append("sharded parameters (FSDP/DTensor): each rank measures its own shards "
+                         "every step (the curves above are rank 0's); the whole model's gradient "
+                         "norm, the square root of the sum over shards of their squared norms "
+                         f"(a replicated shard counted once), on the compared steps: {shown}")
     first: dict[int, tuple[int, str]] = dict(facts.nonfinite) if facts is not None else {}
     if own_nonfinite is not None:
         first.setdefault(0, (own_nonfinite[0], NONFINITE_KINDS.get(own_nonfinite[1],
@@ -143,4 +149,6 @@ def _measurements(summaries, missing, facts) -> dict[str, Any]:
         out.update({"world_size": facts.world_size, "backend": facts.backend,
                     "exchanges": facts.exchanges, "compared_tensors": facts.compared_tensors,
                     "largest_difference": facts.largest_difference, "broken": facts.broken})
+        if facts.grad_norms:
+            out["sharded_grad_norm"] = [[s, v] for s, v in facts.grad_norms]
     return out
