@@ -186,12 +186,12 @@ def test_second_watcher_is_refused_and_options_are_checked():
 
 
 def test_internal_error_becomes_a_note_not_an_exception(monkeypatch):
-    from netdoctor.watcher import doctor as doctor_module
+    from netdoctor.watcher import measurement
 
     def broken(*args, **kwargs):
         raise RuntimeError("instrument broke")
 
-    monkeypatch.setattr(doctor_module, "total_grad_norm", broken)
+    monkeypatch.setattr(measurement, "total_grad_norm", broken)
     x, y = data()
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -104,6 +104,8 @@ RULES: dict[str, RuleInfo] = {
                  "a loss fed what it does not expect (probabilities into cross-entropy, ...)"),
         RuleInfo("ND507", "loss-broadcast", _E, "loop",
                  "loss input and target of different shapes that broadcast"),
+        RuleInfo("ND508", "replicas-diverged", _E, "loop",
+                 "under DDP, parameters that must be identical on every rank differ"),
     ]
 }
 

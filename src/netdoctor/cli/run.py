@@ -11,7 +11,7 @@ import click
 from netdoctor.cli.options import emit, report_options, split_ids
 from netdoctor.errors import UserError
 
-RUN_KEYS = {"every", "stop-on"}
+RUN_KEYS = {"every", "stop-on", "dist-timeout"}
 
 
 @click.command(context_settings={"ignore_unknown_options": True,
@@ -33,6 +33,7 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, ar
       netdoctor run train.py --epochs 3
       netdoctor run --stop-on error -m mypkg.train --lr 0.1
       netdoctor run --format json -o report.json train.py
+      torchrun --nproc_per_node 4 -m netdoctor run train.py   (rank 0 reports)
 
     Options go before the script; everything after it is the script's. Exit code: the
     script's own when it failed, else 0/1 by --fail-on.
@@ -58,7 +59,7 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, ar
     else:
         script, args = (argv[0], argv[1:]) if argv else (None, [])
 
-    from netdoctor.watcher.settings import DEFAULT_EVERY, WatchOptions
+    from netdoctor.watcher.settings import DEFAULT_DIST_TIMEOUT, DEFAULT_EVERY, WatchOptions
 
     opts = WatchOptions(
         every=every if every is not None else int(table.get("every", DEFAULT_EVERY)),
@@ -68,6 +69,7 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, ar
         fail_on=fail_on or cfg.fail_on,
         format=fmt or cfg.format or "text",
         rule_options=cfg.rules,
+        dist_timeout=table.get("dist-timeout", DEFAULT_DIST_TIMEOUT),
     )
     opts.validate()
 
@@ -81,6 +83,10 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, ar
     doctor = Doctor(opts, target=name, provenance=provenance)
     doctor.joinable = True
     outcome = run_script(where, args, module is not None, doctor, provenance)
+    failed = outcome.kind in ("exit", "exception", "interrupted", "terminated") and \
+        outcome.exit_code != 0
+    if doctor.rank != 0:  # under torchrun rank 0 writes the one report (with this rank's part)
+        sys.exit(outcome.exit_code if failed else 0)
     if outcome.kind == "stopped" and doctor.stopped_by is not None:
         f = doctor.stopped_by
         click.echo(f"netdoctor: stopped training at step {doctor.facts.iterations} "
@@ -89,6 +95,6 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, ar
 
     report = doctor.diagnose()
     emit(render([report], opts.format, color=False if output else color), output)
-    if outcome.kind in ("exit", "exception", "interrupted") and outcome.exit_code != 0:
+    if failed:
         sys.exit(outcome.exit_code)
     sys.exit(doctor.exit_code(opts.fail_on))

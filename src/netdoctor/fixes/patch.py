@@ -637,3 +637,22 @@ def wrap_call_argument(source: str, line: int, index: int, suffix: str,
             return updated.with_changes(value=new_value) if original is victim else updated
 
     return module.visit(T()).code
+
+
+def call_wrapper_not_module(source: str, line: int) -> str | None:
+    """`ddp.module(x)` on `line` -> `ddp(x)`: call the DistributedDataParallel wrapper instead
+    of the module inside it. None unless there is exactly one such call on the line."""
+    module, pos = _index(source)
+    calls = [c for c, start, _ in pos.calls if start == line and
+             isinstance(c.func, cst.Attribute) and c.func.attr.value == "module"]
+    if len(calls) != 1:
+        return None
+    target = calls[0]
+
+    class T(cst.CSTTransformer):
+        def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+            if original is target:
+                return updated.with_changes(func=updated.func.value)
+            return updated
+
+    return module.visit(T()).code

@@ -17,6 +17,18 @@ from torch import nn
 from netdoctor.measure.record import ParamTrace
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor (FSDP2 `fully_shard`, tensor parallelism): a shard of a tensor laid out over a
+    device mesh."""
+    return callable(getattr(t, "to_local", None)) and hasattr(t, "placements")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of `t`: a DTensor's local shard (measuring it needs no collective:
+    a norm or a host sync of a DTensor would all-reduce over the user's mesh), else `t`."""
+    return t.to_local() if is_sharded(t) else t
+
+
 class ParamMeter:
     """Fills one `ParamTrace` per parameter; used by the probe's loop and the watcher alike."""
 
@@ -35,10 +47,11 @@ class ParamMeter:
         A parameter without a gradient gets NaN and does not count in `steps_with_grad`."""
         extra = [e.detach().float().reshape(()) for e in (extra or [])]
         have = [p.grad is not None for p in self.params]
-        present = [p.grad for p in self.params if p.grad is not None]
+        present = [local(p.grad) for p in self.params if p.grad is not None]
         gnorms = torch._foreach_norm(present) if present else []
-        wnorms = torch._foreach_norm([p.detach() for p in self.params]) if self.params else []
-        self._before = [p.detach().clone() for p in self.params]
+        weights = [local(p.detach()) for p in self.params]
+        wnorms = torch._foreach_norm(weights) if weights else []
+        self._before = [w.clone() for w in weights]
         scalars = extra + [v.float() for v in gnorms] + [v.float() for v in wnorms]
         values = torch.stack(scalars).tolist() if scalars else []
         k, n = len(extra), len(gnorms)
@@ -59,7 +72,7 @@ class ParamMeter:
         init gives its shape), so a zero-initialised layer does not look infinitely fast."""
         if self._before is None:
             return
-        delta = torch._foreach_sub([p.detach() for p in self.params], self._before)
+        delta = torch._foreach_sub([local(p.detach()) for p in self.params], self._before)
         moved = torch.stack(torch._foreach_norm(delta)).tolist() if delta else []
         self._before = None
         for tr, d, w in zip(self.traces, moved, self._weights):

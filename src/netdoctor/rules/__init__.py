@@ -3,6 +3,7 @@
 from netdoctor.rules import (  # noqa: F401  (registration)
     architecture,
     data,
+    distributed,
     init,
     loop,
     meta,

@@ -312,7 +312,8 @@ def exploding_gradients(ctx: Context):
                     evidence={"growth": growth, "start_norm": start, "peak_norm": peak,
                               "max_grad_weight_ratio": worst_ratio,
                               "worst_parameter": worst.name if worst else None,
-                              "total_grad_norm": totals, "batch_cut_from": cut and cut[1]},
+                              "total_grad_norm": totals, "batch_cut_from": cut and cut[1],
+                              "nonfinite_only": reasons == ["a gradient overflowed to Inf"]},
                     impact=7.0)
     if cut and not nonfinite_grad and "severity" not in ctx.options.get("ND402", {}):
         f.severity = Severity.INFO

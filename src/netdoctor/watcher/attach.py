@@ -17,6 +17,8 @@ every one in its own `finally`, so a failure to remove one never leaves the othe
   user's line only; `GradScaler.scale`: wrapped, so the loss is recorded unscaled;
   `nn.Module.__getstate__`: wrapped, so a copy of a watched model (`copy.deepcopy` for an EMA
   model, `torch.save(model)`) carries none of netdoctor's hooks (nor the doctor behind them);
+  `DistributedDataParallel.__init__`: wrapped, recording each DDP wrapper and its line (ND508
+  compares the parameters it replicates across ranks and notices a forward that bypasses it);
 * the loss functions: `netdoctor.watcher.losses.LossWatch`.
 
 Every wrapper calls the original with the same arguments and returns its result; what netdoctor
@@ -37,13 +39,15 @@ from torch.amp.grad_scaler import GradScaler
 from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as optimizer_hooks
 
+from netdoctor.watcher.replicas import ddp_class
+
 
 class Attachment:
     """The global hooks and wrappers of one doctor. `doctor` provides the event methods:
     `on_step_pre(opt, args, kwargs)`, `on_step_post(opt)`, `on_global_forward_pre(module, args)`,
     `on_global_forward_post(module)`, `on_backward(tensors)`, `after_backward()`,
     `on_train_mode(module, mode)`, `on_scheduler_step(scheduler)`,
-    `on_loss_scaled(outputs, scaled)`, `without_our_hooks(state)`."""
+    `on_loss_scaled(outputs, scaled)`, `without_our_hooks(state)`, `on_ddp_wrapped(ddp)`."""
 
     def __init__(self, doctor: Any):
         self.doctor = doctor
@@ -64,6 +68,9 @@ class Attachment:
         for cls in _scheduler_classes():
             self._wrap(cls, "step", self._scheduler_wrapper)
         self._wrap(GradScaler, "scale", self._scale_wrapper)
+        ddp = ddp_class()
+        if ddp is not None:
+            self._wrap(ddp, "__init__", self._ddp_init_wrapper)
         if discover_models:
             self.discovery(True)
 
@@ -152,6 +159,16 @@ class Attachment:
             return scaled
 
         return scale
+
+    def _ddp_init_wrapper(self, original: Callable) -> Callable:
+        d = self.doctor
+
+        @functools.wraps(original)
+        def __init__(self_ddp, *args, **kwargs):  # noqa: N807 - mirrors DDP
+            original(self_ddp, *args, **kwargs)
+            d.on_ddp_wrapped(self_ddp)
+
+        return __init__
 
     def _scheduler_wrapper(self, original: Callable) -> Callable:
         d = self.doctor

@@ -199,7 +199,27 @@ def diagnose(doctor) -> Report:
     link_causes(report.findings)
     report.measurements = measurements(doctor, runs)
     report.notes.extend(_notes(doctor, runs))
+    if doctor.closed and doctor.exchange.world_size > 1 and doctor.exchange.rank == 0:
+        from netdoctor.watcher.ranks import merge
+
+        own = (doctor.nonfinite_step, doctor.nonfinite_code) \
+            if doctor.nonfinite_step is not None else None
+        doctor._guard(lambda: merge(report, doctor.rank_summaries, doctor.ranks_missing,
+                                    doctor.facts.distributed, own, doctor.options.dist_timeout))
+    elif doctor.exchange.world_size == 1 and _world_size_env() > 1:
+        report.notes.append(f"WORLD_SIZE is {_world_size_env()} but the script initialised no "
+                            "torch.distributed process group: the ranks were not compared, and "
+                            "this report is rank 0's alone")
     return report
+
+
+def _world_size_env() -> int:
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 def _copy(f: Finding) -> Finding:
@@ -232,11 +252,14 @@ def _notes(doctor, runs) -> list[str]:
                          "trains it")
     wall = (doctor.ended or __import__("time").perf_counter()) - doctor.started
     if wall > 0 and doctor.optimizers:
-        hooks = max(0.0, doctor.hook_seconds - doctor.static_seconds)
+        hooks = max(0.0, doctor.hook_seconds - doctor.static_seconds - doctor.exchange_seconds)
+        exchanged = (f", its exchanges with the other ranks {doctor.exchange_seconds:.2f} s "
+                     "(mostly waiting for the slowest rank)"
+                     if doctor.exchange.world_size > 1 else "")
         notes.append(f"netdoctor's measurements took {hooks:.2f} s of the {wall:.1f} s the "
                      f"training ran ({100 * hooks / wall:.1f}%), its static checks "
-                     f"{doctor.static_seconds:.2f} s once")
-    if f.stopped == "stop-on" and doctor.stopped_by is not None:
+                     f"{doctor.static_seconds:.2f} s once{exchanged}")
+    if f.stopped == "stop-on" and doctor.stopped_by is not None:  # (ranks: see ranks.merge)
         s = doctor.stopped_by
         notes.append(f"training stopped at step {f.iterations} by --stop-on "
                      f"{doctor.options.stop_on}: {s.rule} {s.name}")
@@ -277,8 +300,10 @@ def measurements(doctor, runs) -> dict[str, Any]:
                     "deep_steps": len(m.owner.deep_steps) if m.owner is not None else 0}
                    for m in doctor.models],
         "backward_calls": doctor.facts.backward_calls,
-        "hook_seconds": round(doctor.hook_seconds - doctor.static_seconds, 4),
+        "hook_seconds": round(doctor.hook_seconds - doctor.static_seconds -
+                              doctor.exchange_seconds, 4),
         "static_seconds": round(doctor.static_seconds, 4),
+        "exchange_seconds": round(doctor.exchange_seconds, 4),
     }
     for _, run in runs:
         if run.nonfinite is not None:

@@ -21,11 +21,17 @@ Extension points (kept small on purpose, for the integrations and DDP):
 * `observe_loss(value)`: a trainer's logged loss, for steps whose backward netdoctor did not see;
 * `stop_action="flag"`: `should_stop` is set instead of raising (a callback then sets
   `trainer.should_stop`); `announce_to`: where the one-line announcements go;
-* `exchange` (`LocalExchange` here): on deep steps the doctor hands it the step's statistics
-  vector (`step_statistics`) and reads back one vector per rank. A DDP exchange all-reduces
-  (all-gathers) that small vector on the sampled steps only -- every rank computes the same
-  schedule, so every rank calls the collective on the same steps -- and ND508 compares the
-  parameter checksums it carries;
+* `exchange`: `LocalExchange` in one process; under torchrun the process group the user
+  initialised is found at the first optimizer step and `distributed.DistributedExchange` takes
+  over. On deep steps the ranks all-gather a small vector (`step_statistics` plus the checksums
+  of the DDP-replicated parameters, `replicas`) on netdoctor's own gloo group, with a timeout --
+  every rank computes the same schedule, so every rank joins on the same steps -- and ND508
+  compares the checksums; at the end every rank but 0 hands rank 0 its diagnosis through the
+  job's store and rank 0 writes the one report (`ranks.merge`). Under torchrun a --stop-on
+  request waits for the next exchange, so that every rank stops at the same step (a NaN, which
+  DDP's all-reduce spreads to every rank's gradients in the same step, stops at once). A
+  sharded parameter's (FSDP2, DTensor) norm is the square root of the sum over its shards of the
+  squared local norms, a replicated one counts once; see `distributed`;
 * `report()` / `findings` / `close()`: at the end of fit.
 """
 
@@ -49,13 +55,14 @@ from netdoctor.errors import StopTraining, UserError
 from netdoctor.findings import Finding, Location, Report, Severity
 from netdoctor.loading.provenance import Provenance, class_location, user_location
 from netdoctor.measure.nonfinite import rng_state
-from netdoctor.measure.params import ParamMeter
 from netdoctor.measure.record import NonFinite
 from netdoctor.watcher.attach import Attachment
 from netdoctor.watcher.facts import LoopFacts, ModelFacts, OptimizerFacts, SchedulerFacts
 from netdoctor.watcher.losses import LossCall, LossWatch
+from netdoctor.watcher.measurement import measure_step, meters
 from netdoctor.watcher.models import WatchedModel
-from netdoctor.watcher.optimizers import PendingScalars, WatchedOptimizer, total_grad_norm
+from netdoctor.watcher.optimizers import PendingScalars, WatchedOptimizer
+from netdoctor.watcher.replicas import Replicas, is_ddp
 from netdoctor.watcher.schedule import Schedule
 from netdoctor.watcher.settings import WatchOptions
 
@@ -65,13 +72,18 @@ DISCOVERY_GIVE_UP = 8  # ... and at most this long when some parameters stay una
 
 
 class LocalExchange:
-    """One process: every rank's statistics are this rank's (the DDP extension replaces it)."""
+    """One process: every rank's statistics are this rank's (`distributed.DistributedExchange`
+    replaces it under torchrun)."""
 
     rank = 0
     world_size = 1
+    broken = None
 
     def gather(self, step: int, values: list[float]) -> list[list[float]]:
         return [values]
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass(eq=False)  # compared by identity (it holds tensors)
@@ -117,7 +129,13 @@ class Doctor:
         self.nonfinite_step: int | None = None
         self.static: dict[int, tuple[list[Finding], list[str]]] = {}
         self.eval_sites: dict[int, Location] = {}  # id(module) -> its last .eval() line
-        self.exchange = LocalExchange()
+        self.exchange: Any = LocalExchange()
+        self._connected = False  # the process group was looked for (at the first step)
+        self.replicas = Replicas()  # DDP wrappers: what ND508 compares across ranks
+        self.stop_request: Finding | None = None  # --stop-on under torchrun: at the next exchange
+        self.nonfinite_code = 0.0  # distributed.NONFINITE_KINDS of the first non-finite step
+        self.rank_summaries: dict[int, dict] = {}  # rank 0: what the other ranks reported
+        self.ranks_missing: list[int] = []  # rank 0: ranks whose summary never came
         self.announce_to: Callable[[str], None] = lambda line: print(line, file=sys.stderr,
                                                                       flush=True)
         self.announced: set[tuple] = set()
@@ -128,6 +146,8 @@ class Doctor:
         self.errors: dict[str, int] = {}
         self.hook_seconds = 0.0  # netdoctor's time inside the user's training ...
         self.static_seconds = 0.0  # ... of which the one-off static checks
+        self.exchange_seconds = 0.0  # ... and, under torchrun, the exchanges with other ranks
+        self._guards = 0
         self.started = time.perf_counter()
         self.ended: float | None = None
         self.busy_depth = 0
@@ -166,7 +186,8 @@ class Doctor:
             self._guard(self._finish_pending)
         finally:
             self._detach()
-        if self.options.output:
+        self._guard(self._finish_ranks)
+        if self.options.output and self.rank == 0:
             self._guard(lambda: self.report(output=self.options.output))
 
     def _detach(self) -> None:
@@ -179,6 +200,7 @@ class Doctor:
                 finally:
                     for m in self.models:
                         m.close()
+                    self.replicas.close()
         finally:
             self.active = False
             if self in _ACTIVE:
@@ -259,6 +281,26 @@ class Doctor:
     def busy(self) -> bool:
         return self.busy_depth > 0 or not self.active
 
+    @property
+    def rank(self) -> int:
+        """This process's rank: the process group's, else torchrun's RANK, else 0. Only rank 0
+        writes the report."""
+        if self.exchange.world_size > 1:
+            return self.exchange.rank
+        try:
+            return int(os.environ.get("RANK", "0"))
+        except ValueError:
+            return 0
+
+    def label_of(self, module: nn.Module) -> str:
+        wm = self._model_by_id.get(id(module))
+        return wm.facts.label if wm is not None else type(module).__name__
+
+    def on_ddp_wrapped(self, ddp: nn.Module) -> None:
+        """A DistributedDataParallel was built (its line is where ND508 points when no bypass
+        is found)."""
+        self._guard(lambda: self.replicas.track(ddp, user_location()))
+
     # -- guard -----------------------------------------------------------------------------
     @contextmanager
     def _busy(self):
@@ -271,20 +313,32 @@ class Doctor:
     def _guard(self, body: Callable[[], Any]) -> Any:
         """Run netdoctor's part of a hook: time it, and turn an internal error into a note."""
         t0 = time.perf_counter()
+        self._guards += 1
         try:
             return body()
         except StopTraining:
             raise
         except Exception as e:
-            where = traceback.extract_tb(e.__traceback__)[-1]
-            key = (f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                   f" (at {os.path.basename(where.filename)}:{where.lineno})")
-            self.errors[key] = self.errors.get(key, 0) + 1
-            if os.environ.get("NETDOCTOR_DEBUG"):
-                traceback.print_exc()
+            self.note_error(e)
             return None
         finally:
-            self.hook_seconds += time.perf_counter() - t0
+            self._guards -= 1
+            if not self._guards:  # nested guards are timed once, by the outermost
+                self.hook_seconds += time.perf_counter() - t0
+
+    def note_error(self, e: Exception) -> None:
+        """An internal error: counted, and a note in the report."""
+        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+        key = (f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+               f"{at}")
+        self.errors[key] = self.errors.get(key, 0) + 1
+        if os.environ.get("NETDOCTOR_DEBUG"):
+            traceback.print_exception(e)
+
+    def mark_dirty(self, rule: str) -> None:
+        """The facts of `rule` changed: judge it at the end of this step."""
+        self._dirty.add(rule)
 
     def _sampling(self) -> bool:
         """Whether the coming step (of the first optimizer) is a deep one."""
@@ -303,6 +357,11 @@ class Doctor:
     def _add_model(self, model: nn.Module, name: str | None) -> WatchedModel | None:
         if id(model) in self._model_by_id:
             return self._model_by_id[id(model)]
+        if is_ddp(model):  # watch the module inside: replays and static checks must not run
+            # DDP's collectives on one rank only, and the report names the user's model
+            self.replicas.track(model, self.provenance.site(model))
+            self._ignored_roots.add(model)
+            return self._add_model(model.module, name)
         ids = {id(p) for p in model.parameters()}
         for other in list(self.models):
             other_ids = set(other.params_by_id)
@@ -365,8 +424,9 @@ class Doctor:
             self._ignored_roots.add(module)
             return
         wm = self._add_model(module, None)
-        if wm is not None:  # its own hooks start with the next call: run this one by hand
-            self._on_model_pre(module, args, {})
+        if wm is not None and wm.model is module:  # its own hooks start with the next call:
+            self._on_model_pre(module, args, {})  # run this one by hand (a DDP wrapper's inner
+            # module is called later in this forward: its hooks see it)
 
     def on_global_forward_pre(self, module: nn.Module, args: tuple) -> None:
         self._guard(lambda: self._on_global_forward_pre(module, args))
@@ -384,6 +444,9 @@ class Doctor:
             device = _device_of(module)
             wm.record_call(args, kwargs, rng_state(device), _autocast_state(device))
             wm.note_modes()
+            wrapper = self.replicas.wrapper_of(module) if self.replicas.wrappers else None
+            if wrapper is not None:  # called outside its DDP wrapper? (ND508's line)
+                self.replicas.note_forward(wrapper, wm.facts.label, user_location)
             owner = wm.owner
             step = (owner.facts.steps if owner is not None else 0) + 1
             if wm.recorder is not None and self.schedule.is_deep(step):
@@ -483,14 +546,32 @@ class Doctor:
             self.facts.iterations = step
         if f.step_site is None:
             f.step_site = user_location()
-        for wm in self.models:
-            if wo in wm.optimizers and id(wm) not in self.static:
-                self._static_check(wm)  # once per model, at its first step: still at init
-
+        if not self._connected:
+            self._guard(self._connect)
         deep = self.schedule.is_deep(step)
+        stop_all = False
+        try:
+            for wm in self.models:
+                if wo in wm.optimizers and id(wm) not in self.static:
+                    self._static_check(wm)  # once per model, at its first step: still at init
+            self._measure(wo, step, deep)
+        finally:  # under torchrun every rank joins the exchange, whatever failed here
+            if deep and self.exchange.world_size > 1:
+                from netdoctor.watcher.distributed import exchange_step
+
+                stop_all = bool(self._guard(lambda: exchange_step(self, wo, step)))
+        if self.schedule.restarts_window(step) and f.lr and f.lr[-1] != f.lr[0]:
+            self._dirty.add("ND505")  # judged on doubling intervals: the curve grows with the run
+        if stop_all and not self.should_stop:  # a rank asked to stop: every rank stops here
+            return self._stop(self.stop_request, step)
+        if self._dirty:
+            return self._live(step)
+        return None
+
+    def _measure(self, wo: WatchedOptimizer, step: int, deep: bool) -> None:
         backwards, self.backwards = self.backwards, []
         with_grad = [p for p in wo.trainable if p.grad is not None]
-        loss, grad_norm, measured = self._measure_step(wo, step, deep, backwards, with_grad)
+        loss, grad_norm, measured = measure_step(self, wo, step, deep, backwards, with_grad)
         self._loop_facts(wo, step, with_grad, grad_norm, measured)
         if self.nonfinite_step is None and (
                 not math.isfinite(loss) or (grad_norm is not None and
@@ -498,74 +579,44 @@ class Doctor:
             from netdoctor.watcher.localize import localize
 
             self.nonfinite_step = step
+            self.nonfinite_code = (1.0 if math.isnan(loss) else 2.0) if not math.isfinite(loss) \
+                else 3.0 if math.isnan(grad_norm) else 4.0
             where, event = localize(self, wo, step, backwards, loss)
             self.nonfinite[where] = event
             self._dirty.add("ND401")
-        if self.exchange.world_size > 1 and deep:
-            self.exchange.gather(step, self.step_statistics(wo))
-        if self.schedule.restarts_window(step) and f.lr and f.lr[-1] != f.lr[0]:
-            self._dirty.add("ND505")  # judged on doubling intervals: the curve grows with the run
-        if self._dirty:
-            return self._live(step)
-        return None
 
-    def _measure_step(self, wo: WatchedOptimizer, step: int, deep: bool,
-                      backwards: list[BackwardRecord], with_grad: list
-                      ) -> tuple[float, float | None, bool]:
-        """Learning rates, total gradient norm, the step's loss and accuracy -- plus, on deep
-        steps, every parameter's norms -- in one host sync. Returns (loss, gradient norm or None
-        when no parameter had one, whether the per-parameter meters ran)."""
-        f = wo.facts
-        f.lr.append(wo.lrs())
-        norm = total_grad_norm([p.grad for p in with_grad])
-        grad_seen, wo.grad_seen = wo.grad_seen, set()
-        self._unscaled.clear()
-        for rec in backwards:
-            if rec.loss is not None:
-                self.pending.add(rec.loss.float().mean() if rec.loss.numel() > 1 else rec.loss,
-                                 lambda v, r=rec: setattr(r, "value", v))
-        result: dict[str, float] = {}
-        if norm is not None:
-            self.pending.add(norm, lambda v: result.__setitem__("norm", v))
-        acc = self.losses.step_accuracy()
-        for i in range(0, len(acc) - 1, 2):
-            self.pending.add(acc[i], lambda v: result.__setitem__(
-                "correct", result.get("correct", 0.0) + v))
-            self.pending.add(acc[i + 1], lambda v: result.__setitem__(
-                "counted", result.get("counted", 0.0) + v))
+    def _connect(self) -> None:
+        """Under torchrun: the process group the user initialised (looked for once, at the
+        first optimizer step, on every rank alike)."""
+        self._connected = True
+        from netdoctor.watcher import distributed
 
-        meters = self._meters(wo) if deep else []
-        if meters:
-            items = self.pending.take()
-            device = meters[0][1].params[0].device if meters[0][1].params else None
-            extra = [t.to(device) if device is not None else t for t, _ in items]
-            values = meters[0][1].before_step(extra)
-            for (_, then), v in zip(items, values):
-                then(v)
-            for _, meter in meters[1:]:
-                meter.before_step()
-            for _, meter in meters:  # a gradient backward gave, cleared before the step
-                for p, trace in zip(meter.params, meter.traces):
-                    if p.grad is None and id(p) in grad_seen:
-                        trace.steps_with_grad += 1
-            wo.deep_steps.append(step)
-        else:
-            self.pending.resolve()
+        t0 = time.perf_counter()
+        ex = distributed.connect(self.options.dist_timeout)
+        self.exchange_seconds += time.perf_counter() - t0
+        if ex is not None:
+            self.exchange = ex
+            self.facts.distributed = distributed.new_facts(ex, self)
 
-        # the loss: what backward ran on since the last step, else a trainer's logged one
-        values = [r.value for r in backwards if r.value is not None]
-        loss = sum(values) / len(values) if values else (
-            self.observed[-1] if self.observed else math.nan)
-        self.observed.clear()
-        f.loss.append(loss)
-        wo.loss_fns.append({r.fn for r in backwards})
-        grad_norm = result.get("norm")
-        f.grad_norm.append(math.nan if grad_norm is None else grad_norm)
-        counted = result.get("counted", 0.0)
-        wo.accuracy.append(result["correct"] / counted if deep and counted else None)
-        if deep:
-            self._unoptimized_check(wo)
-        return loss, grad_norm, bool(meters)
+    def _finish_ranks(self) -> None:
+        """Under torchrun: every rank but 0 hands rank 0 its diagnosis; rank 0 collects them."""
+        ex = self.exchange
+        if ex.world_size < 2:
+            return
+        from netdoctor.watcher import distributed
+
+        try:
+            if self.facts.distributed is not None:
+                self.facts.distributed.bypass = self.replicas.bypasses()
+                self.facts.distributed.wrapper_sites = self.replicas.sites()
+            if ex.rank == 0:
+                self.rank_summaries, self.ranks_missing = ex.collect()
+            else:
+                note = ex.publish(distributed.summary(self))
+                if note:
+                    self.notes.append(note)
+        finally:
+            ex.close()
 
     def _loop_facts(self, wo: WatchedOptimizer, step: int, with_grad: list,
                     grad_norm: float | None, measured: bool) -> None:
@@ -617,7 +668,7 @@ class Doctor:
         reason = wo.step_reason
         if wo.deep_steps and wo.deep_steps[-1] == step:
             moved = False
-            for _, meter in self._meters(wo, build=False):
+            for _, meter in meters(self, wo, build=False):
                 meter.after_step()
                 moved |= any(t.update_ratio and t.update_ratio[-1] > 0 for t in meter.traces)
             self._changed(wo, step, moved, reason)
@@ -650,51 +701,6 @@ class Doctor:
         key = reason or "no-change"
         f.unchanged_reasons[key] = f.unchanged_reasons.get(key, 0) + 1
         self._dirty.add("ND503")
-
-    def _meters(self, wo: WatchedOptimizer, build: bool = True) -> list[tuple[Any, ParamMeter]]:
-        """One ParamMeter per (optimizer, model): per-parameter norms on deep steps."""
-        sig = (len(wo.trainable), len(self.models))
-        if build and wo.meter_signature != sig:
-            wo.meters = []
-            for wm in self.models:
-                if wm.compiled or wo not in wm.optimizers:
-                    continue
-                named = [(wm.params_by_id[id(p)][0], p) for p in wo.trainable
-                         if id(p) in wm.params_by_id]
-                if not named:
-                    continue
-                model = wm.model
-                types = {n: type(m).__name__ for n, m in model.named_modules()} if model \
-                    is not None else {}
-                wo.meters.append((wm, ParamMeter(named, types)))
-            wo.meter_signature = sig
-        return wo.meters
-
-    def _unoptimized_check(self, wo: WatchedOptimizer) -> None:
-        """ND502 facts: trainable parameters with a gradient that no optimizer holds."""
-        if wo is not self.primary:
-            return
-        held: set[int] = set()
-        for other in self.optimizers:
-            held |= {id(p) for p in other.params}
-        for wm in self.models:
-            model = wm.model
-            if model is None or wm.compiled:
-                continue
-            wm.refresh_params()
-            wm.facts.grad_checks += 1
-            for pid, (name, p) in wm.params_by_id.items():
-                if p.requires_grad and p.grad is not None and pid not in held:
-                    wm.facts.unoptimized[name] = wm.facts.unoptimized.get(name, 0) + 1
-                    module = name.rpartition(".")[0]
-                    if module not in wm.facts.unoptimized_sites:
-                        try:
-                            loc = self.provenance.site(model.get_submodule(module))
-                        except AttributeError:
-                            loc = None
-                        if loc is not None:
-                            wm.facts.unoptimized_sites[module] = loc
-                    self._dirty.add("ND502")
 
     # -- backward, modes, schedulers -----------------------------------------------------
     def on_backward(self, tensors: Any) -> None:
@@ -743,6 +749,7 @@ class Doctor:
             ours = {h.id for wm in self.models for h in wm.handles}
             ours |= {h.id for wm in self.models if wm.recorder is not None
                      for h in wm.recorder.handles}
+            ours |= self.replicas.hook_ids()
             keys = [k for k in ("_forward_pre_hooks", "_forward_hooks",
                                 "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
                                 "_forward_hooks_always_called")
@@ -800,6 +807,11 @@ class Doctor:
         self.static[id(wm)] = ([], [])
         if not self.options.static or wm.compiled or wm.model is None:
             return
+        if wm.communicates:
+            self.static[id(wm)] = ([], [f"{wm.facts.label}: static rules skipped: its forward "
+                                        "communicates with the other ranks (sharded DTensor "
+                                        "parameters or SyncBatchNorm)"])
+            return
         from netdoctor.watcher.diagnosis import static_findings
 
         t0 = time.perf_counter()
@@ -826,21 +838,36 @@ class Doctor:
         stop_level = None if self.options.stop_on == "never" else \
             Severity.parse(self.options.stop_on)
         announce_level = min(Severity.ERROR, stop_level or Severity.ERROR)
+        rank = self.rank
         for f in found:
             key = (f.rule, f.module, str(f.location), (f.evidence or {}).get("model"))
             if key in self.announced:
                 continue
             self.announced.add(key)
-            if self.options.announce and f.severity >= announce_level:
+            # under torchrun, rank 0 announces; the others only what their own measurements
+            # show (a NaN of theirs), prefixed with their rank
+            if self.options.announce and f.severity >= announce_level and (
+                    rank == 0 or f.rule.startswith("ND4")):
+                who = "netdoctor" if rank == 0 else f"netdoctor [rank {rank}]"
                 where = f" at {f.location}" if f.location else ""
-                self.announce_to(f"netdoctor: step {step}: {f.rule} {f.name} [{f.severity.label}]"
+                self.announce_to(f"{who}: step {step}: {f.rule} {f.name} [{f.severity.label}]"
                                  f"{where}: {_one_line(f.message)}")
             if stop_level is not None and f.severity >= stop_level and not self.should_stop:
-                self.should_stop = True
-                self.stopped_by = f
-                self.facts.stopped = "stop-on"
-                if self.options.stop_action == "raise":
-                    return StopTraining(f, step)
+                if self.exchange.world_size > 1 and f.rule not in ("ND401", "ND508"):
+                    # another rank may confirm it a step later: stop together at the next
+                    # exchange (a NaN reaches every rank's gradients in the same step, and
+                    # ND508 is judged from the exchange itself, alike on every rank)
+                    self.stop_request = self.stop_request or f
+                    continue
+                return self._stop(f, step)
+        return None
+
+    def _stop(self, f: Finding | None, step: int) -> StopTraining | None:
+        self.should_stop = True
+        self.stopped_by = f
+        self.facts.stopped = "stop-on"
+        if self.options.stop_action == "raise":
+            return StopTraining(f, step)
         return None
 
     def _finish_pending(self) -> None:

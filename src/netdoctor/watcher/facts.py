@@ -107,6 +107,54 @@ class SchedulerFacts:
 
 
 @dataclass
+class ReplicaDivergence:
+    """The first exchange step at which replicated parameters differed across ranks (ND508)."""
+
+    step: int
+    model: str  # the label of the watched model the parameter belongs to
+    parameter: str  # qualified name of the first diverging tensor, in the model's order
+    ranks: list[int]  # ranks whose copy differs from rank 0's
+    difference: float  # largest |checksum difference| / the tensor's norm, over those ranks
+    tensors: int  # replicated tensors that differed at that step ...
+    compared: int  # ... of this many compared
+    last_equal_step: int | None = None  # the last exchange at which every copy agreed
+    added_after_wrap: bool = False  # the tensor was not in the model when DDP wrapped it
+
+
+@dataclass
+class BypassFacts:
+    """Training forwards that called the module inside a DDP wrapper directly."""
+
+    model: str
+    site: Location | None  # the user's line of the first such call
+    calls: int = 0
+
+
+@dataclass
+class DistributedFacts:
+    """A torch.distributed run as this rank saw it: what the ranks compared on deep steps."""
+
+    rank: int
+    world_size: int
+    backend: str | None = None
+    exchanges: int = 0  # deep steps whose statistics every rank compared
+    compared_tensors: int = 0  # replicated parameter tensors per exchange (ND508)
+    broken: str | None = None  # why the comparison stopped (a rank gone, a timeout, ...)
+    wrapper_sites: list[Location] = field(default_factory=list)  # the DDP(...) lines
+    bypass: list[BypassFacts] = field(default_factory=list)
+    divergence: ReplicaDivergence | None = None
+    last_equal_step: int | None = None  # the latest exchange at which every replica agreed
+    largest_difference: float = 0.0  # over all exchanges (replicas should be bitwise equal)
+    # rank -> (first step with a non-finite loss or gradient, "loss" or "gradient"), as the
+    # exchanged statistics showed it
+    nonfinite: dict[int, tuple[int, str]] = field(default_factory=dict)
+    stop_requested: dict[int, str] = field(default_factory=dict)  # rank -> rule it stopped on
+    # sharded (FSDP/DTensor) models: (step, the whole model's gradient norm) on exchange steps,
+    # reduced over the shards (each rank's per-step norm is its own shards')
+    grad_norms: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class LoopFacts:
     """Everything the ND5xx rules read (ctx.loop)."""
 
@@ -119,6 +167,8 @@ class LoopFacts:
     backward_site: Location | None = None
     finished: bool = False  # the run is over (end-of-run judgements may be made)
     stopped: str | None = None  # "non-finite", "stop-on", "exception", "interrupted"
+    error: str | None = None  # the exception that ended the script ("ValueError: ...")
+    distributed: DistributedFacts | None = None  # under torchrun / DDP: the ranks' comparison
 
     def loss_calls(self) -> list[LossCallFacts]:
         return list(self.losses.values())

@@ -60,7 +60,7 @@ def localize(doctor: Any, wo: Any, step: int, backwards: list, loss: float
         index = bad.forwards.get(id(wm))
         call = next((c for c in reversed(wm.calls) if c.index == index), None) \
             if index else None
-        if call is None or wm.model is None or wm.compiled:
+        if call is None or wm.model is None or wm.compiled or wm.communicates:
             continue
         event = _replay(doctor, wm, call, step)
         if event.reproduced:

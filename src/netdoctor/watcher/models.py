@@ -23,6 +23,7 @@ from torch import nn
 
 from netdoctor.loading.forward import tensors_in
 from netdoctor.measure.activations import ActivationRecorder
+from netdoctor.measure.params import is_sharded
 from netdoctor.watcher.facts import ModelFacts
 
 _DROPOUT = (nn.modules.dropout._DropoutNd,)
@@ -84,6 +85,17 @@ class WatchedModel:
     @property
     def model(self) -> nn.Module | None:
         return self.ref()
+
+    @property
+    def communicates(self) -> bool:
+        """Its forward talks to the other ranks (FSDP2/DTensor parameters are all-gathered,
+        SyncBatchNorm all-reduces its statistics): netdoctor never runs it on one rank alone
+        (no replay, no static trace), which would wait for ranks that never join."""
+        model = self.model
+        if model is None:
+            return False
+        return any(is_sharded(p) for p in model.parameters()) or any(
+            isinstance(m, nn.SyncBatchNorm) for m in model.modules())
 
     def refresh_params(self) -> None:
         model = self.model

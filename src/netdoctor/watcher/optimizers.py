@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from netdoctor.measure.params import local
 from netdoctor.watcher.facts import OptimizerFacts
 
 SAMPLE = 4  # parameters sampled for the change and cleared-gradient checks
@@ -57,9 +58,11 @@ class PendingScalars:
 
 def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
     """The L2 norm over all gradients: one fused `_foreach_norm` per device and dtype, no host
-    sync."""
+    sync. Of a sharded (DTensor) gradient, this rank's shard: the ranks reduce them on deep
+    steps (`distributed.sharded_square`)."""
     if not grads:
         return None
+    grads = [local(g) for g in grads]
     first = grads[0]
     if all(g.device == first.device and g.dtype == first.dtype for g in grads):
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
@@ -77,7 +80,7 @@ def _flat(params: list[torch.Tensor]) -> torch.Tensor | None:
     first = params[0]
     if not all(p.device == first.device and p.dtype == first.dtype for p in params):
         return None
-    return torch.cat([p.detach().reshape(-1) for p in params])
+    return torch.cat([local(p.detach()).reshape(-1) for p in params])
 
 
 class WatchedOptimizer:
@@ -176,7 +179,7 @@ class WatchedOptimizer:
                 continue
             record.append(None)
             index = len(record) - 1
-            pending.add(torch.count_nonzero(p.grad) > 0,
+            pending.add(torch.count_nonzero(local(p.grad)) > 0,
                         lambda v, r=record, i=index: r.__setitem__(i, v > 0.5))
         self.carried.append(record)
         self.last_backward_site = site
@@ -209,7 +212,7 @@ class WatchedOptimizer:
             return
         flat = _flat(params)
         self._before = (params, flat if flat is not None else
-                        [p.detach().clone() for p in params])
+                        [local(p.detach()).clone() for p in params])
 
     def changed(self) -> torch.Tensor | None:
         """A device bool: whether any sampled parameter moved in the step (None: none
@@ -220,5 +223,5 @@ class WatchedOptimizer:
         params, old = before
         if isinstance(old, torch.Tensor):
             return torch.ne(_flat(params), old).any()
-        flags = [torch.ne(p.detach(), o).any() for p, o in zip(params, old)]
+        flags = [torch.ne(local(p.detach()), o).any() for p, o in zip(params, old)]
         return torch.stack([f.to(flags[0].device) for f in flags]).any()

@@ -5,16 +5,24 @@
 for -m) and the script's own stdout are as Python sets them. Construction sites of modules and
 optimizers are recorded while it runs (`loading.provenance`), so findings point at the user's
 lines. However the script ends -- normally, `sys.exit(code)`, an exception (its traceback is
-printed as Python prints it, netdoctor's frames left out), Ctrl-C, or netdoctor's own
+printed as Python prints it, netdoctor's frames left out), Ctrl-C, SIGTERM, or netdoctor's own
 `StopTraining` -- the doctor is closed and the outcome says which, with the exit code Python
 would have used.
+
+SIGTERM (torchrun stops every rank this way once one rank failed; schedulers preempt jobs with
+it) would end the process on the spot, with no report. While the script runs, and only when
+nothing else handles SIGTERM, it is turned into `Terminated`, an exception that unwinds the
+script like Ctrl-C does; once the script is over a second SIGTERM only makes rank 0 stop waiting
+for the other ranks (`distributed.hurry`), and the report is written before the process ends.
 """
 
 from __future__ import annotations
 
 import os
 import runpy
+import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +37,29 @@ _NETDOCTOR_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclass
 class ScriptOutcome:
-    kind: str  # "ok", "exit", "exception", "interrupted", "stopped"
+    kind: str  # "ok", "exit", "exception", "interrupted", "terminated", "stopped"
     exit_code: int  # what Python would have exited with (0 for ok and stopped)
     error: BaseException | None = None
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while the script ran (a BaseException: `except Exception` in the user's
+    loop does not swallow it)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated("terminated by SIGTERM")
+
+
+def _late_sigterm(signum, frame) -> None:
+    from netdoctor.watcher.distributed import hurry
+
+    hurry()
+
+
+def _describe(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 def resolve(script: str | None, module: str | None) -> tuple[str, str]:
@@ -75,7 +103,11 @@ def run_script(where: str, args: list[str], module: bool, doctor, provenance: Pr
         else:
             sys.path.append(folder)
     outcome = ScriptOutcome("ok", 0)
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     try:
+        if ours:
+            signal.signal(signal.SIGTERM, _terminated)
         with provenance.recording((torch.nn.Module, torch.optim.Optimizer)):
             doctor.start()
             try:
@@ -92,11 +124,17 @@ def run_script(where: str, args: list[str], module: bool, doctor, provenance: Pr
                 doctor.facts.stopped = "interrupted"
                 print_user_traceback(e)
                 outcome = ScriptOutcome("interrupted", 130, e)
+            except Terminated as e:
+                doctor.facts.stopped = "terminated"
+                outcome = ScriptOutcome("terminated", 128 + signal.SIGTERM, e)
             except BaseException as e:  # the user's script failed: Python's exit code is 1
                 doctor.facts.stopped = "exception"
+                doctor.facts.error = _describe(e)
                 print_user_traceback(e)
                 outcome = ScriptOutcome("exception", 1, e)
             finally:
+                if ours and signal.getsignal(signal.SIGTERM) is _terminated:
+                    signal.signal(signal.SIGTERM, _late_sigterm)  # the report still comes
                 doctor.close()
     finally:
         sys.argv = saved_argv

@@ -24,6 +24,7 @@ FAIL_ON = ("error", "warning", "info", "never")
 # steps: about 2% of the steps at the default, so the per-step cost stays a few fused norms.
 DEFAULT_EVERY = 50
 WARM_STEPS = 4
+DEFAULT_DIST_TIMEOUT = 60.0
 
 
 @dataclass
@@ -43,6 +44,10 @@ class WatchOptions:
     announce: bool = True  # one line on stderr per confirmed severe finding
     static: bool = True  # run the static rules on each watched model once
     name: str | None = None  # how the report names the target (default: the model's class)
+    # under torchrun: how long netdoctor's own exchange waits for the other ranks, in seconds
+    # (a rank gone or out of step ends the comparison with a note; the user's collectives are
+    # never touched)
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> WatchOptions:
@@ -61,6 +66,10 @@ class WatchOptions:
     def validate(self) -> None:
         if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
             raise UserError(f"every must be a positive number of steps, got {self.every!r}")
+        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) \
+                or not self.dist_timeout > 0:
+            raise UserError(f"dist_timeout must be a positive number of seconds, got "
+                            f"{self.dist_timeout!r}")
         for key, allowed in (("stop_on", STOP_ON), ("stop_action", STOP_ACTIONS),
                              ("format", FORMATS), ("fail_on", FAIL_ON)):
             value = getattr(self, key)
