@@ -31,20 +31,32 @@ _SKIP_PREFIXES = (_TORCH_DIR, _NETDOCTOR_DIR, os.path.dirname(contextlib.__file_
 
 
 class Provenance:
-    """Module object -> construction Location (absolute path; reporters relativize)."""
+    """Module object -> construction Location (absolute path; reporters relativize).
+
+    Keyed by identity, held weakly: a module's own `__hash__`/`__eq__` are never called (a
+    torchmetrics Metric hashes its state, which does not exist yet while `nn.Module.__init__`
+    runs)."""
 
     def __init__(self) -> None:
-        self._sites: weakref.WeakKeyDictionary[nn.Module, Location] = weakref.WeakKeyDictionary()
+        self._sites: dict[int, tuple[weakref.ref, Location]] = {}
 
     def site(self, module: nn.Module) -> Location | None:
-        try:
-            return self._sites.get(module)
-        except TypeError:
-            return None
+        entry = self._sites.get(id(module))
+        return entry[1] if entry is not None and entry[0]() is module else None
 
     def record(self, module: nn.Module, location: Location) -> None:
+        key = id(module)
+        entry = self._sites.get(key)
+        if entry is not None and entry[0]() is module:
+            return  # the first record stays (as setdefault)
+        sites = self._sites
+
+        def forget(ref: weakref.ref, key: int = key) -> None:
+            if sites.get(key, (None,))[0] is ref:
+                del sites[key]
+
         try:
-            self._sites.setdefault(module, location)
+            self._sites[key] = (weakref.ref(module, forget), location)
         except TypeError:
             pass
 

@@ -253,7 +253,7 @@ def _notes(doctor, runs) -> list[str]:
                      f"{doctor.static_seconds:.2f} s once")
     if f.stopped == "stop-on" and doctor.stopped_by is not None:
         s = doctor.stopped_by
-        notes.append(f"training stopped at step {f.iterations} by --stop-on "
+        notes.append(f"training stopped at step {f.iterations} by stop-on "
                      f"{doctor.options.stop_on}: {s.rule} {s.name}")
     for message, count in doctor.errors.items():
         times = f" ({count} times)" if count > 1 else ""
