@@ -159,6 +159,7 @@ def test_lightning_callback_inside_netdoctor_run_joins_the_run(tmp_path):
     result = invoke("run", "--format", "json", "-o", out, script, "--steps", 20,
                     "--report", tmp_path / "callback.json", "--save", tmp_path / "run.pt")
     assert result.exit_code == 0, result.stderr
+    assert "not attached" not in result.stderr  # it joined, it did not fail to attach
     report = json.loads(out.read_text())
     assert not loud(report), loud(report)
     assert report["target"].endswith("lightning_healthy.py")
@@ -292,3 +293,20 @@ def test_hf_softmax_fed_to_cross_entropy_is_found_and_stops(tmp_path, capsys):
     assert "trained 1 steps" in out  # of 20: control.should_training_stop
     stopped = json.loads((tmp_path / "stopped.json").read_text())
     assert stopped["measurements"]["run"]["stopped"] == "stop-on"
+
+
+@needs_transformers
+@pytest.mark.slow
+def test_hf_callback_inside_netdoctor_run_joins_the_run(tmp_path):
+    script = LOOPS / "hf_trainer_bert.py"
+    out = tmp_path / "run.json"
+    result = invoke("run", "--format", "json", "-o", out, script, "--steps", 4,
+                    "--report", tmp_path / "callback.json")
+    assert result.exit_code == 0, result.stderr
+    assert "not attached" not in result.stderr
+    report = json.loads(out.read_text())
+    assert not loud(report), loud(report)
+    assert [m["label"] for m in report["measurements"]["run"]["models"]] == \
+        ["BertForSequenceClassification"]
+    assert report["measurements"]["run"]["steps"] == 4
+    assert not (tmp_path / "callback.json").exists()
