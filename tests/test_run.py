@@ -265,3 +265,34 @@ def test_watch_inside_a_run_script_joins_the_run(tmp_path):
     assert result.exit_code == 1, result.stderr
     assert [f["rule"] for f in report["findings"]] == ["ND501"]
     assert report["target"].endswith("train.py")
+
+
+def test_a_module_hashing_its_own_state_runs_unchanged(tmp_path):
+    """torchmetrics' Metric (Lightning's self.log) hashes state that does not exist yet while
+    nn.Module.__init__ runs: recording construction sites must not call it."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""\
+        import torch
+        from torch import nn
+
+        class Metric(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self._defaults = {"total": 0}
+
+            def __hash__(self):
+                return hash(tuple(self._defaults))
+
+        metric = Metric()
+        model = nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+        print("done", hash(metric) == hash(("total",)))
+        """))
+    report, result = run_json(script, tmp_path=tmp_path)
+    assert result.exit_code == 0, result.stderr
+    assert "done True" in result.stdout
+    assert report["measurements"]["run"]["steps"] == 3

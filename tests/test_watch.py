@@ -15,7 +15,9 @@ from torch import nn
 
 import netdoctor
 from netdoctor.errors import StopTraining, UserError
+from netdoctor.watcher.doctor import Doctor
 from netdoctor.watcher.schedule import Schedule
+from netdoctor.watcher.settings import WatchOptions
 
 
 @pytest.fixture(autouse=True)
@@ -554,3 +556,115 @@ def test_torch_jit_script_still_compiles_the_losses_while_watching():
             scripted = torch.jit.script(_ScriptedLoss())
         assert F.cross_entropy is wrapped  # still watching
     assert torch.equal(scripted(x, y), expected)
+
+
+# ------------------------------------------------------------------------------ for the callbacks
+
+def test_parts_of_one_network_are_judged_as_parts():
+    """An encoder ending in ReLU that feeds a head (both in one optimizer) is no model whose
+    output is the logits: no ND106 on it, and a stalled loss is reported once, on the head."""
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+    head = nn.Linear(32, 4)
+    opt = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=1e-6)
+    x, y = data()
+    with netdoctor.watch(announce=False) as doctor:
+        for i in range(30):
+            opt.zero_grad()
+            F.cross_entropy(head(encoder(x[i * 16:(i + 1) * 16]).flatten(1)),
+                            y[i * 16:(i + 1) * 16]).backward()
+            opt.step()
+    assert [m.facts.feeds for m in doctor.models] == [["Linear"], []]
+    found = [(f.rule, (f.evidence or {}).get("model")) for f in doctor.findings]
+    assert ("ND407", "Linear") in found and "ND106" not in rules(doctor), found
+    assert len([r for r, _ in found if r == "ND407"]) == 1
+
+
+def test_a_model_alone_ending_in_relu_is_still_found():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    with netdoctor.watch(model, opt, announce=False) as doctor:
+        train(model, opt, 5, x, y)
+    assert "ND106" in rules(doctor)
+
+
+def test_scope_names_the_parts_a_trainer_step_calls_and_ignores_the_rest():
+    class Lit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+            self.head = nn.Linear(32, 4)
+
+    lit, other = Lit(), nn.Linear(16, 4)
+    opt = torch.optim.SGD(lit.parameters(), lr=0.1)
+    doctor = Doctor(WatchOptions(announce=False, static=False), discover_optimizers=False,
+                    scope=lit).start()
+    try:
+        doctor.add_optimizer(opt)
+        x, y = data()
+        for i in range(4):
+            opt.zero_grad()
+            F.cross_entropy(lit.head(lit.encoder(x[:32])) + 0 * other(x[:32]), y[:32]).backward()
+            opt.step()
+    finally:
+        doctor.close()
+    assert [m.facts.label for m in doctor.models] == ["Lit.encoder", "Lit.head"]
+    site = doctor.models[1].facts.site
+    assert site.path == __file__ and "self.head = nn.Linear(32, 4)" in \
+        open(__file__).read().splitlines()[site.line - 1]
+
+
+def test_after_step_loss_fills_only_a_step_whose_backward_was_unseen():
+    from torch.autograd import backward as captured  # bound before netdoctor wraps it
+
+    x, y = data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with netdoctor.watch(model, opt, static=False) as doctor:
+        for i in range(4):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32])
+            (captured if i < 2 else torch.autograd.backward)(loss)
+            opt.step()
+            doctor.observe_loss(100.0 + i, after_step=True)  # a trainer's batch-end report
+    curve = doctor.diagnose().measurements["loss_curve"]
+    assert curve[:2] == [100.0, 101.0]
+    assert all(v < 10 for v in curve[2:])  # seen: the trainer's value is not used
+
+
+def test_add_optimizer_looks_through_a_wrapper_whose_step_runs_no_hooks():
+    class Wrapper(torch.optim.Optimizer):  # like accelerate's AcceleratedOptimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+        def zero_grad(self, set_to_none=True):
+            self.optimizer.zero_grad(set_to_none)
+
+    x, y = data()
+    model = mlp()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = Wrapper(inner)
+    with netdoctor.watch(model, opt, static=False) as doctor:
+        train(model, opt, 3, x, y)
+    assert [wo.optimizer for wo in doctor.optimizers] == [inner]
+    assert doctor.optimizers[0].facts.steps == 3
+
+
+def test_running_doctor_is_the_joinable_one_only():
+    from netdoctor.watcher.doctor import running_doctor
+
+    model = mlp()
+    with netdoctor.watch(model, static=False) as doctor:
+        assert running_doctor() is None
+        doctor.joinable = True
+        assert running_doctor() is doctor
+    assert running_doctor() is None

@@ -10,9 +10,13 @@ each optimizer was built), and `user_frame()` finds the user's line of any call 
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
+import inspect
 import os
 import sys
+import textwrap
 import weakref
 from collections.abc import Iterator
 
@@ -27,20 +31,32 @@ _SKIP_PREFIXES = (_TORCH_DIR, _NETDOCTOR_DIR, os.path.dirname(contextlib.__file_
 
 
 class Provenance:
-    """Module object -> construction Location (absolute path; reporters relativize)."""
+    """Module object -> construction Location (absolute path; reporters relativize).
+
+    Keyed by identity, held weakly: a module's own `__hash__`/`__eq__` are never called (a
+    torchmetrics Metric hashes its state, which does not exist yet while `nn.Module.__init__`
+    runs)."""
 
     def __init__(self) -> None:
-        self._sites: weakref.WeakKeyDictionary[nn.Module, Location] = weakref.WeakKeyDictionary()
+        self._sites: dict[int, tuple[weakref.ref, Location]] = {}
 
     def site(self, module: nn.Module) -> Location | None:
-        try:
-            return self._sites.get(module)
-        except TypeError:
-            return None
+        entry = self._sites.get(id(module))
+        return entry[1] if entry is not None and entry[0]() is module else None
 
     def record(self, module: nn.Module, location: Location) -> None:
+        key = id(module)
+        entry = self._sites.get(key)
+        if entry is not None and entry[0]() is module:
+            return  # the first record stays (as setdefault)
+        sites = self._sites
+
+        def forget(ref: weakref.ref, key: int = key) -> None:
+            if sites.get(key, (None,))[0] is ref:
+                del sites[key]
+
         try:
-            self._sites.setdefault(module, location)
+            self._sites[key] = (weakref.ref(module, forget), location)
         except TypeError:
             pass
 
@@ -118,8 +134,6 @@ def _construction_site(module: nn.Module) -> Location | None:
 
 def class_location(cls: type) -> Location | None:
     """Where a class is defined (for root models and suppression on the class line)."""
-    import inspect
-
     try:
         path = inspect.getsourcefile(cls)
         _, line = inspect.getsourcelines(cls)
@@ -128,3 +142,55 @@ def class_location(cls: type) -> Location | None:
     if not path or _is_internal(os.path.abspath(path)):
         return None
     return Location(os.path.abspath(path), line)
+
+
+def assignment_site(root: nn.Module, name: str) -> Location | None:
+    """Where the user's own code assigns the submodule `name` of `root` -- the `self.head = ...`
+    line in its parent's class -- for models built before recording began (`netdoctor.watch`,
+    trainer callbacks). A child of a container (`net.0` of an `nn.Sequential`) is placed at the
+    container's assignment. None when no user source says (library classes are not the user's
+    lines)."""
+    parts = name.split(".") if name else []
+    while parts:
+        try:
+            parent = root.get_submodule(".".join(parts[:-1]))
+        except AttributeError:
+            return None
+        loc = _attribute_line(type(parent), parts[-1])
+        if loc is not None:
+            return loc
+        parts = parts[:-1]
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def _attribute_line(cls: type, attr: str) -> Location | None:
+    """The line of `self.<attr> = ...` in a user-written class of `cls`'s MRO (in `__init__`
+    first, else any method)."""
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        try:
+            path = os.path.abspath(inspect.getsourcefile(klass) or "")
+            lines, start = inspect.getsourcelines(klass)
+        except (OSError, TypeError):
+            continue
+        if _is_internal(path) or any(m in path for m in _LIBRARY_MARKERS):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent("".join(lines)))
+        except SyntaxError:
+            continue
+        found: list[tuple[bool, int]] = []
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, ast.AnnAssign) else []
+                if any(isinstance(t, ast.Attribute) and t.attr == attr and
+                       isinstance(t.value, ast.Name) and t.value.id == "self" for t in targets):
+                    found.append((fn.name != "__init__", node.lineno))
+        if found:
+            return Location(path, start + min(found)[1] - 1)
+    return None

@@ -102,6 +102,8 @@ def params_not_optimized(ctx: Context):
                                      for n in names))
         first_module = next((mod for mod in modules if mod in m.unoptimized_sites), None)
         location = m.unoptimized_sites.get(first_module) if first_module else None
+        if location is None and m.optimized == 0:
+            location = m.site  # the whole model: where it was built
         built = f" (built at {_where(location)})" if location is not None else ""
         owners = [o for o in loop.optimizers if m.label in o.models]
         made = [f"{o.label} at {_where(o.site)}" for o in owners if o.site is not None]

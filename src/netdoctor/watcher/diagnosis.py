@@ -14,6 +14,10 @@ from netdoctor.findings import Finding, Report
 from netdoctor.measure.record import TrainingRun
 from netdoctor.watcher.settings import LoopConfig
 
+# static rules about what a model returns (its output is the prediction): not for a part whose
+# output feeds another watched model (an encoder ending in a ReLU feeds a head; a generator's
+# tanh feeds its discriminator)
+OUTPUT_RULES = ("ND105", "ND106")
 _LOSS_NAMES = {"cross_entropy": "cross_entropy", "mse_loss": "mse",
                "binary_cross_entropy_with_logits": "bce"}
 
@@ -79,6 +83,12 @@ def _loss_kind(wo) -> str:
     return "custom" if fns else "unknown"
 
 
+def _feeds_owned(doctor, wm) -> bool:
+    """Whether `wm` feeds another watched model that its own optimizer trains (a part)."""
+    return any(other.owner is wm.owner for other in doctor.models
+               if other is not wm and other.facts.label in wm.facts.feeds)
+
+
 def build_run(doctor, wm, light: bool = False) -> TrainingRun | None:
     """The shared training-run record of one watched model (None when no optimizer trains
     it). `light`: only what ND401 reads (live)."""
@@ -95,12 +105,16 @@ def build_run(doctor, wm, light: bool = False) -> TrainingRun | None:
     device = next((str(p.device) for p in model.parameters()), "cpu")
     run = TrainingRun(config=config, device=device, target=wm.facts.label)
     run.steps_run = f.steps
-    run.loss = list(f.loss)
+    # the loss belongs to the model it is computed from: a part feeding another model of the
+    # same optimizer (encoder -> head) leaves the loss rules to that one (judged once)
+    run.loss = [] if _feeds_owned(doctor, wm) else list(f.loss)
     run.module_types = {n: type(m).__name__ for n, m in model.named_modules()}
     run.sites = dict(wm.sites)
     run.from_init = False
     event = doctor.nonfinite.get(id(wm))
-    if event is None and wm is next((m for m in doctor.models if m.owner is wo), None):
+    owned = [m for m in doctor.models if m.owner is wo]
+    loss_model = next((m for m in owned if not _feeds_owned(doctor, m)), owned[0])
+    if event is None and wm is loss_model:
         event = doctor.nonfinite.get(0)
     run.nonfinite = event
     if event is not None:
@@ -178,7 +192,8 @@ def diagnose(doctor) -> Report:
         if wm.facts.site is not None:
             class_lines.append(wm.facts.site)
         static, notes = doctor.static.get(id(wm), ([], []))
-        static = [_copy(f) for f in static]
+        static = [_copy(f) for f in static
+                  if not (wm.facts.feeds and f.rule in OUTPUT_RULES)]
         report.notes.extend(notes)
         run = doctor._guard(lambda wm=wm: build_run(doctor, wm))
         group = list(static)
@@ -261,7 +276,7 @@ def _notes(doctor, runs) -> list[str]:
                      f"{doctor.static_seconds:.2f} s once{exchanged}")
     if f.stopped == "stop-on" and doctor.stopped_by is not None:  # (ranks: see ranks.merge)
         s = doctor.stopped_by
-        notes.append(f"training stopped at step {f.iterations} by --stop-on "
+        notes.append(f"training stopped at step {f.iterations} by stop-on "
                      f"{doctor.options.stop_on}: {s.rule} {s.name}")
     for message, count in doctor.errors.items():
         times = f" ({count} times)" if count > 1 else ""

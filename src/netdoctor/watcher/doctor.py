@@ -16,9 +16,17 @@ step hook, before the update.
 
 Extension points (kept small on purpose, for the integrations and DDP):
 
-* `add_model(module, name=None)` / `add_optimizer(optimizer)`: what a Lightning or HF Trainer
-  callback calls with `pl_module` / `trainer.optimizers` (no discovery needed);
-* `observe_loss(value)`: a trainer's logged loss, for steps whose backward netdoctor did not see;
+* `add_model(module, name=None)` / `add_optimizer(optimizer)`: what a trainer callback calls
+  with the model and optimizers the trainer holds (a wrapper such as accelerate's
+  `AcceleratedOptimizer` is unwrapped to the optimizer whose `step` runs torch's hooks);
+* `scope=module`: model discovery limited to that module and its submodules, named by their
+  path in it (a Lightning callback: the parts its `training_step` calls are the models, since
+  Lightning calls `training_step`, not the LightningModule's forward);
+* `observe_loss(value, after_step=False)`: a trainer's logged loss, for steps whose backward
+  netdoctor did not see (`after_step=True`: the loss of the step just taken, as a trainer's
+  batch-end hook reports it);
+* `running_doctor()`: the doctor of `netdoctor run`, which a `watch()` or a trainer callback in
+  the script joins instead of attaching a second time;
 * `stop_action="flag"`: `should_stop` is set instead of raising (a callback then sets
   `trainer.should_stop`); `announce_to`: where the one-line announcements go;
 * `exchange`: `LocalExchange` in one process; under torchrun the process group the user
@@ -43,6 +51,7 @@ import sys
 import time
 import traceback
 import weakref
+from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,7 +62,13 @@ from torch import nn
 
 from netdoctor.errors import StopTraining, UserError
 from netdoctor.findings import Finding, Location, Report, Severity
-from netdoctor.loading.provenance import Provenance, class_location, user_location
+from netdoctor.loading.forward import tensors_in
+from netdoctor.loading.provenance import (
+    Provenance,
+    assignment_site,
+    class_location,
+    user_location,
+)
 from netdoctor.measure.nonfinite import rng_state
 from netdoctor.measure.record import NonFinite
 from netdoctor.watcher.attach import Attachment
@@ -61,7 +76,7 @@ from netdoctor.watcher.facts import LoopFacts, ModelFacts, OptimizerFacts, Sched
 from netdoctor.watcher.losses import LossCall, LossWatch
 from netdoctor.watcher.measurement import measure_step, meters
 from netdoctor.watcher.models import WatchedModel
-from netdoctor.watcher.optimizers import PendingScalars, WatchedOptimizer
+from netdoctor.watcher.optimizers import PendingScalars, WatchedOptimizer, unwrap_optimizer
 from netdoctor.watcher.replicas import Replicas, is_ddp
 from netdoctor.watcher.schedule import Schedule
 from netdoctor.watcher.settings import WatchOptions
@@ -69,6 +84,8 @@ from netdoctor.watcher.settings import WatchOptions
 _ACTIVE: list[Doctor] = []  # at most one doctor watches at a time (the hooks are global)
 DISCOVERY_STEPS = 2  # top-level forwards are watched for new models at least this long
 DISCOVERY_GIVE_UP = 8  # ... and at most this long when some parameters stay unaccounted for
+FEED_STEPS = 8  # which watched model feeds which is learnt over the first steps
+FEED_SEARCH = 64  # autograd nodes walked back from a forward's inputs to find another model
 
 
 class LocalExchange:
@@ -103,7 +120,7 @@ class Doctor:
 
     def __init__(self, options: WatchOptions | None = None, *, discover_models: bool = True,
                  discover_optimizers: bool = True, target: str | None = None,
-                 provenance: Provenance | None = None):
+                 provenance: Provenance | None = None, scope: nn.Module | None = None):
         self.options = options or WatchOptions()
         self.schedule = Schedule(self.options.every)
         self.facts = LoopFacts()
@@ -111,6 +128,7 @@ class Doctor:
         self.provenance = provenance or Provenance()
         self.discover_models = discover_models
         self.discover_optimizers = discover_optimizers
+        self._scope = weakref.ref(scope) if scope is not None else None
         self.models: list[WatchedModel] = []
         self.optimizers: list[WatchedOptimizer] = []
         self._model_by_id: dict[int, WatchedModel] = {}
@@ -140,6 +158,7 @@ class Doctor:
                                                                       flush=True)
         self.announced: set[tuple] = set()
         self._settled: set[str] = set()  # rules already confirmed: not judged live again
+        self._loss_seen: tuple[int, int] = (0, 0)
         self.should_stop = False
         self.stopped_by: Finding | None = None
         self.notes: list[str] = []
@@ -227,6 +246,7 @@ class Doctor:
         self._guard(lambda: self._add_model(model, name))
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer = unwrap_optimizer(optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(f"netdoctor.watch: expected a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -234,11 +254,19 @@ class Doctor:
             self._allowed_optimizers.add(id(optimizer))
         self._guard(lambda: self._optimizer(optimizer, create=True))
 
-    def observe_loss(self, value: Any) -> None:
-        """A trainer's logged loss for the current step (used when no backward was seen)."""
+    def observe_loss(self, value: Any, after_step: bool = False) -> None:
+        """A trainer's logged loss, used only for a step whose backward netdoctor did not see:
+        the coming step's, or with `after_step=True` the step just taken (what a trainer's
+        batch-end hook reports)."""
         def body():
             v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-            self.observed.append(v)
+            if not after_step:
+                self.observed.append(v)
+                return
+            wo = self.primary
+            if wo is not None and wo.loss_unseen and wo.facts.loss:
+                wo.facts.loss[-1] = v
+                wo.loss_unseen = False
         self._guard(body)
 
     @property
@@ -354,14 +382,15 @@ class Doctor:
             k += 1
         return f"{base}#{k}"
 
-    def _add_model(self, model: nn.Module, name: str | None) -> WatchedModel | None:
+    def _add_model(self, model: nn.Module, name: str | None,
+                   site: Location | None = None) -> WatchedModel | None:
         if id(model) in self._model_by_id:
             return self._model_by_id[id(model)]
         if is_ddp(model):  # watch the module inside: replays and static checks must not run
             # DDP's collectives on one rank only, and the report names the user's model
             self.replicas.track(model, self.provenance.site(model))
             self._ignored_roots.add(model)
-            return self._add_model(model.module, name)
+            return self._add_model(model.module, name, site)
         ids = {id(p) for p in model.parameters()}
         for other in list(self.models):
             other_ids = set(other.params_by_id)
@@ -375,12 +404,13 @@ class Doctor:
                 self.facts.models.remove(other.facts)
         inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: name the model
         label = self._label(name or type(inner).__name__, [m.facts.label for m in self.models])
-        site = self.provenance.site(getattr(model, "_orig_mod", model)) or \
+        site = self.provenance.site(getattr(model, "_orig_mod", model)) or site or \
             class_location(type(getattr(model, "_orig_mod", model)))
         facts = ModelFacts(label=label, class_name=type(inner).__name__, site=site)
         sites = {}
         for qual, mod in model.named_modules():
-            loc = self.provenance.site(mod)
+            # built while recording (netdoctor run), else the user's `self.<name> = ...` line
+            loc = self.provenance.site(mod) or (assignment_site(model, qual) if qual else None)
             if loc is not None:
                 sites[qual] = loc
         if "" not in sites and site is not None:
@@ -423,10 +453,29 @@ class Doctor:
         if not any(p.requires_grad for p in module.parameters()):
             self._ignored_roots.add(module)
             return
-        wm = self._add_model(module, None)
+        name = site = None
+        if self._scope is not None:
+            scoped = self._scoped(module)
+            if scoped is None:  # outside the trainer's module
+                self._ignored_roots.add(module)
+                return
+            name, site = scoped
+        wm = self._add_model(module, name, site)
         if wm is not None and wm.model is module:  # its own hooks start with the next call:
             self._on_model_pre(module, args, {})  # run this one by hand (a DDP wrapper's inner
             # module is called later in this forward: its hooks see it)
+
+    def _scoped(self, module: nn.Module) -> tuple[str, Location | None] | None:
+        """(`Scope` or `Scope.path.to.part`, where the scope's code assigns it) for a part of
+        the scope module; None outside it."""
+        scope = self._scope() if self._scope is not None else None
+        if scope is None:
+            return None
+        for path, m in scope.named_modules():
+            if m is module:
+                return (type(scope).__name__ + (f".{path}" if path else ""),
+                        assignment_site(scope, path) if path else None)
+        return None
 
     def on_global_forward_pre(self, module: nn.Module, args: tuple) -> None:
         self._guard(lambda: self._on_global_forward_pre(module, args))
@@ -447,6 +496,8 @@ class Doctor:
             wrapper = self.replicas.wrapper_of(module) if self.replicas.wrappers else None
             if wrapper is not None:  # called outside its DDP wrapper? (ND508's line)
                 self.replicas.note_forward(wrapper, wm.facts.label, user_location)
+            if self.facts.iterations < FEED_STEPS and len(self.models) > 1:
+                self._note_feeds(wm, args, kwargs)
             owner = wm.owner
             step = (owner.facts.steps if owner is not None else 0) + 1
             if wm.recorder is not None and self.schedule.is_deep(step):
@@ -455,8 +506,35 @@ class Doctor:
 
     def _on_model_post(self, module: nn.Module, args: tuple, out: Any) -> None:
         wm = self._model_by_id.get(id(module))
-        if wm is not None and wm.measuring:
+        if wm is None:
+            return
+        if wm.measuring:
             self._guard(wm.end_measure)
+        if self.facts.iterations < FEED_STEPS and not self.busy:
+            self._guard(lambda: wm.keep_outputs(out))
+
+    def _note_feeds(self, wm: WatchedModel, args: tuple, kwargs: dict) -> None:
+        """Which other watched models this forward's inputs come from (a few autograd nodes
+        back): those are parts of a larger network -- an encoder feeding a head, a generator
+        feeding its discriminator -- whose output is not the prediction (`ModelFacts.feeds`)."""
+        targets = {id(node): other for other in self.models if other is not wm
+                   for node in other.output_nodes}
+        if not targets:
+            return
+        frontier = deque(t.grad_fn for t in tensors_in((args, kwargs))
+                         if t.grad_fn is not None)
+        seen: set[int] = set()
+        while frontier and len(seen) < FEED_SEARCH:
+            node = frontier.popleft()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            other = targets.get(id(node))
+            if other is not None:
+                if wm.facts.label not in other.facts.feeds:
+                    other.facts.feeds.append(wm.facts.label)
+                continue
+            frontier.extend(n for n, _ in node.next_functions if n is not None)
 
     # -- optimizers ----------------------------------------------------------------------
     def _optimizer(self, opt: torch.optim.Optimizer, create: bool = False
@@ -562,6 +640,10 @@ class Doctor:
                 stop_all = bool(self._guard(lambda: exchange_step(self, wo, step)))
         if self.schedule.restarts_window(step) and f.lr and f.lr[-1] != f.lr[0]:
             self._dirty.add("ND505")  # judged on doubling intervals: the curve grows with the run
+        verdicts = self._loss_verdicts()
+        if verdicts != self._loss_seen:  # a loss call was examined (or broadcast) since
+            self._loss_seen = verdicts
+            self._dirty |= {"ND506", "ND507"}
         if stop_all and not self.should_stop:  # a rank asked to stop: every rank stops here
             return self._stop(self.stop_request, step)
         if self._dirty:
@@ -584,6 +666,12 @@ class Doctor:
             where, event = localize(self, wo, step, backwards, loss)
             self.nonfinite[where] = event
             self._dirty.add("ND401")
+
+    def _loss_verdicts(self) -> tuple[int, int]:
+        """(examined loss calls, broadcasting ones): when they change, ND506/ND507 are judged
+        live (examined calls are the first few per line and those of deep steps: rare)."""
+        calls = self.facts.losses.values()
+        return (sum(c.checked for c in calls), sum(c.broadcast_calls for c in calls))
 
     def _connect(self) -> None:
         """Under torchrun: the process group the user initialised (looked for once, at the
@@ -687,6 +775,9 @@ class Doctor:
         for wm in self.models:
             if wo in wm.optimizers:
                 wm.calls.clear()
+                wm.output_nodes = []
+            elif self.facts.iterations >= FEED_STEPS:
+                wm.output_nodes = []
         if self.attachment.discovering and self.primary is not None and (
                 self.primary.facts.steps >= DISCOVERY_GIVE_UP or
                 (self.primary.facts.steps >= DISCOVERY_STEPS and self._covered())):
@@ -896,6 +987,13 @@ def _autocast_state(device: torch.device) -> tuple[str, torch.dtype] | None:
     return None
 
 
+def running_doctor() -> Doctor | None:
+    """The doctor of `netdoctor run` when this process runs under it: a `watch()` or a trainer
+    callback in the script joins it (its models and optimizers are added there; `netdoctor
+    run`'s options apply and it writes the one report) instead of attaching a second time."""
+    return _ACTIVE[0] if _ACTIVE and _ACTIVE[0].joinable else None
+
+
 class JoinedDoctor:
     """What `netdoctor.watch()` returns inside a script that `netdoctor run` already watches:
     the models and optimizers join the running doctor, and closing this handle leaves it
@@ -926,8 +1024,8 @@ def watch(model: nn.Module | list | tuple | None = None,
         else [model]
     optimizers = [] if optimizer is None else list(optimizer) \
         if isinstance(optimizer, (list, tuple)) else [optimizer]
-    if _ACTIVE and _ACTIVE[0].joinable:
-        running = _ACTIVE[0]
+    running = running_doctor()
+    if running is not None:
         for m in models:
             running.add_model(m)
         for o in optimizers:

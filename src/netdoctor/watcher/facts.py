@@ -68,6 +68,9 @@ class ModelFacts:
     unoptimized_sites: dict[str, Location] = field(default_factory=dict)  # module -> built at
     grad_checks: int = 0  # measured steps at which the check ran
     eval_site: Location | None = None  # the last `.eval()` / `.train(False)` on it or a child
+    # the watched models whose inputs came from its output (it is a part of a larger network:
+    # an encoder feeding a head, a generator feeding its discriminator)
+    feeds: list[str] = field(default_factory=list)
 
 
 @dataclass

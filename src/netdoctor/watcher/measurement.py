@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from netdoctor.loading.provenance import assignment_site
 from netdoctor.measure.params import ParamMeter
 from netdoctor.watcher.optimizers import WatchedOptimizer, total_grad_norm
 
@@ -66,6 +67,7 @@ def measure_step(doctor: Doctor, wo: WatchedOptimizer, step: int, deep: bool,
     values = [r.value for r in backwards if r.value is not None]
     loss = sum(values) / len(values) if values else (
         doctor.observed[-1] if doctor.observed else math.nan)
+    wo.loss_unseen = not values and not doctor.observed
     doctor.observed.clear()
     f.loss.append(loss)
     wo.loss_fns.append({r.fn for r in backwards})
@@ -118,7 +120,8 @@ def unoptimized_check(doctor: Doctor, wo: WatchedOptimizer) -> None:
                 module = name.rpartition(".")[0]
                 if module not in wm.facts.unoptimized_sites:
                     try:
-                        loc = doctor.provenance.site(model.get_submodule(module))
+                        loc = doctor.provenance.site(model.get_submodule(module)) or \
+                            assignment_site(model, module)
                     except AttributeError:
                         loc = None
                     if loc is not None:

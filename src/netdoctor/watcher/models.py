@@ -80,6 +80,9 @@ class WatchedModel:
         self.eval_seen: dict[str, str] = {}  # eval-mode modules in forwards that backward used
         self.trained_forwards = 0  # such forwards since the last step
         self.params_by_id: dict[int, tuple[str, nn.Parameter]] = {}
+        # the autograd nodes of its latest output, held over the first steps only (until its
+        # optimizer steps), to see whether another watched model's input comes from it
+        self.output_nodes: list[Any] = []
         self.refresh_params()
 
     @property
@@ -142,6 +145,11 @@ class WatchedModel:
                     str(t.dtype).replace("torch.", "")
                 self.multi_input = len(tensors_in((args, kwargs))) > 1
 
+    def keep_outputs(self, out: Any) -> None:
+        if torch.is_grad_enabled():
+            self.output_nodes = [t.grad_fn for t in tensors_in(out)
+                                 if t.grad_fn is not None][:8]
+
     def note_modes(self) -> None:
         """The eval-mode Dropout/BatchNorm modules of this forward (counted only if a
         backward follows: a validation forward that forgot no_grad() is no training step)."""
@@ -199,6 +207,7 @@ class WatchedModel:
             h.remove()
         self.handles.clear()
         self.calls.clear()
+        self.output_nodes = []
 
 
 def buffers_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -83,6 +83,25 @@ def _flat(params: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.cat([local(p.detach()).reshape(-1) for p in params])
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer whose `step` runs torch's step hooks, inside a trainer's wrapper that does
+    not (accelerate's `AcceleratedOptimizer` holds it in `.optimizer`, Lightning's
+    `LightningOptimizer` in `._optimizer`). A wrapper that is itself a hooked Optimizer (e.g.
+    Lookahead built on `torch.optim.Optimizer`) is kept: its steps are the ones that count."""
+    seen: set[int] = set()
+    while id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        if getattr(getattr(type(optimizer), "step", None), "hooked", False):
+            return optimizer
+        inner = next((v for v in (getattr(optimizer, "optimizer", None),
+                                  getattr(optimizer, "_optimizer", None))
+                      if isinstance(v, torch.optim.Optimizer)), None)
+        if inner is None:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
 class WatchedOptimizer:
     """Follows one optimizer: its parameters, the per-step facts, and the ND501/ND503 checks."""
 
@@ -107,6 +126,7 @@ class WatchedOptimizer:
         self.deep_steps: list[int] = []
         self.grad_seen: set[int] = set()  # ids with a gradient after a backward (deep steps)
         self.loss_fns: list[set] = []  # per step: the loss functions backward ran on
+        self.loss_unseen = False  # the latest step's loss came from no backward nor a trainer
         self.accuracy: list[float | None] = []  # per step (deep steps with class targets)
 
     @property

@@ -1,0 +1,105 @@
+"""netdoctor in a Hugging Face Trainer: `Trainer(..., callbacks=[DoctorCallback(output=...)])`.
+
+`DoctorCallback(**options)` takes the options of `netdoctor.watch` (`output`, `format`, `every`,
+`select`, `ignore`, `stop_on`, `fail_on`, `rule_options`, `announce`, `static`, `name`). It is
+a `transformers.TrainerCallback`, built when first looked up: importing this module imports
+neither transformers nor torch.
+
+What it hooks:
+
+* `on_train_begin`: the doctor starts with the Trainer's model. The Trainer creates its optimizer
+  inside `train()` and does not hand it to callbacks in every version (`optimizer` may be None):
+  the optimizer is then the one whose first step updates the model's parameters (torch's step
+  hooks see it; an `AcceleratedOptimizer` wrapper is looked through). The model's forward
+  returns a `ModelOutput`; its loss is the tensor backward runs on;
+* `on_log`: the logged loss, for steps whose backward netdoctor did not see;
+* `on_step_end`: `control.should_training_stop = True` once `stop_on` fires (agreed across
+  ranks under torch.distributed, so every rank stops at the same step);
+* `on_train_end`: every hook removed, then the report written to `output` (in `format`) or
+  printed -- on the main process only. The Trainer calls no callback when `train()` raises: the
+  watch is then finished when the interpreter exits (or by `callback.close()`).
+
+In a script run by `netdoctor run`, the callback joins the run's doctor (one attachment; the run
+writes the one report).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from netdoctor.integrations.session import TrainerSession, any_rank
+
+
+class _DoctorHooks:
+    """The hooks; `DoctorCallback` puts them before `transformers.TrainerCallback`."""
+
+    def __init__(self, **options: Any):
+        super().__init__()
+        self._session = TrainerSession(options, "DoctorCallback")
+
+    # -- Trainer events --------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       optimizer: Any = None, **kwargs: Any) -> None:
+        self._session.start(type(model).__name__ if model is not None else "training",
+                            models=[model] if model is not None else [],
+                            optimizers=[optimizer] if optimizer is not None else [],
+                            discover_models=model is None, discover_optimizers=True,
+                            main=bool(state.is_world_process_zero))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
+               **kwargs: Any) -> None:
+        if logs and isinstance(logs.get("loss"), (int, float)):
+            self._session.observe_loss(logs["loss"])
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        agree = any_rank if getattr(args, "world_size", 1) > 1 else None
+        if self._session.should_stop(agree):
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._session.finish()
+
+    # -- after training --------------------------------------------------------------------
+    @property
+    def doctor(self) -> Any:
+        """The `Doctor` of the latest `train()` (None before the first)."""
+        return self._session.doctor
+
+    @property
+    def findings(self) -> list:
+        """The findings of the latest `train()`, in priority order."""
+        return self._session.findings
+
+    def report(self, format: str | None = None, output: str | None = None) -> str:
+        """The latest training's report as text/json/sarif/github (written to `output`)."""
+        return self._session.report(format=format, output=output)
+
+    def exit_code(self) -> int:
+        """0/1 by `fail_on`: `sys.exit(callback.exit_code())` fails a CI job on a finding."""
+        return self._session.exit_code()
+
+    def close(self) -> None:
+        """Finish the watch now (`on_train_end` does it; after a `train()` that raised, this
+        removes the hooks and writes the report; idempotent)."""
+        self._session.finish(stopped="exception" if self._session.watching else None)
+
+
+def _build() -> type:
+    try:
+        base = importlib.import_module("transformers").TrainerCallback
+    except ImportError as e:
+        raise ImportError("netdoctor.integrations.transformers needs Hugging Face "
+                          "transformers: pip install netdoctor[transformers]") from e
+    return type("DoctorCallback", (_DoctorHooks, base), {
+        "__module__": __name__, "__qualname__": "DoctorCallback",
+        "__doc__": "netdoctor watching a Hugging Face Trainer: `Trainer(..., callbacks=["
+                   "DoctorCallback(output='report.json', format='json')])`. Options as "
+                   "`netdoctor.watch`; see netdoctor.integrations.transformers."})
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DoctorCallback":
+        cls = globals()["DoctorCallback"] = _build()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
