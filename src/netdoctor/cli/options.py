@@ -69,10 +69,6 @@ def report_options(fn):
         click.option("--config", metavar="FILE",
                      help="pyproject.toml to read [tool.netdoctor] from."),
         click.option("--color/--no-color", default=None, help="Force colored text output."),
-        click.option("--seed", metavar="N",
-                     help="Seed for everything random: the model's construction, forward passes "
-                          "and the probe's data order and dropout (default 0), so the same "
-                          "command gives the same report."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -80,7 +76,8 @@ def report_options(fn):
 
 
 def common_options(fn):
-    """Model options (constructor arguments, input shape) plus the report options."""
+    """Model options (constructor arguments, input shape, the seed netdoctor builds and runs
+    the model under) plus the report options. Not for `run`: the user's script seeds itself."""
     options = [
         click.option("-a", "--arg", "args", multiple=True, metavar="KEY=VALUE",
                      help="Constructor argument (repeatable; values are Python literals)."),
@@ -91,6 +88,10 @@ def common_options(fn):
         click.option("--input-dtype", type=click.Choice(["float32", "float64", "float16",
                                                          "bfloat16", "long"]),
                      help="Input dtype (long for token ids)."),
+        click.option("--seed", metavar="N",
+                     help="Seed for everything random: the model's construction, forward passes "
+                          "and the probe's data order and dropout (default 0), so the same "
+                          "command gives the same report."),
     ]
     fn = report_options(fn)
     for opt in reversed(options):
