@@ -756,7 +756,9 @@ class Doctor:
         reason = wo.step_reason
         if wo.deep_steps and wo.deep_steps[-1] == step:
             moved = False
+            keep = self.schedule.is_deep(step + 1)  # the snapshot's buffers serve the next
             for _, meter in meters(self, wo, build=False):
+                meter.keep = keep
                 meter.after_step()
                 moved |= any(t.update_ratio and t.update_ratio[-1] > 0 for t in meter.traces)
             self._changed(wo, step, moved, reason)
