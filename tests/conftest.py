@@ -21,6 +21,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+# Under pytest-xdist (one worker per core) each worker and the processes it starts run torch on
+# one intra-op thread: two workers with a thread pool each would fight for the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
 SICK = FIXTURES / "sick"

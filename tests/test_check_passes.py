@@ -82,3 +82,31 @@ def test_a_clean_check_imports_nothing_it_does_not_use():
     result = run_python(_IMPORTS)
     assert result.returncode == 0, result.stderr
     assert "HEAVY=\n" in result.stderr, result.stderr
+
+
+def test_the_check_leaves_attributes_a_forward_assigns_as_they_were():
+    """A forward that counts its calls (or caches a tensor) is traced and run by the check: the
+    counter is the user's afterwards, not a torch.fx Proxy or netdoctor's call count."""
+    import torch
+    from torch import nn
+
+    from netdoctor.check import CheckOptions, check_loaded
+    from netdoctor.loading.provenance import Provenance
+    from netdoctor.loading.target import LoadedModel
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += x.shape[0] == 2
+            self.last = x.detach()
+            return self.fc(x)
+
+    model = Counting()
+    check_loaded(LoadedModel("Counting", model, Provenance()), CheckOptions(input_shape=(4,)))
+    assert model.calls == 0 and not hasattr(model, "last")
+    model(torch.randn(2, 4))
+    assert model.calls == 1

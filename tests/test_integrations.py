@@ -310,3 +310,50 @@ def test_hf_callback_inside_netdoctor_run_joins_the_run(tmp_path):
         ["BertForSequenceClassification"]
     assert report["measurements"]["run"]["steps"] == 4
     assert not (tmp_path / "callback.json").exists()
+
+
+@needs_transformers
+@pytest.mark.slow
+def test_hf_train_that_raises_is_finished_by_close(tmp_path):
+    """The Trainer calls no callback when train() raises: close() (or the interpreter's exit)
+    removes the hooks and writes the report."""
+    import torch.nn.functional as F
+    from torch import nn
+    from transformers import Trainer, TrainingArguments
+
+    from netdoctor.integrations.transformers import DoctorCallback
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+            self.calls = 0
+
+        def forward(self, x, labels):
+            self.calls += x.shape[0] == 8  # the Trainer's batches (not the static check's)
+            if self.calls == 4:
+                raise ValueError("bad batch")
+            return {"loss": F.cross_entropy(self.fc(x), labels)}
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"x": torch.randn(8, generator=g), "labels": torch.tensor(i % 3)}
+
+    before = global_state()
+    callback = DoctorCallback(output=str(tmp_path / "report.json"), format="json")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=10,
+                             per_device_train_batch_size=8, save_strategy="no", report_to=[],
+                             use_cpu=True, disable_tqdm=True, logging_steps=100)
+    trainer = Trainer(model=Tiny(), args=args, train_dataset=Rows(), callbacks=[callback])
+    with pytest.raises(ValueError, match="bad batch"):
+        trainer.train()
+    assert global_state() != before  # still attached: nothing told the callback
+    callback.close()
+    assert global_state() == before
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["measurements"]["run"]["stopped"] == "exception"
+    assert report["measurements"]["run"]["steps"] == 3

@@ -649,7 +649,7 @@ def test_scope_names_the_parts_a_trainer_step_calls_and_ignores_the_rest():
     try:
         doctor.add_optimizer(opt)
         x, y = data()
-        for i in range(4):
+        for _ in range(4):
             opt.zero_grad()
             F.cross_entropy(lit.head(lit.encoder(x[:32])) + 0 * other(x[:32]), y[:32]).backward()
             opt.step()

@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 
 from netdoctor.findings import Location
 from netdoctor.graph.ir import Graph
-from netdoctor.loading.forward import ForwardFailure, example_input, model_device, run_forward
+from netdoctor.loading.forward import (
+    ForwardFailure,
+    example_input,
+    model_device,
+    preserved_attributes,
+    run_forward,
+)
 from netdoctor.loading.shapes import InputSpec, infer
 from netdoctor.loading.target import LoadedModel
 
@@ -32,6 +38,13 @@ def _reason(e: BaseException) -> str:
 
 
 def build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
+    """The IR of the loaded model; the model's plain attributes (a forward's call counter, a
+    cache) are as they were afterwards, whatever the trace and the forward passes assigned."""
+    with preserved_attributes(loaded.model):
+        return _build_graph(loaded, spec)
+
+
+def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
     from netdoctor.graph import fx_frontend, hook_frontend
     from netdoctor.graph.torch_common import record_unregistered
 

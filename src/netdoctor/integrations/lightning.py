@@ -30,7 +30,7 @@ import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
-from netdoctor.integrations.session import TrainerSession
+from netdoctor.integrations.session import SessionResults, TrainerSession
 
 _FLAVOURS = ("lightning.pytorch", "pytorch_lightning")
 
@@ -43,7 +43,7 @@ def _loss_of(outputs: Any) -> Any:
     return outputs if callable(numel) and numel() == 1 else None
 
 
-class _DoctorHooks:
+class _DoctorHooks(SessionResults):
     """The hooks; `DoctorCallback` puts them before Lightning's `Callback` (see the module
     docstring)."""
 
@@ -85,24 +85,6 @@ class _DoctorHooks:
             self._session.finish()
 
     # -- after the fit ---------------------------------------------------------------------
-    @property
-    def doctor(self) -> Any:
-        """The `Doctor` of the latest fit (None before the first)."""
-        return self._session.doctor
-
-    @property
-    def findings(self) -> list:
-        """The findings of the latest fit, in priority order."""
-        return self._session.findings
-
-    def report(self, format: str | None = None, output: str | None = None) -> str:
-        """The latest fit's report as text/json/sarif/github (written to `output` if given)."""
-        return self._session.report(format=format, output=output)
-
-    def exit_code(self) -> int:
-        """0/1 by `fail_on`: `sys.exit(callback.exit_code())` fails a CI job on a finding."""
-        return self._session.exit_code()
-
     def close(self) -> None:
         """Finish the fit's watch now (the trainer's end hooks do it; idempotent)."""
         self._session.finish()

@@ -160,6 +160,31 @@ class TrainerSession:
         return self.doctor.exit_code(self.options.fail_on)
 
 
+class SessionResults:
+    """What a trainer callback offers after training: its session's doctor, findings, report
+    and exit code (both callbacks inherit it; their hooks fill `self._session`)."""
+
+    _session: TrainerSession
+
+    @property
+    def doctor(self) -> Any:
+        """The `Doctor` of the latest training (None before the first)."""
+        return self._session.doctor
+
+    @property
+    def findings(self) -> list:
+        """The findings of the latest training, in priority order."""
+        return self._session.findings
+
+    def report(self, format: str | None = None, output: str | None = None) -> str:
+        """The latest training's report as text/json/sarif/github (written to `output`)."""
+        return self._session.report(format=format, output=output)
+
+    def exit_code(self) -> int:
+        """0/1 by `fail_on`: `sys.exit(callback.exit_code())` fails a CI job on a finding."""
+        return self._session.exit_code()
+
+
 def any_rank(flag: bool) -> bool:
     """`flag` of any process of the default torch.distributed group (the flag itself when
     there is no such group): one tiny all-reduce."""

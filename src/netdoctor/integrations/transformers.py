@@ -28,10 +28,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from netdoctor.integrations.session import TrainerSession, any_rank
+from netdoctor.integrations.session import SessionResults, TrainerSession, any_rank
 
 
-class _DoctorHooks:
+class _DoctorHooks(SessionResults):
     """The hooks; `DoctorCallback` puts them before `transformers.TrainerCallback`."""
 
     def __init__(self, **options: Any):
@@ -61,24 +61,6 @@ class _DoctorHooks:
         self._session.finish()
 
     # -- after training --------------------------------------------------------------------
-    @property
-    def doctor(self) -> Any:
-        """The `Doctor` of the latest `train()` (None before the first)."""
-        return self._session.doctor
-
-    @property
-    def findings(self) -> list:
-        """The findings of the latest `train()`, in priority order."""
-        return self._session.findings
-
-    def report(self, format: str | None = None, output: str | None = None) -> str:
-        """The latest training's report as text/json/sarif/github (written to `output`)."""
-        return self._session.report(format=format, output=output)
-
-    def exit_code(self) -> int:
-        """0/1 by `fail_on`: `sys.exit(callback.exit_code())` fails a CI job on a finding."""
-        return self._session.exit_code()
-
     def close(self) -> None:
         """Finish the watch now (`on_train_end` does it; after a `train()` that raised, this
         removes the hooks and writes the report; idempotent)."""

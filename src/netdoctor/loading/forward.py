@@ -37,6 +37,28 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+@contextlib.contextmanager
+def preserved_attributes(model: nn.Module) -> Iterator[None]:
+    """Put back every plain attribute a forward or a trace assigned on any submodule (a call
+    counter, a cache, a flag: `self.calls += 1` in a forward that netdoctor runs or that
+    torch.fx traces, which would leave a Proxy behind), and remove the ones it added. Tensors
+    changed in place are not covered here (BatchNorm statistics are restored where they run)."""
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            current = m.__dict__
+            for key in [k for k in current if k not in attrs]:
+                del current[key]
+            for key, value in attrs.items():
+                if current.get(key, _MISSING) is not value:
+                    current[key] = value
+
+
+_MISSING = object()
+
+
 def tensors_in(value: Any) -> list[torch.Tensor]:
     """Every tensor in a nest of lists, tuples and dicts (forward arguments and outputs)."""
     out: list[torch.Tensor] = []

@@ -39,24 +39,8 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
 
 
 def _all_finite(values: Any) -> bool:
-    ok = True
-
-    def visit(v: Any) -> None:
-        nonlocal ok
-        if not ok:
-            return
-        if isinstance(v, torch.Tensor):
-            if v.is_floating_point() or v.is_complex():
-                ok = bool(torch.isfinite(v).all())
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x)
-        elif isinstance(v, dict):
-            for x in v.values():
-                visit(x)
-
-    visit(values)
-    return ok
+    return all(bool(torch.isfinite(t).all()) for t in tensors_in(values)
+               if t.is_floating_point() or t.is_complex())
 
 
 def rng_state(device: torch.device) -> tuple:

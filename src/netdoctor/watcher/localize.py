@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from netdoctor.loading.forward import preserved_attributes
 from netdoctor.measure.nonfinite import first_bad_grad, localize_forward, tensor_stats
 from netdoctor.measure.params import ParamMeter
 from netdoctor.measure.record import NonFinite
@@ -78,7 +79,8 @@ def _replay(doctor: Any, wm: WatchedModel, call: Any, step: int) -> NonFinite:
     autocast = torch.autocast(call.autocast[0], dtype=call.autocast[1]) if call.autocast \
         else nullcontext()
     try:
-        with doctor._busy(), torch.random.fork_rng(devices=devices), autocast:
+        with doctor._busy(), torch.random.fork_rng(devices=devices), autocast, \
+                preserved_attributes(model):
             return localize_forward(model, tuple(call.args), None, None, step, call.rng, device,
                                     kwargs=call.kwargs)
     finally:
