@@ -153,6 +153,8 @@ def main() -> None:
                     help="rounds of whole processes one after another, per model")
     ap.add_argument("--threads", type=int, default=1, help="OMP/MKL threads for every run")
     ap.add_argument("--json", help="also write the raw timings here")
+    ap.add_argument("--load", help="print the tables from a --json file of an earlier run (with "
+                    "the same --steps and --warmup) instead of running")
     args = ap.parse_args()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -170,9 +172,14 @@ def main() -> None:
                          f" ({res[m]['process']:.0f} s)" for m in modes)
         print(f"{kind} {r + 1} {name}: {text}", file=sys.stderr, flush=True)
 
+    if args.load:
+        raw = json.loads(Path(args.load).read_text())
+        names = list(raw)
+        args.rounds = len(raw[names[0]]["lockstep"])
+        args.whole = len(raw[names[0]]["whole"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for r in range(max(args.rounds, args.whole)):
+        for r in range(0 if args.load else max(args.rounds, args.whole)):
             order = modes[r % len(modes):] + modes[:r % len(modes)]
             for name in names:
                 script = MODELS[name][1]
@@ -197,11 +204,13 @@ def main() -> None:
     for name in names:
         rounds = raw[name]["lockstep"]
 
-        def step_ratio(mode: str, key: str = "wall", rounds: list = rounds) -> float:
-            return statistics.median(
-                statistics.median(m / b for m, b in zip(res[mode][key][timed],
-                                                        res["bare"][key][timed]))
-                for res in rounds)
+        def round_ratios(mode: str, key: str = "wall", rounds: list = rounds) -> list[float]:
+            return [statistics.median(m / b for m, b in zip(res[mode][key][timed],
+                                                            res["bare"][key][timed]))
+                    for res in rounds]
+
+        def step_ratio(mode: str, key: str = "wall") -> float:
+            return statistics.median(round_ratios(mode, key))
 
         def step_ms(mode: str, rounds: list = rounds) -> float:
             return 1000 * statistics.median(statistics.median(res[mode]["wall"][timed])
@@ -218,6 +227,11 @@ def main() -> None:
                 for m in ("default", "every1")}
             static = statistics.median(res["default"].get("static", 0.0) for res in whole)
             cells.append(f"{fixed['default']:.1f} s (+ {static:.1f} s)")
+            outside = {m: statistics.median(res[m]["process"] - sum(res[m]["wall"])
+                                            for res in whole) for m in modes}
+            details.append(f"{name}: outside the steps (start, model and data, report) the "
+                           "processes took " + " / ".join(f"{outside[m]:.1f} s" for m in modes)
+                           + " (bare / default / every 1)")
         else:
             cells += ["-", "-"]
         print(f"| {MODELS[name][0]} | {step_ms('bare'):.0f} | "
@@ -231,7 +245,9 @@ def main() -> None:
                                       for res in rounds)
             found = sorted({f for res in rounds for f in res[mode]["findings"]})
             details.append(
-                f"{name}, {mode}: CPU time per step {pct(step_ratio(mode, 'cpu'))}; steps "
+                f"{name}, {mode}: per round "
+                + ", ".join(pct(r) for r in round_ratios(mode))
+                + f"; CPU time per step {pct(step_ratio(mode, 'cpu'))}; steps "
                 f"2-{args.steps - 1} took {extra:.2f} s longer than the bare script's, and "
                 f"netdoctor's report says its measurements took {said:.2f} s (all steps); "
                 f"findings: {', '.join(found) or 'none'}")
