@@ -193,7 +193,9 @@ def test_internal_error_becomes_a_note_not_an_exception(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("instrument broke")
 
+    # the total gradient norm, measured apart on cheap steps and from the meters on deep ones
     monkeypatch.setattr(measurement, "total_grad_norm", broken)
+    monkeypatch.setattr(measurement, "_norm_from_meters", broken)
     x, y = data()
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -210,6 +212,49 @@ def test_schedule_is_cheap_and_log_spaced():
     assert deep == [1, 2, 3, 4, 8, 16, 32, 50, 100, 150, 200, 250, 300, 350, 400]
     assert [i for i in range(1, 11) if Schedule(every=1).is_deep(i)] == list(range(1, 11))
     assert [i for i in deep if s.restarts_window(i)] == [16, 32, 50, 100, 200, 400]
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_norms_and_update_ratios_match_a_direct_computation(every):
+    """The total gradient norm (from the per-parameter norms on deep steps, measured apart on
+    the others) and the update ratios (the weight snapshot's buffers reused across consecutive
+    deep steps) are what the test computes itself from the gradients and weights."""
+    x, y = data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    norms, ratios = [], []
+    with netdoctor.watch(model, opt, every=every, static=False) as doctor:
+        doctor.schedule.warm = 1
+        for i in range(7):
+            idx = torch.arange(i * 32, (i + 1) * 32)
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            norms.append(float(torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in model.parameters()]))))
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            if doctor.schedule.is_deep(i + 1):
+                ratios.append([float((p.detach() - b).norm()) for p, b in
+                               zip(model.parameters(), before)])
+    wo = doctor.optimizers[0]
+    assert wo.facts.grad_norm == pytest.approx(norms, rel=1e-5)
+    assert wo.deep_steps == [i for i in range(1, 8) if doctor.schedule.is_deep(i)]
+    traces = wo.meters[0][1].traces
+    for k, tr in enumerate(traces):
+        expected = [r[k] / max(w, tr.reference_norm) for r, w in zip(ratios, tr.weight_norm)]
+        assert tr.update_ratio == pytest.approx(expected, rel=1e-4, abs=1e-9), tr.name
+
+
+def test_the_measurement_time_note_counts_the_activation_measurements():
+    x, y = data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with netdoctor.watch(model, opt, every=1, static=False) as doctor:
+        train(model, opt, 4, x, y)
+    recorded = doctor.models[0].recorder.seconds
+    assert recorded > 0
+    assert doctor.measure_seconds >= recorded
+    assert any("netdoctor's measurements took" in n for n in doctor.diagnose().notes)
 
 
 # ------------------------------------------------------------------------------ ND501

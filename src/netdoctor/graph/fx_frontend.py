@@ -5,7 +5,7 @@ is not possible, from a run of the traced graph)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -92,13 +92,7 @@ class _ShapeRecorder(fx.Interpreter):
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     """Run the traced graph in eval mode without grad and record node.meta["netdoctor_shape"];
     raises what the run raises (and then records nothing)."""
-    recorder = _ShapeRecorder(gm)
-    try:
-        with preserved_modes(gm), torch.no_grad():
-            gm.eval()
-            recorder.run(example)
-    finally:
-        recorder.commit()
+    _record(_ShapeRecorder(gm), gm, example)
 
 
 class _Stub(NamedTuple):
@@ -179,7 +173,12 @@ class _Replay(_ShapeRecorder):
 def replay_shapes(gm: fx.GraphModule, example: torch.Tensor, outputs: LeafOutputs) -> None:
     """node.meta["netdoctor_shape"] for every node from a replay (see _Replay) on `example`, the
     eager forward's input; raises what the replay raises (and then records nothing)."""
-    recorder = _Replay(gm, outputs)
+    _record(_Replay(gm, outputs), gm, example)
+
+
+def _record(recorder: Any, gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Run `recorder` (an interpreter of `gm`) in eval mode without grad, then commit what it
+    recorded (nothing when the run raised)."""
     try:
         with preserved_modes(gm), torch.no_grad():
             gm.eval()

@@ -20,6 +20,7 @@ forward pre-hook, `end_forward()` + `detach()` in its forward hook (registered w
 from __future__ import annotations
 
 import sys
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,10 +75,12 @@ class _Mode(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         kind = _ACT_FUNCS.get(func)
         if kind is not None and isinstance(out, torch.Tensor) and out.is_floating_point():
+            t0 = time.perf_counter()
             try:
                 self.recorder._observe(kind, args[0] if args else None, out)
             except Exception:  # instrumentation must never break the user's forward
                 pass
+            self.recorder.seconds += time.perf_counter() - t0
         return out
 
 
@@ -106,6 +109,7 @@ class ActivationRecorder:
         self.site_list: list[_Site] = []
         self.in_window = False
         self.min_window = 0
+        self.seconds = 0.0  # time spent measuring activations inside the measured forwards
         _act_table()
 
     def refresh(self) -> None:

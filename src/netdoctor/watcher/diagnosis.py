@@ -267,7 +267,7 @@ def _notes(doctor, runs) -> list[str]:
                          "trains it")
     wall = (doctor.ended or __import__("time").perf_counter()) - doctor.started
     if wall > 0 and doctor.optimizers:
-        hooks = max(0.0, doctor.hook_seconds - doctor.static_seconds - doctor.exchange_seconds)
+        hooks = doctor.measure_seconds
         exchanged = (f", its exchanges with the other ranks {doctor.exchange_seconds:.2f} s "
                      "(mostly waiting for the slowest rank)"
                      if doctor.exchange.world_size > 1 else "")
@@ -315,8 +315,7 @@ def measurements(doctor, runs) -> dict[str, Any]:
                     "deep_steps": len(m.owner.deep_steps) if m.owner is not None else 0}
                    for m in doctor.models],
         "backward_calls": doctor.facts.backward_calls,
-        "hook_seconds": round(doctor.hook_seconds - doctor.static_seconds -
-                              doctor.exchange_seconds, 4),
+        "hook_seconds": round(doctor.measure_seconds, 4),
         "static_seconds": round(doctor.static_seconds, 4),
         "exchange_seconds": round(doctor.exchange_seconds, 4),
     }

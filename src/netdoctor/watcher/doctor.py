@@ -310,6 +310,15 @@ class Doctor:
         return self.busy_depth > 0 or not self.active
 
     @property
+    def measure_seconds(self) -> float:
+        """netdoctor's own time inside the training: its hooks (timed by the guard) and the
+        activation measurements inside the user's forwards on deep steps (timed by each
+        recorder), less the one-off static checks and the exchanges with other ranks."""
+        recorded = sum(wm.recorder.seconds for wm in self.models if wm.recorder is not None)
+        return max(0.0, self.hook_seconds + recorded - self.static_seconds -
+                   self.exchange_seconds)
+
+    @property
     def rank(self) -> int:
         """This process's rank: the process group's, else torchrun's RANK, else 0. Only rank 0
         writes the report."""
@@ -756,7 +765,9 @@ class Doctor:
         reason = wo.step_reason
         if wo.deep_steps and wo.deep_steps[-1] == step:
             moved = False
+            keep = self.schedule.is_deep(step + 1)  # the snapshot's buffers serve the next
             for _, meter in meters(self, wo, build=False):
+                meter.keep = keep
                 meter.after_step()
                 moved |= any(t.update_ratio and t.update_ratio[-1] > 0 for t in meter.traces)
             self._changed(wo, step, moved, reason)

@@ -3,8 +3,9 @@
 Every step: the learning rate of each param group, the total gradient norm (fused foreach
 norms), the loss backward ran on and the step's accuracy, gathered in one host sync
 (`optimizers.PendingScalars`). On deep steps also every parameter's gradient, weight and update
-norms (the shared `measure.params.ParamMeter`, one per optimizer and model) and ND502's check
-for parameters that receive gradients but are in no optimizer.
+norms (the shared `measure.params.ParamMeter`, one per optimizer and model; the total gradient
+norm is then their root sum of squares, not a second pass over the gradients), on the same host
+sync, and ND502's check for parameters that receive gradients but are in no optimizer.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from netdoctor.loading.provenance import assignment_site
 from netdoctor.measure.params import ParamMeter
-from netdoctor.watcher.optimizers import WatchedOptimizer, total_grad_norm
+from netdoctor.watcher.optimizers import PendingScalars, WatchedOptimizer, total_grad_norm
 
 if TYPE_CHECKING:
     from netdoctor.watcher.doctor import BackwardRecord, Doctor
@@ -28,7 +31,11 @@ def measure_step(doctor: Doctor, wo: WatchedOptimizer, step: int, deep: bool,
     when no parameter had one, whether the per-parameter meters ran)."""
     f = wo.facts
     f.lr.append(wo.lrs())
-    norm = total_grad_norm([p.grad for p in with_grad])
+    step_meters = meters(doctor, wo) if deep else []
+    prepared = [meter.prepare() for _, meter in step_meters]
+    norm = _norm_from_meters(step_meters, prepared, with_grad) if step_meters else None
+    if norm is None:
+        norm = total_grad_norm([p.grad for p in with_grad])
     grad_seen, wo.grad_seen = wo.grad_seen, set()
     doctor._unscaled.clear()
     for rec in backwards:
@@ -45,16 +52,16 @@ def measure_step(doctor: Doctor, wo: WatchedOptimizer, step: int, deep: bool,
         doctor.pending.add(acc[i + 1], lambda v: result.__setitem__(
             "counted", result.get("counted", 0.0) + v))
 
-    step_meters = meters(doctor, wo) if deep else []
-    if step_meters:
+    if step_meters:  # the meters' norms ride on the step's one host sync
         items = doctor.pending.take()
-        device = step_meters[0][1].params[0].device if step_meters[0][1].params else None
-        extra = [t.to(device) if device is not None else t for t, _ in items]
-        values = step_meters[0][1].before_step(extra)
+        scalars = [t for t, _ in items] + [t for part in prepared for t in part]
+        values = PendingScalars.stack(scalars).tolist() if scalars else []
         for (_, then), v in zip(items, values):
             then(v)
-        for _, meter in step_meters[1:]:
-            meter.before_step()
+        at = len(items)
+        for (_, meter), part in zip(step_meters, prepared):
+            meter.record(values[at:at + len(part)])
+            at += len(part)
         for _, meter in step_meters:  # a gradient backward gave, cleared before the step
             for p, trace in zip(meter.params, meter.traces):
                 if p.grad is None and id(p) in grad_seen:
@@ -78,6 +85,16 @@ def measure_step(doctor: Doctor, wo: WatchedOptimizer, step: int, deep: bool,
     if deep:
         unoptimized_check(doctor, wo)
     return loss, grad_norm, bool(step_meters)
+
+
+def _norm_from_meters(step_meters: list, prepared: list[list], with_grad: list) -> Any:
+    """The total gradient norm from the per-parameter norms the meters just computed, when
+    they cover exactly the parameters that have a gradient (else None: measured apart)."""
+    ids = [id(p) for _, meter in step_meters for p, h in zip(meter.params, meter.have) if h]
+    if len(ids) != len(with_grad) or set(ids) != {id(p) for p in with_grad} or not ids:
+        return None
+    norms = [t for (_, meter), part in zip(step_meters, prepared) for t in part[:meter.n_grads]]
+    return torch.linalg.vector_norm(PendingScalars.stack(norms))
 
 
 def meters(doctor: Doctor, wo: WatchedOptimizer, build: bool = True
