@@ -8,7 +8,7 @@ from __future__ import annotations
 import textwrap
 
 import torch
-from conftest import HEALTHY, check_json, findings_of, run_python
+from conftest import HEALTHY, check_json, findings_of, invoke, run_python
 
 from netdoctor.check import CheckOptions, check_loaded
 from netdoctor.graph.build import build_graph
@@ -92,6 +92,17 @@ def test_a_check_runs_each_layer_of_a_traced_model_once():
     assert reports[0].findings == [] and reports[0].notes == []
     convs = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(calls.get(m) == 1 for m in convs), [calls.get(m) for m in convs]
+
+
+def test_the_check_command_leaves_the_garbage_collector_as_it_found_it():
+    """The command freezes torch's import-time objects out of the collector's full passes while
+    it runs, and unfreezes them after: a caller that lives on collects as before."""
+    import gc
+
+    before = gc.get_freeze_count()
+    result = invoke("check", f"{HEALTHY / 'lenet_relu.py'}:LeNet", "--input-shape", "1,28,28")
+    assert result.exit_code == 0, result.output
+    assert gc.get_freeze_count() == before
 
 
 REPLAY_EDGES = textwrap.dedent('''\
