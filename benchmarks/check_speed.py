@@ -16,6 +16,11 @@ user runs them (Python start, torch import, model build, trace, rules, report).
    of a check is the torch import alone; the folder row checks every healthy model in one
    process (torch is imported once, not per model).
 
+netdoctor runs byte-compiled, as pip installs it (pip compiles every module at install; a source
+checkout run with PYTHONDONTWRITEBYTECODE set would compile netdoctor's modules in every process,
+which no installed copy does): the script compiles src/netdoctor first. The floor's torch is
+byte-compiled too.
+
 On a machine shared with other work, pass --threads 1: an oversubscribed OpenMP pool spins and
 inflates the check's forward pass (the floor has none). On an idle machine more threads only
 make the check's forward pass faster, so the one-thread ratio is the conservative figure.
@@ -128,6 +133,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["ratio", "table"])
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    subprocess.run([PY, "-m", "compileall", "-q", str(REPO / "src" / "netdoctor")], check=True,
+                   stdout=subprocess.DEVNULL)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     print(f"threads: {args.threads or 'torch default'}")

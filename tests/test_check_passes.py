@@ -1,12 +1,19 @@
-"""What a check runs: one pass of the traced graph on a single sample (the input runs, every node
-gets its shape), one eager pass for the signal measurement, and nothing it does not need (the
-speed of a pre-commit hook; the ratio itself is measured in benchmarks/check_speed.py)."""
+"""What a check runs: one eager forward (the signal measurement, which also shows that the input
+runs) and a replay of the traced graph on what its layers returned there (every node's shape
+without running the layers again), and nothing it does not need (the speed of a pre-commit hook;
+the ratio itself is measured in benchmarks/check_speed.py)."""
 
 from __future__ import annotations
 
 import textwrap
 
-from conftest import check_json, findings_of, run_python
+import torch
+from conftest import HEALTHY, check_json, findings_of, run_python
+
+from netdoctor.check import CheckOptions, check_loaded
+from netdoctor.graph.build import build_graph
+from netdoctor.loading.shapes import InputSpec
+from netdoctor.loading.target import load
 
 EVAL_ONLY_BUG = textwrap.dedent('''\
     from torch import nn
@@ -58,6 +65,106 @@ def test_a_model_that_squeezes_a_batch_of_one_gets_shapes_and_no_false_failure(t
     (softmax,) = findings_of(report, "ND105")
     assert "3 classes" in softmax["message"] or softmax["evidence"].get("classes") == 3, softmax
     assert not any("shape propagation failed" in n for n in report["notes"])
+
+
+def forward_calls(fn) -> dict[torch.nn.Module, int]:
+    """How often each module ran while `fn()` ran."""
+    calls: dict[torch.nn.Module, int] = {}
+
+    def count(module, args, output):
+        calls[module] = calls.get(module, 0) + 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return calls
+
+
+def test_a_check_runs_each_layer_of_a_traced_model_once():
+    """The shapes come from replaying the traced graph on the eager forward's outputs: no
+    layer's work is done a second time (ResNet-50 at 224x224 spends most of a check there)."""
+    loaded = load(f"{HEALTHY / 'resnet.py'}:ResNet").models[0]
+    reports = []
+    calls = forward_calls(
+        lambda: reports.append(check_loaded(loaded, CheckOptions(input_shape=(3, 32, 32)))))
+    assert reports[0].findings == [] and reports[0].notes == []
+    convs = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(calls.get(m) == 1 for m in convs), [calls.get(m) for m in convs]
+
+
+REPLAY_EDGES = textwrap.dedent('''\
+    from torch import nn
+
+
+    class ReplayEdges(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.aux = nn.Conv2d(4, 2, 1)
+            self.lstm = nn.LSTM(8, 6, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.conv(x)
+            if self.training:  # traced in train mode, never called by the eager (eval) forward
+                h = h + self.aux(h).mean(1, keepdim=True)
+            seq, (last, _) = self.lstm(h.mean(1))  # 8 rows of 8 features
+            return self.head(last[-1] + seq[:, -1])
+    ''')
+
+REJECTS_ZEROS = textwrap.dedent('''\
+    import torch
+    from torch import nn
+
+
+    class RejectsZeros(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.conv(x)
+            torch._assert(h.abs().sum() > 0, "a dead feature map")
+            return self.head(h.mean((2, 3)))
+    ''')
+
+
+def _shapes(source: str, cls: str, shape: tuple[int, ...], tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text(source)
+    loaded = load(f"{path}:{cls}").models[0]
+    outcomes = []
+    calls = forward_calls(lambda: outcomes.append(build_graph(loaded, InputSpec(shape))))
+    outcome = outcomes[0]
+    assert outcome.forward_failure is None and outcome.notes == []
+    assert outcome.graph.frontend == "fx"
+    missing = [n.name for n in outcome.graph
+               if n.shape is None and n.op not in ("output", "param")]
+    return outcome.graph, {name: calls.get(m, 0) for name, m in loaded.model.named_children()}, \
+        missing
+
+
+def test_the_replay_runs_a_layer_only_the_traced_graph_calls_and_stands_in_tuples(tmp_path):
+    """A layer that only the traced (train-mode) graph calls runs in the replay; an LSTM's
+    (output, (h, c)) is stood in like a tensor; every node gets its shape."""
+    graph, calls, missing = _shapes(REPLAY_EDGES, "ReplayEdges", (1, 8, 8), tmp_path)
+    assert missing == ["lstm", "getitem_1"]  # tuples: (output, (h, c)) and (h, c)
+    assert calls == {"conv": 1, "aux": 1, "lstm": 1, "head": 1}
+    (aux,) = [n for n in graph if n.module == "aux"]
+    assert aux.shape[1:] == (2, 8, 8)
+    (head,) = [n for n in graph if n.module == "head"]
+    assert head.shape[1:] == (3,)
+
+
+def test_a_functional_op_that_rejects_the_zeros_falls_back_to_running_the_graph(tmp_path):
+    graph, calls, missing = _shapes(REJECTS_ZEROS, "RejectsZeros", (1, 8, 8), tmp_path)
+    assert [n for n in missing if not n.startswith("_assert")] == []
+    assert calls == {"conv": 2, "head": 2}  # the eager forward, then the traced graph
+    (head,) = [n for n in graph if n.module == "head"]
+    assert head.shape[1:] == (3,)
 
 
 _IMPORTS = """

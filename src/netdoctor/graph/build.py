@@ -46,40 +46,70 @@ def build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
 
 def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
     from netdoctor.graph import fx_frontend, hook_frontend
+    from netdoctor.graph.signal import (
+        batch_size,
+        measure_init_rms,
+        not_measured,
+        weight_modules,
+    )
     from netdoctor.graph.torch_common import record_unregistered
 
     model, prov = loaded.model, loaded.provenance
     outcome = BuildOutcome(graph=None)
-    extra = record_unregistered(Graph(), model, prov)  # so list-held modules get hooks too
+    holders = Graph()
+    extra = record_unregistered(holders, model, prov)  # so list-held modules get hooks too
 
     # 1. The graph: torch.fx when it can trace the model.
     try:
         gm = fx_frontend.trace(model)
     except Exception as e:  # fx raises many kinds (TraceError, NameError, TypeError, ...)
         gm, outcome.fallback_reason = None, _reason(e)
+    if gm is not None:
+        outcome.graph = fx_frontend.build(model, prov, gm, holders.unregistered)
+        outcome.graph.root_location = loaded.class_location
 
-    # 2. An input: the given one must run; otherwise infer one. With a traced graph, one run of
-    # it on a single sample shows that the input runs and records the shapes; when that fails,
-    # the eager model on the usual batch of two decides (and names the failing submodule, ND002).
+    # 2. An input: the given one must run; otherwise infer one. With a traced graph, the one
+    # eager forward of the signal measurement (ND204) shows that the input runs, and a replay of
+    # the traced graph on what its leaf modules returned there gives every node its shape. When
+    # that forward fails, the plain eager forward decides (and names the failing submodule,
+    # ND002); the traced graph then runs on its own for the shapes.
     shape_failure: list[str] = []
-    by_trace: list[bool] = []  # the input was shown to run by the traced graph, not eagerly
+    signal_note: list[str] = []
 
     def run(candidate: InputSpec) -> None:
         shape_failure.clear()
-        by_trace.clear()
+        signal_note.clear()
         if gm is not None:
-            for batch in (1, 2):  # a model may squeeze a batch of one away
-                x = example_input(candidate.shape, candidate.dtype, batch=batch,
-                                  vocab=candidate.vocab).to(model_device(model))
+            leaves = fx_frontend.LeafOutputs(gm)
+            try:
+                measure_init_rms(outcome.graph, model, extra, candidate.shape, candidate.dtype,
+                                 candidate.vocab, observers=leaves.hooks())
+            except Exception as e:
+                if weight_modules(outcome.graph, model, extra)[0]:
+                    signal_note.append(not_measured(e))
+            else:
+                x = example_input(candidate.shape, candidate.dtype,
+                                  batch=batch_size(candidate.shape), vocab=candidate.vocab)
                 try:
-                    fx_frontend.propagate_shapes(gm, x)
-                    shape_failure.clear()
-                    by_trace.append(True)
-                    return
-                except Exception as e:  # traced graph may differ from eager: eager decides
-                    shape_failure.append(_reason(e))
+                    fx_frontend.replay_shapes(gm, x.to(model_device(model)), leaves)
+                except Exception:  # e.g. a functional op that rejects the zeros: run for real
+                    shapes_by_running(candidate)
+                return
         run_forward(model, example_input(candidate.shape, candidate.dtype,
                                          vocab=candidate.vocab), extra)
+        if gm is not None:
+            shapes_by_running(candidate)
+
+    def shapes_by_running(candidate: InputSpec) -> None:
+        for batch in (1, 2):  # a model may squeeze a batch of one away
+            x = example_input(candidate.shape, candidate.dtype, batch=batch,
+                              vocab=candidate.vocab).to(model_device(model))
+            try:
+                fx_frontend.propagate_shapes(gm, x)
+                shape_failure.clear()
+                return
+            except Exception as e:  # traced graph may differ from eager: eager decides
+                shape_failure.append(_reason(e))
 
     if spec is not None:
         try:
@@ -98,49 +128,42 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
         else:
             outcome.notes.append("no input shape given and none could be inferred: rules that "
                                  "need a forward pass were skipped (pass --input-shape C,H,W)")
-    if gm is not None and outcome.input is not None and shape_failure:
-        outcome.notes.append(f"shape propagation failed ({shape_failure[-1]}); shapes unknown")
+    if gm is not None and outcome.input is not None:
+        if shape_failure:
+            outcome.notes.append(f"shape propagation failed ({shape_failure[-1]}); shapes "
+                                 "unknown")
+        outcome.notes.extend(signal_note)
 
     _locate_failure(outcome, loaded, extra)
 
-    # 3. The graph: fx, else one recorded forward.
-    if gm is None:
-        if outcome.input is None:
-            outcome.notes.append("torch.fx could not trace the model and no working input is "
-                                 "available for the fallback: graph rules were skipped")
-            return outcome
-        x = example_input(outcome.input.shape, outcome.input.dtype,
-                          vocab=outcome.input.vocab).to(model_device(model))
-        try:
-            outcome.graph = hook_frontend.build(model, prov, x)
-        except ForwardFailure as f:
-            outcome.forward_failure, outcome.failed_input = f, outcome.input
-        if outcome.graph is not None:
-            outcome.graph.root_location = loaded.class_location
-            _measure_signal(outcome, loaded, extra)
-        _locate_failure(outcome, loaded, extra)
+    if gm is not None:
+        fx_frontend.copy_shapes(gm, outcome.graph)
+        if outcome.input is not None:
+            outcome.graph.input_shape = outcome.input.shape
         return outcome
 
-    outcome.graph = fx_frontend.build(model, prov, gm)
-    outcome.graph.root_location = loaded.class_location
-    if outcome.input is not None:
-        outcome.graph.input_shape = outcome.input.shape
-        if not _measure_signal(outcome, loaded, extra) and by_trace:
-            # The traced graph ran (traced in train mode) but the eager model did not: its
-            # eval-mode path may be the broken one. The eager forward decides (ND002).
-            try:
-                run_forward(model, example_input(outcome.input.shape, outcome.input.dtype,
-                                                 vocab=outcome.input.vocab), extra)
-            except ForwardFailure as f:
-                outcome.forward_failure, outcome.failed_input = f, outcome.input
-                _locate_failure(outcome, loaded, extra)
+    # 3. The graph without fx: one recorded forward.
+    if outcome.input is None:
+        outcome.notes.append("torch.fx could not trace the model and no working input is "
+                             "available for the fallback: graph rules were skipped")
+        return outcome
+    x = example_input(outcome.input.shape, outcome.input.dtype,
+                      vocab=outcome.input.vocab).to(model_device(model))
+    try:
+        outcome.graph = hook_frontend.build(model, prov, x)
+    except ForwardFailure as f:
+        outcome.forward_failure, outcome.failed_input = f, outcome.input
+    if outcome.graph is not None:
+        outcome.graph.root_location = loaded.class_location
+        _measure_signal(outcome, loaded, extra)
+    _locate_failure(outcome, loaded, extra)
     return outcome
 
 
 def _measure_signal(outcome: BuildOutcome, loaded: LoadedModel, extra: dict) -> bool:
-    """Per-layer output RMS at initialization (node.attrs["init_rms"], for ND204): a forward
-    pass of the user's model as it is (hooks see every module). False when it failed (a note
-    says so)."""
+    """Per-layer output RMS at initialization (node.attrs["init_rms"], for ND204) on the
+    graph the hook frontend recorded: one more forward pass of the user's model as it is.
+    False when it failed (a note says so)."""
     from netdoctor.graph.signal import record_init_rms
 
     spec = outcome.input

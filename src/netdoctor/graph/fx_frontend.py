@@ -1,11 +1,16 @@
-"""torch.fx frontend: symbolic trace (train mode) -> IR, shapes from one run of the traced graph."""
+"""torch.fx frontend: symbolic trace (train mode) -> IR; every node's shape from a replay of the
+traced graph on what its leaf modules returned in the check's one eager forward (or, when that
+is not possible, from a run of the traced graph)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
 
-from netdoctor.graph.ir import Graph, Node
+from netdoctor.graph.ir import Graph, Node, UnregisteredHolder
 from netdoctor.graph.ops import (
     function_op,
     module_attrs,
@@ -87,7 +92,93 @@ class _ShapeRecorder(fx.Interpreter):
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     """Run the traced graph in eval mode without grad and record node.meta["netdoctor_shape"];
     raises what the run raises (and then records nothing)."""
-    recorder = _ShapeRecorder(gm)
+    _record(_ShapeRecorder(gm), gm, example)
+
+
+class _Stub(NamedTuple):
+    """A tensor the replay stands in: no values, only what shapes need."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+_OPAQUE = object()  # an output the replay cannot stand in (the leaf itself is run then)
+
+
+def _stub(value):
+    if type(value) is torch.Tensor or type(value) is nn.Parameter:
+        return _Stub(tuple(value.shape), value.dtype, value.device)
+    if type(value) in (tuple, list):  # not namedtuples (a PackedSequence's values matter)
+        parts = [_stub(v) for v in value]
+        return _OPAQUE if any(p is _OPAQUE for p in parts) else type(value)(parts)
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    return _OPAQUE
+
+
+def _stand_in(stub):
+    if isinstance(stub, _Stub):
+        return torch.zeros(stub.shape, dtype=stub.dtype, device=stub.device)
+    if type(stub) in (tuple, list):
+        return type(stub)(_stand_in(s) for s in stub)
+    return stub
+
+
+class LeafOutputs:
+    """What each leaf module the traced graph calls returned in an eager forward, in call order
+    (structure, shapes and dtypes; no values): hooks for that forward to fill."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.calls: dict[nn.Module, list] = {}
+        self.nodes: dict[nn.Module, int] = {}  # how many nodes of the traced graph call each
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                module = gm.get_submodule(node.target)
+                self.nodes[module] = self.nodes.get(module, 0) + 1
+
+    def hooks(self) -> list[tuple[nn.Module, Callable]]:
+        return [(module, self._record) for module in self.nodes]
+
+    def _record(self, module: nn.Module, args, output) -> None:
+        self.calls.setdefault(module, []).append(_stub(output))
+
+    def replayable(self, module: nn.Module) -> list | None:
+        """The module's outputs, when the eager forward called it as often as the traced graph
+        does (so the i-th call of one is the i-th of the other)."""
+        calls = self.calls.get(module, [])
+        return calls if len(calls) == self.nodes.get(module) else None
+
+
+class _Replay(_ShapeRecorder):
+    """The traced graph with its leaf modules' work skipped: each call returns zeros shaped as
+    the eager forward's output of that call, and the functional ops between them run on those
+    (a fraction of the cost, the convolutions and matmuls being in the leaves)."""
+
+    def __init__(self, gm: fx.GraphModule, outputs: LeafOutputs) -> None:
+        super().__init__(gm)
+        self.outputs = outputs
+        self.pending: dict[nn.Module, Iterator] = {}
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if module not in self.pending:
+            self.pending[module] = iter(self.outputs.replayable(module) or ())
+        stub = next(self.pending[module], _OPAQUE)
+        if stub is _OPAQUE:
+            return super().call_module(target, args, kwargs)
+        return _stand_in(stub)
+
+
+def replay_shapes(gm: fx.GraphModule, example: torch.Tensor, outputs: LeafOutputs) -> None:
+    """node.meta["netdoctor_shape"] for every node from a replay (see _Replay) on `example`, the
+    eager forward's input; raises what the replay raises (and then records nothing)."""
+    _record(_Replay(gm, outputs), gm, example)
+
+
+def _record(recorder: Any, gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Run `recorder` (an interpreter of `gm`) in eval mode without grad, then commit what it
+    recorded (nothing when the run raised)."""
     try:
         with preserved_modes(gm), torch.no_grad():
             gm.eval()
@@ -96,10 +187,23 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
         recorder.commit()
 
 
-def build(model: nn.Module, prov: Provenance, gm: fx.GraphModule) -> Graph:
+def copy_shapes(gm: fx.GraphModule, graph: Graph) -> None:
+    """The recorded shapes onto the IR's nodes (built before the shapes were known)."""
+    for fxn in gm.graph.nodes:
+        if fxn.name in graph.nodes:
+            graph.nodes[fxn.name].shape = fxn.meta.get("netdoctor_shape")
+
+
+def build(model: nn.Module, prov: Provenance, gm: fx.GraphModule,
+          unregistered: list[UnregisteredHolder] | None = None) -> Graph:
+    """The IR of the traced graph (shapes where they are already recorded; copy_shapes adds
+    them later). `unregistered`: the plain-container modules when the caller found them."""
     graph = Graph(frontend="fx")
     record_modules(graph, model, prov)
-    record_unregistered(graph, model, prov)
+    if unregistered is None:
+        record_unregistered(graph, model, prov)
+    else:
+        graph.unregistered = list(unregistered)
     for fxn in gm.graph.nodes:
         node = Node(name=fxn.name, op="other", target=str(fxn.target),
                     inputs=[a.name for a in fxn.all_input_nodes])

@@ -129,17 +129,26 @@ def target_name(target: Any) -> str:
     return f"{mod}.{name}" if mod else name
 
 
+_CONSTRUCTOR_FACTS = (
+    "in_channels", "out_channels", "kernel_size", "stride", "groups", "in_features",
+    "out_features", "num_features", "momentum", "eps", "affine", "track_running_stats", "p",
+    "inplace", "dim", "negative_slope", "num_embeddings", "embedding_dim", "normalized_shape",
+    "num_groups", "min_val", "max_val")
+
+
 def module_attrs(module: nn.Module) -> dict[str, Any]:
     """The constructor facts rules need (channels, kernel, momentum, groups, ...)."""
     attrs: dict[str, Any] = {"type": type(module).__name__}
-    for key in ("in_channels", "out_channels", "kernel_size", "stride", "groups", "in_features",
-                "out_features", "num_features", "momentum", "eps", "affine",
-                "track_running_stats", "p", "inplace", "dim", "negative_slope", "num_embeddings",
-                "embedding_dim", "normalized_shape", "num_groups", "min_val", "max_val"):
-        if hasattr(module, key):
+    own = vars(module)
+    for key in _CONSTRUCTOR_FACTS:
+        if key in own:
+            value = own[key]
+        elif hasattr(type(module), key):  # a class attribute or a property
             value = getattr(module, key)
-            if isinstance(value, (int, float, bool, str, tuple, type(None))):
-                attrs[key] = value
+        else:  # (asking the module itself would raise and catch an AttributeError per name)
+            continue
+        if isinstance(value, (int, float, bool, str, tuple, type(None))):
+            attrs[key] = value
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
         attrs["has_bias"] = module.bias is not None
     return attrs

@@ -13,17 +13,21 @@ part, which a bias cannot fake) on conv/linear module nodes, matched by node.mod
 called twice gets one value per call, in call order), on the one functional conv/linear call made
 inside a conv/linear subclass's own forward (a weight-standardized conv: the module's output is
 that call's), and on the input node. ND204 reads them.
+
+For a traced model this is the check's only forward pass: it also shows that the input runs, and
+the traced graph's shapes are replayed from what its layers returned here (fx_frontend).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from netdoctor.graph.ir import WEIGHT_OPS, Graph
+from netdoctor.graph.ir import WEIGHT_OPS, Graph, Node
 from netdoctor.graph.ops import module_op
 from netdoctor.loading.forward import example_input, model_device, preserved_modes
 
@@ -47,9 +51,12 @@ def _rms(value) -> tuple[float | None, float | None]:
 def _root_mean_square(v: torch.Tensor, centered: bool) -> float | None:
     for dtype in (torch.float32, torch.float64):
         w = v.to(dtype)
-        if centered:
-            w = w - w.mean(dim=0, keepdim=True)
-        ms = float(w.square().mean())
+        if centered and w.shape[0] == 2:  # each deviates from the pair's mean by half their gap
+            ms = float((w[0] - w[1]).square().mean()) / 4
+        elif centered:
+            ms = float((w - w.mean(dim=0, keepdim=True)).square().mean())
+        else:
+            ms = float(w.square().mean())
         if math.isfinite(ms):
             return math.sqrt(ms)
     return None if math.isnan(ms) else math.inf
@@ -67,6 +74,23 @@ def record_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
                     shape: tuple[int, ...], dtype: str = "float32",
                     vocab: int | None = None) -> str | None:
     """Annotate the graph's weight-layer nodes with init_rms. Returns a note when it could not."""
+    if not weight_modules(graph, model, extra)[0]:
+        return None
+    try:
+        measure_init_rms(graph, model, extra, shape, dtype, vocab)
+    except Exception as e:  # the build already reported a failing forward (ND002)
+        return not_measured(e)
+    return None
+
+
+def not_measured(error: BaseException) -> str:
+    return f"signal scale at init not measured ({type(error).__name__})"
+
+
+def weight_modules(graph: Graph, model: nn.Module, extra: dict[str, nn.Module]
+                   ) -> tuple[dict[str, nn.Module], dict[str, list[Node]]]:
+    """The conv/linear modules to measure, by path, and the graph nodes each one's calls go to
+    (in call order)."""
     nodes = defaultdict(list)
     functional = defaultdict(list)
     for node in graph.topological():
@@ -89,8 +113,17 @@ def record_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
                 continue
             nodes[path] = functional[path]
         modules[path] = module
-    if not modules:
-        return None
+    return modules, nodes
+
+
+def measure_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
+                     shape: tuple[int, ...], dtype: str = "float32", vocab: int | None = None,
+                     observers: Iterable[tuple[nn.Module, Callable]] = ()) -> None:
+    """One forward pass of the user's model as described above, annotating the graph. Raises
+    what the forward raises (and then annotates nothing): it is also the check's proof that
+    the model runs at this input. `observers`, (module, forward hook) pairs, see the same pass
+    (the outputs the traced graph's shape replay stands in)."""
+    modules, nodes = weight_modules(graph, model, extra)
     calls: dict[str, list[tuple[float | None, float | None]]] = defaultdict(list)
     handles = []
     norms = [m for m in model.modules() if isinstance(m, _BATCHNORM)]
@@ -102,13 +135,13 @@ def record_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
         for path, module in modules.items():
             handles.append(module.register_forward_hook(
                 lambda mod, args, out, p=path: calls[p].append(_rms(out))))
+        for module, hook in observers:
+            handles.append(module.register_forward_hook(hook))
         with preserved_modes(model), torch.no_grad():
             model.eval()
             for m in norms:
                 m.train()
             model(x)
-    except Exception as e:  # the build already reported a failing forward (ND002)
-        return f"signal scale at init not measured ({type(e).__name__})"
     finally:
         for h in handles:
             h.remove()
@@ -125,4 +158,3 @@ def record_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
     if x.is_floating_point():
         for node in graph.of_op("input"):
             node.attrs["init_rms"], node.attrs["init_signal_rms"] = _rms(x)
-    return None

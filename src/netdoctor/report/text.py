@@ -14,8 +14,6 @@ from io import StringIO
 from typing import Any
 
 from rich.console import Console
-from rich.syntax import Syntax
-from rich.table import Table
 from rich.text import Text
 
 from netdoctor.catalogue import RULES
@@ -166,6 +164,8 @@ class _Printer:
             self.c.print(Text(pad) + piece if indent else piece, soft_wrap=True)
 
     def code(self, source: str, lexer: str, indent: int = 4) -> None:
+        from rich.syntax import Syntax  # pygments: only when there is code to show
+
         source = source.rstrip("\n")
         highlighted = Syntax(
             source, lexer, theme="ansi_dark", background_color="default"
@@ -175,7 +175,7 @@ class _Printer:
             piece.rstrip()
             self.line(piece, indent=indent, wrap=False)
 
-    def table(self, table: Table) -> None:
+    def table(self, table) -> None:
         buf = StringIO()
         sub = Console(
             file=buf,
@@ -241,6 +241,8 @@ def _gradient_flow(p: _Printer, rows: Any) -> None:
     names = [str(r.get("name", "?")) if isinstance(r, dict) else "?" for r in rows]
     name_width = min(max(len("layer"), *(len(n) for n in names)), max(12, p.c.width // 2))
     bar_width = max(5, min(BAR_WIDTH, p.c.width - name_width - 14))
+    from rich.table import Table
+
     table = Table(
         title=None, box=None, show_header=True, header_style="bold", pad_edge=False,
         padding=(0, 2, 0, 0),
