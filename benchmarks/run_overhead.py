@@ -226,7 +226,7 @@ def main() -> None:
                 - (res["bare"]["process"] - sum(res["bare"]["wall"])) for res in whole)
                 for m in ("default", "every1")}
             static = statistics.median(res["default"].get("static", 0.0) for res in whole)
-            cells.append(f"{fixed['default']:.1f} s (+ {static:.1f} s)")
+            cells.append(f"{round(fixed['default'], 1) or 0.0:.1f} s (+ {static:.1f} s)")
             outside = {m: statistics.median(res[m]["process"] - sum(res[m]["wall"])
                                             for res in whole) for m in modes}
             details.append(f"{name}: outside the steps (start, model and data, report) the "
