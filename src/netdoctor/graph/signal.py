@@ -29,7 +29,12 @@ from torch import nn
 
 from netdoctor.graph.ir import WEIGHT_OPS, Graph, Node
 from netdoctor.graph.ops import module_op
-from netdoctor.loading.forward import example_input, model_device, preserved_modes
+from netdoctor.loading.forward import (
+    example_input,
+    model_device,
+    preserved_buffers,
+    preserved_modes,
+)
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 
@@ -127,8 +132,6 @@ def measure_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module]
     calls: dict[str, list[tuple[float | None, float | None]]] = defaultdict(list)
     handles = []
     norms = [m for m in model.modules() if isinstance(m, _BATCHNORM)]
-    saved = [{k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None}
-             for m in norms]
     x = example_input(shape, dtype, batch=batch_size(shape), vocab=vocab).to(
         model_device(model))
     try:
@@ -137,7 +140,7 @@ def measure_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module]
                 lambda mod, args, out, p=path: calls[p].append(_rms(out))))
         for module, hook in observers:
             handles.append(module.register_forward_hook(hook))
-        with preserved_modes(model), torch.no_grad():
+        with preserved_modes(model), preserved_buffers(norms), torch.no_grad():
             model.eval()
             for m in norms:
                 m.train()
@@ -145,10 +148,6 @@ def measure_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module]
     finally:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for m, buffers in zip(norms, saved):
-                for k, b in buffers.items():
-                    getattr(m, k).copy_(b)
     for path, values in calls.items():
         for node, (rms, signal) in zip(nodes[path], values):
             if rms is not None:

@@ -4,7 +4,7 @@ modes restored, and on failure the innermost submodule that raised (for ND002)."
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,19 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+@contextlib.contextmanager
+def preserved_buffers(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Put back, in place, every buffer of these modules (and their submodules) afterwards: the
+    running statistics a BatchNorm updates in a forward netdoctor runs."""
+    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
 
 
 @contextlib.contextmanager

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from netdoctor.loading.forward import preserved_attributes
+from netdoctor.loading.forward import preserved_attributes, preserved_buffers
 from netdoctor.measure.nonfinite import first_bad_grad, localize_forward, tensor_stats
 from netdoctor.measure.params import ParamMeter
 from netdoctor.measure.record import NonFinite
-from netdoctor.watcher.models import WatchedModel, buffers_snapshot, restore_buffers
+from netdoctor.watcher.models import WatchedModel
 
 
 def _finite(t: torch.Tensor | None) -> bool:
@@ -75,16 +75,12 @@ def _replay(doctor: Any, wm: WatchedModel, call: Any, step: int) -> NonFinite:
     model = wm.model
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     devices = [device] if device.type == "cuda" else []
-    saved = buffers_snapshot(model)
     autocast = torch.autocast(call.autocast[0], dtype=call.autocast[1]) if call.autocast \
         else nullcontext()
-    try:
-        with doctor._busy(), torch.random.fork_rng(devices=devices), autocast, \
-                preserved_attributes(model):
-            return localize_forward(model, tuple(call.args), None, None, step, call.rng, device,
-                                    kwargs=call.kwargs)
-    finally:
-        restore_buffers(saved)
+    with doctor._busy(), torch.random.fork_rng(devices=devices), autocast, \
+            preserved_attributes(model), preserved_buffers([model]):
+        return localize_forward(model, tuple(call.args), None, None, step, call.rng, device,
+                                kwargs=call.kwargs)
 
 
 def _bad_gradient(wo: Any, owner: WatchedModel | None, step: int) -> NonFinite:

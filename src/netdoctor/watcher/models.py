@@ -208,13 +208,3 @@ class WatchedModel:
         self.handles.clear()
         self.calls.clear()
         self.output_nodes = []
-
-
-def buffers_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(b, b.detach().clone()) for b in model.buffers()]
-
-
-def restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for b, saved in snapshot:
-            b.copy_(saved)
