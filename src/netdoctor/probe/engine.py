@@ -33,7 +33,7 @@ from torch import nn
 
 from netdoctor.errors import UserError
 from netdoctor.findings import Location
-from netdoctor.loading.forward import main_output, preserved_modes
+from netdoctor.loading.forward import main_output, preserved_buffers, preserved_modes
 from netdoctor.measure.activations import ActivationRecorder
 from netdoctor.measure.nonfinite import first_bad_grad, localize_forward, rng_state, tensor_stats
 from netdoctor.measure.params import ParamMeter
@@ -394,7 +394,6 @@ def train_eval_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
     bns = _bn_layers(model)
     if not bns:
         return None
-    saved = {n: {k: v.clone() for k, v in m.named_buffers(recurse=False)} for n, m in bns}
     moms = {n: m.momentum for n, m in bns}
     per_layer: dict[str, float] = {}
 
@@ -415,7 +414,7 @@ def train_eval_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
     handles = []
     settled = 0
     try:
-        with preserved_modes(model), torch.no_grad():
+        with preserved_modes(model), preserved_buffers([m for _, m in bns]), torch.no_grad():
             model.eval()
             if settle is not None:
                 for _, m in bns:
@@ -439,8 +438,6 @@ def train_eval_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
             h.remove()
         for n, m in bns:
             m.momentum = moms[n]
-            for k, v in saved[n].items():
-                getattr(m, k).copy_(v)
     if out_eval is None or out_train is None:
         return None
     a, b = out_train.float(), out_eval.float()
