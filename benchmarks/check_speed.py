@@ -42,9 +42,19 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 HEALTHY = REPO / "fixtures" / "healthy"
 
-RESNET50_CHECK = [PY, "-m", "netdoctor", "check", "fixtures/healthy/resnet50.py:ResNet50",
-                  "--input-shape", "3,224,224"]
-FLOOR = [PY, "-c", """
+RESNET50_CHECK = [
+    PY,
+    "-m",
+    "netdoctor",
+    "check",
+    "fixtures/healthy/resnet50.py:ResNet50",
+    "--input-shape",
+    "3,224,224",
+]
+FLOOR = [
+    PY,
+    "-c",
+    """
 import importlib.util
 
 import torch
@@ -54,21 +64,42 @@ spec = importlib.util.spec_from_file_location("resnet50", "fixtures/healthy/resn
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 fx.symbolic_trace(module.ResNet50())
-"""]
+""",
+]
 
 COMMANDS = [
     ("netdoctor rules", [PY, "-m", "netdoctor", "rules"]),
     ("python -c 'import torch'", [PY, "-c", "import torch"]),
     ("floor: torch + build + trace ResNet-50", FLOOR),
     ("check ResNet-50 (3x224x224)", RESNET50_CHECK),
-    ("check healthy ResNet (3x32x32)",
-     [PY, "-m", "netdoctor", "check", "fixtures/healthy/resnet.py:ResNet", "--input-shape",
-      "3,32,32"]),
-    ("check sick AlexNet (1x224x224)",
-     [PY, "-m", "netdoctor", "check", "fixtures/sick/alexnet.py:AlexNet", "--input-shape",
-      "1,224,224"]),
-    (f"check the healthy folder ({len(list(HEALTHY.glob('*.py')))} files)",
-     [PY, "-m", "netdoctor", "check", "fixtures/healthy"]),
+    (
+        "check healthy ResNet (3x32x32)",
+        [
+            PY,
+            "-m",
+            "netdoctor",
+            "check",
+            "fixtures/healthy/resnet.py:ResNet",
+            "--input-shape",
+            "3,32,32",
+        ],
+    ),
+    (
+        "check sick AlexNet (1x224x224)",
+        [
+            PY,
+            "-m",
+            "netdoctor",
+            "check",
+            "fixtures/sick/alexnet.py:AlexNet",
+            "--input-shape",
+            "1,224,224",
+        ],
+    ),
+    (
+        f"check the healthy folder ({len(list(HEALTHY.glob('*.py')))} files)",
+        [PY, "-m", "netdoctor", "check", "fixtures/healthy"],
+    ),
     ("check --fix on a copy of AlexNet", None),  # filled in main(): needs a fresh copy per run
 ]
 
@@ -76,8 +107,9 @@ COMMANDS = [
 def run_once(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds, peak RSS MiB) of one fresh process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) not in (0, 1):
@@ -95,11 +127,15 @@ def ratio_to_floor(pairs: int, env: dict[str, str]) -> None:
         floor.append(run_once(FLOOR, REPO, env))
     wall = statistics.median(c[0] / f[0] for c, f in zip(check, floor))
     cpu = statistics.median(c[1] / f[1] for c, f in zip(check, floor))
-    print(f"check ResNet-50 3x224x224 vs the floor (import torch + build + fx trace), "
-          f"{pairs} pairs in turn:")
+    print(
+        f"check ResNet-50 3x224x224 vs the floor (import torch + build + fx trace), "
+        f"{pairs} pairs in turn:"
+    )
     for label, runs in (("check", check), ("floor", floor)):
-        print(f"  {label:6} median wall {statistics.median(r[0] for r in runs):6.2f} s, "
-              f"CPU {statistics.median(r[1] for r in runs):6.2f} s")
+        print(
+            f"  {label:6} median wall {statistics.median(r[0] for r in runs):6.2f} s, "
+            f"CPU {statistics.median(r[1] for r in runs):6.2f} s"
+        )
     print(f"  ratio  median of pairs: wall {wall:.2f}x, CPU {cpu:.2f}x")
 
 
@@ -111,8 +147,19 @@ def table(runs: int, env: dict[str, str]) -> None:
             if argv is None:
                 work = Path(tempfile.mkdtemp())
                 shutil.copy(REPO / "fixtures/sick/alexnet.py", work / "alexnet.py")
-                cmd, cwd = [PY, "-m", "netdoctor", "check", "alexnet.py:AlexNet",
-                            "--input-shape", "1,224,224", "--fix"], work
+                cmd, cwd = (
+                    [
+                        PY,
+                        "-m",
+                        "netdoctor",
+                        "check",
+                        "alexnet.py:AlexNet",
+                        "--input-shape",
+                        "1,224,224",
+                        "--fix",
+                    ],
+                    work,
+                )
             else:
                 cmd, cwd = argv, REPO
             wall, _, peak = run_once(cmd, cwd, env)
@@ -121,8 +168,10 @@ def table(runs: int, env: dict[str, str]) -> None:
             if i:
                 walls.append(wall)
                 peaks.append(peak)
-        print(f"{label:40} {statistics.median(walls):9.2f} "
-              f"{min(walls):6.2f}..{max(walls):<6.2f} {max(peaks):9.0f}")
+        print(
+            f"{label:40} {statistics.median(walls):9.2f} "
+            f"{min(walls):6.2f}..{max(walls):<6.2f} {max(peaks):9.0f}"
+        )
 
 
 def main() -> None:
@@ -133,8 +182,11 @@ def main() -> None:
     parser.add_argument("--only", choices=["ratio", "table"])
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    subprocess.run([PY, "-m", "compileall", "-q", str(REPO / "src" / "netdoctor")], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [PY, "-m", "compileall", "-q", str(REPO / "src" / "netdoctor")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     print(f"threads: {args.threads or 'torch default'}")

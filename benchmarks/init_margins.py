@@ -49,8 +49,9 @@ def targets() -> list[tuple[str, InputSpec | None]]:
             result = load(str(path))
             for loaded in result.models:
                 spec = None if folder == "healthy" else SICK.get(path.name, MNIST)
-                out.append((f"fixtures/{folder}/{path.name}:{loaded.target.rsplit(':', 1)[1]}",
-                            spec))
+                out.append(
+                    (f"fixtures/{folder}/{path.name}:{loaded.target.rsplit(':', 1)[1]}", spec)
+                )
     return out
 
 
@@ -80,8 +81,10 @@ def main() -> None:
     parser.add_argument("-k", default="", help="only targets containing this text")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    header = (f"{'model':58} {'ND201 shrink (max 24)':>26} {'ND201 above (max 3)':>23} "
-              f"{'ND204 low..high (1e5 either way)':>40}")
+    header = (
+        f"{'model':58} {'ND201 shrink (max 24)':>26} {'ND201 above (max 3)':>23} "
+        f"{'ND204 low..high (1e5 either way)':>40}"
+    )
     print(header)
     print("-" * len(header))
     for target, spec in targets():

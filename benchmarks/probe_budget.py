@@ -28,14 +28,26 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "fixtures/healthy/resnet50.py:ResNet50"
-CASES = [("ResNet-50, shape inferred (3x32x32)", []),
-         ("ResNet-50 at 3x224x224", ["--input-shape", "3,224,224"])]
+CASES = [
+    ("ResNet-50, shape inferred (3x32x32)", []),
+    ("ResNet-50 at 3x224x224", ["--input-shape", "3,224,224"]),
+]
 
 
 def run_once(extra: list[str], budget: float | None) -> tuple[float, dict | None, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    argv = [sys.executable, "-m", "netdoctor", "probe", TARGET, "--data", "synthetic",
-            "--format", "json", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "netdoctor",
+        "probe",
+        TARGET,
+        "--data",
+        "synthetic",
+        "--format",
+        "json",
+        *extra,
+    ]
     if budget is not None:
         argv += ["--time-budget", str(budget)]
     start = time.perf_counter()
@@ -47,8 +59,12 @@ def run_once(extra: list[str], budget: float | None) -> tuple[float, dict | None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget", type=float, default=None,
-                    help="--time-budget to pass (default: the probe's own default, 60 s)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="--time-budget to pass (default: the probe's own default, 60 s)",
+    )
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--only", choices=["inferred", "224"], help="run one of the two cases")
     args = ap.parse_args()
@@ -66,12 +82,15 @@ def main() -> None:
             timings = probe.get("timings_s", {})
             steps = probe.get("steps")
             step_s = timings.get("train_s", 0.0) / max(1, steps or 1)
-            loud = sorted({f["rule"] for f in report["findings"]
-                           if f["severity"] in ("warning", "error")})
-            print(f"{label}: {wall:.1f} s wall for a {budget:g} s budget "
-                  f"(ratio {wall / budget:.2f}); {steps} steps of "
-                  f"batch {probe.get('batch_size')}, {step_s:.2f} s per step; "
-                  f"warnings/errors: {', '.join(loud) or 'none'}")
+            loud = sorted(
+                {f["rule"] for f in report["findings"] if f["severity"] in ("warning", "error")}
+            )
+            print(
+                f"{label}: {wall:.1f} s wall for a {budget:g} s budget "
+                f"(ratio {wall / budget:.2f}); {steps} steps of "
+                f"batch {probe.get('batch_size')}, {step_s:.2f} s per step; "
+                f"warnings/errors: {', '.join(loud) or 'none'}"
+            )
             phases = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in timings.items() if v)
             print(f"    phases (s): {phases}")
             for note in report.get("notes", []):

@@ -38,8 +38,13 @@ from netdoctor.probe.engine import ProbeConfig, run_probe  # noqa: E402
 MODELS = [  # (label, target, kwargs, input shape, steps factor)
     ("MLP 784-300-10", "fixtures/sick/mlp.py:MLP", {}, (1, 28, 28), 1.0),
     ("LeNet-5 (ReLU)", "fixtures/healthy/lenet_relu.py:LeNet", {}, (1, 28, 28), 1.0),
-    ("BN CNN", "fixtures/sick/bn_momentum.py:KerasMomentumNet", {"momentum": 0.1}, (1, 28, 28),
-     1.0),
+    (
+        "BN CNN",
+        "fixtures/sick/bn_momentum.py:KerasMomentumNet",
+        {"momentum": 0.1},
+        (1, 28, 28),
+        1.0,
+    ),
     ("ResNet-18 (narrow)", "fixtures/healthy/resnet.py:ResNet", {}, (3, 32, 32), 0.25),
     ("ViT (4 blocks)", "fixtures/healthy/vit.py:ViT", {}, (3, 32, 32), 0.25),
 ]
@@ -50,8 +55,13 @@ class FixedBatches:
 
     def __init__(self, shape, batch_size, n=8, classes=10):
         g = torch.Generator().manual_seed(0)
-        self.data = [(torch.randn((batch_size, *shape), generator=g),
-                      torch.randint(0, classes, (batch_size,), generator=g)) for _ in range(n)]
+        self.data = [
+            (
+                torch.randn((batch_size, *shape), generator=g),
+                torch.randint(0, classes, (batch_size,), generator=g),
+            )
+            for _ in range(n)
+        ]
 
     def batches(self, n=None):
         for i in range(len(self.data) if n is None else n):
@@ -84,12 +94,19 @@ def probe_loop(model, source, steps, device, instrument) -> float:
 
 
 def table1(device: torch.device, steps: int, repeat: int, batch_size: int) -> None:
-    print(f"\nPer-step cost on {device.type}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f" ({torch.get_num_threads()} threads)")
-          + f", batch {batch_size}, best of {repeat}:")
-    head = f"{'model':22s} {'params':>9s} {'steps':>5s} {'bare ms':>9s} {'plain ms':>9s} " \
-           f"{'instr ms':>9s} {'instr/bare':>10s}"
+    print(
+        f"\nPer-step cost on {device.type}"
+        + (
+            f" ({torch.cuda.get_device_name(device)})"
+            if device.type == "cuda"
+            else f" ({torch.get_num_threads()} threads)"
+        )
+        + f", batch {batch_size}, best of {repeat}:"
+    )
+    head = (
+        f"{'model':22s} {'params':>9s} {'steps':>5s} {'bare ms':>9s} {'plain ms':>9s} "
+        f"{'instr ms':>9s} {'instr/bare':>10s}"
+    )
     print(head)
     print("-" * len(head))
     for label, target, kwargs, shape, factor in MODELS:
@@ -103,8 +120,10 @@ def table1(device: torch.device, steps: int, repeat: int, batch_size: int) -> No
         plain = min(probe_loop(model, source, n, device, False) for _ in range(repeat))
         instr = min(probe_loop(model, source, n, device, True) for _ in range(repeat))
         params = sum(p.numel() for p in model.parameters())
-        print(f"{label:22s} {params:9d} {n:5d} {1e3 * bare:9.2f} {1e3 * plain:9.2f} "
-              f"{1e3 * instr:9.2f} {instr / bare:10.2f}")
+        print(
+            f"{label:22s} {params:9d} {n:5d} {1e3 * bare:9.2f} {1e3 * plain:9.2f} "
+            f"{1e3 * instr:9.2f} {instr / bare:10.2f}"
+        )
 
 
 def table2(device: str, repeat: int) -> None:
@@ -115,12 +134,17 @@ def table2(device: str, repeat: int) -> None:
         runs = [
             ("LeNet-5 (ReLU), healthy", "fixtures/healthy/lenet_relu.py:LeNet", []),
             ("LeNet-5 (sigmoid), + verify", "fixtures/sick/lenet_sigmoid.py:LeNet", []),
-            ("MLP raw pixels lr 0.5, + verify", "fixtures/sick/mlp.py:MLP",
-             ["--raw", "--lr", "0.5", "--momentum", "0"]),
+            (
+                "MLP raw pixels lr 0.5, + verify",
+                "fixtures/sick/mlp.py:MLP",
+                ["--raw", "--lr", "0.5", "--momentum", "0"],
+            ),
         ]
         env = dict(os.environ, PYTHONPATH=str(REPO / "src"), NO_COLOR="1")
-        print(f"\nDefault `netdoctor probe` wall time (fresh process, --device {device}, "
-              f"best of {repeat}):")
+        print(
+            f"\nDefault `netdoctor probe` wall time (fresh process, --device {device}, "
+            f"best of {repeat}):"
+        )
         print(f"{'run':34s} {'wall s':>7s}")
         print("-" * 42)
         for label, target, extra in runs:
@@ -128,9 +152,27 @@ def table2(device: str, repeat: int) -> None:
             for _ in range(repeat):
                 t0 = time.perf_counter()
                 proc = subprocess.run(
-                    [sys.executable, "-m", "netdoctor", "probe", target, "--data", "fashionmnist",
-                     "--data-dir", tmp, "--device", device, "--format", "json", *extra],
-                    cwd=REPO, env=env, capture_output=True, text=True)
+                    [
+                        sys.executable,
+                        "-m",
+                        "netdoctor",
+                        "probe",
+                        target,
+                        "--data",
+                        "fashionmnist",
+                        "--data-dir",
+                        tmp,
+                        "--device",
+                        device,
+                        "--format",
+                        "json",
+                        *extra,
+                    ],
+                    cwd=REPO,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
                 wall = time.perf_counter() - t0
                 if proc.returncode not in (0, 1):
                     print(f"{label:34s} failed: {proc.stderr.strip()[:200]}")
@@ -142,15 +184,22 @@ def table2(device: str, repeat: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                    help="auto: CPU, and CUDA as well when present")
+    ap.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: CPU, and CUDA as well when present",
+    )
     ap.add_argument("--steps", type=int, default=60, help="steps per timing (small models)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--skip-cli", action="store_true", help="skip table 2")
     args = ap.parse_args()
-    devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else (
-        ["cpu"] if args.device == "auto" else [args.device])
+    devices = (
+        ["cpu", "cuda"]
+        if args.device == "auto" and torch.cuda.is_available()
+        else (["cpu"] if args.device == "auto" else [args.device])
+    )
     for d in devices:
         table1(torch.device(d), args.steps, args.repeat, args.batch_size)
     if not args.skip_cli:

@@ -49,20 +49,30 @@ REPO = Path(__file__).resolve().parents[1]
 LOOPS = REPO / "benchmarks" / "loops"
 MODELS = {  # name -> (label, script)
     "resnet18": ("ResNet-18 (11.2M params), 3x32x32, batch 32, SGD", LOOPS / "resnet18.py"),
-    "transformer": ("Transformer encoder, 4 x d256, seq 128, batch 8, AdamW",
-                    LOOPS / "transformer.py"),
+    "transformer": (
+        "Transformer encoder, 4 x d256, seq 128, batch 8, AdamW",
+        LOOPS / "transformer.py",
+    ),
 }
 MODES = {  # name -> netdoctor run options (None: the bare script)
     "bare": None,
     "default": [],
     "every1": ["--every", "1"],
 }
-NOTE = re.compile(r"measurements took ([\d.]+) s of the ([\d.]+) s the training ran.*"
-                  r"static checks ([\d.]+) s once")
+NOTE = re.compile(
+    r"measurements took ([\d.]+) s of the ([\d.]+) s the training ran.*"
+    r"static checks ([\d.]+) s once"
+)
 
 
-def start(script: Path, mode: str, steps: int, threads: int, workdir: Path,
-          turn: tuple[int, int] | None = None) -> tuple[subprocess.Popen, list[str], float]:
+def start(
+    script: Path,
+    mode: str,
+    steps: int,
+    threads: int,
+    workdir: Path,
+    turn: tuple[int, int] | None = None,
+) -> tuple[subprocess.Popen, list[str], float]:
     timings = workdir / f"{script.stem}-{mode}.json"
     report = workdir / f"{script.stem}-{mode}-report.json"
     options = MODES[mode]
@@ -70,19 +80,31 @@ def start(script: Path, mode: str, steps: int, threads: int, workdir: Path,
     if options is not None:
         cmd += ["-m", "netdoctor", "run", "--format", "json", "-o", str(report), *options]
     cmd += [str(script), "--steps", str(steps), "--timings", str(timings)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
     env.pop("BENCH_TURN_FDS", None)
     if turn is not None:
         env["BENCH_TURN_FDS"] = f"{turn[0]},{turn[1]}"
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, pass_fds=turn or ())
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=turn or (),
+    )
     return proc, cmd, t0
 
 
-def finish(proc: subprocess.Popen, cmd: list[str], t0: float, script: Path, mode: str,
-           workdir: Path) -> dict:
+def finish(
+    proc: subprocess.Popen, cmd: list[str], t0: float, script: Path, mode: str, workdir: Path
+) -> dict:
     """Wait for one process; its step timings, wall time and (under netdoctor) its report."""
     _, err = proc.communicate()
     wall = time.perf_counter() - t0
@@ -100,8 +122,9 @@ def finish(proc: subprocess.Popen, cmd: list[str], t0: float, script: Path, mode
     return out
 
 
-def lockstep(script: Path, order: list[str], steps: int, threads: int, workdir: Path
-             ) -> dict[str, dict]:
+def lockstep(
+    script: Path, order: list[str], steps: int, threads: int, workdir: Path
+) -> dict[str, dict]:
     """Run the modes at once, taking turns step by step (process i waits on pipe i and hands
     on to pipe i+1)."""
     pipes = [os.pipe() for _ in order]
@@ -129,8 +152,9 @@ def lockstep(script: Path, order: list[str], steps: int, threads: int, workdir: 
     return results
 
 
-def sequential(script: Path, order: list[str], steps: int, threads: int, workdir: Path
-               ) -> dict[str, dict]:
+def sequential(
+    script: Path, order: list[str], steps: int, threads: int, workdir: Path
+) -> dict[str, dict]:
     results = {}
     for mode in order:
         proc, cmd, t0 = start(script, mode, steps, threads, workdir)
@@ -144,17 +168,25 @@ def pct(x: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=",".join(MODELS),
-                    help="comma separated: " + ", ".join(MODELS))
+    ap.add_argument(
+        "--models", default=",".join(MODELS), help="comma separated: " + ", ".join(MODELS)
+    )
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=8, help="first steps left out of the timing")
     ap.add_argument("--rounds", type=int, default=3, help="lock-step rounds per model")
-    ap.add_argument("--whole", type=int, default=2,
-                    help="rounds of whole processes one after another, per model")
+    ap.add_argument(
+        "--whole",
+        type=int,
+        default=2,
+        help="rounds of whole processes one after another, per model",
+    )
     ap.add_argument("--threads", type=int, default=1, help="OMP/MKL threads for every run")
     ap.add_argument("--json", help="also write the raw timings here")
-    ap.add_argument("--load", help="print the tables from a --json file of an earlier run (with "
-                    "the same --steps and --warmup) instead of running")
+    ap.add_argument(
+        "--load",
+        help="print the tables from a --json file of an earlier run (with "
+        "the same --steps and --warmup) instead of running",
+    )
     args = ap.parse_args()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -168,8 +200,11 @@ def main() -> None:
     raw: dict[str, dict[str, list]] = {n: {"lockstep": [], "whole": []} for n in names}
 
     def log(kind: str, r: int, name: str, res: dict[str, dict]) -> None:
-        text = "  ".join(f"{m} {1000 * statistics.median(res[m]['wall'][timed]):.0f} ms"
-                         f" ({res[m]['process']:.0f} s)" for m in modes)
+        text = "  ".join(
+            f"{m} {1000 * statistics.median(res[m]['wall'][timed]):.0f} ms"
+            f" ({res[m]['process']:.0f} s)"
+            for m in modes
+        )
         print(f"{kind} {r + 1} {name}: {text}", file=sys.stderr, flush=True)
 
     if args.load:
@@ -180,69 +215,91 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for r in range(0 if args.load else max(args.rounds, args.whole)):
-            order = modes[r % len(modes):] + modes[:r % len(modes)]
+            order = modes[r % len(modes) :] + modes[: r % len(modes)]
             for name in names:
                 script = MODELS[name][1]
                 if r < args.rounds:
-                    raw[name]["lockstep"].append(lockstep(script, order, args.steps,
-                                                          args.threads, work))
+                    raw[name]["lockstep"].append(
+                        lockstep(script, order, args.steps, args.threads, work)
+                    )
                     log("lock-step", r, name, raw[name]["lockstep"][-1])
                 if r < args.whole:
-                    raw[name]["whole"].append(sequential(script, order, args.steps,
-                                                         args.threads, work))
+                    raw[name]["whole"].append(
+                        sequential(script, order, args.steps, args.threads, work)
+                    )
                     log("whole", r, name, raw[name]["whole"][-1])
     if args.json:
         Path(args.json).write_text(json.dumps(raw))
 
-    print(f"\n{args.steps} steps per run, steps {args.warmup + 1}-{args.steps - 1} timed, "
-          f"{args.threads} thread(s) per process; {args.rounds} lock-step round(s), "
-          f"{args.whole} round(s) of whole processes\n")
-    print("| model | bare ms/step | default ms/step | every-1 ms/step | "
-          "whole process: bare / default / every 1 | start+report (+ static checks) |")
+    print(
+        f"\n{args.steps} steps per run, steps {args.warmup + 1}-{args.steps - 1} timed, "
+        f"{args.threads} thread(s) per process; {args.rounds} lock-step round(s), "
+        f"{args.whole} round(s) of whole processes\n"
+    )
+    print(
+        "| model | bare ms/step | default ms/step | every-1 ms/step | "
+        "whole process: bare / default / every 1 | start+report (+ static checks) |"
+    )
     print("|---|---|---|---|---|---|")
     details = []
     for name in names:
         rounds = raw[name]["lockstep"]
 
         def round_ratios(mode: str, key: str = "wall", rounds: list = rounds) -> list[float]:
-            return [statistics.median(m / b for m, b in zip(res[mode][key][timed],
-                                                            res["bare"][key][timed]))
-                    for res in rounds]
+            return [
+                statistics.median(
+                    m / b for m, b in zip(res[mode][key][timed], res["bare"][key][timed])
+                )
+                for res in rounds
+            ]
 
         def step_ratio(mode: str, key: str = "wall") -> float:
             return statistics.median(round_ratios(mode, key))
 
         def step_ms(mode: str, rounds: list = rounds) -> float:
-            return 1000 * statistics.median(statistics.median(res[mode]["wall"][timed])
-                                            for res in rounds)
+            return 1000 * statistics.median(
+                statistics.median(res[mode]["wall"][timed]) for res in rounds
+            )
 
         whole = raw[name]["whole"]
         cells = []
         if whole:
             walls = {m: statistics.median(res[m]["process"] for res in whole) for m in modes}
             cells.append(" / ".join(f"{walls[m]:.1f} s" for m in modes))
-            fixed = {m: statistics.median(
-                (res[m]["process"] - sum(res[m]["wall"]))
-                - (res["bare"]["process"] - sum(res["bare"]["wall"])) for res in whole)
-                for m in ("default", "every1")}
+            fixed = {
+                m: statistics.median(
+                    (res[m]["process"] - sum(res[m]["wall"]))
+                    - (res["bare"]["process"] - sum(res["bare"]["wall"]))
+                    for res in whole
+                )
+                for m in ("default", "every1")
+            }
             static = statistics.median(res["default"].get("static", 0.0) for res in whole)
             cells.append(f"{round(fixed['default'], 1) or 0.0:.1f} s (+ {static:.1f} s)")
-            outside = {m: statistics.median(res[m]["process"] - sum(res[m]["wall"])
-                                            for res in whole) for m in modes}
-            details.append(f"{name}: outside the steps (start, model and data, report) the "
-                           "processes took " + " / ".join(f"{outside[m]:.1f} s" for m in modes)
-                           + " (bare / default / every 1)")
+            outside = {
+                m: statistics.median(res[m]["process"] - sum(res[m]["wall"]) for res in whole)
+                for m in modes
+            }
+            details.append(
+                f"{name}: outside the steps (start, model and data, report) the "
+                "processes took "
+                + " / ".join(f"{outside[m]:.1f} s" for m in modes)
+                + " (bare / default / every 1)"
+            )
         else:
             cells += ["-", "-"]
-        print(f"| {MODELS[name][0]} | {step_ms('bare'):.0f} | "
-              f"{step_ms('default'):.0f} ({pct(step_ratio('default'))}) | "
-              f"{step_ms('every1'):.0f} ({pct(step_ratio('every1'))}) | {' | '.join(cells)} |")
+        print(
+            f"| {MODELS[name][0]} | {step_ms('bare'):.0f} | "
+            f"{step_ms('default'):.0f} ({pct(step_ratio('default'))}) | "
+            f"{step_ms('every1'):.0f} ({pct(step_ratio('every1'))}) | {' | '.join(cells)} |"
+        )
         for mode in ("default", "every1"):
             # the report's own account of its time in the steps, against the measured extra
             # (step 1 left out of the sum: in lock-step it overlaps the other processes' start)
             said = statistics.median(res[mode]["hooks"] for res in rounds)
-            extra = statistics.median(sum(res[mode]["wall"][1:-1]) - sum(res["bare"]["wall"][1:-1])
-                                      for res in rounds)
+            extra = statistics.median(
+                sum(res[mode]["wall"][1:-1]) - sum(res["bare"]["wall"][1:-1]) for res in rounds
+            )
             found = sorted({f for res in rounds for f in res[mode]["findings"]})
             details.append(
                 f"{name}, {mode}: per round "
@@ -250,7 +307,8 @@ def main() -> None:
                 + f"; CPU time per step {pct(step_ratio(mode, 'cpu'))}; steps "
                 f"2-{args.steps - 1} took {extra:.2f} s longer than the bare script's, and "
                 f"netdoctor's report says its measurements took {said:.2f} s (all steps); "
-                f"findings: {', '.join(found) or 'none'}")
+                f"findings: {', '.join(found) or 'none'}"
+            )
     print()
     for line in details:
         print(f"- {line}")

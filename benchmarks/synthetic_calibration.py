@@ -88,8 +88,7 @@ def probe(target: str, extra: list[str], data_dir: str) -> dict:
 
     from netdoctor.cli import main
 
-    args = ["probe", target, "--data", "synthetic", "--steps", "100", "--format", "json",
-            *extra]
+    args = ["probe", target, "--data", "synthetic", "--steps", "100", "--format", "json", *extra]
     if "fashionmnist" in extra:
         args = [a for a in args if a != "synthetic"]
         args.remove("--data")
@@ -109,29 +108,43 @@ def row(name: str, report: dict, seconds: float) -> dict:
     losses = m.get("loss_curve") or []
     accs = [a for a in m.get("accuracy_curve") or [] if a is not None]
     k = max(1, len(losses) // 10)
-    loud = sorted({f["rule"] for f in report["findings"]
-                   if f["severity"] in ("warning", "error")})
-    out = {"name": name, "loss_first": mean(losses[:k]), "loss_last": mean(losses[-k:]),
-           "accuracy": mean(accs[-k:]) if accs else None, "loud": loud,
-           "fix_first": report["summary"].get("fix_first"), "seconds": seconds}
-    labels = (m.get("probe") or {})
+    loud = sorted({f["rule"] for f in report["findings"] if f["severity"] in ("warning", "error")})
+    out = {
+        "name": name,
+        "loss_first": mean(losses[:k]),
+        "loss_last": mean(losses[-k:]),
+        "accuracy": mean(accs[-k:]) if accs else None,
+        "loud": loud,
+        "fix_first": report["summary"].get("fix_first"),
+        "seconds": seconds,
+    }
+    labels = m.get("probe") or {}
     out["steps"] = labels.get("steps")
     out["chance"] = m.get("chance")
     vf = m.get("verified_fix")
     if vf:
         sym = vf.get("symptom") or {}
-        out["verified"] = ("improved" if vf.get("outcome_improved") else
-                           "symptom only" if vf.get("improved") else "not improved")
+        out["verified"] = (
+            "improved"
+            if vf.get("outcome_improved")
+            else "symptom only"
+            if vf.get("improved")
+            else "not improved"
+        )
         out["applied"] = vf.get("applied")
         out["after"] = vf.get("after")
         out["before"] = vf.get("before")
-        out["symptom"] = (f"{sym.get('name')}: {sym.get('before_text')} -> "
-                          f"{sym.get('after_text')}") if sym else None
+        out["symptom"] = (
+            (f"{sym.get('name')}: {sym.get('before_text')} -> {sym.get('after_text')}")
+            if sym
+            else None
+        )
         out["attempts"] = len(vf.get("attempts") or [])
         out["vf_steps"] = vf.get("steps")
     elif out["fix_first"]:
-        note = next((n for n in report.get("notes", []) if "cannot be applied in memory" in n),
-                    None)
+        note = next(
+            (n for n in report.get("notes", []) if "cannot be applied in memory" in n), None
+        )
         out["verified"] = "not in memory" if note else "not verified"
     return out
 
@@ -143,38 +156,54 @@ def fmt(v, digits=2) -> str:
 def print_rows(rows: list[dict], markdown: bool, sick: bool) -> None:
     if markdown:
         if sick:
-            print("| fixture | fix first | verified | applied | loss before → after "
-                  "(accuracy) | symptom |")
+            print(
+                "| fixture | fix first | verified | applied | loss before → after "
+                "(accuracy) | symptom |"
+            )
             print("|---|---|---|---|---|---|")
         else:
             print("| fixture | loss first → last | accuracy | chance | warnings |")
             print("|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['name']} | error: {r['error']} |" if markdown else
-                  f"{r['name']:18s} ERROR {r['error']}")
+            print(
+                f"| {r['name']} | error: {r['error']} |"
+                if markdown
+                else f"{r['name']:18s} ERROR {r['error']}"
+            )
             continue
         curve = f"{fmt(r['loss_first'])} → {fmt(r['loss_last'])}"
         if markdown and sick:
             b, a = r.get("before") or {}, r.get("after") or {}
-            outcome = (f"{fmt(b.get('loss_last'))} ({fmt(b.get('accuracy'))}) → "
-                       f"{fmt(a.get('loss_last'))} ({fmt(a.get('accuracy'))})"
-                       if r.get("after") else "")
+            outcome = (
+                f"{fmt(b.get('loss_last'))} ({fmt(b.get('accuracy'))}) → "
+                f"{fmt(a.get('loss_last'))} ({fmt(a.get('accuracy'))})"
+                if r.get("after")
+                else ""
+            )
             if r.get("vf_steps") and r.get("vf_steps") != r.get("steps"):
                 outcome += f", {r['vf_steps']} steps"
-            print(f"| {r['name']} | {r['fix_first'] or '-'} | {r.get('verified', '-')} | "
-                  f"{r.get('applied') or '-'} | {outcome} | {r.get('symptom') or ''} |")
+            print(
+                f"| {r['name']} | {r['fix_first'] or '-'} | {r.get('verified', '-')} | "
+                f"{r.get('applied') or '-'} | {outcome} | {r.get('symptom') or ''} |"
+            )
         elif markdown:
-            print(f"| {r['name']} | {curve} | {fmt(r['accuracy'])} | {fmt(r['chance'])} | "
-                  f"{', '.join(r['loud']) or 'none'} |")
+            print(
+                f"| {r['name']} | {curve} | {fmt(r['accuracy'])} | {fmt(r['chance'])} | "
+                f"{', '.join(r['loud']) or 'none'} |"
+            )
         else:
-            line = (f"{r['name']:18s} {curve}  acc {fmt(r['accuracy'])}  chance "
-                    f"{fmt(r['chance'])}  loud {','.join(r['loud']) or '-'}  "
-                    f"{r['seconds']:.1f}s")
+            line = (
+                f"{r['name']:18s} {curve}  acc {fmt(r['accuracy'])}  chance "
+                f"{fmt(r['chance'])}  loud {','.join(r['loud']) or '-'}  "
+                f"{r['seconds']:.1f}s"
+            )
             if sick:
-                line += (f"\n{'':18s} fix first {r['fix_first']}: {r.get('verified')} "
-                         f"[{r.get('applied')}] after {r.get('after')} | {r.get('symptom')} "
-                         f"| attempts {r.get('attempts')}")
+                line += (
+                    f"\n{'':18s} fix first {r['fix_first']}: {r.get('verified')} "
+                    f"[{r.get('applied')}] after {r.get('after')} | {r.get('symptom')} "
+                    f"| attempts {r.get('attempts')}"
+                )
             print(line, flush=True)
 
 
@@ -194,15 +223,13 @@ def main() -> None:
     from datagen import write_idx_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_idx_dataset(Path(tmp), "FashionMNIST", n_train=1024, n_test=64,
-                          images="templates")
+        write_idx_dataset(Path(tmp), "FashionMNIST", n_train=1024, n_test=64, images="templates")
         for title, table, sick in (("healthy", HEALTHY, False), ("sick", SICK, True)):
             names = [n for n in table if not args.names or n in args.names]
             if not names:
                 continue
             rows = []
-            print(f"\n{title} fixtures, --data synthetic, default probe (100 steps)\n",
-                  flush=True)
+            print(f"\n{title} fixtures, --data synthetic, default probe (100 steps)\n", flush=True)
             for name in names:
                 target, extra = table[name]
                 t = time.perf_counter()

@@ -43,26 +43,46 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: Any, cwd: str | os.PathLike | None = None,
-            timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: Any, cwd: str | os.PathLike | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
     """`python -m netdoctor ARGS...` in a fresh process (cwd defaults to the repo root)."""
-    return subprocess.run([sys.executable, "-m", "netdoctor", *map(str, args)],
-                          cwd=str(cwd or REPO), env=_env(), capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "netdoctor", *map(str, args)],
+        cwd=str(cwd or REPO),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def start_cli(*args: Any, cwd: str | os.PathLike | None = None) -> subprocess.Popen:
     """Like run_cli but returns at once (to run several slow processes side by side)."""
-    return subprocess.Popen([sys.executable, "-m", "netdoctor", *map(str, args)],
-                            cwd=str(cwd or REPO), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "netdoctor", *map(str, args)],
+        cwd=str(cwd or REPO),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
-def run_python(code: str, cwd: str | os.PathLike | None = None,
-               extra_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, cwd: str | os.PathLike | None = None, extra_args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """`python [extra_args] -c CODE` in a fresh process."""
-    return subprocess.run([sys.executable, *extra_args, "-c", code], cwd=str(cwd or REPO),
-                          env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, *extra_args, "-c", code],
+        cwd=str(cwd or REPO),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @contextmanager

@@ -68,13 +68,14 @@ def make_template_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     rows = coarse[:, lo] * (1 - frac)[None, :, None] + coarse[:, lo + 1] * frac[None, :, None]
     templates = rows[:, :, lo] * (1 - frac) + rows[:, :, lo + 1] * frac
     templates = (templates - templates.mean(axis=(1, 2), keepdims=True)) / templates.std(
-        axis=(1, 2), keepdims=True)
+        axis=(1, 2), keepdims=True
+    )
     labels = (np.arange(n) % NUM_CLASSES).astype(np.uint8)
     rng.shuffle(labels)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     for i, k in enumerate(labels):
         dy, dx = rng.integers(0, 2 * pad + 1, size=2)
-        crop = templates[int(k), dy:dy + IMAGE_SIZE, dx:dx + IMAGE_SIZE]
+        crop = templates[int(k), dy : dy + IMAGE_SIZE, dx : dx + IMAGE_SIZE]
         noisy = 0.8 * crop + 0.6 * rng.normal(size=crop.shape)
         images[i] = np.clip(np.round(110 + 50 * noisy), 0, 255).astype(np.uint8)
     return images, labels

@@ -31,10 +31,15 @@ FIXTURES = REPO / "fixtures"
 UPDATE = os.environ.get("NETDOCTOR_UPDATE_SNAPSHOTS") == "1"
 
 _MASK = "<masked>"
-_TIMING_KEYS = {"timings_s", "hook_seconds", "static_seconds", "exchange_seconds", "seconds",
-                "wall_s"}
-_TIMED_NOTES = (re.compile(r"^netdoctor's measurements took "),
-                re.compile(r"took [\d.]+ ?s"))
+_TIMING_KEYS = {
+    "timings_s",
+    "hook_seconds",
+    "static_seconds",
+    "exchange_seconds",
+    "seconds",
+    "wall_s",
+}
+_TIMED_NOTES = (re.compile(r"^netdoctor's measurements took "), re.compile(r"took [\d.]+ ?s"))
 
 
 @dataclass(frozen=True)
@@ -53,19 +58,36 @@ class Target:
 
 # -- what is snapshotted --------------------------------------------------------------------
 
+
 def check_targets() -> list[Target]:
     """Every model of fixtures/sick and fixtures/healthy: the committed snapshots name them
     (`discover_check_targets` finds them afresh)."""
     folder = SNAPSHOTS / "check"
-    return [Target("check", path.stem, (json.loads(path.read_text(encoding="utf-8"))["target"],))
-            for path in sorted(folder.glob("*.json"))]
+    return [
+        Target("check", path.stem, (json.loads(path.read_text(encoding="utf-8"))["target"],))
+        for path in sorted(folder.glob("*.json"))
+    ]
 
 
 def discover_check_targets() -> list[Target]:
     """The models `netdoctor check fixtures/sick fixtures/healthy` discovers, one target each."""
-    proc = subprocess.run([sys.executable, "-m", "netdoctor", "check", "fixtures/sick",
-                           "fixtures/healthy", "--format", "json"], cwd=str(REPO),
-                          env=environment(), capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "netdoctor",
+            "check",
+            "fixtures/sick",
+            "fixtures/healthy",
+            "--format",
+            "json",
+        ],
+        cwd=str(REPO),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     reports = json.loads(proc.stdout)["reports"]
     return [Target("check", snapshot_name(r["target"]), (r["target"],)) for r in reports]
 
@@ -91,7 +113,10 @@ PROBES: dict[str, tuple[str, ...]] = {
     "sick__softmax_output__SoftmaxNet": ("fixtures/sick/softmax_output.py:SoftmaxNet",),
     "sick__untraceable_plain__GatedDeepNet": ("fixtures/sick/untraceable_plain.py:GatedDeepNet",),
     "sick__bn_momentum__KerasMomentumNet__momentum0": (
-        "fixtures/sick/bn_momentum.py:KerasMomentumNet", "-a", "momentum=0"),
+        "fixtures/sick/bn_momentum.py:KerasMomentumNet",
+        "-a",
+        "momentum=0",
+    ),
     "sick__mlp__MLP": ("fixtures/sick/mlp.py:MLP",),
     "sick__detached__DetachedFeatures": ("fixtures/sick/detached.py:DetachedFeatures",),
     "sick__linear_collapse__CollapsedMLP": ("fixtures/sick/linear_collapse.py:CollapsedMLP",),
@@ -101,8 +126,10 @@ PROBES: dict[str, tuple[str, ...]] = {
 
 
 def probe_targets() -> list[Target]:
-    return [Target("probe", name, (*args, "--data", "synthetic", "--steps", "100"))
-            for name, args in PROBES.items()]
+    return [
+        Target("probe", name, (*args, "--data", "synthetic", "--steps", "100"))
+        for name, args in PROBES.items()
+    ]
 
 
 TORCHRUN = {"ddp", "ddp_bypass", "fsdp"}
@@ -110,8 +137,10 @@ TORCHRUN = {"ddp", "ddp_bypass", "fsdp"}
 
 def run_targets() -> list[Target]:
     """Every script of fixtures/loops, as it runs with no arguments."""
-    return [Target("run", path.stem, (f"fixtures/loops/{path.name}",), path.stem in TORCHRUN)
-            for path in sorted((FIXTURES / "loops").glob("*.py"))]
+    return [
+        Target("run", path.stem, (f"fixtures/loops/{path.name}",), path.stem in TORCHRUN)
+        for path in sorted((FIXTURES / "loops").glob("*.py"))
+    ]
 
 
 def all_targets() -> list[Target]:
@@ -119,6 +148,7 @@ def all_targets() -> list[Target]:
 
 
 # -- comparing ------------------------------------------------------------------------------
+
 
 def normalize(value: Any, key: str | None = None) -> Any:
     """The report with run-to-run noise masked: timing fields, notes that quote netdoctor's own
@@ -129,14 +159,19 @@ def normalize(value: Any, key: str | None = None) -> Any:
         return {k: normalize(v, k) for k, v in value.items()}
     if isinstance(value, list):
         if key == "notes":
-            return [_MASK if isinstance(n, str) and any(p.search(n) for p in _TIMED_NOTES)
-                    else normalize(n) for n in value]
+            return [
+                _MASK
+                if isinstance(n, str) and any(p.search(n) for p in _TIMED_NOTES)
+                else normalize(n)
+                for n in value
+            ]
         return [normalize(v) for v in value]
     if isinstance(value, str):
         return value.replace(f"{REPO}{os.sep}", "")  # a path of this checkout, relative
     if isinstance(value, float):
-        return float(f"{value:.6g}") if value == value and abs(value) != float("inf") \
-            else repr(value)
+        return (
+            float(f"{value:.6g}") if value == value and abs(value) != float("inf") else repr(value)
+        )
     return value
 
 
@@ -146,8 +181,9 @@ def read(target: Target) -> Any:
 
 def write(target: Target, report: Any) -> None:
     target.path.parent.mkdir(parents=True, exist_ok=True)
-    target.path.write_text(json.dumps(normalize(report), indent=1, sort_keys=True) + "\n",
-                           encoding="utf-8")
+    target.path.write_text(
+        json.dumps(normalize(report), indent=1, sort_keys=True) + "\n", encoding="utf-8"
+    )
 
 
 def assert_matches(target: Target, report: Any) -> None:
@@ -156,14 +192,17 @@ def assert_matches(target: Target, report: Any) -> None:
     if UPDATE or not target.path.is_file():
         write(target, report)
         if not UPDATE:
-            raise AssertionError(f"{target.path.relative_to(REPO)} was missing: written; "
-                                 "check it and commit it")
+            raise AssertionError(
+                f"{target.path.relative_to(REPO)} was missing: written; check it and commit it"
+            )
         return
     expected = read(target)
     got = json.loads(json.dumps(normalize(report), sort_keys=True))
     if got != expected:
-        raise AssertionError(f"{target.command} {' '.join(target.args)} differs from "
-                             f"{target.path.relative_to(REPO)}:\n" + _diff(expected, got))
+        raise AssertionError(
+            f"{target.command} {' '.join(target.args)} differs from "
+            f"{target.path.relative_to(REPO)}:\n" + _diff(expected, got)
+        )
 
 
 def _diff(expected: Any, got: Any) -> str:
@@ -175,6 +214,7 @@ def _diff(expected: Any, got: Any) -> str:
 
 
 # -- producing ------------------------------------------------------------------------------
+
 
 def environment() -> dict[str, str]:
     env = dict(os.environ)
@@ -198,18 +238,44 @@ def produce(target: Target, timeout: float = 600) -> tuple[Any, subprocess.Compl
         if target.command == "run":
             cli = ["-m", "netdoctor", "run", "--format", "json", "-o", str(out), *target.args]
         else:
-            cli = ["-m", "netdoctor", target.command, *target.args, "--format", "json", "-o",
-                   str(out)]
+            cli = [
+                "-m",
+                "netdoctor",
+                target.command,
+                *target.args,
+                "--format",
+                "json",
+                "-o",
+                str(out),
+            ]
         if target.torchrun:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *cli]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(_free_port()),
+                *cli,
+            ]
         else:
             cmd = [sys.executable, *cli]
-        proc = subprocess.run(cmd, cwd=str(REPO), env=environment(), capture_output=True,
-                              text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd,
+            cwd=str(REPO),
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if not out.is_file():
-            raise RuntimeError(f"{target.name}: no report (exit {proc.returncode}):\n"
-                               f"{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{target.name}: no report (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
         return json.loads(out.read_text(encoding="utf-8")), proc
 
 

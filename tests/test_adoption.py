@@ -12,8 +12,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import SICK, chdir, check_json, findings_of, invoke
 
+from conftest import SICK, chdir, check_json, findings_of, invoke
 from netdoctor.findings import Finding, Location, Report, Severity
 from netdoctor.fixes.ignores import add_ignores
 from netdoctor.loading.target import load
@@ -47,16 +47,20 @@ def test_new_ids_merge_into_an_existing_netdoctor_comment():
 def test_other_comments_are_kept_and_a_bare_ignore_is_left_alone():
     text = "x = nn.Linear(4, 4)  # noqa: E501\ny = nn.Linear(4, 4)  # netdoctor: ignore\n"
     new, changed = with_ignores(text, {1: {"ND201"}, 2: {"ND201"}})
-    assert new == ("x = nn.Linear(4, 4)  # noqa: E501  # netdoctor: ignore[ND201]\n"
-                   "y = nn.Linear(4, 4)  # netdoctor: ignore\n")
+    assert new == (
+        "x = nn.Linear(4, 4)  # noqa: E501  # netdoctor: ignore[ND201]\n"
+        "y = nn.Linear(4, 4)  # netdoctor: ignore\n"
+    )
     assert changed == 1
 
 
 def test_windows_line_endings_and_a_missing_final_newline_are_kept():
     text = "a = 1\r\nx = nn.Linear(4, 4)\r\ny = nn.Linear(4, 4)"
     new, _ = with_ignores(text, {2: {"ND201"}, 3: {"ND202"}})
-    assert new == ("a = 1\r\nx = nn.Linear(4, 4)  # netdoctor: ignore[ND201]\r\n"
-                   "y = nn.Linear(4, 4)  # netdoctor: ignore[ND202]")
+    assert new == (
+        "a = 1\r\nx = nn.Linear(4, 4)  # netdoctor: ignore[ND201]\r\n"
+        "y = nn.Linear(4, 4)  # netdoctor: ignore[ND202]"
+    )
 
 
 CONTINUED = '''\
@@ -86,8 +90,13 @@ def test_a_line_that_cannot_end_in_a_comment_gets_it_where_its_continuation_ends
 
 
 def test_findings_without_a_source_line_are_reported_not_suppressible(tmp_path):
-    onnx = Finding("ND101", "deep-plain-stack", Severity.WARNING, "m",
-                   location=Location(str(tmp_path / "model.onnx")))
+    onnx = Finding(
+        "ND101",
+        "deep-plain-stack",
+        Severity.WARNING,
+        "m",
+        location=Location(str(tmp_path / "model.onnx")),
+    )
     functional = Finding("ND105", "softmax-output", Severity.WARNING, "m")
     outcome = add_ignores([Report("t", findings=[onnx, functional])], [tmp_path])
     assert outcome.comments == 0 and outcome.files == []
@@ -138,7 +147,7 @@ def test_add_ignore_on_the_sick_fixtures_leaves_a_clean_gate_and_only_added_comm
     assert int(m.group(1)) == len(pairs)
     for old, new in pairs:  # each changed line is the old one plus an appended comment
         assert new.startswith(old), (old, new)
-        assert re.fullmatch(r"  # netdoctor: ignore\[ND\d{3}(, ND\d{3})*\]", new[len(old):])
+        assert re.fullmatch(r"  # netdoctor: ignore\[ND\d{3}(, ND\d{3})*\]", new[len(old) :])
 
     # The next check: the same models still import and build, and nothing is reported.
     report, result = check_json(".", cwd=sick_copy)
@@ -151,7 +160,7 @@ def test_add_ignore_on_the_sick_fixtures_leaves_a_clean_gate_and_only_added_comm
     assert {n.split()[0] for n in suppressed} >= {"ND002", "ND101", "ND104", "ND109", "ND201"}
 
 
-MULTILINE = textwrap.dedent('''\
+MULTILINE = textwrap.dedent("""\
     from torch import nn
 
 
@@ -167,15 +176,14 @@ MULTILINE = textwrap.dedent('''\
 
         def forward(self, x):
             return self.head(self.bn(self.conv(x)).flatten(1))
-    ''')
+    """)
 
 
 def test_add_ignore_on_a_multi_line_call_and_a_line_with_a_comment(tmp_path):
     (tmp_path / "net.py").write_text(MULTILINE)
     report, _ = check_json("net.py:Net", "--input-shape", "1,28,28", cwd=tmp_path)
     assert sorted(f["rule"] for f in findings_of(report)) == ["ND109", "ND203"]
-    result = invoke("check", "net.py:Net", "--input-shape", "1,28,28", "--add-ignore",
-                    cwd=tmp_path)
+    result = invoke("check", "net.py:Net", "--input-shape", "1,28,28", "--add-ignore", cwd=tmp_path)
     assert "added 2 ignore comments to 1 file" in result.stderr
     text = (tmp_path / "net.py").read_text()
     assert "self.conv = nn.Conv2d(  # netdoctor: ignore[ND109]\n" in text
@@ -184,15 +192,15 @@ def test_add_ignore_on_a_multi_line_call_and_a_line_with_a_comment(tmp_path):
     assert findings_of(report) == [] and result.exit_code == 0
 
 
-BLOCK = textwrap.dedent('''\
+BLOCK = textwrap.dedent("""\
     from torch import nn
 
 
     def block():
         return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-    ''')
+    """)
 
-USES_BLOCK = textwrap.dedent('''\
+USES_BLOCK = textwrap.dedent("""\
     import sys
     from pathlib import Path
 
@@ -210,7 +218,7 @@ USES_BLOCK = textwrap.dedent('''\
 
         def forward(self, x):
             return self.head(self.body(x).flatten(1))
-    ''')
+    """)
 
 
 def test_files_outside_the_project_are_not_written(tmp_path):
@@ -218,8 +226,9 @@ def test_files_outside_the_project_are_not_written(tmp_path):
     (tmp_path / "lib" / "blocks.py").write_text(BLOCK)
     (tmp_path / "proj").mkdir()
     (tmp_path / "proj" / "net.py").write_text(USES_BLOCK)
-    result = invoke("check", "net.py:Net", "--input-shape", "1,28,28", "--add-ignore",
-                    cwd=tmp_path / "proj")
+    result = invoke(
+        "check", "net.py:Net", "--input-shape", "1,28,28", "--add-ignore", cwd=tmp_path / "proj"
+    )
     assert result.exit_code == 0
     assert "ND109 at " in result.stderr and "lib/blocks.py is outside the project" in result.stderr
     assert "added 0 ignore comments to 0 files" in result.stderr
@@ -239,21 +248,25 @@ def test_add_ignore_with_a_flag_that_fixes_or_counts_is_a_usage_error(tmp_path, 
 
 # ------------------------------------------------------------------ --statistics
 
-STATS_TARGETS = ("fixtures/sick/bias_before_bn.py", "fixtures/sick/bn_momentum.py",
-                 "fixtures/sick/mlp.py")
+STATS_TARGETS = (
+    "fixtures/sick/bias_before_bn.py",
+    "fixtures/sick/bn_momentum.py",
+    "fixtures/sick/mlp.py",
+)
 
 
 def test_statistics_counts_per_rule_most_frequent_first():
     result = invoke("check", *STATS_TARGETS, "--statistics")
     assert result.exit_code == 0
-    assert result.stdout == ("  3  ND109  bias-before-norm\n"
-                             "  2  ND203  batchnorm-momentum\n"
-                             "  1  ND201  init-scale\n")
+    assert result.stdout == (
+        "  3  ND109  bias-before-norm\n  2  ND203  batchnorm-momentum\n  1  ND201  init-scale\n"
+    )
 
 
 def test_statistics_as_json_and_its_exit_code():
-    result = invoke("check", *STATS_TARGETS, "--statistics", "--format", "json",
-                    "--fail-on", "warning")
+    result = invoke(
+        "check", *STATS_TARGETS, "--statistics", "--format", "json", "--fail-on", "warning"
+    )
     assert result.exit_code == 1  # the gate still applies
     assert json.loads(result.stdout) == [
         {"count": 3, "rule": "ND109", "name": "bias-before-norm", "severity": "info"},

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import HEALTHY, SICK, check_json, findings_of, invoke, line_of
 
 ALEXNET = SICK / "alexnet.py"
@@ -63,8 +64,9 @@ def test_alexnet_text_report():
 
 
 def test_alexnet_bn_is_clean():
-    report, result = check_json("fixtures/healthy/alexnet_bn.py:AlexNetBN",
-                                "--input-shape", "1,224,224")
+    report, result = check_json(
+        "fixtures/healthy/alexnet_bn.py:AlexNetBN", "--input-shape", "1,224,224"
+    )
     assert result.exit_code == 0
     assert findings_of(report) == []
     assert report["summary"]["total"] == 0
@@ -74,12 +76,18 @@ def test_broken_residual_reports_the_dead_convolutions():
     report, _ = check_json("fixtures/sick/broken_residual.py:Net", *MNIST)
     dead = findings_of(report, "ND103")
     assert sorted(f["module"] for f in dead) == [
-        "resi1.conv1", "resi1.conv2", "resi2.conv1", "resi2.conv2"]
+        "resi1.conv1",
+        "resi1.conv2",
+        "resi2.conv1",
+        "resi2.conv2",
+    ]
     assert rules_of(report) == ["ND103"] * 4  # nothing for conv1/conv2/fullconnect
     source = SICK / "broken_residual.py"
     lines = {f["module"].split(".")[1]: f["location"]["line"] for f in dead}
-    assert lines == {"conv1": line_of(source, "self.conv1 = nn.Conv2d(channels"),
-                     "conv2": line_of(source, "self.conv2 = nn.Conv2d(channels")}
+    assert lines == {
+        "conv1": line_of(source, "self.conv1 = nn.Conv2d(channels"),
+        "conv2": line_of(source, "self.conv2 = nn.Conv2d(channels"),
+    }
     assert all(f["severity"] == "warning" for f in dead)
 
 
@@ -96,8 +104,10 @@ def test_healthy_lenet_has_no_findings():
     assert findings_of(report) == [] and result.exit_code == 0
 
 
-@pytest.mark.parametrize("cls, attr, wrapper", [("ListMLP", "layers", "ModuleList"),
-                                                ("DictHeads", "heads", "ModuleDict")])
+@pytest.mark.parametrize(
+    "cls, attr, wrapper",
+    [("ListMLP", "layers", "ModuleList"), ("DictHeads", "heads", "ModuleDict")],
+)
 def test_list_held_layers(cls, attr, wrapper):
     report, result = check_json(f"fixtures/sick/list_layers.py:{cls}", *MNIST)
     (finding,) = findings_of(report, "ND104")
@@ -112,14 +122,17 @@ def test_list_held_layers(cls, attr, wrapper):
     assert result.exit_code == 1  # an error finding fails the check by default
 
 
-@pytest.mark.parametrize("extra, flagged", [
-    ((), [0.9]),
-    (("-a", "momentum=0.99"), [0.99]),
-    (("--kwargs", '{"momentum": 0}'), [0]),
-    (("-a", "momentum=0"), [0]),
-    (("-a", "momentum=0.1"), []),
-    (("-a", "momentum=None"), []),
-])
+@pytest.mark.parametrize(
+    "extra, flagged",
+    [
+        ((), [0.9]),
+        (("-a", "momentum=0.99"), [0.99]),
+        (("--kwargs", '{"momentum": 0}'), [0]),
+        (("-a", "momentum=0"), [0]),
+        (("-a", "momentum=0.1"), []),
+        (("-a", "momentum=None"), []),
+    ],
+)
 def test_batchnorm_momentum(extra, flagged):
     report, _ = check_json("fixtures/sick/bn_momentum.py:KerasMomentumNet", *MNIST, *extra)
     found = findings_of(report, "ND203")
@@ -162,18 +175,26 @@ def healthy_folder() -> tuple[dict, int]:
 
 
 def _healthy_files() -> list[str]:
-    return [p.name for p in sorted(HEALTHY.glob("*.py"))
-            if re.search(r"^class \w+\(nn\.Module\):", p.read_text(), re.MULTILINE)]
+    return [
+        p.name
+        for p in sorted(HEALTHY.glob("*.py"))
+        if re.search(r"^class \w+\(nn\.Module\):", p.read_text(), re.MULTILINE)
+    ]
 
 
 @pytest.mark.parametrize("filename", _healthy_files())
 def test_every_healthy_fixture_has_no_warning_or_error(healthy_folder, filename):
     report, _ = healthy_folder
-    checked = [r for r in report["reports"]
-               if r["target"].startswith(f"fixtures/healthy/{filename}:")]
+    checked = [
+        r for r in report["reports"] if r["target"].startswith(f"fixtures/healthy/{filename}:")
+    ]
     assert checked, f"no model of {filename} was checked"
-    loud = [(r["target"], f["rule"], f["message"]) for r in checked for f in r["findings"]
-            if f["severity"] in ("warning", "error")]
+    loud = [
+        (r["target"], f["rule"], f["message"])
+        for r in checked
+        for f in r["findings"]
+        if f["severity"] in ("warning", "error")
+    ]
     assert not loud
 
 
@@ -192,8 +213,12 @@ def test_exit_codes():
     assert invoke("check", *ALEX).exit_code == 0  # a warning does not fail by default
     assert invoke("check", *ALEX, "--fail-on", "warning").exit_code == 1
     assert invoke("check", *ALEX, "--fail-on", "info").exit_code == 1
-    assert invoke("check", "fixtures/sick/forward_error.py:ShapeBug", *MNIST,
-                  "--fail-on", "never").exit_code == 0
+    assert (
+        invoke(
+            "check", "fixtures/sick/forward_error.py:ShapeBug", *MNIST, "--fail-on", "never"
+        ).exit_code
+        == 0
+    )
 
 
 # ------------------------------------------------------------------------ output formats
@@ -204,8 +229,16 @@ def test_json_contract(alexnet):
     assert alexnet["target"] == ALEXNET_TARGET
     assert {"error", "warning", "info", "total"} <= set(alexnet["summary"])
     for f in alexnet["findings"]:
-        assert set(f) >= {"rule", "name", "severity", "message", "module", "location", "fix",
-                          "evidence"}
+        assert set(f) >= {
+            "rule",
+            "name",
+            "severity",
+            "message",
+            "module",
+            "location",
+            "fix",
+            "evidence",
+        }
         assert f["severity"] in ("error", "warning", "info")
         assert f["location"] is None or set(f["location"]) >= {"path", "line"}
         assert f["fix"] is None or set(f["fix"]) >= {"summary", "patch"}
@@ -213,10 +246,13 @@ def test_json_contract(alexnet):
 
 
 def test_json_several_targets():
-    report, _ = check_json("fixtures/healthy/lenet_relu.py:LeNet",
-                           "fixtures/sick/lenet_sigmoid.py:LeNet", *MNIST)
+    report, _ = check_json(
+        "fixtures/healthy/lenet_relu.py:LeNet", "fixtures/sick/lenet_sigmoid.py:LeNet", *MNIST
+    )
     assert [r["target"] for r in report["reports"]] == [
-        "fixtures/healthy/lenet_relu.py:LeNet", "fixtures/sick/lenet_sigmoid.py:LeNet"]
+        "fixtures/healthy/lenet_relu.py:LeNet",
+        "fixtures/sick/lenet_sigmoid.py:LeNet",
+    ]
     assert report["summary"]["warning"] == 1 and report["summary"]["targets"] == 2
 
 
@@ -271,12 +307,15 @@ def _class_index(lines: list[str]) -> int:
     return next(i for i, text in enumerate(lines) if text.startswith("class AlexNet"))
 
 
-@pytest.mark.parametrize("where, ids, suppressed", [
-    ("layer", "ND101", True),
-    ("class", "ND101", True),
-    ("layer", "ND102", False),
-    ("layer", "ND102, nd101", True),
-])
+@pytest.mark.parametrize(
+    "where, ids, suppressed",
+    [
+        ("layer", "ND101", True),
+        ("class", "ND101", True),
+        ("layer", "ND102", False),
+        ("layer", "ND102, nd101", True),
+    ],
+)
 def test_suppression_comment(tmp_path, where, ids, suppressed):
     def edit(lines):
         i = _conv_index(lines) if where == "layer" else _class_index(lines)
@@ -332,8 +371,11 @@ def test_config_fail_on(tmp_path):
 
 
 def test_config_input_shape_and_targets(tmp_path):
-    root = _project(tmp_path, '[tool.netdoctor]\ntargets = ["fixtures/sick/alexnet.py:AlexNet"]\n'
-                              'input-shape = [1, 224, 224]\n')
+    root = _project(
+        tmp_path,
+        '[tool.netdoctor]\ntargets = ["fixtures/sick/alexnet.py:AlexNet"]\n'
+        "input-shape = [1, 224, 224]\n",
+    )
     report, _ = check_json(cwd=root)
     assert rules_of(report) == ["ND101"]
     assert not any("inferred" in n for n in report["notes"])
@@ -361,7 +403,11 @@ def test_file_without_name_checks_buildable_classes():
     report, result = check_json("fixtures/sick/broken_residual.py", *MNIST)
     assert report["target"] == "fixtures/sick/broken_residual.py:Net"
     assert sorted(f["module"] for f in findings_of(report, "ND103")) == [
-        "resi1.conv1", "resi1.conv2", "resi2.conv1", "resi2.conv2"]
+        "resi1.conv1",
+        "resi1.conv2",
+        "resi2.conv1",
+        "resi2.conv2",
+    ]
     skipped = [n for n in report["notes"] if "ResidualBlock" in n]
     assert skipped and "constructor arguments" in skipped[0] and "channels" in skipped[0]
     text = invoke("check", "fixtures/sick/broken_residual.py", *MNIST).stdout
@@ -389,20 +435,22 @@ def test_diff_applies_cleanly_with_git(tmp_path):
     shutil.copy(ALEXNET, work / "fixtures" / "sick" / "alexnet.py")
     subprocess.run([git, "init", "-q"], cwd=work, check=True)
     (tmp_path / "fix.patch").write_text(patch)
-    applied = subprocess.run([git, "apply", "--check", str(tmp_path / "fix.patch")], cwd=work,
-                             capture_output=True, text=True)
+    applied = subprocess.run(
+        [git, "apply", "--check", str(tmp_path / "fix.patch")],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
     assert applied.returncode == 0, applied.stderr
     subprocess.run([git, "apply", str(tmp_path / "fix.patch")], cwd=work, check=True)
     # The patched model is the fix: no more deep plain stack.
-    report, _ = check_json("fixtures/sick/alexnet.py:AlexNet", "--input-shape", "1,224,224",
-                           cwd=work)
+    report, _ = check_json(
+        "fixtures/sick/alexnet.py:AlexNet", "--input-shape", "1,224,224", cwd=work
+    )
     assert findings_of(report, "ND101") == []
-    assert findings_of(report) == [] or all(f["severity"] == "info"
-                                            for f in findings_of(report))
+    assert findings_of(report) == [] or all(f["severity"] == "info" for f in findings_of(report))
 
 
 def test_diff_is_empty_for_a_healthy_model():
     result = invoke("check", "fixtures/healthy/lenet_relu.py:LeNet", *MNIST, "--diff")
     assert result.exit_code == 0 and result.stdout == ""
-
-

@@ -8,14 +8,14 @@ from __future__ import annotations
 import textwrap
 
 import torch
-from conftest import HEALTHY, check_json, findings_of, invoke, run_python
 
+from conftest import HEALTHY, check_json, findings_of, invoke, run_python
 from netdoctor.check import CheckOptions, check_loaded
 from netdoctor.graph.build import build_graph
 from netdoctor.loading.shapes import InputSpec
 from netdoctor.loading.target import load
 
-EVAL_ONLY_BUG = textwrap.dedent('''\
+EVAL_ONLY_BUG = textwrap.dedent("""\
     from torch import nn
 
 
@@ -30,9 +30,9 @@ EVAL_ONLY_BUG = textwrap.dedent('''\
             if self.training:  # traced in train mode: the traced graph never reaches head
                 return x.sum(1, keepdim=True)
             return self.head(x)  # 4 features into an 8-input layer
-    ''')
+    """)
 
-SQUEEZES = textwrap.dedent('''\
+SQUEEZES = textwrap.dedent("""\
     import torch
     from torch import nn
 
@@ -47,7 +47,7 @@ SQUEEZES = textwrap.dedent('''\
         def forward(self, x):
             x = self.bn(self.conv(x)).relu().mean((2, 3)).squeeze()
             return torch.softmax(self.head(x), dim=1)  # dim 1 exists only for a batch > 1
-    ''')
+    """)
 
 
 def test_a_forward_that_breaks_only_in_eval_mode_is_still_reported(tmp_path):
@@ -88,7 +88,8 @@ def test_a_check_runs_each_layer_of_a_traced_model_once():
     loaded = load(f"{HEALTHY / 'resnet.py'}:ResNet").models[0]
     reports = []
     calls = forward_calls(
-        lambda: reports.append(check_loaded(loaded, CheckOptions(input_shape=(3, 32, 32)))))
+        lambda: reports.append(check_loaded(loaded, CheckOptions(input_shape=(3, 32, 32))))
+    )
     assert reports[0].findings == [] and reports[0].notes == []
     convs = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(calls.get(m) == 1 for m in convs), [calls.get(m) for m in convs]
@@ -105,7 +106,7 @@ def test_the_check_command_leaves_the_garbage_collector_as_it_found_it():
     assert gc.get_freeze_count() == before
 
 
-REPLAY_EDGES = textwrap.dedent('''\
+REPLAY_EDGES = textwrap.dedent("""\
     from torch import nn
 
 
@@ -123,9 +124,9 @@ REPLAY_EDGES = textwrap.dedent('''\
                 h = h + self.aux(h).mean(1, keepdim=True)
             seq, (last, _) = self.lstm(h.mean(1))  # 8 rows of 8 features
             return self.head(last[-1] + seq[:, -1])
-    ''')
+    """)
 
-REJECTS_ZEROS = textwrap.dedent('''\
+REJECTS_ZEROS = textwrap.dedent("""\
     import torch
     from torch import nn
 
@@ -140,7 +141,7 @@ REJECTS_ZEROS = textwrap.dedent('''\
             h = self.conv(x)
             torch._assert(h.abs().sum() > 0, "a dead feature map")
             return self.head(h.mean((2, 3)))
-    ''')
+    """)
 
 
 def _shapes(source: str, cls: str, shape: tuple[int, ...], tmp_path):
@@ -152,10 +153,12 @@ def _shapes(source: str, cls: str, shape: tuple[int, ...], tmp_path):
     outcome = outcomes[0]
     assert outcome.forward_failure is None and outcome.notes == []
     assert outcome.graph.frontend == "fx"
-    missing = [n.name for n in outcome.graph
-               if n.shape is None and n.op not in ("output", "param")]
-    return outcome.graph, {name: calls.get(m, 0) for name, m in loaded.model.named_children()}, \
-        missing
+    missing = [n.name for n in outcome.graph if n.shape is None and n.op not in ("output", "param")]
+    return (
+        outcome.graph,
+        {name: calls.get(m, 0) for name, m in loaded.model.named_children()},
+        missing,
+    )
 
 
 def test_the_replay_runs_a_layer_only_the_traced_graph_calls_and_stands_in_tuples(tmp_path):

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO, SICK, invoke
 
 
@@ -18,7 +19,7 @@ def readme_section(title: str) -> str:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None]
+    return text[start : end if end != -1 else None]
 
 
 def ci_commands() -> list[list[str]]:
@@ -95,12 +96,23 @@ def test_the_json_report_keeps_the_contract(project, ran):
     report = json.loads((project / "netdoctor.json").read_text())
     assert set(report) >= {"version", "reports", "summary"}
     targets = sorted(r["target"] for r in report["reports"])
-    assert targets == ["models/lenet.py:LeNet", "models/mlp.py:MLP",
-                       "models/zero_init.py:ZeroHiddenMLP"]
+    assert targets == [
+        "models/lenet.py:LeNet",
+        "models/mlp.py:MLP",
+        "models/zero_init.py:ZeroHiddenMLP",
+    ]
     found = {f["rule"]: f for r in report["reports"] for f in r["findings"]}
     assert sorted(found) == ["ND201", "ND202"]
     for f in found.values():
-        assert {"rule", "name", "severity", "message", "module", "location", "fix",
-                "evidence"} <= set(f)
+        assert {
+            "rule",
+            "name",
+            "severity",
+            "message",
+            "module",
+            "location",
+            "fix",
+            "evidence",
+        } <= set(f)
         assert f["location"]["path"].startswith("models/") and f["location"]["line"] > 0
     assert report["summary"]["error"] == 1 and report["summary"]["warning"] == 1

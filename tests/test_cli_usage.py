@@ -8,8 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import REPO, invoke, run_cli, run_python, start_cli
 
+from conftest import REPO, invoke, run_cli, run_python, start_cli
 from netdoctor.catalogue import RULES
 
 MODELS = textwrap.dedent("""\
@@ -64,18 +64,27 @@ BAD_INPUT = {
     "missing file": (["check", "nope.py:Net"], ["nope.py", "no such file"]),
     "syntax error": (["check", "broken.py:Net"], ["broken.py:4", "syntax error"]),
     "unknown class": (["check", "models.py:Nett"], ["'Nett'", "Net", "Needs"]),
-    "constructor arguments": (["check", "models.py:Needs"],
-                              ["Needs", "channels", "-a channels="]),
-    "not a module (int)": (["check", "models.py:VALUE"],
-                           ["VALUE", "is an int", "not an nn.Module"]),
-    "function returning int": (["check", "models.py:make_number"],
-                               ["make_number", "int", "not an nn.Module"]),
-    "bad input shape": (["check", "models.py:Net", "--input-shape", "1,a,28"],
-                        ["input shape", "1,a,28"]),
-    "bad kwargs json": (["check", "models.py:Net", "--kwargs", "{channels: 3}"],
-                        ["--kwargs", "JSON"]),
-    "bad seed": (["check", "models.py:Net", "--seed", "abc"],
-                 ["--seed must be an integer from 0 to 4294967295", "'abc'"]),
+    "constructor arguments": (["check", "models.py:Needs"], ["Needs", "channels", "-a channels="]),
+    "not a module (int)": (
+        ["check", "models.py:VALUE"],
+        ["VALUE", "is an int", "not an nn.Module"],
+    ),
+    "function returning int": (
+        ["check", "models.py:make_number"],
+        ["make_number", "int", "not an nn.Module"],
+    ),
+    "bad input shape": (
+        ["check", "models.py:Net", "--input-shape", "1,a,28"],
+        ["input shape", "1,a,28"],
+    ),
+    "bad kwargs json": (
+        ["check", "models.py:Net", "--kwargs", "{channels: 3}"],
+        ["--kwargs", "JSON"],
+    ),
+    "bad seed": (
+        ["check", "models.py:Net", "--seed", "abc"],
+        ["--seed must be an integer from 0 to 4294967295", "'abc'"],
+    ),
 }
 
 # More of the same, checked in process (same code path, cheaper).
@@ -84,20 +93,27 @@ BAD_INPUT_IN_PROCESS = {
     "import raises": (["check", "raises.py:Net"], ["raises.py", "RuntimeError", "no GPU here"]),
     "not a python file": (["check", "notes.txt"], ["notes.txt", "not a Python file"]),
     "zero input shape": (["check", "models.py:Net", "--input-shape", "0,28"], ["input shape"]),
-    "kwargs not an object": (["check", "models.py:Net", "--kwargs", "[3]"],
-                             ["--kwargs", "JSON object"]),
+    "kwargs not an object": (
+        ["check", "models.py:Net", "--kwargs", "[3]"],
+        ["--kwargs", "JSON object"],
+    ),
     "bad -a": (["check", "models.py:Net", "-a", "channels"], ["-a", "key=value"]),
-    "wrong constructor argument": (["check", "models.py:Net", "-a", "width=3"],
-                                   ["Net", "width"]),
+    "wrong constructor argument": (["check", "models.py:Net", "-a", "width=3"], ["Net", "width"]),
     "kwargs for a folder": (["check", ".", "-a", "width=3"], ["-a", "file.py:ClassName"]),
     "no target": (["check"], ["no target"]),
     "unknown rule": (["explain", "ND999"], ["ND999"]),
-    "unknown --config": (["check", "models.py:Net", "--config", "missing.toml"],
-                         ["missing.toml", "not found"]),
-    "--add-ignore with --fix": (["check", "models.py:Net", "--add-ignore", "--fix"],
-                                ["--add-ignore", "--fix", "one of the two"]),
-    "probe with a bad seed": (["probe", "models.py:Net", "--data", "synthetic", "--seed", "1.5"],
-                              ["--seed must be an integer", "'1.5'"]),
+    "unknown --config": (
+        ["check", "models.py:Net", "--config", "missing.toml"],
+        ["missing.toml", "not found"],
+    ),
+    "--add-ignore with --fix": (
+        ["check", "models.py:Net", "--add-ignore", "--fix"],
+        ["--add-ignore", "--fix", "one of the two"],
+    ),
+    "probe with a bad seed": (
+        ["probe", "models.py:Net", "--data", "synthetic", "--seed", "1.5"],
+        ["--seed must be an integer", "'1.5'"],
+    ),
 }
 
 
@@ -144,8 +160,9 @@ def test_debug_shows_the_traceback(workdir):
 
 def test_exit_codes_seen_by_the_shell():
     clean = start_cli("check", "fixtures/healthy/lenet_relu.py:LeNet", "--input-shape", "1,28,28")
-    error = start_cli("check", "fixtures/sick/forward_error.py:ShapeBug",
-                      "--input-shape", "1,28,28")
+    error = start_cli(
+        "check", "fixtures/sick/forward_error.py:ShapeBug", "--input-shape", "1,28,28"
+    )
     clean_out, clean_err = clean.communicate(timeout=180)
     error_out, _ = error.communicate(timeout=180)
     assert clean.returncode == 0, clean_err
@@ -155,18 +172,35 @@ def test_exit_codes_seen_by_the_shell():
 
 
 def test_callable_returning_a_module_is_a_target(workdir):
-    result = invoke("check", "models.py:make_model", "--input-shape", "4", "--format", "json",
-                    cwd=workdir)
+    result = invoke(
+        "check", "models.py:make_model", "--input-shape", "4", "--format", "json", cwd=workdir
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["target"] == "models.py:make_model"
 
 
 def test_constructor_arguments_are_passed(workdir):
-    result = invoke("check", "models.py:Needs", "-a", "channels=3", "--input-shape", "3,8,8",
-                    "--format", "json", cwd=workdir)
+    result = invoke(
+        "check",
+        "models.py:Needs",
+        "-a",
+        "channels=3",
+        "--input-shape",
+        "3,8,8",
+        "--format",
+        "json",
+        cwd=workdir,
+    )
     assert result.exit_code == 0, result.stderr
-    result = invoke("check", "models.py:Needs", "--kwargs", '{"channels": 3, "depth": 1}',
-                    "--input-shape", "3,8,8", cwd=workdir)
+    result = invoke(
+        "check",
+        "models.py:Needs",
+        "--kwargs",
+        '{"channels": 3, "depth": 1}',
+        "--input-shape",
+        "3,8,8",
+        cwd=workdir,
+    )
     assert result.exit_code == 0, result.stderr
 
 
@@ -181,8 +215,17 @@ main()
 """
 
 
-@pytest.mark.parametrize("args", [["--help"], ["rules"], ["rules", "--format", "json"],
-                                  ["explain", "ND101"], ["--version"], ["run", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["rules"],
+        ["rules", "--format", "json"],
+        ["explain", "ND101"],
+        ["--version"],
+        ["run", "--help"],
+    ],
+)
 def test_fast_commands_do_not_import_torch(args):
     result = run_python(_PROBE.format(args=args))
     assert result.returncode == 0, result.stderr
@@ -192,8 +235,9 @@ def test_fast_commands_do_not_import_torch(args):
 
 @pytest.mark.parametrize("shape", ["1,a,28", "0,28,28", ","])
 def test_a_bad_input_shape_fails_before_torch_is_imported(shape):
-    result = run_python(_PROBE.format(args=["check", "fixtures/sick/mlp.py:MLP",
-                                            "--input-shape", shape]))
+    result = run_python(
+        _PROBE.format(args=["check", "fixtures/sick/mlp.py:MLP", "--input-shape", shape])
+    )
     assert result.returncode == 2
     assert "netdoctor: error: input shape must be" in result.stderr
     assert "TORCH-IMPORTED=False" in result.stderr and "Traceback" not in result.stderr
@@ -222,7 +266,7 @@ def test_module_entry_point_matches_console_script():
     assert (REPO / "src" / "netdoctor" / "__main__.py").is_file()
 
 
-PID_MODEL = '''\
+PID_MODEL = """\
 import os
 from pathlib import Path
 
@@ -238,7 +282,7 @@ class Net{n}(nn.Module):
 
     def forward(self, x):
         return self.fc(x)
-'''
+"""
 
 
 def test_a_folder_of_models_is_checked_in_one_process(tmp_path):

@@ -20,24 +20,29 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from conftest import HEALTHY, invoke, run_cli
 from datagen import make_block_images, write_idx_dataset, write_idx_file
-
 from netdoctor.data import DataSpec, download, open_source
 from netdoctor.errors import UserError
 
 pytestmark = pytest.mark.timeout(120)
 
 MODEL = f"{HEALTHY / 'mlp_normalized.py'}:MLP"
-NAMES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+NAMES = [
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Path:
     """A mirror folder: the four generated FashionMNIST files under their standard names."""
-    return write_idx_dataset(tmp_path_factory.mktemp("mirror"), "FashionMNIST", n_train=256,
-                             n_test=64)
+    return write_idx_dataset(
+        tmp_path_factory.mktemp("mirror"), "FashionMNIST", n_train=256, n_test=64
+    )
 
 
 def md5_of(path: Path) -> str:
@@ -53,8 +58,9 @@ def generated_digests(served, monkeypatch) -> dict[str, str]:
 
 
 @contextmanager
-def mirror(root: Path, *, drop_after: int | None = None,
-           delay: float = 0.0) -> Iterator[tuple[str, list[str]]]:
+def mirror(
+    root: Path, *, drop_after: int | None = None, delay: float = 0.0
+) -> Iterator[tuple[str, list[str]]]:
     """Serve `root` on 127.0.0.1 (a free port); yields (base URL, paths requested).
 
     drop_after: send only this many bytes of each file (with the full Content-Length), then
@@ -118,13 +124,25 @@ def one_error_line(stderr: str) -> str:
 
 @pytest.mark.slow
 def test_probe_downloads_verifies_and_probes_then_reuses_the_cache(
-        served, generated_digests, tmp_path, monkeypatch):
+    served, generated_digests, tmp_path, monkeypatch
+):
     cache = tmp_path / "cache"
     monkeypatch.setenv("NETDOCTOR_DATA_DIR", str(cache))  # the default folder, no --data-dir
     raw = cache / "FashionMNIST" / "raw"
     with mirror(served) as (url, requested):
-        first = invoke("probe", MODEL, "--data", "fashionmnist", "--data-mirror", url,
-                       "--steps", 5, "--no-verify", "--format", "json")
+        first = invoke(
+            "probe",
+            MODEL,
+            "--data",
+            "fashionmnist",
+            "--data-mirror",
+            url,
+            "--steps",
+            5,
+            "--no-verify",
+            "--format",
+            "json",
+        )
         assert first.exit_code in (0, 1), first.stderr
         report = json.loads(first.stdout)
         data_note = next(n for n in report["notes"] if n.startswith("data: FashionMNIST train"))
@@ -134,8 +152,19 @@ def test_probe_downloads_verifies_and_probes_then_reuses_the_cache(
         assert leftovers(cache) == sorted(NAMES)  # no temporary file left over
         assert {n: md5_of(raw / n) for n in NAMES} == generated_digests
 
-        again = invoke("probe", MODEL, "--data", "fashionmnist", "--data-mirror", url,
-                       "--steps", 5, "--no-verify", "--format", "json")
+        again = invoke(
+            "probe",
+            MODEL,
+            "--data",
+            "fashionmnist",
+            "--data-mirror",
+            url,
+            "--steps",
+            5,
+            "--no-verify",
+            "--format",
+            "json",
+        )
         assert again.exit_code == first.exit_code, again.stderr
         assert len(requested) == 4  # nothing fetched the second time
         notes = json.loads(again.stdout)["notes"]
@@ -143,7 +172,8 @@ def test_probe_downloads_verifies_and_probes_then_reuses_the_cache(
 
 
 def test_only_missing_files_are_fetched_and_the_env_mirror_is_used(
-        served, generated_digests, tmp_path, monkeypatch):
+    served, generated_digests, tmp_path, monkeypatch
+):
     raw = tmp_path / "FashionMNIST" / "raw"
     images, labels = make_block_images(40, seed=5)
     write_idx_file(raw / "train-images-idx3-ubyte", images)  # uncompressed counts as present
@@ -165,8 +195,18 @@ def test_only_missing_files_are_fetched_and_the_env_mirror_is_used(
 
 def test_published_checksums_refuse_other_files(served, tmp_path):
     with mirror(served) as (url, requested):
-        result = invoke("probe", MODEL, "--data", "fashionmnist", "--data-mirror", url,
-                        "--data-dir", tmp_path, "--steps", 5)
+        result = invoke(
+            "probe",
+            MODEL,
+            "--data",
+            "fashionmnist",
+            "--data-mirror",
+            url,
+            "--data-dir",
+            tmp_path,
+            "--steps",
+            5,
+        )
     assert result.exit_code == 2
     line = one_error_line(result.stderr)
     raw = tmp_path / "FashionMNIST" / "raw"
@@ -180,8 +220,19 @@ def test_published_checksums_refuse_other_files(served, tmp_path):
 
 def test_unreachable_mirror_fails_in_one_line_naming_folder_and_mirror(tmp_path):
     url = closed_port_url()
-    result = run_cli("probe", MODEL, "--data", "fashionmnist", "--data-mirror", url,
-                     "--data-dir", tmp_path, "--steps", 5, timeout=60)
+    result = run_cli(
+        "probe",
+        MODEL,
+        "--data",
+        "fashionmnist",
+        "--data-mirror",
+        url,
+        "--data-dir",
+        tmp_path,
+        "--steps",
+        5,
+        timeout=60,
+    )
     assert result.returncode == 2
     line = one_error_line(result.stderr)
     assert str(tmp_path / "FashionMNIST" / "raw") in line
@@ -209,8 +260,9 @@ def test_default_mirrors_are_the_public_ones(monkeypatch):
 
 def test_dropped_connection_leaves_no_partial_file(served, generated_digests, tmp_path):
     with mirror(served, drop_after=100) as (url, _):
-        result = invoke("check", MODEL, "--data", "fashionmnist", "--data-mirror", url,
-                        "--data-dir", tmp_path)
+        result = invoke(
+            "check", MODEL, "--data", "fashionmnist", "--data-mirror", url, "--data-dir", tmp_path
+        )
     assert result.exit_code == 2
     line = one_error_line(result.stderr)
     assert "train-images-idx3-ubyte.gz: connection closed after 100 of" in line
@@ -227,8 +279,17 @@ def test_stalled_mirror_times_out(served, generated_digests, tmp_path, monkeypat
 
 def test_no_download_keeps_the_not_found_error(served, tmp_path):
     with mirror(served) as (url, requested):
-        result = invoke("check", MODEL, "--data", "fashionmnist", "--no-download",
-                        "--data-mirror", url, "--data-dir", tmp_path)
+        result = invoke(
+            "check",
+            MODEL,
+            "--data",
+            "fashionmnist",
+            "--no-download",
+            "--data-mirror",
+            url,
+            "--data-dir",
+            tmp_path,
+        )
     assert result.exit_code == 2
     line = one_error_line(result.stderr)
     assert line.startswith("netdoctor: error: FashionMNIST not found")
@@ -238,8 +299,7 @@ def test_no_download_keeps_the_not_found_error(served, tmp_path):
 
 @pytest.mark.parametrize("bad", ["ftp://host/mnist/", "mirror.example.org/mnist", "http://"])
 def test_a_mirror_that_is_not_a_url_is_a_usage_error(bad, tmp_path):
-    result = invoke("check", MODEL, "--data", "mnist", "--data-mirror", bad,
-                    "--data-dir", tmp_path)
+    result = invoke("check", MODEL, "--data", "mnist", "--data-mirror", bad, "--data-dir", tmp_path)
     assert result.exit_code == 2
     line = one_error_line(result.stderr)
     assert f"data mirror {bad!r} (from --data-mirror) is not a URL" in line

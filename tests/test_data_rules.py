@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from datagen import make_block_images, write_idx_dataset, write_npz
 from torch import nn
 
+from datagen import make_block_images, write_idx_dataset, write_npz
 from netdoctor.check import CheckOptions, run_rules
 from netdoctor.cli import main
 from netdoctor.docs import examples, read_doc
@@ -32,8 +32,9 @@ def run_cli(*args: str, cwd: Path | None = None):
 
     ND201 is ignored: the seed MLP's N(0, 0.01) init is a static finding, not a data one."""
     runner = CliRunner()
-    result = runner.invoke(main, ["check", *args, "--ignore", "ND201", "--format", "json"],
-                           catch_exceptions=False)
+    result = runner.invoke(
+        main, ["check", *args, "--ignore", "ND201", "--format", "json"], catch_exceptions=False
+    )
     report = None
     if result.exit_code in (0, 1) and result.stdout.strip():
         report = json.loads(result.stdout)
@@ -121,8 +122,17 @@ def test_fashionmnist_layout_default_raw_and_normalize(tmp_path):
 
     code, report, _ = run_cli(*base, "--raw", "--normalize")
     assert "ND301" not in rules_in(report)
-    code, report, _ = run_cli(*base, "--batch-size", "16", "--resize", "32", "--input-shape",
-                              "1,32,32", "-a", "num_inputs=1024")
+    code, report, _ = run_cli(
+        *base,
+        "--batch-size",
+        "16",
+        "--resize",
+        "32",
+        "--input-shape",
+        "1,32,32",
+        "-a",
+        "num_inputs=1024",
+    )
     assert code == 0 and report["findings"] == []
 
 
@@ -130,9 +140,9 @@ def test_nd301_thresholds_on_direct_samples():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (256,), generator=g)
     unit = torch.rand(256, 1, 28, 28, generator=g)
-    assert run_data_rules(DataSample(unit, y)) == []                  # ToTensor pixels
-    assert run_data_rules(DataSample((unit - 0.5) / 0.29, y)) == []   # standardized
-    twice = run_data_rules(DataSample(unit / 255.0, y))               # divided by 255 twice
+    assert run_data_rules(DataSample(unit, y)) == []  # ToTensor pixels
+    assert run_data_rules(DataSample((unit - 0.5) / 0.29, y)) == []  # standardized
+    twice = run_data_rules(DataSample(unit / 255.0, y))  # divided by 255 twice
     assert ids(twice) == ["ND301"] and "twice" in twice[0].message
     big = run_data_rules(DataSample(torch.randn(256, 8, generator=g) * 50 + 3, y))
     assert ids(big) == ["ND301"]
@@ -230,9 +240,9 @@ def test_nd302_constant_and_sparse_features_and_channels():
     g = torch.Generator().manual_seed(0)
     y = torch.zeros(256, dtype=torch.long)
     x = torch.randn(256, 5, generator=g)
-    x[:, 3] = 7.0                     # constant
+    x[:, 3] = 7.0  # constant
     x[:, 4] = 0.0
-    x[:5, 4] = 1e-4 * torch.rand(5)   # sparse: set in 2% of samples
+    x[:5, 4] = 1e-4 * torch.rand(5)  # sparse: set in 2% of samples
     assert run_data_rules(DataSample(x, y)) == []
     x[:, 1] *= 1000
     found = [f for f in run_data_rules(DataSample(x, y)) if f.rule == "ND302"]
@@ -357,8 +367,11 @@ def test_nan_in_y_and_systematic_nan():
     (f,) = [f for f in run_data_rules(DataSample(x, y)) if f.rule == "ND304"]
     assert f.evidence["y"]["first_samples"] == [5]
     x[:, 2] = float("nan")
-    (f,) = [f for f in run_data_rules(DataSample(x, torch.zeros(32, dtype=torch.long)))
-            if f.rule == "ND304"]
+    (f,) = [
+        f
+        for f in run_data_rules(DataSample(x, torch.zeros(32, dtype=torch.long)))
+        if f.rule == "ND304"
+    ]
     assert f.evidence["x"]["always_nonfinite_positions"] == 1
     assert "clamp_min" in f.fix.summary
 
@@ -386,8 +399,11 @@ def test_select_ignore_suppression_and_input_shape_from_data(tmp_path, pixel_arr
     assert report["findings"] == []
     assert any("input shape 1,28,28 taken from the data" in n for n in report["notes"])
     model = tmp_path / "model.py"
-    model.write_text((REPO / "fixtures" / "sick" / "mlp.py").read_text().replace(
-        "class MLP(nn.Module):", "class MLP(nn.Module):  # netdoctor: ignore[ND301]"))
+    model.write_text(
+        (REPO / "fixtures" / "sick" / "mlp.py")
+        .read_text()
+        .replace("class MLP(nn.Module):", "class MLP(nn.Module):  # netdoctor: ignore[ND301]")
+    )
     _, report, _ = run_cli(f"{model}:MLP", "--data", str(npz))
     assert report["findings"] == []
     assert any("ND301" in n and "suppressed" in n for n in report["notes"])
@@ -430,8 +446,14 @@ def test_sample_data_api(tmp_path):
 # ------------------------------------------------------------------------------ docs
 
 
-_HEADINGS = ["## What it finds", "## Why it matters", "## Example", "## Fix", "## Options",
-             "## References"]
+_HEADINGS = [
+    "## What it finds",
+    "## Why it matters",
+    "## Example",
+    "## Fix",
+    "## Options",
+    "## References",
+]
 
 
 @pytest.mark.parametrize("rule_id", DATA_RULES)
@@ -442,8 +464,10 @@ def test_doc_structure(rule_id):
     assert text is not None
     info = RULES[rule_id]
     assert text.startswith(f"# {rule_id} {info.name}\n")
-    assert (f"**Severity:** {info.severity.label} · **Stage:** data "
-            "(netdoctor check --data, netdoctor probe)") in text
+    assert (
+        f"**Severity:** {info.severity.label} · **Stage:** data "
+        "(netdoctor check --data, netdoctor probe)"
+    ) in text
     positions = [text.find(h) for h in _HEADINGS]
     assert all(p > 0 for p in positions) and positions == sorted(positions)
     assert f"[tool.netdoctor.rules.{rule_id}]" in text
@@ -458,7 +482,7 @@ def test_doc_options_are_the_ones_the_rule_reads(rule_id):
     source = inspect.getsource(REGISTRY[rule_id].fn)
     read = set(re.findall(r'\.option\(\s*"ND\d{3}"\s*,\s*"([\w-]+)"', source))
     text = read_doc(rule_id)
-    options = text[text.find("\n## Options\n"):text.find("\n## References\n")]
+    options = text[text.find("\n## Options\n") : text.find("\n## References\n")]
     documented = set(re.findall(r"^([a-z][\w-]*)\s*=", options, re.MULTILINE)) - {"severity"}
     assert documented == read
 
@@ -473,9 +497,26 @@ def test_doc_example_triggers_and_fix_does_not(rule_id, tmp_path):
         shape = re.search(r"^INPUT_SHAPE = \((.*)\)$", code, re.MULTILINE).group(1)
         shape = ",".join(s.strip() for s in shape.split(",") if s.strip())
         proc = subprocess.run(
-            [sys.executable, "-m", "netdoctor", "check", f"{path}:Net", "--input-shape", shape,
-             "--data", f"{path}:data", "--format", "json", "--fail-on", "never"],
-            check=False, capture_output=True, text=True, cwd=tmp_path)
+            [
+                sys.executable,
+                "-m",
+                "netdoctor",
+                "check",
+                f"{path}:Net",
+                "--input-shape",
+                shape,
+                "--data",
+                f"{path}:data",
+                "--format",
+                "json",
+                "--fail-on",
+                "never",
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr
         found = rules_in(json.loads(proc.stdout))
         if kind == "bad":
@@ -484,15 +525,25 @@ def test_doc_example_triggers_and_fix_does_not(rule_id, tmp_path):
             assert found == [], (kind, found)
 
 
-@pytest.mark.parametrize("top,maximum,divisor", [(16, 16, 16.0), (255, 255, 255.0),
-                                                 (255, 100, 255.0), (4095, 3000, 4095.0),
-                                                 (65535, 65535, 65535.0)])
+@pytest.mark.parametrize(
+    "top,maximum,divisor",
+    [
+        (16, 16, 16.0),
+        (255, 255, 255.0),
+        (255, 100, 255.0),
+        (4095, 3000, 4095.0),
+        (65535, 65535, 65535.0),
+    ],
+)
 def test_nd301_scale_follows_the_measured_range(top, maximum, divisor):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, maximum + 1, (256, 1, 8, 8), generator=g).float()
     x[0, 0, 0, 0] = maximum
-    (f,) = [f for f in run_data_rules(DataSample(x, torch.zeros(256, dtype=torch.long)))
-            if f.rule == "ND301"]
+    (f,) = [
+        f
+        for f in run_data_rules(DataSample(x, torch.zeros(256, dtype=torch.long)))
+        if f.rule == "ND301"
+    ]
     assert f.evidence["range_max"] == divisor
     assert f"x = x / {divisor:.1f}" in f.fix.patch and f"x / {divisor:.1f}" in f.fix.summary
     assert f"0..{top}" in f.message
@@ -502,9 +553,11 @@ def test_nd301_scale_follows_the_measured_range(top, maximum, divisor):
 def test_nd301_standardizes_what_no_range_fits():
     g = torch.Generator().manual_seed(0)
     y = torch.zeros(256, dtype=torch.long)
-    for x in (torch.randint(0, 41, (256, 1, 8, 8), generator=g).float(),  # max 40: no range
-              torch.randn(256, 1, 8, 8, generator=g) * 30,                # signed
-              torch.rand(256, 1, 8, 8, generator=g) * 200):               # fractional
+    for x in (
+        torch.randint(0, 41, (256, 1, 8, 8), generator=g).float(),  # max 40: no range
+        torch.randn(256, 1, 8, 8, generator=g) * 30,  # signed
+        torch.rand(256, 1, 8, 8, generator=g) * 200,
+    ):  # fractional
         (f,) = [f for f in run_data_rules(DataSample(x, y)) if f.rule == "ND301"]
         assert "range_max" not in f.evidence
         assert f.fix.summary.startswith("standardize"), f.fix.summary

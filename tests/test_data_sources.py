@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datagen import make_block_images, write_idx_dataset, write_idx_file, write_npz
 
+from datagen import make_block_images, write_idx_dataset, write_idx_file, write_npz
 from netdoctor.data import DataSource, DataSpec, default_data_dir, open_source
 from netdoctor.errors import UserError
 
@@ -253,14 +253,23 @@ def test_synthetic_images_are_shifted_class_templates():
     # Deterministic for a seed, different for another.
     x2, y2 = open_source(spec).sample(n_batches=16)
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    x3, _ = open_source(DataSpec("synthetic", input_shape=(3, 8, 8), num_classes=4,
-                                 batch_size=32, max_samples=512, seed=6)).sample(1)
+    x3, _ = open_source(
+        DataSpec(
+            "synthetic",
+            input_shape=(3, 8, 8),
+            num_classes=4,
+            batch_size=32,
+            max_samples=512,
+            seed=6,
+        )
+    ).sample(1)
     assert not torch.equal(x[:32], x3)
 
 
 def test_synthetic_vectors_are_class_clusters():
-    src = open_source(DataSpec("synthetic", input_shape=(6,), num_classes=3, batch_size=128,
-                               max_samples=1024))
+    src = open_source(
+        DataSpec("synthetic", input_shape=(6,), num_classes=3, batch_size=128, max_samples=1024)
+    )
     assert "clusters" in src.description
     x, y = src.sample(n_batches=8)
     assert x.shape == (1024, 6) and sorted(set(y.tolist())) == [0, 1, 2]
@@ -271,8 +280,17 @@ def test_synthetic_vectors_are_class_clusters():
 
 
 def test_synthetic_token_classes_are_marker_tokens():
-    src = open_source(DataSpec("synthetic", input_shape=(16,), input_dtype="long",
-                               vocab_size=100, num_classes=5, batch_size=64, max_samples=512))
+    src = open_source(
+        DataSpec(
+            "synthetic",
+            input_shape=(16,),
+            input_dtype="long",
+            vocab_size=100,
+            num_classes=5,
+            batch_size=64,
+            max_samples=512,
+        )
+    )
     x, y = src.sample(n_batches=8)
     assert x.dtype == torch.int64 and x.shape == (512, 16)
     assert int(x.min()) >= 0 and int(x.max()) < 100
@@ -281,23 +299,39 @@ def test_synthetic_token_classes_are_marker_tokens():
     for seq, label in zip(x.tolist(), y.tolist()):
         for t in seq:
             owners.setdefault(t, set()).add(label)
-    markers = {t: next(iter(c)) for t, c in owners.items() if len(c) == 1
-               and sum(t in seq for seq in x.tolist()) > 20}
+    markers = {
+        t: next(iter(c))
+        for t, c in owners.items()
+        if len(c) == 1 and sum(t in seq for seq in x.tolist()) > 20
+    }
     assert len(markers) >= 5
-    assert all(any(markers.get(t) == label for t in seq)
-               for seq, label in zip(x.tolist(), y.tolist()))
+    assert all(
+        any(markers.get(t) == label for t in seq) for seq, label in zip(x.tolist(), y.tolist())
+    )
 
 
 def test_synthetic_per_token_and_per_pixel_targets():
-    tags = open_source(DataSpec("synthetic", input_shape=(16,), input_dtype="long",
-                                vocab_size=50, num_classes=5, target_shape=(16,), batch_size=8))
+    tags = open_source(
+        DataSpec(
+            "synthetic",
+            input_shape=(16,),
+            input_dtype="long",
+            vocab_size=50,
+            num_classes=5,
+            target_shape=(16,),
+            batch_size=8,
+        )
+    )
     x, y = next(tags.batches(1))
     assert y.shape == (8, 16) and int(y.max()) < 5
     table: dict[int, int] = {}
     for t, tag in zip(x.reshape(-1).tolist(), y.reshape(-1).tolist()):
         assert table.setdefault(t, tag) == tag  # a token always has the same tag
-    seg = open_source(DataSpec("synthetic", input_shape=(1, 16, 16), num_classes=2,
-                               target_shape=(16, 16), batch_size=8))
+    seg = open_source(
+        DataSpec(
+            "synthetic", input_shape=(1, 16, 16), num_classes=2, target_shape=(16, 16), batch_size=8
+        )
+    )
     x, y = next(seg.batches(1))
     assert x.shape == (8, 1, 16, 16) and y.shape == (8, 16, 16)
     assert set(y.unique().tolist()) == {0, 1}

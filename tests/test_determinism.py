@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+
 from conftest import REPO, check_json, findings_of, invoke, run_cli, start_cli
 
 MLP = "fixtures/sick/mlp.py:MLP"  # N(0, 0.01) init: ND201's evidence is the measured weight std
@@ -54,15 +55,24 @@ def test_seed_from_the_config_and_the_command_line_overrides_it(tmp_path):
     assert _evidence(overridden, "ND201") == _evidence(default, "ND201")
 
 
-HEALTHY_SAMPLE = ["resnet.py", "vit.py", "transformer.py", "lstm.py", "lenet_relu.py",
-                  "mlp_normalized.py", "zero_head.py", "unet.py"]
+HEALTHY_SAMPLE = [
+    "resnet.py",
+    "vit.py",
+    "transformer.py",
+    "lstm.py",
+    "lenet_relu.py",
+    "mlp_normalized.py",
+    "zero_head.py",
+    "unet.py",
+]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", ["7", "123456"])
 def test_another_seed_changes_nothing_for_healthy_models(seed):
-    report, result = check_json(*[f"fixtures/healthy/{name}" for name in HEALTHY_SAMPLE],
-                                "--seed", seed)
+    report, result = check_json(
+        *[f"fixtures/healthy/{name}" for name in HEALTHY_SAMPLE], "--seed", seed
+    )
     assert result.exit_code == 0
     assert len(report["reports"]) == len(HEALTHY_SAMPLE)
     assert findings_of(report) == []
@@ -123,11 +133,14 @@ def test_python_numpy_and_torch_randomness_in_user_code_is_seeded(tmp_path):
     assert invoke(*args, "--seed", "3", cwd=tmp_path).stdout != other_process.stdout
 
 
-@pytest.mark.parametrize(("args", "words"), [
-    (["--seed", "abc"], ["--seed must be an integer from 0 to 4294967295", "'abc'"]),
-    (["--seed", "-1"], ["--seed must be an integer", "'-1'"]),
-    (["--seed", "4294967296"], ["--seed must be an integer"]),
-])
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--seed", "abc"], ["--seed must be an integer from 0 to 4294967295", "'abc'"]),
+        (["--seed", "-1"], ["--seed must be an integer", "'-1'"]),
+        (["--seed", "4294967296"], ["--seed must be an integer"]),
+    ],
+)
 def test_a_bad_seed_is_one_line_and_exit_2(args, words):
     result = invoke("check", MLP, *args)
     assert result.exit_code == 2
@@ -169,8 +182,7 @@ def test_two_probe_processes_give_the_same_report():
     """Everything but the wall-clock timings (measurements of this machine, not of the model)."""
     import json
 
-    args = ("probe", MLP, "--data", "synthetic", "--steps", "5", "--no-verify", "--format",
-            "json")
+    args = ("probe", MLP, "--data", "synthetic", "--steps", "5", "--no-verify", "--format", "json")
     procs = [start_cli(*args), start_cli(*args)]
     outs = [proc.communicate(timeout=600) for proc in procs]
     reports = [_without_timings(json.loads(out)) for out, _ in outs]

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, REPO, RULE_DOCS, _env, line_of
 from torch import nn
 
+from conftest import FIXTURES, REPO, RULE_DOCS, _env, line_of
 from netdoctor import docs
 from netdoctor.findings import Finding, Location, Report, Severity
 
@@ -55,10 +55,27 @@ class Jobs:
     def _start(self, name: str, args: list[str]) -> None:
         env = _env()
         env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
-        proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            *args,
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            cwd=str(REPO),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         self.running[name] = (proc, time.monotonic())
 
     def _poll(self) -> None:
@@ -97,18 +114,55 @@ def jobs(tmp_path_factory):
     config.write_text("[tool.netdoctor.run]\ndist-timeout = 5\n", encoding="utf-8")
     run = ("-m", "netdoctor", "run", "--format", "json")
     j = Jobs(folder)
-    j.add("bypass", *run, "-o", folder / "bypass.json", "--stop-on", "error",
-          LOOPS / "ddp_bypass.py")
-    j.add("healthy", *run, "-o", folder / "healthy.json", LOOPS / "ddp.py",
-          "--save", folder / "watched.pt")
+    j.add(
+        "bypass", *run, "-o", folder / "bypass.json", "--stop-on", "error", LOOPS / "ddp_bypass.py"
+    )
+    j.add(
+        "healthy",
+        *run,
+        "-o",
+        folder / "healthy.json",
+        LOOPS / "ddp.py",
+        "--save",
+        folder / "watched.pt",
+    )
     j.add("bare", LOOPS / "ddp.py", "--save", folder / "bare.pt")
-    j.add("nan", *run, "-o", folder / "nan.json", "--fail-on", "never", LOOPS / "ddp.py",
-          "--nan-at", "1:6", "--steps", "12")
+    j.add(
+        "nan",
+        *run,
+        "-o",
+        folder / "nan.json",
+        "--fail-on",
+        "never",
+        LOOPS / "ddp.py",
+        "--nan-at",
+        "1:6",
+        "--steps",
+        "12",
+    )
     j.add("raise", *run, "-o", folder / "raise.json", LOOPS / "ddp.py", "--raise-at", "1:5")
-    j.add("uneven", *run, "-o", folder / "uneven.json", "--config", config, "--every", "5",
-          LOOPS / "ddp.py", "--uneven", "8")
-    j.add("fsdp", *run, "-o", folder / "fsdp.json", LOOPS / "fsdp.py",
-          "--norms", folder / "norms.json")
+    j.add(
+        "uneven",
+        *run,
+        "-o",
+        folder / "uneven.json",
+        "--config",
+        config,
+        "--every",
+        "5",
+        LOOPS / "ddp.py",
+        "--uneven",
+        "8",
+    )
+    j.add(
+        "fsdp",
+        *run,
+        "-o",
+        folder / "fsdp.json",
+        LOOPS / "fsdp.py",
+        "--norms",
+        folder / "norms.json",
+    )
     j.add("doc_bad", *run, "-o", folder / "doc_bad.json", bad)
     j.add("doc_good", *run, "-o", folder / "doc_good.json", good)
     yield j
@@ -124,8 +178,11 @@ def report_of(jobs: Jobs, name: str) -> tuple[dict, subprocess.CompletedProcess]
 
 
 def loud(report: dict) -> list[tuple[str, str]]:
-    return [(f["rule"], f["message"]) for f in report["findings"]
-            if f["severity"] in ("warning", "error")]
+    return [
+        (f["rule"], f["message"])
+        for f in report["findings"]
+        if f["severity"] in ("warning", "error")
+    ]
 
 
 @pytest.mark.slow
@@ -182,8 +239,9 @@ def test_a_nan_on_one_rank_is_named_with_its_rank(jobs):
     assert f["message"].startswith("rank 1: step 6: the input batch holds 1 NaN")
     assert "into the gradients of rank 0 in the same step" in f["message"]
     assert not [x for x in report["findings"] if x["rule"] == "ND402"]  # rank 0's symptom
-    assert any("rank 0: gradient NaN at step 6; rank 1: loss NaN at step 6" in n
-               for n in report["notes"]), report["notes"]
+    assert any(
+        "rank 0: gradient NaN at step 6; rank 1: loss NaN at step 6" in n for n in report["notes"]
+    ), report["notes"]
     assert "netdoctor [rank 1]: step 6: ND401" in result.stderr
 
 
@@ -193,8 +251,12 @@ def test_a_rank_that_raises_does_not_hang_the_others(jobs):
     report, result = report_of(jobs, "raise")
     assert result.returncode != 0
     assert "RuntimeError: rank 1 failed at step 5" in result.stderr  # its traceback, as Python
-    assert any(n.startswith("rank 1 ended with an exception after 4 step(s): RuntimeError: "
-                            "rank 1 failed at step 5") for n in report["notes"]), report["notes"]
+    assert any(
+        n.startswith(
+            "rank 1 ended with an exception after 4 step(s): RuntimeError: rank 1 failed at step 5"
+        )
+        for n in report["notes"]
+    ), report["notes"]
     assert report["measurements"]["run"]["stopped"] in ("exception", "terminated")
 
 
@@ -206,8 +268,12 @@ def test_ranks_with_different_numbers_of_steps_never_wait_past_the_timeout(jobs)
     assert not loud(report), loud(report)
     assert report["measurements"]["run"]["steps"] == 40
     assert report["measurements"]["run"]["ranks"]["per_rank"]["1"]["steps"] == 32
-    assert any(n.startswith("the ranks stopped comparing at step 35: no answer from the other "
-                            "ranks within 5 s") for n in report["notes"]), report["notes"]
+    assert any(
+        n.startswith(
+            "the ranks stopped comparing at step 35: no answer from the other ranks within 5 s"
+        )
+        for n in report["notes"]
+    ), report["notes"]
 
 
 @pytest.mark.slow
@@ -235,6 +301,7 @@ def test_fsdp2_sharded_model_is_clean_and_its_norm_is_reduced_over_the_shards(jo
 
 
 # -- in this process -----------------------------------------------------------------------
+
 
 def test_checksums_see_a_small_perturbation_that_the_norm_hides():
     from netdoctor.watcher.replicas import checksums
@@ -272,15 +339,27 @@ def test_merge_reports_a_shared_finding_once_and_names_the_ranks_of_the_others()
     from netdoctor.watcher.ranks import merge
 
     site = Location("train.py", 12)
-    report = Report("train.py", [_finding("ND501", "cleared never", location=site)],
-                    command="run")
+    report = Report("train.py", [_finding("ND501", "cleared never", location=site)], command="run")
     summaries = {
-        1: {"findings": [_finding("ND501", "cleared never", location=site),
-                         _finding("ND506", "probabilities")], "notes": [], "steps": 9,
-            "stopped": None, "error": None, "nonfinite": None},
-        2: {"findings": [_finding("ND501", "cleared never", location=site)], "notes": [],
-            "steps": 4, "stopped": "exception", "error": "ValueError: boom",
-            "nonfinite": (3, 1.0)},
+        1: {
+            "findings": [
+                _finding("ND501", "cleared never", location=site),
+                _finding("ND506", "probabilities"),
+            ],
+            "notes": [],
+            "steps": 9,
+            "stopped": None,
+            "error": None,
+            "nonfinite": None,
+        },
+        2: {
+            "findings": [_finding("ND501", "cleared never", location=site)],
+            "notes": [],
+            "steps": 4,
+            "stopped": "exception",
+            "error": "ValueError: boom",
+            "nonfinite": (3, 1.0),
+        },
     }
     facts = DistributedFacts(rank=0, world_size=4, backend="nccl", exchanges=3)
     merge(report, summaries, [3], facts, None, 60.0)
@@ -319,13 +398,14 @@ def test_ddp_in_one_process_is_watched_through_its_inner_module(tmp_path):
         assert doctor.exchange.world_size == 1  # one rank: nothing to compare
         (wrapper,) = doctor.replicas.wrappers
         assert wrapper.site is not None and wrapper.site.line == line_of(
-            Path(__file__), "model = DDP(net)  # built while watched")
+            Path(__file__), "model = DDP(net)  # built while watched"
+        )
         (bypass,) = doctor.replicas.bypasses()
         assert bypass.calls == 3 and bypass.site.line == line_of(
-            Path(__file__), "out = model(x) if step < 3 else model.module(x)")
+            Path(__file__), "out = model(x) if step < 3 else model.module(x)"
+        )
         report = doctor.diagnose()
-        assert not [n for n in report.notes if "static rules" in n or "internal" in n], \
-            report.notes
+        assert not [n for n in report.notes if "static rules" in n or "internal" in n], report.notes
         assert not wrapper.handles and not net._forward_pre_hooks  # every hook removed
     finally:
         dist.destroy_process_group()

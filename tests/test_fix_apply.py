@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SICK, chdir, invoke
 
+from conftest import SICK, chdir, invoke
 from netdoctor.check import CheckOptions, check
 from netdoctor.findings import Finding, Fix, Location, Report, Severity
 from netdoctor.fixes.apply import fix_until_clean, merge, writable
@@ -38,8 +38,12 @@ def runs(target: str, shape) -> None:
 
 
 def diff_fixes(reports: list[Report]) -> list[tuple[str, Finding]]:
-    return [(r.target.rpartition(":")[2], f) for r in reports for f in r.findings
-            if f.fix and f.fix.kind == "diff"]
+    return [
+        (r.target.rpartition(":")[2], f)
+        for r in reports
+        for f in r.findings
+        if f.fix and f.fix.kind == "diff"
+    ]
 
 
 @pytest.mark.parametrize("filename", FIXABLE_FIXTURES)
@@ -56,8 +60,11 @@ def test_each_patch_cures_its_finding_and_the_model_still_runs(filename, tmp_pat
         copy.parent.mkdir()
         copy.write_text(finding.fix.new_source, encoding="utf-8")
         with chdir(copy.parent):
-            before = sum(1 for f in next(r for r in reports_of(f"{SICK / filename}:{cls}", shape)
-                                         ).findings if f.rule == finding.rule)
+            before = sum(
+                1
+                for f in next(r for r in reports_of(f"{SICK / filename}:{cls}", shape)).findings
+                if f.rule == finding.rule
+            )
             after = [f for r in reports_of(f"{filename}:{cls}", shape) for f in r.findings]
             runs(filename, shape)
         still = [f for f in after if f.rule == finding.rule]
@@ -66,6 +73,7 @@ def test_each_patch_cures_its_finding_and_the_model_still_runs(filename, tmp_pat
 
 
 # ------------------------------------------------------------------------- --fix end to end
+
 
 def copy_fixture(tmp_path: Path, name: str) -> Path:
     target = tmp_path / name
@@ -76,8 +84,9 @@ def copy_fixture(tmp_path: Path, name: str) -> Path:
 def test_fix_inserts_batchnorm_into_alexnet_and_keeps_the_file_formatting(tmp_path):
     path = copy_fixture(tmp_path, "alexnet.py")
     original = path.read_text()
-    result = invoke("check", "alexnet.py:AlexNet", "--input-shape", "1,224,224", "--fix",
-                    cwd=tmp_path)
+    result = invoke(
+        "check", "alexnet.py:AlexNet", "--input-shape", "1,224,224", "--fix", cwd=tmp_path
+    )
     fixed = path.read_text()
     assert "fixed alexnet.py: ND101 deep-plain-stack" in result.stderr
     assert fixed.count("nn.BatchNorm2d(") == 5 and fixed.count("nn.BatchNorm1d(4096)") == 2
@@ -85,12 +94,22 @@ def test_fix_inserts_batchnorm_into_alexnet_and_keeps_the_file_formatting(tmp_pa
     assert "ND109" in result.stderr and fixed.count("bias=False") == 7
     # Comments, the docstring and untouched lines are kept byte for byte.
     assert fixed.startswith(original.split("class AlexNet")[0])
-    kept = [line for line in original.splitlines() if "nn.Conv2d" not in line
-            and "nn.Linear(" not in line]
+    kept = [
+        line
+        for line in original.splitlines()
+        if "nn.Conv2d" not in line and "nn.Linear(" not in line
+    ]
     assert all(line in fixed.splitlines() for line in kept)
     assert "no problems found" in result.stdout and result.exit_code == 0
-    again = invoke("check", "alexnet.py:AlexNet", "--input-shape", "1,224,224", "--format",
-                   "json", cwd=tmp_path)
+    again = invoke(
+        "check",
+        "alexnet.py:AlexNet",
+        "--input-shape",
+        "1,224,224",
+        "--format",
+        "json",
+        cwd=tmp_path,
+    )
     assert json.loads(again.stdout)["findings"] == []
     with chdir(tmp_path):
         runs("alexnet.py:AlexNet", (1, 224, 224))
@@ -99,14 +118,14 @@ def test_fix_inserts_batchnorm_into_alexnet_and_keeps_the_file_formatting(tmp_pa
 def test_fix_leaves_behaviour_changing_fixes_to_unsafe_fixes(tmp_path):
     path = copy_fixture(tmp_path, "softmax_output.py")
     original = path.read_text()
-    safe = invoke("check", "softmax_output.py", "--input-shape", "1,28,28", "--fix",
-                  cwd=tmp_path)
+    safe = invoke("check", "softmax_output.py", "--input-shape", "1,28,28", "--fix", cwd=tmp_path)
     assert path.read_text() == original
     assert "0 fixes applied" in safe.stderr and "fixable with --unsafe-fixes" in safe.stderr
     assert "ND105 softmax-output" in safe.stdout  # still reported
 
-    unsafe = invoke("check", "softmax_output.py", "--input-shape", "1,28,28", "--unsafe-fixes",
-                    cwd=tmp_path)
+    unsafe = invoke(
+        "check", "softmax_output.py", "--input-shape", "1,28,28", "--unsafe-fixes", cwd=tmp_path
+    )
     assert "ND105 softmax-output" in unsafe.stderr
     code = path.read_text().split('"""', 2)[2]  # after the module docstring
     assert "nn.Softmax(" not in code and "F.softmax(" not in code and "F.log_softmax(" not in code
@@ -115,8 +134,16 @@ def test_fix_leaves_behaviour_changing_fixes_to_unsafe_fixes(tmp_path):
 
 def test_fix_output_keeps_stdout_machine_readable(tmp_path):
     copy_fixture(tmp_path, "bias_before_bn.py")
-    result = invoke("check", "bias_before_bn.py", "--input-shape", "1,28,28", "--fix",
-                    "--format", "json", cwd=tmp_path)
+    result = invoke(
+        "check",
+        "bias_before_bn.py",
+        "--input-shape",
+        "1,28,28",
+        "--fix",
+        "--format",
+        "json",
+        cwd=tmp_path,
+    )
     assert json.loads(result.stdout)["findings"] == []
     assert "3 fixes applied to 1 file, 0 findings left" in result.stderr
 
@@ -127,6 +154,7 @@ def test_fix_and_diff_together_is_a_usage_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------- --diff
+
 
 def test_diff_merges_every_fix_of_a_file_into_one_patch_git_applies(tmp_path):
     git = shutil.which("git")
@@ -140,15 +168,23 @@ def test_diff_merges_every_fix_of_a_file_into_one_patch_git_applies(tmp_path):
     assert patch.count("--- a/") == len(names), patch  # one patch per file
     (tmp_path / "all.patch").write_text(patch)
     subprocess.run([git, "init", "-q"], cwd=tmp_path, check=True)
-    applied = subprocess.run([git, "apply", "all.patch"], cwd=tmp_path, capture_output=True,
-                             text=True)
+    applied = subprocess.run(
+        [git, "apply", "all.patch"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert applied.returncode == 0, applied.stderr
-    after = invoke("check", *names, "--input-shape", "1,28,28", "--format", "json",
-                   cwd=tmp_path)
-    left = {(r["target"].split(":")[0], f["rule"]) for r in json.loads(after.stdout)["reports"]
-            for f in r["findings"]}
-    cured = {("bias_before_bn.py", "ND109"), ("sigmoid_mlp.py", "ND101"),
-             ("sigmoid_mlp.py", "ND102"), ("double_relu.py", "ND111"), ("list_layers.py", "ND104")}
+    after = invoke("check", *names, "--input-shape", "1,28,28", "--format", "json", cwd=tmp_path)
+    left = {
+        (r["target"].split(":")[0], f["rule"])
+        for r in json.loads(after.stdout)["reports"]
+        for f in r["findings"]
+    }
+    cured = {
+        ("bias_before_bn.py", "ND109"),
+        ("sigmoid_mlp.py", "ND101"),
+        ("sigmoid_mlp.py", "ND102"),
+        ("double_relu.py", "ND111"),
+        ("list_layers.py", "ND104"),
+    }
     assert not left & cured, left
     with chdir(tmp_path):
         for name in names:
@@ -157,17 +193,24 @@ def test_diff_merges_every_fix_of_a_file_into_one_patch_git_applies(tmp_path):
 
 # ------------------------------------------------------------------- merging and safety
 
+
 def finding(rule: str, new_source: str, path: str = "m.py", safe: bool = True) -> Finding:
-    return Finding(rule, rule.lower(), Severity.WARNING, "msg", module=rule,
-                   location=Location(path, 1),
-                   fix=Fix("summary", "patch", "diff", path, safe, new_source=new_source))
+    return Finding(
+        rule,
+        rule.lower(),
+        Severity.WARNING,
+        "msg",
+        module=rule,
+        location=Location(path, 1),
+        fix=Fix("summary", "patch", "diff", path, safe, new_source=new_source),
+    )
 
 
 def test_merge_combines_separate_edits_and_skips_colliding_ones():
     old = "a\nb\nc\nd\n"
-    first = finding("ND101", "a\nB\nc\nd\n")      # replaces line 2
+    first = finding("ND101", "a\nB\nc\nd\n")  # replaces line 2
     second = finding("ND109", "a\nb\nc\nd\ne\n")  # appends a line
-    clash = finding("ND203", "a\nX\nc\nd\n")     # also replaces line 2
+    clash = finding("ND203", "a\nX\nc\nd\n")  # also replaces line 2
     plan = merge("m.py", old, [first, second, clash])
     assert plan.new == "a\nB\nc\nd\ne\n"
     assert [f.rule for f in plan.merged] == ["ND101", "ND109"]
@@ -187,8 +230,14 @@ def test_a_round_that_breaks_the_model_is_undone(tmp_path):
     def run_check():
         text = path.read_text()
         if "broken" in text:
-            return [Report("m.py:Net", findings=[Finding("ND002", "forward-failure",
-                                                         Severity.ERROR, "forward raised")])]
+            return [
+                Report(
+                    "m.py:Net",
+                    findings=[
+                        Finding("ND002", "forward-failure", Severity.ERROR, "forward raised")
+                    ],
+                )
+            ]
         return [Report("m.py:Net", findings=[finding("ND101", "x = 1  # broken\n", str(path))])]
 
     outcome = fix_until_clean(run_check, unsafe=False, allowed_roots=[tmp_path])
@@ -202,8 +251,9 @@ def test_a_fix_that_does_not_cure_its_finding_is_written_once(tmp_path):
     path.write_text("x = 1\n")
 
     def run_check():  # the finding survives every fix: the loop must not keep appending
-        return [Report("m.py:Net", findings=[finding("ND101", path.read_text() + "y = 2\n",
-                                                     str(path))])]
+        return [
+            Report("m.py:Net", findings=[finding("ND101", path.read_text() + "y = 2\n", str(path))])
+        ]
 
     outcome = fix_until_clean(run_check, unsafe=False, allowed_roots=[tmp_path])
     assert path.read_text() == "x = 1\ny = 2\n" and len(outcome.applied) == 1
@@ -220,7 +270,7 @@ def test_files_outside_the_project_are_never_written(tmp_path):
 
 # ------------------------------------------------------------ where a BatchNorm can go
 
-LAYERS = '''import torch.nn as nn
+LAYERS = """import torch.nn as nn
 
 
 class M(nn.Module):
@@ -231,19 +281,24 @@ class M(nn.Module):
             layers.append(nn.Conv2d(width, width, 3))
             layers.append(nn.ReLU())
         self.body = nn.Sequential(*layers)
-'''
+"""
 
 
 def test_batchnorm_goes_after_the_layer_in_a_list_and_after_an_append_in_a_loop():
     from netdoctor.fixes.patch import insert_args_after
 
-    new = insert_args_after(LAYERS, {7: "nn.BatchNorm2d(width)", 9: "nn.BatchNorm2d(width)"},
-                            types=("Conv2d",))
-    assert "layers = [nn.Conv2d(1, width, 3), nn.BatchNorm2d(width), nn.ReLU()]  # one line, " \
-           "two calls" in new
-    assert ("            layers.append(nn.Conv2d(width, width, 3))\n"
-            "            layers.append(nn.BatchNorm2d(width))\n"
-            "            layers.append(nn.ReLU())\n") in new
+    new = insert_args_after(
+        LAYERS, {7: "nn.BatchNorm2d(width)", 9: "nn.BatchNorm2d(width)"}, types=("Conv2d",)
+    )
+    assert (
+        "layers = [nn.Conv2d(1, width, 3), nn.BatchNorm2d(width), nn.ReLU()]  # one line, "
+        "two calls" in new
+    )
+    assert (
+        "            layers.append(nn.Conv2d(width, width, 3))\n"
+        "            layers.append(nn.BatchNorm2d(width))\n"
+        "            layers.append(nn.ReLU())\n"
+    ) in new
     namespace: dict = {}
     exec(compile(new, "m.py", "exec"), namespace)
     body = namespace["M"]().body
@@ -258,8 +313,14 @@ def test_fix_works_on_a_dotted_module_target_in_the_current_folder(tmp_path):
     package.mkdir()
     (package / "__init__.py").write_text("")
     shutil.copy(SICK / "bn_momentum.py", package / "model.py")
-    result = invoke("check", "ndfixpkg.model:KerasMomentumNet", "--input-shape", "1,28,28",
-                    "--fix", cwd=tmp_path)
+    result = invoke(
+        "check",
+        "ndfixpkg.model:KerasMomentumNet",
+        "--input-shape",
+        "1,28,28",
+        "--fix",
+        cwd=tmp_path,
+    )
     assert "2 fixes applied to 1 file, 0 findings left" in result.stderr, result.stderr
     assert (package / "model.py").read_text().count(", momentum=0.1)") == 2
     assert result.exit_code == 0

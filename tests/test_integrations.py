@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import FIXTURES, invoke, line_of, run_python
 from test_watch import global_state
 
@@ -32,10 +33,13 @@ try:
 except ImportError:
     transformers = None
 
-needs_lightning = pytest.mark.skipif(pl is None, reason="PyTorch Lightning is not installed "
-                                     "(pip install netdoctor[lightning])")
-needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers is not "
-                                        "installed (pip install netdoctor[transformers])")
+needs_lightning = pytest.mark.skipif(
+    pl is None, reason="PyTorch Lightning is not installed (pip install netdoctor[lightning])"
+)
+needs_transformers = pytest.mark.skipif(
+    transformers is None,
+    reason="transformers is not installed (pip install netdoctor[transformers])",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -57,8 +61,11 @@ def run_script(script: Path, *args) -> None:
 
 
 def loud(report: dict) -> list[tuple[str, str]]:
-    return [(f["rule"], f["message"]) for f in report["findings"]
-            if f["severity"] in ("warning", "error")]
+    return [
+        (f["rule"], f["message"])
+        for f in report["findings"]
+        if f["severity"] in ("warning", "error")
+    ]
 
 
 def same_weights(a: Path, b: Path) -> list[str]:
@@ -70,26 +77,32 @@ def same_weights(a: Path, b: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------ import hygiene
 
+
 def test_importing_the_integrations_imports_no_trainer_and_no_torch():
     result = run_python(
         "import sys, netdoctor, netdoctor.integrations, netdoctor.integrations.lightning, "
         "netdoctor.integrations.transformers\n"
         "print(sorted(m for m in ('torch', 'lightning', 'pytorch_lightning', 'transformers') "
-        "if m in sys.modules))")
+        "if m in sys.modules))"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("module, blocked, extra", [
-    ("lightning", ("lightning", "pytorch_lightning"), "lightning"),
-    ("transformers", ("transformers",), "transformers"),
-])
+@pytest.mark.parametrize(
+    "module, blocked, extra",
+    [
+        ("lightning", ("lightning", "pytorch_lightning"), "lightning"),
+        ("transformers", ("transformers",), "transformers"),
+    ],
+)
 def test_a_missing_trainer_library_names_the_extra_to_install(module, blocked, extra):
     block = "; ".join(f"sys.modules[{name!r}] = None" for name in blocked)
     result = run_python(
         f"import sys; {block}\n"
         f"try:\n    from netdoctor.integrations.{module} import DoctorCallback\n"
-        "except ImportError as e:\n    print(e)\n")
+        "except ImportError as e:\n    print(e)\n"
+    )
     assert result.returncode == 0, result.stderr
     assert f"pip install netdoctor[{extra}]" in result.stdout, result.stdout
 
@@ -108,14 +121,22 @@ def test_options_are_checked_when_the_callback_is_built():
 
 # ------------------------------------------------------------------------------ Lightning
 
+
 @needs_lightning
 @pytest.mark.slow
 def test_lightning_fit_is_clean_reports_json_and_trains_as_without_netdoctor(tmp_path):
     script = LOOPS / "lightning_healthy.py"
     before = global_state()
     run_script(script, "--steps", 30, "--no-doctor", "--save", tmp_path / "bare.pt")
-    run_script(script, "--steps", 30, "--report", tmp_path / "report.json",
-               "--save", tmp_path / "watched.pt")
+    run_script(
+        script,
+        "--steps",
+        30,
+        "--report",
+        tmp_path / "report.json",
+        "--save",
+        tmp_path / "watched.pt",
+    )
     assert global_state() == before  # every hook and wrapper gone after the fit
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["command"] == "run" and report["target"] == "Classifier"
@@ -135,8 +156,9 @@ def test_lightning_layer_left_out_of_configure_optimizers_is_found_and_stops(tmp
     run_script(script, "--steps", 12, "--report", tmp_path / "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
     f = next(f for f in report["findings"] if f["rule"] == "ND502")
-    assert "Classifier.head's parameters receive gradients, but no optimizer holds any" in \
-        f["message"]
+    assert (
+        "Classifier.head's parameters receive gradients, but no optimizer holds any" in f["message"]
+    )
     assert f["location"]["line"] == line_of(script, "self.head = nn.Linear(64, 10)")
     assert "ND106" not in [f["rule"] for f in report["findings"]]  # the encoder is a part
     capsys.readouterr()
@@ -156,8 +178,20 @@ def test_lightning_callback_inside_netdoctor_run_joins_the_run(tmp_path):
     script = LOOPS / "lightning_healthy.py"
     run_script(script, "--steps", 20, "--no-doctor", "--save", tmp_path / "bare.pt")
     out = tmp_path / "run.json"
-    result = invoke("run", "--format", "json", "-o", out, script, "--steps", 20,
-                    "--report", tmp_path / "callback.json", "--save", tmp_path / "run.pt")
+    result = invoke(
+        "run",
+        "--format",
+        "json",
+        "-o",
+        out,
+        script,
+        "--steps",
+        20,
+        "--report",
+        tmp_path / "callback.json",
+        "--save",
+        tmp_path / "run.pt",
+    )
     assert result.exit_code == 0, result.stderr
     assert "not attached" not in result.stderr  # it joined, it did not fail to attach
     report = json.loads(out.read_text())
@@ -193,13 +227,18 @@ def test_lightning_fit_that_raises_still_reports_and_leaves_no_hook(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     torch.manual_seed(0)
-    data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,))),
-                      batch_size=8)
+    data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,))), batch_size=8)
     before = global_state()
     callback = DoctorCallback(output=str(tmp_path / "report.json"), format="json")
-    trainer = pl.Trainer(max_steps=10, accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[callback])
+    trainer = pl.Trainer(
+        max_steps=10,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
     with pytest.raises(ValueError, match="bad batch"):
         trainer.fit(Breaks(), data)
     assert global_state() == before
@@ -229,10 +268,14 @@ def test_lightning_hooks_report_on_rank_zero_only_and_stop_every_rank(tmp_path, 
         decisions.append((flag, all))
         return len(decisions) >= 2  # the other rank found something at the 2nd step
 
-    trainer = SimpleNamespace(optimizers=[opt], is_global_zero=False, global_step=0,
-                              world_size=2, should_stop=False,
-                              strategy=SimpleNamespace(
-                                  reduce_boolean_decision=reduce_boolean_decision))
+    trainer = SimpleNamespace(
+        optimizers=[opt],
+        is_global_zero=False,
+        global_step=0,
+        world_size=2,
+        should_stop=False,
+        strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision),
+    )
     callback = DoctorCallback(output=str(tmp_path / "report.json"), stop_on="error")
     callback.on_fit_start(trainer, module)
     for step in range(2):
@@ -252,14 +295,22 @@ def test_lightning_hooks_report_on_rank_zero_only_and_stop_every_rank(tmp_path, 
 
 # ------------------------------------------------------------------------------ HF Trainer
 
+
 @needs_transformers
 @pytest.mark.slow
 def test_hf_trainer_is_clean_reports_json_and_trains_as_without_netdoctor(tmp_path):
     script = LOOPS / "hf_trainer_bert.py"
     before = global_state()
     run_script(script, "--steps", 8, "--no-doctor", "--save", tmp_path / "bare.pt")
-    run_script(script, "--steps", 8, "--report", tmp_path / "report.json",
-               "--save", tmp_path / "watched.pt")
+    run_script(
+        script,
+        "--steps",
+        8,
+        "--report",
+        tmp_path / "report.json",
+        "--save",
+        tmp_path / "watched.pt",
+    )
     assert global_state() == before
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["target"] == "BertForSequenceClassification"
@@ -300,14 +351,25 @@ def test_hf_softmax_fed_to_cross_entropy_is_found_and_stops(tmp_path, capsys):
 def test_hf_callback_inside_netdoctor_run_joins_the_run(tmp_path):
     script = LOOPS / "hf_trainer_bert.py"
     out = tmp_path / "run.json"
-    result = invoke("run", "--format", "json", "-o", out, script, "--steps", 4,
-                    "--report", tmp_path / "callback.json")
+    result = invoke(
+        "run",
+        "--format",
+        "json",
+        "-o",
+        out,
+        script,
+        "--steps",
+        4,
+        "--report",
+        tmp_path / "callback.json",
+    )
     assert result.exit_code == 0, result.stderr
     assert "not attached" not in result.stderr
     report = json.loads(out.read_text())
     assert not loud(report), loud(report)
-    assert [m["label"] for m in report["measurements"]["run"]["models"]] == \
-        ["BertForSequenceClassification"]
+    assert [m["label"] for m in report["measurements"]["run"]["models"]] == [
+        "BertForSequenceClassification"
+    ]
     assert report["measurements"]["run"]["steps"] == 4
     assert not (tmp_path / "callback.json").exists()
 
@@ -345,9 +407,16 @@ def test_hf_train_that_raises_is_finished_by_close(tmp_path):
 
     before = global_state()
     callback = DoctorCallback(output=str(tmp_path / "report.json"), format="json")
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=10,
-                             per_device_train_batch_size=8, save_strategy="no", report_to=[],
-                             use_cpu=True, disable_tqdm=True, logging_steps=100)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=10,
+        per_device_train_batch_size=8,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=100,
+    )
     trainer = Trainer(model=Tiny(), args=args, train_dataset=Rows(), callbacks=[callback])
     with pytest.raises(ValueError, match="bad batch"):
         trainer.train()

@@ -11,16 +11,22 @@ import re
 
 import pytest
 import torch
-from conftest import RULE_DOCS, invoke
 
+from conftest import RULE_DOCS, invoke
 from netdoctor import docs
 from netdoctor.catalogue import RULES
 from netdoctor.rules import REGISTRY
 
 LOOP = sorted(rid for rid, impl in REGISTRY.items() if impl.needs == "loop")
 MULTI_PROCESS = {"ND508"}  # examples run under torchrun, in tests/test_distributed.py
-SECTIONS = ["## What it finds", "## Why it matters", "## Example", "## Fix", "## Options",
-            "## References"]
+SECTIONS = [
+    "## What it finds",
+    "## Why it matters",
+    "## Example",
+    "## Fix",
+    "## Options",
+    "## References",
+]
 
 
 def _doc(rule_id: str) -> str:
@@ -41,12 +47,13 @@ def test_doc_structure(rule_id):
     lines = text.splitlines()
     assert lines[0] == f"# {rule_id} {info.name}"
     header = next(line for line in lines[1:] if line.strip())
-    assert header == (f"**Severity:** {info.severity.label} · **Stage:** loop (netdoctor run, "
-                      "netdoctor.watch)"), header
+    assert header == (
+        f"**Severity:** {info.severity.label} · **Stage:** loop (netdoctor run, netdoctor.watch)"
+    ), header
     positions = [text.find(f"\n{s}\n") for s in SECTIONS]
     assert all(p >= 0 for p in positions), f"{rule_id}.md lacks a section"
     assert positions == sorted(positions), f"{rule_id}.md: sections out of order"
-    refs = text[text.find("\n## References\n"):]
+    refs = text[text.find("\n## References\n") :]
     assert re.search(r"https?://", refs)
 
 
@@ -55,7 +62,7 @@ def test_doc_options_are_the_ones_the_rule_reads(rule_id):
     source = inspect.getsource(REGISTRY[rule_id].fn)
     read = set(re.findall(rf'ctx\.option\("{rule_id}",\s*"([\w-]+)"', source))
     text = _doc(rule_id)
-    options = text[text.find("\n## Options\n"):text.find("\n## References\n")]
+    options = text[text.find("\n## Options\n") : text.find("\n## References\n")]
     documented = set(re.findall(r"^([a-z][\w-]*)\s*=", options, re.MULTILINE)) - {"severity"}
     assert documented == read, f"{rule_id}: documented {documented}, read {read}"
 
@@ -82,8 +89,11 @@ def test_example_triggers_and_fix_does_not(rule_id, tmp_path):
         rules = [f["rule"] for f in bad["findings"]]
         assert rule_id in rules, f"{rule_id}'s Example does not trigger it: {rules}"
         good = _run(tmp_path, ex["good"], "good")
-        loud = [(f["rule"], f["message"]) for f in good["findings"]
-                if f["severity"] in ("warning", "error")]
+        loud = [
+            (f["rule"], f["message"])
+            for f in good["findings"]
+            if f["severity"] in ("warning", "error")
+        ]
         assert not loud, f"{rule_id}'s Fix is not a healthy loop: {loud}"
     finally:
         torch.set_num_threads(threads)

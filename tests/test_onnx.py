@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from conftest import HEALTHY, SICK, chdir, invoke, run_cli
 
 onnx = pytest.importorskip("onnx")
@@ -21,8 +22,15 @@ from netdoctor.check import CheckOptions, check  # noqa: E402
 EXPORTERS = ["torchscript", "dynamo"]
 
 
-def export(target: str, path: Path, shape=(1, 28, 28), training: bool = False, vocab=None,
-           exporter: str = "torchscript", **kwargs) -> Path:
+def export(
+    target: str,
+    path: Path,
+    shape=(1, 28, 28),
+    training: bool = False,
+    vocab=None,
+    exporter: str = "torchscript",
+    **kwargs,
+) -> Path:
     """Export one fixture model (file.py:Class) the way users do. Both exporters fold each
     BatchNorm into the conv before it: the TorchScript one (dynamo=False) in eval mode only
     (`training=True` keeps BatchNormalization nodes), the dynamo one (torch's default since 2.9,
@@ -40,8 +48,9 @@ def export(target: str, path: Path, shape=(1, 28, 28), training: bool = False, v
             if exporter == "dynamo":
                 torch.onnx.export(model, (x,), str(path), dynamo=True)
             else:
-                mode = (torch.onnx.TrainingMode.TRAINING if training
-                        else torch.onnx.TrainingMode.EVAL)
+                mode = (
+                    torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
+                )
                 torch.onnx.export(model, x, str(path), dynamo=False, training=mode)
         except Exception as e:  # an exporter this torch build lacks
             pytest.skip(f"torch.onnx.export failed: {type(e).__name__}: {e}")
@@ -60,10 +69,10 @@ def rules(path: Path) -> list[str]:
 
 # ------------------------------------------------------------------- exports of the fixtures
 
+
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_sigmoid_lenet_export_reports_the_saturating_chain_at_the_onnx_node(tmp_path, exporter):
-    path = export(f"{SICK / 'lenet_sigmoid.py'}:LeNet", tmp_path / "lenet.onnx",
-                  exporter=exporter)
+    path = export(f"{SICK / 'lenet_sigmoid.py'}:LeNet", tmp_path / "lenet.onnx", exporter=exporter)
     (chain,) = [f for f in findings(path) if f["rule"] == "ND102"]
     assert "ND101" not in rules(path)
     names = {n.name for n in onnx.load(str(path)).graph.node}
@@ -75,23 +84,29 @@ def test_sigmoid_lenet_export_reports_the_saturating_chain_at_the_onnx_node(tmp_
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_plain_deep_cnn_export_reports_the_deep_plain_stack(tmp_path, exporter):
-    path = export(f"{SICK / 'plain_cnn20.py'}:PlainCNN20", tmp_path / "plain.onnx",
-                  exporter=exporter)
+    path = export(
+        f"{SICK / 'plain_cnn20.py'}:PlainCNN20", tmp_path / "plain.onnx", exporter=exporter
+    )
     (stack,) = [f for f in findings(path) if f["rule"] == "ND101"]
     assert stack["evidence"]["depth"] == 21
 
 
-@pytest.mark.parametrize("exporter, training", [("torchscript", False), ("torchscript", True),
-                                               ("dynamo", False)])
+@pytest.mark.parametrize(
+    "exporter, training", [("torchscript", False), ("torchscript", True), ("dynamo", False)]
+)
 def test_healthy_bn_cnn_export_is_clean(tmp_path, exporter, training):
     """Eval-mode export folds every BatchNorm into its conv: still no deep-plain-stack alarm (the
     folded norms are recognised, and a note says so)."""
-    export(f"{HEALTHY / 'vgg_bn.py'}:VGG11BN", tmp_path / "vgg.onnx", (3, 32, 32),
-           training=training, exporter=exporter)
+    export(
+        f"{HEALTHY / 'vgg_bn.py'}:VGG11BN",
+        tmp_path / "vgg.onnx",
+        (3, 32, 32),
+        training=training,
+        exporter=exporter,
+    )
     result = invoke("check", "vgg.onnx", cwd=tmp_path)
     assert result.exit_code == 0 and "no problems found" in result.stdout, result.stdout
-    assert ("8 conv/linear layer(s) carry a BatchNorm folded in" in result.stdout) \
-        is (not training)
+    assert ("8 conv/linear layer(s) carry a BatchNorm folded in" in result.stdout) is (not training)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
@@ -100,25 +115,39 @@ def test_bn_momentum_survives_the_export(tmp_path, momentum, flagged, exporter):
     """TorchScript: PyTorch momentum 0.99 exports as ONNX momentum 0.01 (ONNX weights the running
     value) and ND203 judges the converted value. Dynamo: the BatchNorm is folded into the conv and
     its momentum read from the export's record of the original call."""
-    path = export(f"{SICK / 'bn_momentum.py'}:KerasMomentumNet", tmp_path / "bn.onnx",
-                  training=True, momentum=momentum, exporter=exporter)
+    path = export(
+        f"{SICK / 'bn_momentum.py'}:KerasMomentumNet",
+        tmp_path / "bn.onnx",
+        training=True,
+        momentum=momentum,
+        exporter=exporter,
+    )
     found = [f for f in findings(path) if f["rule"] == "ND203"]
     assert len(found) == (2 if flagged else 0), found
     if exporter == "torchscript":
-        stored = {a.f for n in onnx.load(str(path)).graph.node
-                  if n.op_type == "BatchNormalization" for a in n.attribute
-                  if a.name == "momentum"}
+        stored = {
+            a.f
+            for n in onnx.load(str(path)).graph.node
+            if n.op_type == "BatchNormalization"
+            for a in n.attribute
+            if a.name == "momentum"
+        }
         assert len(stored) == 1 and stored.pop() == pytest.approx(1 - momentum)
         if flagged:
-            assert found[0]["evidence"] == {"momentum": 0.99,
-                                            "onnx_momentum": pytest.approx(0.01)}
+            assert found[0]["evidence"] == {"momentum": 0.99, "onnx_momentum": pytest.approx(0.01)}
     elif flagged:
         assert found[0]["module"].startswith("bn1 (folded into ")
         assert found[0]["evidence"]["momentum"] == 0.99
 
 
-DYNAMO_HEALTHY = ["alexnet_bn.py", "vgg_bn.py", "resnet.py", "mobilenet_v2.py", "densenet.py",
-                  "convnext.py"]
+DYNAMO_HEALTHY = [
+    "alexnet_bn.py",
+    "vgg_bn.py",
+    "resnet.py",
+    "mobilenet_v2.py",
+    "densenet.py",
+    "convnext.py",
+]
 
 
 @pytest.mark.parametrize("filename", DYNAMO_HEALTHY)
@@ -145,8 +174,9 @@ def test_every_healthy_fixture_exported_has_no_warning(tmp_path):
         spec = infer(loaded.model)[0]
         vocab = (spec.vocab or 2) if spec.dtype == "long" else None  # token ids
         name = loaded.target.replace("/", "_").replace(":", "_") + ".onnx"
-        export(f"{HEALTHY / loaded.target.split('/')[-1]}", tmp_path / name, spec.shape,
-               vocab=vocab)
+        export(
+            f"{HEALTHY / loaded.target.split('/')[-1]}", tmp_path / name, spec.shape, vocab=vocab
+        )
         exported += 1
         with chdir(tmp_path):
             (report,), _ = check(name, CheckOptions())
@@ -155,6 +185,7 @@ def test_every_healthy_fixture_exported_has_no_warning(tmp_path):
 
 
 # ------------------------------------------------------------------ hand-built ONNX graphs
+
 
 def _init(name: str, array: np.ndarray):
     return numpy_helper.from_array(array.astype(np.float32), name)
@@ -167,15 +198,20 @@ def deep_gemm_model(depth: int, activation: str = "Relu", width: int = 16):
     for i in range(depth):
         w = rng.uniform(-1, 1, (width, width)) / np.sqrt(width)
         inits += [_init(f"w{i}", w), _init(f"b{i}", np.zeros(width))]
-        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"h{i}"], name=f"fc{i}",
-                                      transB=1))
+        nodes.append(
+            helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"h{i}"], name=f"fc{i}", transB=1)
+        )
         x = f"h{i}"
         if i < depth - 1:
             nodes.append(helper.make_node(activation, [x], [f"a{i}"], name=f"act{i}"))
             x = f"a{i}"
-    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info(
-        "x", TensorProto.FLOAT, [1, width])], [helper.make_tensor_value_info(
-            x, TensorProto.FLOAT, [1, width])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "deep",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, width])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -188,25 +224,41 @@ def test_hand_built_graph_gets_the_same_rule_ids(tmp_path):
 def test_layers_inside_an_if_branch_are_checked(tmp_path):
     """If/Loop bodies join the graph: a sigmoid chain inside a branch is found."""
     body = deep_gemm_model(6, "Sigmoid").graph
-    branch = helper.make_graph(list(body.node), "then", [], [helper.make_tensor_value_info(
-        body.output[0].name, TensorProto.FLOAT, [1, 16])], list(body.initializer))
-    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y_else"])], "else", [],
-                              [helper.make_tensor_value_info("y_else", TensorProto.FLOAT,
-                                                             [1, 16])])
-    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
-             helper.make_node("Greater", ["s", "zero"], ["cond"], name="positive"),
-             helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other,
-                              name="gate")]
-    graph = helper.make_graph(nodes, "gated", [helper.make_tensor_value_info(
-        "x", TensorProto.FLOAT, [1, 16])], [helper.make_tensor_value_info(
-            "y", TensorProto.FLOAT, [1, 16])], [_init("zero", np.zeros(()))])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
-              str(tmp_path / "gated.onnx"))
+    branch = helper.make_graph(
+        list(body.node),
+        "then",
+        [],
+        [helper.make_tensor_value_info(body.output[0].name, TensorProto.FLOAT, [1, 16])],
+        list(body.initializer),
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y_else"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [1, 16])],
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="positive"),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other, name="gate"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gated",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        [_init("zero", np.zeros(()))],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
+        str(tmp_path / "gated.onnx"),
+    )
     (chain,) = [f for f in findings(tmp_path / "gated.onnx") if f["rule"] == "ND102"]
     assert chain["module"].startswith("gate/")
 
 
 # ------------------------------------------------------------------------- bad files
+
 
 def test_corrupt_file_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "broken.onnx").write_bytes(b"\x08\x07 this is not a protobuf \xff\xff")
@@ -245,8 +297,9 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path, location):
     onnx.save(_with_external_weight(location), str(folder / "m.onnx"))
     result = invoke("check", folder / "m.onnx")
     assert result.exit_code == 2
-    assert "outside the model's folder" in result.stderr or "refers to external data" in \
-        result.stderr, result.stderr
+    assert (
+        "outside the model's folder" in result.stderr or "refers to external data" in result.stderr
+    ), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -254,8 +307,9 @@ def test_external_data_next_to_the_model_is_read(tmp_path):
     model = deep_gemm_model(9)
     from onnx.external_data_helper import convert_model_to_external_data
 
-    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="weights.bin",
-                                   size_threshold=0)
+    convert_model_to_external_data(
+        model, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0
+    )
     onnx.save(model, str(tmp_path / "m.onnx"))
     assert (tmp_path / "weights.bin").stat().st_size > 0
     assert "ND101" in rules(tmp_path / "m.onnx")

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from conftest import HEALTHY, SICK, invoke, line_of, run_cli
 from datagen import write_idx_dataset, write_npz
 
@@ -74,16 +75,31 @@ def rules_of(report: dict) -> dict[str, list[dict]]:
 
 
 def loud(report: dict) -> list[tuple[str, str]]:
-    return [(f["rule"], f["message"]) for f in report["findings"]
-            if f["severity"] in ("warning", "error")]
+    return [
+        (f["rule"], f["message"])
+        for f in report["findings"]
+        if f["severity"] in ("warning", "error")
+    ]
 
 
 # ------------------------------------------------------------------------------ the seed report
 
+
 @pytest.fixture(scope="module")
 def seed_report(data_dir):
-    report, code = probe_json(MLP, "--data", "fashionmnist", "--raw", "--lr", "0.5",
-                              "--momentum", "0", "--steps", "100", data_dir=data_dir)
+    report, code = probe_json(
+        MLP,
+        "--data",
+        "fashionmnist",
+        "--raw",
+        "--lr",
+        "0.5",
+        "--momentum",
+        "0",
+        "--steps",
+        "100",
+        data_dir=data_dir,
+    )
     return report, code
 
 
@@ -130,8 +146,22 @@ def test_json_carries_the_measurements(seed_report):
 
 
 def test_text_report_shows_flow_curve_and_verified_fix(data_dir):
-    result = invoke("probe", MLP, "--data", "fashionmnist", "--data-dir", data_dir, "--raw",
-                    "--lr", "0.5", "--momentum", "0", "--steps", "40", "--no-color")
+    result = invoke(
+        "probe",
+        MLP,
+        "--data",
+        "fashionmnist",
+        "--data-dir",
+        data_dir,
+        "--raw",
+        "--lr",
+        "0.5",
+        "--momentum",
+        "0",
+        "--steps",
+        "40",
+        "--no-color",
+    )
     out = result.stdout
     assert "Fix first: ND301 input-not-normalized" in out
     assert "Gradient flow" in out and "net.1" in out
@@ -142,10 +172,12 @@ def test_text_report_shows_flow_curve_and_verified_fix(data_dir):
 
 # ------------------------------------------------------------------------------ vanishing gradients
 
+
 @pytest.mark.parametrize("target,first", [(LENET_SIGMOID, "net.0"), (SIGMOID_MLP, "net.1")])
 def test_sigmoid_stacks_report_vanishing_gradients(data_dir, target, first):
-    report, _ = probe_json(target, "--data", "fashionmnist", "--steps", "20", "--no-verify",
-                           data_dir=data_dir)
+    report, _ = probe_json(
+        target, "--data", "fashionmnist", "--steps", "20", "--no-verify", data_dir=data_dir
+    )
     found = rules_of(report)
     (nd403,) = found["ND403"]
     assert nd403["module"] == first
@@ -156,8 +188,9 @@ def test_sigmoid_stacks_report_vanishing_gradients(data_dir, target, first):
 
 
 def test_sigmoid_lenet_fix_is_verified(data_dir):
-    report, _ = probe_json(LENET_SIGMOID, "--data", "fashionmnist", "--normalize", "--steps",
-                           "60", data_dir=data_dir)
+    report, _ = probe_json(
+        LENET_SIGMOID, "--data", "fashionmnist", "--normalize", "--steps", "60", data_dir=data_dir
+    )
     assert report["summary"]["fix_first"] == "ND102"
     vf = report["measurements"]["verified_fix"]
     assert vf["applied"].endswith("replaced by ReLU")
@@ -166,9 +199,11 @@ def test_sigmoid_lenet_fix_is_verified(data_dir):
 
 # ------------------------------------------------------------------------------ constant init
 
+
 def test_zero_hidden_layer_reports_constant_init_and_the_stall(data_dir):
-    report, _ = probe_json(ZERO_HIDDEN, "--data", "fashionmnist", "--steps", "50",
-                           data_dir=data_dir)
+    report, _ = probe_json(
+        ZERO_HIDDEN, "--data", "fashionmnist", "--steps", "50", data_dir=data_dir
+    )
     found = rules_of(report)
     (nd202,) = found["ND202"]
     assert nd202["module"] == "fc2" and nd202["severity"] == "error"
@@ -184,16 +219,34 @@ def test_zero_hidden_layer_reports_constant_init_and_the_stall(data_dir):
 
 def test_zero_last_layer_is_fine(data_dir, tmp_path):
     (tmp_path / "zl.py").write_text(ZERO_LAST)
-    report, _ = probe_json(f"{tmp_path / 'zl.py'}:Net", "--data", "fashionmnist", "--steps",
-                           "40", "--no-verify", data_dir=data_dir, cwd=tmp_path)
+    report, _ = probe_json(
+        f"{tmp_path / 'zl.py'}:Net",
+        "--data",
+        "fashionmnist",
+        "--steps",
+        "40",
+        "--no-verify",
+        data_dir=data_dir,
+        cwd=tmp_path,
+    )
     assert not loud(report)
 
 
 # ------------------------------------------------------------------------------ BatchNorm
 
+
 def test_batchnorm_momentum_zero_reports_train_eval_gap(data_dir):
-    report, _ = probe_json(BN_NET, "-a", "momentum=0", "--data", "fashionmnist", "--normalize",
-                           "--steps", "40", data_dir=data_dir)
+    report, _ = probe_json(
+        BN_NET,
+        "-a",
+        "momentum=0",
+        "--data",
+        "fashionmnist",
+        "--normalize",
+        "--steps",
+        "40",
+        data_dir=data_dir,
+    )
     found = rules_of(report)
     (gap,) = found["ND411"]
     assert gap["module"] in ("bn1", "bn2")
@@ -204,8 +257,17 @@ def test_batchnorm_momentum_zero_reports_train_eval_gap(data_dir):
 
 
 def test_healthy_bn_cnn_on_normalized_data_is_clean(data_dir):
-    report, code = probe_json(BN_NET, "-a", "momentum=0.1", "--data", "fashionmnist",
-                              "--normalize", "--steps", "100", data_dir=data_dir)
+    report, code = probe_json(
+        BN_NET,
+        "-a",
+        "momentum=0.1",
+        "--data",
+        "fashionmnist",
+        "--normalize",
+        "--steps",
+        "100",
+        data_dir=data_dir,
+    )
     assert not loud(report), loud(report)
     assert code == 0
     m = report["measurements"]
@@ -216,8 +278,9 @@ def test_healthy_bn_cnn_on_normalized_data_is_clean(data_dir):
 
 
 def test_healthy_lenet_with_functional_relus_is_clean(data_dir):
-    report, _ = probe_json(LENET, "--data", "fashionmnist", "--normalize", "--steps", "60",
-                           data_dir=data_dir)
+    report, _ = probe_json(
+        LENET, "--data", "fashionmnist", "--normalize", "--steps", "60", data_dir=data_dir
+    )
     assert not loud(report), loud(report)
     names = [a["name"] for a in report["measurements"]["activations"]]
     assert names == ["relu(conv1)", "relu(conv2)", "relu(fc1)", "relu(fc2)"]
@@ -227,9 +290,20 @@ def test_healthy_lenet_with_functional_relus_is_clean(data_dir):
 
 # ------------------------------------------------------------------------------ too high a lr
 
+
 def test_far_too_high_lr_names_the_producing_layer(data_dir):
-    report, code = probe_json(HEALTHY_MLP, "--data", "fashionmnist", "--raw", "--lr", "0.5",
-                              "--steps", "30", "--no-verify", data_dir=data_dir)
+    report, code = probe_json(
+        HEALTHY_MLP,
+        "--data",
+        "fashionmnist",
+        "--raw",
+        "--lr",
+        "0.5",
+        "--steps",
+        "30",
+        "--no-verify",
+        data_dir=data_dir,
+    )
     found = rules_of(report)
     assert "ND401" in found, report["findings"]
     (nan,) = found["ND401"]
@@ -244,11 +318,16 @@ def test_far_too_high_lr_names_the_producing_layer(data_dir):
 
 
 def test_high_lr_without_nan_blames_the_learning_rate(data_dir):
-    report, _ = probe_json(LENET, "--data", "fashionmnist", "--lr", "10", "--steps", "30",
-                           data_dir=data_dir)
+    report, _ = probe_json(
+        LENET, "--data", "fashionmnist", "--lr", "10", "--steps", "30", data_dir=data_dir
+    )
     found = rules_of(report)
-    lr_findings = [f for f in report["findings"] if f["rule"] in ("ND401", "ND402") or (
-        f["rule"] == "ND406" and f["evidence"]["direction"] == "too-large")]
+    lr_findings = [
+        f
+        for f in report["findings"]
+        if f["rule"] in ("ND401", "ND402")
+        or (f["rule"] == "ND406" and f["evidence"]["direction"] == "too-large")
+    ]
     assert lr_findings, report["findings"]
     assert all(f["module"] in {"conv1", "conv2", "fc1", "fc2", "fc3"} for f in lr_findings)
     assert report["summary"]["fix_first"] in ("ND401", "ND402", "ND406")
@@ -260,18 +339,22 @@ def test_high_lr_without_nan_blames_the_learning_rate(data_dir):
 
 # ------------------------------------------------------------------------------ no gradient
 
+
 def test_detached_features_starve_the_convolutions(data_dir):
-    report, _ = probe_json(DETACHED, "--data", "fashionmnist", "--steps", "10", "--no-verify",
-                           data_dir=data_dir)
+    report, _ = probe_json(
+        DETACHED, "--data", "fashionmnist", "--steps", "10", "--no-verify", data_dir=data_dir
+    )
     starved = {f["module"]: f for f in rules_of(report)["ND410"]}
     assert set(starved) == {"conv1", "conv2"}
     assert starved["conv1"]["severity"] == "error"
     assert starved["conv1"]["evidence"]["parameters"] == ["conv1.weight", "conv1.bias"]
-    assert starved["conv2"]["location"]["line"] == line_of(SICK / "detached.py",
-                                                           "self.conv2 = nn.Conv2d")
+    assert starved["conv2"]["location"]["line"] == line_of(
+        SICK / "detached.py", "self.conv2 = nn.Conv2d"
+    )
 
 
 # ------------------------------------------------------------------------------ bad data
+
 
 def test_labels_beyond_the_outputs_are_a_finding_not_a_crash(tmp_path):
     rng = np.random.default_rng(0)
@@ -303,9 +386,15 @@ def test_nan_in_the_data_is_reported(tmp_path):
 
 # ------------------------------------------------------------------------------ the Python API
 
+
 def _hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
 
 
 def test_probe_leaves_the_model_untouched(data_dir):
@@ -369,13 +458,20 @@ def test_same_seed_same_run(data_dir):
     from netdoctor.probe.engine import ProbeConfig, run_probe
 
     model = load(HEALTHY_MLP).models[0].model
-    runs = [run_probe(model, open_source(DataSpec("fashionmnist", data_dir=data_dir)),
-                      ProbeConfig(steps=8, overfit_steps=0)) for _ in range(2)]
+    runs = [
+        run_probe(
+            model,
+            open_source(DataSpec("fashionmnist", data_dir=data_dir)),
+            ProbeConfig(steps=8, overfit_steps=0),
+        )
+        for _ in range(2)
+    ]
     assert runs[0].loss == runs[1].loss
     assert [p.grad_norm for p in runs[0].params] == [p.grad_norm for p in runs[1].params]
 
 
 # ------------------------------------------------------------------------------ the command line
+
 
 def test_probe_needs_data():
     result = invoke("probe", MLP)
@@ -390,8 +486,16 @@ def test_plot_without_matplotlib_is_one_clear_line(data_dir, tmp_path):
         pass
     else:
         pytest.skip("matplotlib is installed")
-    result = invoke("probe", MLP, "--data", "fashionmnist", "--data-dir", data_dir, "--plot",
-                    tmp_path / "flow.png")
+    result = invoke(
+        "probe",
+        MLP,
+        "--data",
+        "fashionmnist",
+        "--data-dir",
+        data_dir,
+        "--plot",
+        tmp_path / "flow.png",
+    )
     assert result.exit_code == 2
     assert "pip install matplotlib" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -401,16 +505,29 @@ def test_plot_without_matplotlib_is_one_clear_line(data_dir, tmp_path):
 def test_plot_writes_the_gradient_flow_png(data_dir, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "flow.png"
-    result = invoke("probe", LENET_SIGMOID, "--data", "fashionmnist", "--data-dir", data_dir,
-                    "--steps", "10", "--no-verify", "--plot", out)
+    result = invoke(
+        "probe",
+        LENET_SIGMOID,
+        "--data",
+        "fashionmnist",
+        "--data-dir",
+        data_dir,
+        "--steps",
+        "10",
+        "--no-verify",
+        "--plot",
+        out,
+    )
     assert result.exit_code == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_probe_help_does_not_import_torch():
-    code = ("import sys\nfrom netdoctor.cli import main\nsys.argv = ['netdoctor', 'probe', "
-            "'--help']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print('TORCH', 'torch' in sys.modules)")
+    code = (
+        "import sys\nfrom netdoctor.cli import main\nsys.argv = ['netdoctor', 'probe', "
+        "'--help']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH', 'torch' in sys.modules)"
+    )
     from conftest import run_python
 
     result = run_python(code)
@@ -427,8 +544,20 @@ def test_onnx_target_cannot_be_probed(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="posix shell")
 def test_probe_subprocess_exit_code(data_dir):
-    result = run_cli("probe", HEALTHY_MLP, "--data", "fashionmnist", "--data-dir", data_dir,
-                     "--normalize", "--steps", "30", "--no-verify", "--format", "json")
+    result = run_cli(
+        "probe",
+        HEALTHY_MLP,
+        "--data",
+        "fashionmnist",
+        "--data-dir",
+        data_dir,
+        "--normalize",
+        "--steps",
+        "30",
+        "--no-verify",
+        "--format",
+        "json",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["command"] == "probe"
     assert result.stderr == ""  # no progress bar when stderr is not a terminal

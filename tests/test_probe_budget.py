@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
-from conftest import HEALTHY, invoke
 from torch import nn
 
+from conftest import HEALTHY, invoke
 from netdoctor.data import DataSpec, open_source
 from netdoctor.probe.budget import MIN_BATCH, plan
 from netdoctor.probe.engine import ProbeConfig, steps_that_fit
@@ -34,21 +34,22 @@ def test_steps_that_fit():
 
 @pytest.mark.slow
 def test_a_tight_budget_scales_the_steps_and_says_so():
-    report, code = probe_json(RESNET, "--data", "synthetic", "--time-budget", "2",
-                              "--no-verify")
+    report, code = probe_json(RESNET, "--data", "synthetic", "--time-budget", "2", "--no-verify")
     probe = report["measurements"]["probe"]
     assert probe["steps"] < probe["steps_requested"] == 100
     notes = [n for n in report["notes"] if n.startswith("time budget:")]
     assert any(f"{probe['steps']} steps instead of 100" in n for n in notes), report["notes"]
     # a probe cut short cannot say the model does not learn: no loss-trend warning
-    assert not [f for f in report["findings"] if f["rule"] in ("ND407", "ND409")
-                and f["severity"] != "info"]
+    assert not [
+        f for f in report["findings"] if f["rule"] in ("ND407", "ND409") and f["severity"] != "info"
+    ]
     assert code == 0
 
 
 def test_steps_given_means_no_budget():
-    report, _ = probe_json(LENET, "--data", "synthetic", "--steps", "5", "--time-budget",
-                           "0.001", "--no-verify")
+    report, _ = probe_json(
+        LENET, "--data", "synthetic", "--steps", "5", "--time-budget", "0.001", "--no-verify"
+    )
     assert report["measurements"]["probe"]["steps"] == 5
     assert not [n for n in report["notes"] if n.startswith("time budget")]
 
@@ -91,8 +92,9 @@ def test_a_model_too_slow_for_the_batch_trains_on_smaller_batches():
     assert any("trains on the first" in n for n in p.notes)
     given = plan(_SlowPerSample(), source, config, time.monotonic() + 20, 20, batch_given=True)
     assert given.config.batch_limit is None  # --batch-size was given: kept
-    roomy = plan(_SlowPerSample(), source, config, time.monotonic() + 10_000, 10_000,
-                 batch_given=False)
+    roomy = plan(
+        _SlowPerSample(), source, config, time.monotonic() + 10_000, 10_000, batch_given=False
+    )
     assert roomy.config == config and not roomy.notes  # everything fits: nothing changes
 
 
@@ -111,7 +113,11 @@ def test_batch_limit_feeds_the_first_samples_of_each_batch():
             seen.append(x.shape[0])
             return self.fc(x)
 
-    run = run_probe(Recorder(), source, ProbeConfig(steps=3, batch_limit=4, overfit_steps=0,
-                                                    device="cpu"), instrument=False)
+    run = run_probe(
+        Recorder(),
+        source,
+        ProbeConfig(steps=3, batch_limit=4, overfit_steps=0, device="cpu"),
+        instrument=False,
+    )
     assert run.steps_run == 3 and seen == [4, 4, 4]
     assert torch.get_num_threads() >= 1

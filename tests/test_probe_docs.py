@@ -11,15 +11,21 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import RULE_DOCS, invoke
 
+from conftest import RULE_DOCS, invoke
 from netdoctor import docs
 from netdoctor.catalogue import RULES
 from netdoctor.rules import REGISTRY
 
 RUNTIME = sorted(rid for rid, impl in REGISTRY.items() if impl.needs == "runtime")
-SECTIONS = ["## What it finds", "## Why it matters", "## Example", "## Fix", "## Options",
-            "## References"]
+SECTIONS = [
+    "## What it finds",
+    "## Why it matters",
+    "## Example",
+    "## Fix",
+    "## Options",
+    "## References",
+]
 
 
 def _doc(rule_id: str) -> str:
@@ -36,7 +42,8 @@ def _flags(code: str) -> list[str] | None:
 def _input_shape(code: str) -> str:
     for node in ast.parse(code).body:
         if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "INPUT_SHAPE" for t in node.targets):
+            isinstance(t, ast.Name) and t.id == "INPUT_SHAPE" for t in node.targets
+        ):
             return ",".join(map(str, ast.literal_eval(node.value)))
     raise AssertionError("the example defines no INPUT_SHAPE = (C, H, W)")
 
@@ -47,8 +54,9 @@ def _probe(tmp_path: Path, code: str, flags: list[str], name: str) -> dict:
     (folder / "model.py").write_text(code, encoding="utf-8")
     if "--input-shape" not in flags:
         flags = [*flags, "--input-shape", _input_shape(code)]
-    result = invoke("probe", f"{folder / 'model.py'}:Net", *flags, "--no-verify", "--format",
-                    "json", cwd=folder)
+    result = invoke(
+        "probe", f"{folder / 'model.py'}:Net", *flags, "--no-verify", "--format", "json", cwd=folder
+    )
     assert result.stdout, f"no report (exit {result.exit_code}): {result.stderr}"
     return json.loads(result.stdout)
 
@@ -64,12 +72,13 @@ def test_doc_structure(rule_id):
     lines = text.splitlines()
     assert lines[0] == f"# {rule_id} {info.name}"
     header = next(line for line in lines[1:] if line.strip())
-    assert header == (f"**Severity:** {info.severity.label} · **Stage:** runtime "
-                      "(netdoctor probe)"), header
+    assert header == (
+        f"**Severity:** {info.severity.label} · **Stage:** runtime (netdoctor probe)"
+    ), header
     positions = [text.find(f"\n{s}\n") for s in SECTIONS]
     assert all(p >= 0 for p in positions), f"{rule_id}.md lacks a section"
     assert positions == sorted(positions), f"{rule_id}.md: sections out of order"
-    refs = text[text.find("\n## References\n"):]
+    refs = text[text.find("\n## References\n") :]
     assert re.search(r"https?://", refs)
 
 
@@ -80,7 +89,7 @@ def test_doc_options_are_the_ones_the_rule_reads(rule_id):
     source = inspect.getsource(REGISTRY[rule_id].fn)
     read = set(re.findall(rf'ctx\.option\("{rule_id}",\s*"([\w-]+)"', source))
     text = _doc(rule_id)
-    options = text[text.find("\n## Options\n"):text.find("\n## References\n")]
+    options = text[text.find("\n## Options\n") : text.find("\n## References\n")]
     documented = set(re.findall(r"^([a-z][\w-]*)\s*=", options, re.MULTILINE)) - {"severity"}
     assert documented == read, f"{rule_id}: documented {documented}, read {read}"
 
@@ -100,6 +109,7 @@ def test_example_triggers_and_fix_does_not(rule_id, tmp_path):
     assert rule_id in rules, f"{rule_id}'s Example does not trigger it: {rules}"
 
     good = _probe(tmp_path, ex["good"], _flags(ex["good"]) or bad_flags, "good")
-    loud = [(f["rule"], f["message"]) for f in good["findings"]
-            if f["severity"] in ("warning", "error")]
+    loud = [
+        (f["rule"], f["message"]) for f in good["findings"] if f["severity"] in ("warning", "error")
+    ]
     assert not loud, f"{rule_id}'s Fix is not a healthy model: {loud}"

@@ -15,6 +15,7 @@ import json
 
 import numpy as np
 import pytest
+
 from conftest import invoke
 from datagen import write_npz
 
@@ -69,16 +70,28 @@ _cache: dict[tuple, dict] = {}
 def probe(root, model: str, data: str) -> dict:
     key = (model, data)
     if key not in _cache:
-        result = invoke("probe", f"{root / 'models.py'}:{model}", "--data", root / data,
-                        "--steps", "100", "--format", "json", cwd=root)
+        result = invoke(
+            "probe",
+            f"{root / 'models.py'}:{model}",
+            "--data",
+            root / data,
+            "--steps",
+            "100",
+            "--format",
+            "json",
+            cwd=root,
+        )
         assert result.stdout, result.stderr
         _cache[key] = json.loads(result.stdout)
     return _cache[key]
 
 
 def loud(report: dict) -> list[str]:
-    return [f"{f['rule']}: {f['message']}" for f in report["findings"]
-            if f["severity"] in ("warning", "error")]
+    return [
+        f"{f['rule']}: {f['message']}"
+        for f in report["findings"]
+        if f["severity"] in ("warning", "error")
+    ]
 
 
 def curve(report: dict) -> tuple[float, float]:

@@ -29,35 +29,54 @@ def make_report(**kw) -> Report:
     r = Report(target="fixtures/x.py:Net", command=kw.pop("command", "check"))
     r.findings = [
         Finding(
-            "ND404", "dead-relu", Severity.WARNING,
+            "ND404",
+            "dead-relu",
+            Severity.WARNING,
             "98% of relu1's units never fired over 200 steps",
-            module="relu1", location=Location("fixtures/x.py", 14),
+            module="relu1",
+            location=Location("fixtures/x.py", 14),
             evidence={"dead_fraction": 0.98, "per_unit": [0.0] * 100},
-            cause="ND301", impact=0.5,
+            cause="ND301",
+            impact=0.5,
         ),
         Finding(
-            "ND301", "input-not-normalized", Severity.WARNING,
+            "ND301",
+            "input-not-normalized",
+            Severity.WARNING,
             "inputs range 0..255 (mean 33.3, std 78.6)",
             evidence={"mean": 33.3, "std": 78.6},
             fix=Fix("divide inputs by 255", patch="x = x / 255.0\n", kind="snippet"),
             impact=0.9,
         ),
         Finding(
-            "ND101", "deep-plain-stack", Severity.WARNING,
+            "ND101",
+            "deep-plain-stack",
+            Severity.WARNING,
             "12 weight layers in series with no normalization",
-            module="features", location=Location("fixtures/x.py", 12),
-            fix=Fix("add BatchNorm2d after each conv", patch=DIFF, kind="diff",
-                    path="fixtures/deep.py"),
-            evidence={"depth": 12}, impact=0.3,
+            module="features",
+            location=Location("fixtures/x.py", 12),
+            fix=Fix(
+                "add BatchNorm2d after each conv", patch=DIFF, kind="diff", path="fixtures/deep.py"
+            ),
+            evidence={"depth": 12},
+            impact=0.3,
         ),
         Finding(
-            "ND104", "unregistered-submodule", Severity.ERROR,
+            "ND104",
+            "unregistered-submodule",
+            Severity.ERROR,
             "layers held in a plain list: 50% of the parameters are invisible\nto the optimizer",
-            module="blocks", location=Location("fixtures/x.py", 5),
+            module="blocks",
+            location=Location("fixtures/x.py", 5),
             fix=Fix("use nn.ModuleList", patch="self.blocks = nn.ModuleList(blocks)\n"),
         ),
-        Finding("ND109", "bias-before-norm", Severity.INFO, "conv1's bias is cancelled by bn1",
-                module="conv1"),
+        Finding(
+            "ND109",
+            "bias-before-norm",
+            Severity.INFO,
+            "conv1's bias is cancelled by bn1",
+            module="conv1",
+        ),
     ]
     r.notes = ["input shape inferred as 1,28,28"]
     for k, v in kw.items():
@@ -81,6 +100,7 @@ MEASUREMENTS = {
 
 
 # ----------------------------------------------------------------------------- dispatcher
+
 
 def test_unknown_format_raises():
     with pytest.raises(ValueError):
@@ -109,6 +129,7 @@ def test_reporters_do_not_import_torch():
 
 
 # ----------------------------------------------------------------------------- json
+
 
 def test_json_single_report_is_report_to_dict():
     r = make_report()
@@ -155,6 +176,7 @@ def test_json_is_strict_even_with_non_finite_numbers():
 
 # ----------------------------------------------------------------------------- sarif
 
+
 def test_sarif_structure_and_levels():
     r = make_report()
     r.findings[2].location = Location(str(Path.cwd() / "fixtures" / "x.py"), 12)  # absolute
@@ -174,8 +196,13 @@ def test_sarif_structure_and_levels():
     results = run["results"]
     assert len(results) == 5
     levels = {res["ruleId"]: res["level"] for res in results}
-    assert levels == {"ND104": "error", "ND301": "warning", "ND101": "warning",
-                      "ND404": "warning", "ND109": "note"}
+    assert levels == {
+        "ND104": "error",
+        "ND301": "warning",
+        "ND101": "warning",
+        "ND404": "warning",
+        "ND109": "note",
+    }
     for res in results:
         assert rules[res["ruleIndex"]]["id"] == res["ruleId"]
         assert res["message"]["text"]
@@ -195,17 +222,27 @@ def test_sarif_structure_and_levels():
 
 
 def test_sarif_no_location_for_dotted_module_target():
-    r = Report(target="mypkg.models:Net",
-               findings=[Finding("ND105", "softmax-output", Severity.WARNING, "returns softmax")])
+    r = Report(
+        target="mypkg.models:Net",
+        findings=[Finding("ND105", "softmax-output", Severity.WARNING, "returns softmax")],
+    )
     res = json.loads(render([r], "sarif"))["runs"][0]["results"][0]
     assert "locations" not in res
 
 
 def test_sarif_merges_several_reports_into_one_run():
-    other = Report(target="fixtures/y.py:Other", findings=[
-        Finding("ND101", "deep-plain-stack", Severity.WARNING, "20 layers",
-                location=Location("fixtures/y.py", 3)),
-    ])
+    other = Report(
+        target="fixtures/y.py:Other",
+        findings=[
+            Finding(
+                "ND101",
+                "deep-plain-stack",
+                Severity.WARNING,
+                "20 layers",
+                location=Location("fixtures/y.py", 3),
+            ),
+        ],
+    )
     log = json.loads(render([make_report(), other], "sarif"))
     assert len(log["runs"]) == 1
     run = log["runs"][0]
@@ -215,12 +252,14 @@ def test_sarif_merges_several_reports_into_one_run():
 
 # ----------------------------------------------------------------------------- github
 
+
 def test_github_annotations():
     out = render([make_report()], "github")
     lines = out.splitlines()
     assert len(lines) == 5
     assert lines[0].startswith(
-        "::error file=fixtures/x.py,line=5,title=ND104 unregistered-submodule::")
+        "::error file=fixtures/x.py,line=5,title=ND104 unregistered-submodule::"
+    )
     # newline in the message is escaped, so the annotation stays one line
     assert "invisible%0Ato the optimizer Fix: use nn.ModuleList" in lines[0]
     deep = next(line for line in lines if "ND101" in line)
@@ -234,17 +273,27 @@ def test_github_annotations():
 
 
 def test_github_escapes_properties():
-    r = Report(target="t", findings=[
-        Finding("ND101", "deep-plain-stack", Severity.WARNING, "a\r\nb",
-                location=Location("dir,with:odd/x.py", 2)),
-    ])
+    r = Report(
+        target="t",
+        findings=[
+            Finding(
+                "ND101",
+                "deep-plain-stack",
+                Severity.WARNING,
+                "a\r\nb",
+                location=Location("dir,with:odd/x.py", 2),
+            ),
+        ],
+    )
     line = render([r], "github").rstrip("\n")
     assert "\n" not in line and "\r" not in line
-    assert line == ("::warning file=dir%2Cwith%3Aodd/x.py,line=2,"
-                    "title=ND101 deep-plain-stack::a%0D%0Ab")
+    assert line == (
+        "::warning file=dir%2Cwith%3Aodd/x.py,line=2,title=ND101 deep-plain-stack::a%0D%0Ab"
+    )
 
 
 # ----------------------------------------------------------------------------- text
+
 
 def test_text_layout_plain():
     out = render([make_report()], "text", color=False, width=100)
@@ -260,8 +309,9 @@ def test_text_layout_plain():
     assert "note: input shape inferred as 1,28,28" in out
     assert "1 error, 3 warnings, 1 info" in out
     # grouped by severity, errors first
-    assert (out.index("ND104") < out.index("ND301 input-not-normalized [warning]")
-            < out.index("ND109"))
+    assert (
+        out.index("ND104") < out.index("ND301 input-not-normalized [warning]") < out.index("ND109")
+    )
     # evidence: short numbers only, never raw lists
     assert "dead_fraction=0.98" in out
     assert "per_unit" not in out
@@ -276,10 +326,18 @@ def test_text_color_has_ansi():
 
 
 def test_text_user_strings_are_not_markup():
-    r = Report(target="x.py:Net", findings=[
-        Finding("ND111", "redundant-activation", Severity.INFO, "relu [bold]twice[/bold]",
-                module="layers[0]"),
-    ])
+    r = Report(
+        target="x.py:Net",
+        findings=[
+            Finding(
+                "ND111",
+                "redundant-activation",
+                Severity.INFO,
+                "relu [bold]twice[/bold]",
+                module="layers[0]",
+            ),
+        ],
+    )
     out = render([r], "text", color=False)
     assert "relu [bold]twice[/bold]" in out
     assert "(layers[0])" in out
@@ -288,23 +346,34 @@ def test_text_user_strings_are_not_markup():
 def test_text_measurement_sections():
     out = render([make_report(command="probe", measurements=MEASUREMENTS)], "text", color=False)
     assert "Gradient flow" in out
-    rows = {name: line for line in out.splitlines() for name in ("fc1", "fc2", "fc3")
-            if line.startswith(name)}
+    rows = {
+        name: line
+        for line in out.splitlines()
+        for name in ("fc1", "fc2", "fc3")
+        if line.startswith(name)
+    }
     assert set(rows) == {"fc1", "fc2", "fc3"}
     assert rows["fc1"].count("█") < rows["fc2"].count("█") < rows["fc3"].count("█")
     curve = next(line for line in out.splitlines() if line.startswith("Loss curve"))
     assert "2.30 → 1.11" in curve
     assert any(c in curve for c in "▁▂▃▄▅▆▇█")
-    assert ("Verified fix: divide inputs by 255: loss 2.30 → 2.30 (accuracy 0.10) "
-            "became 2.30 → 0.45 (accuracy 0.86)") in " ".join(out.split())
+    assert (
+        "Verified fix: divide inputs by 255: loss 2.30 → 2.30 (accuracy 0.10) "
+        "became 2.30 → 0.45 (accuracy 0.86)"
+    ) in " ".join(out.split())
 
 
 def test_text_measurement_sections_absent_and_robust():
     out = render([make_report()], "text", color=False)
     assert "Gradient flow" not in out and "Loss curve" not in out and "Verified fix" not in out
-    odd = {"gradient_flow": [{"name": "a", "grad_norm": 0.0},
-                             {"name": "b", "grad_norm": float("nan")}],
-           "loss_curve": [float("nan")] * 3, "verified_fix": {"fix": "x"}}
+    odd = {
+        "gradient_flow": [
+            {"name": "a", "grad_norm": 0.0},
+            {"name": "b", "grad_norm": float("nan")},
+        ],
+        "loss_curve": [float("nan")] * 3,
+        "verified_fix": {"fix": "x"},
+    }
     out = render([make_report(measurements=odd)], "text", color=False)
     assert "Gradient flow" in out and "non-finite" in out
     assert "Loss curve" in out
@@ -317,56 +386,90 @@ def test_text_several_reports_final_summary():
 
 
 def test_text_no_fix_first_without_fixable_warning():
-    r = Report(target="x.py:N", findings=[
-        Finding("ND109", "bias-before-norm", Severity.INFO, "cancelled",
-                fix=Fix("bias=False")),
-    ])
+    r = Report(
+        target="x.py:N",
+        findings=[
+            Finding("ND109", "bias-before-norm", Severity.INFO, "cancelled", fix=Fix("bias=False")),
+        ],
+    )
     out = render([r], "text", color=False)
     assert "Fix first" not in out
     assert "0 errors, 0 warnings, 1 info" in out
 
 
 VERIFIED_CHAIN = {
-    "fix": "inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05", "rule": "ND301",
+    "fix": "inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05",
+    "rule": "ND301",
     "applied": "inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05",
     "before": {"loss_first": 5.18, "loss_last": 2.31, "accuracy": 0.08},
     "after": {"loss_first": 2.30, "loss_last": 0.41, "accuracy": 0.88},
-    "improved": True, "outcome_improved": True, "steps": 100,
-    "symptom": {"rule": "ND404", "name": "dead ReLU units (worst layer)", "before_text": "100%",
-                "after_text": "19%", "gone": True},
+    "improved": True,
+    "outcome_improved": True,
+    "steps": 100,
+    "symptom": {
+        "rule": "ND404",
+        "name": "dead ReLU units (worst layer)",
+        "before_text": "100%",
+        "after_text": "19%",
+        "gone": True,
+    },
     "attempts": [
-        {"applied": "inputs scaled to [0, 1] (x / 255)", "steps": 100, "outcome": "no",
-         "after": {"loss_first": 2.30, "loss_last": 2.31, "accuracy": 0.09},
-         "symptom_text": "100%"},
-        {"applied": "inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05", "steps": 100,
-         "outcome": "improved", "after": {"loss_first": 2.30, "loss_last": 0.41,
-                                          "accuracy": 0.88}, "symptom_text": "19%"},
+        {
+            "applied": "inputs scaled to [0, 1] (x / 255)",
+            "steps": 100,
+            "outcome": "no",
+            "after": {"loss_first": 2.30, "loss_last": 2.31, "accuracy": 0.09},
+            "symptom_text": "100%",
+        },
+        {
+            "applied": "inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05",
+            "steps": 100,
+            "outcome": "improved",
+            "after": {"loss_first": 2.30, "loss_last": 0.41, "accuracy": 0.88},
+            "symptom_text": "19%",
+        },
     ],
 }
 
 
 def test_text_verified_fix_shows_symptom_and_what_was_tried():
-    out = render([make_report(command="probe", measurements={"verified_fix": VERIFIED_CHAIN})],
-                 "text", color=False)
+    out = render(
+        [make_report(command="probe", measurements={"verified_fix": VERIFIED_CHAIN})],
+        "text",
+        color=False,
+    )
     flat = " ".join(out.split())
-    assert ("Verified fix: inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05: loss "
-            "5.18 → 2.31 (accuracy 0.08) became 2.30 → 0.41 (accuracy 0.88) over 100 steps"
-            ) in flat
+    assert (
+        "Verified fix: inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05: loss "
+        "5.18 → 2.31 (accuracy 0.08) became 2.30 → 0.41 (accuracy 0.88) over 100 steps"
+    ) in flat
     assert "dead ReLU units (worst layer): 100% → 19% (symptom gone)" in flat
-    assert ("tried inputs scaled to [0, 1] (x / 255): loss 2.30 → 2.31 (accuracy 0.09), dead "
-            "ReLU units (worst layer) 100%") in flat
+    assert (
+        "tried inputs scaled to [0, 1] (x / 255): loss 2.30 → 2.31 (accuracy 0.09), dead "
+        "ReLU units (worst layer) 100%"
+    ) in flat
     assert flat.count("tried ") == 1  # the winning attempt is the headline, not a "tried" line
 
 
 def test_text_fix_not_verified_lists_every_attempt_with_its_numbers():
-    failed = dict(VERIFIED_CHAIN, improved=False, outcome_improved=False,
-                  after=VERIFIED_CHAIN["attempts"][0]["after"],
-                  symptom=dict(VERIFIED_CHAIN["symptom"], gone=False, after_text="100%"))
-    failed["attempts"] = [VERIFIED_CHAIN["attempts"][0],
-                          dict(VERIFIED_CHAIN["attempts"][1], outcome="no",
-                               after={"loss_first": 2.3, "loss_last": 2.29, "accuracy": 0.1})]
-    out = render([make_report(command="probe", measurements={"verified_fix": failed})], "text",
-                 color=False)
+    failed = dict(
+        VERIFIED_CHAIN,
+        improved=False,
+        outcome_improved=False,
+        after=VERIFIED_CHAIN["attempts"][0]["after"],
+        symptom=dict(VERIFIED_CHAIN["symptom"], gone=False, after_text="100%"),
+    )
+    failed["attempts"] = [
+        VERIFIED_CHAIN["attempts"][0],
+        dict(
+            VERIFIED_CHAIN["attempts"][1],
+            outcome="no",
+            after={"loss_first": 2.3, "loss_last": 2.29, "accuracy": 0.1},
+        ),
+    ]
+    out = render(
+        [make_report(command="probe", measurements={"verified_fix": failed})], "text", color=False
+    )
     flat = " ".join(out.split())
     assert "Fix not verified: nothing tried improved the probe's loss 5.18 → 2.31" in flat
     assert "tried 2:" in flat

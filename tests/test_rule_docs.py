@@ -9,15 +9,21 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import RULE_DOCS, check_json, findings_of, invoke
 
+from conftest import RULE_DOCS, check_json, findings_of, invoke
 from netdoctor import docs
 from netdoctor.catalogue import RULES
 from netdoctor.rules import REGISTRY
 
 STATIC = sorted(rid for rid, impl in REGISTRY.items() if impl.needs in ("outcome", "graph"))
-SECTIONS = ["## What it finds", "## Why it matters", "## Example", "## Fix", "## Options",
-            "## References"]
+SECTIONS = [
+    "## What it finds",
+    "## Why it matters",
+    "## Example",
+    "## Fix",
+    "## Options",
+    "## References",
+]
 
 
 def _doc(rule_id: str) -> str:
@@ -29,7 +35,8 @@ def _doc(rule_id: str) -> str:
 def _input_shape(code: str) -> tuple[int, ...]:
     for node in ast.parse(code).body:
         if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "INPUT_SHAPE" for t in node.targets):
+            isinstance(t, ast.Name) and t.id == "INPUT_SHAPE" for t in node.targets
+        ):
             shape = ast.literal_eval(node.value)
             assert isinstance(shape, tuple) and all(isinstance(s, int) for s in shape)
             return shape
@@ -65,11 +72,11 @@ def test_doc_structure(rule_id):
     assert positions == sorted(positions), f"{rule_id}.md: sections out of order"
     for section, start in zip(SECTIONS, positions, strict=True):
         end = text.find("\n## ", start + 1)
-        body = text[start + len(section) + 1: end if end > 0 else len(text)]
+        body = text[start + len(section) + 1 : end if end > 0 else len(text)]
         assert body.strip(), f"{rule_id}.md: {section} is empty"
-    options = text[text.find("\n## Options\n"):text.find("\n## References\n")]
+    options = text[text.find("\n## Options\n") : text.find("\n## References\n")]
     assert "severity" in options or options.strip().endswith("None.") or "None." in options
-    refs = text[text.find("\n## References\n"):]
+    refs = text[text.find("\n## References\n") :]
     assert re.search(r"https?://", refs), f"{rule_id}.md: References cites nothing with a link"
 
 
@@ -84,7 +91,7 @@ def test_doc_options_are_the_ones_the_rule_reads(rule_id):
     if len(read) < len(calls):
         pytest.skip(f"{rule_id} reads options in a way this test cannot parse: {calls}")
     text = _doc(rule_id)
-    options = text[text.find("\n## Options\n"):text.find("\n## References\n")]
+    options = text[text.find("\n## Options\n") : text.find("\n## References\n")]
     documented = set(re.findall(r"^([a-z][\w-]*)\s*=", options, re.MULTILINE)) - {"severity"}
     assert documented == read, f"{rule_id}: documented {documented}, read {read}"
 
@@ -96,17 +103,22 @@ def test_example_triggers_and_fix_does_not(rule_id, tmp_path):
     for key in ("bad", "good"):
         code = ex[key]
         compile(code, f"{rule_id}-{key}", "exec")
-        assert re.search(r"^class Net\(nn\.Module\):", code, re.MULTILINE), \
+        assert re.search(r"^class Net\(nn\.Module\):", code, re.MULTILINE), (
             f"{rule_id} {key}: no class Net(nn.Module)"
+        )
 
     bad = _check_example(tmp_path, ex["bad"], "bad")
-    assert findings_of(bad, rule_id), \
+    assert findings_of(bad, rule_id), (
         f"{rule_id}'s Example does not trigger it: {[f['rule'] for f in findings_of(bad)]}"
+    )
 
     good = _check_example(tmp_path, ex["good"], "good")
     assert not findings_of(good, rule_id), f"{rule_id}'s Fix still triggers it"
-    loud = [(f["rule"], f["message"]) for f in findings_of(good)
-            if f["severity"] in ("warning", "error")]
+    loud = [
+        (f["rule"], f["message"])
+        for f in findings_of(good)
+        if f["severity"] in ("warning", "error")
+    ]
     assert not loud, f"{rule_id}'s Fix is not a healthy model: {loud}"
 
 

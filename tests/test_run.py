@@ -15,11 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import FIXTURES, REPO, invoke, line_of, run_cli
 
 LOOPS = FIXTURES / "loops"
-HEALTHY = ["plain", "accumulation", "gan", "frozen_backbone", "validation", "warmup_cosine",
-           "transformer", "custom_optimizer", "mixed_precision"]
+HEALTHY = [
+    "plain",
+    "accumulation",
+    "gan",
+    "frozen_backbone",
+    "validation",
+    "warmup_cosine",
+    "transformer",
+    "custom_optimizer",
+    "mixed_precision",
+]
 # script -> (rule, the line it must point at (a needle), exit code)
 SICK = {
     "no_zero_grad": ("ND501", "optimizer.step()", 1),
@@ -76,16 +86,20 @@ def test_healthy_loop_is_clean_and_trains_exactly_as_without_netdoctor(name, tmp
     bare_run(script, "--save", str(tmp_path / "bare.pt"))
     report, result = run_json(script, "--save", tmp_path / "watched.pt", tmp_path=tmp_path)
     assert result.exit_code == 0, result.stderr
-    loud = [(f["rule"], f["message"]) for f in report["findings"]
-            if f["severity"] in ("warning", "error")]
+    loud = [
+        (f["rule"], f["message"])
+        for f in report["findings"]
+        if f["severity"] in ("warning", "error")
+    ]
     assert not loud, loud
     assert not [n for n in report["notes"] if "internal netdoctor error" in n]
     assert report["measurements"]["run"]["steps"] > 0
     bare = dict(tensors(torch.load(tmp_path / "bare.pt")))
     watched = dict(tensors(torch.load(tmp_path / "watched.pt")))
     assert bare.keys() == watched.keys()
-    assert all(torch.equal(bare[k], watched[k]) for k in bare), \
-        [k for k in bare if not torch.equal(bare[k], watched[k])]
+    assert all(torch.equal(bare[k], watched[k]) for k in bare), [
+        k for k in bare if not torch.equal(bare[k], watched[k])
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(SICK))
@@ -122,36 +136,53 @@ def test_nan_is_localised_to_the_attention_and_to_the_loss(tmp_path):
     report, _ = run_json(LOOPS / "nan_ignore_index.py", tmp_path=tmp_path)
     f = next(f for f in report["findings"] if f["rule"] == "ND401")
     assert f["evidence"]["kind"] == "loss" and f["evidence"]["step"] == 6
-    assert "every one of the 160 targets of this batch equals ignore_index (-100)" in \
-        f["message"]
+    assert "every one of the 160 targets of this batch equals ignore_index (-100)" in f["message"]
 
 
 def test_stop_on_error_stops_a_nan_run_with_the_report(tmp_path):
-    report, result = run_json("--stop-on", "error", LOOPS / "nan_ignore_index.py",
-                              tmp_path=tmp_path)
+    report, result = run_json(
+        "--stop-on", "error", LOOPS / "nan_ignore_index.py", tmp_path=tmp_path
+    )
     assert result.exit_code == 1
     assert report["measurements"]["run"]["steps"] == 6  # of 20
     assert report["measurements"]["run"]["stopped"] == "stop-on"
-    assert "netdoctor: stopped training at step 6 (--stop-on error): ND401 non-finite" in \
-        result.stderr
+    assert (
+        "netdoctor: stopped training at step 6 (--stop-on error): ND401 non-finite" in result.stderr
+    )
 
 
 def test_script_sees_python_semantics(tmp_path):
     script = tmp_path / "sub" / "train.py"
     script.parent.mkdir()
     (script.parent / "helper.py").write_text("VALUE = 7\n")
-    script.write_text(textwrap.dedent("""\
+    script.write_text(
+        textwrap.dedent("""\
         import json, sys
         import helper  # found because sys.path[0] is the script's folder
         print(json.dumps({"name": __name__, "argv": sys.argv, "path0": sys.path[0],
                           "value": helper.VALUE}))
-        """))
-    result = invoke("run", "--format", "json", "-o", tmp_path / "r.json", script, "--epochs",
-                    "3", "--format", "x")
+        """)
+    )
+    result = invoke(
+        "run",
+        "--format",
+        "json",
+        "-o",
+        tmp_path / "r.json",
+        script,
+        "--epochs",
+        "3",
+        "--format",
+        "x",
+    )
     assert result.exit_code == 0, result.stderr
     seen = json.loads(result.stdout.strip().splitlines()[0])
-    assert seen == {"name": "__main__", "argv": [str(script), "--epochs", "3", "--format", "x"],
-                    "path0": str(script.parent), "value": 7}
+    assert seen == {
+        "name": "__main__",
+        "argv": [str(script), "--epochs", "3", "--format", "x"],
+        "path0": str(script.parent),
+        "value": 7,
+    }
 
 
 def test_module_mode_runs_as_python_dash_m(tmp_path):
@@ -159,8 +190,7 @@ def test_module_mode_runs_as_python_dash_m(tmp_path):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "train.py").write_text((LOOPS / "no_zero_grad.py").read_text())
-    report, result = run_json("-m", "mypkg.train", "--steps", "5", tmp_path=tmp_path,
-                              cwd=tmp_path)
+    report, result = run_json("-m", "mypkg.train", "--steps", "5", tmp_path=tmp_path, cwd=tmp_path)
     assert result.exit_code == 1, result.stderr
     f = next(f for f in report["findings"] if f["rule"] == "ND501")
     assert f["location"]["path"].endswith("mypkg/train.py")
@@ -202,11 +232,11 @@ def test_a_failing_script_shows_its_traceback_then_the_report():
     err = result.stderr
     assert err.startswith("Traceback (most recent call last):\n"), err
     first = err.splitlines()[1]
-    assert first == f'  File "{script}", line {line_of(script, "loss = criterion(")}, ' \
-                    "in <module>", first
+    assert (
+        first == f'  File "{script}", line {line_of(script, "loss = criterion(")}, in <module>'
+    ), first
     assert "netdoctor" not in err.split("Traceback", 1)[1].split("RuntimeError")[0]
-    assert err.rstrip().endswith("RuntimeError: all elements of input should be between 0 "
-                                 "and 1")
+    assert err.rstrip().endswith("RuntimeError: all elements of input should be between 0 and 1")
     assert "ND506 loss-pairing [error]" in result.stdout
     assert "BCELoss was fed values outside [0, 1]" in result.stdout
 
@@ -224,28 +254,30 @@ def test_compiled_model_runs_unchanged_with_a_note(tmp_path):
 
 
 def test_usage_errors_are_one_line(tmp_path):
-    for args, words in ((["run"], "no script given"),
-                        (["run", "nope.py"], "nope.py: no such file"),
-                        (["run", "-m"], "-m needs a module name"),
-                        (["run", "-m", "no_such_module_xyz"], "no module named"),
-                        (["run", "--every", "0", "x.py"], "every must be a positive")):
+    for args, words in (
+        (["run"], "no script given"),
+        (["run", "nope.py"], "nope.py: no such file"),
+        (["run", "-m"], "-m needs a module name"),
+        (["run", "-m", "no_such_module_xyz"], "no module named"),
+        (["run", "--every", "0", "x.py"], "every must be a positive"),
+    ):
         result = invoke(*args, cwd=tmp_path)
         assert result.exit_code == 2, (args, result.stderr)
-        assert result.stderr.startswith("netdoctor: error: ") and words in result.stderr, \
+        assert result.stderr.startswith("netdoctor: error: ") and words in result.stderr, (
             result.stderr
+        )
         assert "Traceback" not in result.stderr
 
 
 def test_config_table_sets_the_schedule(tmp_path):
-    (tmp_path / "pyproject.toml").write_text("[tool.netdoctor.run]\nevery = 7\nstop-on = "
-                                             "\"never\"\n")
-    report, _ = run_json(LOOPS / "no_zero_grad.py", "--steps", "15", tmp_path=tmp_path,
-                         cwd=tmp_path)
+    (tmp_path / "pyproject.toml").write_text('[tool.netdoctor.run]\nevery = 7\nstop-on = "never"\n')
+    report, _ = run_json(
+        LOOPS / "no_zero_grad.py", "--steps", "15", tmp_path=tmp_path, cwd=tmp_path
+    )
     assert report["measurements"]["run"]["schedule"]["every"] == 7
     (tmp_path / "pyproject.toml").write_text("[tool.netdoctor.run]\nevry = 7\n")
     result = invoke("run", LOOPS / "no_zero_grad.py", cwd=tmp_path)
-    assert result.exit_code == 2 and "unknown key(s) in [tool.netdoctor.run]: evry" in \
-        result.stderr
+    assert result.exit_code == 2 and "unknown key(s) in [tool.netdoctor.run]: evry" in result.stderr
 
 
 def test_repo_loop_readme_lists_every_script():
@@ -257,10 +289,16 @@ def test_repo_loop_readme_lists_every_script():
 
 def test_watch_inside_a_run_script_joins_the_run(tmp_path):
     script = tmp_path / "train.py"
-    script.write_text((LOOPS / "no_zero_grad.py").read_text().replace(
-        "for step in range(args.steps):",
-        "import netdoctor\ndoctor = netdoctor.watch(model, optimizer)\n"
-        "for step in range(args.steps):") + "doctor.close()\n")
+    script.write_text(
+        (LOOPS / "no_zero_grad.py")
+        .read_text()
+        .replace(
+            "for step in range(args.steps):",
+            "import netdoctor\ndoctor = netdoctor.watch(model, optimizer)\n"
+            "for step in range(args.steps):",
+        )
+        + "doctor.close()\n"
+    )
     report, result = run_json(script, "--steps", "6", tmp_path=tmp_path)
     assert result.exit_code == 1, result.stderr
     assert [f["rule"] for f in report["findings"]] == ["ND501"]
@@ -271,7 +309,8 @@ def test_a_module_hashing_its_own_state_runs_unchanged(tmp_path):
     """torchmetrics' Metric (Lightning's self.log) hashes state that does not exist yet while
     nn.Module.__init__ runs: recording construction sites must not call it."""
     script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent("""\
+    script.write_text(
+        textwrap.dedent("""\
         import torch
         from torch import nn
 
@@ -291,7 +330,8 @@ def test_a_module_hashing_its_own_state_runs_unchanged(tmp_path):
             model(torch.randn(8, 4)).pow(2).mean().backward()
             opt.step()
         print("done", hash(metric) == hash(("total",)))
-        """))
+        """)
+    )
     report, result = run_json(script, tmp_path=tmp_path)
     assert result.exit_code == 0, result.stderr
     assert "done True" in result.stdout

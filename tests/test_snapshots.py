@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 import snapshot
 from conftest import REPO, invoke
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HEALTHY, SICK, chdir
 
+from conftest import HEALTHY, SICK, chdir
 from netdoctor.check import CheckOptions, check, check_loaded
 from netdoctor.findings import Severity
 
@@ -31,8 +31,9 @@ def of(findings, rule: str):
     return [f for f in findings if f.rule == rule]
 
 
-def assert_fix_applies(finding, tmp_path: Path, cls: str, rule: str, shape=MNIST,
-                       gone: str | None = None) -> Path:
+def assert_fix_applies(
+    finding, tmp_path: Path, cls: str, rule: str, shape=MNIST, gone: str | None = None
+) -> Path:
     """Write the fix's patched file next to a copy of the fixture, re-check it: the finding is
     gone (all of `rule`, or the one naming module `gone`), the model builds and runs forward."""
     fix = finding.fix
@@ -88,11 +89,19 @@ def healthy_reports():
 
 def test_healthy_corpus_is_clean(healthy_reports):
     assert len(healthy_reports) == len(list(HEALTHY.glob("*.py")))
-    loud = [(r.target, f.rule, f.message) for r in healthy_reports for f in r.findings
-            if f.severity >= Severity.WARNING]
+    loud = [
+        (r.target, f.rule, f.message)
+        for r in healthy_reports
+        for f in r.findings
+        if f.severity >= Severity.WARNING
+    ]
     assert loud == []
-    mine = [(r.target, f.rule, f.message) for r in healthy_reports for f in r.findings
-            if f.rule in NEW_RULES]
+    mine = [
+        (r.target, f.rule, f.message)
+        for r in healthy_reports
+        for f in r.findings
+        if f.rule in NEW_RULES
+    ]
     assert mine == []
 
 
@@ -137,10 +146,13 @@ def test_nd105_functional_softmax_and_log_softmax(tmp_path):
 # ----------------------------------------------------------------------- ND106 activation-on-logits
 
 
-@pytest.mark.parametrize("cls, needle, module", [
-    ("ReluLogitsNet", "            nn.ReLU(),\n        )", "net.4"),
-    ("FunctionalReluLogits", "return F.relu(self.fc2(x))", "fc2"),
-])
+@pytest.mark.parametrize(
+    "cls, needle, module",
+    [
+        ("ReluLogitsNet", "            nn.ReLU(),\n        )", "net.4"),
+        ("FunctionalReluLogits", "return F.relu(self.fc2(x))", "fc2"),
+    ],
+)
 def test_nd106_relu_on_logits(tmp_path, cls, needle, module):
     path = SICK / "relu_logits.py"
     (f,) = of(run(f"{path}:{cls}"), "ND106")
@@ -187,9 +199,13 @@ def test_nd108_detach(tmp_path):
     assert_fix_applies(f, tmp_path, "DetachedFeatures", "ND108")
 
 
-@pytest.mark.parametrize("cls, needle", [("DataFeatures", "self.backbone(x).data"),
-                                         ("NoGradBackbone",
-                                          "features = self.backbone(x)\n        return")])
+@pytest.mark.parametrize(
+    "cls, needle",
+    [
+        ("DataFeatures", "self.backbone(x).data"),
+        ("NoGradBackbone", "features = self.backbone(x)\n        return"),
+    ],
+)
 def test_nd108_data_and_no_grad(tmp_path, cls, needle):
     path = SICK / "detached_variants.py"
     (f,) = of(run(f"{path}:{cls}"), "ND108")
@@ -248,10 +264,13 @@ def test_nd110_dropout_before_batchnorm():
     assert f.fix.kind == "snippet"
 
 
-@pytest.mark.parametrize("cls, needle, module", [
-    ("DoubleReLU", "            nn.ReLU(),\n            nn.Linear(128", "net.3"),
-    ("DoubleReLUFunctional", "x = F.relu(x)", None),
-])
+@pytest.mark.parametrize(
+    "cls, needle, module",
+    [
+        ("DoubleReLU", "            nn.ReLU(),\n            nn.Linear(128", "net.3"),
+        ("DoubleReLUFunctional", "x = F.relu(x)", None),
+    ],
+)
 def test_nd111_redundant_activation(tmp_path, cls, needle, module):
     path = SICK / "double_relu.py"
     (f,) = of(run(f"{path}:{cls}"), "ND111")
@@ -263,10 +282,13 @@ def test_nd111_redundant_activation(tmp_path, cls, needle, module):
 # ----------------------------------------------------------------------- ND201 / ND204 (init)
 
 
-@pytest.mark.parametrize("target, cls, needle", [
-    ("mlp.py", "MLP", "nn.Linear(num_inputs"),
-    ("bad_init.py", "TinyInitMLP", "nn.Linear(784, 256)"),
-])
+@pytest.mark.parametrize(
+    "target, cls, needle",
+    [
+        ("mlp.py", "MLP", "nn.Linear(num_inputs"),
+        ("bad_init.py", "TinyInitMLP", "nn.Linear(784, 256)"),
+    ],
+)
 def test_nd201_small_init(tmp_path, target, cls, needle):
     path = SICK / target
     found = run(f"{path}:{cls}")
@@ -324,9 +346,11 @@ def test_output_rules_read_onnx_graphs(tmp_path):
     import warnings
 
     found = {}
-    for file, cls, rule in [("softmax_output.py", "SoftmaxNet", "ND105"),
-                            ("relu_logits.py", "ReluLogitsNet", "ND106"),
-                            ("linear_collapse.py", "CollapsedMLP", "ND107")]:
+    for file, cls, rule in [
+        ("softmax_output.py", "SoftmaxNet", "ND105"),
+        ("relu_logits.py", "ReluLogitsNet", "ND106"),
+        ("linear_collapse.py", "CollapsedMLP", "ND107"),
+    ]:
         spec = importlib.util.spec_from_file_location(f"fx_{cls}", SICK / file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -383,15 +407,18 @@ def _mlp(tmp_path: Path, **kwargs):
 
 
 # He for 784 inputs is 0.0505, for 256 inputs 0.0884; LeCun for the 256-input head is 0.0625.
-@pytest.mark.parametrize("stds, norm, flagged, shrink", [
-    ((0.0101, None, None), False, False, None),  # one hidden layer 5x below: harmless
-    ((None, None, 0.001), False, False, None),  # a small logit layer alone: recommended
-    ((None, None, 0.0), False, False, None),  # a zero logit layer
-    ((0.0101, None, 0.0125), False, True, 25.0),  # 5x below, then a 5x smaller head
-    ((0.0101, 0.0177, None), False, True, 25.0),  # two hidden layers 5x below each
-    ((0.0101, 0.0177, None), True, False, None),  # a BatchNorm between the two cuts the path
-    ((0.0101, 0.0177, 0.0125), False, True, 125.0),  # three in series: 5 * 5 * 5
-])
+@pytest.mark.parametrize(
+    "stds, norm, flagged, shrink",
+    [
+        ((0.0101, None, None), False, False, None),  # one hidden layer 5x below: harmless
+        ((None, None, 0.001), False, False, None),  # a small logit layer alone: recommended
+        ((None, None, 0.0), False, False, None),  # a zero logit layer
+        ((0.0101, None, 0.0125), False, True, 25.0),  # 5x below, then a 5x smaller head
+        ((0.0101, 0.0177, None), False, True, 25.0),  # two hidden layers 5x below each
+        ((0.0101, 0.0177, None), True, False, None),  # a BatchNorm between the two cuts the path
+        ((0.0101, 0.0177, 0.0125), False, True, 125.0),  # three in series: 5 * 5 * 5
+    ],
+)
 def test_nd201_judges_the_compound_shrink_along_a_path(tmp_path, stds, norm, flagged, shrink):
     found = of(_mlp(tmp_path, stds=stds, norm=norm), "ND201")
     assert bool(found) is flagged, [f.message for f in found]
@@ -414,8 +441,11 @@ def test_nd201_on_small_init_heads_of_widely_used_designs():
     layer a few times below its scale and a small logit layer, clean; the seed MLP is not."""
     bert = run(str(HEALTHY / "bert.py") + ":BertClassifier", shape=(16,), select=("ND201",))
     assert bert == []
-    mobile = run(str(HEALTHY / "tv_init_classifier.py") + ":TVInitMobileNet", shape=(3, 32, 32),
-                 select=("ND201",))
+    mobile = run(
+        str(HEALTHY / "tv_init_classifier.py") + ":TVInitMobileNet",
+        shape=(3, 32, 32),
+        select=("ND201",),
+    )
     assert mobile == []
     (seed,) = run(str(SICK / "mlp.py") + ":MLP", select=("ND201",))
     assert [layer["module"] for layer in seed.evidence["layers"]] == ["net.1", "net.3"]
@@ -469,8 +499,9 @@ class Net(nn.Module):
 '''
 
 
-@pytest.mark.parametrize("kind, plain", [("plain", True), ("var_mean", False),
-                                         ("batch_norm", False), ("std", False)])
+@pytest.mark.parametrize(
+    "kind, plain", [("plain", True), ("var_mean", False), ("batch_norm", False), ("std", False)]
+)
 def test_nd101_sees_weight_standardization_as_normalization(tmp_path, kind, plain):
     path = tmp_path / "ws_stack.py"
     path.write_text(WS_STACK, encoding="utf-8")
@@ -637,8 +668,9 @@ BORDERLINE = [
 ]
 
 
-@pytest.mark.parametrize("target, shape, dtype, rule, fires", BORDERLINE,
-                         ids=[b[0].split(":")[1] for b in BORDERLINE])
+@pytest.mark.parametrize(
+    "target, shape, dtype, rule, fires", BORDERLINE, ids=[b[0].split(":")[1] for b in BORDERLINE]
+)
 def test_weight_dependent_verdicts_hold_for_every_seed(target, shape, dtype, rule, fires):
     from netdoctor.loading.target import load
 
@@ -647,8 +679,9 @@ def test_weight_dependent_verdicts_hold_for_every_seed(target, shape, dtype, rul
         loaded = load(str(REPO / "fixtures" / target), seed=seed).models[0]
         weights.add(float(next(loaded.model.parameters()).detach().flatten()[:16].sum()))
         with chdir(REPO):
-            findings = check_loaded(loaded, CheckOptions(input_shape=shape, input_dtype=dtype,
-                                                         select=[rule], seed=seed)).findings
+            findings = check_loaded(
+                loaded, CheckOptions(input_shape=shape, input_dtype=dtype, select=[rule], seed=seed)
+            ).findings
         verdicts.add(bool(of(findings, rule)))
     assert len(weights) == 5, "the seeds did not change the model's weights"
     assert verdicts == {fires}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from conftest import HEALTHY, SICK, invoke
 from datagen import write_idx_dataset
 
@@ -33,8 +34,11 @@ def probe(*args) -> dict:
 
 
 def loud(report: dict) -> list[str]:
-    return [f"{f['rule']}: {f['message']}" for f in report["findings"]
-            if f["severity"] in ("warning", "error")]
+    return [
+        f"{f['rule']}: {f['message']}"
+        for f in report["findings"]
+        if f["severity"] in ("warning", "error")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +50,7 @@ def garments(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ the seed report
+
 
 def test_raw_pixels_at_lr_half_need_scaling_plus_a_lower_lr(garments):
     """The seed MLP (784-300-10, N(0, 0.01) init) on raw 0..255 pixels at lr 0.5, SGD with
@@ -65,15 +70,18 @@ def test_raw_pixels_at_lr_half_need_scaling_plus_a_lower_lr(garments):
     assert sym["gone"]
     # the top fix alone was tried first, and the report keeps its numbers
     alone, *_ = vf["attempts"]
-    assert alone["applied"] == "inputs scaled to [0, 1] (x / 255)" and alone["outcome"] != \
-        "improved"
-    assert alone["after"]["loss_last"] > 0.9 * before["loss_last"] or \
-        alone["after"]["accuracy"] < 0.3
+    assert (
+        alone["applied"] == "inputs scaled to [0, 1] (x / 255)" and alone["outcome"] != "improved"
+    )
+    assert (
+        alone["after"]["loss_last"] > 0.9 * before["loss_last"] or alone["after"]["accuracy"] < 0.3
+    )
     assert alone["symptom"] >= 0.5  # scaling alone leaves the ReLUs dead at lr 0.5
     assert len(vf["attempts"]) == 2 and vf["attempts"][-1]["applied"] == vf["applied"]
 
 
 # ------------------------------------------------------------------------------ the first command
+
 
 def test_first_command_sigmoid_lenet_fix_improves_loss_and_accuracy():
     """README: `netdoctor probe fixtures/sick/lenet_sigmoid.py:LeNet --data synthetic`."""
@@ -93,20 +101,24 @@ def test_first_command_sigmoid_lenet_fix_improves_loss_and_accuracy():
 def test_an_unclear_difference_is_run_three_times_longer_and_says_so():
     """40 steps: the ReLU LeNet's gradients flow (the symptom is gone) but its loss has not
     moved yet; 120 steps show the outcome."""
-    result = invoke("probe", LENET_SIGMOID, "--data", "synthetic", "--steps", "40",
-                    "--format", "json")
+    result = invoke(
+        "probe", LENET_SIGMOID, "--data", "synthetic", "--steps", "40", "--format", "json"
+    )
     report = json.loads(result.stdout)
     vf = report["measurements"]["verified_fix"]
     assert vf["extended"] and vf["steps"] == 120 and vf["outcome_improved"]
     assert vf["before"]["steps"] == vf["after"]["steps"] == 120  # both sides re-run longer
     first = vf["attempts"][0]
     assert first["steps"] == 40 and first["outcome"] != "improved" and first["symptom_gone"]
-    assert any("ran 120 steps (3x the probe) because after 40 steps the difference was unclear"
-               in n for n in report["notes"])
+    assert any(
+        "ran 120 steps (3x the probe) because after 40 steps the difference was unclear" in n
+        for n in report["notes"]
+    )
 
 
-@pytest.mark.parametrize("target", [f"{HEALTHY / 'lenet_relu.py'}:LeNet",
-                                    f"{HEALTHY / 'mlp_normalized.py'}:MLP"])
+@pytest.mark.parametrize(
+    "target", [f"{HEALTHY / 'lenet_relu.py'}:LeNet", f"{HEALTHY / 'mlp_normalized.py'}:MLP"]
+)
 def test_healthy_lenet_and_mlp_probe_clean_with_the_loss_falling(target):
     report = probe(target, "--data", "synthetic")
     assert not loud(report), loud(report)
@@ -119,11 +131,24 @@ def test_healthy_lenet_and_mlp_probe_clean_with_the_loss_falling(target):
 
 
 def test_text_report_shows_the_combination_and_what_was_tried(garments):
-    result = invoke("probe", MLP, "--data", "fashionmnist", "--data-dir", garments, "--raw",
-                    "--lr", "0.5", "--steps", "100", "--no-color")
+    result = invoke(
+        "probe",
+        MLP,
+        "--data",
+        "fashionmnist",
+        "--data-dir",
+        garments,
+        "--raw",
+        "--lr",
+        "0.5",
+        "--steps",
+        "100",
+        "--no-color",
+    )
     text = " ".join(result.stdout.split())
-    assert ("Verified fix: inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05: loss "
-            in text)
+    assert (
+        "Verified fix: inputs scaled to [0, 1] (x / 255) + learning rate 0.5 → 0.05: loss " in text
+    )
     assert "dead ReLU units (worst layer): 100% →" in text and "(symptom gone)" in text
     assert "tried inputs scaled to [0, 1] (x / 255): loss" in text
     assert "did not improve" not in text
@@ -161,8 +186,10 @@ def test_sick_fixture_verified_fix_outcome(fixture):
     vf = report["measurements"].get("verified_fix")
     if outcome == "not in memory":
         assert vf is None
-        assert any(n.startswith(f"fix first ({rule}") and "cannot be applied in memory" in n
-                   for n in report["notes"]), report["notes"]
+        assert any(
+            n.startswith(f"fix first ({rule}") and "cannot be applied in memory" in n
+            for n in report["notes"]
+        ), report["notes"]
         return
     assert vf["rule"] == rule and vf["attempts"]
     for a in vf["attempts"]:  # every attempt carries its numbers (a run that went NaN stops)
@@ -171,8 +198,11 @@ def test_sick_fixture_verified_fix_outcome(fixture):
     before, after = vf["before"], vf["after"]
     if outcome == "improved":
         assert vf["improved"] and vf["outcome_improved"]
-        assert after["loss_last"] < 0.9 * before["loss_last"] or before["loss_last"] is None \
+        assert (
+            after["loss_last"] < 0.9 * before["loss_last"]
+            or before["loss_last"] is None
             or before["loss_last"] > 1e6
+        )
         assert after["accuracy"] >= min(1.0, before["accuracy"] + 0.02)
     elif outcome == "symptom only":
         assert vf["improved"] and not vf["outcome_improved"] and vf["symptom"]["gone"]

@@ -50,15 +50,29 @@ def global_state(model: nn.Module | None = None) -> dict:
         "init": nn.Module.__dict__["__init__"],
         "opt_init": torch.optim.Optimizer.__dict__["__init__"],
         "scheduler_step": lr_scheduler.LRScheduler.__dict__["step"],
-        "losses": {n: getattr(F, n) for n in ("cross_entropy", "nll_loss", "mse_loss",
-                                              "binary_cross_entropy",
-                                              "binary_cross_entropy_with_logits", "l1_loss")},
+        "losses": {
+            n: getattr(F, n)
+            for n in (
+                "cross_entropy",
+                "nll_loss",
+                "mse_loss",
+                "binary_cross_entropy",
+                "binary_cross_entropy_with_logits",
+                "l1_loss",
+            )
+        },
         "modes": torch._C._len_torch_function_stack(),
     }
     if model is not None:
-        state["model"] = [(name, dict(mod._forward_pre_hooks), dict(mod._forward_hooks),
-                           set(mod._forward_hooks_always_called))
-                          for name, mod in model.named_modules()]
+        state["model"] = [
+            (
+                name,
+                dict(mod._forward_pre_hooks),
+                dict(mod._forward_hooks),
+                set(mod._forward_hooks_always_called),
+            )
+            for name, mod in model.named_modules()
+        ]
     return state
 
 
@@ -76,8 +90,9 @@ def mlp(d=16, classes=4, dropout=0.0):
     return nn.Sequential(*layers, nn.Linear(32, classes))
 
 
-def train(model, opt, steps, x, y, *, zero=True, loss_fn=None, batch=32, every_zero=1,
-          every_step=1):
+def train(
+    model, opt, steps, x, y, *, zero=True, loss_fn=None, batch=32, every_zero=1, every_step=1
+):
     """A plain loop; `every_zero`/`every_step`: clear / step once per that many backwards."""
     loss_fn = loss_fn or F.cross_entropy
     for i in range(steps):
@@ -95,6 +110,7 @@ def rules(doctor) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ hygiene
+
 
 def test_close_leaves_no_hook_and_restores_every_wrapper():
     x, y = data()
@@ -146,10 +162,12 @@ def test_watching_changes_no_result_bit_for_bit():
     """Dropout draws random numbers, BatchNorm updates buffers, a NaN replay re-runs a forward:
     the weights, the buffers and the random state afterwards are the same as without
     netdoctor."""
+
     def run(watched: bool):
         torch.manual_seed(1)
-        model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3),
-                              nn.Linear(32, 4))
+        model = nn.Sequential(
+            nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 4)
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         x, y = data()
         doctor = netdoctor.watch(model, opt, every=3) if watched else None
@@ -202,8 +220,10 @@ def test_internal_error_becomes_a_note_not_an_exception(monkeypatch):
     with netdoctor.watch(model, opt, static=False) as doctor:
         train(model, opt, 5, x, y)
     notes = doctor.diagnose().notes
-    assert any("internal netdoctor error" in n and "instrument broke" in n and "(5 times)" in n
-               for n in notes), notes
+    assert any(
+        "internal netdoctor error" in n and "instrument broke" in n and "(5 times)" in n
+        for n in notes
+    ), notes
 
 
 def test_schedule_is_cheap_and_log_spaced():
@@ -229,13 +249,19 @@ def test_norms_and_update_ratios_match_a_direct_computation(every):
             idx = torch.arange(i * 32, (i + 1) * 32)
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
-            norms.append(float(torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in model.parameters()]))))
+            norms.append(
+                float(
+                    torch.linalg.vector_norm(
+                        torch.stack([p.grad.norm() for p in model.parameters()])
+                    )
+                )
+            )
             before = [p.detach().clone() for p in model.parameters()]
             opt.step()
             if doctor.schedule.is_deep(i + 1):
-                ratios.append([float((p.detach() - b).norm()) for p, b in
-                               zip(model.parameters(), before)])
+                ratios.append(
+                    [float((p.detach() - b).norm()) for p, b in zip(model.parameters(), before)]
+                )
     wo = doctor.optimizers[0]
     assert wo.facts.grad_norm == pytest.approx(norms, rel=1e-5)
     assert wo.deep_steps == [i for i in range(1, 8) if doctor.schedule.is_deep(i)]
@@ -259,12 +285,16 @@ def test_the_measurement_time_note_counts_the_activation_measurements():
 
 # ------------------------------------------------------------------------------ ND501
 
-@pytest.mark.parametrize("pattern, expected", [
-    ({"zero": False}, True),  # zero_grad() forgotten
-    ({"every_zero": 4, "every_step": 1}, True),  # steps every backward, clears every 4th
-    ({"every_zero": 4, "every_step": 4}, False),  # accumulation: clear and step every 4
-    ({}, False),
-])
+
+@pytest.mark.parametrize(
+    "pattern, expected",
+    [
+        ({"zero": False}, True),  # zero_grad() forgotten
+        ({"every_zero": 4, "every_step": 1}, True),  # steps every backward, clears every 4th
+        ({"every_zero": 4, "every_step": 4}, False),  # accumulation: clear and step every 4
+        ({}, False),
+    ],
+)
 def test_nd501_grads_not_cleared(pattern, expected):
     x, y = data()
     model = mlp()
@@ -280,7 +310,7 @@ def test_nd501_accumulation_cleared_after_the_step_is_fine():
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with netdoctor.watch(model, opt, static=False) as doctor:
         for i in range(24):
-            loss = F.cross_entropy(model(x[i * 8:(i + 1) * 8]), y[i * 8:(i + 1) * 8]) / 3
+            loss = F.cross_entropy(model(x[i * 8 : (i + 1) * 8]), y[i * 8 : (i + 1) * 8]) / 3
             loss.backward()
             if (i + 1) % 3 == 0:
                 opt.step()
@@ -289,6 +319,7 @@ def test_nd501_accumulation_cleared_after_the_step_is_fine():
 
 
 # ------------------------------------------------------------------------------ ND502, ND503
+
 
 def test_nd502_optimizer_of_frozen_parameters():
     x, y = data()
@@ -320,13 +351,14 @@ def test_nd503_warmup_from_zero_is_fine():
     with netdoctor.watch(model, opt, static=False) as doctor:
         for i in range(30):
             opt.zero_grad()
-            F.cross_entropy(model(x[i * 16:(i + 1) * 16]), y[i * 16:(i + 1) * 16]).backward()
+            F.cross_entropy(model(x[i * 16 : (i + 1) * 16]), y[i * 16 : (i + 1) * 16]).backward()
             opt.step()
             sched.step()
     assert not {"ND503", "ND505"} & set(rules(doctor))
 
 
 # ------------------------------------------------------------------------------ ND504
+
 
 def test_nd504_not_for_a_frozen_part_kept_in_eval_mode():
     class Net(nn.Module):
@@ -356,17 +388,21 @@ def test_nd504_not_for_a_frozen_part_kept_in_eval_mode():
 
 # ------------------------------------------------------------------------------ ND505
 
+
 def test_nd505_epoch_scheduler_stepped_per_batch_and_cosine_to_zero():
     x, y = data()
     for per_batch, expected in ((True, True), (False, False)):
         model = mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5) if per_batch else \
-            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
+        sched = (
+            torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+            if per_batch
+            else torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
+        )
         with netdoctor.watch(model, opt, static=False) as doctor:
             for i in range(40):
                 opt.zero_grad()
-                F.cross_entropy(model(x[i * 8:(i + 1) * 8]), y[i * 8:(i + 1) * 8]).backward()
+                F.cross_entropy(model(x[i * 8 : (i + 1) * 8]), y[i * 8 : (i + 1) * 8]).backward()
                 opt.step()
                 sched.step()
         assert ("ND505" in rules(doctor)) is expected, rules(doctor)
@@ -374,19 +410,26 @@ def test_nd505_epoch_scheduler_stepped_per_batch_and_cosine_to_zero():
 
 # ------------------------------------------------------------------------------ ND506, ND507
 
-@pytest.mark.parametrize("head, loss, expected", [
-    ("softmax", "cross_entropy", True),
-    ("log_softmax", "cross_entropy", False),  # idempotent under log-softmax: no pairing bug
-    ("softmax", "nll_loss", True),
-    ("log_softmax", "nll_loss", False),
-    ("none", "nll_loss", True),  # logits into NLL
-    ("none", "cross_entropy", False),
-])
+
+@pytest.mark.parametrize(
+    "head, loss, expected",
+    [
+        ("softmax", "cross_entropy", True),
+        ("log_softmax", "cross_entropy", False),  # idempotent under log-softmax: no pairing bug
+        ("softmax", "nll_loss", True),
+        ("log_softmax", "nll_loss", False),
+        ("none", "nll_loss", True),  # logits into NLL
+        ("none", "cross_entropy", False),
+    ],
+)
 def test_nd506_class_losses(head, loss, expected):
     x, y = data()
     model = mlp()
-    post = {"softmax": lambda t: t.softmax(1), "log_softmax": lambda t: t.log_softmax(1),
-            "none": lambda t: t}[head]
+    post = {
+        "softmax": lambda t: t.softmax(1),
+        "log_softmax": lambda t: t.log_softmax(1),
+        "none": lambda t: t,
+    }[head]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with netdoctor.watch(model, opt, static=False) as doctor:
         # looked up at call time, as `F.cross_entropy(...)` in a loop is
@@ -401,8 +444,16 @@ def test_nd506_sigmoid_into_bce_with_logits():
         model = mlp(classes=1)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         with netdoctor.watch(model, opt, static=False) as doctor:
-            train(model, opt, 6, x, yb, loss_fn=lambda out, t, s=sigmoid:
-                  F.binary_cross_entropy_with_logits(out.sigmoid() if s else out, t))
+            train(
+                model,
+                opt,
+                6,
+                x,
+                yb,
+                loss_fn=lambda out, t, s=sigmoid: F.binary_cross_entropy_with_logits(
+                    out.sigmoid() if s else out, t
+                ),
+            )
         assert ("ND506" in rules(doctor)) is expected
 
 
@@ -412,17 +463,26 @@ def test_nd507_broadcast_and_same_shapes():
     for squeeze, expected in ((False, True), (True, False)):
         model = mlp(classes=1)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        with netdoctor.watch(model, opt, static=False) as doctor, \
-                warnings.catch_warnings(record=True) as caught:
+        with (
+            netdoctor.watch(model, opt, static=False) as doctor,
+            warnings.catch_warnings(record=True) as caught,
+        ):
             warnings.simplefilter("always")
-            train(model, opt, 4, x, target,
-                  loss_fn=lambda out, t, s=squeeze: F.mse_loss(out.squeeze(-1) if s else out, t))
+            train(
+                model,
+                opt,
+                4,
+                x,
+                target,
+                loss_fn=lambda out, t, s=squeeze: F.mse_loss(out.squeeze(-1) if s else out, t),
+            )
         assert ("ND507" in rules(doctor)) is expected
         # torch's own warning still reaches the user
         assert any("target size" in str(w.message) for w in caught) is expected
 
 
 # ------------------------------------------------------------------------------ loss, NaN, stop
+
 
 def test_observe_loss_when_backward_is_not_seen():
     from torch.autograd import backward as captured  # bound before netdoctor wraps it
@@ -433,7 +493,7 @@ def test_observe_loss_when_backward_is_not_seen():
     with netdoctor.watch(model, opt, static=False) as doctor:
         for i in range(5):
             opt.zero_grad()
-            loss = F.cross_entropy(model(x[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32])
+            loss = F.cross_entropy(model(x[i * 32 : (i + 1) * 32]), y[i * 32 : (i + 1) * 32])
             captured(loss)
             doctor.observe_loss(loss)
             opt.step()
@@ -468,8 +528,7 @@ def test_stop_training_is_a_base_exception_and_flag_mode_only_flags():
     x, y = data()
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with netdoctor.watch(model, opt, stop_on="error", stop_action="flag",
-                         announce=False) as doctor:
+    with netdoctor.watch(model, opt, stop_on="error", stop_action="flag", announce=False) as doctor:
         train(model, opt, 6, x, y, zero=False)  # ND501
     assert doctor.should_stop and doctor.stopped_by.rule == "ND501"
     assert doctor.optimizers[0].facts.steps == 6
@@ -493,8 +552,9 @@ def test_report_formats_and_output_file(tmp_path):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     out = tmp_path / "report.json"
-    with netdoctor.watch(model, opt, static=False, output=str(out), format="json",
-                         name="toy") as doctor:
+    with netdoctor.watch(
+        model, opt, static=False, output=str(out), format="json", name="toy"
+    ) as doctor:
         train(model, opt, 6, x, y, zero=False)
     data_ = json.loads(out.read_text())
     assert data_["command"] == "run" and data_["target"] == "toy"
@@ -506,6 +566,7 @@ def test_report_formats_and_output_file(tmp_path):
 def test_a_step_with_a_closure_is_measured_after_its_backward():
     """LBFGS (and Lightning's automatic optimization) run forward and backward inside the
     closure the step calls: measured when its first call returns, results unchanged."""
+
     def run(watched: bool):
         torch.manual_seed(0)
         x = torch.randn(128, 8)
@@ -558,7 +619,7 @@ def test_grad_scaler_loss_is_recorded_unscaled():
     with netdoctor.watch(model, opt, static=False) as doctor:
         for i in range(6):
             opt.zero_grad()
-            loss = F.cross_entropy(model(x[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32])
+            loss = F.cross_entropy(model(x[i * 32 : (i + 1) * 32]), y[i * 32 : (i + 1) * 32])
             seen.append(loss.item())
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -605,6 +666,7 @@ def test_torch_jit_script_still_compiles_the_losses_while_watching():
 
 # ------------------------------------------------------------------------------ for the callbacks
 
+
 def test_parts_of_one_network_are_judged_as_parts():
     """An encoder ending in ReLU that feeds a head (both in one optimizer) is no model whose
     output is the logits: no ND106 on it, and a stalled loss is reported once, on the head."""
@@ -616,8 +678,9 @@ def test_parts_of_one_network_are_judged_as_parts():
     with netdoctor.watch(announce=False) as doctor:
         for i in range(30):
             opt.zero_grad()
-            F.cross_entropy(head(encoder(x[i * 16:(i + 1) * 16]).flatten(1)),
-                            y[i * 16:(i + 1) * 16]).backward()
+            F.cross_entropy(
+                head(encoder(x[i * 16 : (i + 1) * 16]).flatten(1)), y[i * 16 : (i + 1) * 16]
+            ).backward()
             opt.step()
     assert [m.facts.feeds for m in doctor.models] == [["Linear"], []]
     found = [(f.rule, (f.evidence or {}).get("model")) for f in doctor.findings]
@@ -644,8 +707,9 @@ def test_scope_names_the_parts_a_trainer_step_calls_and_ignores_the_rest():
 
     lit, other = Lit(), nn.Linear(16, 4)
     opt = torch.optim.SGD(lit.parameters(), lr=0.1)
-    doctor = Doctor(WatchOptions(announce=False, static=False), discover_optimizers=False,
-                    scope=lit).start()
+    doctor = Doctor(
+        WatchOptions(announce=False, static=False), discover_optimizers=False, scope=lit
+    ).start()
     try:
         doctor.add_optimizer(opt)
         x, y = data()
@@ -657,8 +721,10 @@ def test_scope_names_the_parts_a_trainer_step_calls_and_ignores_the_rest():
         doctor.close()
     assert [m.facts.label for m in doctor.models] == ["Lit.encoder", "Lit.head"]
     site = doctor.models[1].facts.site
-    assert site.path == __file__ and "self.head = nn.Linear(32, 4)" in \
-        open(__file__).read().splitlines()[site.line - 1]
+    assert (
+        site.path == __file__
+        and "self.head = nn.Linear(32, 4)" in open(__file__).read().splitlines()[site.line - 1]
+    )
 
 
 def test_after_step_loss_fills_only_a_step_whose_backward_was_unseen():
@@ -670,7 +736,7 @@ def test_after_step_loss_fills_only_a_step_whose_backward_was_unseen():
     with netdoctor.watch(model, opt, static=False) as doctor:
         for i in range(4):
             opt.zero_grad()
-            loss = F.cross_entropy(model(x[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32])
+            loss = F.cross_entropy(model(x[i * 32 : (i + 1) * 32]), y[i * 32 : (i + 1) * 32])
             (captured if i < 2 else torch.autograd.backward)(loss)
             opt.step()
             doctor.observe_loss(100.0 + i, after_step=True)  # a trainer's batch-end report

@@ -40,5 +40,11 @@ class StepTimer:
     def write(self) -> None:
         if self.path:
             with open(self.path, "w") as f:
-                json.dump({"wall": self.wall, "cpu": self.cpu,
-                           "script": time.perf_counter() - self.started}, f)
+                json.dump(
+                    {
+                        "wall": self.wall,
+                        "cpu": self.cpu,
+                        "script": time.perf_counter() - self.started,
+                    },
+                    f,
+                )

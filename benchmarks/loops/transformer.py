@@ -28,8 +28,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, DIM, padding_idx=PAD)
         self.pos = nn.Parameter(torch.randn(1, args.length, DIM) * 0.02)
-        layer = nn.TransformerEncoderLayer(DIM, 4, 4 * DIM, dropout=0.1, batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            DIM, 4, 4 * DIM, dropout=0.1, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(DIM)
         self.head = nn.Linear(DIM, CLASSES)
@@ -45,8 +46,9 @@ def batch():
     come from: learnable."""
     labels = torch.randint(0, CLASSES, (args.batch,))
     tokens = torch.randint(1, VOCAB, (args.batch, args.length))
-    own = labels.unsqueeze(1) * (VOCAB // CLASSES) + torch.randint(1, VOCAB // CLASSES,
-                                                                   (args.batch, args.length))
+    own = labels.unsqueeze(1) * (VOCAB // CLASSES) + torch.randint(
+        1, VOCAB // CLASSES, (args.batch, args.length)
+    )
     tokens = torch.where(torch.rand(args.batch, args.length) < 0.5, own, tokens)
     lengths = torch.randint(args.length // 4, args.length + 1, (args.batch,))
     padding = torch.arange(args.length) >= lengths.unsqueeze(1)

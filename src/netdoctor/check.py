@@ -30,9 +30,13 @@ def run_rules(ctx, stages: set[str], opts: CheckOptions) -> list[Finding]:
     """Run every registered, selected rule whose inputs the context has."""
     from netdoctor.rules import REGISTRY
 
-    available = {"outcome": ctx.outcome is not None, "graph": ctx.graph is not None,
-                 "data": ctx.data is not None, "runtime": ctx.run is not None,
-                 "loop": getattr(ctx, "loop", None) is not None}
+    available = {
+        "outcome": ctx.outcome is not None,
+        "graph": ctx.graph is not None,
+        "data": ctx.data is not None,
+        "runtime": ctx.run is not None,
+        "loop": getattr(ctx, "loop", None) is not None,
+    }
     findings: list[Finding] = []
     for rule_id in sorted(REGISTRY):
         impl = REGISTRY[rule_id]
@@ -55,15 +59,17 @@ def check_loaded(loaded, opts: CheckOptions) -> Report:
         spec = InputSpec(tuple(opts.input_shape), opts.input_dtype, _vocab(loaded.model))
     with seeded(opts.seed):
         outcome = build_graph(loaded, spec)
-        ctx = Context(target=loaded.target, graph=outcome.graph, outcome=outcome,
-                      options=opts.rule_options)
+        ctx = Context(
+            target=loaded.target, graph=outcome.graph, outcome=outcome, options=opts.rule_options
+        )
         findings = run_rules(ctx, {"outcome", "graph"}, opts)
     report = Report(target=loaded.target, notes=list(outcome.notes))
     class_lines = [loaded.class_location] if loaded.class_location else []
     for f in findings:
         if is_suppressed(f, class_lines):
             report.notes.append(
-                f"{f.rule} at {f.location} suppressed by a netdoctor: ignore comment")
+                f"{f.rule} at {f.location} suppressed by a netdoctor: ignore comment"
+            )
         else:
             report.findings.append(f)
     return report
@@ -76,8 +82,9 @@ def _vocab(model) -> int | None:
     return getattr(found[1], "num_embeddings", None) if found else None
 
 
-def check_data(report: Report, loaded, source, opts: CheckOptions, spec=None,
-               n_batches: int = 4) -> None:
+def check_data(
+    report: Report, loaded, source, opts: CheckOptions, spec=None, n_batches: int = 4
+) -> None:
     """Run the data rules (ND3xx) on a sample of an opened DataSource against one loaded model
     and add their findings (suppression, select and ignore as for the static rules) and the
     data's description to `report`. `source` may also be an already drawn DataSample."""
@@ -127,7 +134,9 @@ def check_onnx(path: str, opts: CheckOptions) -> Report:
 
     graph = build(path)
     target = display_path(path)
-    ctx = Context(target=target, graph=graph, outcome=BuildOutcome(graph=graph),
-                  options=opts.rule_options)
-    return Report(target=target, findings=run_rules(ctx, {"outcome", "graph"}, opts),
-                  notes=list(graph.notes))
+    ctx = Context(
+        target=target, graph=graph, outcome=BuildOutcome(graph=graph), options=opts.rule_options
+    )
+    return Report(
+        target=target, findings=run_rules(ctx, {"outcome", "graph"}, opts), notes=list(graph.notes)
+    )

@@ -15,8 +15,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-KNOWN_KEYS = {"select", "ignore", "fail-on", "input-shape", "input-dtype", "targets", "rules",
-              "probe", "run", "format", "seed"}
+KNOWN_KEYS = {
+    "select",
+    "ignore",
+    "fail-on",
+    "input-shape",
+    "input-dtype",
+    "targets",
+    "rules",
+    "probe",
+    "run",
+    "format",
+    "seed",
+}
 
 
 @dataclass
@@ -59,8 +70,10 @@ def load_config(explicit: str | None = None) -> Config:
         return Config(path=None)
     unknown = sorted(set(table) - KNOWN_KEYS)
     if unknown:
-        raise UserError(f"{path}: unknown key(s) in [tool.netdoctor]: {', '.join(unknown)} "
-                        f"(known: {', '.join(sorted(KNOWN_KEYS))})")
+        raise UserError(
+            f"{path}: unknown key(s) in [tool.netdoctor]: {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(KNOWN_KEYS))})"
+        )
 
     def strings(key: str) -> list[str] | None:
         value = table.get(key)

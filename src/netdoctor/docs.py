@@ -39,7 +39,7 @@ def examples(text: str) -> dict[str, str]:
         if start < 0:
             continue
         nxt = text.find("\n## ", start + len(heading))
-        section = text[start: nxt if nxt > 0 else len(text)]
+        section = text[start : nxt if nxt > 0 else len(text)]
         m = _FENCE.search(section)
         if m:
             out[key] = m.group(1)

@@ -25,7 +25,8 @@ class Severity(IntEnum):
             return cls[text.strip().upper()]
         except KeyError:
             raise ValueError(
-                f"unknown severity {text!r} (expected error, warning or info)") from None
+                f"unknown severity {text!r} (expected error, warning or info)"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,13 @@ class Report:
         """Priority order: severity, then impact, root causes before their symptoms."""
         return sorted(
             self.findings,
-            key=lambda f: (-int(f.severity), f.cause is not None, -f.impact, f.rule,
-                           f.module or ""),
+            key=lambda f: (
+                -int(f.severity),
+                f.cause is not None,
+                -f.impact,
+                f.rule,
+                f.module or "",
+            ),
         )
 
     def fix_first(self) -> Finding | None:

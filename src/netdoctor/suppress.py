@@ -139,6 +139,7 @@ def is_suppressed(finding: Finding, extra_class_lines: list[Location] = ()) -> b
 
 # -- writing ------------------------------------------------------------------------------------
 
+
 def with_ignores(text: str, wanted: dict[int, set[str]]) -> tuple[str, int]:
     """`text` with `# netdoctor: ignore[...]` for the rule IDs in `wanted` ({1-based line: IDs})
     on the line that holds each line's comment. An existing netdoctor comment there gets the new
@@ -175,7 +176,7 @@ def _comment_columns(text: str) -> dict[int, int]:
 
 def _add_to_line(line: str, ids: list[str], comment_col: int | None) -> str:
     body = line.removesuffix("\r")
-    ending = line[len(body):]
+    ending = line[len(body) :]
     if comment_col is not None:
         comment = body[comment_col:]
         m = _COMMENT.search(comment)
@@ -187,5 +188,5 @@ def _add_to_line(line: str, ids: list[str], comment_col: int | None) -> str:
             if len(merged) == len(have):
                 return line
             start = comment_col + m.start("ids")
-            return body[:start] + ", ".join(merged) + body[comment_col + m.end("ids"):] + ending
+            return body[:start] + ", ".join(merged) + body[comment_col + m.end("ids") :] + ending
     return f"{body}  # netdoctor: ignore[{', '.join(ids)}]{ending}"

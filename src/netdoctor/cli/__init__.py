@@ -33,8 +33,11 @@ class _Group(click.Group):
         except Exception as e:  # a bug in netdoctor: still one line unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"netdoctor: internal error: {type(e).__name__}: {e} "
-                       "(run with --debug for the traceback)", err=True)
+            click.echo(
+                f"netdoctor: internal error: {type(e).__name__}: {e} "
+                "(run with --debug for the traceback)",
+                err=True,
+            )
             ctx.exit(2)
 
 

@@ -16,9 +16,21 @@ def rules(fmt):
     if fmt == "json":
         import json
 
-        click.echo(json.dumps([{"id": r.id, "name": r.name, "severity": r.severity.label,
-                                "stage": r.stage, "summary": r.summary}
-                               for r in RULES.values()], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "id": r.id,
+                        "name": r.name,
+                        "severity": r.severity.label,
+                        "stage": r.stage,
+                        "summary": r.summary,
+                    }
+                    for r in RULES.values()
+                ],
+                indent=2,
+            )
+        )
         return
     from rich.console import Console
     from rich.table import Table

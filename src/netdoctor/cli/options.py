@@ -59,15 +59,27 @@ def report_options(fn):
     options = [
         click.option("--format", "fmt", type=click.Choice(FORMATS), help="Report format."),
         click.option("-o", "--output", metavar="FILE", help="Write the report to FILE."),
-        click.option("--fail-on", type=click.Choice(FAIL_ON),
-                     help="Exit 1 when a finding at or above this severity exists "
-                          "(default: error)."),
-        click.option("--select", multiple=True, metavar="IDS",
-                     help="Only these rules (IDs or prefixes, comma separated)."),
-        click.option("--ignore", "ignore_", multiple=True, metavar="IDS",
-                     help="Skip these rules (IDs or prefixes, comma separated)."),
-        click.option("--config", metavar="FILE",
-                     help="pyproject.toml to read [tool.netdoctor] from."),
+        click.option(
+            "--fail-on",
+            type=click.Choice(FAIL_ON),
+            help="Exit 1 when a finding at or above this severity exists (default: error).",
+        ),
+        click.option(
+            "--select",
+            multiple=True,
+            metavar="IDS",
+            help="Only these rules (IDs or prefixes, comma separated).",
+        ),
+        click.option(
+            "--ignore",
+            "ignore_",
+            multiple=True,
+            metavar="IDS",
+            help="Skip these rules (IDs or prefixes, comma separated).",
+        ),
+        click.option(
+            "--config", metavar="FILE", help="pyproject.toml to read [tool.netdoctor] from."
+        ),
         click.option("--color/--no-color", default=None, help="Force colored text output."),
     ]
     for opt in reversed(options):
@@ -79,19 +91,35 @@ def common_options(fn):
     """Model options (constructor arguments, input shape, the seed netdoctor builds and runs
     the model under) plus the report options. Not for `run`: the user's script seeds itself."""
     options = [
-        click.option("-a", "--arg", "args", multiple=True, metavar="KEY=VALUE",
-                     help="Constructor argument (repeatable; values are Python literals)."),
-        click.option("--kwargs", "kwargs_json", metavar="JSON",
-                     help="Constructor arguments as a JSON object."),
-        click.option("--input-shape", metavar="C,H,W",
-                     help="Input shape without the batch dimension."),
-        click.option("--input-dtype", type=click.Choice(["float32", "float64", "float16",
-                                                         "bfloat16", "long"]),
-                     help="Input dtype (long for token ids)."),
-        click.option("--seed", metavar="N",
-                     help="Seed for everything random: the model's construction, forward passes "
-                          "and the probe's data order and dropout (default 0), so the same "
-                          "command gives the same report."),
+        click.option(
+            "-a",
+            "--arg",
+            "args",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Constructor argument (repeatable; values are Python literals).",
+        ),
+        click.option(
+            "--kwargs",
+            "kwargs_json",
+            metavar="JSON",
+            help="Constructor arguments as a JSON object.",
+        ),
+        click.option(
+            "--input-shape", metavar="C,H,W", help="Input shape without the batch dimension."
+        ),
+        click.option(
+            "--input-dtype",
+            type=click.Choice(["float32", "float64", "float16", "bfloat16", "long"]),
+            help="Input dtype (long for token ids).",
+        ),
+        click.option(
+            "--seed",
+            metavar="N",
+            help="Seed for everything random: the model's construction, forward passes "
+            "and the probe's data order and dropout (default 0), so the same "
+            "command gives the same report.",
+        ),
     ]
     fn = report_options(fn)
     for opt in reversed(options):
@@ -101,18 +129,23 @@ def common_options(fn):
 
 def download_options(fn):
     """--data-mirror and --no-download, shared by every command that opens --data."""
-    fn = click.option("--no-download", is_flag=True, default=None,
-                      help="Built-in sets: never download; fail when the files are not in the "
-                           "data folder.")(fn)
-    fn = click.option("--data-mirror", metavar="URL",
-                      help="Built-in sets: download missing files from URL, a folder serving "
-                           "the four standard .gz files (default: $NETDOCTOR_DATA_MIRROR, else "
-                           "the public mirrors; the published MD5 checksums apply).")(fn)
+    fn = click.option(
+        "--no-download",
+        is_flag=True,
+        default=None,
+        help="Built-in sets: never download; fail when the files are not in the data folder.",
+    )(fn)
+    fn = click.option(
+        "--data-mirror",
+        metavar="URL",
+        help="Built-in sets: download missing files from URL, a folder serving "
+        "the four standard .gz files (default: $NETDOCTOR_DATA_MIRROR, else "
+        "the public mirrors; the published MD5 checksums apply).",
+    )(fn)
     return fn
 
 
-def options_from(config, args, kwargs_json, input_shape, input_dtype, select, ignore_,
-                 seed=None):
+def options_from(config, args, kwargs_json, input_shape, input_dtype, select, ignore_, seed=None):
     """CheckOptions from the shared options; the command line overrides [tool.netdoctor]."""
     from netdoctor.check import CheckOptions
     from netdoctor.loading.seeding import parse_seed
@@ -127,5 +160,3 @@ def options_from(config, args, kwargs_json, input_shape, input_dtype, select, ig
         rule_options=config.rules,
         seed=config.seed if seed is None else parse_seed(seed),
     )
-
-

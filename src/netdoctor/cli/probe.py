@@ -12,52 +12,135 @@ import click
 from netdoctor.cli.options import common_options, download_options, emit, exit_code, options_from
 from netdoctor.errors import UserError
 
-PROBE_KEYS = {"data", "data-dir", "resize", "raw", "normalize", "steps", "batch-size", "lr",
-              "optimizer", "momentum", "weight-decay", "loss", "seed", "device", "verify",
-              "time-budget"}
+PROBE_KEYS = {
+    "data",
+    "data-dir",
+    "resize",
+    "raw",
+    "normalize",
+    "steps",
+    "batch-size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight-decay",
+    "loss",
+    "seed",
+    "device",
+    "verify",
+    "time-budget",
+}
 PROBE_KEYS |= {"data-mirror", "download"}  # built-in sets: where missing files come from
 
 # Documented defaults (netdoctor probe --help, README): measured, see benchmarks/.
-DEFAULTS: dict[str, Any] = {"steps": 100, "batch-size": 64, "optimizer": "sgd", "momentum": 0.9,
-                            "weight-decay": 0.0, "loss": "cross_entropy", "device": "auto",
-                            "time-budget": 60.0}
+DEFAULTS: dict[str, Any] = {
+    "steps": 100,
+    "batch-size": 64,
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "weight-decay": 0.0,
+    "loss": "cross_entropy",
+    "device": "auto",
+    "time-budget": 60.0,
+}
 
 
 @click.command()
 @click.argument("target", required=False)
 @common_options
-@click.option("--data", "data_source", metavar="SOURCE",
-              help="fashionmnist, mnist, synthetic, FILE.npz or path.py:loader_fn (required).")
-@click.option("--data-dir", metavar="DIR", help="Folder holding FashionMNIST/raw, MNIST/raw "
-              "(default: $NETDOCTOR_DATA_DIR, else ~/.cache/netdoctor/data).")
+@click.option(
+    "--data",
+    "data_source",
+    metavar="SOURCE",
+    help="fashionmnist, mnist, synthetic, FILE.npz or path.py:loader_fn (required).",
+)
+@click.option(
+    "--data-dir",
+    metavar="DIR",
+    help="Folder holding FashionMNIST/raw, MNIST/raw "
+    "(default: $NETDOCTOR_DATA_DIR, else ~/.cache/netdoctor/data).",
+)
 @download_options
 @click.option("--resize", type=int, metavar="N", help="Resize images to NxN.")
-@click.option("--raw", is_flag=True, default=None,
-              help="Built-in sets: serve the stored 0..255 values (default: [0, 1]).")
-@click.option("--normalize", is_flag=True, default=None,
-              help="Built-in sets: per-channel mean/std normalization.")
-@click.option("--steps", type=int, help="Training steps (default 100, fewer when a step is "
-                                       "too slow for --time-budget).")
-@click.option("--time-budget", type=float, metavar="SECONDS",
-              help="Wall time for the whole probe when --steps is not given: steps (and for big "
-                   "models the batch and the extra checks) are scaled to fit (default 60).")
+@click.option(
+    "--raw",
+    is_flag=True,
+    default=None,
+    help="Built-in sets: serve the stored 0..255 values (default: [0, 1]).",
+)
+@click.option(
+    "--normalize",
+    is_flag=True,
+    default=None,
+    help="Built-in sets: per-channel mean/std normalization.",
+)
+@click.option(
+    "--steps",
+    type=int,
+    help="Training steps (default 100, fewer when a step is too slow for --time-budget).",
+)
+@click.option(
+    "--time-budget",
+    type=float,
+    metavar="SECONDS",
+    help="Wall time for the whole probe when --steps is not given: steps (and for big "
+    "models the batch and the extra checks) are scaled to fit (default 60).",
+)
 @click.option("--batch-size", type=int, help="Samples per batch (default 64).")
-@click.option("--lr", type=float,
-              help="Learning rate (default 0.01 for sgd, 0.001 for adam/adamw).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]),
-              help="Optimizer (default sgd).")
+@click.option(
+    "--lr", type=float, help="Learning rate (default 0.01 for sgd, 0.001 for adam/adamw)."
+)
+@click.option(
+    "--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), help="Optimizer (default sgd)."
+)
 @click.option("--momentum", type=float, help="SGD momentum (default 0.9).")
 @click.option("--weight-decay", type=float, help="Weight decay (default 0; adamw 0.01).")
-@click.option("--loss", "loss_name", type=click.Choice(["cross_entropy", "mse", "bce"]),
-              help="Loss (default cross_entropy; bce takes logits).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
-              help="auto (default): CUDA when present, else CPU.")
+@click.option(
+    "--loss",
+    "loss_name",
+    type=click.Choice(["cross_entropy", "mse", "bce"]),
+    help="Loss (default cross_entropy; bce takes logits).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="auto (default): CUDA when present, else CPU.",
+)
 @click.option("--no-verify", is_flag=True, help="Do not re-run the probe with the top fix.")
 @click.option("--plot", metavar="FILE.png", help="Draw the gradient-flow plot (needs matplotlib).")
-def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail_on, select,
-          ignore_, config, color, seed, data_source, data_dir, resize, raw, normalize, steps,
-          batch_size, lr, optimizer, momentum, weight_decay, loss_name, device, no_verify, plot,
-          no_download, data_mirror, time_budget):
+def probe(
+    target,
+    args,
+    kwargs_json,
+    input_shape,
+    input_dtype,
+    fmt,
+    output,
+    fail_on,
+    select,
+    ignore_,
+    config,
+    color,
+    seed,
+    data_source,
+    data_dir,
+    resize,
+    raw,
+    normalize,
+    steps,
+    batch_size,
+    lr,
+    optimizer,
+    momentum,
+    weight_decay,
+    loss_name,
+    device,
+    no_verify,
+    plot,
+    no_download,
+    data_mirror,
+    time_budget,
+):
     """Short instrumented training run of TARGET (file.py:Name) on --data: measures gradient
     flow and training dynamics, diagnoses them and verifies the top fix.
 
@@ -73,8 +156,10 @@ def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail
     table = dict(cfg.probe)
     unknown = sorted(set(table) - PROBE_KEYS)
     if unknown:
-        raise UserError(f"unknown key(s) in [tool.netdoctor.probe]: {', '.join(unknown)} "
-                        f"(known: {', '.join(sorted(PROBE_KEYS))})")
+        raise UserError(
+            f"unknown key(s) in [tool.netdoctor.probe]: {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(PROBE_KEYS))})"
+        )
 
     def pick(cli_value, key):
         if cli_value is not None:
@@ -86,8 +171,10 @@ def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail
         raise UserError("no target given: netdoctor probe path/to/model.py:ClassName --data SOURCE")
     data_source = pick(data_source, "data")
     if not data_source:
-        raise UserError("no data given: pass --data fashionmnist|mnist|synthetic|FILE.npz|"
-                        "path.py:loader_fn (the probe trains on it)")
+        raise UserError(
+            "no data given: pass --data fashionmnist|mnist|synthetic|FILE.npz|"
+            "path.py:loader_fn (the probe trains on it)"
+        )
     if plot:
         from netdoctor.report.plot import require_matplotlib
 
@@ -98,13 +185,18 @@ def probe(target, args, kwargs_json, input_shape, input_dtype, fmt, output, fail
         seed = parse_seed(table["seed"], "[tool.netdoctor.probe] seed")
     opts = options_from(cfg, args, kwargs_json, input_shape, input_dtype, select, ignore_, seed)
     settings = {
-        "data_dir": pick(data_dir, "data-dir"), "resize": pick(resize, "resize"),
-        "raw": bool(pick(raw, "raw")), "normalize": bool(pick(normalize, "normalize")),
-        "steps": int(pick(steps, "steps")), "batch_size": int(pick(batch_size, "batch-size")),
-        "lr": pick(lr, "lr"), "optimizer": pick(optimizer, "optimizer"),
+        "data_dir": pick(data_dir, "data-dir"),
+        "resize": pick(resize, "resize"),
+        "raw": bool(pick(raw, "raw")),
+        "normalize": bool(pick(normalize, "normalize")),
+        "steps": int(pick(steps, "steps")),
+        "batch_size": int(pick(batch_size, "batch-size")),
+        "lr": pick(lr, "lr"),
+        "optimizer": pick(optimizer, "optimizer"),
         "momentum": float(pick(momentum, "momentum")),
         "weight_decay": float(pick(weight_decay, "weight-decay")),
-        "loss": pick(loss_name, "loss"), "seed": opts.seed,
+        "loss": pick(loss_name, "loss"),
+        "seed": opts.seed,
         "device": pick(device, "device"),
         "verify": not no_verify and bool(table.get("verify", True)),
         "started": started,

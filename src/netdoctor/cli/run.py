@@ -14,17 +14,24 @@ from netdoctor.errors import UserError
 RUN_KEYS = {"every", "stop-on", "dist-timeout"}
 
 
-@click.command(context_settings={"ignore_unknown_options": True,
-                                 "allow_interspersed_args": False})
+@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @report_options
-@click.option("--every", type=int, metavar="N",
-              help="Measure every layer every N steps (after the first steps and log-spaced "
-                   "ones; default 50).")
-@click.option("--stop-on", type=click.Choice(["error", "warning", "never"]),
-              help="Stop training at the first confirmed finding of this severity and write "
-                   "the report (default never: severe findings are only announced on stderr).")
-@click.argument("argv", nargs=-1, type=click.UNPROCESSED,
-                metavar="SCRIPT.py [ARGS]... | -m MODULE [ARGS]...")
+@click.option(
+    "--every",
+    type=int,
+    metavar="N",
+    help="Measure every layer every N steps (after the first steps and log-spaced "
+    "ones; default 50).",
+)
+@click.option(
+    "--stop-on",
+    type=click.Choice(["error", "warning", "never"]),
+    help="Stop training at the first confirmed finding of this severity and write "
+    "the report (default never: severe findings are only announced on stderr).",
+)
+@click.argument(
+    "argv", nargs=-1, type=click.UNPROCESSED, metavar="SCRIPT.py [ARGS]... | -m MODULE [ARGS]..."
+)
 def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, argv):
     """Run SCRIPT.py [ARGS...] (or -m MODULE [ARGS...]) as python would, with netdoctor
     watching every model and optimizer it trains; report when it ends.
@@ -44,8 +51,10 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, ar
     table = dict(cfg.run)
     unknown = sorted(set(table) - RUN_KEYS)
     if unknown:
-        raise UserError(f"unknown key(s) in [tool.netdoctor.run]: {', '.join(unknown)} "
-                        f"(known: {', '.join(sorted(RUN_KEYS))})")
+        raise UserError(
+            f"unknown key(s) in [tool.netdoctor.run]: {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(RUN_KEYS))})"
+        )
     argv = list(argv)
     module = None
     if argv and argv[0] == "-m":
@@ -54,8 +63,10 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, ar
         module, args = argv[1], argv[2:]
         script = None
     elif argv and argv[0].startswith("-") and argv[0] != "-":
-        raise UserError(f"unknown option {argv[0]} (netdoctor run's options go before the "
-                        "script; see netdoctor run --help)")
+        raise UserError(
+            f"unknown option {argv[0]} (netdoctor run's options go before the "
+            "script; see netdoctor run --help)"
+        )
     else:
         script, args = (argv[0], argv[1:]) if argv else (None, [])
 
@@ -83,14 +94,19 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, ar
     doctor = Doctor(opts, target=name, provenance=provenance)
     doctor.joinable = True
     outcome = run_script(where, args, module is not None, doctor, provenance)
-    failed = outcome.kind in ("exit", "exception", "interrupted", "terminated") and \
-        outcome.exit_code != 0
+    failed = (
+        outcome.kind in ("exit", "exception", "interrupted", "terminated")
+        and outcome.exit_code != 0
+    )
     if doctor.rank != 0:  # under torchrun rank 0 writes the one report (with this rank's part)
         sys.exit(outcome.exit_code if failed else 0)
     if outcome.kind == "stopped" and doctor.stopped_by is not None:
         f = doctor.stopped_by
-        click.echo(f"netdoctor: stopped training at step {doctor.facts.iterations} "
-                   f"(--stop-on {opts.stop_on}): {f.rule} {f.name}", err=True)
+        click.echo(
+            f"netdoctor: stopped training at step {doctor.facts.iterations} "
+            f"(--stop-on {opts.stop_on}): {f.rule} {f.name}",
+            err=True,
+        )
     from netdoctor.report import render
 
     report = doctor.diagnose()

@@ -72,14 +72,17 @@ def mirrors_for(folder: str, mirror: str | None = None) -> list[str]:
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES or not (parts.netloc if scheme != "file" else parts.path):
         origin = "--data-mirror" if mirror else f"${MIRROR_ENV}"
-        raise UserError(f"data mirror {chosen!r} (from {origin}) is not a URL: expected the "
-                        "http://, https:// or file:// URL of a folder that serves "
-                        f"{', '.join(PUBLISHED_MD5[folder])}")
+        raise UserError(
+            f"data mirror {chosen!r} (from {origin}) is not a URL: expected the "
+            "http://, https:// or file:// URL of a folder that serves "
+            f"{', '.join(PUBLISHED_MD5[folder])}"
+        )
     return [chosen]
 
 
-def download_missing(folder: str, dest: Path, present: Callable[[str], bool],
-                     mirror: str | None = None) -> tuple[list[Path], str] | None:
+def download_missing(
+    folder: str, dest: Path, present: Callable[[str], bool], mirror: str | None = None
+) -> tuple[list[Path], str] | None:
     """Download the standard files of `folder` that `present(stem)` says are missing into `dest`.
 
     `present` gets the uncompressed name (``train-images-idx3-ubyte``) and says whether that
@@ -87,8 +90,11 @@ def download_missing(folder: str, dest: Path, present: Callable[[str], bool],
     when nothing was missing. Every failure is one UserError line naming `dest` and the
     mirror(s) tried; no file appears under its real name unless complete and verified.
     """
-    wanted = {name: md5 for name, md5 in PUBLISHED_MD5[folder].items()
-              if not present(name.removesuffix(".gz"))}
+    wanted = {
+        name: md5
+        for name, md5 in PUBLISHED_MD5[folder].items()
+        if not present(name.removesuffix(".gz"))
+    }
     if not wanted:
         return None
     mirrors = mirrors_for(folder, mirror)
@@ -96,8 +102,10 @@ def download_missing(folder: str, dest: Path, present: Callable[[str], bool],
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot download {folder}: cannot create {dest} "
-                        f"({e.strerror or e}); pass --data-dir to a writable folder") from None
+        raise UserError(
+            f"cannot download {folder}: cannot create {dest} "
+            f"({e.strerror or e}); pass --data-dir to a writable folder"
+        ) from None
 
     written: list[Path] = []
     used: str | None = None
@@ -155,8 +163,10 @@ def _fetch(url: str, target: Path, md5: str, progress) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
-        raise UserError(f"cannot download into {target.parent}: {e.strerror or e}; pass "
-                        "--data-dir to a writable folder") from None
+        raise UserError(
+            f"cannot download into {target.parent}: {e.strerror or e}; pass "
+            "--data-dir to a writable folder"
+        ) from None
     try:
         digest = hashlib.md5(usedforsecurity=False)
         received = 0
@@ -175,8 +185,10 @@ def _fetch(url: str, target: Path, md5: str, progress) -> None:
                 raise _Failed(f"connection closed after {received} of {total} bytes")
         got = digest.hexdigest()
         if got != md5:
-            raise _Failed(f"checksum mismatch: MD5 {got}, the published file has {md5} "
-                          "(a mirror must serve the published files)")
+            raise _Failed(
+                f"checksum mismatch: MD5 {got}, the published file has {md5} "
+                "(a mirror must serve the published files)"
+            )
         os.replace(tmp, target)
     except _Failed:
         raise
@@ -185,8 +197,9 @@ def _fetch(url: str, target: Path, md5: str, progress) -> None:
     except urllib.error.URLError as e:
         raise _Failed(_reason(e.reason)) from None
     except http.client.IncompleteRead as e:
-        raise _Failed(f"connection closed after {len(e.partial)} more bytes, "
-                      f"{e.expected} missing") from None
+        raise _Failed(
+            f"connection closed after {len(e.partial)} more bytes, {e.expected} missing"
+        ) from None
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise _Failed(_reason(e)) from None
     finally:
@@ -206,9 +219,11 @@ def _reason(err: object) -> str:
 def _failure_line(folder: str, dest: Path, failures: list[str], written: list[Path]) -> str:
     kept = f" ({', '.join(p.name for p in written)} kept, verified)" if written else ""
     names = ", ".join(PUBLISHED_MD5[folder])
-    return (f"cannot download {folder} into {dest}{kept}: {'; '.join(failures)}. "
-            f"Set another mirror with --data-mirror URL (or ${MIRROR_ENV}), or put {names} in "
-            f"{dest} by hand (or pass --data-dir DIR with DIR/{folder}/raw holding them)")
+    return (
+        f"cannot download {folder} into {dest}{kept}: {'; '.join(failures)}. "
+        f"Set another mirror with --data-mirror URL (or ${MIRROR_ENV}), or put {names} in "
+        f"{dest} by hand (or pass --data-dir DIR with DIR/{folder}/raw holding them)"
+    )
 
 
 class _NoProgress:
@@ -233,6 +248,12 @@ def _progress():
         TransferSpeedColumn,
     )
 
-    return Progress(TextColumn("downloading {task.description}"), BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                    transient=True)
+    return Progress(
+        TextColumn("downloading {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )

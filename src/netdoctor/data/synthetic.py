@@ -116,8 +116,7 @@ class SyntheticSource(DataSource):
             raise UserError(f"vocab size must be at least 1, got {self._vocab}")
         tokens = self._dtype == torch.int64
         if tokens and spec.resize:
-            raise UserError("cannot resize synthetic token ids (input dtype long): drop "
-                            "--resize")
+            raise UserError("cannot resize synthetic token ids (input dtype long): drop --resize")
         if spec.resize and len(shape) < 2:
             raise UserError(
                 f"cannot resize synthetic inputs of shape {shape}: resize needs "
@@ -135,8 +134,9 @@ class SyntheticSource(DataSource):
         self.num_classes = classes
         self.sample_shape = _resized_shape(shape, spec.resize)
         resized = f", resized to {spec.resize}x{spec.resize}" if spec.resize else ""
-        self.description = (f"synthetic, {self._n} samples of shape {shape}, "
-                            f"{self._describe()}{resized}")
+        self.description = (
+            f"synthetic, {self._n} samples of shape {shape}, {self._describe()}{resized}"
+        )
 
     # -- the tasks ---------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -153,10 +153,12 @@ class SyntheticSource(DataSource):
             per = max(1, min(MARKERS_PER_CLASS, (self._vocab - 1) // (2 * c)))
             ids = torch.randperm(self._vocab, generator=g)
             if self._vocab < c * per + 1:
-                raise UserError(f"synthetic token data needs a vocabulary of at least "
-                                f"{c + 1} ids for {c} classes, got {self._vocab}")
+                raise UserError(
+                    f"synthetic token data needs a vocabulary of at least "
+                    f"{c + 1} ids for {c} classes, got {self._vocab}"
+                )
             self._markers = ids[: c * per].reshape(c, per)
-            self._filler = ids[c * per:]
+            self._filler = ids[c * per :]
         elif task == "tags":
             self._tags = torch.arange(self._vocab)[torch.randperm(self._vocab, generator=g)] % c
         # "field" needs nothing fixed: each image draws its own field
@@ -164,20 +166,28 @@ class SyntheticSource(DataSource):
     def _describe(self) -> str:
         c, task = self._classes, self._task
         if task == "templates":
-            return (f"{c} classes: a smooth random template per class at a random shift of "
-                    f"up to {self._pad} px, plus noise (template {SIGNAL:g} of the std)")
+            return (
+                f"{c} classes: a smooth random template per class at a random shift of "
+                f"up to {self._pad} px, plus noise (template {SIGNAL:g} of the std)"
+            )
         if task == "clusters":
-            return (f"{c} classes, each a mixture of {CLUSTERS} random Gaussian clusters "
-                    f"(centre {SIGNAL:g} of the std)")
+            return (
+                f"{c} classes, each a mixture of {CLUSTERS} random Gaussian clusters "
+                f"(centre {SIGNAL:g} of the std)"
+            )
         if task == "markers":
             per = self._markers.shape[1]
-            return (f"token ids in [0, {self._vocab}), {c} classes: each class owns {per} "
-                    "marker tokens, and a sequence holds markers of its class among filler "
-                    "tokens")
+            return (
+                f"token ids in [0, {self._vocab}), {c} classes: each class owns {per} "
+                "marker tokens, and a sequence holds markers of its class among filler "
+                "tokens"
+            )
         if task == "tags":
             return f"token ids in [0, {self._vocab}), one of {c} tags per token id"
-        return (f"{c} classes per pixel: each image is a smooth random field plus noise, a "
-                "pixel's class is the band its field value falls in")
+        return (
+            f"{c} classes per pixel: each image is a smooth random field plus noise, a "
+            "pixel's class is the band its field value falls in"
+        )
 
     def _make_batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         size = min(self._bs, self._n - k * self._bs)
@@ -190,18 +200,22 @@ class SyntheticSource(DataSource):
             if p:
                 dy = torch.randint(0, 2 * p + 1, (size,), generator=g).tolist()
                 dx = torch.randint(0, 2 * p + 1, (size,), generator=g).tolist()
-                crops = torch.stack([self._templates[int(t), :, a:a + h, b:b + w]
-                                     for t, a, b in zip(y.tolist(), dy, dx)])
+                crops = torch.stack(
+                    [
+                        self._templates[int(t), :, a : a + h, b : b + w]
+                        for t, a, b in zip(y.tolist(), dy, dx)
+                    ]
+                )
             else:
                 crops = self._templates[y]
             noise = torch.randn(size, ch, h, w, generator=g)
-            x = SIGNAL * crops + math.sqrt(1 - SIGNAL ** 2) * noise
+            x = SIGNAL * crops + math.sqrt(1 - SIGNAL**2) * noise
             x = x.reshape(size, *self._shape)
         elif task == "clusters":
             y = torch.randint(0, c, (size,), generator=g)
             which = torch.randint(0, self._centers.shape[1], (size,), generator=g)
             noise = torch.randn(size, self._shape[0], generator=g)
-            x = SIGNAL * self._centers[y, which] + math.sqrt(1 - SIGNAL ** 2) * noise
+            x = SIGNAL * self._centers[y, which] + math.sqrt(1 - SIGNAL**2) * noise
         elif task == "markers":
             t = self._shape[0]
             y = torch.randint(0, c, (size,), generator=g)
@@ -219,8 +233,7 @@ class SyntheticSource(DataSource):
             edges = torch.tensor([_normal_quantile(i / c) for i in range(1, c)])
             y = torch.bucketize(field[:, 0], edges)
             noise = torch.randn(size, ch, h, w, generator=g)
-            x = (field.expand(size, ch, h, w) + FIELD_NOISE * noise) / math.sqrt(
-                1 + FIELD_NOISE ** 2)
+            x = (field.expand(size, ch, h, w) + FIELD_NOISE * noise) / math.sqrt(1 + FIELD_NOISE**2)
             x = x.reshape(size, *self._shape)
         if self._dtype != torch.int64:
             x = x.to(self._dtype)
@@ -229,11 +242,13 @@ class SyntheticSource(DataSource):
         return x, y.to(torch.int64)
 
     def _epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = (range(self._n_batches) if epoch == 0
-                 else _epoch_order(self._n_batches, self._seed, epoch).tolist())
+        order = (
+            range(self._n_batches)
+            if epoch == 0
+            else _epoch_order(self._n_batches, self._seed, epoch).tolist()
+        )
         for k in order:
             yield self._make_batch(k)
-
 
 
 def _parse_shape(input_shape) -> tuple[int, ...]:

@@ -40,8 +40,13 @@ class FilePlan:
 
 def fixable(finding: Finding, unsafe: bool) -> bool:
     fix = finding.fix
-    return bool(fix and fix.kind == "diff" and fix.path and fix.new_source is not None
-                and (fix.safe or unsafe))
+    return bool(
+        fix
+        and fix.kind == "diff"
+        and fix.path
+        and fix.new_source is not None
+        and (fix.safe or unsafe)
+    )
 
 
 def _edits(old: list[str], new: list[str]) -> list[tuple[int, int, list[str]]]:
@@ -113,6 +118,7 @@ def plan_diff(plan: FilePlan) -> str:
 
 # -- writing ------------------------------------------------------------------------------------
 
+
 def writable(path: str, allowed_roots: list[Path]) -> bool:
     """Only the user's own files: under the cwd or a target's folder, never an installed package
     or a virtual environment."""
@@ -164,8 +170,9 @@ class FixOutcome:
         return sorted({path for path, _ in self.applied})
 
 
-def fix_until_clean(run_check: Callable[[], list[Report]], unsafe: bool,
-                    allowed_roots: list[Path]) -> FixOutcome:
+def fix_until_clean(
+    run_check: Callable[[], list[Report]], unsafe: bool, allowed_roots: list[Path]
+) -> FixOutcome:
     """Check, write the merged fixes, re-check; stop when nothing applicable is left (a finding
     whose fix was written once is not fixed again: its fix did not cure it), or after MAX_ROUNDS."""
     reports = run_check()
@@ -174,15 +181,20 @@ def fix_until_clean(run_check: Callable[[], list[Report]], unsafe: bool,
     tried: set[tuple[str, str, str | None]] = set()  # findings whose fix was written once
     for _ in range(MAX_ROUNDS):
         plans = []
-        fresh = [Report(r.target, findings=[f for f in r.findings
-                                            if (r.target, f.rule, f.module) not in tried])
-                 for r in reports]
+        fresh = [
+            Report(
+                r.target,
+                findings=[f for f in r.findings if (r.target, f.rule, f.module) not in tried],
+            )
+            for r in reports
+        ]
         for plan in plan_fixes(fresh, unsafe):
             if not writable(plan.path, allowed_roots):
                 if plan.path not in refused:
                     refused.add(plan.path)
-                    outcome.messages.append(f"not fixing {plan.path}: outside the project "
-                                            "(fix it by hand, see --diff)")
+                    outcome.messages.append(
+                        f"not fixing {plan.path}: outside the project (fix it by hand, see --diff)"
+                    )
                 continue
             if plan.new != plan.old:
                 plans.append(plan)
@@ -195,16 +207,21 @@ def fix_until_clean(run_check: Callable[[], list[Report]], unsafe: bool,
             after = run_check()
         except UserError as e:
             _undo(plans)
-            outcome.messages.append(f"undid {_names(plans)}: the model no longer loads "
-                                    f"after it ({e})")
+            outcome.messages.append(
+                f"undid {_names(plans)}: the model no longer loads after it ({e})"
+            )
             break
         if _broken(after) - broken_before:
             _undo(plans)
             outcome.messages.append(f"undid {_names(plans)}: the model no longer runs after it")
             break
         outcome.applied.extend((plan.path, f) for plan in plans for f in plan.merged)
-        tried.update((r.target, f.rule, f.module) for r in reports for f in r.findings
-                     if any(f is g for p in plans for g in p.merged))
+        tried.update(
+            (r.target, f.rule, f.module)
+            for r in reports
+            for f in r.findings
+            if any(f is g for p in plans for g in p.merged)
+        )
         reports = after
     outcome.reports = reports
     return outcome

@@ -49,13 +49,23 @@ def read(path: str) -> str | None:
 
 def unified_diff(path: str, old: str, new: str) -> str:
     shown = display_path(path)
-    return "".join(difflib.unified_diff(old.splitlines(keepends=True),
-                                        new.splitlines(keepends=True),
-                                        fromfile=f"a/{shown}", tofile=f"b/{shown}"))
+    return "".join(
+        difflib.unified_diff(
+            old.splitlines(keepends=True),
+            new.splitlines(keepends=True),
+            fromfile=f"a/{shown}",
+            tofile=f"b/{shown}",
+        )
+    )
 
 
-def diff_fix(summary: str, path: str | None, edit: Callable[[str], str | None], snippet: str,
-             safe: bool = True) -> Fix:
+def diff_fix(
+    summary: str,
+    path: str | None,
+    edit: Callable[[str], str | None],
+    snippet: str,
+    safe: bool = True,
+) -> Fix:
     """A Fix carrying a diff when `edit` locates the code in `path`, else the snippet."""
     if path:
         old = read(path)
@@ -65,8 +75,9 @@ def diff_fix(summary: str, path: str | None, edit: Callable[[str], str | None], 
             except cst.ParserSyntaxError:
                 new = None
             if new is not None and new != old:
-                return Fix(summary, unified_diff(path, old, new), "diff", path, safe,
-                           new_source=new)
+                return Fix(
+                    summary, unified_diff(path, old, new), "diff", path, safe, new_source=new
+                )
     return Fix(summary, snippet, "snippet", None, safe)
 
 
@@ -92,6 +103,7 @@ def _call_name(node: cst.Call) -> str:
 def _positions_class():
     """The visitor class that indexes calls and assignments by line (made on first use, as it
     subclasses a libcst class)."""
+
     class _Positions(cst.CSTVisitor):
         METADATA_DEPENDENCIES = (cst.metadata.PositionProvider,)
 
@@ -131,8 +143,9 @@ def call_at(calls, line: int, name_suffix: tuple[str, ...] = ()) -> cst.Call | N
     return best
 
 
-def set_keyword(source: str, line: int, type_names: tuple[str, ...], key: str,
-                value: str) -> str | None:
+def set_keyword(
+    source: str, line: int, type_names: tuple[str, ...], key: str, value: str
+) -> str | None:
     """Set `key=value` in the constructor call on `line` (adding the keyword if missing)."""
     module, pos = _index(source)
     target = call_at(pos.calls, line, type_names)
@@ -150,11 +163,16 @@ def set_keyword(source: str, line: int, type_names: tuple[str, ...], key: str,
                     args[i] = a.with_changes(value=new_value)
                     return updated.with_changes(args=args)
             if args and args[-1].comma is cst.MaybeSentinel.DEFAULT:
-                args[-1] = args[-1].with_changes(comma=cst.Comma(
-                    whitespace_after=cst.SimpleWhitespace(" ")))
-            args.append(cst.Arg(value=new_value, keyword=cst.Name(key),
-                                equal=cst.AssignEqual(cst.SimpleWhitespace(""),
-                                                      cst.SimpleWhitespace(""))))
+                args[-1] = args[-1].with_changes(
+                    comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
+                )
+            args.append(
+                cst.Arg(
+                    value=new_value,
+                    keyword=cst.Name(key),
+                    equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")),
+                )
+            )
             return updated.with_changes(args=args)
 
     return module.visit(T()).code
@@ -171,8 +189,9 @@ def arg_code(call: cst.Call, index: int, keyword: str) -> str | None:
     return None
 
 
-def insert_args_after(source: str, inserts: dict[int, str | Callable[[cst.Call], str]],
-                      types: tuple[str, ...] = ()) -> str | None:
+def insert_args_after(
+    source: str, inserts: dict[int, str | Callable[[cst.Call], str]], types: tuple[str, ...] = ()
+) -> str | None:
     """Insert a new layer right after the layer whose call starts on each given line, wherever
     that call sits: an argument of a container call (`nn.Sequential(...)`), an element of a list
     (`layers += [...]`), or the argument of a `layers.append(...)` statement (a new `append`
@@ -183,12 +202,14 @@ def insert_args_after(source: str, inserts: dict[int, str | Callable[[cst.Call],
     calls = {line: call_at(pos.calls, line, types) for line in inserts}
     if any(call is None for call in calls.values()):
         return None
-    texts = {line: text(calls[line]) if callable(text) else text
-             for line, text in inserts.items()}
+    texts = {line: text(calls[line]) if callable(text) else text for line, text in inserts.items()}
     by_node = {id(calls[line]): text for line, text in texts.items()}
     # `x.append(<layer>)`: the layer gets a statement of its own, not a second argument.
-    in_append = {id(c.args[0]) for c, _, _ in pos.calls if len(c.args) == 1
-                 and isinstance(c.func, cst.Attribute) and c.func.attr.value == "append"}
+    in_append = {
+        id(c.args[0])
+        for c, _, _ in pos.calls
+        if len(c.args) == 1 and isinstance(c.func, cst.Attribute) and c.func.attr.value == "append"
+    }
     placed: set[int] = set()
 
     def with_inserts(originals, updated, make):
@@ -198,8 +219,12 @@ def insert_args_after(source: str, inserts: dict[int, str | Callable[[cst.Call],
         for i, (orig, item) in enumerate(zip(originals, updated)):
             out.append(item)
             key = id(orig.value)
-            if key not in by_node or id(orig) in in_append \
-                    or getattr(orig, "keyword", None) is not None or getattr(orig, "star", ""):
+            if (
+                key not in by_node
+                or id(orig) in in_append
+                or getattr(orig, "keyword", None) is not None
+                or getattr(orig, "star", "")
+            ):
                 continue
             comma = item.comma
             if comma is cst.MaybeSentinel.DEFAULT:
@@ -213,28 +238,38 @@ def insert_args_after(source: str, inserts: dict[int, str | Callable[[cst.Call],
 
     def appended_layer(statement) -> cst.BaseExpression | None:
         """The layer of a `x.append(<layer call>)` statement line, else None."""
-        if not (isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1
-                and isinstance(statement.body[0], cst.Expr)):
+        if not (
+            isinstance(statement, cst.SimpleStatementLine)
+            and len(statement.body) == 1
+            and isinstance(statement.body[0], cst.Expr)
+        ):
             return None
         call = statement.body[0].value
-        if (isinstance(call, cst.Call) and isinstance(call.func, cst.Attribute)
-                and call.func.attr.value == "append" and len(call.args) == 1):
+        if (
+            isinstance(call, cst.Call)
+            and isinstance(call.func, cst.Attribute)
+            and call.func.attr.value == "append"
+            and len(call.args) == 1
+        ):
             return call.args[0].value
         return None
 
     class T(cst.CSTTransformer):
         def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
-            args, changed = with_inserts(original.args, updated.args,
-                                         lambda v, c: cst.Arg(value=v, comma=c))
+            args, changed = with_inserts(
+                original.args, updated.args, lambda v, c: cst.Arg(value=v, comma=c)
+            )
             return updated.with_changes(args=args) if changed else updated
 
         def leave_List(self, original: cst.List, updated: cst.List) -> cst.List:
-            items, changed = with_inserts(original.elements, updated.elements,
-                                          lambda v, c: cst.Element(value=v, comma=c))
+            items, changed = with_inserts(
+                original.elements, updated.elements, lambda v, c: cst.Element(value=v, comma=c)
+            )
             return updated.with_changes(elements=items) if changed else updated
 
-        def leave_IndentedBlock(self, original: cst.IndentedBlock,
-                                updated: cst.IndentedBlock) -> cst.IndentedBlock:
+        def leave_IndentedBlock(
+            self, original: cst.IndentedBlock, updated: cst.IndentedBlock
+        ) -> cst.IndentedBlock:
             body, changed = [], False
             for orig, stmt in zip(original.body, updated.body):
                 body.append(stmt)
@@ -243,9 +278,11 @@ def insert_args_after(source: str, inserts: dict[int, str | Callable[[cst.Call],
                     continue
                 expr = stmt.body[0]
                 call = expr.value.with_changes(
-                    args=[cst.Arg(value=cst.parse_expression(by_node[id(layer)]))])
-                body.append(stmt.with_changes(body=[expr.with_changes(value=call)],
-                                              leading_lines=[]))
+                    args=[cst.Arg(value=cst.parse_expression(by_node[id(layer)]))]
+                )
+                body.append(
+                    stmt.with_changes(body=[expr.with_changes(value=call)], leading_lines=[])
+                )
                 placed.add(id(layer))
                 changed = True
             return updated.with_changes(body=body) if changed else updated
@@ -261,8 +298,12 @@ def _self_assignment(pos: Positions, attr: str, near_line: int | None):
     for node, start, end in pos.assigns:
         for t in node.targets:
             tgt = t.target
-            if isinstance(tgt, cst.Attribute) and tgt.attr.value == attr and \
-                    isinstance(tgt.value, cst.Name) and tgt.value.value == "self":
+            if (
+                isinstance(tgt, cst.Attribute)
+                and tgt.attr.value == attr
+                and isinstance(tgt.value, cst.Name)
+                and tgt.value.value == "self"
+            ):
                 near = near_line or start
                 candidates.append((not start <= near <= end, abs(start - near), start, node))
     if not candidates:
@@ -278,8 +319,9 @@ def attribute_line(source: str, attr: str, near_line: int | None = None) -> int 
     return found[1] if found else None
 
 
-def wrap_attribute(source: str, attr: str, wrapper: str,
-                   near_line: int | None = None) -> str | None:
+def wrap_attribute(
+    source: str, attr: str, wrapper: str, near_line: int | None = None
+) -> str | None:
     """Rewrite `self.<attr> = <value>` as `self.<attr> = <wrapper>(<value>)` (the assignment
     nearest `near_line`)."""
     module, pos = _index(source)
@@ -301,8 +343,9 @@ def wrap_attribute(source: str, attr: str, wrapper: str,
     return module.visit(T()).code
 
 
-def set_positional(source: str, line: int, type_names: tuple[str, ...], index: int,
-                   value: str) -> str | None:
+def set_positional(
+    source: str, line: int, type_names: tuple[str, ...], index: int, value: str
+) -> str | None:
     """Replace the index-th positional argument of the constructor call on `line`."""
     module, pos = _index(source)
     target = call_at(pos.calls, line, type_names)
@@ -322,8 +365,9 @@ def set_positional(source: str, line: int, type_names: tuple[str, ...], index: i
     return module.visit(T()).code
 
 
-def replace_calls(source: str, lines: list[int], type_names: tuple[str, ...],
-                  new_call: str) -> str | None:
+def replace_calls(
+    source: str, lines: list[int], type_names: tuple[str, ...], new_call: str
+) -> str | None:
     """Replace the constructor calls (e.g. nn.Sigmoid()) on the given lines with `new_call`."""
     module, pos = _index(source)
     victims = set()
@@ -353,8 +397,11 @@ def _root_name(node: cst.BaseExpression) -> str | None:
 
 
 def _calls_on_line(pos: Positions, line: int, names: tuple[str, ...]) -> list[cst.Call]:
-    return [node for node, start, _end in pos.calls
-            if start <= line <= _end and _call_name(node).split(".")[-1] in names]
+    return [
+        node
+        for node, start, _end in pos.calls
+        if start <= line <= _end and _call_name(node).split(".")[-1] in names
+    ]
 
 
 def remove_arg(source: str, line: int, type_names: tuple[str, ...]) -> str | None:
@@ -393,9 +440,11 @@ def unwrap_call(source: str, line: int, names: tuple[str, ...]) -> str | None:
     target = found[0]
     func = target.func
     positional = [a for a in target.args if a.keyword is None and a.star == ""]
-    if isinstance(func, cst.Name) or (isinstance(func, cst.Attribute)
-                                       and _root_name(func.value) in _FUNCTION_ROOTS
-                                       and isinstance(func.value, (cst.Name, cst.Attribute))):
+    if isinstance(func, cst.Name) or (
+        isinstance(func, cst.Attribute)
+        and _root_name(func.value) in _FUNCTION_ROOTS
+        and isinstance(func.value, (cst.Name, cst.Attribute))
+    ):
         if not positional:
             return None
         inner = positional[0].value
@@ -410,12 +459,15 @@ def unwrap_call(source: str, line: int, names: tuple[str, ...]) -> str | None:
 
         def leave_SimpleStatementLine(self, original, updated):
             # `x = F.relu(x)` became `x = x`: drop the statement.
-            if updated is not original and len(updated.body) == 1 and \
-                    isinstance(updated.body[0], cst.Assign) and \
-                    len(updated.body[0].targets) == 1 and \
-                    isinstance(updated.body[0].targets[0].target, cst.Name) and \
-                    isinstance(updated.body[0].value, cst.Name) and \
-                    updated.body[0].targets[0].target.value == updated.body[0].value.value:
+            if (
+                updated is not original
+                and len(updated.body) == 1
+                and isinstance(updated.body[0], cst.Assign)
+                and len(updated.body[0].targets) == 1
+                and isinstance(updated.body[0].targets[0].target, cst.Name)
+                and isinstance(updated.body[0].value, cst.Name)
+                and updated.body[0].targets[0].target.value == updated.body[0].value.value
+            ):
                 return cst.RemoveFromParent()
             return updated
 
@@ -461,8 +513,11 @@ def unwrap_with(source: str, line: int, names: tuple[str, ...]) -> str | None:
             if not pos.start.line <= line <= pos.end.line or len(node.items) != 1:
                 return
             item = node.items[0].item
-            if isinstance(item, cst.Call) and _call_name(item).split(".")[-1] in names \
-                    and node.items[0].asname is None:
+            if (
+                isinstance(item, cst.Call)
+                and _call_name(item).split(".")[-1] in names
+                and node.items[0].asname is None
+            ):
                 found.append((pos.start.line, node))
 
     wrapper.visit(V())
@@ -477,7 +532,8 @@ def unwrap_with(source: str, line: int, names: tuple[str, ...]) -> str | None:
             body = list(updated.body.body)
             if body and updated.leading_lines:
                 body[0] = body[0].with_changes(
-                    leading_lines=[*updated.leading_lines, *body[0].leading_lines])
+                    leading_lines=[*updated.leading_lines, *body[0].leading_lines]
+                )
             return cst.FlattenSentinel(body)
 
     return wrapper.module.visit(T()).code
@@ -533,20 +589,25 @@ def append_to_init(source: str, class_line: int, code: str) -> str | None:
         def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
             if original is not target:
                 return updated
-            return updated.with_changes(body=updated.body.with_changes(
-                body=[*updated.body.body, *new_statements]))
+            return updated.with_changes(
+                body=updated.body.with_changes(body=[*updated.body.body, *new_statements])
+            )
 
     return wrapper.module.visit(T()).code
 
 
 def torch_function_prefix(source: str) -> str | None:
     """How this file can call a torch function: 'torch.' or 'F.' (None if neither is imported)."""
-    if re.search(r"^\s*import torch\b(?!\.)", source, re.M) or \
-            re.search(r"^\s*import torch\s*$", source, re.M):
+    if re.search(r"^\s*import torch\b(?!\.)", source, re.M) or re.search(
+        r"^\s*import torch\s*$", source, re.M
+    ):
         return "torch."
-    if re.search(r"^\s*import torch\.nn\.functional as F\b"
-                 r"|^\s*from torch\.nn import functional as F\b",
-                 source, re.M):
+    if re.search(
+        r"^\s*import torch\.nn\.functional as F\b"
+        r"|^\s*from torch\.nn import functional as F\b",
+        source,
+        re.M,
+    ):
         return "F."
     return None
 
@@ -616,14 +677,19 @@ def insert_statement_after(source: str, line: int, statement: str) -> str | None
     return code if placed else None
 
 
-def wrap_call_argument(source: str, line: int, index: int, suffix: str,
-                       min_args: int = 2) -> str | None:
+def wrap_call_argument(
+    source: str, line: int, index: int, suffix: str, min_args: int = 2
+) -> str | None:
     """Append `suffix` (e.g. `.squeeze(-1)`) to the `index`-th positional argument of the one
     call on `line` that takes at least `min_args` positional arguments (`criterion(out, y)`,
     `F.mse_loss(out, y)`); None when there is not exactly one such call."""
     module, pos = _index(source)
-    calls = [c for c, start, _ in pos.calls if start == line and
-             len([a for a in c.args if a.keyword is None and a.star == ""]) >= min_args]
+    calls = [
+        c
+        for c, start, _ in pos.calls
+        if start == line
+        and len([a for a in c.args if a.keyword is None and a.star == ""]) >= min_args
+    ]
     if len(calls) != 1:
         return None
     target = calls[0]
@@ -643,8 +709,11 @@ def call_wrapper_not_module(source: str, line: int) -> str | None:
     """`ddp.module(x)` on `line` -> `ddp(x)`: call the DistributedDataParallel wrapper instead
     of the module inside it. None unless there is exactly one such call on the line."""
     module, pos = _index(source)
-    calls = [c for c, start, _ in pos.calls if start == line and
-             isinstance(c.func, cst.Attribute) and c.func.attr.value == "module"]
+    calls = [
+        c
+        for c, start, _ in pos.calls
+        if start == line and isinstance(c.func, cst.Attribute) and c.func.attr.value == "module"
+    ]
     if len(calls) != 1:
         return None
     target = calls[0]

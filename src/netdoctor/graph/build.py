@@ -82,28 +82,41 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
         if gm is not None:
             leaves = fx_frontend.LeafOutputs(gm)
             try:
-                measure_init_rms(outcome.graph, model, extra, candidate.shape, candidate.dtype,
-                                 candidate.vocab, observers=leaves.hooks())
+                measure_init_rms(
+                    outcome.graph,
+                    model,
+                    extra,
+                    candidate.shape,
+                    candidate.dtype,
+                    candidate.vocab,
+                    observers=leaves.hooks(),
+                )
             except Exception as e:
                 if weight_modules(outcome.graph, model, extra)[0]:
                     signal_note.append(not_measured(e))
             else:
-                x = example_input(candidate.shape, candidate.dtype,
-                                  batch=batch_size(candidate.shape), vocab=candidate.vocab)
+                x = example_input(
+                    candidate.shape,
+                    candidate.dtype,
+                    batch=batch_size(candidate.shape),
+                    vocab=candidate.vocab,
+                )
                 try:
                     fx_frontend.replay_shapes(gm, x.to(model_device(model)), leaves)
                 except Exception:  # e.g. a functional op that rejects the zeros: run for real
                     shapes_by_running(candidate)
                 return
-        run_forward(model, example_input(candidate.shape, candidate.dtype,
-                                         vocab=candidate.vocab), extra)
+        run_forward(
+            model, example_input(candidate.shape, candidate.dtype, vocab=candidate.vocab), extra
+        )
         if gm is not None:
             shapes_by_running(candidate)
 
     def shapes_by_running(candidate: InputSpec) -> None:
         for batch in (1, 2):  # a model may squeeze a batch of one away
-            x = example_input(candidate.shape, candidate.dtype, batch=batch,
-                              vocab=candidate.vocab).to(model_device(model))
+            x = example_input(
+                candidate.shape, candidate.dtype, batch=batch, vocab=candidate.vocab
+            ).to(model_device(model))
             try:
                 fx_frontend.propagate_shapes(gm, x)
                 shape_failure.clear()
@@ -121,17 +134,20 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
         found, failure, failed_spec = infer(model, extra, run)
         if found is not None:
             outcome.input = found
-            outcome.notes.append(f"input shape {found.describe()} inferred from "
-                                 f"{found.inferred_from}; pass --input-shape to set it")
+            outcome.notes.append(
+                f"input shape {found.describe()} inferred from "
+                f"{found.inferred_from}; pass --input-shape to set it"
+            )
         elif failure is not None:
             outcome.forward_failure, outcome.failed_input = failure, failed_spec
         else:
-            outcome.notes.append("no input shape given and none could be inferred: rules that "
-                                 "need a forward pass were skipped (pass --input-shape C,H,W)")
+            outcome.notes.append(
+                "no input shape given and none could be inferred: rules that "
+                "need a forward pass were skipped (pass --input-shape C,H,W)"
+            )
     if gm is not None and outcome.input is not None:
         if shape_failure:
-            outcome.notes.append(f"shape propagation failed ({shape_failure[-1]}); shapes "
-                                 "unknown")
+            outcome.notes.append(f"shape propagation failed ({shape_failure[-1]}); shapes unknown")
         outcome.notes.extend(signal_note)
 
     _locate_failure(outcome, loaded, extra)
@@ -144,11 +160,14 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
 
     # 3. The graph without fx: one recorded forward.
     if outcome.input is None:
-        outcome.notes.append("torch.fx could not trace the model and no working input is "
-                             "available for the fallback: graph rules were skipped")
+        outcome.notes.append(
+            "torch.fx could not trace the model and no working input is "
+            "available for the fallback: graph rules were skipped"
+        )
         return outcome
-    x = example_input(outcome.input.shape, outcome.input.dtype,
-                      vocab=outcome.input.vocab).to(model_device(model))
+    x = example_input(outcome.input.shape, outcome.input.dtype, vocab=outcome.input.vocab).to(
+        model_device(model)
+    )
     try:
         outcome.graph = hook_frontend.build(model, prov, x)
     except ForwardFailure as f:
@@ -169,8 +188,9 @@ def _measure_signal(outcome: BuildOutcome, loaded: LoadedModel, extra: dict) -> 
     spec = outcome.input
     if spec is None or outcome.graph is None or outcome.forward_failure is not None:
         return True
-    note = record_init_rms(outcome.graph, loaded.model, extra, spec.shape, spec.dtype,
-                           vocab=spec.vocab)
+    note = record_init_rms(
+        outcome.graph, loaded.model, extra, spec.shape, spec.dtype, vocab=spec.vocab
+    )
     if note:
         outcome.notes.append(note)
     return note is None

@@ -194,8 +194,12 @@ def copy_shapes(gm: fx.GraphModule, graph: Graph) -> None:
             graph.nodes[fxn.name].shape = fxn.meta.get("netdoctor_shape")
 
 
-def build(model: nn.Module, prov: Provenance, gm: fx.GraphModule,
-          unregistered: list[UnregisteredHolder] | None = None) -> Graph:
+def build(
+    model: nn.Module,
+    prov: Provenance,
+    gm: fx.GraphModule,
+    unregistered: list[UnregisteredHolder] | None = None,
+) -> Graph:
     """The IR of the traced graph (shapes where they are already recorded; copy_shapes adds
     them later). `unregistered`: the plain-container modules when the caller found them."""
     graph = Graph(frontend="fx")
@@ -205,14 +209,19 @@ def build(model: nn.Module, prov: Provenance, gm: fx.GraphModule,
     else:
         graph.unregistered = list(unregistered)
     for fxn in gm.graph.nodes:
-        node = Node(name=fxn.name, op="other", target=str(fxn.target),
-                    inputs=[a.name for a in fxn.all_input_nodes])
+        node = Node(
+            name=fxn.name,
+            op="other",
+            target=str(fxn.target),
+            inputs=[a.name for a in fxn.all_input_nodes],
+        )
         if fxn.meta.get("netdoctor_shape") is not None:
             node.shape = fxn.meta["netdoctor_shape"]
         stack = fxn.meta.get("nn_module_stack")
         if stack:
-            node.attrs["scope"] = list(stack.values())[-1][0] if isinstance(
-                list(stack.values())[-1], tuple) else None
+            node.attrs["scope"] = (
+                list(stack.values())[-1][0] if isinstance(list(stack.values())[-1], tuple) else None
+            )
         if fxn.op == "placeholder":
             node.op = "input"
         elif fxn.op == "output":

@@ -30,9 +30,28 @@ from netdoctor.loading.forward import ForwardFailure, preserved_modes, tensor_sh
 from netdoctor.loading.provenance import Provenance
 
 # Functions that never carry data flow worth a node.
-_IGNORED = {"size", "dim", "numel", "__get__", "__len__", "__format__", "__repr__", "__bool__",
-            "__contains__", "__iter__", "__hash__", "is_floating_point", "stride", "__setstate__",
-            "data_ptr", "element_size", "get_device", "__index__", "__int__", "__float__"}
+_IGNORED = {
+    "size",
+    "dim",
+    "numel",
+    "__get__",
+    "__len__",
+    "__format__",
+    "__repr__",
+    "__bool__",
+    "__contains__",
+    "__iter__",
+    "__hash__",
+    "is_floating_point",
+    "stride",
+    "__setstate__",
+    "data_ptr",
+    "element_size",
+    "get_device",
+    "__index__",
+    "__int__",
+    "__float__",
+}
 _FLOW_BREAKERS = {"item", "numpy", "tolist", "__bool__"}
 
 
@@ -43,8 +62,9 @@ def is_leaf(module: nn.Module) -> bool:
         return True
     if isinstance(module, TRANSPARENT):
         return False
-    return (type(module).__module__.startswith("torch.nn")
-            or not any(True for _ in module.children()))
+    return type(module).__module__.startswith("torch.nn") or not any(
+        True for _ in module.children()
+    )
 
 
 class _Recorder(TorchFunctionMode):
@@ -78,8 +98,15 @@ class _Recorder(TorchFunctionMode):
     def _param_node(self, t: torch.Tensor) -> str:
         full = self.params[id(t)]
         owner, _, leaf = full.rpartition(".")
-        node = self.graph.add(Node(name=self.unique("param_" + full), op="param", target=full,
-                                   module=owner or None, params={leaf: param_info(t)}))
+        node = self.graph.add(
+            Node(
+                name=self.unique("param_" + full),
+                op="param",
+                target=full,
+                module=owner or None,
+                params={leaf: param_info(t)},
+            )
+        )
         self.producer[id(t)] = node.name
         self.keep.append(t)
         return node.name
@@ -106,8 +133,13 @@ class _Recorder(TorchFunctionMode):
         if not tensors_in(out) and name not in _FLOW_BREAKERS:
             return out
         op = "detach" if name == "data" else function_op(func)
-        node = Node(name=self.unique(name or "call"), op=op, target=target_name(func),
-                    inputs=inputs, location=user_frame_location(2))
+        node = Node(
+            name=self.unique(name or "call"),
+            op=op,
+            target=target_name(func),
+            inputs=inputs,
+            location=user_frame_location(2),
+        )
         if name == "data":
             node.target, node.attrs["via"] = "Tensor.data", ".data"
         shapes = tensor_shapes(out)
@@ -150,11 +182,16 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
         if mod in leaves:
             if rec.leaf_depth == 1:  # still > 0: netdoctor's own tensor ops here go unrecorded
                 path = names.get(mod, "")
-                node = Node(name=rec.unique(path or type(mod).__name__), op=module_op(mod),
-                            target=f"{type(mod).__module__}.{type(mod).__name__}", module=path,
-                            inputs=getattr(rec, "_pending_inputs", []),
-                            params=module_params(mod), attrs=module_attrs(mod),
-                            location=prov.site(mod))
+                node = Node(
+                    name=rec.unique(path or type(mod).__name__),
+                    op=module_op(mod),
+                    target=f"{type(mod).__module__}.{type(mod).__name__}",
+                    module=path,
+                    inputs=getattr(rec, "_pending_inputs", []),
+                    params=module_params(mod),
+                    attrs=module_attrs(mod),
+                    location=prov.site(mod),
+                )
                 call = user_frame_location(2)
                 if call is not None:
                     node.attrs["call_location"] = call
@@ -187,11 +224,16 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
                 failed = list(stack)
                 inner = failed[-1][0] if failed else None
                 raise ForwardFailure(
-                    error=e, module=names.get(inner) if inner is not None else None,
+                    error=e,
+                    module=names.get(inner) if inner is not None else None,
                     module_type=type(inner).__name__ if inner is not None else None,
                     input_shapes=failed[-1][1] if failed else tensor_shapes(example),
-                    param_shapes={k: tuple(p.shape) for k, p in inner.named_parameters(
-                        recurse=False)} if inner is not None else {}) from e
+                    param_shapes={
+                        k: tuple(p.shape) for k, p in inner.named_parameters(recurse=False)
+                    }
+                    if inner is not None
+                    else {},
+                ) from e
         graph.add(Node(name="output", op="output", target="output", inputs=rec.inputs_of(out)))
     finally:
         for h in handles:

@@ -17,22 +17,69 @@ from netdoctor.findings import Location
 from netdoctor.graph.ir import Graph, Node, ParamInfo
 
 _OPS = {
-    "Conv": "conv", "ConvTranspose": "conv", "Gemm": "linear",
-    "BatchNormalization": "batchnorm", "LayerNormalization": "layernorm",
-    "GroupNormalization": "groupnorm", "InstanceNormalization": "instancenorm",
-    "LRN": "lrn", "Relu": "relu", "LeakyRelu": "leaky_relu", "PRelu": "prelu", "Elu": "elu",
-    "Selu": "selu", "Celu": "celu", "Gelu": "gelu", "Sigmoid": "sigmoid", "Tanh": "tanh",
-    "HardSigmoid": "hardsigmoid", "HardSwish": "hardswish", "Softplus": "softplus",
-    "Mish": "mish", "Clip": "clamp", "Softmax": "softmax", "LogSoftmax": "log_softmax",
-    "MaxPool": "maxpool", "GlobalMaxPool": "maxpool", "AveragePool": "avgpool",
-    "GlobalAveragePool": "avgpool", "ReduceMean": "mean", "Add": "add", "Sub": "sub",
-    "Mul": "mul", "Div": "div", "Concat": "cat", "Flatten": "reshape", "Reshape": "reshape",
-    "Transpose": "reshape", "Squeeze": "reshape", "Unsqueeze": "reshape", "Expand": "reshape",
-    "Dropout": "dropout", "Identity": "identity", "Split": "split", "Slice": "getitem",
-    "Gather": "getitem", "LSTM": "rnn", "GRU": "rnn", "RNN": "rnn", "Constant": "param",
-    "Pad": "pad", "Resize": "upsample", "Upsample": "upsample", "Exp": "exp", "Log": "log",
-    "Sqrt": "sqrt", "Pow": "pow", "Neg": "neg", "Abs": "abs", "Shape": "size",
-    "If": "control", "Loop": "control", "Scan": "control", "Einsum": "matmul",
+    "Conv": "conv",
+    "ConvTranspose": "conv",
+    "Gemm": "linear",
+    "BatchNormalization": "batchnorm",
+    "LayerNormalization": "layernorm",
+    "GroupNormalization": "groupnorm",
+    "InstanceNormalization": "instancenorm",
+    "LRN": "lrn",
+    "Relu": "relu",
+    "LeakyRelu": "leaky_relu",
+    "PRelu": "prelu",
+    "Elu": "elu",
+    "Selu": "selu",
+    "Celu": "celu",
+    "Gelu": "gelu",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+    "HardSigmoid": "hardsigmoid",
+    "HardSwish": "hardswish",
+    "Softplus": "softplus",
+    "Mish": "mish",
+    "Clip": "clamp",
+    "Softmax": "softmax",
+    "LogSoftmax": "log_softmax",
+    "MaxPool": "maxpool",
+    "GlobalMaxPool": "maxpool",
+    "AveragePool": "avgpool",
+    "GlobalAveragePool": "avgpool",
+    "ReduceMean": "mean",
+    "Add": "add",
+    "Sub": "sub",
+    "Mul": "mul",
+    "Div": "div",
+    "Concat": "cat",
+    "Flatten": "reshape",
+    "Reshape": "reshape",
+    "Transpose": "reshape",
+    "Squeeze": "reshape",
+    "Unsqueeze": "reshape",
+    "Expand": "reshape",
+    "Dropout": "dropout",
+    "Identity": "identity",
+    "Split": "split",
+    "Slice": "getitem",
+    "Gather": "getitem",
+    "LSTM": "rnn",
+    "GRU": "rnn",
+    "RNN": "rnn",
+    "Constant": "param",
+    "Pad": "pad",
+    "Resize": "upsample",
+    "Upsample": "upsample",
+    "Exp": "exp",
+    "Log": "log",
+    "Sqrt": "sqrt",
+    "Pow": "pow",
+    "Neg": "neg",
+    "Abs": "abs",
+    "Shape": "size",
+    "If": "control",
+    "Loop": "control",
+    "Scan": "control",
+    "Einsum": "matmul",
 }
 
 
@@ -45,8 +92,10 @@ def load_model(path: str):
     try:
         model = onnx.load(str(file), load_external_data=False)
     except Exception as e:  # protobuf DecodeError and friends
-        raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'parse error'})") from None
+        raise UserError(
+            f"{path}: not a readable ONNX model ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'parse error'})"
+        ) from None
     if not model.graph.node and not model.graph.input:
         raise UserError(f"{path}: not a readable ONNX model (empty graph)")
     base = file.resolve().parent
@@ -55,11 +104,14 @@ def load_model(path: str):
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (base / location).resolve()
         if not target.is_relative_to(base):
-            raise UserError(f"{path}: initializer {tensor.name!r} refers to external data "
-                            f"{location!r} outside the model's folder; refusing to read it")
+            raise UserError(
+                f"{path}: initializer {tensor.name!r} refers to external data "
+                f"{location!r} outside the model's folder; refusing to read it"
+            )
         if not target.is_file():
-            raise UserError(f"{path}: external data file {location!r} for {tensor.name!r} "
-                            "is missing")
+            raise UserError(
+                f"{path}: external data file {location!r} for {tensor.name!r} is missing"
+            )
     if external:
         from onnx.external_data_helper import load_external_data_for_model
 
@@ -87,10 +139,13 @@ def _all_initializers(graph):
 def _param(array: np.ndarray) -> ParamInfo:
     flat = array.astype(np.float64).reshape(-1)
     n = flat.size
-    return ParamInfo(shape=tuple(array.shape), numel=int(n),
-                     mean=float(flat.mean()) if n else 0.0,
-                     std=float(flat.std(ddof=1)) if n > 1 else 0.0,
-                     all_equal=bool(n > 1 and np.all(flat == flat[0])))
+    return ParamInfo(
+        shape=tuple(array.shape),
+        numel=int(n),
+        mean=float(flat.mean()) if n else 0.0,
+        std=float(flat.std(ddof=1)) if n > 1 else 0.0,
+        all_equal=bool(n > 1 and np.all(flat == flat[0])),
+    )
 
 
 def _shape(value_info) -> tuple[int, ...] | None:
@@ -113,14 +168,17 @@ def build(path: str) -> Graph:
             weights[t.name] = numpy_helper.to_array(t)
         except Exception:
             continue
-    shapes = {vi.name: _shape(vi) for vi in
-              [*model.graph.value_info, *model.graph.output, *model.graph.input]}
+    shapes = {
+        vi.name: _shape(vi)
+        for vi in [*model.graph.value_info, *model.graph.output, *model.graph.input]
+    }
     producer: dict[str, str] = {}
     for inp in model.graph.input:
         if inp.name in weights:
             continue
-        node = graph.add(Node(name=f"input:{inp.name}", op="input", target="input",
-                              shape=_shape(inp)))
+        node = graph.add(
+            Node(name=f"input:{inp.name}", op="input", target="input", shape=_shape(inp))
+        )
         producer[inp.name] = node.name
 
     def add_nodes(nodes, prefix: str = "") -> None:
@@ -128,15 +186,26 @@ def build(path: str) -> Graph:
             name = prefix + (proto.name or f"{proto.op_type}_{i}")
             while name in graph.nodes:
                 name += "_"
-            attrs = {a.name: helper.get_attribute_value(a) for a in proto.attribute
-                     if a.type != a.GRAPH and a.type != a.GRAPHS}
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()
-                     if isinstance(v, (int, float, bytes, str, list))}
+            attrs = {
+                a.name: helper.get_attribute_value(a)
+                for a in proto.attribute
+                if a.type != a.GRAPH and a.type != a.GRAPHS
+            }
+            attrs = {
+                k: (v.decode() if isinstance(v, bytes) else v)
+                for k, v in attrs.items()
+                if isinstance(v, (int, float, bytes, str, list))
+            }
             attrs["type"] = proto.op_type
-            node = Node(name=name, op=_OPS.get(proto.op_type, proto.op_type.lower()),
-                        target=f"onnx.{proto.op_type}", module=name,
-                        inputs=[producer[i] for i in proto.input if i in producer],
-                        attrs=attrs, location=Location(shown, None))
+            node = Node(
+                name=name,
+                op=_OPS.get(proto.op_type, proto.op_type.lower()),
+                target=f"onnx.{proto.op_type}",
+                module=name,
+                inputs=[producer[i] for i in proto.input if i in producer],
+                attrs=attrs,
+                location=Location(shown, None),
+            )
             _weights_of(node, proto, weights)
             out = proto.output[0] if proto.output else None
             node.shape = shapes.get(out) if out else None
@@ -150,8 +219,9 @@ def build(path: str) -> Graph:
                 for o in proto.output:
                     producer[o] = norm.name
             for a in proto.attribute:  # If/Loop bodies: their nodes join the graph
-                subgraphs = ([a.g] if a.type == a.GRAPH else list(a.graphs)
-                             if a.type == a.GRAPHS else [])
+                subgraphs = (
+                    [a.g] if a.type == a.GRAPH else list(a.graphs) if a.type == a.GRAPHS else []
+                )
                 for sub in subgraphs:
                     add_nodes(sub.node, prefix=f"{name}/")
                     for o in sub.output:
@@ -165,17 +235,26 @@ def build(path: str) -> Graph:
         graph.notes.append(
             f"{len(folded)} conv/linear layer(s) carry a BatchNorm folded in at export "
             "(torch.onnx.export fuses them for inference): they are judged as layer + "
-            "BatchNorm.")
-    graph.add(Node(name="output", op="output", target="output",
-                   inputs=[producer[o.name] for o in model.graph.output if o.name in producer]))
+            "BatchNorm."
+        )
+    graph.add(
+        Node(
+            name="output",
+            op="output",
+            target="output",
+            inputs=[producer[o.name] for o in model.graph.output if o.name in producer],
+        )
+    )
     return graph
 
 
 # The dynamo exporter records the aten call each ONNX node came from; a folded BatchNorm keeps
 # its momentum there: _no_training(input, w, b, mean, var, momentum, eps), the training variants
 # (input, w, b, mean, var, training, momentum, eps).
-_BN_CALL = re.compile(r"aten\._native_batch_norm_legit(_no_training|_functional)?\.default\]"
-                      r"\(args = \((.*)\), kwargs")
+_BN_CALL = re.compile(
+    r"aten\._native_batch_norm_legit(_no_training|_functional)?\.default\]"
+    r"\(args = \((.*)\), kwargs"
+)
 
 
 def _folded_norm(proto) -> dict | None:
@@ -205,8 +284,11 @@ def _folded_norm(proto) -> dict | None:
         if len(scope) >= 2 and scope[-2]:
             attrs["torch_module"] = scope[-2]
         return attrs
-    if proto.op_type != "Gemm" and len(proto.input) >= 3 \
-            and all(name.startswith("onnx::") for name in proto.input[1:3]):
+    if (
+        proto.op_type != "Gemm"
+        and len(proto.input) >= 3
+        and all(name.startswith("onnx::") for name in proto.input[1:3])
+    ):
         return {}
     return None
 
@@ -222,9 +304,16 @@ def _folded_batchnorm(conv: Node, extra: dict) -> Node:
         attrs["num_features"] = channels
     torch_module = extra.get("torch_module")
     module = f"{torch_module} (folded into {conv.name})" if torch_module else conv.name
-    return Node(name=f"{conv.name}/folded BatchNorm", op="batchnorm", target="onnx.folded",
-                module=module, inputs=[conv.name], attrs=attrs, shape=conv.shape,
-                location=conv.location)
+    return Node(
+        name=f"{conv.name}/folded BatchNorm",
+        op="batchnorm",
+        target="onnx.folded",
+        module=module,
+        inputs=[conv.name],
+        attrs=attrs,
+        shape=conv.shape,
+        location=conv.location,
+    )
 
 
 def _weights_of(node: Node, proto, weights: dict[str, np.ndarray]) -> None:
@@ -241,30 +330,46 @@ def _weights_of(node: Node, proto, weights: dict[str, np.ndarray]) -> None:
         if w(2) is not None:
             node.params["bias"] = _param(w(2))
         group = int(node.attrs.get("group", 1))
-        node.attrs.update(out_channels=int(W.shape[0]), in_channels=int(W.shape[1]) * group,
-                          kernel_size=tuple(int(k) for k in W.shape[2:]), groups=group,
-                          has_bias=w(2) is not None, type=f"Conv{max(1, W.ndim - 2)}d")
+        node.attrs.update(
+            out_channels=int(W.shape[0]),
+            in_channels=int(W.shape[1]) * group,
+            kernel_size=tuple(int(k) for k in W.shape[2:]),
+            groups=group,
+            has_bias=w(2) is not None,
+            type=f"Conv{max(1, W.ndim - 2)}d",
+        )
     elif op == "Gemm" and w(1) is not None:
         W = w(1)
         W = W if node.attrs.get("transB", 0) else W.T
         node.params["weight"] = _param(W)
         if w(2) is not None:
             node.params["bias"] = _param(w(2))
-        node.attrs.update(out_features=int(W.shape[0]), in_features=int(W.shape[1]),
-                          has_bias=w(2) is not None, type="Linear")
+        node.attrs.update(
+            out_features=int(W.shape[0]),
+            in_features=int(W.shape[1]),
+            has_bias=w(2) is not None,
+            type="Linear",
+        )
     elif op == "MatMul" and (w(1) is not None or w(0) is not None):
         W = (w(1) if w(1) is not None else w(0)).T  # stored (in, out): report (out, in)
         node.op = "linear"
         node.params["weight"] = _param(W)
-        node.attrs.update(out_features=int(W.shape[0]),
-                          in_features=int(W.shape[1]) if W.ndim > 1 else 1, has_bias=False,
-                          type="Linear")
+        node.attrs.update(
+            out_features=int(W.shape[0]),
+            in_features=int(W.shape[1]) if W.ndim > 1 else 1,
+            has_bias=False,
+            type="Linear",
+        )
     elif op == "MatMul":
         node.op = "matmul"
     elif op == "BatchNormalization":
         onnx_momentum = float(node.attrs.get("momentum", 0.9))
-        node.attrs.update(onnx_momentum=onnx_momentum, momentum=round(1.0 - onnx_momentum, 6),
-                          track_running_stats=True, type="BatchNormalization")
+        node.attrs.update(
+            onnx_momentum=onnx_momentum,
+            momentum=round(1.0 - onnx_momentum, 6),
+            track_running_stats=True,
+            type="BatchNormalization",
+        )
         if w(1) is not None:
             node.params["weight"] = _param(w(1))
             node.attrs["num_features"] = int(w(1).shape[0])

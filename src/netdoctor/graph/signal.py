@@ -75,9 +75,14 @@ def batch_size(shape: tuple[int, ...]) -> int:
     return 8 if n <= 3 * 64 * 64 else 4 if n <= 3 * 128 * 128 else 2
 
 
-def record_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
-                    shape: tuple[int, ...], dtype: str = "float32",
-                    vocab: int | None = None) -> str | None:
+def record_init_rms(
+    graph: Graph,
+    model: nn.Module,
+    extra: dict[str, nn.Module],
+    shape: tuple[int, ...],
+    dtype: str = "float32",
+    vocab: int | None = None,
+) -> str | None:
     """Annotate the graph's weight-layer nodes with init_rms. Returns a note when it could not."""
     if not weight_modules(graph, model, extra)[0]:
         return None
@@ -92,8 +97,9 @@ def not_measured(error: BaseException) -> str:
     return f"signal scale at init not measured ({type(error).__name__})"
 
 
-def weight_modules(graph: Graph, model: nn.Module, extra: dict[str, nn.Module]
-                   ) -> tuple[dict[str, nn.Module], dict[str, list[Node]]]:
+def weight_modules(
+    graph: Graph, model: nn.Module, extra: dict[str, nn.Module]
+) -> tuple[dict[str, nn.Module], dict[str, list[Node]]]:
     """The conv/linear modules to measure, by path, and the graph nodes each one's calls go to
     (in call order)."""
     nodes = defaultdict(list)
@@ -121,9 +127,15 @@ def weight_modules(graph: Graph, model: nn.Module, extra: dict[str, nn.Module]
     return modules, nodes
 
 
-def measure_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module],
-                     shape: tuple[int, ...], dtype: str = "float32", vocab: int | None = None,
-                     observers: Iterable[tuple[nn.Module, Callable]] = ()) -> None:
+def measure_init_rms(
+    graph: Graph,
+    model: nn.Module,
+    extra: dict[str, nn.Module],
+    shape: tuple[int, ...],
+    dtype: str = "float32",
+    vocab: int | None = None,
+    observers: Iterable[tuple[nn.Module, Callable]] = (),
+) -> None:
     """One forward pass of the user's model as described above, annotating the graph. Raises
     what the forward raises (and then annotates nothing): it is also the check's proof that
     the model runs at this input. `observers`, (module, forward hook) pairs, see the same pass
@@ -132,12 +144,14 @@ def measure_init_rms(graph: Graph, model: nn.Module, extra: dict[str, nn.Module]
     calls: dict[str, list[tuple[float | None, float | None]]] = defaultdict(list)
     handles = []
     norms = [m for m in model.modules() if isinstance(m, _BATCHNORM)]
-    x = example_input(shape, dtype, batch=batch_size(shape), vocab=vocab).to(
-        model_device(model))
+    x = example_input(shape, dtype, batch=batch_size(shape), vocab=vocab).to(model_device(model))
     try:
         for path, module in modules.items():
-            handles.append(module.register_forward_hook(
-                lambda mod, args, out, p=path: calls[p].append(_rms(out))))
+            handles.append(
+                module.register_forward_hook(
+                    lambda mod, args, out, p=path: calls[p].append(_rms(out))
+                )
+            )
         for module, hook in observers:
             handles.append(module.register_forward_hook(hook))
         with preserved_modes(model), preserved_buffers(norms), torch.no_grad():

@@ -12,8 +12,16 @@ from netdoctor.findings import Location
 from netdoctor.graph.ir import Graph, ModuleInfo, UnregisteredHolder
 from netdoctor.loading.provenance import Provenance, _is_internal, class_location
 
-_MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
-                     "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"}
+_MODULE_INTERNALS = {
+    "_parameters",
+    "_buffers",
+    "_modules",
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+}
 
 
 def record_modules(graph: Graph, model: nn.Module, prov: Provenance) -> None:
@@ -21,13 +29,18 @@ def record_modules(graph: Graph, model: nn.Module, prov: Provenance) -> None:
         if not path:
             continue
         trainable = sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
-        graph.modules[path] = ModuleInfo(path=path, type=type(m).__name__, trainable=trainable,
-                                         location=prov.site(m),
-                                         is_leaf=not any(True for _ in m.children()))
+        graph.modules[path] = ModuleInfo(
+            path=path,
+            type=type(m).__name__,
+            trainable=trainable,
+            location=prov.site(m),
+            is_leaf=not any(True for _ in m.children()),
+        )
 
 
 def unregistered_modules(
-        model: nn.Module) -> list[tuple[str, str, str, list[tuple[str, nn.Module]], nn.Module]]:
+    model: nn.Module,
+) -> list[tuple[str, str, str, list[tuple[str, nn.Module]], nn.Module]]:
     """(owner path, attribute, container kind, [(display name, module)], owner) for every
     nn.Module kept in a plain list/tuple/dict attribute of a registered module."""
     found = []
@@ -37,8 +50,9 @@ def unregistered_modules(
                 continue
             held: list[tuple[str, nn.Module]] = []
             if isinstance(value, (list, tuple)):
-                held = [(f"{attr}[{i}]", v) for i, v in enumerate(value)
-                        if isinstance(v, nn.Module)]
+                held = [
+                    (f"{attr}[{i}]", v) for i, v in enumerate(value) if isinstance(v, nn.Module)
+                ]
                 kind = "list" if isinstance(value, list) else "tuple"
             elif isinstance(value, dict):
                 held = [(f"{attr}[{k!r}]", v) for k, v in value.items() if isinstance(v, nn.Module)]
@@ -54,11 +68,18 @@ def record_unregistered(graph: Graph, model: nn.Module, prov: Provenance) -> dic
     extra: dict[str, nn.Module] = {}
     for owner_path, attr, kind, held, owner in unregistered_modules(model):
         first = held[0][1]
-        graph.unregistered.append(UnregisteredHolder(
-            owner=owner_path, attr=attr, container=kind, count=len(held),
-            module_types=sorted({type(m).__name__ for _, m in held}),
-            location=prov.site(first), owner_class=type(owner).__name__,
-            owner_location=class_location(type(owner))))
+        graph.unregistered.append(
+            UnregisteredHolder(
+                owner=owner_path,
+                attr=attr,
+                container=kind,
+                count=len(held),
+                module_types=sorted({type(m).__name__ for _, m in held}),
+                location=prov.site(first),
+                owner_class=type(owner).__name__,
+                owner_location=class_location(type(owner)),
+            )
+        )
         for name, m in held:
             extra[name] = m
             for sub_name, sub in m.named_modules():

@@ -53,12 +53,18 @@ class _DoctorHooks(SessionResults):
 
     # -- Lightning hooks -------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._session.start(type(pl_module).__name__, optimizers=list(trainer.optimizers),
-                            scope=pl_module, discover_models=True, discover_optimizers=False,
-                            main=bool(trainer.is_global_zero))
+        self._session.start(
+            type(pl_module).__name__,
+            optimizers=list(trainer.optimizers),
+            scope=pl_module,
+            discover_models=True,
+            discover_optimizers=False,
+            main=bool(trainer.is_global_zero),
+        )
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         s = self._session
         if s.watching:
             s.observe_loss(_loss_of(outputs))
@@ -68,8 +74,10 @@ class _DoctorHooks(SessionResults):
                 s.doctor.add_model(pl_module)
         agree = None
         if getattr(trainer, "world_size", 1) > 1:
+
             def agree(flag: bool) -> bool:
                 return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+
         if s.should_stop(agree):
             trainer.should_stop = True
 
@@ -77,8 +85,9 @@ class _DoctorHooks(SessionResults):
         self._session.finish()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._session.finish(stopped="interrupted" if isinstance(exception, KeyboardInterrupt)
-                             else "exception")
+        self._session.finish(
+            stopped="interrupted" if isinstance(exception, KeyboardInterrupt) else "exception"
+        )
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
@@ -100,17 +109,25 @@ def _callback_bases() -> tuple[type, ...]:
         except ImportError:
             continue
     if not bases:
-        raise ImportError("netdoctor.integrations.lightning needs PyTorch Lightning: pip "
-                          "install netdoctor[lightning] (or pip install lightning)")
+        raise ImportError(
+            "netdoctor.integrations.lightning needs PyTorch Lightning: pip "
+            "install netdoctor[lightning] (or pip install lightning)"
+        )
     return tuple(bases)
 
 
 def _build() -> type:
-    return type("DoctorCallback", (_DoctorHooks, *_callback_bases()), {
-        "__module__": __name__, "__qualname__": "DoctorCallback",
-        "__doc__": "netdoctor watching a Lightning fit: `Trainer(callbacks=[DoctorCallback("
-                   "output='report.json', format='json')])`. Options as `netdoctor.watch`; "
-                   "see netdoctor.integrations.lightning."})
+    return type(
+        "DoctorCallback",
+        (_DoctorHooks, *_callback_bases()),
+        {
+            "__module__": __name__,
+            "__qualname__": "DoctorCallback",
+            "__doc__": "netdoctor watching a Lightning fit: `Trainer(callbacks=[DoctorCallback("
+            "output='report.json', format='json')])`. Options as `netdoctor.watch`; "
+            "see netdoctor.integrations.lightning.",
+        },
+    )
 
 
 def __getattr__(name: str) -> Any:

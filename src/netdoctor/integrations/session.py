@@ -34,8 +34,10 @@ class TrainerSession:
     def __init__(self, options: dict[str, Any], owner: str):
         options = dict(options)
         if "stop_action" in options:
-            raise TypeError(f"{owner} does not take stop_action: it stops training through the "
-                            "trainer when stop_on fires")
+            raise TypeError(
+                f"{owner} does not take stop_action: it stops training through the "
+                "trainer when stop_on fires"
+            )
         self.owner = owner
         self.options = WatchOptions.from_kwargs(stop_action="flag", **options)
         self.doctor: Any = None  # netdoctor.watcher.doctor.Doctor, once started
@@ -44,33 +46,46 @@ class TrainerSession:
         self._exit_hook: Callable[[], None] | None = None
 
     # -- life cycle ----------------------------------------------------------------------
-    def start(self, target: str, *, models: Iterable[Any] = (), optimizers: Iterable[Any] = (),
-              scope: Any = None, discover_models: bool = False,
-              discover_optimizers: bool = False, main: bool = True) -> None:
+    def start(
+        self,
+        target: str,
+        *,
+        models: Iterable[Any] = (),
+        optimizers: Iterable[Any] = (),
+        scope: Any = None,
+        discover_models: bool = False,
+        discover_optimizers: bool = False,
+        main: bool = True,
+    ) -> None:
         """Watch a fit. Never raises: a failure to attach is one line on stderr and an
         unwatched fit."""
         self.finish()  # a previous fit of this callback that ended without its end hook
         self.main = main
         try:
-            self._start(target, list(models), list(optimizers), scope, discover_models,
-                        discover_optimizers)
+            self._start(
+                target, list(models), list(optimizers), scope, discover_models, discover_optimizers
+            )
         except Exception as e:
             self.doctor = None
             self._failed("not attached", e)
 
-    def _start(self, target, models, optimizers, scope, discover_models,
-               discover_optimizers) -> None:
+    def _start(
+        self, target, models, optimizers, scope, discover_models, discover_optimizers
+    ) -> None:
         from netdoctor.watcher.doctor import Doctor, running_doctor
 
         running = running_doctor()
         if running is not None:  # netdoctor run: its options apply, it writes the report
             self.doctor, self.joined = running, True
         else:
-            opts = replace(self.options, output=None,
-                           announce=self.options.announce and self.main)
-            self.doctor = Doctor(opts, discover_models=discover_models,
-                                 discover_optimizers=discover_optimizers,
-                                 target=self.options.name or target, scope=scope)
+            opts = replace(self.options, output=None, announce=self.options.announce and self.main)
+            self.doctor = Doctor(
+                opts,
+                discover_models=discover_models,
+                discover_optimizers=discover_optimizers,
+                target=self.options.name or target,
+                scope=scope,
+            )
             self.joined = False
             self.doctor.start()
             self._exit_hook = self._at_exit

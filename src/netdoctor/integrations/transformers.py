@@ -39,16 +39,27 @@ class _DoctorHooks(SessionResults):
         self._session = TrainerSession(options, "DoctorCallback")
 
     # -- Trainer events --------------------------------------------------------------------
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
-                       optimizer: Any = None, **kwargs: Any) -> None:
-        self._session.start(type(model).__name__ if model is not None else "training",
-                            models=[model] if model is not None else [],
-                            optimizers=[optimizer] if optimizer is not None else [],
-                            discover_models=model is None, discover_optimizers=True,
-                            main=bool(state.is_world_process_zero))
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: Any = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self._session.start(
+            type(model).__name__ if model is not None else "training",
+            models=[model] if model is not None else [],
+            optimizers=[optimizer] if optimizer is not None else [],
+            discover_models=model is None,
+            discover_optimizers=True,
+            main=bool(state.is_world_process_zero),
+        )
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+    ) -> None:
         if logs and isinstance(logs.get("loss"), (int, float)):
             self._session.observe_loss(logs["loss"])
 
@@ -71,13 +82,21 @@ def _build() -> type:
     try:
         base = importlib.import_module("transformers").TrainerCallback
     except ImportError as e:
-        raise ImportError("netdoctor.integrations.transformers needs Hugging Face "
-                          "transformers: pip install netdoctor[transformers]") from e
-    return type("DoctorCallback", (_DoctorHooks, base), {
-        "__module__": __name__, "__qualname__": "DoctorCallback",
-        "__doc__": "netdoctor watching a Hugging Face Trainer: `Trainer(..., callbacks=["
-                   "DoctorCallback(output='report.json', format='json')])`. Options as "
-                   "`netdoctor.watch`; see netdoctor.integrations.transformers."})
+        raise ImportError(
+            "netdoctor.integrations.transformers needs Hugging Face "
+            "transformers: pip install netdoctor[transformers]"
+        ) from e
+    return type(
+        "DoctorCallback",
+        (_DoctorHooks, base),
+        {
+            "__module__": __name__,
+            "__qualname__": "DoctorCallback",
+            "__doc__": "netdoctor watching a Hugging Face Trainer: `Trainer(..., callbacks=["
+            "DoctorCallback(output='report.json', format='json')])`. Options as "
+            "`netdoctor.watch`; see netdoctor.integrations.transformers.",
+        },
+    )
 
 
 def __getattr__(name: str) -> Any:

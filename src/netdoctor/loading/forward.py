@@ -123,8 +123,9 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def example_input(shape: tuple[int, ...], dtype: str = "float32", batch: int = 2,
-                  vocab: int | None = None) -> torch.Tensor:
+def example_input(
+    shape: tuple[int, ...], dtype: str = "float32", batch: int = 2, vocab: int | None = None
+) -> torch.Tensor:
     """A deterministic example batch: unit-variance floats, or token ids below `vocab`."""
     gen = torch.Generator().manual_seed(0)
     if dtype in ("long", "int64", "int"):
@@ -132,8 +133,9 @@ def example_input(shape: tuple[int, ...], dtype: str = "float32", batch: int = 2
     return torch.randn((batch, *shape), generator=gen, dtype=getattr(torch, dtype))
 
 
-def run_forward(model: nn.Module, x: torch.Tensor,
-                extra_modules: dict[str, nn.Module] | None = None):
+def run_forward(
+    model: nn.Module, x: torch.Tensor, extra_modules: dict[str, nn.Module] | None = None
+):
     """Forward `x` in eval mode without grad; raise ForwardFailure naming the failing submodule."""
     names = {m: n for n, m in model.named_modules()}
     for n, m in (extra_modules or {}).items():
@@ -168,8 +170,9 @@ def run_forward(model: nn.Module, x: torch.Tensor,
                     module=name if name else None,
                     module_type=type(mod).__name__ if mod is not None else None,
                     input_shapes=inner[1] if inner else tensor_shapes(x),
-                    param_shapes={k: tuple(p.shape) for k, p in
-                                  mod.named_parameters(recurse=False)} if mod is not None else {},
+                    param_shapes={k: tuple(p.shape) for k, p in mod.named_parameters(recurse=False)}
+                    if mod is not None
+                    else {},
                 ) from e
     finally:
         for h in handles:

@@ -72,6 +72,7 @@ class Provenance:
                 loc = _construction_site(self_obj)
                 if loc is not None:
                     prov.record(self_obj, loc)
+
             return __init__
 
         for base, original in originals.items():
@@ -186,10 +187,20 @@ def _attribute_line(cls: type, attr: str) -> Location | None:
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(fn):
-                targets = node.targets if isinstance(node, ast.Assign) else \
-                    [node.target] if isinstance(node, ast.AnnAssign) else []
-                if any(isinstance(t, ast.Attribute) and t.attr == attr and
-                       isinstance(t.value, ast.Name) and t.value.id == "self" for t in targets):
+                targets = (
+                    node.targets
+                    if isinstance(node, ast.Assign)
+                    else [node.target]
+                    if isinstance(node, ast.AnnAssign)
+                    else []
+                )
+                if any(
+                    isinstance(t, ast.Attribute)
+                    and t.attr == attr
+                    and isinstance(t.value, ast.Name)
+                    and t.value.id == "self"
+                    for t in targets
+                ):
                     found.append((fn.name != "__init__", node.lineno))
         if found:
             return Location(path, start + min(found)[1] - 1)

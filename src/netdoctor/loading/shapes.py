@@ -22,15 +22,28 @@ class InputSpec:
 
     def describe(self) -> str:
         return "x".join(str(s) for s in self.shape) + (
-            "" if self.dtype == "float32" else f" ({self.dtype})")
+            "" if self.dtype == "float32" else f" ({self.dtype})"
+        )
 
 
-def first_layer(model: nn.Module, extra: dict[str, nn.Module] | None = None
-                ) -> tuple[str, nn.Module] | None:
+def first_layer(
+    model: nn.Module, extra: dict[str, nn.Module] | None = None
+) -> tuple[str, nn.Module] | None:
     for name, m in [*(extra or {}).items(), *model.named_modules()]:
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-                          nn.ConvTranspose2d, nn.Linear, nn.Embedding, nn.EmbeddingBag,
-                          nn.RNNBase)):
+        if isinstance(
+            m,
+            (
+                nn.Conv1d,
+                nn.Conv2d,
+                nn.Conv3d,
+                nn.ConvTranspose1d,
+                nn.ConvTranspose2d,
+                nn.Linear,
+                nn.Embedding,
+                nn.EmbeddingBag,
+                nn.RNNBase,
+            ),
+        ):
             return name, m
     return None
 
@@ -47,17 +60,25 @@ def candidates(model: nn.Module, extra: dict[str, nn.Module] | None = None) -> l
         return [InputSpec((c, s, s), inferred_from=f"{why}, in_channels={c})") for s in sides]
     if isinstance(m, nn.ConvTranspose2d):  # a generator's latent (nz x 1 x 1) or a decoder
         c = m.in_channels
-        return [InputSpec((c, s, s), inferred_from=f"{why}, in_channels={c})")
-                for s in (1, 4, 7, 8, 16, 32)]
+        return [
+            InputSpec((c, s, s), inferred_from=f"{why}, in_channels={c})")
+            for s in (1, 4, 7, 8, 16, 32)
+        ]
     if isinstance(m, nn.ConvTranspose1d):
-        return [InputSpec((m.in_channels, n), inferred_from=f"{why}, in_channels={m.in_channels})")
-                for n in (1, 16, 128)]
+        return [
+            InputSpec((m.in_channels, n), inferred_from=f"{why}, in_channels={m.in_channels})")
+            for n in (1, 16, 128)
+        ]
     if isinstance(m, nn.Conv1d):
-        return [InputSpec((m.in_channels, n), inferred_from=f"{why}, in_channels={m.in_channels})")
-                for n in (128, 256, 1000, 16000)]
+        return [
+            InputSpec((m.in_channels, n), inferred_from=f"{why}, in_channels={m.in_channels})")
+            for n in (128, 256, 1000, 16000)
+        ]
     if isinstance(m, nn.Conv3d):
-        return [InputSpec((m.in_channels, d, s, s), inferred_from=f"{why})")
-                for d, s in ((16, 112), (8, 32), (16, 64))]
+        return [
+            InputSpec((m.in_channels, d, s, s), inferred_from=f"{why})")
+            for d, s in ((16, 112), (8, 32), (16, 64))
+        ]
     if isinstance(m, nn.Linear):
         f = m.in_features
         out = [InputSpec((f,), inferred_from=f"{why}, in_features={f})")]
@@ -69,20 +90,26 @@ def candidates(model: nn.Module, extra: dict[str, nn.Module] | None = None) -> l
             out.append(InputSpec((3, s, s), inferred_from=f"{why}, in_features={f})"))
         return out
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-        return [InputSpec((16,), "long", m.num_embeddings,
-                          inferred_from=f"{why}, {m.num_embeddings} tokens)")]
+        return [
+            InputSpec(
+                (16,), "long", m.num_embeddings, inferred_from=f"{why}, {m.num_embeddings} tokens)"
+            )
+        ]
     if isinstance(m, nn.RNNBase):
         shape = (16, m.input_size) if m.batch_first else (16, m.input_size)
         return [InputSpec(shape, inferred_from=f"{why}, input_size={m.input_size})")]
     return []
 
 
-def infer(model: nn.Module, extra: dict[str, nn.Module] | None = None,
-          run: Callable[[InputSpec], None] | None = None
-          ) -> tuple[InputSpec | None, ForwardFailure | None, InputSpec | None]:
+def infer(
+    model: nn.Module,
+    extra: dict[str, nn.Module] | None = None,
+    run: Callable[[InputSpec], None] | None = None,
+) -> tuple[InputSpec | None, ForwardFailure | None, InputSpec | None]:
     """Try the candidate shapes; return (working spec, first failure, the spec that failed).
     `run(spec)` tries one (default: an eager forward); it raises ForwardFailure when the model
     does not take it."""
+
     def eager(spec: InputSpec) -> None:
         run_forward(model, example_input(spec.shape, spec.dtype, vocab=spec.vocab), extra)
 

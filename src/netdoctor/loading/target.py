@@ -22,8 +22,22 @@ from netdoctor.errors import UserError
 from netdoctor.findings import Location
 from netdoctor.loading.seeding import DEFAULT_SEED, seeded
 
-SKIP_DIRS = {".git", ".hg", ".venv", "venv", "env", "__pycache__", "node_modules", "build", "dist",
-             ".tox", ".mypy_cache", ".pytest_cache", ".ruff_cache", "site-packages"}
+SKIP_DIRS = {
+    ".git",
+    ".hg",
+    ".venv",
+    "venv",
+    "env",
+    "__pycache__",
+    "node_modules",
+    "build",
+    "dist",
+    ".tox",
+    ".mypy_cache",
+    ".pytest_cache",
+    ".ruff_cache",
+    "site-packages",
+}
 
 
 @dataclass
@@ -48,8 +62,12 @@ def split_target(spec: str) -> tuple[str, str | None]:
     """'a/b.py:Net' -> ('a/b.py', 'Net'); 'pkg.mod:Net' -> ('pkg.mod', 'Net');
     'a/b.py' -> (.., None)."""
     head, sep, tail = spec.rpartition(":")
-    if (sep and tail and tail.replace(".", "").replace("_", "").isalnum()
-            and not tail.startswith(("\\", "/"))):
+    if (
+        sep
+        and tail
+        and tail.replace(".", "").replace("_", "").isalnum()
+        and not tail.startswith(("\\", "/"))
+    ):
         if len(head) == 1 and head.isalpha():  # a Windows drive letter, not a name
             return spec, None
         return head, tail
@@ -90,8 +108,7 @@ def parse_kwargs(pairs: tuple[str, ...] | list[str], json_text: str | None) -> d
     return kwargs
 
 
-def load(spec: str, kwargs: dict[str, Any] | None = None,
-         seed: int = DEFAULT_SEED) -> LoadResult:
+def load(spec: str, kwargs: dict[str, Any] | None = None, seed: int = DEFAULT_SEED) -> LoadResult:
     """Load one target string into built models (or ONNX file paths).
 
     Importing and each model's construction run under `seed` (re-seeded per model), so a model
@@ -107,11 +124,14 @@ def load(spec: str, kwargs: dict[str, Any] | None = None,
             result.onnx_files.append(str(path))
             return result
         if path.is_file() and path.suffix != ".py":
-            raise UserError(f"{spec}: not a Python file, ONNX file or folder "
-                            "(use file.py:ClassName or model.onnx)")
+            raise UserError(
+                f"{spec}: not a Python file, ONNX file or folder "
+                "(use file.py:ClassName or model.onnx)"
+            )
         if kwargs:
-            raise UserError("constructor arguments (-a/--kwargs) need a target of the form "
-                            "file.py:ClassName")
+            raise UserError(
+                "constructor arguments (-a/--kwargs) need a target of the form file.py:ClassName"
+            )
         files = [path] if path.is_file() else _python_files(path)
         for f in files:
             _discover(f, result, seed)
@@ -138,6 +158,7 @@ def load(spec: str, kwargs: dict[str, Any] | None = None,
 
 
 # -- importing ---------------------------------------------------------------------------------
+
 
 def _import(where: str):
     """Import a .py file by path or a dotted module by name; return (module, source path)."""
@@ -219,12 +240,15 @@ def _first_line(e: BaseException) -> str:
 def _module_classes(module) -> list[str]:
     from torch import nn
 
-    return [n for n, v in vars(module).items()
-            if inspect.isclass(v) and issubclass(v, nn.Module)
-            and v.__module__ == module.__name__]
+    return [
+        n
+        for n, v in vars(module).items()
+        if inspect.isclass(v) and issubclass(v, nn.Module) and v.__module__ == module.__name__
+    ]
 
 
 # -- building ----------------------------------------------------------------------------------
+
 
 def required_params(cls_or_fn) -> list[str]:
     """Constructor parameters without defaults (what the user must pass with -a)."""
@@ -232,9 +256,12 @@ def required_params(cls_or_fn) -> list[str]:
         sig = inspect.signature(cls_or_fn)
     except (TypeError, ValueError):
         return []
-    return [p.name for p in sig.parameters.values()
-            if p.default is inspect.Parameter.empty
-            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [
+        p.name
+        for p in sig.parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 def _build(obj: Any, name: str, where: str, kwargs: dict[str, Any]):
@@ -247,13 +274,17 @@ def _build(obj: Any, name: str, where: str, kwargs: dict[str, Any]):
     if not callable(obj):
         kind = type(obj).__name__
         article = "an" if kind[:1].lower() in "aeiou" else "a"
-        raise UserError(f"{where}:{name} is {article} {kind}, not an nn.Module "
-                        "class or a function returning one")
+        raise UserError(
+            f"{where}:{name} is {article} {kind}, not an nn.Module "
+            "class or a function returning one"
+        )
     missing = [p for p in required_params(obj) if p not in kwargs]
     if missing:
         example = " ".join(f"-a {p}=VALUE" for p in missing)
-        raise UserError(f"{name} needs constructor arguments: {', '.join(missing)}; "
-                        f"pass them with {example} or --kwargs '{{\"{missing[0]}\": ...}}'")
+        raise UserError(
+            f"{name} needs constructor arguments: {', '.join(missing)}; "
+            f"pass them with {example} or --kwargs '{{\"{missing[0]}\": ...}}'"
+        )
     try:
         built = obj(**kwargs)
     except TypeError as e:
@@ -262,8 +293,9 @@ def _build(obj: Any, name: str, where: str, kwargs: dict[str, Any]):
         raise UserError(f"building {name}() raised {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(built, nn.Module):
         kind = "class" if inspect.isclass(obj) else "function"
-        raise UserError(f"{where}:{name} is a {kind} returning {type(built).__name__}, "
-                        "not an nn.Module")
+        raise UserError(
+            f"{where}:{name} is a {kind} returning {type(built).__name__}, not an nn.Module"
+        )
     return built
 
 
@@ -274,6 +306,7 @@ def _class_location(obj: Any, model) -> Location | None:
 
 
 # -- discovery (targets without :Name) -----------------------------------------------------------
+
 
 def _python_files(folder: Path) -> list[Path]:
     files = []
@@ -310,15 +343,18 @@ def _discover(path: Path, result: LoadResult, seed: int) -> None:
                 continue
             missing = required_params(cls)
             if missing:
-                result.notes.append(f"skipped {shown}:{name}: needs constructor arguments "
-                                    f"({', '.join(missing)})")
+                result.notes.append(
+                    f"skipped {shown}:{name}: needs constructor arguments ({', '.join(missing)})"
+                )
                 continue
             try:
                 with seeded(seed):
                     model = cls()
             except Exception as e:
-                result.notes.append(f"skipped {shown}:{name}: building it raised "
-                                    f"{type(e).__name__}: {_first_line(e)}")
+                result.notes.append(
+                    f"skipped {shown}:{name}: building it raised "
+                    f"{type(e).__name__}: {_first_line(e)}"
+                )
                 continue
             built.append((name, cls, model))
     # A class used as a building block of another model in the same file is checked as part of
@@ -326,11 +362,15 @@ def _discover(path: Path, result: LoadResult, seed: int) -> None:
     used_inside = {type(m) for _, _, model in built for m in model.modules() if m is not model}
     for name, cls, model in built:
         if cls in used_inside:
-            result.notes.append(f"skipped {shown}:{name}: checked as part of another model "
-                                "in the same file")
+            result.notes.append(
+                f"skipped {shown}:{name}: checked as part of another model in the same file"
+            )
             continue
-        result.models.append(LoadedModel(f"{shown}:{name}", model, prov,
-                                         _class_location(cls, model), str(path.resolve())))
+        result.models.append(
+            LoadedModel(
+                f"{shown}:{name}", model, prov, _class_location(cls, model), str(path.resolve())
+            )
+        )
 
 
 def _mentions_module(path: Path) -> bool:

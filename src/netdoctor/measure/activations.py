@@ -40,11 +40,23 @@ _ACT_FUNCS: dict[Any, str] = {}
 
 def _act_table() -> dict[Any, str]:
     if not _ACT_FUNCS:
-        for fn in (torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, torch.Tensor.relu,
-                   torch.Tensor.relu_):
+        for fn in (
+            torch.relu,
+            torch.relu_,
+            F.relu,
+            F.relu_,
+            F.relu6,
+            torch.Tensor.relu,
+            torch.Tensor.relu_,
+        ):
             _ACT_FUNCS[fn] = "relu"
-        for fn in (torch.sigmoid, torch.sigmoid_, F.sigmoid, torch.Tensor.sigmoid,
-                   torch.Tensor.sigmoid_):
+        for fn in (
+            torch.sigmoid,
+            torch.sigmoid_,
+            F.sigmoid,
+            torch.Tensor.sigmoid,
+            torch.Tensor.sigmoid_,
+        ):
             _ACT_FUNCS[fn] = "sigmoid"
         for fn in (torch.tanh, torch.tanh_, F.tanh, torch.Tensor.tanh, torch.Tensor.tanh_):
             _ACT_FUNCS[fn] = "tanh"
@@ -149,6 +161,7 @@ class ActivationRecorder:
     def _pre(self, name: str):
         def hook(mod, args):
             self.enter(name)
+
         return hook
 
     def _post(self, name: str, module: nn.Module):
@@ -164,6 +177,7 @@ class ActivationRecorder:
             if has_params and name not in self._order_seen:
                 self._order_seen.add(name)
                 self.order.append(name)
+
         return hook
 
     @contextmanager
@@ -213,8 +227,14 @@ class ActivationRecorder:
             if site is None:
                 name = top if count == 1 else f"{top}#{count}"
                 producer = self.producer_of(inp)
-                trace = ActivationTrace(name=name, kind=kind, module=top, producer=producer,
-                                        functional=False, location=self.module_sites.get(top))
+                trace = ActivationTrace(
+                    name=name,
+                    kind=kind,
+                    module=top,
+                    producer=producer,
+                    functional=False,
+                    location=self.module_sites.get(top),
+                )
                 site = self._new_site(key, trace, producer)
         else:
             frame = sys._getframe(2)
@@ -236,8 +256,14 @@ class ActivationRecorder:
                     name = f"{kind}({base})#{k}"
                     k += 1
                 loc = Location(where[0], where[1]) if frame is not None else None
-                trace = ActivationTrace(name=name, kind=kind, module=producer, producer=producer,
-                                        functional=True, location=loc)
+                trace = ActivationTrace(
+                    name=name,
+                    kind=kind,
+                    module=producer,
+                    producer=producer,
+                    functional=True,
+                    location=loc,
+                )
                 site = self._new_site(key, trace, producer)
         self._measure(site, kind, out.detach())
 
@@ -266,7 +292,7 @@ class ActivationRecorder:
                 if axis is None:
                     axis = 1 if t.dim() == 2 or t.dim() >= 4 else (-1 if t.dim() == 3 else None)
                 if axis is None or t.dim() < 2:
-                    active = (t.reshape(-1) > 0)
+                    active = t.reshape(-1) > 0
                 else:
                     axis = axis % t.dim()
                     dims = [d for d in range(t.dim()) if d != axis]
@@ -330,5 +356,3 @@ class ActivationRecorder:
                 s.trace.dead_units = int((~active).sum())
             out.append(s.trace)
         return out
-
-

@@ -29,18 +29,28 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     f = t.to(torch.float64).reshape(-1)
     fin = torch.isfinite(f)
     v = f[fin]
-    out: dict[str, Any] = {"shape": list(t.shape), "nan": int(torch.isnan(f).sum()),
-                           "inf": int(torch.isinf(f).sum())}
+    out: dict[str, Any] = {
+        "shape": list(t.shape),
+        "nan": int(torch.isnan(f).sum()),
+        "inf": int(torch.isinf(f).sum()),
+    }
     if v.numel():
-        out.update(min=float(v.min()), max=float(v.max()), mean=float(v.mean()),
-                   std=float(v.std(unbiased=False)) if v.numel() > 1 else 0.0,
-                   abs_max=float(v.abs().max()))
+        out.update(
+            min=float(v.min()),
+            max=float(v.max()),
+            mean=float(v.mean()),
+            std=float(v.std(unbiased=False)) if v.numel() > 1 else 0.0,
+            abs_max=float(v.abs().max()),
+        )
     return out
 
 
 def _all_finite(values: Any) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors_in(values)
-               if t.is_floating_point() or t.is_complex())
+    return all(
+        bool(torch.isfinite(t).all())
+        for t in tensors_in(values)
+        if t.is_floating_point() or t.is_complex()
+    )
 
 
 def rng_state(device: torch.device) -> tuple:
@@ -70,20 +80,31 @@ def explain_producer(module: nn.Module, args: tuple, kwargs: dict) -> str:
         key_mask = kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None)
         full = _fully_masked_rows(key_mask)
         if full and full[0]:
-            return (f"key_padding_mask masks every key of {full[0]} of the {full[1]} sequences "
-                    "(fully padded): attention's softmax over no keys is 0/0 = NaN")
+            return (
+                f"key_padding_mask masks every key of {full[0]} of the {full[1]} sequences "
+                "(fully padded): attention's softmax over no keys is 0/0 = NaN"
+            )
         attn_mask = kwargs.get("attn_mask", args[5] if len(args) > 5 else None)
         full = _fully_masked_rows(attn_mask)
         if full and full[0]:
-            return (f"attn_mask masks every key for {full[0]} of its {full[1]} query rows: "
-                    "attention's softmax over no keys is 0/0 = NaN")
+            return (
+                f"attn_mask masks every key for {full[0]} of its {full[1]} query rows: "
+                "attention's softmax over no keys is 0/0 = NaN"
+            )
     return ""
 
 
-def localize_forward(model: nn.Module, x: Any, y: torch.Tensor | None,
-                     loss: str | Callable[[Any], torch.Tensor | None] | None,
-                     step: int, rng: tuple | None, device: torch.device, *,
-                     kwargs: dict[str, Any] | None = None) -> NonFinite:
+def localize_forward(
+    model: nn.Module,
+    x: Any,
+    y: torch.Tensor | None,
+    loss: str | Callable[[Any], torch.Tensor | None] | None,
+    step: int,
+    rng: tuple | None,
+    device: torch.device,
+    *,
+    kwargs: dict[str, Any] | None = None,
+) -> NonFinite:
     """Replay one step's forward with hooks on every module: the producer of the first
     non-finite value is the first module (in the order forwards complete, i.e. innermost first)
     whose tensor inputs were all finite but whose output was not.
@@ -99,8 +120,12 @@ def localize_forward(model: nn.Module, x: Any, y: torch.Tensor | None,
     kwargs = dict(kwargs or {})
     for t in tensors_in((args, kwargs)):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return NonFinite(step, "input", input_stats=tensor_stats(t),
-                             detail="the input batch itself holds non-finite values")
+            return NonFinite(
+                step,
+                "input",
+                input_stats=tensor_stats(t),
+                detail="the input batch itself holds non-finite values",
+            )
     found: list[NonFinite] = []
     bad_modules: list[str] = []
     inputs_ok: dict[int, list[tuple[bool, dict | None]]] = {}
@@ -108,8 +133,13 @@ def localize_forward(model: nn.Module, x: Any, y: torch.Tensor | None,
     def pre(mod, args, kwargs):
         t = main_output(args)
         inputs_ok.setdefault(id(mod), []).append(
-            (_all_finite(args) and _all_finite(kwargs), tensor_stats(t) if t is not None
-             else None, args, kwargs))
+            (
+                _all_finite(args) and _all_finite(kwargs),
+                tensor_stats(t) if t is not None else None,
+                args,
+                kwargs,
+            )
+        )
 
     def post(mod, args, out):
         stack = inputs_ok.get(id(mod))
@@ -123,11 +153,18 @@ def localize_forward(model: nn.Module, x: Any, y: torch.Tensor | None,
             t = main_output(out)
             name = names.get(mod, "")
             own_bad = [p for p in bad_params if p.rpartition(".")[0] == name]
-            found.append(NonFinite(step, "forward", module=name, module_type=type(mod).__name__,
-                                   input_stats=entry[1],
-                                   output_stats=tensor_stats(t) if t is not None else None,
-                                   bad_parameters=own_bad,
-                                   detail=explain_producer(mod, entry[2], entry[3])))
+            found.append(
+                NonFinite(
+                    step,
+                    "forward",
+                    module=name,
+                    module_type=type(mod).__name__,
+                    input_stats=entry[1],
+                    output_stats=tensor_stats(t) if t is not None else None,
+                    bad_parameters=own_bad,
+                    detail=explain_producer(mod, entry[2], entry[3]),
+                )
+            )
 
     handles = []
     try:
@@ -155,25 +192,38 @@ def localize_forward(model: nn.Module, x: Any, y: torch.Tensor | None,
                 value, _ = compute_loss(loss, logits.float(), y)
         if value is not None and not bool(torch.isfinite(value).all()):
             what = f"the {loss} loss" if isinstance(loss, str) else "the loss"
-            return NonFinite(step, "loss", output_stats=tensor_stats(logits),
-                             detail=f"the model's outputs are finite but {what} is not")
-    return NonFinite(step, "forward", reproduced=False, bad_parameters=bad_params,
-                     detail="replaying the step's forward gave finite values (non-deterministic "
-                            "kernels)")
+            return NonFinite(
+                step,
+                "loss",
+                output_stats=tensor_stats(logits),
+                detail=f"the model's outputs are finite but {what} is not",
+            )
+    return NonFinite(
+        step,
+        "forward",
+        reproduced=False,
+        bad_parameters=bad_params,
+        detail="replaying the step's forward gave finite values (non-deterministic kernels)",
+    )
 
 
 def first_bad_grad(traces: list[ParamTrace], step: int, order: list[str]) -> NonFinite:
     """The parameter nearest the output (backward runs output -> input) whose gradient is
     non-finite."""
     pos = {n: i for i, n in enumerate(order)}
-    bad = [t for t in traces if t.grad_norm and not math.isfinite(t.grad_norm[-1])
-           and t.steps_with_grad]
+    bad = [
+        t
+        for t in traces
+        if t.grad_norm and not math.isfinite(t.grad_norm[-1]) and t.steps_with_grad
+    ]
     bad.sort(key=lambda t: -pos.get(t.module, -1))
     first = bad[0] if bad else None
-    return NonFinite(step, "gradient", module=first.module if first else None,
-                     module_type=first.module_type if first else None,
-                     parameter=first.name if first else None,
-                     bad_parameters=[t.name for t in bad],
-                     detail="the loss was finite but a gradient was not")
-
-
+    return NonFinite(
+        step,
+        "gradient",
+        module=first.module if first else None,
+        module_type=first.module_type if first else None,
+        parameter=first.name if first else None,
+        bad_parameters=[t.name for t in bad],
+        detail="the loss was finite but a gradient was not",
+    )

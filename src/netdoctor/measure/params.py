@@ -40,9 +40,12 @@ class ParamMeter:
 
     def __init__(self, named: list[tuple[str, nn.Parameter]], module_types: dict[str, str]):
         self.params = [p for _, p in named]
-        self.traces = [ParamTrace(n, n.rpartition(".")[0],
-                                  module_types.get(n.rpartition(".")[0], "?"), tuple(p.shape))
-                       for n, p in named]
+        self.traces = [
+            ParamTrace(
+                n, n.rpartition(".")[0], module_types.get(n.rpartition(".")[0], "?"), tuple(p.shape)
+            )
+            for n, p in named
+        ]
         self._before: list[torch.Tensor] | None = None
         self._spare: list[torch.Tensor] | None = None  # buffers for the next snapshot
         self._weights: list[float] = []
@@ -84,14 +87,19 @@ class ParamMeter:
         extra = [e.detach().float().reshape(()) for e in (extra or [])]
         scalars = extra + self.prepare()
         values = torch.stack(scalars).tolist() if scalars else []
-        self.record(values[len(extra):])
-        return values[:len(extra)]
+        self.record(values[len(extra) :])
+        return values[: len(extra)]
 
     def _snapshot(self, weights: list[torch.Tensor]) -> None:
         spare, self._spare = self._spare, None
-        if spare is not None and len(spare) == len(weights) and all(
+        if (
+            spare is not None
+            and len(spare) == len(weights)
+            and all(
                 b.shape == w.shape and b.dtype == w.dtype and b.device == w.device
-                for b, w in zip(spare, weights)):
+                for b, w in zip(spare, weights)
+            )
+        ):
             torch._foreach_copy_(spare, weights)
             self._before = spare
         else:

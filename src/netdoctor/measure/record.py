@@ -75,8 +75,11 @@ class ParamTrace:
     def is_weight(self) -> bool:
         """A layer's weight matrix/kernel (Linear, ConvNd, Embedding, RNN weight_ih_l0, ...);
         not biases, norms' scales, or tensors like cls tokens held by the model itself."""
-        return len(self.shape) >= 2 and self.module != "" and \
-            self.name.rpartition(".")[2].startswith("weight")
+        return (
+            len(self.shape) >= 2
+            and self.module != ""
+            and self.name.rpartition(".")[2].startswith("weight")
+        )
 
 
 @dataclass
@@ -156,15 +159,19 @@ class TrainingRun:
         losses = self.loss
         k = max(1, min(10, len(losses) // 10 or 1))
         tail = [v for v in losses[-k:]]
-        last = (sum(tail) / len(tail)) if tail and all(math.isfinite(v) for v in tail) else (
-            float("nan") if tail else None)
+        last = (
+            (sum(tail) / len(tail))
+            if tail and all(math.isfinite(v) for v in tail)
+            else (float("nan") if tail else None)
+        )
         accs = [a for a in self.accuracy[-k:] if a is not None]
-        return {"loss_first": losses[0] if losses else None, "loss_last": last,
-                "accuracy": (sum(accs) / len(accs)) if accs else None,
-                "steps": self.steps_run}
+        return {
+            "loss_first": losses[0] if losses else None,
+            "loss_last": last,
+            "accuracy": (sum(accs) / len(accs)) if accs else None,
+            "steps": self.steps_run,
+        }
 
     def weight_layers(self) -> list[ParamTrace]:
         """The weight (ndim >= 2) parameters in execution order."""
         return [p for p in self.params if p.is_weight]
-
-

@@ -41,8 +41,14 @@ def check_targets(logits: torch.Tensor, y: torch.Tensor, loss: str) -> None:
     out, tgt = tuple(logits.shape), tuple(y.shape)
     if class_targets(logits, y):
         lg_dim = logits.dim()
-        fits = lg_dim == 1 and y.dim() == 1 or lg_dim == 2 and y.dim() == 1 or \
-            lg_dim >= 3 and (tgt[1:] == out[2:] or tgt[1:] == out[1:-1])
+        fits = (
+            lg_dim == 1
+            and y.dim() == 1
+            or lg_dim == 2
+            and y.dim() == 1
+            or lg_dim >= 3
+            and (tgt[1:] == out[2:] or tgt[1:] == out[1:-1])
+        )
         if fits and out[0] == tgt[0]:
             return
     elif out == tgt or (logits.numel() == y.numel() and out[0] == tgt[0]):
@@ -51,16 +57,21 @@ def check_targets(logits: torch.Tensor, y: torch.Tensor, loss: str) -> None:
         f"the model's output of shape {out} does not fit the targets of shape {tgt} for the "
         f"{loss} loss: the probe trains classifiers (outputs (N, C) with class labels (N,), or "
         "(N, C, ...) with (N, ...)) and models whose output has the targets' shape "
-        "(--loss mse|bce); probe the whole model, not a building block")
+        "(--loss mse|bce); probe the whole model, not a building block"
+    )
 
 
 def class_axis_last(logits: torch.Tensor, y: torch.Tensor) -> bool:
-    return logits.dim() == 3 and tuple(y.shape[1:]) == tuple(logits.shape[1:-1]) \
+    return (
+        logits.dim() == 3
+        and tuple(y.shape[1:]) == tuple(logits.shape[1:-1])
         and tuple(y.shape[1:]) != tuple(logits.shape[2:])
+    )
 
 
-def compute_loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
-                                                                            torch.Tensor | None]:
+def compute_loss(
+    name: str, logits: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(loss, number of correct predictions or None when accuracy has no meaning)."""
     is_class = class_targets(logits, y)
     if is_class:
@@ -68,14 +79,18 @@ def compute_loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> tuple[torc
         lg = logits.movedim(-1, 1) if class_axis_last(logits, y) else logits
         if lg.dim() == 1:  # one output per sample with class-index targets: binary
             lg = lg.unsqueeze(1)
-        correct = (lg.argmax(1) == yl).sum() if lg.shape[1] > 1 else \
-            ((lg[:, 0] > 0).long() == yl).sum()
+        correct = (
+            (lg.argmax(1) == yl).sum() if lg.shape[1] > 1 else ((lg[:, 0] > 0).long() == yl).sum()
+        )
         if name == "cross_entropy":
             if lg.shape[1] == 1:
                 return F.binary_cross_entropy_with_logits(lg[:, 0], yl.float()), correct
             return F.cross_entropy(lg, yl, ignore_index=IGNORE_INDEX), correct
-        target = F.one_hot(yl.clamp_min(0), lg.shape[1]).movedim(-1, 1).to(lg.dtype) \
-            if lg.shape[1] > 1 else yl.to(lg.dtype).unsqueeze(1)
+        target = (
+            F.one_hot(yl.clamp_min(0), lg.shape[1]).movedim(-1, 1).to(lg.dtype)
+            if lg.shape[1] > 1
+            else yl.to(lg.dtype).unsqueeze(1)
+        )
         if name == "mse":
             return F.mse_loss(lg, target), correct
         return F.binary_cross_entropy_with_logits(lg, target), correct
@@ -102,5 +117,3 @@ def bad_labels(logits: torch.Tensor, y: torch.Tensor, loss: str) -> bool:
         v = v.long()
     v = v[v != IGNORE_INDEX] if loss == "cross_entropy" else v
     return bool(((v < 0) | (v >= c)).any()) if v.numel() else False
-
-

@@ -104,8 +104,7 @@ def measure_forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> 
         multi = fit()
         multi_s = multi[0] + multi[1] * small
         fixed_bound = multi[0] >= 2 * multi[1] * small
-        if device.type != "cpu" or threads <= 1 or not fixed_bound or \
-                multi_s >= THREAD_TEST_MAX_S:
+        if device.type != "cpu" or threads <= 1 or not fixed_bound or multi_s >= THREAD_TEST_MAX_S:
             return ForwardCost(*multi, False)
         try:
             torch.set_num_threads(1)
@@ -119,8 +118,14 @@ def measure_forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> 
     return ForwardCost(*one, True)
 
 
-def plan(model: nn.Module, source, config: ProbeConfig, deadline: float, budget_s: float,
-         batch_given: bool) -> Plan:
+def plan(
+    model: nn.Module,
+    source,
+    config: ProbeConfig,
+    deadline: float,
+    budget_s: float,
+    batch_given: bool,
+) -> Plan:
     """Split the time left until `deadline` between the probe's phases (module docstring)."""
     left = max(0.0, deadline - time.monotonic())
     device = resolve_device(config.device)
@@ -141,9 +146,14 @@ def plan(model: nn.Module, source, config: ProbeConfig, deadline: float, budget_
     notes: list[str] = []
     if (1 + VERIFY_RUNS) * main_full + overfit_s + settle_s <= left:
         # everything fits as asked: the main run only guards against a wrong estimate
-        return Plan(deadline=deadline, budget_s=budget_s, config=config,
-                    main_s=left / (1 + VERIFY_RUNS), step_estimate_s=step_s(batch),
-                    one_thread=cost.one_thread)
+        return Plan(
+            deadline=deadline,
+            budget_s=budget_s,
+            config=config,
+            main_s=left / (1 + VERIFY_RUNS),
+            step_estimate_s=step_s(batch),
+            one_thread=cost.one_thread,
+        )
     main_s = MAIN_SHARE * left
     limit = None
     if not batch_given and per > 0:
@@ -151,25 +161,38 @@ def plan(model: nn.Module, source, config: ProbeConfig, deadline: float, budget_
             batch = max(MIN_BATCH, batch // 2)
         if batch < config.batch_size:
             limit = batch
-            notes.append(f"time budget: a training step of batch {config.batch_size} would "
-                         f"take about {step_s(config.batch_size):.1f} s, so the probe "
-                         f"trains on the first {batch} samples of each batch (pass "
-                         "--batch-size or a larger --time-budget to change it)")
+            notes.append(
+                f"time budget: a training step of batch {config.batch_size} would "
+                f"take about {step_s(config.batch_size):.1f} s, so the probe "
+                f"trains on the first {batch} samples of each batch (pass "
+                "--batch-size or a larger --time-budget to change it)"
+            )
     extra = EXTRA_SHARE * left
     settle = config.settle_batches
     settle_s = settle * step_s(batch) / STEP_PER_FORWARD
     if settle and batch < MIN_TRAIN_EVAL_BATCH:
         settle = 0
-        notes.append(f"time budget: the BatchNorm train/eval check (ND411) was skipped: batches "
-                     f"of {batch} are too small for BatchNorm statistics to mean much")
+        notes.append(
+            f"time budget: the BatchNorm train/eval check (ND411) was skipped: batches "
+            f"of {batch} are too small for BatchNorm statistics to mean much"
+        )
     elif settle and settle_s > 0.25 * extra:
         settle = max(1, int(0.25 * extra / max(step_s(batch) / STEP_PER_FORWARD, 1e-9)))
         if settle < config.settle_batches:
-            notes.append(f"time budget: the train/eval check re-estimates BatchNorm statistics "
-                         f"on {settle} batch(es) instead of {config.settle_batches}")
+            notes.append(
+                f"time budget: the train/eval check re-estimates BatchNorm statistics "
+                f"on {settle} batch(es) instead of {config.settle_batches}"
+            )
     cfg = replace(config, batch_limit=limit, settle_batches=settle)
-    return Plan(deadline=deadline, budget_s=budget_s, config=cfg, main_s=main_s,
-                step_estimate_s=step_s(batch), notes=notes, one_thread=cost.one_thread)
+    return Plan(
+        deadline=deadline,
+        budget_s=budget_s,
+        config=cfg,
+        main_s=main_s,
+        step_estimate_s=step_s(batch),
+        notes=notes,
+        one_thread=cost.one_thread,
+    )
 
 
 def steps_note(requested: int, run, budget_s: float) -> str | None:
@@ -178,18 +201,20 @@ def steps_note(requested: int, run, budget_s: float) -> str | None:
     if done >= requested:
         return None
     step_s = run.timings.get("train_s", 0.0) / max(1, run.steps_run)
-    note = (f"time budget: {done} steps instead of {requested} (a step took {step_s:.2f} s; the "
-            f"whole probe has {budget_s:g} s): pass --steps N or --time-budget SECONDS to "
-            "change it")
+    note = (
+        f"time budget: {done} steps instead of {requested} (a step took {step_s:.2f} s; the "
+        f"whole probe has {budget_s:g} s): pass --steps N or --time-budget SECONDS to "
+        "change it"
+    )
     if done < MIN_STEPS:
-        note += (f"; the loss-trend rules (ND407, ND409) need {MIN_STEPS} steps and were not "
-                 "judged")
+        note += f"; the loss-trend rules (ND407, ND409) need {MIN_STEPS} steps and were not judged"
     return note
 
 
 def overfit_fits(plan: Plan, batch: int, notes: list[str]):
     """The time budget's check before the overfit-one-batch run: it runs when, after it, one
     re-run of the probe's length is still left for the verified fix."""
+
     def decide(run) -> bool:
         cfg = run.config
         if not cfg.overfit_steps:
@@ -200,8 +225,11 @@ def overfit_fits(plan: Plan, batch: int, notes: list[str]):
         reserve = 1.15 * run.timings.get("train_s", 0.0)
         if plan.left() - cost >= reserve:
             return True
-        notes.append(f"time budget: the overfit-one-batch check (ND412) was skipped: "
-                     f"{cfg.overfit_steps} steps would take about {cost:.0f} s of the "
-                     f"{max(0.0, plan.left()):.0f} s left")
+        notes.append(
+            f"time budget: the overfit-one-batch check (ND412) was skipped: "
+            f"{cfg.overfit_steps} steps would take about {cost:.0f} s of the "
+            f"{max(0.0, plan.left()):.0f} s left"
+        )
         return False
+
     return decide

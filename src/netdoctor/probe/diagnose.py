@@ -11,9 +11,30 @@ from __future__ import annotations
 from netdoctor.findings import Finding, Severity
 
 # Keys: a rule ID, or ND406+ / ND406- for update ratios that are too large / too small.
-_NOT_LEARNING = ("ND304", "ND303", "ND302", "ND301", "ND202", "ND410", "ND108", "ND104",
-                 "ND103", "ND105", "ND106", "ND401", "ND404", "ND403", "ND405", "ND406+",
-                 "ND406-", "ND402", "ND102", "ND101", "ND201", "ND204")
+_NOT_LEARNING = (
+    "ND304",
+    "ND303",
+    "ND302",
+    "ND301",
+    "ND202",
+    "ND410",
+    "ND108",
+    "ND104",
+    "ND103",
+    "ND105",
+    "ND106",
+    "ND401",
+    "ND404",
+    "ND403",
+    "ND405",
+    "ND406+",
+    "ND406-",
+    "ND402",
+    "ND102",
+    "ND101",
+    "ND201",
+    "ND204",
+)
 
 # The training-loop rules (ND5xx, found inside the user's own training) are roots too: a flat
 # loss follows from steps that change nothing, gradients that pile up, softmax fed to
@@ -21,24 +42,46 @@ _NOT_LEARNING = ("ND304", "ND303", "ND302", "ND301", "ND202", "ND410", "ND108", 
 _LOOP_ROOTS = ("ND503", "ND502", "ND506", "ND507", "ND501", "ND505", "ND504")
 
 CAUSES: dict[str, tuple[str, ...]] = {
-    "ND401": ("ND304", "ND302", "ND301", "ND506", "ND501", "ND201", "ND204", "ND406+", "ND402",
-              "ND101"),
+    "ND401": (
+        "ND304",
+        "ND302",
+        "ND301",
+        "ND506",
+        "ND501",
+        "ND201",
+        "ND204",
+        "ND406+",
+        "ND402",
+        "ND101",
+    ),
     "ND402": ("ND304", "ND302", "ND301", "ND501", "ND201", "ND204", "ND406+", "ND101"),
-    "ND403": ("ND102", "ND101", "ND405", "ND202", "ND204", "ND302", "ND301", "ND406+",
-              "ND404"),
-    "ND404": ("ND302", "ND301", "ND202", "ND201", "ND406+", "ND402", "ND401", "ND204",
-              "ND101"),
+    "ND403": ("ND102", "ND101", "ND405", "ND202", "ND204", "ND302", "ND301", "ND406+", "ND404"),
+    "ND404": ("ND302", "ND301", "ND202", "ND201", "ND406+", "ND402", "ND401", "ND204", "ND101"),
     "ND405": ("ND302", "ND301", "ND201", "ND102"),
     "ND406+": ("ND501", "ND302", "ND301"),
-    "ND406-": ("ND503", "ND505", "ND410", "ND202", "ND404", "ND403", "ND405", "ND102",
-               "ND101"),
+    "ND406-": ("ND503", "ND505", "ND410", "ND202", "ND404", "ND403", "ND405", "ND102", "ND101"),
     "ND407": _LOOP_ROOTS + _NOT_LEARNING,
     "ND408": ("ND506", "ND302", "ND301", "ND201", "ND105", "ND106"),
     "ND409": _LOOP_ROOTS + _NOT_LEARNING + ("ND407",),
     "ND410": ("ND503", "ND108", "ND103", "ND104"),
     "ND411": ("ND203",),
-    "ND412": ("ND304", "ND303", "ND202", "ND410", "ND108", "ND104", "ND105", "ND106", "ND404",
-              "ND403", "ND405", "ND102", "ND101", "ND302", "ND301"),
+    "ND412": (
+        "ND304",
+        "ND303",
+        "ND202",
+        "ND410",
+        "ND108",
+        "ND104",
+        "ND105",
+        "ND106",
+        "ND404",
+        "ND403",
+        "ND405",
+        "ND102",
+        "ND101",
+        "ND302",
+        "ND301",
+    ),
 }
 
 
@@ -108,8 +151,13 @@ def learned_well(run) -> dict | None:
     chance = run.chance
     if acc is not None and chance is not None and acc < chance + 0.5 * (1 - chance):
         return None
-    return {"loss_first": first, "loss_last": last, "accuracy": acc, "chance": chance,
-            "steps": run.steps_run}
+    return {
+        "loss_first": first,
+        "loss_last": last,
+        "accuracy": acc,
+        "chance": chance,
+        "steps": run.steps_run,
+    }
 
 
 def settle_data_findings(findings: list[Finding], run, options: dict) -> None:
@@ -122,14 +170,19 @@ def settle_data_findings(findings: list[Finding], run, options: dict) -> None:
     if any(o.cause in DATA_SCALE and o.severity >= Severity.WARNING for o in findings):
         return
     for f in findings:
-        if f.rule not in DATA_SCALE or f.severity != Severity.WARNING or \
-                "severity" in options.get(f.rule, {}):
+        if (
+            f.rule not in DATA_SCALE
+            or f.severity != Severity.WARNING
+            or "severity" in options.get(f.rule, {})
+        ):
             continue
         f.severity = Severity.INFO
         acc = survived["accuracy"]
-        f.message += (f" Training survived it in the probe (loss {survived['loss_first']:.3g} -> "
-                      f"{survived['loss_last']:.3g} over {survived['steps']} steps"
-                      + (f", accuracy {acc:.2f}" if acc is not None else "")
-                      + "), so it is reported as info: scaling is still the safer input, but it "
-                      "is not what decides whether this model learns.")
+        f.message += (
+            f" Training survived it in the probe (loss {survived['loss_first']:.3g} -> "
+            f"{survived['loss_last']:.3g} over {survived['steps']} steps"
+            + (f", accuracy {acc:.2f}" if acc is not None else "")
+            + "), so it is reported as info: scaling is still the safer input, but it "
+            "is not what decides whether this model learns."
+        )
         f.evidence = {**(f.evidence or {}), "training_survived": survived}

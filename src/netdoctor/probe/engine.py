@@ -104,15 +104,19 @@ class ProbeConfig:
         extra = f", momentum {self.momentum:g}" if opt == "sgd" else ""
         if self.weight_decay:
             extra += f", weight decay {self.weight_decay:g}"
-        batch = f"{self.batch_size}" if self.batch_limit is None or \
-            self.batch_limit >= self.batch_size else \
-            f"{self.batch_limit} (the first of each batch of {self.batch_size})"
-        return (f"{self.steps} steps of {opt} (lr {self.learning_rate:g}{extra}), batch size "
-                f"{batch}, {self.loss} loss, seed {self.seed}")
-
+        batch = (
+            f"{self.batch_size}"
+            if self.batch_limit is None or self.batch_limit >= self.batch_size
+            else f"{self.batch_limit} (the first of each batch of {self.batch_size})"
+        )
+        return (
+            f"{self.steps} steps of {opt} (lr {self.learning_rate:g}{extra}), batch size "
+            f"{batch}, {self.loss} loss, seed {self.seed}"
+        )
 
 
 # ------------------------------------------------------------------------------ the loop
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -122,13 +126,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-
-
 def make_optimizer(params: list[nn.Parameter], config: ProbeConfig) -> torch.optim.Optimizer:
     lr = config.learning_rate
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay or 0.01)
@@ -140,20 +143,34 @@ def progress_bar(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                    "{task.total}"), TimeRemainingColumn(), console=Console(stderr=True),
-                    transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
 
 
 def _train_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def run_probe(model: nn.Module, source, config: ProbeConfig, *,
-              sites: dict[str, Location] | None = None, instrument: bool = True,
-              transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              progress: Any = None, label: str = "probe", overfit: Any = None,
-              train_eval: bool | None = None, budget_s: float | None = None) -> TrainingRun:
+def run_probe(
+    model: nn.Module,
+    source,
+    config: ProbeConfig,
+    *,
+    sites: dict[str, Location] | None = None,
+    instrument: bool = True,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: Any = None,
+    label: str = "probe",
+    overfit: Any = None,
+    train_eval: bool | None = None,
+    budget_s: float | None = None,
+) -> TrainingRun:
     """Train a deep copy of `model` on `config.steps` batches of `source` and measure it.
 
     `source`: a DataSource (its `batches(n)` is deterministic for the seed it was opened with).
@@ -168,31 +185,54 @@ def run_probe(model: nn.Module, source, config: ProbeConfig, *,
     config.validate()
     device = resolve_device(config.device)
     # The caller's random state is left as it was (the probe seeds its own).
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
+    cuda = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
     with torch.random.fork_rng(devices=cuda):
-        return _run_probe(model, source, config, device, sites=sites, instrument=instrument,
-                          transform=transform, progress=progress, label=label, overfit=overfit,
-                          train_eval=train_eval, budget_s=budget_s)
+        return _run_probe(
+            model,
+            source,
+            config,
+            device,
+            sites=sites,
+            instrument=instrument,
+            transform=transform,
+            progress=progress,
+            label=label,
+            overfit=overfit,
+            train_eval=train_eval,
+            budget_s=budget_s,
+        )
 
 
 def _window_start(steps: int, window: float) -> int:
     return steps - max(1, int(round(steps * window)))
 
 
-def steps_that_fit(done: int, elapsed: float, step_s: float, budget_s: float,
-                   most: int) -> int:
+def steps_that_fit(done: int, elapsed: float, step_s: float, budget_s: float, most: int) -> int:
     """How many steps in all, `done` of them taken in `elapsed` seconds, fit `budget_s` at
     `step_s` per step (at most `most`, at least the ones done)."""
     more = int((budget_s - elapsed) / step_s) if step_s > 0 else most
     return max(done, min(most, done + max(0, more)))
 
 
-def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.device, *,
-               sites: dict[str, Location] | None, instrument: bool,
-               transform: Callable[[torch.Tensor], torch.Tensor] | None, progress: Any,
-               label: str, overfit: Any, train_eval: bool | None,
-               budget_s: float | None) -> TrainingRun:
+def _run_probe(
+    model: nn.Module,
+    source,
+    config: ProbeConfig,
+    device: torch.device,
+    *,
+    sites: dict[str, Location] | None,
+    instrument: bool,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    progress: Any,
+    label: str,
+    overfit: Any,
+    train_eval: bool | None,
+    budget_s: float | None,
+) -> TrainingRun:
     torch.manual_seed(config.seed)
     try:
         net = copy.deepcopy(model)
@@ -222,12 +262,15 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
     batches = source.batches(config.steps)
     limit = config.batch_limit
     try:
-        with (recorder.attached() if recorder else nullcontext()):
+        with recorder.attached() if recorder else nullcontext():
             for step in range(config.steps):
                 if step >= steps:
                     break
-                if budget_s is not None and step >= 2 and \
-                        time.perf_counter() - t0 + step_s > 1.05 * budget_s:
+                if (
+                    budget_s is not None
+                    and step >= 2
+                    and time.perf_counter() - t0 + step_s > 1.05 * budget_s
+                ):
                     steps = step  # the steps were slower than the first ones
                     break
                 try:
@@ -245,20 +288,26 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
                     first_batch = (x, y)
                 if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                     run.stopped = "non-finite-input"
-                    run.nonfinite = NonFinite(step + 1, "input", input_stats=tensor_stats(x),
-                                              detail="the input batch holds non-finite values")
+                    run.nonfinite = NonFinite(
+                        step + 1,
+                        "input",
+                        input_stats=tensor_stats(x),
+                        detail="the input batch holds non-finite values",
+                    )
                     run.bad_batch = (x.cpu(), y.cpu())
                     break
                 if recorder:
                     recorder.in_window = step >= window_start
                 rng = rng_state(device) if instrument else None
                 opt.zero_grad(set_to_none=True)
-                with (recorder.forward() if recorder else nullcontext()):
+                with recorder.forward() if recorder else nullcontext():
                     out = net(x)
                 logits = main_output(out)
                 if logits is None:
-                    raise UserError("the model's forward returned no tensor "
-                                    f"({type(out).__name__}); the probe needs logits")
+                    raise UserError(
+                        "the model's forward returned no tensor "
+                        f"({type(out).__name__}); the probe needs logits"
+                    )
                 if step == 0:
                     check_targets(logits, y, config.loss)
                     run.classification = class_targets(logits, y)
@@ -273,8 +322,11 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
                 loss, correct = compute_loss(config.loss, logits.float(), y)
                 loss.backward()
                 scalars = [loss] if correct is None else [loss, correct]
-                vals = meter.before_step(scalars) if meter else \
-                    torch.stack([v.detach().float().reshape(()) for v in scalars]).tolist()
+                vals = (
+                    meter.before_step(scalars)
+                    if meter
+                    else torch.stack([v.detach().float().reshape(()) for v in scalars]).tolist()
+                )
                 loss_v = vals[0]
                 acc = None
                 if correct is not None:
@@ -293,8 +345,11 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
                     if step >= window_start:
                         lg = logits.detach()
                         lg = lg.movedim(-1, 1) if class_axis_last(lg, y) else lg
-                        pred = lg.argmax(1).reshape(-1) if lg.dim() >= 2 and lg.shape[1] > 1 \
+                        pred = (
+                            lg.argmax(1).reshape(-1)
+                            if lg.dim() >= 2 and lg.shape[1] > 1
                             else (lg.reshape(-1) > 0).long()
+                        )
                         pc = torch.bincount(pred, minlength=max(c, 2))
                         pred_counts = pc if pred_counts is None else pred_counts + pc
                 if recorder:
@@ -305,13 +360,15 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
                     run.stopped = "non-finite"
                     if instrument:
                         if not math.isfinite(loss_v):
-                            run.nonfinite = localize_forward(net, x, y, config.loss, step + 1,
-                                                             rng, device)
+                            run.nonfinite = localize_forward(
+                                net, x, y, config.loss, step + 1, rng, device
+                            )
                         else:
                             run.nonfinite = first_bad_grad(meter.traces, step + 1, recorder.order)
                     else:
-                        run.nonfinite = NonFinite(step + 1, "loss" if not math.isfinite(loss_v)
-                                                  else "gradient")
+                        run.nonfinite = NonFinite(
+                            step + 1, "loss" if not math.isfinite(loss_v) else "gradient"
+                        )
                     break
                 opt.step()
                 if meter:
@@ -348,8 +405,11 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
         run.layer_order = list(recorder.order)
 
     do_te = (instrument if train_eval is None else train_eval) and config.settle_batches > 0
-    if do_te and first_batch is not None and run.stopped not in ("non-finite", "labels",
-                                                                 "non-finite-input"):
+    if (
+        do_te
+        and first_batch is not None
+        and run.stopped not in ("non-finite", "labels", "non-finite-input")
+    ):
         t1 = time.perf_counter()
 
         def settle() -> Iterator[torch.Tensor]:
@@ -358,31 +418,45 @@ def _run_probe(model: nn.Module, source, config: ProbeConfig, device: torch.devi
                 xs = transform(xs) if transform is not None else xs
                 yield xs.to(device, non_blocking=True)
 
-        run.train_eval = train_eval_gap(net, first_batch[0], first_batch[1], config.loss,
-                                        settle())
+        run.train_eval = train_eval_gap(net, first_batch[0], first_batch[1], config.loss, settle())
         run.timings["train_eval_s"] = time.perf_counter() - t1
     do_of = instrument if overfit is None else overfit
     if callable(do_of):
         do_of = do_of(run)
-    if do_of and config.overfit_steps > 0 and first_batch is not None and \
-            run.stopped not in ("labels", "non-finite-input"):
+    if (
+        do_of
+        and config.overfit_steps > 0
+        and first_batch is not None
+        and run.stopped not in ("labels", "non-finite-input")
+    ):
         t1 = time.perf_counter()
-        run.overfit = overfit_one_batch(model, first_batch[0], first_batch[1], config, device,
-                                        progress)
+        run.overfit = overfit_one_batch(
+            model, first_batch[0], first_batch[1], config, device, progress
+        )
         run.timings["overfit_s"] = time.perf_counter() - t1
     return run
 
 
 # ------------------------------------------------------------------------------ end-of-run checks
 
+
 def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-            and m.running_mean is not None]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.running_mean is not None
+    ]
 
 
-def train_eval_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str,
-                   settle: Iterator[torch.Tensor] | None = None) -> dict[str, Any] | None:
+def train_eval_gap(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str,
+    settle: Iterator[torch.Tensor] | None = None,
+) -> dict[str, Any] | None:
     """Outputs on one batch with BatchNorm in train mode (batch statistics) vs eval mode
     (running statistics); dropout stays off in both. Buffers and momenta are restored.
 
@@ -409,6 +483,7 @@ def train_eval_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
             z = ((mean - rm).abs() / (var + mod.eps).sqrt()).mean()
             r = ((var + mod.eps) / (rv + mod.eps)).log().abs().mean()
             per_layer[name] = float(z + r)
+
         return hook
 
     handles = []
@@ -441,11 +516,18 @@ def train_eval_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
     if out_eval is None or out_train is None:
         return None
     a, b = out_train.float(), out_eval.float()
-    gap = float((a - b).norm() / (a.norm() + 1e-12)) if bool(torch.isfinite(a).all()) and \
-        bool(torch.isfinite(b).all()) else float("inf")
-    res: dict[str, Any] = {"relative_gap": gap, "bn_layers": [n for n, _ in bns],
-                           "layer_mismatch": per_layer,
-                           "momentum": moms, "settle_batches": settled}
+    gap = (
+        float((a - b).norm() / (a.norm() + 1e-12))
+        if bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
+        else float("inf")
+    )
+    res: dict[str, Any] = {
+        "relative_gap": gap,
+        "bn_layers": [n for n, _ in bns],
+        "layer_mismatch": per_layer,
+        "momentum": moms,
+        "settle_batches": settled,
+    }
     try:
         lt, ct = compute_loss(loss, a, y)
         le, ce = compute_loss(loss, b, y)
@@ -458,8 +540,14 @@ def train_eval_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
     return res
 
 
-def overfit_one_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ProbeConfig,
-                      device: torch.device, progress: Any = None) -> dict[str, Any] | None:
+def overfit_one_batch(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: ProbeConfig,
+    device: torch.device,
+    progress: Any = None,
+) -> dict[str, Any] | None:
     """Karpathy's check: a fresh copy trained on one small fixed batch with Adam must drive the
     loss far down. Independent of the probe's optimizer and lr, so it tests the model and the
     data/loss wiring, not the hyperparameters."""
@@ -472,8 +560,11 @@ def overfit_one_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config
     opt = torch.optim.Adam(params, lr=config.overfit_lr)
     losses: list[float] = []
     acc = None
-    task = progress.add_task("overfit one batch", total=config.overfit_steps) \
-        if progress is not None else None
+    task = (
+        progress.add_task("overfit one batch", total=config.overfit_steps)
+        if progress is not None
+        else None
+    )
     try:
         for _ in range(config.overfit_steps):
             opt.zero_grad(set_to_none=True)
@@ -497,6 +588,14 @@ def overfit_one_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config
     if not losses:
         return None
     best = min((v for v in losses if math.isfinite(v)), default=float("nan"))
-    return {"samples": n, "steps": len(losses), "lr": config.overfit_lr, "optimizer": "adam",
-            "loss_first": losses[0], "loss_last": losses[-1], "loss_min": best,
-            "accuracy": acc, "losses": losses}
+    return {
+        "samples": n,
+        "steps": len(losses),
+        "lr": config.overfit_lr,
+        "optimizer": "adam",
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "loss_min": best,
+        "accuracy": acc,
+        "losses": losses,
+    }

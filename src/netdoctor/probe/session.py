@@ -14,8 +14,9 @@ from typing import Any
 from netdoctor.errors import UserError
 
 
-def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
-                plot: str | None = None):
+def probe_target(
+    target: str, data_source: str, opts, settings: dict[str, Any], plot: str | None = None
+):
     """Everything `probe` does, minus parsing and printing: returns (Report, ProbeRun|None).
 
     `settings["time_budget"]` (seconds, None for no budget) bounds the whole probe, counted
@@ -31,31 +32,51 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
     from netdoctor.loading.target import load
     from netdoctor.probe.engine import ProbeConfig, progress_bar
 
-    config = ProbeConfig(steps=settings["steps"], batch_size=settings["batch_size"],
-                         lr=settings["lr"], optimizer=settings["optimizer"],
-                         momentum=settings["momentum"], weight_decay=settings["weight_decay"],
-                         loss=settings["loss"], seed=settings["seed"], device=settings["device"])
+    config = ProbeConfig(
+        steps=settings["steps"],
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        optimizer=settings["optimizer"],
+        momentum=settings["momentum"],
+        weight_decay=settings["weight_decay"],
+        loss=settings["loss"],
+        seed=settings["seed"],
+        device=settings["device"],
+    )
     config.validate()
     # The model's own initialisation is part of the experiment: built under the probe's seed.
     result = load(target, opts.kwargs, seed=config.seed)
     if result.onnx_files and not result.models:
-        raise UserError(f"{target}: the probe trains a PyTorch model; an ONNX graph cannot be "
-                        "trained (use file.py:ClassName)")
+        raise UserError(
+            f"{target}: the probe trains a PyTorch model; an ONNX graph cannot be "
+            "trained (use file.py:ClassName)"
+        )
     if not result.models:
-        raise UserError(f"{target}: no buildable nn.Module found"
-                        + (f" ({'; '.join(result.notes)})" if result.notes else ""))
+        raise UserError(
+            f"{target}: no buildable nn.Module found"
+            + (f" ({'; '.join(result.notes)})" if result.notes else "")
+        )
     if len(result.models) > 1:
         names = ", ".join(m.target for m in result.models)
-        raise UserError(f"{target} holds {len(result.models)} models ({names}): the probe trains "
-                        "one, name it with file.py:ClassName")
+        raise UserError(
+            f"{target} holds {len(result.models)} models ({names}): the probe trains "
+            "one, name it with file.py:ClassName"
+        )
     loaded = result.models[0]
 
-    spec = DataSpec(data_source, data_dir=Path(settings["data_dir"]).expanduser()
-                    if settings["data_dir"] else None, batch_size=config.batch_size,
-                    resize=settings["resize"], raw=settings["raw"],
-                    normalize=settings["normalize"], seed=config.seed,
-                    download=settings.get("download", True), mirror=settings.get("data_mirror"),
-                    input_shape=opts.input_shape, input_dtype=opts.input_dtype)
+    spec = DataSpec(
+        data_source,
+        data_dir=Path(settings["data_dir"]).expanduser() if settings["data_dir"] else None,
+        batch_size=config.batch_size,
+        resize=settings["resize"],
+        raw=settings["raw"],
+        normalize=settings["normalize"],
+        seed=config.seed,
+        download=settings.get("download", True),
+        mirror=settings.get("data_mirror"),
+        input_shape=opts.input_shape,
+        input_dtype=opts.input_dtype,
+    )
     notes: list[str] = list(result.notes)
     if spec.source.strip().lower() == "synthetic":
         _synthetic_spec(spec, loaded.model, notes)
@@ -68,7 +89,7 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
 
     progress = progress_bar(sys.stderr.isatty())
     times = settings["phase_times"]
-    with (progress or nullcontext()):
+    with progress or nullcontext():
         with _phase(progress, "static checks", times, "check_s"):
             report = check_loaded(loaded, opts)
         report.command = "probe"
@@ -77,15 +98,18 @@ def probe_target(target: str, data_source: str, opts, settings: dict[str, Any],
             _data_rules(report, loaded, sample, opts)
         if any(f.rule == "ND002" for f in report.findings):
             report.notes.append(f"probe: {config.describe()}")
-            report.notes.append("the probe did not train: the model's forward fails on the "
-                                "data's shape (ND002)")
+            report.notes.append(
+                "the probe did not train: the model's forward fails on the data's shape (ND002)"
+            )
             return report, None
-        return _train_and_diagnose(report, loaded, source, config, opts, settings, progress,
-                                   deadline, budget_s, plot)
+        return _train_and_diagnose(
+            report, loaded, source, config, opts, settings, progress, deadline, budget_s, plot
+        )
 
 
-def _train_and_diagnose(report, loaded, source, config, opts, settings, progress, deadline,
-                        budget_s, plot):
+def _train_and_diagnose(
+    report, loaded, source, config, opts, settings, progress, deadline, budget_s, plot
+):
     """The probe's run, the runtime rules, the root causes and the verified fix (torch's
     thread count is restored afterwards if the time budget changed it)."""
     import torch
@@ -104,23 +128,44 @@ def _train_and_diagnose(report, loaded, source, config, opts, settings, progress
             from netdoctor.probe.budget import plan
 
             with _phase(progress, "timing a step", settings["phase_times"], "plan_s"):
-                pl = plan(loaded.model, source, config, deadline, budget_s,
-                          batch_given=bool(settings.get("batch_given")))
+                pl = plan(
+                    loaded.model,
+                    source,
+                    config,
+                    deadline,
+                    budget_s,
+                    batch_given=bool(settings.get("batch_given")),
+                )
             if pl.one_thread:
                 torch.set_num_threads(1)
-                report.notes.append(f"the probe ran torch on 1 thread instead of {threads}: "
-                                    "on this machine (busy, or limited to fewer cores than "
-                                    "torch sees) one thread was faster")
+                report.notes.append(
+                    f"the probe ran torch on 1 thread instead of {threads}: "
+                    "on this machine (busy, or limited to fewer cores than "
+                    "torch sees) one thread was faster"
+                )
             config = pl.config
             report.notes.extend(pl.notes)
-        return _run_and_diagnose(report, loaded, source, config, opts, settings, progress,
-                                 deadline, budget_s, plot, sites, pl)
+        return _run_and_diagnose(
+            report,
+            loaded,
+            source,
+            config,
+            opts,
+            settings,
+            progress,
+            deadline,
+            budget_s,
+            plot,
+            sites,
+            pl,
+        )
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_and_diagnose(report, loaded, source, config, opts, settings, progress, deadline,
-                      budget_s, plot, sites, plan):
+def _run_and_diagnose(
+    report, loaded, source, config, opts, settings, progress, deadline, budget_s, plot, sites, plan
+):
     from netdoctor.check import run_rules
     from netdoctor.probe.diagnose import link_causes, settle_data_findings
     from netdoctor.probe.engine import run_probe
@@ -134,14 +179,22 @@ def _run_and_diagnose(report, loaded, source, config, opts, settings, progress, 
 
         overfit = overfit_fits(plan, config.batch_limit or config.batch_size, report.notes)
     try:
-        run = run_probe(loaded.model, source, config, sites=sites, progress=progress,
-                        budget_s=plan.main_s if plan else None, overfit=overfit)
+        run = run_probe(
+            loaded.model,
+            source,
+            config,
+            sites=sites,
+            progress=progress,
+            budget_s=plan.main_s if plan else None,
+            overfit=overfit,
+        )
     except UserError:
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"the model raised during the probe's training step: "
-                        f"{type(e).__name__}: {first}") from e
+        raise UserError(
+            f"the model raised during the probe's training step: {type(e).__name__}: {first}"
+        ) from e
     report.notes.append(f"probe: {run.config.describe()}")
     if deadline is not None:
         from netdoctor.probe.budget import steps_note
@@ -154,21 +207,25 @@ def _run_and_diagnose(report, loaded, source, config, opts, settings, progress, 
     if run.stopped in ("labels", "non-finite-input") and run.bad_batch is not None:
         _bad_batch_rules(report, loaded, run, opts)
     if run.stopped == "labels":
-        report.notes.append("the probe did not train: the labels do not fit the model's "
-                            "outputs (ND303); fix them first")
+        report.notes.append(
+            "the probe did not train: the labels do not fit the model's "
+            "outputs (ND303); fix them first"
+        )
     ctx = Context(target=loaded.target, run=run, options=opts.rule_options)
     class_lines = [loaded.class_location] if loaded.class_location else []
     for f in run_rules(ctx, {"runtime"}, opts):
         if is_suppressed(f, class_lines):
-            report.notes.append(f"{f.rule} at {f.location} suppressed by a netdoctor: "
-                                "ignore comment")
+            report.notes.append(
+                f"{f.rule} at {f.location} suppressed by a netdoctor: ignore comment"
+            )
         else:
             report.findings.append(f)
     link_causes(report.findings)
     settle_data_findings(report.findings, run, opts.rule_options)
     report.measurements = measurements(run)
     report.measurements["probe"]["timings_s"].update(
-        {k: round(v, 3) for k, v in settings.get("phase_times", {}).items()})
+        {k: round(v, 3) for k, v in settings.get("phase_times", {}).items()}
+    )
     if settings.get("verify", True):
         from netdoctor.probe.verify import verify
 
@@ -179,8 +236,7 @@ def _run_and_diagnose(report, loaded, source, config, opts, settings, progress, 
             report.measurements["verified_fix"] = vf
         report.notes.extend(notes)
     if run.stopped == "non-finite":
-        report.notes.append(f"the probe stopped at step {run.steps_run}: non-finite values "
-                            "(ND401)")
+        report.notes.append(f"the probe stopped at step {run.steps_run}: non-finite values (ND401)")
     if plot:
         from netdoctor.report.plot import write_plot
 
@@ -216,18 +272,23 @@ def _synthetic_spec(spec, model, notes: list[str]) -> None:
     if spec.input_shape is None:
         inferred, _, _ = infer(model)
         if inferred is None:
-            raise UserError("synthetic data needs an input shape and none could be inferred "
-                            "from the model: pass --input-shape C,H,W")
-        notes.append(f"synthetic input shape {inferred.describe()} inferred from "
-                     f"{inferred.inferred_from}; pass --input-shape to set it")
+            raise UserError(
+                "synthetic data needs an input shape and none could be inferred "
+                "from the model: pass --input-shape C,H,W"
+            )
+        notes.append(
+            f"synthetic input shape {inferred.describe()} inferred from "
+            f"{inferred.inferred_from}; pass --input-shape to set it"
+        )
         spec.input_shape, spec.input_dtype = tuple(inferred.shape), inferred.dtype
         vocab = inferred.vocab or vocab
     if spec.input_dtype in ("long", "int64") and vocab:
         spec.vocab_size = spec.vocab_size or min(vocab, 100)
     if spec.num_classes is None:
         try:
-            out = run_forward(model, example_input(tuple(spec.input_shape), spec.input_dtype,
-                                                   vocab=vocab))
+            out = run_forward(
+                model, example_input(tuple(spec.input_shape), spec.input_dtype, vocab=vocab)
+            )
         except ForwardFailure:
             return
         from netdoctor.loading.forward import main_output
@@ -238,11 +299,19 @@ def _synthetic_spec(spec, model, notes: list[str]) -> None:
         shape = tuple(spec.input_shape)
         if logits.dim() == 2 and logits.shape[1] >= 2:
             spec.num_classes = int(logits.shape[1])
-        elif logits.dim() == 3 and spec.input_dtype in ("long", "int64") and \
-                tuple(logits.shape[1:2]) == shape[:1] and logits.shape[2] >= 2:
+        elif (
+            logits.dim() == 3
+            and spec.input_dtype in ("long", "int64")
+            and tuple(logits.shape[1:2]) == shape[:1]
+            and logits.shape[2] >= 2
+        ):
             spec.num_classes, spec.target_shape = int(logits.shape[2]), shape[:1]  # a tagger
-        elif logits.dim() == 4 and len(shape) >= 2 and tuple(logits.shape[2:]) == shape[-2:] \
-                and logits.shape[1] >= 2:
+        elif (
+            logits.dim() == 4
+            and len(shape) >= 2
+            and tuple(logits.shape[2:]) == shape[-2:]
+            and logits.shape[1] >= 2
+        ):
             spec.num_classes, spec.target_shape = int(logits.shape[1]), shape[-2:]  # per pixel
 
 
@@ -256,8 +325,9 @@ def _sample(source, spec, config):
     from dataclasses import replace
 
     big = math.prod(source.sample_shape or ()) > 100_000
-    return replace(DataSample.from_source(source, n_batches=1 if big else 4, spec=spec),
-                   loss=config.loss)
+    return replace(
+        DataSample.from_source(source, n_batches=1 if big else 4, spec=spec), loss=config.loss
+    )
 
 
 def _data_rules(report, loaded, sample, opts) -> None:
@@ -279,9 +349,14 @@ def _bad_batch_rules(report, loaded, run, opts) -> None:
     have = {f.rule for f in report.findings}
     x, y = run.bad_batch
     out_shape = None
-    sample = DataSample(x=x, y=y, description="the batch the probe stopped on",
-                        num_outputs=run.num_outputs, output_shape=out_shape,
-                        loss=run.config.loss)
+    sample = DataSample(
+        x=x,
+        y=y,
+        description="the batch the probe stopped on",
+        num_outputs=run.num_outputs,
+        output_shape=out_shape,
+        loss=run.config.loss,
+    )
     ctx = Context(target=loaded.target, data=sample, options=opts.rule_options)
     for f in run_rules(ctx, {"data"}, opts):
         if f.rule in ("ND303", "ND304") and f.rule not in have:
@@ -295,12 +370,21 @@ def measurements(run) -> dict[str, Any]:
     acts = []
     for a in run.activations:
         w = a.window_steps or run.window
-        acts.append({"name": a.name, "kind": a.kind, "module": a.module, "producer": a.producer,
-                     "functional": a.functional, "units": a.units or None,
-                     "dead_fraction": a.dead_fraction, "dead_units": a.dead_units,
-                     "zero_fraction": mean(a.zero_fraction[-w:]) if a.zero_fraction else None,
-                     "saturation": mean(a.saturation[-run.window:]) if a.saturation else None,
-                     "location": a.location.to_dict() if a.location else None})
+        acts.append(
+            {
+                "name": a.name,
+                "kind": a.kind,
+                "module": a.module,
+                "producer": a.producer,
+                "functional": a.functional,
+                "units": a.units or None,
+                "dead_fraction": a.dead_fraction,
+                "dead_units": a.dead_units,
+                "zero_fraction": mean(a.zero_fraction[-w:]) if a.zero_fraction else None,
+                "saturation": mean(a.saturation[-run.window :]) if a.saturation else None,
+                "location": a.location.to_dict() if a.location else None,
+            }
+        )
     c = run.num_outputs
     out: dict[str, Any] = {
         "gradient_flow": gradient_flow(run) if run.steps_run else [],
@@ -309,18 +393,25 @@ def measurements(run) -> dict[str, Any]:
         "activations": acts,
         "loss_at_init": run.loss[0] if run.loss else None,
         "chance": run.chance,  # accuracy of always predicting the most common class
-        "expected_initial_loss": math.log(c) if c and c > 1 and run.classification and
-        run.config.loss == "cross_entropy" else None,
-        "probe": {"steps": run.steps_run,
-                  "steps_requested": run.config.requested_steps or run.config.steps,
-                  "batch_size": min(run.config.batch_size,
-                                    run.config.batch_limit or run.config.batch_size),
-                  "optimizer": run.config.optimizer,
-                  "lr": run.config.learning_rate, "momentum": run.config.momentum
-                  if run.config.optimizer == "sgd" else None,
-                  "weight_decay": run.config.weight_decay, "loss": run.config.loss,
-                  "seed": run.config.seed, "device": run.device, "stopped": run.stopped,
-                  "timings_s": {k: round(v, 3) for k, v in run.timings.items()}},
+        "expected_initial_loss": math.log(c)
+        if c and c > 1 and run.classification and run.config.loss == "cross_entropy"
+        else None,
+        "probe": {
+            "steps": run.steps_run,
+            "steps_requested": run.config.requested_steps or run.config.steps,
+            "batch_size": min(
+                run.config.batch_size, run.config.batch_limit or run.config.batch_size
+            ),
+            "optimizer": run.config.optimizer,
+            "lr": run.config.learning_rate,
+            "momentum": run.config.momentum if run.config.optimizer == "sgd" else None,
+            "weight_decay": run.config.weight_decay,
+            "loss": run.config.loss,
+            "seed": run.config.seed,
+            "device": run.device,
+            "stopped": run.stopped,
+            "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
+        },
     }
     if run.train_eval is not None:
         out["train_eval"] = run.train_eval
@@ -331,5 +422,3 @@ def measurements(run) -> dict[str, Any]:
 
         out["non_finite"] = asdict(run.nonfinite)
     return out
-
-

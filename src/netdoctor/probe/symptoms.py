@@ -68,17 +68,26 @@ class Symptom:
 
     def to_dict(self, before: float | None, after: float | None, steps: int) -> dict[str, Any]:
         was_healthy = self.healthy(before, steps)
-        return {"rule": self.rule, "name": self.name, "unit": self.unit,
-                "threshold": self.threshold, "better": self.better, "before": before,
-                "after": after, "before_text": self.describe(before, steps),
-                "after_text": self.describe(after, steps),
-                "threshold_text": None if self.threshold is None else
-                self.describe(self.threshold, steps),
-                "present_before": None if was_healthy is None else not was_healthy,
-                "gone": bool(self.healthy(after, steps)) and was_healthy is False}
+        return {
+            "rule": self.rule,
+            "name": self.name,
+            "unit": self.unit,
+            "threshold": self.threshold,
+            "better": self.better,
+            "before": before,
+            "after": after,
+            "before_text": self.describe(before, steps),
+            "after_text": self.describe(after, steps),
+            "threshold_text": None
+            if self.threshold is None
+            else self.describe(self.threshold, steps),
+            "present_before": None if was_healthy is None else not was_healthy,
+            "gone": bool(self.healthy(after, steps)) and was_healthy is False,
+        }
 
 
 # ------------------------------------------------------------------------------ measurements
+
 
 def gradient_ratio(run: TrainingRun) -> float | None:
     ends = gradient_ends(run)
@@ -87,28 +96,38 @@ def gradient_ratio(run: TrainingRun) -> float | None:
 
 def dead_fraction(run: TrainingRun) -> float | None:
     """The largest share of never-active units in any ReLU layer (0 when there is none)."""
-    values = [a.dead_fraction for a in run.activations
-              if a.kind == "relu" and a.dead_fraction is not None and a.units >= 4]
+    values = [
+        a.dead_fraction
+        for a in run.activations
+        if a.kind == "relu" and a.dead_fraction is not None and a.units >= 4
+    ]
     return max(values, default=0.0)
 
 
 def saturation(run: TrainingRun) -> float | None:
     """The largest share of saturated sigmoid/tanh outputs over the last steps (0: none left)."""
     w = run.window
-    values = [mean(a.saturation[-w:]) for a in run.activations
-              if a.kind in ("sigmoid", "tanh") and a.saturation]
+    values = [
+        mean(a.saturation[-w:])
+        for a in run.activations
+        if a.kind in ("sigmoid", "tanh") and a.saturation
+    ]
     return max((v for v in values if v is not None), default=0.0)
 
 
 def largest_early_update(run: TrainingRun) -> float | None:
-    values = [median(p.update_ratio[:early_steps(len(p.update_ratio))])
-              for p in run.weight_layers() if p.update_ratio and p.steps_with_grad]
+    values = [
+        median(p.update_ratio[: early_steps(len(p.update_ratio))])
+        for p in run.weight_layers()
+        if p.update_ratio and p.steps_with_grad
+    ]
     return max(finite(values), default=None)
 
 
 def smallest_update(run: TrainingRun) -> float | None:
-    values = [median(p.update_ratio) for p in run.weight_layers()
-              if p.update_ratio and p.steps_with_grad]
+    values = [
+        median(p.update_ratio) for p in run.weight_layers() if p.update_ratio and p.steps_with_grad
+    ]
     return min(finite(values), default=None)
 
 
@@ -141,31 +160,64 @@ def initial_loss(run: TrainingRun) -> float | None:
 
 SYMPTOMS: dict[str, Symptom] = {
     "ND401": Symptom("ND401", "first non-finite value", "step", "lower", None, nonfinite_step),
-    "ND402": Symptom("ND402", "gradient norm growth (peak / start)", "ratio", "lower", 1e3,
-                     gradient_growth),
-    "ND403": Symptom("ND403", "first/last layer gradient ratio", "ratio", "higher", 1e-2,
-                     gradient_ratio),
-    "ND404": Symptom("ND404", "dead ReLU units (worst layer)", "fraction", "lower", 0.5,
-                     dead_fraction),
-    "ND405": Symptom("ND405", "saturated sigmoid/tanh outputs (worst layer)", "fraction",
-                     "lower", 0.5, saturation),
-    "ND406+": Symptom("ND406", "largest update/weight ratio (first steps)", "ratio", "lower",
-                      0.3, largest_early_update),
-    "ND406-": Symptom("ND406", "smallest update/weight ratio", "ratio", "higher", 1e-8,
-                      smallest_update),
+    "ND402": Symptom(
+        "ND402", "gradient norm growth (peak / start)", "ratio", "lower", 1e3, gradient_growth
+    ),
+    "ND403": Symptom(
+        "ND403", "first/last layer gradient ratio", "ratio", "higher", 1e-2, gradient_ratio
+    ),
+    "ND404": Symptom(
+        "ND404", "dead ReLU units (worst layer)", "fraction", "lower", 0.5, dead_fraction
+    ),
+    "ND405": Symptom(
+        "ND405",
+        "saturated sigmoid/tanh outputs (worst layer)",
+        "fraction",
+        "lower",
+        0.5,
+        saturation,
+    ),
+    "ND406+": Symptom(
+        "ND406",
+        "largest update/weight ratio (first steps)",
+        "ratio",
+        "lower",
+        0.3,
+        largest_early_update,
+    ),
+    "ND406-": Symptom(
+        "ND406", "smallest update/weight ratio", "ratio", "higher", 1e-8, smallest_update
+    ),
     "ND408": Symptom("ND408", "loss at initialisation", "loss", "lower", None, initial_loss),
-    "ND409": Symptom("ND409", "share of predictions in the top 2 classes", "fraction", "lower",
-                     0.9, top2_share),
-    "ND410": Symptom("ND410", "parameters without a gradient", "count", "lower", 0,
-                     params_without_gradient),
-    "ND411": Symptom("ND411", "train/eval output gap", "ratio", "lower", 0.3, train_eval_gap,
-                     needs_train_eval=True),
+    "ND409": Symptom(
+        "ND409", "share of predictions in the top 2 classes", "fraction", "lower", 0.9, top2_share
+    ),
+    "ND410": Symptom(
+        "ND410", "parameters without a gradient", "count", "lower", 0, params_without_gradient
+    ),
+    "ND411": Symptom(
+        "ND411",
+        "train/eval output gap",
+        "ratio",
+        "lower",
+        0.3,
+        train_eval_gap,
+        needs_train_eval=True,
+    ),
 }
 
 # Static and data findings: the runtime consequence each is known for, when no runtime finding
 # in the report names it as its cause.
-CONSEQUENCE = {"ND101": "ND403", "ND102": "ND403", "ND204": "ND403", "ND201": "ND403",
-               "ND202": "ND404", "ND203": "ND411", "ND108": "ND410", "ND103": "ND410"}
+CONSEQUENCE = {
+    "ND101": "ND403",
+    "ND102": "ND403",
+    "ND204": "ND403",
+    "ND201": "ND403",
+    "ND202": "ND404",
+    "ND203": "ND411",
+    "ND108": "ND410",
+    "ND103": "ND410",
+}
 
 
 def key_of(f: Finding) -> str:

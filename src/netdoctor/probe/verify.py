@@ -63,8 +63,14 @@ class Attempt:
         return self.outcome == "improved"
 
 
-def verify(model: nn.Module, source, run: TrainingRun, report: Report, progress: Any = None,
-           deadline: float | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+def verify(
+    model: nn.Module,
+    source,
+    run: TrainingRun,
+    report: Report,
+    progress: Any = None,
+    deadline: float | None = None,
+) -> tuple[dict[str, Any] | None, list[str]]:
     """Re-run the probe with the top fix (and, if needed, the next ranked ones) applied.
     Returns (the measurement for report.measurements["verified_fix"], notes)."""
     top = report.fix_first()
@@ -72,8 +78,10 @@ def verify(model: nn.Module, source, run: TrainingRun, report: Report, progress:
         return None, []  # nothing to fix, or nothing to compare with (the report says why)
     first = remedy_for(top, report, run, model)
     if first is None:
-        return None, [f"fix first ({top.rule} {top.name}) changes code that cannot be applied "
-                      "in memory: not verified"]
+        return None, [
+            f"fix first ({top.rule} {top.name}) changes code that cannot be applied "
+            "in memory: not verified"
+        ]
     ranked = report.sorted_findings()
     candidates = _candidates(first, top, ranked, report, run, model)
     symptom = symptom_for(top, ranked)
@@ -102,38 +110,51 @@ def verify(model: nn.Module, source, run: TrainingRun, report: Report, progress:
     if winner is None:
         # a small gain, or the mechanism fixed (the symptom gone) while the loss has not moved
         # yet: the probe may be too short to show the outcome
-        promising = [a for a in v.attempts if a.outcome == "unclear" or
-                     (a.symptom_gone and a.outcome != "failed")]
+        promising = [
+            a
+            for a in v.attempts
+            if a.outcome == "unclear" or (a.symptom_gone and a.outcome != "failed")
+        ]
         if promising:
             best = min(promising, key=lambda a: _finite_or_inf(a.side.get("loss_last")))
             longer = v.extend(best)
             if longer is not None:
                 extended = True
-                notes.append(f"the verification ran {longer.steps} steps ({EXTEND}x the probe) "
-                             f"because after {v.steps} steps the difference was unclear")
+                notes.append(
+                    f"the verification ran {longer.steps} steps ({EXTEND}x the probe) "
+                    f"because after {v.steps} steps the difference was unclear"
+                )
                 if longer.improved:
                     winner = longer
     if not v.attempts:
-        return None, notes + [f"fix first ({top.rule}) was not verified: a re-run of the probe "
-                              "would not fit the time left in the budget (--time-budget, or "
-                              "--steps for no budget)"]
+        return None, notes + [
+            f"fix first ({top.rule}) was not verified: a re-run of the probe "
+            "would not fit the time left in the budget (--time-budget, or "
+            "--steps for no budget)"
+        ]
     if v.out_of_time:
-        notes.append(f"the verification stopped after {len(v.attempts)} attempt(s): the next "
-                     "would not fit the time budget (--time-budget)")
+        notes.append(
+            f"the verification stopped after {len(v.attempts)} attempt(s): the next "
+            "would not fit the time budget (--time-budget)"
+        )
     if v.attempts[0].outcome == "failed" and len(v.attempts) == 1:
         a = v.attempts[0]
-        return None, [f"fix first ({top.rule}) was applied in memory ({_applied(a, run)}) but "
-                      f"the re-run failed: {a.error}"]
+        return None, [
+            f"fix first ({top.rule}) was applied in memory ({_applied(a, run)}) but "
+            f"the re-run failed: {a.error}"
+        ]
 
     shown = winner or _best(v.attempts, symptom)
     before_side = v.before_side(shown.steps)
     result: dict[str, Any] = {
         "rule": top.rule,
-        "fix": top.fix.summary if top.fix and len(shown.remedies) == 1 and shown.lr_times == 1
+        "fix": top.fix.summary
+        if top.fix and len(shown.remedies) == 1 and shown.lr_times == 1
         else _applied(shown, run),
         "applied": _applied(shown, run),
-        "remedies": [{"rule": r.rule, "description": _described(r, shown, run)}
-                     for r in shown.remedies],
+        "remedies": [
+            {"rule": r.rule, "description": _described(r, shown, run)} for r in shown.remedies
+        ],
         "before": before_side,
         "after": shown.side,
         "improved": winner is not None or shown.symptom_gone,
@@ -141,7 +162,8 @@ def verify(model: nn.Module, source, run: TrainingRun, report: Report, progress:
         "steps": shown.steps,
         "extended": extended,
         "symptom": symptom.to_dict(v.before_symptom(shown.steps), shown.symptom, shown.steps)
-        if symptom else None,
+        if symptom
+        else None,
         "attempts": [_attempt_dict(a, run, symptom) for a in v.attempts],
         "stopped": "time budget" if v.out_of_time else None,
         "baseline_learned_well": learned_well(run) is not None,
@@ -151,8 +173,15 @@ def verify(model: nn.Module, source, run: TrainingRun, report: Report, progress:
 
 # ------------------------------------------------------------------------------ the candidates
 
-def _candidates(first: Remedy, top: Finding, ranked: list[Finding], report: Report,
-                run: TrainingRun, model: nn.Module) -> list[Remedy]:
+
+def _candidates(
+    first: Remedy,
+    top: Finding,
+    ranked: list[Finding],
+    report: Report,
+    run: TrainingRun,
+    model: nn.Module,
+) -> list[Remedy]:
     """The top remedy, then the remedies of the next ranked findings (warnings and errors), one
     per kind of change, at most MAX_REMEDIES."""
     out = [first]
@@ -169,9 +198,17 @@ def _candidates(first: Remedy, top: Finding, ranked: list[Finding], report: Repo
 
 # ------------------------------------------------------------------------------ the runs
 
+
 class _Verifier:
-    def __init__(self, model: nn.Module, source, run: TrainingRun, symptom: Symptom | None,
-                 progress: Any, deadline: float | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        source,
+        run: TrainingRun,
+        symptom: Symptom | None,
+        progress: Any,
+        deadline: float | None,
+    ):
         self.model, self.source, self.run, self.symptom = model, source, run, symptom
         self.progress, self.deadline = progress, deadline
         self.attempts: list[Attempt] = []
@@ -191,8 +228,7 @@ class _Verifier:
             return False
         return True
 
-    def _train(self, remedies: list[Remedy], lr_times: int, steps: int,
-               label: str) -> TrainingRun:
+    def _train(self, remedies: list[Remedy], lr_times: int, steps: int, label: str) -> TrainingRun:
         net = self.model
         if any(r.model_fn for r in remedies):
             net = copy.deepcopy(self.model)
@@ -204,12 +240,21 @@ class _Verifier:
         for r in remedies:
             config = r.config(config, lr_times)
         needs_te = bool(self.symptom and self.symptom.needs_train_eval)
-        return run_probe(net, self.source, config, instrument=True,
-                         transform=_compose(transforms), progress=self.progress, label=label,
-                         overfit=False, train_eval=needs_te)
+        return run_probe(
+            net,
+            self.source,
+            config,
+            instrument=True,
+            transform=_compose(transforms),
+            progress=self.progress,
+            label=label,
+            overfit=False,
+            train_eval=needs_te,
+        )
 
-    def attempt(self, remedies: list[Remedy], lr_times: int = 1,
-                steps: int | None = None) -> Attempt | None:
+    def attempt(
+        self, remedies: list[Remedy], lr_times: int = 1, steps: int | None = None
+    ) -> Attempt | None:
         steps = steps or self.steps
         if not self._fits(steps):
             return None
@@ -226,8 +271,11 @@ class _Verifier:
         before = self.before_side(steps)
         sym_before = self.before_symptom(steps)
         a.outcome = judge(before, a.side)
-        a.symptom_gone = bool(self.symptom and self.symptom.healthy(a.symptom, steps)
-                              and not self.symptom.healthy(sym_before, steps))
+        a.symptom_gone = bool(
+            self.symptom
+            and self.symptom.healthy(a.symptom, steps)
+            and not self.symptom.healthy(sym_before, steps)
+        )
         self.attempts.append(a)
         return a
 
@@ -237,11 +285,16 @@ class _Verifier:
             return None
         base = replace(self.run.config, steps=steps)
         try:
-            self._baselines[steps] = run_probe(self.model, self.source, base, instrument=True,
-                                               progress=self.progress, label="verify: baseline",
-                                               overfit=False,
-                                               train_eval=bool(self.symptom and
-                                                               self.symptom.needs_train_eval))
+            self._baselines[steps] = run_probe(
+                self.model,
+                self.source,
+                base,
+                instrument=True,
+                progress=self.progress,
+                label="verify: baseline",
+                overfit=False,
+                train_eval=bool(self.symptom and self.symptom.needs_train_eval),
+            )
         except Exception:  # the original model ran before; a failure here is not the fix's
             return None
         return self.attempt(best.remedies, best.lr_times, steps)
@@ -250,8 +303,7 @@ class _Verifier:
         return self._baselines.get(steps, self.run).summary_side()
 
     def before_symptom(self, steps: int) -> float | None:
-        return self.symptom.value(self._baselines.get(steps, self.run)) if self.symptom \
-            else None
+        return self.symptom.value(self._baselines.get(steps, self.run)) if self.symptom else None
 
 
 def _compose(fns: list[Callable[[torch.Tensor], torch.Tensor]]):
@@ -262,6 +314,7 @@ def _compose(fns: list[Callable[[torch.Tensor], torch.Tensor]]):
         for fn in fns:
             x = fn(x)
         return x
+
     return transform
 
 
@@ -271,8 +324,9 @@ def _finite_or_inf(v: float | None) -> float:
 
 # ------------------------------------------------------------------------------ judging
 
+
 def judge(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """"improved": the final loss is clearly lower and the accuracy higher (or the probe blew up
+    """ "improved": the final loss is clearly lower and the accuracy higher (or the probe blew up
     and the re-run learns); "unclear": a smaller gain; "no": no gain, or worse."""
     a, a0 = after.get("loss_last"), after.get("loss_first")
     if a is None or not math.isfinite(a):
@@ -310,17 +364,24 @@ def _best(attempts: list[Attempt], symptom: Symptom | None) -> Attempt:
         return gone[0]
     if not ok:
         return attempts[-1]
-    return min(ok, key=lambda a: a.side.get("loss_last") if a.side.get("loss_last") is not None
-               and math.isfinite(a.side["loss_last"]) else math.inf)
+    return min(
+        ok,
+        key=lambda a: (
+            a.side.get("loss_last")
+            if a.side.get("loss_last") is not None and math.isfinite(a.side["loss_last"])
+            else math.inf
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------ the record
+
 
 def _described(r: Remedy, a: Attempt, run: TrainingRun) -> str:
     if r.lr_factor is None:
         return r.description
     lr = run.config.learning_rate
-    return lr_text(lr, lr * r.lr_factor ** a.lr_times)
+    return lr_text(lr, lr * r.lr_factor**a.lr_times)
 
 
 def _applied(a: Attempt, run: TrainingRun) -> str:
@@ -328,9 +389,14 @@ def _applied(a: Attempt, run: TrainingRun) -> str:
 
 
 def _attempt_dict(a: Attempt, run: TrainingRun, symptom: Symptom | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"applied": _applied(a, run), "rules": [r.rule for r in a.remedies],
-                           "steps": a.steps, "after": a.side, "outcome": a.outcome,
-                           "symptom_gone": a.symptom_gone}
+    out: dict[str, Any] = {
+        "applied": _applied(a, run),
+        "rules": [r.rule for r in a.remedies],
+        "steps": a.steps,
+        "after": a.side,
+        "outcome": a.outcome,
+        "symptom_gone": a.symptom_gone,
+    }
     if symptom is not None and a.outcome != "failed":
         out["symptom"] = a.symptom
         out["symptom_text"] = symptom.describe(a.symptom, a.steps)

@@ -11,8 +11,9 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UserError("--plot needs matplotlib, which is not installed: "
-                        "pip install matplotlib") from None
+        raise UserError(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib"
+        ) from None
 
 
 def write_plot(run, path: str, title: str) -> None:

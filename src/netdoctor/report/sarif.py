@@ -43,7 +43,8 @@ def _rule_descriptor(rule_id: str, example: Finding) -> dict[str, Any]:
         "name": name,
         "shortDescription": {"text": summary},
         "fullDescription": {
-            "text": f"{rule_id} {name}: {summary}. See `netdoctor explain {rule_id}`."},
+            "text": f"{rule_id} {name}: {summary}. See `netdoctor explain {rule_id}`."
+        },
         "defaultConfiguration": {"level": level(sev)},
     }
     if stage:
@@ -80,8 +81,12 @@ def _result(finding: Finding, report: Report, rule_index: int) -> dict[str, Any]
     if finding.evidence:
         props["evidence"] = json_safe(finding.evidence)
     if finding.fix is not None:
-        props["fix"] = {"summary": finding.fix.summary, "patch": finding.fix.patch,
-                        "kind": finding.fix.kind, "safe": finding.fix.safe}
+        props["fix"] = {
+            "summary": finding.fix.summary,
+            "patch": finding.fix.patch,
+            "kind": finding.fix.kind,
+            "safe": finding.fix.safe,
+        }
     result["properties"] = props
     return result
 

@@ -17,9 +17,10 @@ def counts(reports: list[Report]) -> list[dict]:
         for f in report.findings:
             tally[f.rule] += 1
             first.setdefault(f.rule, f)
-    return [{"count": n, "rule": rule, "name": first[rule].name,
-             "severity": first[rule].severity.label}
-            for rule, n in sorted(tally.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return [
+        {"count": n, "rule": rule, "name": first[rule].name, "severity": first[rule].severity.label}
+        for rule, n in sorted(tally.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
 
 
 def render(reports: list[Report], fmt: str = "text") -> str:

@@ -31,6 +31,7 @@ BAR_WIDTH = 30
 
 # ----------------------------------------------------------------------------- small formatters
 
+
 def fmt_num(x: Any) -> str:
     if isinstance(x, bool):
         return str(x).lower()
@@ -70,8 +71,10 @@ def fmt_location(loc: Location | None) -> str | None:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) or (
-        type(v).__name__.startswith(("float", "int")) and hasattr(v, "item")
+    return (
+        isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        or (type(v).__name__.startswith(("float", "int")) and hasattr(v, "item"))
     )
 
 
@@ -114,7 +117,7 @@ def sparkline(values: list[Any], width: int = SPARK_WIDTH) -> str:
     else:
         for i in range(width):
             lo, hi = i * n // width, (i + 1) * n // width
-            buckets.append(vals[lo:max(hi, lo + 1)])
+            buckets.append(vals[lo : max(hi, lo + 1)])
     means: list[float | None] = []
     for b in buckets:
         means.append(sum(b) / len(b) if all(math.isfinite(x) for x in b) else None)
@@ -130,7 +133,8 @@ def sparkline(values: list[Any], width: int = SPARK_WIDTH) -> str:
             chars.append(SPARK[len(SPARK) // 2])
         else:
             chars.append(
-                SPARK[min(len(SPARK) - 1, int((m - lo) / (hi - lo) * (len(SPARK) - 1) + 0.5))])
+                SPARK[min(len(SPARK) - 1, int((m - lo) / (hi - lo) * (len(SPARK) - 1) + 0.5))]
+            )
     return "".join(chars)
 
 
@@ -147,6 +151,7 @@ def log_bar(value: float, lo: float, hi: float, width: int = BAR_WIDTH) -> str:
 
 
 # ----------------------------------------------------------------------------- the printer
+
 
 class _Printer:
     def __init__(self, console: Console):
@@ -214,9 +219,10 @@ def _finding(p: _Printer, f: Finding) -> None:
     if ev:
         p.line(Text(ev, style="dim"), indent=4)
     if f.cause:
-        p.line(Text.assemble(("likely caused by ", "italic"),
-                             (_rule_label(f.cause), "bold italic")),
-               indent=4)
+        p.line(
+            Text.assemble(("likely caused by ", "italic"), (_rule_label(f.cause), "bold italic")),
+            indent=4,
+        )
     if f.fix is not None:
         fix = Text.assemble(("fix: ", "bold green"), f.fix.summary)
         if not f.fix.safe:
@@ -244,7 +250,11 @@ def _gradient_flow(p: _Printer, rows: Any) -> None:
     from rich.table import Table
 
     table = Table(
-        title=None, box=None, show_header=True, header_style="bold", pad_edge=False,
+        title=None,
+        box=None,
+        show_header=True,
+        header_style="bold",
+        pad_edge=False,
         padding=(0, 2, 0, 0),
     )
     table.add_column("layer", overflow="fold", max_width=name_width)
@@ -260,8 +270,14 @@ def _gradient_flow(p: _Printer, rows: Any) -> None:
     p.line(Text("Gradient flow", style="bold"))
     p.table(table)
     if positive and hi > lo:
-        p.line(Text(f"bars: log scale from {fmt_num(10 ** lo)} to {fmt_num(10 ** hi)} "
-                    f"({hi - lo:.1f} decades)", style="dim"), indent=2)
+        p.line(
+            Text(
+                f"bars: log scale from {fmt_num(10**lo)} to {fmt_num(10**hi)} "
+                f"({hi - lo:.1f} decades)",
+                style="dim",
+            ),
+            indent=2,
+        )
 
 
 def _loss_curve(p: _Printer, values: Any) -> None:
@@ -269,8 +285,7 @@ def _loss_curve(p: _Printer, values: Any) -> None:
         return
     line = Text()
     line.append("Loss curve ", style="bold")
-    line.append(sparkline(list(values), max(10, min(SPARK_WIDTH, p.c.width - 40))),
-                style="magenta")
+    line.append(sparkline(list(values), max(10, min(SPARK_WIDTH, p.c.width - 40))), style="magenta")
     line.append(f"  {fmt_fixed(values[0])} → {fmt_fixed(values[-1])} ({len(values)} steps)")
     if not _finite(values):
         line.append("  (no finite values)", style="red")
@@ -324,26 +339,33 @@ def _verified_fix(p: _Printer, v: Any) -> None:
         attempts = v.get("attempts") or []
         sym = v.get("symptom") if isinstance(v.get("symptom"), dict) else {}
         if sym.get("present_before") is False:
-            line.append(f"the probe showed no {sym.get('name')} problem for it to remove "
-                        f"({sym.get('before_text')}; the rule's threshold is "
-                        f"{sym.get('threshold_text')}), and ")
+            line.append(
+                f"the probe showed no {sym.get('name')} problem for it to remove "
+                f"({sym.get('before_text')}; the rule's threshold is "
+                f"{sym.get('threshold_text')}), and "
+            )
         if v.get("baseline_learned_well"):
-            line.append(f"the model learned well without it (loss {_side(v.get('before'))}"
-                        + (f" over {steps} steps" if steps else "")
-                        + "), so this short run had nothing for it to improve"
-                        + (f"; tried {len(attempts)}:" if attempts else ""))
+            line.append(
+                f"the model learned well without it (loss {_side(v.get('before'))}"
+                + (f" over {steps} steps" if steps else "")
+                + "), so this short run had nothing for it to improve"
+                + (f"; tried {len(attempts)}:" if attempts else "")
+            )
         else:
-            line.append(f"nothing tried improved the probe's loss {_side(v.get('before'))}"
-                        + (f" over {steps} steps" if steps else "")
-                        + (f"; tried {len(attempts)}:" if attempts else ""))
+            line.append(
+                f"nothing tried improved the probe's loss {_side(v.get('before'))}"
+                + (f" over {steps} steps" if steps else "")
+                + (f"; tried {len(attempts)}:" if attempts else "")
+            )
     p.line(line)
     symptom = _symptom_text(v.get("symptom"))
     if symptom and improved:
         p.line(Text(symptom), indent=2)
     tried = [a for a in v.get("attempts") or [] if isinstance(a, dict)]
     if improved:
-        tried = [a for a in tried if a.get("applied") != v.get("applied")
-                 or a.get("steps") != steps]
+        tried = [
+            a for a in tried if a.get("applied") != v.get("applied") or a.get("steps") != steps
+        ]
     if improved and symptom is None and not tried:
         return
     for a in tried:

@@ -43,8 +43,11 @@ def data_inputs(graph: Graph, node: Node, memo: dict[str, bool] | None = None) -
 
 def data_consumers(graph: Graph, name: str, memo: dict[str, bool] | None = None) -> list[Node]:
     """Successors that use the value as data (not `x.shape` queries)."""
-    return [s for s in graph.successors(name)
-            if not (s.op in ("getattr", "size") and is_constant(graph, s.name, memo))]
+    return [
+        s
+        for s in graph.successors(name)
+        if not (s.op in ("getattr", "size") and is_constant(graph, s.name, memo))
+    ]
 
 
 def output_producers(graph: Graph, through: set[str]) -> list[Node]:
@@ -96,8 +99,9 @@ def absorbed(graph: Graph, name: str, memo: dict[str, bool] | None = None) -> bo
             return False
         if node.op in NORM_OPS or node.op in ("rnn", "attention"):
             continue
-        if (node.op in MERGE_OPS or node.op in _MULTIPLICATIVE) and \
-                len(data_inputs(graph, node, memo)) >= 2:
+        if (node.op in MERGE_OPS or node.op in _MULTIPLICATIVE) and len(
+            data_inputs(graph, node, memo)
+        ) >= 2:
             continue
         stack.extend(s.name for s in graph.successors(n))
     return True
@@ -108,8 +112,16 @@ def absorbed(graph: Graph, name: str, memo: dict[str, bool] | None = None) -> bo
 # NF-Nets, weight normalization): torch.var_mean / var / std / norm / F.normalize, or a
 # normalization function (timm's StdConv2d runs F.batch_norm over the weight). An exported graph
 # spells the statistic out: the square root of a mean (ONNX ReduceMean ... Sqrt).
-_WEIGHT_SCALERS = {"var", "std", "var_mean", "std_mean", "norm", "linalg_vector_norm",
-                   "linalg_norm", "l2norm"} | NORM_OPS
+_WEIGHT_SCALERS = {
+    "var",
+    "std",
+    "var_mean",
+    "std_mean",
+    "norm",
+    "linalg_vector_norm",
+    "linalg_norm",
+    "l2norm",
+} | NORM_OPS
 _ROOTS, _REDUCTIONS = {"sqrt", "rsqrt"}, {"mean", "sum"}
 
 
@@ -137,10 +149,35 @@ def standardized_weight(graph: Graph, node: Node, memo: dict[str, bool] | None =
 
 # Ops whose output is zero when their (first) input is: views, reductions, pooling, and the
 # activations with f(0) = 0.
-_ZERO_PRESERVING = {"reshape", "getitem", "identity", "dropout", "neg", "split", "mean", "sum",
-                    "avgpool", "maxpool", "pad", "upsample", "div", "relu", "relu6", "leaky_relu",
-                    "elu", "selu", "celu", "prelu", "rrelu", "gelu", "silu", "mish", "hardswish",
-                    "hardtanh", "tanh"}
+_ZERO_PRESERVING = {
+    "reshape",
+    "getitem",
+    "identity",
+    "dropout",
+    "neg",
+    "split",
+    "mean",
+    "sum",
+    "avgpool",
+    "maxpool",
+    "pad",
+    "upsample",
+    "div",
+    "relu",
+    "relu6",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "celu",
+    "prelu",
+    "rrelu",
+    "gelu",
+    "silu",
+    "mish",
+    "hardswish",
+    "hardtanh",
+    "tanh",
+}
 
 
 def _zero_info(info) -> bool:
@@ -173,8 +210,11 @@ def zero_at_init(graph: Graph) -> set[str]:
             # All-zero affine parameters (a zero-init last BatchNorm), or a zero input and no
             # bias to add (a normalized zero is zero; an exported conv's folded-BatchNorm mark).
             bias = node.params.get("bias")
-            hit = _zero_param(node) or (bool(ins) and ins[0] in zero and (
-                _zero_info(bias) if bias is not None else len(ins) == 1))
+            hit = _zero_param(node) or (
+                bool(ins)
+                and ins[0] in zero
+                and (_zero_info(bias) if bias is not None else len(ins) == 1)
+            )
         else:
             hit = False
         if hit:

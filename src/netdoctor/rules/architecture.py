@@ -29,6 +29,7 @@ def _where(node: Node) -> str:
 
 # -- ND101 deep-plain-stack ------------------------------------------------------------------
 
+
 def plain_chains(graph: Graph) -> dict[str, list[Node]]:
     """For each node, the longest chain of weight layers reaching it with no normalization
     layer and no skip connection between. A merge (add/cat of two paths) keeps the SHORTEST
@@ -39,12 +40,18 @@ def plain_chains(graph: Graph) -> dict[str, list[Node]]:
     memo: dict[str, bool] = {}
     for node in graph.topological():
         incoming = [chains[i] for i in node.inputs if i in chains]
-        if node.op in NORM_OPS or node.op in ("input", "param") or \
-                standardized_weight(graph, node, memo):
+        if (
+            node.op in NORM_OPS
+            or node.op in ("input", "param")
+            or standardized_weight(graph, node, memo)
+        ):
             chains[node.name] = []
             continue
-        real = [c for i, c in zip(node.inputs, incoming)
-                if graph.nodes.get(i) is not None and graph.nodes[i].op != "param"]
+        real = [
+            c
+            for i, c in zip(node.inputs, incoming)
+            if graph.nodes.get(i) is not None and graph.nodes[i].op != "param"
+        ]
         if node.op in MERGE_OPS and len(real) >= 2:
             best = min(real, key=len)
         else:
@@ -65,17 +72,28 @@ def deep_plain_stack(ctx: Context):
         return
     names = [n.label for n in chain]
     shown = ", ".join(names) if len(names) <= 8 else ", ".join(names[:4] + ["..."] + names[-3:])
-    message = (f"{len(chain)} weight layers in series ({shown}) with no normalization layer and "
-               f"no skip connection between them: gradients shrink or grow layer by layer "
-               f"(loss NaN or stuck at chance, as in the AlexNet-on-FashionMNIST report). "
-               f"Threshold: {min_depth}.")
+    message = (
+        f"{len(chain)} weight layers in series ({shown}) with no normalization layer and "
+        f"no skip connection between them: gradients shrink or grow layer by layer "
+        f"(loss NaN or stuck at chance, as in the AlexNet-on-FashionMNIST report). "
+        f"Threshold: {min_depth}."
+    )
     yield ctx.finding(
-        "ND101", message, module=chain[0].label, location=chain[0].location,
+        "ND101",
+        message,
+        module=chain[0].label,
+        location=chain[0].location,
         fix=_batchnorm_fix(chain),
-        evidence={"depth": len(chain), "min_depth": min_depth,
-                  "layers": [{"module": n.label, "op": n.op,
-                              "line": n.location.line if n.location else None} for n in chain]},
-        impact=float(len(chain)))
+        evidence={
+            "depth": len(chain),
+            "min_depth": min_depth,
+            "layers": [
+                {"module": n.label, "op": n.op, "line": n.location.line if n.location else None}
+                for n in chain
+            ],
+        },
+        impact=float(len(chain)),
+    )
 
 
 def _norm_for(node: Node, prefix: str) -> str | None:
@@ -91,6 +109,7 @@ def _norm_for(node: Node, prefix: str) -> str | None:
 
 def _norm_from_call(norm: str):
     """BatchNorm text whose size reuses the layer's own argument text (`width`, not 128)."""
+
     def make(call) -> str:
         name, _, size = norm.rpartition("(")
         keyword = "out_channels" if "2d" in name or "3d" in name else "out_features"
@@ -98,13 +117,16 @@ def _norm_from_call(norm: str):
             keyword = "out_channels"
         code = arg_code(call, 1, keyword)
         return f"{name}({code})" if code else norm
+
     return make
 
 
 def _batchnorm_fix(chain: list[Node]) -> Fix:
     hidden = chain[:-1]  # the last layer produces the output: no BatchNorm after it
-    summary = (f"insert BatchNorm after each of the {len(hidden)} hidden weight layers "
-               "(or add residual connections)")
+    summary = (
+        f"insert BatchNorm after each of the {len(hidden)} hidden weight layers "
+        "(or add residual connections)"
+    )
     paths = {n.location.path for n in hidden if n.location}
     lines = [n.location.line for n in hidden if n.location]
     snippet_lines = []
@@ -116,8 +138,11 @@ def _batchnorm_fix(chain: list[Node]) -> Fix:
     # Layers built in a loop share a line: one insertion there serves them all, as long as the
     # output layer is not among them (no BatchNorm after the logits).
     last = chain[-1].location
-    if len(paths) != 1 or len(lines) != len(hidden) or (
-            last and last.path in paths and last.line in lines):
+    if (
+        len(paths) != 1
+        or len(lines) != len(hidden)
+        or (last and last.path in paths and last.line in lines)
+    ):
         return Fix(summary, snippet or None, "snippet")
     path = paths.pop()
     source = read(path) or ""
@@ -136,6 +161,7 @@ def _batchnorm_fix(chain: list[Node]) -> Fix:
 
 
 # -- ND102 saturating-activation-chain --------------------------------------------------------
+
 
 def _is_gate(graph: Graph, node: Node) -> bool:
     """x * sigmoid(g): the activation scales another tensor instead of feeding the next layer."""
@@ -161,36 +187,53 @@ def saturating_chain(ctx: Context):
     if len(chain) < min_chain:
         return
     kinds = sorted({n.op for n in chain})
-    message = (f"{len(chain)} {'/'.join(kinds)} activations in series "
-               f"({', '.join(n.label for n in chain)}) with no normalization between: each "
-               f"multiplies the gradient by at most {0.25 if kinds == ['sigmoid'] else 1.0:g} "
-               f"and saturated units pass almost none, so early layers barely learn "
-               f"(vanishing gradients). Threshold: {min_chain}.")
-    yield ctx.finding("ND102", message, module=chain[0].label, location=chain[0].location,
-                      fix=relu_fix(chain),
-                      evidence={"length": len(chain), "min_chain": min_chain,
-                                "activations": [n.label for n in chain]},
-                      impact=float(len(chain)))
+    message = (
+        f"{len(chain)} {'/'.join(kinds)} activations in series "
+        f"({', '.join(n.label for n in chain)}) with no normalization between: each "
+        f"multiplies the gradient by at most {0.25 if kinds == ['sigmoid'] else 1.0:g} "
+        f"and saturated units pass almost none, so early layers barely learn "
+        f"(vanishing gradients). Threshold: {min_chain}."
+    )
+    yield ctx.finding(
+        "ND102",
+        message,
+        module=chain[0].label,
+        location=chain[0].location,
+        fix=relu_fix(chain),
+        evidence={
+            "length": len(chain),
+            "min_chain": min_chain,
+            "activations": [n.label for n in chain],
+        },
+        impact=float(len(chain)),
+    )
 
 
 def relu_fix(chain: list[Node]) -> Fix:
     """Replace the chain's sigmoid/tanh modules with ReLU (one diff when all live in one file)."""
     summary = "use ReLU instead of sigmoid/tanh in hidden layers (or insert BatchNorm before them)"
-    snippet = "\n".join(f"nn.ReLU(),  # instead of {n.attrs.get('type', n.op)} at {n.label}"
-                        for n in chain)
+    snippet = "\n".join(
+        f"nn.ReLU(),  # instead of {n.attrs.get('type', n.op)} at {n.label}" for n in chain
+    )
     modules = [n for n in chain if n.module and n.location]
     paths = {n.location.path for n in modules}
     if len(modules) != len(chain) or len(paths) != 1:
         return Fix(summary, snippet, "snippet", safe=False)
     path = paths.pop()
     prefix = nn_prefix(read(path) or "")
-    return diff_fix(summary, path,
-                    lambda src: replace_calls(src, [n.location.line for n in modules],
-                                              ("Sigmoid", "Tanh"), f"{prefix}ReLU()"),
-                    snippet, safe=False)
+    return diff_fix(
+        summary,
+        path,
+        lambda src: replace_calls(
+            src, [n.location.line for n in modules], ("Sigmoid", "Tanh"), f"{prefix}ReLU()"
+        ),
+        snippet,
+        safe=False,
+    )
 
 
 # -- ND103 dead-submodule ----------------------------------------------------------------------
+
 
 @rule("ND103")
 def dead_submodule(ctx: Context):
@@ -209,8 +252,7 @@ def dead_submodule(ctx: Context):
         return any(".".join(parts[:i]) in names for i in range(len(parts), 0, -1))
 
     live_modules = {n.module for n in graph if n.module and n.name in live}
-    live_leaf_calls = {n.module for n in graph
-                       if n.module and n.name in live and n.op != "param"}
+    live_leaf_calls = {n.module for n in graph if n.module and n.name in live and n.op != "param"}
     any_calls = {n.module for n in graph if n.module and n.op != "param"} | set(called)
     for path, info in graph.modules.items():
         if info.trainable == 0:
@@ -221,22 +263,35 @@ def dead_submodule(ctx: Context):
         if not ran and graph.frontend == "hooks":
             continue  # a recorded forward only shows the branches this input took
         if ran:
-            how = ("is called in forward but its result never reaches the model output "
-                   "(computed, then unused)")
+            how = (
+                "is called in forward but its result never reaches the model output "
+                "(computed, then unused)"
+            )
         else:
             how = "is never called in forward"
-        message = (f"{path} ({info.type}, {info.trainable:,} trainable parameters) {how}: its "
-                   "parameters get no gradient and never train.")
+        message = (
+            f"{path} ({info.type}, {info.trainable:,} trainable parameters) {how}: its "
+            "parameters get no gradient and never train."
+        )
         parent = path.rpartition(".")[0]
-        hint = ("use its output (a residual block returns F.relu(x + y), not F.relu(x))"
-                if parent else "use its output in forward")
-        yield ctx.finding("ND103", message, module=path, location=info.location,
-                          fix=Fix(f"{hint}, or delete {path}"),
-                          evidence={"type": info.type, "trainable_parameters": info.trainable,
-                                    "called": ran}, impact=float(info.trainable) / 1e6)
+        hint = (
+            "use its output (a residual block returns F.relu(x + y), not F.relu(x))"
+            if parent
+            else "use its output in forward"
+        )
+        yield ctx.finding(
+            "ND103",
+            message,
+            module=path,
+            location=info.location,
+            fix=Fix(f"{hint}, or delete {path}"),
+            evidence={"type": info.type, "trainable_parameters": info.trainable, "called": ran},
+            impact=float(info.trainable) / 1e6,
+        )
 
 
 # -- ND104 unregistered-submodule ------------------------------------------------------------
+
 
 @rule("ND104")
 def unregistered_submodule(ctx: Context):
@@ -244,29 +299,45 @@ def unregistered_submodule(ctx: Context):
     for holder in graph.unregistered:
         owner = holder.owner_class or "the model"
         wrapper = "ModuleDict" if holder.container == "dict" else "ModuleList"
-        message = (f"{owner}.{holder.attr} is a plain {holder.container} holding "
-                   f"{holder.count} module(s) ({', '.join(holder.module_types)}): they are "
-                   "invisible to .parameters(), .to(device), .train()/.eval() and state_dict, "
-                   "so the optimizer never updates them and they never move to the GPU.")
+        message = (
+            f"{owner}.{holder.attr} is a plain {holder.container} holding "
+            f"{holder.count} module(s) ({', '.join(holder.module_types)}): they are "
+            "invisible to .parameters(), .to(device), .train()/.eval() and state_dict, "
+            "so the optimizer never updates them and they never move to the GPU."
+        )
         summary = f"wrap it in nn.{wrapper}: self.{holder.attr} = nn.{wrapper}(...)"
-        path = (holder.location or holder.owner_location)
+        path = holder.location or holder.owner_location
         empty = "{...}" if wrapper == "ModuleDict" else "[...]"
-        fix = Fix(summary, f"self.{holder.attr} = nn.{wrapper}({empty})",
-                  "snippet")
+        fix = Fix(summary, f"self.{holder.attr} = nn.{wrapper}({empty})", "snippet")
         if path is not None:
             prefix = nn_prefix(read(path.path) or "")
-            fix = diff_fix(summary, path.path,
-                           lambda src, h=holder, prefix=prefix, wrapper=wrapper: wrap_attribute(
-                               src, h.attr, f"{prefix}{wrapper}",
-                               near_line=h.location.line if h.location else None),
-                           fix.patch)
+            fix = diff_fix(
+                summary,
+                path.path,
+                lambda src, h=holder, prefix=prefix, wrapper=wrapper: wrap_attribute(
+                    src,
+                    h.attr,
+                    f"{prefix}{wrapper}",
+                    near_line=h.location.line if h.location else None,
+                ),
+                fix.patch,
+            )
         module = f"{holder.owner}.{holder.attr}" if holder.owner else holder.attr
         location = holder.location
         if location is not None and location.line:  # point at `self.layers = [`
             source = read(location.path)
             line = attribute_line(source, holder.attr, location.line) if source else None
             location = Location(location.path, line) if line else location
-        yield ctx.finding("ND104", message, module=module, location=location,
-                          fix=fix, evidence={"container": holder.container,
-                                             "count": holder.count,
-                                             "types": holder.module_types}, impact=10.0)
+        yield ctx.finding(
+            "ND104",
+            message,
+            module=module,
+            location=location,
+            fix=fix,
+            evidence={
+                "container": holder.container,
+                "count": holder.count,
+                "types": holder.module_types,
+            },
+            impact=10.0,
+        )

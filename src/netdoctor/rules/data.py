@@ -37,8 +37,15 @@ from netdoctor.loading.forward import main_output
 from netdoctor.rules.registry import Context, rule
 
 # Losses whose targets are class indices (the names the probe uses, case-insensitive).
-CLASS_INDEX_LOSSES = {"cross_entropy", "crossentropy", "crossentropyloss", "ce", "nll",
-                      "nll_loss", "nllloss"}
+CLASS_INDEX_LOSSES = {
+    "cross_entropy",
+    "crossentropy",
+    "crossentropyloss",
+    "ce",
+    "nll",
+    "nll_loss",
+    "nllloss",
+}
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.RNNBase)
 
@@ -98,8 +105,13 @@ class DataSample:
             raw = builtin and "(raw)" in source.description
             normalized = builtin and "normalized" in source.description
         return cls(
-            x=x, y=y, description=source.description, source=name, builtin=builtin,
-            raw=raw, normalized=normalized,
+            x=x,
+            y=y,
+            description=source.description,
+            source=name,
+            builtin=builtin,
+            raw=raw,
+            normalized=normalized,
             num_classes=source.num_classes if builtin else None,
             batch_size=source.batch_size,
         )
@@ -110,8 +122,9 @@ class DataSample:
         Runs one no-grad eval-mode forward of the first `probe_batch` samples (modes restored);
         a failing forward leaves those fields None and adds a note.
         """
-        out = replace(self, notes=list(self.notes), num_outputs=None, output_shape=None,
-                      model_input=None)
+        out = replace(
+            self, notes=list(self.notes), num_outputs=None, output_shape=None, model_input=None
+        )
         if model is None or self.x.shape[0] == 0:
             return out
         from netdoctor.loading.forward import ForwardFailure, run_forward
@@ -133,15 +146,20 @@ class DataSample:
             if t.is_floating_point():
                 seen.update(_unit_stats(t.detach()), module=names.get(mod) or type(mod).__name__)
 
-        handles = [m.register_forward_pre_hook(pre) for m in model.modules()
-                   if isinstance(m, _WEIGHT_LAYERS)]
+        handles = [
+            m.register_forward_pre_hook(pre)
+            for m in model.modules()
+            if isinstance(m, _WEIGHT_LAYERS)
+        ]
         try:
             result = run_forward(model, xb)
         except ForwardFailure as e:
             where = f" in {e.module}" if e.module else ""
-            out.notes.append(f"data: the model's forward failed on a data batch of shape "
-                             f"{tuple(xb.shape)}{where} ({e}); label checks against the "
-                             "model's outputs skipped")
+            out.notes.append(
+                f"data: the model's forward failed on a data batch of shape "
+                f"{tuple(xb.shape)}{where} ({e}); label checks against the "
+                "model's outputs skipped"
+            )
             return out
         finally:
             for h in handles:
@@ -154,8 +172,9 @@ class DataSample:
         return out
 
 
-def sample_data(source, model: nn.Module | None = None, n_batches: int = 4,
-                spec=None) -> DataSample:
+def sample_data(
+    source, model: nn.Module | None = None, n_batches: int = 4, spec=None
+) -> DataSample:
     """Draw a DataSample from an opened DataSource and, given a model, measure its outputs.
 
     `spec` (the DataSpec the source was opened with) lets the rules know a built-in set was
@@ -165,7 +184,6 @@ def sample_data(source, model: nn.Module | None = None, n_batches: int = 4,
 
 
 # -------------------------------------------------------------------------------- helpers
-
 
 
 def _classes_from_output(out: tuple[int, ...], y: tuple[int, ...]) -> int | None:
@@ -194,8 +212,11 @@ def _unit_stats(t: torch.Tensor) -> dict[str, float]:
     v = _finite_values(t)
     if v.numel() == 0:
         return {"mean": math.nan, "std": math.nan, "abs_q999": math.nan}
-    return {"mean": float(v.mean()), "std": float(v.std(unbiased=False)),
-            "abs_q999": _abs_quantile(v, 0.999)}
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(unbiased=False)),
+        "abs_q999": _abs_quantile(v, 0.999),
+    }
 
 
 def _abs_quantile(v: torch.Tensor, q: float) -> float:
@@ -232,8 +253,15 @@ def _per_channel(x: torch.Tensor, dim: int | None) -> dict[str, torch.Tensor]:
     inf = torch.tensor(math.inf, dtype=torch.float64)
     lo = torch.where(finite, flat, inf).amin(0)
     hi = torch.where(finite, flat, -inf).amax(0)
-    return {"count": count, "mean": mean, "std": std, "min": lo, "max": hi, "flat": flat,
-            "finite": finite}
+    return {
+        "count": count,
+        "mean": mean,
+        "std": std,
+        "min": lo,
+        "max": hi,
+        "flat": flat,
+        "finite": finite,
+    }
 
 
 def _overall(ch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -243,8 +271,12 @@ def _overall(ch: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
     mean = float((ch["mean"] * count).sum() / n)
     var = float((count * (ch["std"].square() + (ch["mean"] - mean).square())).sum() / n)
-    return {"mean": mean, "std": math.sqrt(max(var, 0.0)), "min": float(ch["min"].min()),
-            "max": float(ch["max"].max())}
+    return {
+        "mean": mean,
+        "std": math.sqrt(max(var, 0.0)),
+        "min": float(ch["min"].min()),
+        "max": float(ch["max"].max()),
+    }
 
 
 _MAX_STAT_VALUES = 8_000_000
@@ -279,9 +311,12 @@ def _g(v: float) -> str:
 # Fixed ranges of integer-coded inputs: the scale fix divides by the range's top. A range
 # fits data whose maximum lies in its upper three quarters (0..255 for a maximum of 64..255).
 _RANGES = (16.0, 255.0, 1023.0, 4095.0, 65535.0)
-_RANGE_NAMES = {16.0: "e.g. 4-bit intensities such as scikit-learn's 8x8 digits",
-                1023.0: "10-bit values", 4095.0: "12-bit sensor values",
-                65535.0: "16-bit images"}
+_RANGE_NAMES = {
+    16.0: "e.g. 4-bit intensities such as scikit-learn's 8x8 digits",
+    1023.0: "10-bit values",
+    4095.0: "12-bit sensor values",
+    65535.0: "16-bit images",
+}
 
 
 def _nominal_range(stats: dict[str, float], integer_coded: bool) -> float | None:
@@ -331,30 +366,38 @@ def input_not_normalized(ctx: Context):
     stats = _overall(ch)
     if not math.isfinite(stats["mean"]):
         return
-    limits = (float(ctx.option("ND301", "max-abs-mean", 3.0)),
-              float(ctx.option("ND301", "max-std", 10.0)),
-              float(ctx.option("ND301", "min-std", 0.01)),
-              float(ctx.option("ND301", "max-abs", 20.0)))
+    limits = (
+        float(ctx.option("ND301", "max-abs-mean", 3.0)),
+        float(ctx.option("ND301", "max-std", 10.0)),
+        float(ctx.option("ND301", "min-std", 0.01)),
+        float(ctx.option("ND301", "max-abs", 20.0)),
+    )
     values = ch["flat"][ch["finite"]]
     stats["abs_q999"] = _abs_quantile(values, 0.999)
     reasons = _off_scale(stats, limits)
     if not reasons:
         return
     mi = s.model_input
-    if mi and not _off_scale({k: mi.get(k, math.nan) for k in ("mean", "std", "abs_q999")},
-                             limits):
+    if mi and not _off_scale({k: mi.get(k, math.nan) for k in ("mean", "std", "abs_q999")}, limits):
         return  # the model rescales its input itself before the first weight layer
 
     integer_valued = bool(torch.equal(values, values.round()))
     top = _nominal_range(stats, integer_valued or s.raw)
     twice = 0 <= stats["min"] and 0 < stats["max"] <= 1 / 255 + 1e-9
     evidence: dict[str, Any] = {
-        "mean": stats["mean"], "std": stats["std"], "min": stats["min"], "max": stats["max"],
-        "abs_q999": stats["abs_q999"], "samples": int(x.shape[0]),
-        "integer_valued": integer_valued, "limits_broken": reasons,
+        "mean": stats["mean"],
+        "std": stats["std"],
+        "min": stats["min"],
+        "max": stats["max"],
+        "abs_q999": stats["abs_q999"],
+        "samples": int(x.shape[0]),
+        "integer_valued": integer_valued,
+        "limits_broken": reasons,
     }
-    measured = (f"mean {_g(stats['mean'])}, std {_g(stats['std'])}, min {_g(stats['min'])}, "
-                f"max {_g(stats['max'])}")
+    measured = (
+        f"mean {_g(stats['mean'])}, std {_g(stats['std'])}, min {_g(stats['min'])}, "
+        f"max {_g(stats['max'])}"
+    )
     means = (ch["mean"]).tolist()
     stds = ch["std"].tolist()
     if top is not None:
@@ -366,43 +409,60 @@ def input_not_normalized(ctx: Context):
         evidence["scaled_mean"] = scaled_m
         evidence["scaled_std"] = scaled_s
         norm = f"transforms.Normalize({_tuple(scaled_m)}, {_tuple(scaled_s)})"
-        what = ("raw 0..255 pixels" if top == 255 else
-                f"integer values in 0..{t} ({_RANGE_NAMES.get(top, 'a fixed-range encoding')})")
-        message = (f"the inputs are {what} ({measured} over {x.shape[0]} samples; "
-                   f"{'; '.join(reasons)}): with values this large the first layer's outputs "
-                   "are large, and at a high learning rate ReLUs die or saturate and the loss "
-                   "stalls"
-                   + (" (the 784-300-10 MLP on raw FashionMNIST pixels reached accuracy 0.1)"
-                      if top == 255 else "")
-                   + f". Scale them to [0, 1] by their range (x / {t}) and standardize: after "
-                   f"the division the measured mean is {_tuple(scaled_m)} and std "
-                   f"{_tuple(scaled_s)}.")
+        what = (
+            "raw 0..255 pixels"
+            if top == 255
+            else f"integer values in 0..{t} ({_RANGE_NAMES.get(top, 'a fixed-range encoding')})"
+        )
+        message = (
+            f"the inputs are {what} ({measured} over {x.shape[0]} samples; "
+            f"{'; '.join(reasons)}): with values this large the first layer's outputs "
+            "are large, and at a high learning rate ReLUs die or saturate and the loss "
+            "stalls"
+            + (
+                " (the 784-300-10 MLP on raw FashionMNIST pixels reached accuracy 0.1)"
+                if top == 255
+                else ""
+            )
+            + f". Scale them to [0, 1] by their range (x / {t}) and standardize: after "
+            f"the division the measured mean is {_tuple(scaled_m)} and std "
+            f"{_tuple(scaled_s)}."
+        )
         lines = []
         if s.builtin and s.raw:
-            lines.append("# netdoctor served this built-in set raw because of --raw: drop --raw "
-                         "(the default is [0, 1], like ToTensor)")
+            lines.append(
+                "# netdoctor served this built-in set raw because of --raw: drop --raw "
+                "(the default is [0, 1], like ToTensor)"
+            )
             lines.append("# or add --normalize to standardize with the measured statistics.")
-        lines += [f"# scale the 0..{t} values to [0, 1] before they reach the model:",
-                  f"x = x / {top:.1f}"]
+        lines += [
+            f"# scale the 0..{t} values to [0, 1] before they reach the model:",
+            f"x = x / {top:.1f}",
+        ]
         if top == 255:
-            lines += ["# then standardize; in a torchvision pipeline "
-                      "(ToTensor already divides by 255):",
-                      f"transforms.Compose([transforms.ToTensor(), {norm}])"]
+            lines += [
+                "# then standardize; in a torchvision pipeline (ToTensor already divides by 255):",
+                f"transforms.Compose([transforms.ToTensor(), {norm}])",
+            ]
         else:
-            lines += ["# then standardize with the statistics measured after the division:",
-                      norm if len(means) > 1 else
-                      f"x = (x - {_f4(scaled_m[0])}) / {_f4(scaled_s[0])}"]
+            lines += [
+                "# then standardize with the statistics measured after the division:",
+                norm if len(means) > 1 else f"x = (x - {_f4(scaled_m[0])}) / {_f4(scaled_s[0])}",
+            ]
         if len(means) == 1 and top == 255:
-            lines += ["# or by hand:",
-                      f"x = (x / 255.0 - {_f4(scaled_m[0])}) / {_f4(scaled_s[0])}"]
-        summary = (f"scale the inputs: x = x / {top:.1f}, then Normalize({_tuple(scaled_m)}, "
-                   f"{_tuple(scaled_s)})")
+            lines += ["# or by hand:", f"x = (x / 255.0 - {_f4(scaled_m[0])}) / {_f4(scaled_s[0])}"]
+        summary = (
+            f"scale the inputs: x = x / {top:.1f}, then Normalize({_tuple(scaled_m)}, "
+            f"{_tuple(scaled_s)})"
+        )
     else:
         m, sd = stats["mean"], max(stats["std"], 1e-12)
-        message = (f"the inputs are far from unit scale ({measured} over {x.shape[0]} samples; "
-                   f"{'; '.join(reasons)}): the first layer's pre-activations inherit this "
-                   "scale, so ReLUs die or saturate and gradients are off by the same factor. "
-                   "Standardize them to mean 0, std 1.")
+        message = (
+            f"the inputs are far from unit scale ({measured} over {x.shape[0]} samples; "
+            f"{'; '.join(reasons)}): the first layer's pre-activations inherit this "
+            "scale, so ReLUs die or saturate and gradients are off by the same factor. "
+            "Standardize them to mean 0, std 1."
+        )
         lines = []
         if twice:
             message += " They look divided by 255 twice (max <= 1/255)."
@@ -411,30 +471,36 @@ def input_not_normalized(ctx: Context):
             lines.append("# drop --raw (or add --normalize)")
         fdim = _channel_dim(x)
         if len(means) > 1:
-            norm = (f"transforms.Normalize({_tuple(means)}, "
-                    f"{_tuple([max(v, 1e-8) for v in stds])})")
+            norm = f"transforms.Normalize({_tuple(means)}, {_tuple([max(v, 1e-8) for v in stds])})"
             lines += ["# per channel, with the measured statistics:", norm]
             summary = f"standardize per channel: {norm}"
         elif fdim is not None and x.shape[fdim] > 1:
             # tabular / sequence features: standardize each one (StandardScaler)
             dims = _dims_but(x, fdim)
-            lines += ["# standardize each feature with statistics of the TRAINING data:",
-                      f"mean = x_train.mean(dim={dims}, keepdim=True)",
-                      f"std = x_train.std(dim={dims}, keepdim=True).clamp_min(1e-8)",
-                      "x = (x - mean) / std",
-                      f"# (over all features at once: x = {_standardize(m, sd)})"]
+            lines += [
+                "# standardize each feature with statistics of the TRAINING data:",
+                f"mean = x_train.mean(dim={dims}, keepdim=True)",
+                f"std = x_train.std(dim={dims}, keepdim=True).clamp_min(1e-8)",
+                "x = (x - mean) / std",
+                f"# (over all features at once: x = {_standardize(m, sd)})",
+            ]
             summary = "standardize each feature: x = (x - mean) / std (training-set statistics)"
         else:
-            lines += ["# standardize with the measured statistics:",
-                      f"x = {_standardize(m, sd)}"]
+            lines += ["# standardize with the measured statistics:", f"x = {_standardize(m, sd)}"]
             summary = f"standardize the inputs: x = {_standardize(m, sd)}"
     evidence["channel_mean"] = means
     evidence["channel_std"] = stds
-    yield ctx.finding("ND301", message, fix=Fix(summary, "\n".join(lines) + "\n", "snippet"),
-                      evidence=evidence, impact=10.0)
+    yield ctx.finding(
+        "ND301",
+        message,
+        fix=Fix(summary, "\n".join(lines) + "\n", "snippet"),
+        evidence=evidence,
+        impact=10.0,
+    )
 
 
 # -------------------------------------------------------------------------------- ND302
+
 
 @rule("ND302", needs="data")
 def feature_scale_mismatch(ctx: Context):
@@ -460,8 +526,7 @@ def feature_scale_mismatch(ctx: Context):
     filled = torch.where(fin, rows, torch.full_like(rows, math.nan))
     median = filled.nanmedian(0).values
     varying = ((rows != median) & fin).to(torch.float64).sum(0) / fin.sum(0).clamp_min(1)
-    sparse = [i for i in range(std.numel())
-              if i not in constant and float(varying[i]) < min_share]
+    sparse = [i for i in range(std.numel()) if i not in constant and float(varying[i]) < min_share]
     dense = [i for i in range(std.numel()) if i not in constant and i not in sparse]
     if len(dense) < 2:
         return
@@ -477,15 +542,19 @@ def feature_scale_mismatch(ctx: Context):
     def named(ids):
         return ", ".join(f"{word} {i} (std {_g(float(std[i]))})" for i in ids)
 
-    message = (f"input {word}s differ in scale by {ratio:.3g}x (std of {word} {hi_i}: "
-               f"{_g(float(std[hi_i]))}, of {word} {lo_i}: {_g(float(std[lo_i]))}; threshold "
-               f"{_g(max_ratio)}x): largest {named(big)}; smallest {named(small)}. The large "
-               f"{word}s dominate the first layer and its gradients, the small ones are "
-               "effectively ignored, and no single learning rate suits both (BatchNorm after "
-               "the first layer does not undo this).")
+    message = (
+        f"input {word}s differ in scale by {ratio:.3g}x (std of {word} {hi_i}: "
+        f"{_g(float(std[hi_i]))}, of {word} {lo_i}: {_g(float(std[lo_i]))}; threshold "
+        f"{_g(max_ratio)}x): largest {named(big)}; smallest {named(small)}. The large "
+        f"{word}s dominate the first layer and its gradients, the small ones are "
+        "effectively ignored, and no single learning rate suits both (BatchNorm after "
+        "the first layer does not undo this)."
+    )
     if constant:
-        message += (f" {len(constant)} {word}(s) are constant and carry no information: "
-                    f"{', '.join(map(str, constant[:10]))}{' ...' if len(constant) > 10 else ''}.")
+        message += (
+            f" {len(constant)} {word}(s) are constant and carry no information: "
+            f"{', '.join(map(str, constant[:10]))}{' ...' if len(constant) > 10 else ''}."
+        )
     means = ch["mean"].tolist()
     stds = [max(float(v), 1e-8) for v in std.tolist()]
     if word == "channel":
@@ -493,24 +562,41 @@ def feature_scale_mismatch(ctx: Context):
         lines = ["# standardize each channel with the measured statistics:", norm]
         summary = f"standardize per channel: {norm}"
     else:
-        lines = [("# standardize each feature with statistics of the TRAINING data "
-                  "(reuse them for validation/test):"),
-                 f"mean = x_train.mean(dim={_dims_but(x, dim)}, keepdim=True)",
-                 f"std = x_train.std(dim={_dims_but(x, dim)}, keepdim=True).clamp_min(1e-8)",
-                 "x = (x - mean) / std",
-                 "# or: sklearn.preprocessing.StandardScaler().fit(x_train).transform(x)"]
+        lines = [
+            (
+                "# standardize each feature with statistics of the TRAINING data "
+                "(reuse them for validation/test):"
+            ),
+            f"mean = x_train.mean(dim={_dims_but(x, dim)}, keepdim=True)",
+            f"std = x_train.std(dim={_dims_but(x, dim)}, keepdim=True).clamp_min(1e-8)",
+            "x = (x - mean) / std",
+            "# or: sklearn.preprocessing.StandardScaler().fit(x_train).transform(x)",
+        ]
         if len(means) <= 8:
-            lines += ["# measured on this sample:",
-                      f"mean = torch.tensor({[round(m, 6) for m in means]})",
-                      f"std = torch.tensor({[round(v, 6) for v in stds]})"]
+            lines += [
+                "# measured on this sample:",
+                f"mean = torch.tensor({[round(m, 6) for m in means]})",
+                f"std = torch.tensor({[round(v, 6) for v in stds]})",
+            ]
         summary = "standardize each feature: x = (x - mean) / std, per feature"
     yield ctx.finding(
-        "ND302", message, fix=Fix(summary, "\n".join(lines) + "\n", "snippet"),
-        evidence={"axis": dim, "word": word, "ratio": ratio, "max_ratio": max_ratio,
-                  "largest": {str(i): float(std[i]) for i in big},
-                  "smallest": {str(i): float(std[i]) for i in small},
-                  "std": std.tolist(), "mean": means, "constant": constant, "sparse": sparse},
-        impact=11.0)  # above ND301's: standardizing each feature also fixes the overall scale
+        "ND302",
+        message,
+        fix=Fix(summary, "\n".join(lines) + "\n", "snippet"),
+        evidence={
+            "axis": dim,
+            "word": word,
+            "ratio": ratio,
+            "max_ratio": max_ratio,
+            "largest": {str(i): float(std[i]) for i in big},
+            "smallest": {str(i): float(std[i]) for i in small},
+            "std": std.tolist(),
+            "mean": means,
+            "constant": constant,
+            "sparse": sparse,
+        },
+        impact=11.0,
+    )  # above ND301's: standardizing each feature also fixes the overall scale
 
 
 def _dims_but(x: torch.Tensor, dim: int) -> str:
@@ -519,6 +605,7 @@ def _dims_but(x: torch.Tensor, dim: int) -> str:
 
 
 # -------------------------------------------------------------------------------- ND303
+
 
 def _value_counts(v: torch.Tensor, limit: int = 10) -> dict[str, int]:
     vals, counts = torch.unique(v, return_counts=True)
@@ -545,8 +632,11 @@ def label_mismatch(ctx: Context):
         return
     if (s.source or "").strip().lower() == "synthetic":
         return  # netdoctor made these labels up, with as many classes as it was asked for
-    if s.output_shape is not None and tuple(y.shape[1:]) == tuple(s.output_shape[1:]) \
-            and y.dim() >= 2:
+    if (
+        s.output_shape is not None
+        and tuple(y.shape[1:]) == tuple(s.output_shape[1:])
+        and y.dim() >= 2
+    ):
         return  # targets shaped like the outputs: regression, multi-label or soft labels
     is_float = y.is_floating_point()
     if is_float and not ce and not (C is not None and C > 1):
@@ -572,18 +662,26 @@ def label_mismatch(ctx: Context):
         n_frac = int(frac.sum())
         if n_frac:
             counts = _value_counts(v[frac], 5)
-            problems.append(f"{n_frac} of {v.numel()} labels are not integers "
-                            f"(e.g. {_counts_text(counts)}): class labels must be integer "
-                            "indices 0..C-1")
-            fixes += ["# class labels must be int64 indices in [0, C):",
-                      "y = y.round().long()   # if they are class ids stored with noise",
-                      ("# soft/probability targets must have shape (N, C); use a regression "
-                       "loss (MSELoss) for real-valued targets")]
+            problems.append(
+                f"{n_frac} of {v.numel()} labels are not integers "
+                f"(e.g. {_counts_text(counts)}): class labels must be integer "
+                "indices 0..C-1"
+            )
+            fixes += [
+                "# class labels must be int64 indices in [0, C):",
+                "y = y.round().long()   # if they are class ids stored with noise",
+                (
+                    "# soft/probability targets must have shape (N, C); use a regression "
+                    "loss (MSELoss) for real-valued targets"
+                ),
+            ]
             evidence["fractional"] = n_frac
             evidence["fractional_examples"] = counts
         else:
-            problems.append(f"the class labels are stored as {str(y.dtype).replace('torch.', '')}"
-                            ": CrossEntropyLoss needs int64 class indices")
+            problems.append(
+                f"the class labels are stored as {str(y.dtype).replace('torch.', '')}"
+                ": CrossEntropyLoss needs int64 class indices"
+            )
             fixes += ["y = y.long()"]
             evidence["float_labels"] = True
         v = v.round().to(torch.int64)
@@ -603,53 +701,78 @@ def label_mismatch(ctx: Context):
             counts = _value_counts(v[bad])
             evidence["out_of_range"] = counts
             evidence["out_of_range_count"] = n_bad
-            problems.append(f"{n_bad} of {v.numel()} labels are outside [0, {C}) for the "
-                            f"model's {C} outputs: {_counts_text(counts)}"
-                            f"{' ...' if len(torch.unique(v[bad])) > len(counts) else ''}")
+            problems.append(
+                f"{n_bad} of {v.numel()} labels are outside [0, {C}) for the "
+                f"model's {C} outputs: {_counts_text(counts)}"
+                f"{' ...' if len(torch.unique(v[bad])) > len(counts) else ''}"
+            )
             if lo == 1 and hi == C:
                 problems[-1] += f" (labels run 1..{C}: they look 1-based)"
                 fixes += ["# the labels are 1-based (1..C): shift them to 0..C-1", "y = y - 1"]
             elif lo >= 0:
-                fixes += [(f"# the data has labels up to {hi}: give the last layer {hi + 1} "
-                           f"outputs (e.g. nn.Linear(..., {hi + 1})),"),
-                          f"# or remap the labels into 0..{C - 1}"]
+                fixes += [
+                    (
+                        f"# the data has labels up to {hi}: give the last layer {hi + 1} "
+                        f"outputs (e.g. nn.Linear(..., {hi + 1})),"
+                    ),
+                    f"# or remap the labels into 0..{C - 1}",
+                ]
             else:
-                fixes += [(f"# remap the labels into 0..{C - 1} (negative labels are invalid; "
-                           f"only {ignore_index} is ignored by CrossEntropyLoss)")]
+                fixes += [
+                    (
+                        f"# remap the labels into 0..{C - 1} (negative labels are invalid; "
+                        f"only {ignore_index} is ignored by CrossEntropyLoss)"
+                    )
+                ]
         if int(seen.numel()) > C:
             problems.append(f"{int(seen.numel())} classes seen but the model has {C} outputs")
         declared = s.num_classes
         if declared is not None and declared != C and not n_bad:
             problems.append(f"the data set has {declared} classes but the model has {C} outputs")
-            fixes += [f"# make the last layer output {declared} classes "
-                      f"(nn.Linear(..., {declared}))"]
+            fixes += [
+                f"# make the last layer output {declared} classes (nn.Linear(..., {declared}))"
+            ]
             evidence["declared_classes"] = declared
         elif declared is None and hi + 1 < C and not n_bad:
             flat_y = y.reshape(-1)
-            sorted_sample = bool((flat_y[1:] >= flat_y[:-1]).all()) if flat_y.numel() > 1 \
-                else True
+            sorted_sample = bool((flat_y[1:] >= flat_y[:-1]).all()) if flat_y.numel() > 1 else True
             if v.numel() >= min_per_class * C and not sorted_sample:
-                problems.append(f"the model has {C} outputs but only labels 0..{hi} "
-                                f"({int(seen.numel())} classes) appear in {v.numel()} samples: "
-                                f"outputs {hi + 1}..{C - 1} are never a target (this may be "
-                                "fine if those classes are rare; check the last layer's size)")
-                fixes += [(f"# if the data has {hi + 1} classes, make the last layer output "
-                           f"{hi + 1} (e.g. nn.Linear(..., {hi + 1}))")]
+                problems.append(
+                    f"the model has {C} outputs but only labels 0..{hi} "
+                    f"({int(seen.numel())} classes) appear in {v.numel()} samples: "
+                    f"outputs {hi + 1}..{C - 1} are never a target (this may be "
+                    "fine if those classes are rare; check the last layer's size)"
+                )
+                fixes += [
+                    (
+                        f"# if the data has {hi + 1} classes, make the last layer output "
+                        f"{hi + 1} (e.g. nn.Linear(..., {hi + 1}))"
+                    )
+                ]
     if not problems:
         return
     out_txt = f" (model outputs: {C})" if C is not None else ""
     message = "label mismatch" + out_txt + ": " + "; ".join(problems) + "."
-    summary = ("fix the labels: " + fixes[0].lstrip("# ").rstrip(",")) if fixes \
+    summary = (
+        ("fix the labels: " + fixes[0].lstrip("# ").rstrip(","))
+        if fixes
         else "make the labels class indices in [0, C) for the model's C outputs"
+    )
     for line in fixes:
         if not line.startswith("#"):
             summary = f"fix the labels: {line.split('#')[0].strip()}"
             break
-    yield ctx.finding("ND303", message, fix=Fix(summary, "\n".join(fixes) + "\n", "snippet"),
-                      evidence=evidence, impact=20.0)
+    yield ctx.finding(
+        "ND303",
+        message,
+        fix=Fix(summary, "\n".join(fixes) + "\n", "snippet"),
+        evidence=evidence,
+        impact=20.0,
+    )
 
 
 # -------------------------------------------------------------------------------- ND304
+
 
 def _nonfinite(t: torch.Tensor, batch_size: int | None) -> dict[str, Any] | None:
     if not t.is_floating_point() or t.numel() == 0:
@@ -661,9 +784,15 @@ def _nonfinite(t: torch.Tensor, batch_size: int | None) -> dict[str, Any] | None
         return None
     per_sample = (nan | inf).reshape(t.shape[0], -1).any(1) if t.dim() else (nan | inf)
     rows = torch.nonzero(per_sample).reshape(-1).tolist()
-    out = {"nan": n_nan, "inf": n_inf, "values": int(t.numel()),
-           "fraction": (n_nan + n_inf) / t.numel(), "samples": len(rows),
-           "of_samples": int(t.shape[0]) if t.dim() else 1, "first_samples": rows[:10]}
+    out = {
+        "nan": n_nan,
+        "inf": n_inf,
+        "values": int(t.numel()),
+        "fraction": (n_nan + n_inf) / t.numel(),
+        "samples": len(rows),
+        "of_samples": int(t.shape[0]) if t.dim() else 1,
+        "first_samples": rows[:10],
+    }
     if t.dim() >= 2 and t.shape[0] > 1:
         always = (nan | inf).reshape(t.shape[0], -1).all(0)
         out["always_nonfinite_positions"] = int(always.sum())
@@ -675,39 +804,65 @@ def _nonfinite(t: torch.Tensor, batch_size: int | None) -> dict[str, Any] | None
 @rule("ND304", needs="data")
 def non_finite_input(ctx: Context):
     s: DataSample = ctx.data
-    found = {name: r for name, r in (("x", _nonfinite(s.x, s.batch_size)),
-                                     ("y", _nonfinite(s.y, s.batch_size))) if r}
+    found = {
+        name: r
+        for name, r in (("x", _nonfinite(s.x, s.batch_size)), ("y", _nonfinite(s.y, s.batch_size)))
+        if r
+    }
     if not found:
         return
     parts = []
     for name, r in found.items():
         where = ", ".join(map(str, r["first_samples"]))
         more = " ..." if r["samples"] > len(r["first_samples"]) else ""
-        parts.append(f"{name} holds {r['nan']} NaN and {r['inf']} Inf values "
-                     f"({100 * r['fraction']:.3g}% of {r['values']}) in {r['samples']} of "
-                     f"{r['of_samples']} samples (first sample positions: {where}{more})")
+        parts.append(
+            f"{name} holds {r['nan']} NaN and {r['inf']} Inf values "
+            f"({100 * r['fraction']:.3g}% of {r['values']}) in {r['samples']} of "
+            f"{r['of_samples']} samples (first sample positions: {where}{more})"
+        )
     systematic = [n for n, r in found.items() if r.get("always_nonfinite_positions")]
     if systematic:
         r = found[systematic[0]]
-        parts.append(f"{r['always_nonfinite_positions']} positions of {systematic[0]} are "
-                     "non-finite in every sample: a per-feature statistic is the likely cause "
-                     "(standardizing by a std of 0 gives 0/0 = NaN), not a few bad samples")
-    message = ("non-finite data: " + "; ".join(parts) + ". One NaN input makes the loss and "
-               "every gradient NaN, and the weights stay NaN after the update. Positions count "
-               "samples in the order served (built-in sets and .npz files are shuffled).")
-    lines = ["# standardizing per feature? guard the division:",
-             "x = (x - mean) / std.clamp_min(1e-8)"] if systematic else []
-    lines += [("# find where they come from (a division by a zero std, log(0), missing values)"
-              " and fix it there; or drop the bad samples:"),
-             "bad = ~torch.isfinite(x).flatten(1).all(1)" if "x" in found else
-             "bad = ~torch.isfinite(y.reshape(len(y), -1)).all(1)"]
+        parts.append(
+            f"{r['always_nonfinite_positions']} positions of {systematic[0]} are "
+            "non-finite in every sample: a per-feature statistic is the likely cause "
+            "(standardizing by a std of 0 gives 0/0 = NaN), not a few bad samples"
+        )
+    message = (
+        "non-finite data: " + "; ".join(parts) + ". One NaN input makes the loss and "
+        "every gradient NaN, and the weights stay NaN after the update. Positions count "
+        "samples in the order served (built-in sets and .npz files are shuffled)."
+    )
+    lines = (
+        ["# standardizing per feature? guard the division:", "x = (x - mean) / std.clamp_min(1e-8)"]
+        if systematic
+        else []
+    )
+    lines += [
+        (
+            "# find where they come from (a division by a zero std, log(0), missing values)"
+            " and fix it there; or drop the bad samples:"
+        ),
+        "bad = ~torch.isfinite(x).flatten(1).all(1)"
+        if "x" in found
+        else "bad = ~torch.isfinite(y.reshape(len(y), -1)).all(1)",
+    ]
     if "x" in found and "y" in found:
         lines.append("bad |= ~torch.isfinite(y.reshape(len(y), -1)).all(1)")
-    lines += ["x, y = x[~bad], y[~bad]",
-              "# or replace them: x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)"]
-    yield ctx.finding("ND304", message,
-                      fix=Fix("guard the per-feature standardization: "
-                              "x = (x - mean) / std.clamp_min(1e-8)" if systematic else
-                              "remove or repair the non-finite samples before training",
-                              "\n".join(lines) + "\n", "snippet"),
-                      evidence=found, impact=30.0)
+    lines += [
+        "x, y = x[~bad], y[~bad]",
+        "# or replace them: x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)",
+    ]
+    yield ctx.finding(
+        "ND304",
+        message,
+        fix=Fix(
+            "guard the per-feature standardization: x = (x - mean) / std.clamp_min(1e-8)"
+            if systematic
+            else "remove or repair the non-finite samples before training",
+            "\n".join(lines) + "\n",
+            "snippet",
+        ),
+        evidence=found,
+        impact=30.0,
+    )

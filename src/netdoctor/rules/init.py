@@ -19,8 +19,16 @@ from netdoctor.rules.architecture import relu_fix
 from netdoctor.rules.registry import Context, rule
 
 # Ops between a layer and "the activation that follows it".
-_TO_ACTIVATION = {"reshape", "identity", "dropout", "avgpool", "maxpool", "getitem", "pad",
-                  "upsample"}
+_TO_ACTIVATION = {
+    "reshape",
+    "identity",
+    "dropout",
+    "avgpool",
+    "maxpool",
+    "getitem",
+    "pad",
+    "upsample",
+}
 # Below this many weights a sample std is too noisy to judge (PyTorch's default init sits 2.45x
 # below He; with 64 uniform weights the sample std's spread is ~6%, so 3x stays 3+ sigma away).
 _MIN_WEIGHTS = 64
@@ -63,26 +71,31 @@ def init_fix(graph: Graph, layers: list[Node], nonlinearity: str) -> Fix:
     """An init loop: a diff appending it to the model class's __init__ when that can be found,
     else a paste-ready snippet."""
     types = sorted({n.attrs["type"] for n in layers if n.attrs.get("type")}) or ["Linear"]
-    summary = ("initialise the weights for the activation that follows: "
-               f"nn.init.kaiming_normal_(m.weight, nonlinearity=\"{nonlinearity}\") "
-               "(fan-in-preserving: He for ReLU, LeCun gain for tanh/sigmoid/none)")
+    summary = (
+        "initialise the weights for the activation that follows: "
+        f'nn.init.kaiming_normal_(m.weight, nonlinearity="{nonlinearity}") '
+        "(fan-in-preserving: He for ReLU, LeCun gain for tanh/sigmoid/none)"
+    )
 
     def code(prefix: str) -> str:
         classes = ", ".join(f"{prefix}{t}" for t in types)
         classes = f"({classes},)" if len(types) == 1 else f"({classes})"
-        return ("for m in self.modules():\n"
-                f"    if isinstance(m, {classes}):\n"
-                f"        {prefix}init.kaiming_normal_(m.weight, nonlinearity=\"{nonlinearity}\")\n"
-                "        if m.bias is not None:\n"
-                f"            {prefix}init.zeros_(m.bias)\n")
+        return (
+            "for m in self.modules():\n"
+            f"    if isinstance(m, {classes}):\n"
+            f'        {prefix}init.kaiming_normal_(m.weight, nonlinearity="{nonlinearity}")\n'
+            "        if m.bias is not None:\n"
+            f"            {prefix}init.zeros_(m.bias)\n"
+        )
 
     snippet = "# at the end of the model's __init__:\n" + code("nn.")
     root = graph.root_location
     if root is None or not root.line:
         return Fix(summary, snippet, "snippet")
     prefix = nn_prefix(read(root.path) or "")
-    return diff_fix(summary, root.path, lambda src: append_to_init(src, root.line, code(prefix)),
-                    snippet)
+    return diff_fix(
+        summary, root.path, lambda src: append_to_init(src, root.line, code(prefix)), snippet
+    )
 
 
 # -- ND201 init-scale ---------------------------------------------------------------------------
@@ -109,9 +122,16 @@ def layer_scale(graph: Graph, node: Node) -> dict | None:
     act = following_activation(graph, node)
     nl = _nonlinearity(act)
     target = _gain(nl, act) / math.sqrt(n_in)
-    return {"node": node, "std": w.std, "target": target, "ratio": w.std / target,
-            "fan_in": n_in, "activation": act.op if act is not None else None,
-            "nonlinearity": nl, "head": reaches_output_directly(graph, node.name)}
+    return {
+        "node": node,
+        "std": w.std,
+        "target": target,
+        "ratio": w.std / target,
+        "fan_in": n_in,
+        "activation": act.op if act is not None else None,
+        "nonlinearity": nl,
+        "head": reaches_output_directly(graph, node.name),
+    }
 
 
 def _path_predecessors(graph: Graph, node: Node, memo: dict) -> list[Node]:
@@ -135,8 +155,9 @@ def _path_predecessors(graph: Graph, node: Node, memo: dict) -> list[Node]:
     return found
 
 
-def init_scale_outliers(graph: Graph, factor: float,
-                        max_shrink: float) -> tuple[list[dict], float, float]:
+def init_scale_outliers(
+    graph: Graph, factor: float, max_shrink: float
+) -> tuple[list[dict], float, float]:
     """The layers whose init scale is a problem; the worst shrink factor along a path that holds
     a hidden layer more than `factor` below its scale (1.0 when none does); the largest ratio of
     a judged hidden layer's std to its scale (how far the worst one is above it).
@@ -198,43 +219,71 @@ def init_scale(ctx: Context):
     parts = []
     for b in bad[:4]:
         node = b["node"]
-        scale = "He sqrt(2/fan_in)" if b["nonlinearity"] in ("relu", "leaky_relu") else \
-            "LeCun sqrt(1/fan_in)"
+        scale = (
+            "He sqrt(2/fan_in)"
+            if b["nonlinearity"] in ("relu", "leaky_relu")
+            else "LeCun sqrt(1/fan_in)"
+        )
         after = f"the {b['activation']} that follows" if b["activation"] else "no activation"
         direction = "below" if b["ratio"] < 1 else "above"
         times = 1 / b["ratio"] if b["ratio"] < 1 else b["ratio"]
         role = " (the output layer)" if b["head"] else ""
-        parts.append(f"{node.label}{role} weight std {b['std']:.3g} is {times:.1f}x {direction} "
-                     f"the {scale} = {b['target']:.3g} for fan-in {b['fan_in']} and {after}")
+        parts.append(
+            f"{node.label}{role} weight std {b['std']:.3g} is {times:.1f}x {direction} "
+            f"the {scale} = {b['target']:.3g} for fan-in {b['fan_in']} and {after}"
+        )
     more = f" (and {len(bad) - 4} more layers)" if len(bad) > 4 else ""
     effects = []
     if shrink > max_shrink:
-        effects.append(f"in series, with no normalization between, these layers shrink the "
-                       f"signal {shrink:.3g}x on its way to the output (and the gradient on its "
-                       "way back), so the first layers start out learning far slower than the "
-                       "last")
+        effects.append(
+            f"in series, with no normalization between, these layers shrink the "
+            f"signal {shrink:.3g}x on its way to the output (and the gradient on its "
+            "way back), so the first layers start out learning far slower than the "
+            "last"
+        )
     if any(b["ratio"] > factor for b in bad):
-        effects.append("a layer above its scale amplifies the signal by that factor: "
-                       "activations and gradients blow up (loss NaN) or saturate")
-    message = (f"{'; '.join(parts)}{more}: {'; '.join(effects)}. Thresholds: a hidden layer "
-               f"{factor:g}x above its scale, or a {max_shrink:g}x shrink along a path of "
-               f"layers each {factor:g}x or more below it (PyTorch's default init is 2.4x below "
-               "He and never counts; one such layer, or a small output layer, alone is fine).")
+        effects.append(
+            "a layer above its scale amplifies the signal by that factor: "
+            "activations and gradients blow up (loss NaN) or saturate"
+        )
+    message = (
+        f"{'; '.join(parts)}{more}: {'; '.join(effects)}. Thresholds: a hidden layer "
+        f"{factor:g}x above its scale, or a {max_shrink:g}x shrink along a path of "
+        f"layers each {factor:g}x or more below it (PyTorch's default init is 2.4x below "
+        "He and never counts; one such layer, or a small output layer, alone is fine)."
+    )
     hidden = [b for b in bad if not b["head"]] or bad
     common = Counter(b["nonlinearity"] for b in hidden).most_common(1)[0][0]
     first = bad[0]["node"]
     yield ctx.finding(
-        "ND201", message, module=first.label, location=first.location,
+        "ND201",
+        message,
+        module=first.label,
+        location=first.location,
         fix=init_fix(graph, [b["node"] for b in bad], common),
-        evidence={"factor": factor, "max_shrink": max_shrink, "shrink": shrink, "layers": [
-            {"module": b["node"].label, "std": b["std"], "expected": b["target"],
-             "ratio": b["ratio"], "fan_in": b["fan_in"], "activation": b["activation"],
-             "output_layer": b["head"]}
-            for b in bad]},
-        impact=5.0 + len(bad))
+        evidence={
+            "factor": factor,
+            "max_shrink": max_shrink,
+            "shrink": shrink,
+            "layers": [
+                {
+                    "module": b["node"].label,
+                    "std": b["std"],
+                    "expected": b["target"],
+                    "ratio": b["ratio"],
+                    "fan_in": b["fan_in"],
+                    "activation": b["activation"],
+                    "output_layer": b["head"],
+                }
+                for b in bad
+            ],
+        },
+        impact=5.0 + len(bad),
+    )
 
 
 # -- ND204 signal-collapse ----------------------------------------------------------------------
+
 
 def signal_chain(graph: Graph) -> list[Node]:
     """Hidden weight layers with a measured output scale, in topological order: heads and
@@ -285,8 +334,14 @@ def signal_collapse(ctx: Context):
     start_value = start.attrs["init_signal_rms"]
     start_label = "the input" if start.op == "input" else start.label
     values = [n.attrs["init_signal_rms"] for n in chain]
-    crossing = next(((node, ratio) for node, ratio in zip(chain, ratios)
-                     if ratio > limit or ratio < 1.0 / limit), None)
+    crossing = next(
+        (
+            (node, ratio)
+            for node, ratio in zip(chain, ratios)
+            if ratio > limit or ratio < 1.0 / limit
+        ),
+        None,
+    )
     if crossing is None:
         return
     node, _ = crossing
@@ -295,14 +350,19 @@ def signal_collapse(ctx: Context):
     lo, hi = min(values), max(values)
     grows = end_ratio > 1 if (end_ratio > limit or end_ratio < 1 / limit) else crossing[1] > 1
     verb = "grows" if grows else "shrinks"
-    message = (f"at initialization the signal {verb} by orders of magnitude across depth: on a "
-               f"unit-variance batch, the input-dependent RMS is {start_value:.3g} at "
-               f"{start_label}, {node.attrs['init_signal_rms']:.3g} at {node.label} and "
-               f"{values[-1]:.3g} at {last.label} (x{end_ratio:.3g} over {len(chain)} hidden "
-               f"layers; range {lo:.3g}..{hi:.3g}). "
-               + ("Deep layers receive (and send back) almost no signal: the loss barely moves."
-                  if not grows else "Activations and gradients explode: loss NaN or "
-                  "saturated units.") + f" Threshold: x{limit:g} either way.")
+    message = (
+        f"at initialization the signal {verb} by orders of magnitude across depth: on a "
+        f"unit-variance batch, the input-dependent RMS is {start_value:.3g} at "
+        f"{start_label}, {node.attrs['init_signal_rms']:.3g} at {node.label} and "
+        f"{values[-1]:.3g} at {last.label} (x{end_ratio:.3g} over {len(chain)} hidden "
+        f"layers; range {lo:.3g}..{hi:.3g}). "
+        + (
+            "Deep layers receive (and send back) almost no signal: the loss barely moves."
+            if not grows
+            else "Activations and gradients explode: loss NaN or saturated units."
+        )
+        + f" Threshold: x{limit:g} either way."
+    )
     acts = [following_activation(graph, n) for n in chain]
     nl = Counter(_nonlinearity(a) for a in acts).most_common(1)[0][0]
     if nl == "sigmoid":
@@ -312,8 +372,23 @@ def signal_collapse(ctx: Context):
     else:
         fix = init_fix(graph, chain, nl)
     yield ctx.finding(
-        "ND204", message, module=node.label, location=node.location, fix=fix,
-        evidence={"max_ratio": limit, "start": start_value, "end_ratio": end_ratio,
-                  "layers": [{"module": n.label, "signal_rms": n.attrs["init_signal_rms"],
-                              "rms": n.attrs.get("init_rms")} for n in chain]},
-        impact=6.0)
+        "ND204",
+        message,
+        module=node.label,
+        location=node.location,
+        fix=fix,
+        evidence={
+            "max_ratio": limit,
+            "start": start_value,
+            "end_ratio": end_ratio,
+            "layers": [
+                {
+                    "module": n.label,
+                    "signal_rms": n.attrs["init_signal_rms"],
+                    "rms": n.attrs.get("init_rms"),
+                }
+                for n in chain
+            ],
+        },
+        impact=6.0,
+    )

@@ -6,8 +6,15 @@ from netdoctor.fixes.patch import diff_fix, set_keyword
 from netdoctor.rules._paths import live_at_init
 from netdoctor.rules.registry import Context, rule
 
-_BN_TYPES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d",
-             "LazyBatchNorm2d", "LazyBatchNorm3d")
+_BN_TYPES = (
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+)
 
 
 @rule("ND203")
@@ -23,36 +30,54 @@ def batchnorm_momentum(ctx: Context):
         if momentum is None or node.attrs.get("track_running_stats") is False:
             continue  # None = cumulative average, a valid choice
         if momentum >= high:
-            why = (f"momentum={momentum:g} follows the TF/Keras convention; PyTorch updates "
-                   f"running = (1 - momentum) * running + momentum * batch, so running statistics "
-                   f"follow each batch almost exactly ({1 - momentum:.0%} of history kept) and "
-                   "eval-mode outputs jump around. PyTorch's 0.1 is Keras' 0.9.")
+            why = (
+                f"momentum={momentum:g} follows the TF/Keras convention; PyTorch updates "
+                f"running = (1 - momentum) * running + momentum * batch, so running statistics "
+                f"follow each batch almost exactly ({1 - momentum:.0%} of history kept) and "
+                "eval-mode outputs jump around. PyTorch's 0.1 is Keras' 0.9."
+            )
         elif momentum == 0:
-            why = ("momentum=0 means the running statistics never update: eval mode normalizes "
-                   "with the initial mean 0 and variance 1, not the data's, so eval outputs "
-                   "differ from training.")
+            why = (
+                "momentum=0 means the running statistics never update: eval mode normalizes "
+                "with the initial mean 0 and variance 1, not the data's, so eval outputs "
+                "differ from training."
+            )
         else:
             continue
         onnx_momentum = node.attrs.get("onnx_momentum")
         if onnx_momentum is not None:
-            why = (f"ONNX momentum={onnx_momentum:g} (ONNX weights the running value: it is "
-                   f"PyTorch's 1 - momentum) means PyTorch momentum={momentum:g}. " + why)
+            why = (
+                f"ONNX momentum={onnx_momentum:g} (ONNX weights the running value: it is "
+                f"PyTorch's 1 - momentum) means PyTorch momentum={momentum:g}. " + why
+            )
         loc = node.location
         summary = "set momentum=0.1 (PyTorch's default; equals Keras' 0.9)"
-        fix = diff_fix(summary, loc.path if loc else None,
-                       lambda src, line=loc.line if loc else 0: set_keyword(
-                           src, line, _BN_TYPES, "momentum", "0.1"),
-                       _snippet(node))
-        yield ctx.finding("ND203", f"{key}: {why}", module=node.module, location=loc, fix=fix,
-                          evidence={"momentum": momentum, "onnx_momentum":
-                                    node.attrs.get("onnx_momentum")}, impact=2.0)
+        fix = diff_fix(
+            summary,
+            loc.path if loc else None,
+            lambda src, line=loc.line if loc else 0: set_keyword(
+                src, line, _BN_TYPES, "momentum", "0.1"
+            ),
+            _snippet(node),
+        )
+        yield ctx.finding(
+            "ND203",
+            f"{key}: {why}",
+            module=node.module,
+            location=loc,
+            fix=fix,
+            evidence={"momentum": momentum, "onnx_momentum": node.attrs.get("onnx_momentum")},
+            impact=2.0,
+        )
 
 
 def _snippet(node) -> str:
     features = node.attrs.get("num_features", "...")
     if node.attrs.get("onnx_momentum") is not None:
-        return (f"# in the PyTorch source of this model (exports as ONNX momentum=0.9):\n"
-                f"nn.BatchNorm2d({features}, momentum=0.1)")
+        return (
+            f"# in the PyTorch source of this model (exports as ONNX momentum=0.9):\n"
+            f"nn.BatchNorm2d({features}, momentum=0.1)"
+        )
     return f"nn.{node.attrs.get('type', 'BatchNorm2d')}({features}, momentum=0.1)"
 
 
@@ -79,21 +104,39 @@ def constant_init(ctx: Context):
             continue  # the last layer may start at zero (a common, harmless choice)
         value = info.mean
         units = info.shape[0] if info.shape else "?"
-        message = (f"{key}: all {info.numel} weights equal {value:g}, so its {units} units "
-                   "compute the same value, get the same gradient and stay identical forever "
-                   "(symmetry never breaks)" + (
-                       "; with zeros and a ReLU after it, no gradient flows back at all"
-                       if value == 0 else "") + ". Only the last layer may start constant.")
+        message = (
+            f"{key}: all {info.numel} weights equal {value:g}, so its {units} units "
+            "compute the same value, get the same gradient and stay identical forever "
+            "(symmetry never breaks)"
+            + (
+                "; with zeros and a ReLU after it, no gradient flows back at all"
+                if value == 0
+                else ""
+            )
+            + ". Only the last layer may start constant."
+        )
         loc = node.location
         attr = key.rsplit(".", 1)[-1]
-        summary = (f"initialise {key} randomly: remove the constant init (PyTorch's default "
-                   "breaks symmetry) or use nn.init.kaiming_normal_")
+        summary = (
+            f"initialise {key} randomly: remove the constant init (PyTorch's default "
+            "breaks symmetry) or use nn.init.kaiming_normal_"
+        )
         snippet = f"nn.init.kaiming_normal_(self.{attr}.weight, nonlinearity='relu')\n"
-        fix = diff_fix(summary, loc.path if loc else None,
-                       lambda src, a=attr: _replace_constant_init(src, a), snippet)
-        yield ctx.finding("ND202", message, module=node.module, location=loc, fix=fix,
-                          evidence={"value": value, "numel": info.numel,
-                                    "shape": list(info.shape)}, impact=8.0)
+        fix = diff_fix(
+            summary,
+            loc.path if loc else None,
+            lambda src, a=attr: _replace_constant_init(src, a),
+            snippet,
+        )
+        yield ctx.finding(
+            "ND202",
+            message,
+            module=node.module,
+            location=loc,
+            fix=fix,
+            evidence={"value": value, "numel": info.numel, "shape": list(info.shape)},
+            impact=8.0,
+        )
 
 
 def _feeds_weight_layer(graph, name: str, live: set[str]) -> bool:
@@ -128,12 +171,16 @@ def _replace_constant_init(source: str, attr: str) -> str | None:
     for i, line in enumerate(lines):
         if pattern.search(line) and any(c in line for c in _CONSTANT_INIT_CALLS):
             indent = line[: len(line) - len(line.lstrip())]
-            prefix = "nn." if re.search(r"\bnn\.init\.", line) else (
-                "torch.nn." if "torch.nn.init." in line else "nn.")
+            prefix = (
+                "nn."
+                if re.search(r"\bnn\.init\.", line)
+                else ("torch.nn." if "torch.nn.init." in line else "nn.")
+            )
             target = pattern.search(line)
             start = line.rfind("(", 0, target.start()) + 1
-            expr = line[start: target.end()].strip() if start > 0 else f"self.{attr}.weight"
-            lines[i] = (f"{indent}{prefix}init.kaiming_normal_({expr}, nonlinearity='relu')"
-                        + ("\n" if line.endswith("\n") else ""))
+            expr = line[start : target.end()].strip() if start > 0 else f"self.{attr}.weight"
+            lines[i] = f"{indent}{prefix}init.kaiming_normal_({expr}, nonlinearity='relu')" + (
+                "\n" if line.endswith("\n") else ""
+            )
             return "".join(lines)
     return None

@@ -60,18 +60,37 @@ class Context:
     def option(self, rule_id: str, key: str, default: Any) -> Any:
         return self.options.get(rule_id, {}).get(key, default)
 
-    def finding(self, rule_id: str, message: str, *, module: str | None = None,
-                location: Location | None = None, fix: Fix | None = None,
-                evidence: dict[str, Any] | None = None, impact: float = 0.0,
-                cause: str | None = None) -> Finding:
+    def finding(
+        self,
+        rule_id: str,
+        message: str,
+        *,
+        module: str | None = None,
+        location: Location | None = None,
+        fix: Fix | None = None,
+        evidence: dict[str, Any] | None = None,
+        impact: float = 0.0,
+        cause: str | None = None,
+    ) -> Finding:
         info = RULES[rule_id]
         severity = self.options.get(rule_id, {}).get("severity")
         if location is not None:
-            location = Location(display_path(location.path), location.line) \
-                if not location.path.startswith("onnx:") else location
+            location = (
+                Location(display_path(location.path), location.line)
+                if not location.path.startswith("onnx:")
+                else location
+            )
         from netdoctor.findings import Severity
 
-        return Finding(rule=rule_id, name=info.name,
-                       severity=Severity.parse(severity) if severity else info.severity,
-                       message=message, module=module, location=location, fix=fix,
-                       evidence=evidence or {}, impact=impact, cause=cause)
+        return Finding(
+            rule=rule_id,
+            name=info.name,
+            severity=Severity.parse(severity) if severity else info.severity,
+            message=message,
+            module=module,
+            location=location,
+            fix=fix,
+            evidence=evidence or {},
+            impact=impact,
+            cause=cause,
+        )

@@ -19,6 +19,7 @@ _BN_TYPES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
 
 # ------------------------------------------------------------------------------ helpers
 
+
 def finite(values) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
@@ -65,11 +66,16 @@ def gradient_flow(run) -> list[dict[str, Any]]:
     """Rows for the report's gradient-flow table: weight layers in execution order."""
     rows = []
     for p in run.weight_layers():
-        rows.append({"name": p.module if p.name.endswith(".weight") else p.name,
-                     "parameter": p.name, "grad_norm": layer_grad(p),
-                     "grad_norm_max": max(finite(p.grad_norm), default=None),
-                     "weight_norm": p.weight_norm[0] if p.weight_norm else None,
-                     "update_ratio": median(p.update_ratio)})
+        rows.append(
+            {
+                "name": p.module if p.name.endswith(".weight") else p.name,
+                "parameter": p.name,
+                "grad_norm": layer_grad(p),
+                "grad_norm_max": max(finite(p.grad_norm), default=None),
+                "weight_norm": p.weight_norm[0] if p.weight_norm else None,
+                "update_ratio": median(p.update_ratio),
+            }
+        )
     return rows
 
 
@@ -90,8 +96,11 @@ def total_grad_norms(run) -> list[float]:
     layers = run.weight_layers()
     totals = []
     for i in range(run.steps_run):
-        sq = [p.grad_norm[i] ** 2 for p in layers if i < len(p.grad_norm)
-              and not math.isnan(p.grad_norm[i])]
+        sq = [
+            p.grad_norm[i] ** 2
+            for p in layers
+            if i < len(p.grad_norm) and not math.isnan(p.grad_norm[i])
+        ]
         totals.append(math.sqrt(sum(sq)) if sq else float("nan"))
     return totals
 
@@ -113,9 +122,11 @@ def batch_cut(run) -> tuple[int, int] | None:
 
 
 def _batch_cut_text(cut: tuple[int, int]) -> str:
-    return (f" The time budget cut the batch from {cut[1]} to {cut[0]} samples, whose gradients "
-            "are noisier: reported as info (probe with --batch-size or a larger --time-budget "
-            "to judge it).")
+    return (
+        f" The time budget cut the batch from {cut[1]} to {cut[0]} samples, whose gradients "
+        "are noisier: reported as info (probe with --batch-size or a larger --time-budget "
+        "to judge it)."
+    )
 
 
 def early_steps(n: int) -> int:
@@ -150,8 +161,10 @@ def lr_snippet(run, factor: float) -> str:
     sgd = str(cfg.optimizer).lower() == "sgd"
     momentum = getattr(cfg, "momentum", None)
     extra = f", momentum={momentum:g}" if sgd and momentum else ""
-    return (f"optimizer = {optimizer_expr(cfg)}(model.parameters(), lr={lr:g}{extra})  "
-            f"# was lr={cfg.learning_rate:g}\n")
+    return (
+        f"optimizer = {optimizer_expr(cfg)}(model.parameters(), lr={lr:g}{extra})  "
+        f"# was lr={cfg.learning_rate:g}\n"
+    )
 
 
 def _site(run, module: str | None):
@@ -169,6 +182,7 @@ def _display(module: str | None, run) -> str:
 
 # ------------------------------------------------------------------------------ ND401
 
+
 @rule("ND401", needs="runtime")
 def non_finite(ctx: Context):
     run = ctx.run
@@ -177,94 +191,146 @@ def non_finite(ctx: Context):
         return
     s = ev.step
     before = finite(run.loss)
-    history = (f" The loss before it: {g(before[0])} at step 1 -> {g(before[-1])} at step "
-               f"{len(before)}." if len(before) >= 2 else "")
-    evidence: dict[str, Any] = {"step": s, "kind": ev.kind, "module": ev.module,
-                                "module_type": ev.module_type, "parameter": ev.parameter,
-                                "input_stats": ev.input_stats, "output_stats": ev.output_stats,
-                                "bad_parameters": ev.bad_parameters[:20],
-                                "nonfinite_modules": ev.nonfinite_modules[:50],
-                                "reproduced": ev.reproduced,
-                                "lr": run.config.learning_rate}
-    lower = Fix(f"lower the learning rate ({g(run.config.learning_rate)} -> "
-                f"{g(run.config.learning_rate / 10)}) or clip the gradients",
-                lr_snippet(run, 0.1) + "# and/or, between loss.backward() and "
-                "optimizer.step():\ntorch.nn.utils.clip_grad_norm_(model.parameters(), "
-                "max_norm=1.0)\n")
+    history = (
+        f" The loss before it: {g(before[0])} at step 1 -> {g(before[-1])} at step {len(before)}."
+        if len(before) >= 2
+        else ""
+    )
+    evidence: dict[str, Any] = {
+        "step": s,
+        "kind": ev.kind,
+        "module": ev.module,
+        "module_type": ev.module_type,
+        "parameter": ev.parameter,
+        "input_stats": ev.input_stats,
+        "output_stats": ev.output_stats,
+        "bad_parameters": ev.bad_parameters[:20],
+        "nonfinite_modules": ev.nonfinite_modules[:50],
+        "reproduced": ev.reproduced,
+        "lr": run.config.learning_rate,
+    }
+    lower = Fix(
+        f"lower the learning rate ({g(run.config.learning_rate)} -> "
+        f"{g(run.config.learning_rate / 10)}) or clip the gradients",
+        lr_snippet(run, 0.1) + "# and/or, between loss.backward() and "
+        "optimizer.step():\ntorch.nn.utils.clip_grad_norm_(model.parameters(), "
+        "max_norm=1.0)\n",
+    )
     module = None
     fix = lower
     if ev.kind == "input":
         st = ev.input_stats or {}
-        message = (f"step {s}: the input batch holds {st.get('nan', '?')} NaN and "
-                   f"{st.get('inf', '?')} Inf values, so the loss and every gradient are NaN.")
-        fix = Fix("remove or repair the non-finite samples before training",
-                  "bad = ~torch.isfinite(x).flatten(1).all(1)\nx, y = x[~bad], y[~bad]\n")
+        message = (
+            f"step {s}: the input batch holds {st.get('nan', '?')} NaN and "
+            f"{st.get('inf', '?')} Inf values, so the loss and every gradient are NaN."
+        )
+        fix = Fix(
+            "remove or repair the non-finite samples before training",
+            "bad = ~torch.isfinite(x).flatten(1).all(1)\nx, y = x[~bad], y[~bad]\n",
+        )
     elif ev.kind == "forward" and ev.module is not None:
         module = ev.module
         ins = ev.input_stats or {}
         outs = ev.output_stats or {}
         where = _display(module, run)
-        what = (f"its output holds {outs.get('nan', '?')} NaN and {outs.get('inf', '?')} Inf "
-                "values" if outs else "its output is non-finite")
-        inp = (f"its inputs were finite (min {g(ins.get('min'))}, max {g(ins.get('max'))}, "
-               f"mean {g(ins.get('mean'))}, std {g(ins.get('std'))})" if ins.get("min") is not None
-               else "its inputs were finite")
+        what = (
+            f"its output holds {outs.get('nan', '?')} NaN and {outs.get('inf', '?')} Inf values"
+            if outs
+            else "its output is non-finite"
+        )
+        inp = (
+            f"its inputs were finite (min {g(ins.get('min'))}, max {g(ins.get('max'))}, "
+            f"mean {g(ins.get('mean'))}, std {g(ins.get('std'))})"
+            if ins.get("min") is not None
+            else "its inputs were finite"
+        )
         after = [m for m in ev.nonfinite_modules if m and m != module]
-        message = (f"step {s}: {where} produced the first non-finite value: {inp} but {what}. "
-                   + (f"The {len(after)} module(s) after it ({', '.join(after[:4])}"
-                      f"{', ...' if len(after) > 4 else ''}) only propagate it."
-                      if after else "Modules after it only propagate it."))
+        message = f"step {s}: {where} produced the first non-finite value: {inp} but {what}. " + (
+            f"The {len(after)} module(s) after it ({', '.join(after[:4])}"
+            f"{', ...' if len(after) > 4 else ''}) only propagate it."
+            if after
+            else "Modules after it only propagate it."
+        )
         if ev.bad_parameters:
-            message += (f" Its parameters {', '.join(ev.bad_parameters[:4])} are already "
-                        f"non-finite: the update of step {s - 1} overflowed.")
+            message += (
+                f" Its parameters {', '.join(ev.bad_parameters[:4])} are already "
+                f"non-finite: the update of step {s - 1} overflowed."
+            )
         if ev.detail and "mask" in ev.detail:
             message += f" Why: {ev.detail}."
-            fix = Fix("leave at least one unmasked key per sequence (drop fully padded "
-                      "sequences from the batch, or unmask one position of them)",
-                      "keep = ~key_padding_mask.all(dim=1)   # sequences with at least one "
-                      "real token\nx, key_padding_mask, y = x[keep], key_padding_mask[keep], "
-                      "y[keep]\n")
+            fix = Fix(
+                "leave at least one unmasked key per sequence (drop fully padded "
+                "sequences from the batch, or unmask one position of them)",
+                "keep = ~key_padding_mask.all(dim=1)   # sequences with at least one "
+                "real token\nx, key_padding_mask, y = x[keep], key_padding_mask[keep], "
+                "y[keep]\n",
+            )
         elif s == 1 and not ev.bad_parameters:
-            message += (" It happened on the very first forward with freshly initialised "
-                        "weights: look for an unguarded log/sqrt/division or overflow in "
-                        "this layer rather than at the learning rate.")
-            fix = Fix(f"guard the computation in {where} (add an epsilon, clamp before "
-                      "log/exp/sqrt, or compute in float32)",
-                      "# e.g.\ny = torch.log(x.clamp_min(1e-12))\ny = x / (d + 1e-8)\n")
+            message += (
+                " It happened on the very first forward with freshly initialised "
+                "weights: look for an unguarded log/sqrt/division or overflow in "
+                "this layer rather than at the learning rate."
+            )
+            fix = Fix(
+                f"guard the computation in {where} (add an epsilon, clamp before "
+                "log/exp/sqrt, or compute in float32)",
+                "# e.g.\ny = torch.log(x.clamp_min(1e-12))\ny = x / (d + 1e-8)\n",
+            )
         message += history
     elif ev.kind == "forward":
-        message = (f"step {s}: the loss went non-finite, but replaying the step did not "
-                   f"reproduce it ({ev.detail}).{history}")
+        message = (
+            f"step {s}: the loss went non-finite, but replaying the step did not "
+            f"reproduce it ({ev.detail}).{history}"
+        )
     elif ev.kind == "loss":
         outs = ev.output_stats or {}
-        stats = (f" (outputs: min {g(outs.get('min'))}, max {g(outs.get('max'))})"
-                 if outs.get("min") is not None else "")
-        message = (f"step {s}: the model's outputs were finite but the {run.config.loss} loss "
-                   f"was not{stats}")
+        stats = (
+            f" (outputs: min {g(outs.get('min'))}, max {g(outs.get('max'))})"
+            if outs.get("min") is not None
+            else ""
+        )
+        message = (
+            f"step {s}: the model's outputs were finite but the {run.config.loss} loss "
+            f"was not{stats}"
+        )
         if ev.detail and "ignore_index" in ev.detail:
-            message = (f"step {s}: the {run.config.loss} loss went non-finite{stats}: "
-                       f"{ev.detail}.")
-            fix = Fix("skip batches without a single target to learn from (or compute the "
-                      "mean over the real targets yourself)",
-                      "if (y != -100).any():   # the loss's ignore_index\n"
-                      "    loss = criterion(out, y)\n")
+            message = f"step {s}: the {run.config.loss} loss went non-finite{stats}: {ev.detail}."
+            fix = Fix(
+                "skip batches without a single target to learn from (or compute the "
+                "mean over the real targets yourself)",
+                "if (y != -100).any():   # the loss's ignore_index\n    loss = criterion(out, y)\n",
+            )
         else:
-            message += ("; check the targets and that the loss matches the output (logits, not "
-                        "probabilities).")
-            fix = Fix("check the targets' range and use a loss that takes logits "
-                      "(cross_entropy, BCEWithLogitsLoss)", None)
+            message += (
+                "; check the targets and that the loss matches the output (logits, not "
+                "probabilities)."
+            )
+            fix = Fix(
+                "check the targets' range and use a loss that takes logits "
+                "(cross_entropy, BCEWithLogitsLoss)",
+                None,
+            )
     else:  # gradient
         module = ev.module
-        message = (f"step {s}: the loss was finite but the gradient of {ev.parameter} "
-                   f"({_display(module, run)}) went non-finite: it is the first one backward "
-                   f"reaches from the output ({len(ev.bad_parameters)} parameters affected)."
-                   f"{history}")
-    yield ctx.finding("ND401", message, module=module,
-                      location=ev.location or _site(run, module), fix=fix, evidence=evidence,
-                      impact=15.0)
+        message = (
+            f"step {s}: the loss was finite but the gradient of {ev.parameter} "
+            f"({_display(module, run)}) went non-finite: it is the first one backward "
+            f"reaches from the output ({len(ev.bad_parameters)} parameters affected)."
+            f"{history}"
+        )
+    yield ctx.finding(
+        "ND401",
+        message,
+        module=module,
+        location=ev.location or _site(run, module),
+        fix=fix,
+        evidence=evidence,
+        impact=15.0,
+    )
 
 
 # ------------------------------------------------------------------------------ ND402
+
 
 @rule("ND402", needs="runtime")
 def exploding_gradients(ctx: Context):
@@ -280,7 +346,8 @@ def exploding_gradients(ctx: Context):
     start = median(totals[:3])
     peak = max(finite(totals), default=None)
     nonfinite_grad = any(not math.isfinite(t) and not math.isnan(t) for t in totals) or (
-        run.nonfinite is not None and run.nonfinite.kind == "gradient")
+        run.nonfinite is not None and run.nonfinite.kind == "gradient"
+    )
     growth = (peak / start) if start and peak is not None and start > 0 else None
     worst, worst_ratio = None, 0.0
     for p in layers:
@@ -289,38 +356,58 @@ def exploding_gradients(ctx: Context):
                 worst, worst_ratio = p, gn / wn
     reasons = []
     if growth is not None and growth > max_growth:
-        reasons.append(f"the total gradient norm grew {g(growth)}x (from {g(start)} over the "
-                       f"first steps to {g(peak)}; threshold {g(max_growth)}x)")
+        reasons.append(
+            f"the total gradient norm grew {g(growth)}x (from {g(start)} over the "
+            f"first steps to {g(peak)}; threshold {g(max_growth)}x)"
+        )
     if worst is not None and worst_ratio > max_ratio:
-        reasons.append(f"{worst.name}'s gradient norm reached {g(worst_ratio)}x its weight norm "
-                       f"(threshold {g(max_ratio)}x)")
+        reasons.append(
+            f"{worst.name}'s gradient norm reached {g(worst_ratio)}x its weight norm "
+            f"(threshold {g(max_ratio)}x)"
+        )
     if nonfinite_grad:
         reasons.append("a gradient overflowed to Inf")
     if not reasons:
         return
     module = worst.module if worst is not None else None
-    message = ("gradients explode: " + "; ".join(reasons) + ". Each update then jumps far past "
-               "the minimum and the weights grow until activations overflow (loss NaN).")
-    fix = Fix(f"lower the learning rate ({g(run.config.learning_rate)} -> "
-              f"{g(run.config.learning_rate / 10)}) and/or clip the gradient norm",
-              lr_snippet(run, 0.1) + "# between loss.backward() and optimizer.step():\n"
-              "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)\n")
+    message = (
+        "gradients explode: " + "; ".join(reasons) + ". Each update then jumps far past "
+        "the minimum and the weights grow until activations overflow (loss NaN)."
+    )
+    fix = Fix(
+        f"lower the learning rate ({g(run.config.learning_rate)} -> "
+        f"{g(run.config.learning_rate / 10)}) and/or clip the gradient norm",
+        lr_snippet(run, 0.1) + "# between loss.backward() and optimizer.step():\n"
+        "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)\n",
+    )
     cut = batch_cut(run)
     if cut:
         message += _batch_cut_text(cut)
-    f = ctx.finding("ND402", message, module=module, location=_site(run, module), fix=fix,
-                    evidence={"growth": growth, "start_norm": start, "peak_norm": peak,
-                              "max_grad_weight_ratio": worst_ratio,
-                              "worst_parameter": worst.name if worst else None,
-                              "total_grad_norm": totals, "batch_cut_from": cut and cut[1],
-                              "nonfinite_only": reasons == ["a gradient overflowed to Inf"]},
-                    impact=7.0)
+    f = ctx.finding(
+        "ND402",
+        message,
+        module=module,
+        location=_site(run, module),
+        fix=fix,
+        evidence={
+            "growth": growth,
+            "start_norm": start,
+            "peak_norm": peak,
+            "max_grad_weight_ratio": worst_ratio,
+            "worst_parameter": worst.name if worst else None,
+            "total_grad_norm": totals,
+            "batch_cut_from": cut and cut[1],
+            "nonfinite_only": reasons == ["a gradient overflowed to Inf"],
+        },
+        impact=7.0,
+    )
     if cut and not nonfinite_grad and "severity" not in ctx.options.get("ND402", {}):
         f.severity = Severity.INFO
     yield f
 
 
 # ------------------------------------------------------------------------------ ND403
+
 
 @rule("ND403", needs="runtime")
 def vanishing_gradients(ctx: Context):
@@ -340,38 +427,63 @@ def vanishing_gradients(ctx: Context):
     tiny = [(p, v) for p, v in live if v < min_norm]
     reasons = []
     if ratio < min_ratio:
-        reasons.append(f"the first weight layer's gradient norm ({first.module}: {g(g_first)}) "
-                       f"is {g(ratio)} of the last one's ({last.module}: {g(g_last)}); "
-                       f"threshold {g(min_ratio)}")
+        reasons.append(
+            f"the first weight layer's gradient norm ({first.module}: {g(g_first)}) "
+            f"is {g(ratio)} of the last one's ({last.module}: {g(g_last)}); "
+            f"threshold {g(min_ratio)}"
+        )
     if tiny:
-        reasons.append(f"{len(tiny)} layer(s) have gradient norms below {g(min_norm)} "
-                       f"({', '.join(f'{p.module}: {g(v)}' for p, v in tiny[:4])})")
+        reasons.append(
+            f"{len(tiny)} layer(s) have gradient norms below {g(min_norm)} "
+            f"({', '.join(f'{p.module}: {g(v)}' for p, v in tiny[:4])})"
+        )
     if not reasons:
         return
     decades = math.log10(1 / ratio) if 0 < ratio < 1 else None
-    message = ("vanishing gradients: " + "; ".join(reasons) + ". The early layers barely learn"
-               + (f": the gradient loses {decades:.1f} orders of magnitude from output to "
-                  "input." if decades else "."))
+    message = (
+        "vanishing gradients: "
+        + "; ".join(reasons)
+        + ". The early layers barely learn"
+        + (
+            f": the gradient loses {decades:.1f} orders of magnitude from output to input."
+            if decades
+            else "."
+        )
+    )
     saturating = any(a.kind in ("sigmoid", "tanh") for a in run.activations)
     if saturating:
-        fix = Fix("use ReLU instead of sigmoid/tanh in hidden layers, insert BatchNorm after the "
-                  "hidden conv/linear layers, or add residual connections",
-                  "nn.Linear(256, 256),\nnn.BatchNorm1d(256),   # normalize before the "
-                  "activation\nnn.ReLU(),             # instead of nn.Sigmoid()\n")
+        fix = Fix(
+            "use ReLU instead of sigmoid/tanh in hidden layers, insert BatchNorm after the "
+            "hidden conv/linear layers, or add residual connections",
+            "nn.Linear(256, 256),\nnn.BatchNorm1d(256),   # normalize before the "
+            "activation\nnn.ReLU(),             # instead of nn.Sigmoid()\n",
+        )
     else:
-        fix = Fix("insert BatchNorm after the hidden conv/linear layers, or add residual "
-                  "connections",
-                  "nn.Conv2d(64, 64, 3, padding=1, bias=False),\nnn.BatchNorm2d(64),\n"
-                  "nn.ReLU(),\n# or a residual block: return torch.relu(x + self.body(x))\n")
-    yield ctx.finding("ND403", message, module=first.module, location=_site(run, first.module),
-                      fix=fix, evidence={"first_last_ratio": ratio, "first_layer": first.module,
-                                         "last_layer": last.module, "first_grad_norm": g_first,
-                                         "last_grad_norm": g_last,
-                                         "layers": {p.module: v for p, v in rows}},
-                      impact=6.0)
+        fix = Fix(
+            "insert BatchNorm after the hidden conv/linear layers, or add residual connections",
+            "nn.Conv2d(64, 64, 3, padding=1, bias=False),\nnn.BatchNorm2d(64),\n"
+            "nn.ReLU(),\n# or a residual block: return torch.relu(x + self.body(x))\n",
+        )
+    yield ctx.finding(
+        "ND403",
+        message,
+        module=first.module,
+        location=_site(run, first.module),
+        fix=fix,
+        evidence={
+            "first_last_ratio": ratio,
+            "first_layer": first.module,
+            "last_layer": last.module,
+            "first_grad_norm": g_first,
+            "last_grad_norm": g_last,
+            "layers": {p.module: v for p, v in rows},
+        },
+        impact=6.0,
+    )
 
 
 # ------------------------------------------------------------------------------ ND404
+
 
 @rule("ND404", needs="runtime")
 def dead_relu(ctx: Context):
@@ -388,35 +500,55 @@ def dead_relu(ctx: Context):
         w = a.window_steps
         zeros = mean(a.zero_fraction[-w:]) if w else None
         if a.functional:
-            what = (f"{a.name} (a functional relu on the output of "
-                    f"{_display(a.producer, run)})" if a.producer else f"{a.name}")
+            what = (
+                f"{a.name} (a functional relu on the output of {_display(a.producer, run)})"
+                if a.producer
+                else f"{a.name}"
+            )
         else:
-            what = f"the ReLU {a.name}" + (f" (after {_display(a.producer, run)})"
-                                           if a.producer else "")
-        message = (f"{a.dead_units} of the {a.units} units of {what} "
-                   f"({pct(frac)}) never fired on any sample of the last {w} steps"
-                   + (f"; {pct(zeros)} of its outputs are zero" if zeros is not None else "")
-                   + ". Dead units pass no gradient, so they never recover and the layer "
-                   "before them stops learning.")
-        fix = Fix(f"lower the learning rate ({g(run.config.learning_rate)} -> "
-                  f"{g(run.config.learning_rate / 10)}), normalize the inputs, or use He "
-                  "initialisation / LeakyReLU",
-                  lr_snippet(run, 0.1) + "# or: nn.init.kaiming_normal_(layer.weight, "
-                  "nonlinearity='relu'); nn.LeakyReLU(0.01)\n")
+            what = f"the ReLU {a.name}" + (
+                f" (after {_display(a.producer, run)})" if a.producer else ""
+            )
+        message = (
+            f"{a.dead_units} of the {a.units} units of {what} "
+            f"({pct(frac)}) never fired on any sample of the last {w} steps"
+            + (f"; {pct(zeros)} of its outputs are zero" if zeros is not None else "")
+            + ". Dead units pass no gradient, so they never recover and the layer "
+            "before them stops learning."
+        )
+        fix = Fix(
+            f"lower the learning rate ({g(run.config.learning_rate)} -> "
+            f"{g(run.config.learning_rate / 10)}), normalize the inputs, or use He "
+            "initialisation / LeakyReLU",
+            lr_snippet(run, 0.1) + "# or: nn.init.kaiming_normal_(layer.weight, "
+            "nonlinearity='relu'); nn.LeakyReLU(0.01)\n",
+        )
         module = a.module if not a.functional else a.producer
-        f = ctx.finding("ND404", message, module=module or a.name,
-                        location=a.location if a.location else _site(run, module), fix=fix,
-                        evidence={"site": a.name, "units": a.units, "dead_units": a.dead_units,
-                                  "dead_fraction": frac, "zero_fraction": zeros,
-                                  "window_steps": w, "producer": a.producer,
-                                  "functional": a.functional},
-                        impact=6.0 + frac)
+        f = ctx.finding(
+            "ND404",
+            message,
+            module=module or a.name,
+            location=a.location if a.location else _site(run, module),
+            fix=fix,
+            evidence={
+                "site": a.name,
+                "units": a.units,
+                "dead_units": a.dead_units,
+                "dead_fraction": frac,
+                "zero_fraction": zeros,
+                "window_steps": w,
+                "producer": a.producer,
+                "functional": a.functional,
+            },
+            impact=6.0 + frac,
+        )
         if frac >= err and "severity" not in ctx.options.get("ND404", {}):
             f.severity = Severity.ERROR
         yield f
 
 
 # ------------------------------------------------------------------------------ ND405
+
 
 @rule("ND405", needs="runtime")
 def saturated_activations(ctx: Context):
@@ -430,20 +562,30 @@ def saturated_activations(ctx: Context):
         if sat is None or sat <= limit:
             continue
         bound = "outputs within 0.01 of 0 or 1" if a.kind == "sigmoid" else "|output| > 0.99"
-        message = (f"{pct(sat)} of {a.name}'s {a.kind} outputs are saturated ({bound}) over the "
-                   f"last {w} steps (threshold {pct(limit)}): their derivative is ~0, so almost "
-                   "no gradient passes.")
-        fix = Fix("normalize the inputs of the activation (BatchNorm before it, or scaled inputs)"
-                  ", or use ReLU", "nn.BatchNorm1d(features),  # before the activation\n")
+        message = (
+            f"{pct(sat)} of {a.name}'s {a.kind} outputs are saturated ({bound}) over the "
+            f"last {w} steps (threshold {pct(limit)}): their derivative is ~0, so almost "
+            "no gradient passes."
+        )
+        fix = Fix(
+            "normalize the inputs of the activation (BatchNorm before it, or scaled inputs)"
+            ", or use ReLU",
+            "nn.BatchNorm1d(features),  # before the activation\n",
+        )
         module = a.module if not a.functional else a.producer
-        yield ctx.finding("ND405", message, module=module or a.name,
-                          location=a.location if a.location else _site(run, module), fix=fix,
-                          evidence={"site": a.name, "kind": a.kind, "saturated_fraction": sat,
-                                    "window_steps": w},
-                          impact=4.0 + sat)
+        yield ctx.finding(
+            "ND405",
+            message,
+            module=module or a.name,
+            location=a.location if a.location else _site(run, module),
+            fix=fix,
+            evidence={"site": a.name, "kind": a.kind, "saturated_fraction": sat, "window_steps": w},
+            impact=4.0 + sat,
+        )
 
 
 # ------------------------------------------------------------------------------ ND406
+
 
 @rule("ND406", needs="runtime")
 def update_ratio(ctx: Context):
@@ -458,7 +600,7 @@ def update_ratio(ctx: Context):
         if r is None or p.steps_with_grad == 0:
             continue
         rows.append((p, r))
-        early.append((p, median(p.update_ratio[:early_steps(len(p.update_ratio))])))
+        early.append((p, median(p.update_ratio[: early_steps(len(p.update_ratio))])))
     if not rows:
         return
     # Too small: typical over the whole probe. Too large: over the first steps, before the
@@ -469,45 +611,68 @@ def update_ratio(ctx: Context):
     for direction, group, factor in (("too-large", large, 0.1), ("too-small", small, 10.0)):
         if not group:
             continue
-        worst = max(group, key=lambda pr: pr[1]) if direction == "too-large" else \
-            min(group, key=lambda pr: pr[1])
+        worst = (
+            max(group, key=lambda pr: pr[1])
+            if direction == "too-large"
+            else min(group, key=lambda pr: pr[1])
+        )
         listed = ", ".join(f"{p.module}: {g(r)}" for p, r in group[:5])
         more = f" and {len(group) - 5} more" if len(group) > 5 else ""
         if direction == "too-large":
-            message = (f"weights change too much per step: over the first steps the median "
-                       f"update/weight ratio is above {g(high)} in {len(group)} layer(s) "
-                       f"({listed}{more}); a healthy "
-                       "ratio is ~1e-3. Training is unstable and overshoots.")
-            fix = Fix(f"lower the learning rate ({g(lr)} -> {g(lr * factor)})",
-                      lr_snippet(run, factor))
+            message = (
+                f"weights change too much per step: over the first steps the median "
+                f"update/weight ratio is above {g(high)} in {len(group)} layer(s) "
+                f"({listed}{more}); a healthy "
+                "ratio is ~1e-3. Training is unstable and overshoots."
+            )
+            fix = Fix(
+                f"lower the learning rate ({g(lr)} -> {g(lr * factor)})", lr_snippet(run, factor)
+            )
         elif all(r == 0 for _, r in group):
-            message = (f"weights do not move at all: the update/weight ratio is 0 in "
-                       f"{len(group)} layer(s) ({', '.join(p.module for p, _ in group[:5])}"
-                       f"{more}): their gradient is exactly zero, so they never learn.")
+            message = (
+                f"weights do not move at all: the update/weight ratio is 0 in "
+                f"{len(group)} layer(s) ({', '.join(p.module for p, _ in group[:5])}"
+                f"{more}): their gradient is exactly zero, so they never learn."
+            )
             fix = Fix("find what blocks their gradient (dead units, a constant layer)", None)
         else:
-            message = (f"weights barely change: the median update/weight ratio is below "
-                       f"{g(low)} in {len(group)} layer(s) ({listed}{more}); a healthy ratio is "
-                       "~1e-3. These layers are effectively not learning.")
-            fix = Fix(f"raise the learning rate ({g(lr)} -> {g(lr * factor)}) once the "
-                      "gradient problem behind it is fixed", lr_snippet(run, factor))
+            message = (
+                f"weights barely change: the median update/weight ratio is below "
+                f"{g(low)} in {len(group)} layer(s) ({listed}{more}); a healthy ratio is "
+                "~1e-3. These layers are effectively not learning."
+            )
+            fix = Fix(
+                f"raise the learning rate ({g(lr)} -> {g(lr * factor)}) once the "
+                "gradient problem behind it is fixed",
+                lr_snippet(run, factor),
+            )
         p = worst[0]
         cut = batch_cut(run) if direction == "too-large" else None
         if cut:
             message += _batch_cut_text(cut)
-        f = ctx.finding("ND406", message, module=p.module, location=_site(run, p.module),
-                        fix=fix, evidence={"direction": direction, "min_ratio": low,
-                                           "max_ratio": high,
-                                           "ratios": {q.module: r for q, r in rows},
-                                           "early_ratios": {q.module: r for q, r in early},
-                                           "batch_cut_from": cut and cut[1]},
-                        impact=5.0)
+        f = ctx.finding(
+            "ND406",
+            message,
+            module=p.module,
+            location=_site(run, p.module),
+            fix=fix,
+            evidence={
+                "direction": direction,
+                "min_ratio": low,
+                "max_ratio": high,
+                "ratios": {q.module: r for q, r in rows},
+                "early_ratios": {q.module: r for q, r in early},
+                "batch_cut_from": cut and cut[1],
+            },
+            impact=5.0,
+        )
         if cut and "severity" not in ctx.options.get("ND406", {}):
             f.severity = Severity.INFO
         yield f
 
 
 # ------------------------------------------------------------------------------ ND407
+
 
 @rule("ND407", needs="runtime")
 def loss_stalled(ctx: Context):
@@ -530,34 +695,57 @@ def loss_stalled(ctx: Context):
     acc = sum(accs) / len(accs) if accs else None
     if chance is not None and acc is not None and acc > chance + margin:
         return
-    at_chance = (f"; accuracy {g(acc)} is at chance ({g(chance)})"
-                 if acc is not None and chance is not None else "")
-    message = (f"the loss is not decreasing: {g(first)} over the first {k} steps -> {g(last)} "
-               f"over the last {k} ({pct(max(drop, 0.0))} lower; threshold "
-               f"{pct(min_drop)}){at_chance}. The model is not learning.")
+    at_chance = (
+        f"; accuracy {g(acc)} is at chance ({g(chance)})"
+        if acc is not None and chance is not None
+        else ""
+    )
+    message = (
+        f"the loss is not decreasing: {g(first)} over the first {k} steps -> {g(last)} "
+        f"over the last {k} ({pct(max(drop, 0.0))} lower; threshold "
+        f"{pct(min_drop)}){at_chance}. The model is not learning."
+    )
     lr = run.config.learning_rate
-    fix = Fix(f"if nothing else explains it: raise the learning rate ({g(lr)} -> {g(lr * 10)}) "
-              "or probe longer (--steps)", lr_snippet(run, 10.0))
+    fix = Fix(
+        f"if nothing else explains it: raise the learning rate ({g(lr)} -> {g(lr * 10)}) "
+        "or probe longer (--steps)",
+        lr_snippet(run, 10.0),
+    )
     # A model that memorizes one batch and takes normal-sized steps is able to learn: the data
     # needs more than this short probe (common with --data synthetic for CNNs). Say so, quietly.
     can_overfit, typical = able_to_learn(run)
     slow_but_able = can_overfit and typical is not None and typical >= 1e-5
     if slow_but_able:
-        message += (f" But the model memorizes one batch and its updates are normal-sized "
-                    f"(median update/weight ratio {g(typical)}): it can learn, this data needs a "
-                    "longer probe (--steps) or a higher learning rate.")
+        message += (
+            f" But the model memorizes one batch and its updates are normal-sized "
+            f"(median update/weight ratio {g(typical)}): it can learn, this data needs a "
+            "longer probe (--steps) or a higher learning rate."
+        )
     short = cut_short(run)
     if short:
-        message += (f" The time budget allowed only {run.steps_run} of {short} steps, so this "
-                    "says the model had not learned yet, not that it cannot (--steps, "
-                    "--time-budget).")
-    f = ctx.finding("ND407", message, fix=fix,
-                      evidence={"loss_first": first, "loss_last": last, "relative_drop": drop,
-                                "accuracy": acc, "chance": chance, "steps": run.steps_run,
-                                "can_overfit_batch": bool(can_overfit),
-                                "median_update_ratio": typical, "fallback_fix": True,
-                                "steps_cut_from": short},
-                      impact=3.0)
+        message += (
+            f" The time budget allowed only {run.steps_run} of {short} steps, so this "
+            "says the model had not learned yet, not that it cannot (--steps, "
+            "--time-budget)."
+        )
+    f = ctx.finding(
+        "ND407",
+        message,
+        fix=fix,
+        evidence={
+            "loss_first": first,
+            "loss_last": last,
+            "relative_drop": drop,
+            "accuracy": acc,
+            "chance": chance,
+            "steps": run.steps_run,
+            "can_overfit_batch": bool(can_overfit),
+            "median_update_ratio": typical,
+            "fallback_fix": True,
+            "steps_cut_from": short,
+        },
+        impact=3.0,
+    )
     if (slow_but_able or short) and "severity" not in ctx.options.get("ND407", {}):
         f.severity = Severity.INFO
     yield f
@@ -573,6 +761,7 @@ def able_to_learn(run) -> tuple[bool, float | None]:
 
 
 # ------------------------------------------------------------------------------ ND408
+
 
 @rule("ND408", needs="runtime")
 def initial_loss(ctx: Context):
@@ -592,23 +781,40 @@ def initial_loss(ctx: Context):
     if loss0 < expected and not run.from_init:
         return  # resumed or pretrained weights are allowed to know something at step 1
     if loss0 > expected:
-        why = ("the initial outputs are confidently wrong: the logits are far from zero at "
-               "initialisation (input scale or the last layer's init), so the first steps are "
-               "spent shrinking them")
+        why = (
+            "the initial outputs are confidently wrong: the logits are far from zero at "
+            "initialisation (input scale or the last layer's init), so the first steps are "
+            "spent shrinking them"
+        )
     else:
-        why = ("the model is already confident before training: check for a label leak or "
-               "targets that are trivially predictable")
-    message = (f"cross-entropy at initialisation is {g(loss0)}, but a model that has not learned "
-               f"anything should score ln({c}) = {g(expected)} (tolerance +-{pct(tol)}): {why}.")
-    fix = Fix("initialise the last layer so the initial logits are near zero",
-              "nn.init.zeros_(model.fc.weight)   # the last Linear (name yours)\n"
-              "nn.init.zeros_(model.fc.bias)\n") if loss0 > expected else None
-    yield ctx.finding("ND408", message, fix=fix,
-                      evidence={"loss_at_init": loss0, "expected": expected, "classes": c},
-                      impact=3.0)
+        why = (
+            "the model is already confident before training: check for a label leak or "
+            "targets that are trivially predictable"
+        )
+    message = (
+        f"cross-entropy at initialisation is {g(loss0)}, but a model that has not learned "
+        f"anything should score ln({c}) = {g(expected)} (tolerance +-{pct(tol)}): {why}."
+    )
+    fix = (
+        Fix(
+            "initialise the last layer so the initial logits are near zero",
+            "nn.init.zeros_(model.fc.weight)   # the last Linear (name yours)\n"
+            "nn.init.zeros_(model.fc.bias)\n",
+        )
+        if loss0 > expected
+        else None
+    )
+    yield ctx.finding(
+        "ND408",
+        message,
+        fix=fix,
+        evidence={"loss_at_init": loss0, "expected": expected, "classes": c},
+        impact=3.0,
+    )
 
 
 # ------------------------------------------------------------------------------ ND409
+
 
 @rule("ND409", needs="runtime")
 def prediction_collapse(ctx: Context):
@@ -630,31 +836,47 @@ def prediction_collapse(ctx: Context):
     if top2 < share or label_top2 > share / 2:
         return
     classes = sorted(range(len(run.pred_counts)), key=lambda i: -run.pred_counts[i])[:2]
-    message = (f"predictions collapsed: over the last {run.window} steps, {pct(top2)} of the "
-               f"predictions are class {classes[0]} or {classes[1]}, while those two classes "
-               f"are only {pct(label_top2)} of the labels. The model outputs (nearly) the same "
-               "answer for every input.")
+    message = (
+        f"predictions collapsed: over the last {run.window} steps, {pct(top2)} of the "
+        f"predictions are class {classes[0]} or {classes[1]}, while those two classes "
+        f"are only {pct(label_top2)} of the labels. The model outputs (nearly) the same "
+        "answer for every input."
+    )
     can_overfit, typical = able_to_learn(run)
     still_learning = can_overfit and typical is not None and typical >= 1e-5
     if still_learning:
-        message += (" The model memorizes one batch and its updates are normal-sized, so this is "
-                    "likely an early phase of training (it predicts the most common answers "
-                    "first), not a broken model.")
+        message += (
+            " The model memorizes one batch and its updates are normal-sized, so this is "
+            "likely an early phase of training (it predicts the most common answers "
+            "first), not a broken model."
+        )
     short = cut_short(run)
     if short:
-        message += (f" The time budget allowed only {run.steps_run} of {short} steps: an early "
-                    "phase of training predicts the most common answers first.")
-    f = ctx.finding("ND409", message, fix=None,
-                    evidence={"top2_share": top2, "label_top2_share": label_top2,
-                              "predicted": run.pred_counts, "labels": run.label_counts,
-                              "can_overfit_batch": can_overfit, "steps_cut_from": short},
-                    impact=2.0)
+        message += (
+            f" The time budget allowed only {run.steps_run} of {short} steps: an early "
+            "phase of training predicts the most common answers first."
+        )
+    f = ctx.finding(
+        "ND409",
+        message,
+        fix=None,
+        evidence={
+            "top2_share": top2,
+            "label_top2_share": label_top2,
+            "predicted": run.pred_counts,
+            "labels": run.label_counts,
+            "can_overfit_batch": can_overfit,
+            "steps_cut_from": short,
+        },
+        impact=2.0,
+    )
     if (still_learning or short) and "severity" not in ctx.options.get("ND409", {}):
         f.severity = Severity.INFO
     yield f
 
 
 # ------------------------------------------------------------------------------ ND410
+
 
 @rule("ND410", needs="runtime")
 def no_gradient(ctx: Context):
@@ -667,21 +889,35 @@ def no_gradient(ctx: Context):
             starved.setdefault(p.module, []).append(p.name)
     for module, names in starved.items():
         where = _display(module, run)
-        message = (f"{', '.join(names)} received no gradient (grad is None after backward) in "
-                   f"any of the {run.steps_run} steps: {where} is cut off from the loss "
-                   "(.detach(), .data, torch.no_grad() or .item()/.numpy() in forward, or its "
-                   "output is never used), so it never trains.")
-        fix = Fix(f"make {module}'s output reach the loss through autograd: remove the "
-                  ".detach()/.data/no_grad on its path (or freeze it on purpose with "
-                  "requires_grad_(False))",
-                  "features = x.flatten(1)            # not x.flatten(1).detach()\n"
-                  f"# or, if {module} is meant to be frozen:\n"
-                  f"model.{module}.requires_grad_(False)\n" if module else None)
-        yield ctx.finding("ND410", message, module=module, location=_site(run, module), fix=fix,
-                          evidence={"parameters": names, "steps": run.steps_run}, impact=12.0)
+        message = (
+            f"{', '.join(names)} received no gradient (grad is None after backward) in "
+            f"any of the {run.steps_run} steps: {where} is cut off from the loss "
+            "(.detach(), .data, torch.no_grad() or .item()/.numpy() in forward, or its "
+            "output is never used), so it never trains."
+        )
+        fix = Fix(
+            f"make {module}'s output reach the loss through autograd: remove the "
+            ".detach()/.data/no_grad on its path (or freeze it on purpose with "
+            "requires_grad_(False))",
+            "features = x.flatten(1)            # not x.flatten(1).detach()\n"
+            f"# or, if {module} is meant to be frozen:\n"
+            f"model.{module}.requires_grad_(False)\n"
+            if module
+            else None,
+        )
+        yield ctx.finding(
+            "ND410",
+            message,
+            module=module,
+            location=_site(run, module),
+            fix=fix,
+            evidence={"parameters": names, "steps": run.steps_run},
+            impact=12.0,
+        )
 
 
 # ------------------------------------------------------------------------------ ND411
+
 
 @rule("ND411", needs="runtime")
 def batchnorm_train_eval_gap(ctx: Context):
@@ -702,26 +938,44 @@ def batchnorm_train_eval_gap(ctx: Context):
     moms = te.get("momentum") or {}
     odd = {n: m for n, m in moms.items() if m is not None and (m == 0 or m >= 0.5)}
     size = pct(gap) if gap < 10 else g(gap) + "x"
-    parts = [f"the outputs in eval mode differ from train mode by {size} (relative L2, "
-             f"threshold {pct(limit)}) on the same batch"]
+    parts = [
+        f"the outputs in eval mode differ from train mode by {size} (relative L2, "
+        f"threshold {pct(limit)}) on the same batch"
+    ]
     if te.get("accuracy_eval_mode") is not None:
-        parts.append(f"accuracy {g(te['accuracy_train_mode'])} in train mode vs "
-                     f"{g(te['accuracy_eval_mode'])} in eval mode")
+        parts.append(
+            f"accuracy {g(te['accuracy_train_mode'])} in train mode vs "
+            f"{g(te['accuracy_eval_mode'])} in eval mode"
+        )
     if worst:
-        parts.append(f"{worst}'s running statistics are furthest from its batch statistics "
-                     f"(mismatch {g(worst_value)}: mean |batch mean - running mean| / batch std "
-                     f"+ mean |log(batch var / running var)| over channels; threshold "
-                     f"{g(min_mismatch)})")
-    message = "; ".join(parts) + (". BatchNorm's running mean/variance do not match the data, "
-                                  "so the model evaluates differently from how it trained.")
+        parts.append(
+            f"{worst}'s running statistics are furthest from its batch statistics "
+            f"(mismatch {g(worst_value)}: mean |batch mean - running mean| / batch std "
+            f"+ mean |log(batch var / running var)| over channels; threshold "
+            f"{g(min_mismatch)})"
+        )
+    message = "; ".join(parts) + (
+        ". BatchNorm's running mean/variance do not match the data, "
+        "so the model evaluates differently from how it trained."
+    )
     if odd:
         message += f" Momentum {', '.join(f'{n}={m:g}' for n, m in odd.items())}: " + (
-            "0 never updates the running statistics." if 0 in odd.values() else
-            "PyTorch's momentum is the weight of the NEW batch (Keras' 0.99 is PyTorch's 0.01).")
+            "0 never updates the running statistics."
+            if 0 in odd.values()
+            else "PyTorch's momentum is the weight of the NEW batch "
+            "(Keras' 0.99 is PyTorch's 0.01)."
+        )
     module = next(iter(odd), worst) if odd else worst
     fix = _momentum_fix(run, module)
-    yield ctx.finding("ND411", message, module=module, location=_site(run, module), fix=fix,
-                      evidence={k: v for k, v in te.items()}, impact=4.0)
+    yield ctx.finding(
+        "ND411",
+        message,
+        module=module,
+        location=_site(run, module),
+        fix=fix,
+        evidence={k: v for k, v in te.items()},
+        impact=4.0,
+    )
 
 
 def _momentum_fix(run, module: str | None) -> Fix:
@@ -732,12 +986,16 @@ def _momentum_fix(run, module: str | None) -> Fix:
     snippet = f"nn.{run.module_types.get(module, 'BatchNorm2d')}(num_features, momentum=0.1)\n"
     if loc is None:
         return Fix(summary, snippet)
-    return diff_fix(summary, loc.path,
-                    lambda src, line=loc.line: set_keyword(src, line, _BN_TYPES, "momentum", "0.1"),
-                    snippet)
+    return diff_fix(
+        summary,
+        loc.path,
+        lambda src, line=loc.line: set_keyword(src, line, _BN_TYPES, "momentum", "0.1"),
+        snippet,
+    )
 
 
 # ------------------------------------------------------------------------------ ND412
+
 
 @rule("ND412", needs="runtime")
 def cannot_overfit_batch(ctx: Context):
@@ -760,14 +1018,23 @@ def cannot_overfit_batch(ctx: Context):
         trend = last / prev if prev else None
         if trend is not None and trend < falling:
             return  # slow (e.g. a frozen backbone's few features) but still going down fast
-    message = (f"the model cannot overfit one batch: {of['steps']} Adam steps (lr "
-               f"{g(of['lr'])}) on the same {of['samples']} samples took the loss only from "
-               f"{g(first)} to {g(best)} (needs <= {pct(ratio)} of the start)"
-               + (f" and it has levelled off (last 10 steps at {pct(trend)} of the 10 before)"
-                  if trend is not None else "")
-               + (f", accuracy {g(acc)}" if acc is not None else "") +
-               ". A working model memorizes a tiny batch almost at once; this points at the "
-               "model or the data/loss wiring, not at the learning rate.")
-    yield ctx.finding("ND412", message, fix=None,
-                      evidence={**{k: v for k, v in of.items() if k != "losses"},
-                                "trend": trend}, impact=3.0)
+    message = (
+        f"the model cannot overfit one batch: {of['steps']} Adam steps (lr "
+        f"{g(of['lr'])}) on the same {of['samples']} samples took the loss only from "
+        f"{g(first)} to {g(best)} (needs <= {pct(ratio)} of the start)"
+        + (
+            f" and it has levelled off (last 10 steps at {pct(trend)} of the 10 before)"
+            if trend is not None
+            else ""
+        )
+        + (f", accuracy {g(acc)}" if acc is not None else "")
+        + ". A working model memorizes a tiny batch almost at once; this points at the "
+        "model or the data/loss wiring, not at the learning rate."
+    )
+    yield ctx.finding(
+        "ND412",
+        message,
+        fix=None,
+        evidence={**{k: v for k, v in of.items() if k != "losses"}, "trend": trend},
+        impact=3.0,
+    )

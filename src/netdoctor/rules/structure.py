@@ -67,8 +67,19 @@ def _describe(node: Node) -> str:
 # Ops that keep a map linear (or affine): reshaping, slicing, identity, dropout (a rescaled mask
 # in training, the identity in eval), average pooling and other linear reductions, padding,
 # interpolation. Add/sub/mul/div count only when the other operand is a constant or parameter.
-_LINEAR_PASS = {"reshape", "identity", "dropout", "avgpool", "getitem", "split", "pad",
-                "upsample", "mean", "sum", "neg"}
+_LINEAR_PASS = {
+    "reshape",
+    "identity",
+    "dropout",
+    "avgpool",
+    "getitem",
+    "split",
+    "pad",
+    "upsample",
+    "mean",
+    "sum",
+    "neg",
+}
 _AFFINE_WITH_CONSTANT = {"add", "sub", "mul", "div"}
 
 
@@ -90,9 +101,11 @@ def collapsing_pairs(graph: Graph) -> list[tuple[Node, list[Node], Node]]:
             if others or nxt.inputs.count(cur.name) > 1:
                 break  # another data path merges in (residual add, concatenation, x * x)
             if nxt.op in WEIGHT_OPS:
-                if nxt.attrs.get("type") != "Bilinear" and not (
-                        _is_depthwise(first) or _is_depthwise(nxt)) and \
-                        not _is_bottleneck(first, nxt):
+                if (
+                    nxt.attrs.get("type") != "Bilinear"
+                    and not (_is_depthwise(first) or _is_depthwise(nxt))
+                    and not _is_bottleneck(first, nxt)
+                ):
                     pairs.append((first, between, nxt))
                 break
             if nxt.op in _LINEAR_PASS or nxt.op in _AFFINE_WITH_CONSTANT:
@@ -108,38 +121,59 @@ def linear_collapse(ctx: Context):
     graph: Graph = ctx.graph
     for first, between, second in collapsing_pairs(graph):
         via = ", ".join(sorted({n.op for n in between})) if between else "nothing"
-        message = (f"{first.label} ({_describe(first)}) feeds {second.label} "
-                   f"({_describe(second)}) through {via}: no activation, normalization, "
-                   "max-pooling, multiplication or branching in between, so the two layers "
-                   "compose to a single linear map (W2·W1). The extra layer adds parameters but "
-                   "no expressive power. Insert a nonlinearity between them, or merge them into "
-                   "one layer if the factorization is deliberate.")
-        yield ctx.finding("ND107", message, module=first.label, location=first.location,
-                          fix=_activation_fix(first, second),
-                          evidence={"first": first.label, "second": second.label,
-                                    "between": [n.op for n in between]},
-                          impact=3.0)
+        message = (
+            f"{first.label} ({_describe(first)}) feeds {second.label} "
+            f"({_describe(second)}) through {via}: no activation, normalization, "
+            "max-pooling, multiplication or branching in between, so the two layers "
+            "compose to a single linear map (W2·W1). The extra layer adds parameters but "
+            "no expressive power. Insert a nonlinearity between them, or merge them into "
+            "one layer if the factorization is deliberate."
+        )
+        yield ctx.finding(
+            "ND107",
+            message,
+            module=first.label,
+            location=first.location,
+            fix=_activation_fix(first, second),
+            evidence={
+                "first": first.label,
+                "second": second.label,
+                "between": [n.op for n in between],
+            },
+            impact=3.0,
+        )
 
 
 def _activation_fix(first: Node, second: Node) -> Fix:
     summary = f"insert an activation (e.g. nn.ReLU()) between {first.label} and {second.label}"
-    snippet = (f"nn.ReLU(),  # in the nn.Sequential, right after {first.label}\n"
-               f"# or in forward: x = torch.relu(self.{first.module or 'layer'}(x))")
+    snippet = (
+        f"nn.ReLU(),  # in the nn.Sequential, right after {first.label}\n"
+        f"# or in forward: x = torch.relu(self.{first.module or 'layer'}(x))"
+    )
     if first.location is None:
         return Fix(summary, snippet, "snippet", safe=False)
     path, line = first.location.path, first.location.line
     prefix = nn_prefix(read(path) or "")
-    fix = diff_fix(summary, path, lambda src: insert_args_after(src, {line: f"{prefix}ReLU()"}),
-                   snippet, safe=False)
+    fix = diff_fix(
+        summary,
+        path,
+        lambda src: insert_args_after(src, {line: f"{prefix}ReLU()"}),
+        snippet,
+        safe=False,
+    )
     if fix.kind == "diff":
         return fix
     site, attr = call_site(first), module_attr(first)
     if site is not None and attr:
         func = torch_function_prefix(read(site.path) or "")
         if func:
-            return diff_fix(summary, site.path,
-                            lambda src: wrap_call(src, site.line, (attr,), f"{func}relu"),
-                            snippet, safe=False)
+            return diff_fix(
+                summary,
+                site.path,
+                lambda src: wrap_call(src, site.line, (attr,), f"{func}relu"),
+                snippet,
+                safe=False,
+            )
     return fix
 
 
@@ -175,8 +209,9 @@ def starved_by_cuts(graph: Graph) -> dict[str, tuple[Node, list[Node]]]:
 
     # A parameter used in several places (a module call and a `self.fc.weight.detach()`
     # elsewhere) trains as long as one of its uses is live.
-    live_params = set().union(*(keys(n) for n in graph
-                                if n.name in live and not n.attrs.get("no_grad")))
+    live_params = set().union(
+        *(keys(n) for n in graph if n.name in live and not n.attrs.get("no_grad"))
+    )
     groups: dict[str, tuple[Node, list[Node]]] = {}
     for node in graph:
         if not _trainable(node) or node.name not in reach:
@@ -248,19 +283,29 @@ def detached_forward(ctx: Context):
             how = f"is cut from the autograd graph by {via}"
             kind = via
         shown = ", ".join(names) if len(names) <= 6 else ", ".join(names[:5] + ["..."])
-        message = (f"the output of {shown} {how}"
-                   + (f" (`{text}`" + (f", line {loc.line})" if loc else ")") if text else "")
-                   + f": {len(names)} module(s) with {count:,} trainable parameters reach the "
-                   "output only through it, so they receive no gradient and never train "
-                   "(the optimizer leaves them at their initial values). If freezing them is "
-                   "intended, call .requires_grad_(False) on them instead.")
+        message = (
+            f"the output of {shown} {how}"
+            + (f" (`{text}`" + (f", line {loc.line})" if loc else ")") if text else "")
+            + f": {len(names)} module(s) with {count:,} trainable parameters reach the "
+            "output only through it, so they receive no gradient and never train "
+            "(the optimizer leaves them at their initial values). If freezing them is "
+            "intended, call .requires_grad_(False) on them instead."
+        )
         common = ".".join(_common_prefix([n.split(".") for n in names]))
-        yield ctx.finding("ND108", message, module=common or names[0],
-                          location=loc, fix=_detach_fix(cut, kind, loc),
-                          evidence={"cut": kind, "starved_modules": names,
-                                    "trainable_parameters": count,
-                                    "line": loc.line if loc else None},
-                          impact=20.0 + count / 1e6)
+        yield ctx.finding(
+            "ND108",
+            message,
+            module=common or names[0],
+            location=loc,
+            fix=_detach_fix(cut, kind, loc),
+            evidence={
+                "cut": kind,
+                "starved_modules": names,
+                "trainable_parameters": count,
+                "line": loc.line if loc else None,
+            },
+            impact=20.0 + count / 1e6,
+        )
 
 
 def _common_prefix(parts: list[list[str]]) -> list[str]:
@@ -278,26 +323,35 @@ def _detach_fix(cut: Node, kind: str, loc) -> Fix:
         snippet = "# in forward, un-indent the body of `with torch.no_grad():` and drop the with"
         if loc is None:
             return Fix(summary, snippet, "snippet")
-        return diff_fix(summary, loc.path, lambda src: unwrap_with(src, loc.line, _GRAD_CONTEXTS),
-                        snippet)
+        return diff_fix(
+            summary, loc.path, lambda src: unwrap_with(src, loc.line, _GRAD_CONTEXTS), snippet
+        )
     if kind == ".data":
         summary = "use the tensor itself instead of its .data (which is detached)"
         snippet = "features = x  # not x.data"
         if loc is None:
             return Fix(summary, snippet, "snippet")
-        return diff_fix(summary, loc.path, lambda src: unwrap_attribute(src, loc.line, "data"),
-                        snippet)
+        return diff_fix(
+            summary, loc.path, lambda src: unwrap_attribute(src, loc.line, "data"), snippet
+        )
     if kind in (".detach()", ".detach_()"):
         summary = "remove the .detach() so the gradient reaches the layers before it"
         snippet = "features = x  # not x.detach()"
         if loc is None:
             return Fix(summary, snippet, "snippet")
-        return diff_fix(summary, loc.path,
-                        lambda src: unwrap_call(src, loc.line, ("detach", "detach_")), snippet)
-    return Fix(f"keep the value a tensor in forward: {kind} turns it into a Python/NumPy value "
-               "with no gradient (use torch operations instead)",
-               f"# instead of t{kind}, use t itself (tensor operations keep the gradient)",
-               "snippet", safe=False)
+        return diff_fix(
+            summary,
+            loc.path,
+            lambda src: unwrap_call(src, loc.line, ("detach", "detach_")),
+            snippet,
+        )
+    return Fix(
+        f"keep the value a tensor in forward: {kind} turns it into a Python/NumPy value "
+        "with no gradient (use torch operations instead)",
+        f"# instead of t{kind}, use t itself (tensor operations keep the gradient)",
+        "snippet",
+        safe=False,
+    )
 
 
 # -- ND109 bias-before-norm ----------------------------------------------------------------------
@@ -335,29 +389,53 @@ def bias_before_norm(ctx: Context):
             who = f"{layer.label} ({_describe(layer)}) has a bias, but its output goes"
         else:
             names = ", ".join(lay.label for lay, _ in pairs[:5]) + (
-                ", ..." if len(pairs) > 5 else "")
-            who = (f"{len(pairs)} {layer.attrs.get('type', layer.op)} layers built on the same "
-                   f"line ({names}) have a bias, but each one's output goes")
-        message = (f"{who} straight into a {kind} ({norm.label}"
-                   + (", ..." if len(pairs) > 1 else "") +
-                   f"), which subtracts the per-channel mean: the {numel} bias values are "
-                   "cancelled exactly, get zero gradient and only cost memory (the norm's own "
-                   "shift, beta, plays the bias's role).")
-        summary = ("construct " + (layer.label if len(pairs) == 1 else "these layers")
-                   + " with bias=False")
+                ", ..." if len(pairs) > 5 else ""
+            )
+            who = (
+                f"{len(pairs)} {layer.attrs.get('type', layer.op)} layers built on the same "
+                f"line ({names}) have a bias, but each one's output goes"
+            )
+        message = (
+            f"{who} straight into a {kind} ({norm.label}"
+            + (", ..." if len(pairs) > 1 else "")
+            + f"), which subtracts the per-channel mean: the {numel} bias values are "
+            "cancelled exactly, get zero gradient and only cost memory (the norm's own "
+            "shift, beta, plays the bias's role)."
+        )
+        summary = (
+            "construct " + (layer.label if len(pairs) == 1 else "these layers") + " with bias=False"
+        )
         snippet = f"nn.{layer.attrs.get('type', 'Conv2d')}(..., bias=False)"
         types = (layer.attrs["type"],) if layer.attrs.get("type") else ()
-        fix = diff_fix(summary, loc.path if loc else None,
-                       lambda src, line=loc.line if loc else 0, types=types: set_keyword(
-                           src, line, types, "bias", "False"), snippet) \
-            if layer.module else Fix(summary, snippet, "snippet")
-        yield ctx.finding("ND109", message, module=layer.module, location=loc, fix=fix,
-                          evidence={"layers": [lay.label for lay, _ in pairs],
-                                    "norms": [n.label for _, n in pairs], "bias_numel": numel},
-                          impact=0.2)
+        fix = (
+            diff_fix(
+                summary,
+                loc.path if loc else None,
+                lambda src, line=loc.line if loc else 0, types=types: set_keyword(
+                    src, line, types, "bias", "False"
+                ),
+                snippet,
+            )
+            if layer.module
+            else Fix(summary, snippet, "snippet")
+        )
+        yield ctx.finding(
+            "ND109",
+            message,
+            module=layer.module,
+            location=loc,
+            fix=fix,
+            evidence={
+                "layers": [lay.label for lay, _ in pairs],
+                "norms": [n.label for _, n in pairs],
+                "bias_numel": numel,
+            },
+            impact=0.2,
+        )
 
 
 # -- ND110 dropout-before-batchnorm -------------------------------------------------------------
+
 
 @rule("ND110")
 def dropout_before_batchnorm(ctx: Context):
@@ -365,28 +443,43 @@ def dropout_before_batchnorm(ctx: Context):
     for drop in graph.of_op("dropout"):
         if drop.attrs.get("type") == "AlphaDropout" or drop.attrs.get("p") == 0:
             continue
-        norms = [n for n in graph.downstream(drop.name, through={"reshape", "identity"})
-                 if n.op == "batchnorm"]
+        norms = [
+            n
+            for n in graph.downstream(drop.name, through={"reshape", "identity"})
+            if n.op == "batchnorm"
+        ]
         if not norms:
             continue
         norm = norms[0]
         p = drop.attrs.get("p")
-        message = (f"{drop.label} ({drop.attrs.get('type', 'dropout')}"
-                   + (f", p={p:g}" if isinstance(p, float) else "") +
-                   f") feeds {norm.label} ({norm.attrs.get('type', 'BatchNorm')}): in training "
-                   "BatchNorm's running variance is estimated on dropout-scaled activations, "
-                   "in eval dropout is off and the variance is different, so eval outputs are "
-                   "shifted (the 'variance shift' of Li et al., 2019). Put dropout after the "
-                   "last BatchNorm (e.g. right before the classifier) instead.")
-        snippet = ("# move the dropout after the BatchNorm (or after the last BatchNorm):\n"
-                   f"nn.{norm.attrs.get('type', 'BatchNorm1d')}(...),\n"
-                   f"nn.{drop.attrs.get('type', 'Dropout')}(p={p if p is not None else 0.5}),")
-        yield ctx.finding("ND110", message, module=drop.module,
-                          location=drop.location if drop.module else call_site(drop),
-                          fix=Fix("move the dropout after the BatchNorm (or after the last "
-                                  "BatchNorm), or remove it", snippet, "snippet", safe=False),
-                          evidence={"dropout": drop.label, "norm": norm.label, "p": p},
-                          impact=0.5)
+        message = (
+            f"{drop.label} ({drop.attrs.get('type', 'dropout')}"
+            + (f", p={p:g}" if isinstance(p, float) else "")
+            + f") feeds {norm.label} ({norm.attrs.get('type', 'BatchNorm')}): in training "
+            "BatchNorm's running variance is estimated on dropout-scaled activations, "
+            "in eval dropout is off and the variance is different, so eval outputs are "
+            "shifted (the 'variance shift' of Li et al., 2019). Put dropout after the "
+            "last BatchNorm (e.g. right before the classifier) instead."
+        )
+        snippet = (
+            "# move the dropout after the BatchNorm (or after the last BatchNorm):\n"
+            f"nn.{norm.attrs.get('type', 'BatchNorm1d')}(...),\n"
+            f"nn.{drop.attrs.get('type', 'Dropout')}(p={p if p is not None else 0.5}),"
+        )
+        yield ctx.finding(
+            "ND110",
+            message,
+            module=drop.module,
+            location=drop.location if drop.module else call_site(drop),
+            fix=Fix(
+                "move the dropout after the BatchNorm (or after the last BatchNorm), or remove it",
+                snippet,
+                "snippet",
+                safe=False,
+            ),
+            evidence={"dropout": drop.label, "norm": norm.label, "p": p},
+            impact=0.5,
+        )
 
 
 # -- ND111 redundant-activation -----------------------------------------------------------------
@@ -415,8 +508,11 @@ def redundant_activation(ctx: Context):
         if len(data_inputs(graph, second, memo)) != 1:
             continue
         through = _RANGE_KEEPING | ({"dropout"} if second.op == "relu" else set())
-        producers = [n for n in graph.upstream(second.name, through=through)
-                     if not is_constant(graph, n.name, memo)]
+        producers = [
+            n
+            for n in graph.upstream(second.name, through=through)
+            if not is_constant(graph, n.name, memo)
+        ]
         if len(producers) != 1 or not _same_activation(producers[0], second):
             continue
         first = producers[0]
@@ -426,16 +522,22 @@ def redundant_activation(ctx: Context):
                 continue  # the same line of code run again (a block used twice)
             seen_lines.add(where)
         kind = second.attrs.get("type", second.op)
-        message = (f"{op_label(second)} is applied to the output of {op_label(first)}, "
-                   f"the same activation: {second.op} is idempotent ({second.op}({second.op}(x)) = "
-                   f"{second.op}(x)), so the second one does nothing but cost a pass over the "
-                   "tensor. Often a sign that a layer was meant to sit between them.")
+        message = (
+            f"{op_label(second)} is applied to the output of {op_label(first)}, "
+            f"the same activation: {second.op} is idempotent ({second.op}({second.op}(x)) = "
+            f"{second.op}(x)), so the second one does nothing but cost a pass over the "
+            "tensor. Often a sign that a layer was meant to sit between them."
+        )
         summary = f"remove the second {kind} " + (
-            f"({second.module})" if second.module else f"(line {where.line})" if where else "")
+            f"({second.module})" if second.module else f"(line {where.line})" if where else ""
+        )
         snippet = f"# drop {second.label}: it repeats {first.label}"
-        yield ctx.finding("ND111", message, module=second.module,
-                          location=where,
-                          fix=remove_op_fix(second, summary, snippet, safe=True),
-                          evidence={"first": first.label, "second": second.label,
-                                    "activation": second.op},
-                          impact=0.1)
+        yield ctx.finding(
+            "ND111",
+            message,
+            module=second.module,
+            location=where,
+            fix=remove_op_fix(second, summary, snippet, safe=True),
+            evidence={"first": first.label, "second": second.label, "activation": second.op},
+            impact=0.1,
+        )

@@ -60,7 +60,8 @@ class Attachment:
         pre = optimizer_hooks.register_optimizer_step_pre_hook(d.on_step_pre)
         self._undo.append(pre.remove)
         post = optimizer_hooks.register_optimizer_step_post_hook(
-            lambda opt, args, kwargs: d.on_step_post(opt))
+            lambda opt, args, kwargs: d.on_step_post(opt)
+        )
         self._undo.append(post.remove)
         self._wrap(torch.autograd, "backward", self._backward_wrapper)
         self._wrap(nn.Module, "train", self._train_wrapper)
@@ -92,9 +93,11 @@ class Attachment:
             d = self.doctor
             self._discovery = [
                 module_hooks.register_module_forward_pre_hook(
-                    lambda m, args: d.on_global_forward_pre(m, args)),
+                    lambda m, args: d.on_global_forward_pre(m, args)
+                ),
                 module_hooks.register_module_forward_hook(
-                    lambda m, args, out: d.on_global_forward_post(m), always_call=True),
+                    lambda m, args, out: d.on_global_forward_post(m), always_call=True
+                ),
             ]
         elif not on and self._discovery:
             for h in self._discovery:
@@ -186,8 +189,12 @@ def _scheduler_classes() -> list[type]:
     override it: ReduceLROnPlateau, SequentialLR, ChainedScheduler, ...)."""
     out = []
     for value in vars(lr_scheduler).values():
-        if isinstance(value, type) and "step" in value.__dict__ and (
-                issubclass(value, lr_scheduler.LRScheduler)
-                or value.__name__ == "ReduceLROnPlateau"):
+        if (
+            isinstance(value, type)
+            and "step" in value.__dict__
+            and (
+                issubclass(value, lr_scheduler.LRScheduler) or value.__name__ == "ReduceLROnPlateau"
+            )
+        ):
             out.append(value)
     return out

@@ -18,8 +18,11 @@ from netdoctor.watcher.settings import LoopConfig
 # output feeds another watched model (an encoder ending in a ReLU feeds a head; a generator's
 # tanh feeds its discriminator)
 OUTPUT_RULES = ("ND105", "ND106")
-_LOSS_NAMES = {"cross_entropy": "cross_entropy", "mse_loss": "mse",
-               "binary_cross_entropy_with_logits": "bce"}
+_LOSS_NAMES = {
+    "cross_entropy": "cross_entropy",
+    "mse_loss": "mse",
+    "binary_cross_entropy_with_logits": "bce",
+}
 
 
 def _rules(ctx, stages: set[str], doctor, only: set[str] | None = None) -> list[Finding]:
@@ -47,8 +50,12 @@ def static_findings(doctor, wm) -> tuple[list[Finding], list[str]]:
     opts.input_dtype = wm.facts.input_dtype or "float32"
     if opts.input_dtype not in ("float32", "float64", "float16", "bfloat16", "long"):
         opts.input_dtype = "float32"
-    loaded = LoadedModel(target=wm.facts.label, model=model, provenance=doctor.provenance,
-                         class_location=wm.facts.site)
+    loaded = LoadedModel(
+        target=wm.facts.label,
+        model=model,
+        provenance=doctor.provenance,
+        class_location=wm.facts.site,
+    )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     devices = [device] if device.type == "cuda" else []
     import contextlib
@@ -62,9 +69,11 @@ def static_findings(doctor, wm) -> tuple[list[Finding], list[str]]:
     findings = []
     for f in report.findings:
         if f.rule == "ND002":  # its forward works in the user's training: our input did not
-            notes.append(f"{wm.facts.label}: static rules that need a forward pass were "
-                         f"skipped (it does not run on a synthetic input of shape "
-                         f"{wm.facts.input_shape})")
+            notes.append(
+                f"{wm.facts.label}: static rules that need a forward pass were "
+                f"skipped (it does not run on a synthetic input of shape "
+                f"{wm.facts.input_shape})"
+            )
             continue
         findings.append(f)
     notes.extend(f"{wm.facts.label}: {n}" for n in report.notes if "inferred" not in n)
@@ -85,8 +94,11 @@ def _loss_kind(wo) -> str:
 
 def _feeds_owned(doctor, wm) -> bool:
     """Whether `wm` feeds another watched model that its own optimizer trains (a part)."""
-    return any(other.owner is wm.owner for other in doctor.models
-               if other is not wm and other.facts.label in wm.facts.feeds)
+    return any(
+        other.owner is wm.owner
+        for other in doctor.models
+        if other is not wm and other.facts.label in wm.facts.feeds
+    )
 
 
 def build_run(doctor, wm, light: bool = False) -> TrainingRun | None:
@@ -98,10 +110,17 @@ def build_run(doctor, wm, light: bool = False) -> TrainingRun | None:
         return None
     f = wo.facts
     lrs = f.lr[0] if f.lr else wo.lrs()
-    config = LoopConfig(optimizer=f.name, learning_rate=lrs[0] if lrs else math.nan,
-                        momentum=wo.hyper("momentum"), weight_decay=wo.hyper("weight_decay")
-                        or 0.0, loss=_loss_kind(wo), steps=f.steps,
-                        batch_size=None, param_groups=len(lrs), lrs=list(lrs))
+    config = LoopConfig(
+        optimizer=f.name,
+        learning_rate=lrs[0] if lrs else math.nan,
+        momentum=wo.hyper("momentum"),
+        weight_decay=wo.hyper("weight_decay") or 0.0,
+        loss=_loss_kind(wo),
+        steps=f.steps,
+        batch_size=None,
+        param_groups=len(lrs),
+        lrs=list(lrs),
+    )
     device = next((str(p.device) for p in model.parameters()), "cpu")
     run = TrainingRun(config=config, device=device, target=wm.facts.label)
     run.steps_run = f.steps
@@ -162,9 +181,21 @@ def live_findings(doctor, rules: set[str]) -> list[Finding]:
     from netdoctor.rules import Context
 
     loop_rules = {r for r in rules if r.startswith("ND5")}
-    found = _rules(Context(target=doctor.target or "training", loop=doctor.facts, draft=True,
-                           options=doctor.options.rule_options), {"loop"}, doctor,
-                   only=loop_rules) if loop_rules else []
+    found = (
+        _rules(
+            Context(
+                target=doctor.target or "training",
+                loop=doctor.facts,
+                draft=True,
+                options=doctor.options.rule_options,
+            ),
+            {"loop"},
+            doctor,
+            only=loop_rules,
+        )
+        if loop_rules
+        else []
+    )
     if doctor.nonfinite and "ND401" in rules:
         for wm in doctor.models:
             run = build_run(doctor, wm, light=True)
@@ -192,8 +223,7 @@ def diagnose(doctor) -> Report:
         if wm.facts.site is not None:
             class_lines.append(wm.facts.site)
         static, notes = doctor.static.get(id(wm), ([], []))
-        static = [_copy(f) for f in static
-                  if not (wm.facts.feeds and f.rule in OUTPUT_RULES)]
+        static = [_copy(f) for f in static if not (wm.facts.feeds and f.rule in OUTPUT_RULES)]
         report.notes.extend(notes)
         run = doctor._guard(lambda wm=wm: build_run(doctor, wm))
         group = list(static)
@@ -207,8 +237,9 @@ def diagnose(doctor) -> Report:
     findings.extend(doctor._guard(lambda: _rules(loop, {"loop"}, doctor)) or [])
     for f in findings:
         if is_suppressed(f, class_lines):
-            report.notes.append(f"{f.rule} at {f.location} suppressed by a netdoctor: ignore "
-                                "comment")
+            report.notes.append(
+                f"{f.rule} at {f.location} suppressed by a netdoctor: ignore comment"
+            )
         else:
             report.findings.append(f)
     link_causes(report.findings)
@@ -217,14 +248,27 @@ def diagnose(doctor) -> Report:
     if doctor.closed and doctor.exchange.world_size > 1 and doctor.exchange.rank == 0:
         from netdoctor.watcher.ranks import merge
 
-        own = (doctor.nonfinite_step, doctor.nonfinite_code) \
-            if doctor.nonfinite_step is not None else None
-        doctor._guard(lambda: merge(report, doctor.rank_summaries, doctor.ranks_missing,
-                                    doctor.facts.distributed, own, doctor.options.dist_timeout))
+        own = (
+            (doctor.nonfinite_step, doctor.nonfinite_code)
+            if doctor.nonfinite_step is not None
+            else None
+        )
+        doctor._guard(
+            lambda: merge(
+                report,
+                doctor.rank_summaries,
+                doctor.ranks_missing,
+                doctor.facts.distributed,
+                own,
+                doctor.options.dist_timeout,
+            )
+        )
     elif doctor.exchange.world_size == 1 and _world_size_env() > 1:
-        report.notes.append(f"WORLD_SIZE is {_world_size_env()} but the script initialised no "
-                            "torch.distributed process group: the ranks were not compared, and "
-                            "this report is rank 0's alone")
+        report.notes.append(
+            f"WORLD_SIZE is {_world_size_env()} but the script initialised no "
+            "torch.distributed process group: the ranks were not compared, and "
+            "this report is rank 0's alone"
+        )
     return report
 
 
@@ -247,41 +291,53 @@ def _notes(doctor, runs) -> list[str]:
     notes = list(doctor.notes)
     f = doctor.facts
     if not doctor.optimizers:
-        notes.append("no optimizer step was seen: nothing was measured (is the training loop "
-                     "calling optimizer.step()?)")
+        notes.append(
+            "no optimizer step was seen: nothing was measured (is the training loop "
+            "calling optimizer.step()?)"
+        )
     elif not doctor.models:
         notes.append("no model was seen running forward with gradients enabled")
     for wo in doctor.optimizers:
         o = wo.facts
         trained = ", ".join(o.models) or "no watched model"
         lr = o.initial_lr
-        notes.append(f"{o.label}: {o.steps} steps, lr {lr:g} at step 1, trains {trained}"
-                     if lr is not None else f"{o.label}: {o.steps} steps, trains {trained}")
+        notes.append(
+            f"{o.label}: {o.steps} steps, lr {lr:g} at step 1, trains {trained}"
+            if lr is not None
+            else f"{o.label}: {o.steps} steps, trains {trained}"
+        )
     if runs:
         deep = max(len(r.measured_steps) for _, r in runs)
-        notes.append(f"deep measurements on {deep} step(s): {doctor.schedule.describe()} "
-                     "(--every sets the interval)")
+        notes.append(
+            f"deep measurements on {deep} step(s): {doctor.schedule.describe()} "
+            "(--every sets the interval)"
+        )
     for wm in doctor.models if doctor.optimizers else ():
         if wm.owner is None and not wm.compiled and not wm.facts.unoptimized:
-            notes.append(f"{wm.facts.label} ran forward with gradients but no optimizer "
-                         "trains it")
+            notes.append(f"{wm.facts.label} ran forward with gradients but no optimizer trains it")
     wall = (doctor.ended or __import__("time").perf_counter()) - doctor.started
     if wall > 0 and doctor.optimizers:
         hooks = doctor.measure_seconds
-        exchanged = (f", its exchanges with the other ranks {doctor.exchange_seconds:.2f} s "
-                     "(mostly waiting for the slowest rank)"
-                     if doctor.exchange.world_size > 1 else "")
-        notes.append(f"netdoctor's measurements took {hooks:.2f} s of the {wall:.1f} s the "
-                     f"training ran ({100 * hooks / wall:.1f}%), its static checks "
-                     f"{doctor.static_seconds:.2f} s once{exchanged}")
+        exchanged = (
+            f", its exchanges with the other ranks {doctor.exchange_seconds:.2f} s "
+            "(mostly waiting for the slowest rank)"
+            if doctor.exchange.world_size > 1
+            else ""
+        )
+        notes.append(
+            f"netdoctor's measurements took {hooks:.2f} s of the {wall:.1f} s the "
+            f"training ran ({100 * hooks / wall:.1f}%), its static checks "
+            f"{doctor.static_seconds:.2f} s once{exchanged}"
+        )
     if f.stopped == "stop-on" and doctor.stopped_by is not None:  # (ranks: see ranks.merge)
         s = doctor.stopped_by
-        notes.append(f"training stopped at step {f.iterations} by stop-on "
-                     f"{doctor.options.stop_on}: {s.rule} {s.name}")
+        notes.append(
+            f"training stopped at step {f.iterations} by stop-on "
+            f"{doctor.options.stop_on}: {s.rule} {s.name}"
+        )
     for message, count in doctor.errors.items():
         times = f" ({count} times)" if count > 1 else ""
-        notes.append(f"internal netdoctor error, measurements may be incomplete: "
-                     f"{message}{times}")
+        notes.append(f"internal netdoctor error, measurements may be incomplete: {message}{times}")
     return notes
 
 
@@ -302,18 +358,32 @@ def measurements(doctor, runs) -> dict[str, Any]:
         "steps": doctor.facts.iterations,
         "stopped": doctor.facts.stopped,
         "schedule": {"every": doctor.schedule.every, "warm": doctor.schedule.warm},
-        "optimizers": [{"label": o.label, "class": o.name, "steps": o.steps,
-                        "lr_first": o.initial_lr,
-                        "lr_last": max(o.lr[-1]) if o.lr and o.lr[-1] else None,
-                        "parameters": o.n_params, "trainable": o.n_trainable,
-                        "models": list(o.models),
-                        "location": o.site.to_dict() if o.site else None}
-                       for o in doctor.facts.optimizers],
-        "models": [{"label": m.facts.label, "class": m.facts.class_name,
-                    "input_shape": list(m.facts.input_shape) if m.facts.input_shape is not None
-                    else None, "compiled": m.facts.compiled,
-                    "deep_steps": len(m.owner.deep_steps) if m.owner is not None else 0}
-                   for m in doctor.models],
+        "optimizers": [
+            {
+                "label": o.label,
+                "class": o.name,
+                "steps": o.steps,
+                "lr_first": o.initial_lr,
+                "lr_last": max(o.lr[-1]) if o.lr and o.lr[-1] else None,
+                "parameters": o.n_params,
+                "trainable": o.n_trainable,
+                "models": list(o.models),
+                "location": o.site.to_dict() if o.site else None,
+            }
+            for o in doctor.facts.optimizers
+        ],
+        "models": [
+            {
+                "label": m.facts.label,
+                "class": m.facts.class_name,
+                "input_shape": list(m.facts.input_shape)
+                if m.facts.input_shape is not None
+                else None,
+                "compiled": m.facts.compiled,
+                "deep_steps": len(m.owner.deep_steps) if m.owner is not None else 0,
+            }
+            for m in doctor.models
+        ],
         "backward_calls": doctor.facts.backward_calls,
         "hook_seconds": round(doctor.measure_seconds, 4),
         "static_seconds": round(doctor.static_seconds, 4),

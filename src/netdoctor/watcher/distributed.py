@@ -68,8 +68,10 @@ def _short(e: BaseException, timeout: float | None = None) -> str:
         return "another rank's connection closed (that rank ended or crashed)"
     if "timed out" in low or "timeout" in low:
         within = f" within {timeout:g} s" if timeout is not None else ""
-        return (f"no answer from the other ranks{within} (a rank ran out of batches earlier, "
-                "e.g. uneven inputs under DDP's join(), or is stuck)")
+        return (
+            f"no answer from the other ranks{within} (a rank ran out of batches earlier, "
+            "e.g. uneven inputs under DDP's join(), or is stuck)"
+        )
     text = text.split(" Exception raised from ")[0]
     return f"{type(e).__name__}: {text[:160]}"
 
@@ -95,23 +97,26 @@ class DistributedExchange:
         if self.broken is not None or self.group is None:
             return None
         try:
-            header = torch.tensor([MAGIC, STEP, float(step), float(len(values))],
-                                  dtype=torch.float64)
+            header = torch.tensor(
+                [MAGIC, STEP, float(step), float(len(values))], dtype=torch.float64
+            )
             heads = [torch.empty(4, dtype=torch.float64) for _ in range(self.world_size)]
             dist.all_gather(heads, header, group=self.group)
             rows = [h.tolist() for h in heads]
             if any(r[:3] != rows[0][:3] for r in rows):
-                where = ", ".join(f"rank {i} at step {int(r[2])}" if r[0] == MAGIC else
-                                  f"rank {i} elsewhere" for i, r in enumerate(rows))
+                where = ", ".join(
+                    f"rank {i} at step {int(r[2])}" if r[0] == MAGIC else f"rank {i} elsewhere"
+                    for i, r in enumerate(rows)
+                )
                 self.broken = f"the ranks reached netdoctor's exchange out of step ({where})"
                 return None
             longest = int(max(r[3] for r in rows))
             payload = torch.full((longest,), math.nan, dtype=torch.float64)
             if values:
-                payload[:len(values)] = torch.tensor(values, dtype=torch.float64)
+                payload[: len(values)] = torch.tensor(values, dtype=torch.float64)
             outs = [torch.empty(longest, dtype=torch.float64) for _ in range(self.world_size)]
             dist.all_gather(outs, payload, group=self.group)
-            return [o[:int(r[3])].tolist() for o, r in zip(outs, rows)]
+            return [o[: int(r[3])].tolist() for o, r in zip(outs, rows)]
         except Exception as e:  # a timeout, a rank gone: stop comparing, never raise
             self.broken = f"at step {step}: {_short(e, self.timeout)}"
             self.peer_gone = "closed" in self.broken or "gone" in self.broken
@@ -246,8 +251,7 @@ def exchange_step(doctor: Doctor, wo: WatchedOptimizer, step: int) -> bool:
     plain = 0.0
     try:  # whatever fails here, this rank still joins the collective (with what it has)
         nf_step, nf_kind = _nonfinite_code(doctor)
-        request = float(doctor.stop_request.rule[2:]) if doctor.stop_request is not None \
-            else 0.0
+        request = float(doctor.stop_request.rule[2:]) if doctor.stop_request is not None else 0.0
         sharded, plain = sharded_square(wo.trainable)
         values = list(doctor.step_statistics(wo)) + [nf_step, nf_kind, request, sharded]
         values += doctor.replicas.checksums(doctor.label_of)
@@ -279,8 +283,9 @@ def exchange_step(doctor: Doctor, wo: WatchedOptimizer, step: int) -> bool:
     if doctor.replicas.compared or any(checks):
         from netdoctor.rules.distributed import DEFAULT_TOLERANCE
 
-        tolerance = float(doctor.options.rule_options.get("ND508", {}).get(
-            "tolerance", DEFAULT_TOLERANCE))
+        tolerance = float(
+            doctor.options.rule_options.get("ND508", {}).get("tolerance", DEFAULT_TOLERANCE)
+        )
         largest, divergence = compare(checks, doctor.replicas.compared, step, tolerance)
         facts.largest_difference = max(facts.largest_difference, largest)
         if divergence is not None and facts.divergence is None:
@@ -293,15 +298,26 @@ def exchange_step(doctor: Doctor, wo: WatchedOptimizer, step: int) -> bool:
 
 
 def new_facts(ex: DistributedExchange, doctor: Doctor) -> DistributedFacts:
-    return DistributedFacts(rank=ex.rank, world_size=ex.world_size, backend=ex.backend,
-                            broken=ex.broken, wrapper_sites=doctor.replicas.sites())
+    return DistributedFacts(
+        rank=ex.rank,
+        world_size=ex.world_size,
+        backend=ex.backend,
+        broken=ex.broken,
+        wrapper_sites=doctor.replicas.sites(),
+    )
 
 
 def summary(doctor: Doctor) -> dict[str, Any]:
     """What a rank other than 0 hands rank 0 at the end: its findings, notes and how it ended."""
     report = doctor.diagnose()
     f = doctor.facts
-    return {"findings": list(report.findings), "notes": list(report.notes),
-            "steps": f.iterations, "stopped": f.stopped, "error": f.error,
-            "nonfinite": (doctor.nonfinite_step, doctor.nonfinite_code)
-            if doctor.nonfinite_step is not None else None}
+    return {
+        "findings": list(report.findings),
+        "notes": list(report.notes),
+        "steps": f.iterations,
+        "stopped": f.stopped,
+        "error": f.error,
+        "nonfinite": (doctor.nonfinite_step, doctor.nonfinite_code)
+        if doctor.nonfinite_step is not None
+        else None,
+    }

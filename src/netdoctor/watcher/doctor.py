@@ -118,9 +118,16 @@ class Doctor:
     """Watches training from inside: see the module docstring. Build it with
     `netdoctor.watch(...)`, `netdoctor run`, or a trainer callback."""
 
-    def __init__(self, options: WatchOptions | None = None, *, discover_models: bool = True,
-                 discover_optimizers: bool = True, target: str | None = None,
-                 provenance: Provenance | None = None, scope: nn.Module | None = None):
+    def __init__(
+        self,
+        options: WatchOptions | None = None,
+        *,
+        discover_models: bool = True,
+        discover_optimizers: bool = True,
+        target: str | None = None,
+        provenance: Provenance | None = None,
+        scope: nn.Module | None = None,
+    ):
         self.options = options or WatchOptions()
         self.schedule = Schedule(self.options.every)
         self.facts = LoopFacts()
@@ -137,8 +144,9 @@ class Doctor:
         self._ignored_roots: weakref.WeakSet = weakref.WeakSet()
         self.primary: WatchedOptimizer | None = None
         self.pending = PendingScalars()
-        self.losses = LossWatch(self.pending, self._sampling, self._guard, lambda: self.busy,
-                                self.facts.losses)
+        self.losses = LossWatch(
+            self.pending, self._sampling, self._guard, lambda: self.busy, self.facts.losses
+        )
         self.attachment = Attachment(self)
         self.backwards: list[BackwardRecord] = []
         self.observed: list[float] = []
@@ -154,8 +162,9 @@ class Doctor:
         self.nonfinite_code = 0.0  # distributed.NONFINITE_KINDS of the first non-finite step
         self.rank_summaries: dict[int, dict] = {}  # rank 0: what the other ranks reported
         self.ranks_missing: list[int] = []  # rank 0: ranks whose summary never came
-        self.announce_to: Callable[[str], None] = lambda line: print(line, file=sys.stderr,
-                                                                      flush=True)
+        self.announce_to: Callable[[str], None] = lambda line: print(
+            line, file=sys.stderr, flush=True
+        )
         self.announced: set[tuple] = set()
         self._settled: set[str] = set()  # rules already confirmed: not judged live again
         self._loss_seen: tuple[int, int] = (0, 0)
@@ -180,8 +189,7 @@ class Doctor:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> Doctor:
         if _ACTIVE:
-            raise UserError("another netdoctor watcher is active in this process; close() it "
-                            "first")
+            raise UserError("another netdoctor watcher is active in this process; close() it first")
         _ACTIVE.append(self)
         self.active = True
         try:
@@ -241,15 +249,15 @@ class Doctor:
     # -- public ------------------------------------------------------------------------
     def add_model(self, model: nn.Module, name: str | None = None) -> None:
         if not isinstance(model, nn.Module):
-            raise UserError(f"netdoctor.watch: expected an nn.Module, got "
-                            f"{type(model).__name__}")
+            raise UserError(f"netdoctor.watch: expected an nn.Module, got {type(model).__name__}")
         self._guard(lambda: self._add_model(model, name))
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer = unwrap_optimizer(optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise UserError(f"netdoctor.watch: expected a torch.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}")
+            raise UserError(
+                f"netdoctor.watch: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         if not self.discover_optimizers:
             self._allowed_optimizers.add(id(optimizer))
         self._guard(lambda: self._optimizer(optimizer, create=True))
@@ -258,6 +266,7 @@ class Doctor:
         """A trainer's logged loss, used only for a step whose backward netdoctor did not see:
         the coming step's, or with `after_step=True` the step just taken (what a trainer's
         batch-end hook reports)."""
+
         def body():
             v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
             if not after_step:
@@ -267,6 +276,7 @@ class Doctor:
             if wo is not None and wo.loss_unseen and wo.facts.loss:
                 wo.facts.loss[-1] = v
                 wo.loss_unseen = False
+
         self._guard(body)
 
     @property
@@ -285,8 +295,9 @@ class Doctor:
             self._report = report
         return report
 
-    def report(self, format: str | None = None, output: str | None = None,
-               color: bool | None = None) -> str:
+    def report(
+        self, format: str | None = None, output: str | None = None, color: bool | None = None
+    ) -> str:
         """The report as text/json/sarif/github; written to `output` when given."""
         from netdoctor.report import render
 
@@ -315,8 +326,7 @@ class Doctor:
         activation measurements inside the user's forwards on deep steps (timed by each
         recorder), less the one-off static checks and the exchanges with other ranks."""
         recorded = sum(wm.recorder.seconds for wm in self.models if wm.recorder is not None)
-        return max(0.0, self.hook_seconds + recorded - self.static_seconds -
-                   self.exchange_seconds)
+        return max(0.0, self.hook_seconds + recorded - self.static_seconds - self.exchange_seconds)
 
     @property
     def rank(self) -> int:
@@ -367,8 +377,7 @@ class Doctor:
         """An internal error: counted, and a note in the report."""
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
-        key = (f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-               f"{at}")
+        key = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}{at}"
         self.errors[key] = self.errors.get(key, 0) + 1
         if os.environ.get("NETDOCTOR_DEBUG"):
             traceback.print_exception(e)
@@ -391,8 +400,9 @@ class Doctor:
             k += 1
         return f"{base}#{k}"
 
-    def _add_model(self, model: nn.Module, name: str | None,
-                   site: Location | None = None) -> WatchedModel | None:
+    def _add_model(
+        self, model: nn.Module, name: str | None, site: Location | None = None
+    ) -> WatchedModel | None:
         if id(model) in self._model_by_id:
             return self._model_by_id[id(model)]
         if is_ddp(model):  # watch the module inside: replays and static checks must not run
@@ -413,8 +423,11 @@ class Doctor:
                 self.facts.models.remove(other.facts)
         inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: name the model
         label = self._label(name or type(inner).__name__, [m.facts.label for m in self.models])
-        site = self.provenance.site(getattr(model, "_orig_mod", model)) or site or \
-            class_location(type(getattr(model, "_orig_mod", model)))
+        site = (
+            self.provenance.site(getattr(model, "_orig_mod", model))
+            or site
+            or class_location(type(getattr(model, "_orig_mod", model)))
+        )
         facts = ModelFacts(label=label, class_name=type(inner).__name__, site=site)
         sites = {}
         for qual, mod in model.named_modules():
@@ -426,9 +439,11 @@ class Doctor:
             sites[""] = site
         wm = WatchedModel(model, facts, sites, self._on_model_pre, self._on_model_post)
         if wm.compiled:
-            self.notes.append(f"{label} is compiled with torch.compile: not instrumented (its "
-                              "loop facts are watched; per-layer measurements and static rules "
-                              "are skipped)")
+            self.notes.append(
+                f"{label} is compiled with torch.compile: not instrumented (its "
+                "loop facts are watched; per-layer measurements and static rules "
+                "are skipped)"
+            )
         self.models.append(wm)
         self._model_by_id[id(model)] = wm
         self.facts.models.append(facts)
@@ -482,8 +497,10 @@ class Doctor:
             return None
         for path, m in scope.named_modules():
             if m is module:
-                return (type(scope).__name__ + (f".{path}" if path else ""),
-                        assignment_site(scope, path) if path else None)
+                return (
+                    type(scope).__name__ + (f".{path}" if path else ""),
+                    assignment_site(scope, path) if path else None,
+                )
         return None
 
     def on_global_forward_pre(self, module: nn.Module, args: tuple) -> None:
@@ -511,6 +528,7 @@ class Doctor:
             step = (owner.facts.steps if owner is not None else 0) + 1
             if wm.recorder is not None and self.schedule.is_deep(step):
                 wm.begin_measure(step)
+
         self._guard(body)
 
     def _on_model_post(self, module: nn.Module, args: tuple, out: Any) -> None:
@@ -526,12 +544,15 @@ class Doctor:
         """Which other watched models this forward's inputs come from (a few autograd nodes
         back): those are parts of a larger network -- an encoder feeding a head, a generator
         feeding its discriminator -- whose output is not the prediction (`ModelFacts.feeds`)."""
-        targets = {id(node): other for other in self.models if other is not wm
-                   for node in other.output_nodes}
+        targets = {
+            id(node): other
+            for other in self.models
+            if other is not wm
+            for node in other.output_nodes
+        }
         if not targets:
             return
-        frontier = deque(t.grad_fn for t in tensors_in((args, kwargs))
-                         if t.grad_fn is not None)
+        frontier = deque(t.grad_fn for t in tensors_in((args, kwargs)) if t.grad_fn is not None)
         seen: set[int] = set()
         while frontier and len(seen) < FEED_SEARCH:
             node = frontier.popleft()
@@ -546,8 +567,9 @@ class Doctor:
             frontier.extend(n for n, _ in node.next_functions if n is not None)
 
     # -- optimizers ----------------------------------------------------------------------
-    def _optimizer(self, opt: torch.optim.Optimizer, create: bool = False
-                   ) -> WatchedOptimizer | None:
+    def _optimizer(
+        self, opt: torch.optim.Optimizer, create: bool = False
+    ) -> WatchedOptimizer | None:
         wo = self._opt_by_id.get(id(opt))
         if wo is not None and wo.optimizer is opt:
             return wo
@@ -563,8 +585,9 @@ class Doctor:
                     return None
         name = type(opt).__name__
         label = self._label(name, [o.facts.label for o in self.optimizers])
-        facts = OptimizerFacts(index=len(self.optimizers), name=name, label=label,
-                               site=self.provenance.site(opt))
+        facts = OptimizerFacts(
+            index=len(self.optimizers), name=name, label=label, site=self.provenance.site(opt)
+        )
         wo = WatchedOptimizer(opt, facts)
         wo.refresh()
         self.optimizers.append(wo)
@@ -582,8 +605,9 @@ class Doctor:
             known |= set(wm.params_by_id)
         return all(id(p) in known for wo in self.optimizers for p in wo.trainable)
 
-    def on_step_pre(self, opt: torch.optim.Optimizer, args: tuple = (), kwargs: dict | None = None
-                    ) -> tuple[tuple, dict] | None:
+    def on_step_pre(
+        self, opt: torch.optim.Optimizer, args: tuple = (), kwargs: dict | None = None
+    ) -> tuple[tuple, dict] | None:
         kwargs = kwargs or {}
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if callable(closure) and not self.busy:
@@ -665,13 +689,18 @@ class Doctor:
         loss, grad_norm, measured = measure_step(self, wo, step, deep, backwards, with_grad)
         self._loop_facts(wo, step, with_grad, grad_norm, measured)
         if self.nonfinite_step is None and (
-                not math.isfinite(loss) or (grad_norm is not None and
-                                            not math.isfinite(grad_norm))):
+            not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+        ):
             from netdoctor.watcher.localize import localize
 
             self.nonfinite_step = step
-            self.nonfinite_code = (1.0 if math.isnan(loss) else 2.0) if not math.isfinite(loss) \
-                else 3.0 if math.isnan(grad_norm) else 4.0
+            self.nonfinite_code = (
+                (1.0 if math.isnan(loss) else 2.0)
+                if not math.isfinite(loss)
+                else 3.0
+                if math.isnan(grad_norm)
+                else 4.0
+            )
             where, event = localize(self, wo, step, backwards, loss)
             self.nonfinite[where] = event
             self._dirty.add("ND401")
@@ -715,8 +744,14 @@ class Doctor:
         finally:
             ex.close()
 
-    def _loop_facts(self, wo: WatchedOptimizer, step: int, with_grad: list,
-                    grad_norm: float | None, measured: bool) -> None:
+    def _loop_facts(
+        self,
+        wo: WatchedOptimizer,
+        step: int,
+        with_grad: list,
+        grad_norm: float | None,
+        measured: bool,
+    ) -> None:
         """ND501 (was the gradient cleared since the last step?), ND503 (why the step may
         change nothing; the change itself is checked after it), ND504 (did its models train
         in eval mode?), ND502 (an optimizer of frozen parameters)."""
@@ -726,8 +761,15 @@ class Doctor:
             f.stale_backward_site = f.stale_backward_site or wo.last_backward_site
             self._dirty.add("ND501")
         lrs = [v for v in f.lr[-1] if not math.isnan(v)]
-        wo.step_reason = "lr-zero" if lrs and all(v == 0 for v in lrs) else \
-            "no-grad" if not with_grad else "zero-grad" if grad_norm == 0 else None
+        wo.step_reason = (
+            "lr-zero"
+            if lrs and all(v == 0 for v in lrs)
+            else "no-grad"
+            if not with_grad
+            else "zero-grad"
+            if grad_norm == 0
+            else None
+        )
         wo.choose_sample(with_grad)
         if not measured:  # the deep path measures every parameter's update itself
             wo.snapshot()
@@ -740,8 +782,14 @@ class Doctor:
             f.eval_steps.append(step)
             f.eval_modules.update(seen)
             if wm.facts.eval_site is None and wm.model is not None:
-                wm.facts.eval_site = next((self.eval_sites[id(m)] for m in wm.model.modules()
-                                           if id(m) in self.eval_sites), None)
+                wm.facts.eval_site = next(
+                    (
+                        self.eval_sites[id(m)]
+                        for m in wm.model.modules()
+                        if id(m) in self.eval_sites
+                    ),
+                    None,
+                )
             if wm.facts.label not in f.eval_models:
                 f.eval_models.append(wm.facts.label)
             self._dirty.add("ND504")
@@ -752,8 +800,11 @@ class Doctor:
         """The small vector a multi-process exchange compares across ranks on deep steps:
         loss, total gradient norm, largest lr (the DDP extension appends its checksums)."""
         f = wo.facts
-        return [f.loss[-1] if f.loss else math.nan, f.grad_norm[-1] if f.grad_norm else
-                math.nan, max(f.lr[-1]) if f.lr and f.lr[-1] else math.nan]
+        return [
+            f.loss[-1] if f.loss else math.nan,
+            f.grad_norm[-1] if f.grad_norm else math.nan,
+            max(f.lr[-1]) if f.lr and f.lr[-1] else math.nan,
+        ]
 
     def _step_post(self, opt: torch.optim.Optimizer) -> None:
         wo = self._opt_by_id.get(id(opt))
@@ -789,9 +840,14 @@ class Doctor:
                 wm.output_nodes = []
             elif self.facts.iterations >= FEED_STEPS:
                 wm.output_nodes = []
-        if self.attachment.discovering and self.primary is not None and (
-                self.primary.facts.steps >= DISCOVERY_GIVE_UP or
-                (self.primary.facts.steps >= DISCOVERY_STEPS and self._covered())):
+        if (
+            self.attachment.discovering
+            and self.primary is not None
+            and (
+                self.primary.facts.steps >= DISCOVERY_GIVE_UP
+                or (self.primary.facts.steps >= DISCOVERY_STEPS and self._covered())
+            )
+        ):
             self.attachment.discovery(False)
 
     def _changed(self, wo: WatchedOptimizer, step: int, moved: bool, reason: str | None) -> None:
@@ -817,51 +873,79 @@ class Doctor:
                 wo.before_backward(self.pending, site)
             for wm in self.models:
                 wm.note_backward()
-            t = tensors if isinstance(tensors, torch.Tensor) else (
-                tensors[0] if isinstance(tensors, (list, tuple)) and len(tensors) == 1 and
-                isinstance(tensors[0], torch.Tensor) else None)
+            t = (
+                tensors
+                if isinstance(tensors, torch.Tensor)
+                else (
+                    tensors[0]
+                    if isinstance(tensors, (list, tuple))
+                    and len(tensors) == 1
+                    and isinstance(tensors[0], torch.Tensor)
+                    else None
+                )
+            )
             source = t  # the tensor a loss function returned, when netdoctor saw it
             unscaled = self._unscaled.pop(id(t), None) if t is not None else None
             if unscaled is not None and unscaled[0]() is t:  # GradScaler.scale(loss)
                 loss, source_id = unscaled[1], unscaled[2]
             else:
-                loss = t.detach() if t is not None and t.is_floating_point() and \
-                    t.numel() <= 1 else None
+                loss = (
+                    t.detach()
+                    if t is not None and t.is_floating_point() and t.numel() <= 1
+                    else None
+                )
                 source_id = id(source) if source is not None else None
             taken = {id(c) for r in self.backwards for c in r.calls}
             calls = [c for c in self.losses.recent if id(c) not in taken]
-            self.backwards.append(BackwardRecord(
-                loss=loss, fn=self.losses.outputs.get(source_id),
-                forwards={id(wm): wm.forwards for wm in self.models}, calls=calls))
+            self.backwards.append(
+                BackwardRecord(
+                    loss=loss,
+                    fn=self.losses.outputs.get(source_id),
+                    forwards={id(wm): wm.forwards for wm in self.models},
+                    calls=calls,
+                )
+            )
+
         self._guard(body)
 
     def after_backward(self) -> None:
         """On deep steps: which parameters backward gave a gradient (a zero_grad() between
         backward and step must not read as "no gradient ever reached them")."""
+
         def body():
             if self.busy or not self._sampling():
                 return
             for wo in self.optimizers:
                 wo.grad_seen |= {id(p) for p in wo.trainable if p.grad is not None}
+
         self._guard(body)
 
     def without_our_hooks(self, state: dict) -> dict:
         """A module's pickling/copying state without the hooks netdoctor registered on it."""
         try:
             ours = {h.id for wm in self.models for h in wm.handles}
-            ours |= {h.id for wm in self.models if wm.recorder is not None
-                     for h in wm.recorder.handles}
+            ours |= {
+                h.id for wm in self.models if wm.recorder is not None for h in wm.recorder.handles
+            }
             ours |= self.replicas.hook_ids()
-            keys = [k for k in ("_forward_pre_hooks", "_forward_hooks",
-                                "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
-                                "_forward_hooks_always_called")
-                    if isinstance(state.get(k), dict) and ours & set(state[k])]
+            keys = [
+                k
+                for k in (
+                    "_forward_pre_hooks",
+                    "_forward_hooks",
+                    "_forward_pre_hooks_with_kwargs",
+                    "_forward_hooks_with_kwargs",
+                    "_forward_hooks_always_called",
+                )
+                if isinstance(state.get(k), dict) and ours & set(state[k])
+            ]
             if not keys:
                 return state
             state = dict(state)
             for k in keys:
-                state[k] = type(state[k])((hid, v) for hid, v in state[k].items()
-                                          if hid not in ours)
+                state[k] = type(state[k])(
+                    (hid, v) for hid, v in state[k].items() if hid not in ours
+                )
             return state
         except Exception:
             return state
@@ -869,12 +953,13 @@ class Doctor:
     def on_loss_scaled(self, outputs: Any, scaled: Any) -> None:
         """GradScaler.scale(loss): remember the unscaled loss for the backward of the scaled
         one (the scale changes during training; the loss curve must not)."""
+
         def body():
             if self.busy or not isinstance(scaled, torch.Tensor) or scaled is outputs:
                 return
             if isinstance(outputs, torch.Tensor):
-                self._unscaled[id(scaled)] = (weakref.ref(scaled), outputs.detach(),
-                                              id(outputs))
+                self._unscaled[id(scaled)] = (weakref.ref(scaled), outputs.detach(), id(outputs))
+
         self._guard(body)
 
     def on_train_mode(self, module: nn.Module, mode: bool) -> None:
@@ -884,6 +969,7 @@ class Doctor:
             loc = user_location()
             if loc is not None:
                 self.eval_sites[id(module)] = loc
+
         self._guard(body)
 
     def on_scheduler_step(self, scheduler: Any) -> None:
@@ -891,17 +977,19 @@ class Doctor:
             if self.busy or getattr(scheduler, "_step_count", 1) == 0:
                 return  # the scheduler's own first step, from its constructor
             site = user_location()
-            key = (type(scheduler).__name__, site.path if site else None,
-                   site.line if site else None)
+            key = (
+                type(scheduler).__name__,
+                site.path if site else None,
+                site.line if site else None,
+            )
             facts = self.facts.schedulers.get(key)
             if facts is None:
-                facts = self.facts.schedulers[key] = SchedulerFacts(type(scheduler).__name__,
-                                                                    site)
+                facts = self.facts.schedulers[key] = SchedulerFacts(type(scheduler).__name__, site)
             facts.calls += 1
             it = self.facts.iterations
-            facts.first_iteration = it if facts.first_iteration is None else \
-                facts.first_iteration
+            facts.first_iteration = it if facts.first_iteration is None else facts.first_iteration
             facts.last_iteration = it
+
         self._guard(body)
 
     # -- static rules, once per model --------------------------------------------------------
@@ -910,9 +998,14 @@ class Doctor:
         if not self.options.static or wm.compiled or wm.model is None:
             return
         if wm.communicates:
-            self.static[id(wm)] = ([], [f"{wm.facts.label}: static rules skipped: its forward "
-                                        "communicates with the other ranks (sharded DTensor "
-                                        "parameters or SyncBatchNorm)"])
+            self.static[id(wm)] = (
+                [],
+                [
+                    f"{wm.facts.label}: static rules skipped: its forward "
+                    "communicates with the other ranks (sharded DTensor "
+                    "parameters or SyncBatchNorm)"
+                ],
+            )
             return
         from netdoctor.watcher.diagnosis import static_findings
 
@@ -937,8 +1030,9 @@ class Doctor:
         with self._busy():
             found = live_findings(self, rules)
         self._settled |= {f.rule for f in found} - {"ND502"}  # ND502: per model
-        stop_level = None if self.options.stop_on == "never" else \
-            Severity.parse(self.options.stop_on)
+        stop_level = (
+            None if self.options.stop_on == "never" else Severity.parse(self.options.stop_on)
+        )
         announce_level = min(Severity.ERROR, stop_level or Severity.ERROR)
         rank = self.rank
         for f in found:
@@ -948,12 +1042,17 @@ class Doctor:
             self.announced.add(key)
             # under torchrun, rank 0 announces; the others only what their own measurements
             # show (a NaN of theirs), prefixed with their rank
-            if self.options.announce and f.severity >= announce_level and (
-                    rank == 0 or f.rule.startswith("ND4")):
+            if (
+                self.options.announce
+                and f.severity >= announce_level
+                and (rank == 0 or f.rule.startswith("ND4"))
+            ):
                 who = "netdoctor" if rank == 0 else f"netdoctor [rank {rank}]"
                 where = f" at {f.location}" if f.location else ""
-                self.announce_to(f"{who}: step {step}: {f.rule} {f.name} [{f.severity.label}]"
-                                 f"{where}: {_one_line(f.message)}")
+                self.announce_to(
+                    f"{who}: step {step}: {f.rule} {f.name} [{f.severity.label}]"
+                    f"{where}: {_one_line(f.message)}"
+                )
             if stop_level is not None and f.severity >= stop_level and not self.should_stop:
                 if self.exchange.world_size > 1 and f.rule not in ("ND401", "ND508"):
                     # another rank may confirm it a step later: stop together at the next
@@ -979,7 +1078,7 @@ class Doctor:
 
 def _one_line(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -1026,15 +1125,21 @@ class JoinedDoctor:
         return False
 
 
-def watch(model: nn.Module | list | tuple | None = None,
-          optimizer: torch.optim.Optimizer | list | tuple | None = None,
-          **options: Any) -> Doctor | JoinedDoctor:
+def watch(
+    model: nn.Module | list | tuple | None = None,
+    optimizer: torch.optim.Optimizer | list | tuple | None = None,
+    **options: Any,
+) -> Doctor | JoinedDoctor:
     """See `netdoctor.watch`."""
     opts = WatchOptions.from_kwargs(**options)
-    models = [] if model is None else list(model) if isinstance(model, (list, tuple)) \
-        else [model]
-    optimizers = [] if optimizer is None else list(optimizer) \
-        if isinstance(optimizer, (list, tuple)) else [optimizer]
+    models = [] if model is None else list(model) if isinstance(model, (list, tuple)) else [model]
+    optimizers = (
+        []
+        if optimizer is None
+        else list(optimizer)
+        if isinstance(optimizer, (list, tuple))
+        else [optimizer]
+    )
     running = running_doctor()
     if running is not None:
         for m in models:
@@ -1042,10 +1147,10 @@ def watch(model: nn.Module | list | tuple | None = None,
         for o in optimizers:
             running.add_optimizer(o)
         return JoinedDoctor(running)
-    target = opts.name or (", ".join(type(m).__name__ for m in models) if models else
-                           "training")
-    doctor = Doctor(opts, discover_models=not models, discover_optimizers=not optimizers,
-                    target=target)
+    target = opts.name or (", ".join(type(m).__name__ for m in models) if models else "training")
+    doctor = Doctor(
+        opts, discover_models=not models, discover_optimizers=not optimizers, target=target
+    )
     doctor.start()
     try:
         for m in models:

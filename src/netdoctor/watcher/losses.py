@@ -28,9 +28,16 @@ from netdoctor.loading.provenance import user_location
 from netdoctor.watcher.facts import LossCallFacts
 from netdoctor.watcher.optimizers import PendingScalars
 
-LOSS_FUNCTIONS = ("cross_entropy", "nll_loss", "binary_cross_entropy",
-                  "binary_cross_entropy_with_logits", "mse_loss", "l1_loss", "smooth_l1_loss",
-                  "huber_loss")
+LOSS_FUNCTIONS = (
+    "cross_entropy",
+    "nll_loss",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "mse_loss",
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+)
 CLASS_LOSSES = ("cross_entropy", "nll_loss")
 REGRESSION_LOSSES = ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")
 SAMPLED_CALLS = 3  # every line's first calls are examined, then those of deep steps
@@ -70,9 +77,14 @@ class LossWatch:
     """Installs the wrappers and keeps the per-line facts (`facts`, keyed by function and
     line) and the calls since the last step (`recent`)."""
 
-    def __init__(self, pending: PendingScalars, sampling: Callable[[], bool],
-                 guard: Callable[[Callable[[], Any]], Any], busy: Callable[[], bool],
-                 facts: dict[tuple, LossCallFacts]):
+    def __init__(
+        self,
+        pending: PendingScalars,
+        sampling: Callable[[], bool],
+        guard: Callable[[Callable[[], Any]], Any],
+        busy: Callable[[], bool],
+        facts: dict[tuple, LossCallFacts],
+    ):
         self.pending = pending
         self.sampling = sampling  # whether the coming step is deep
         self.guard = guard  # runs a body, turning an internal error into a note
@@ -177,8 +189,7 @@ class LossWatch:
         if name in CLASS_LOSSES:
             ignore = int(_arg(args, kwargs, 4, "ignore_index", DEFAULT_IGNORE_INDEX))
             facts.ignore_index = ignore
-        call = LossCall(facts, weakref.ref(x), y if isinstance(y, torch.Tensor) else None,
-                        ignore)
+        call = LossCall(facts, weakref.ref(x), y if isinstance(y, torch.Tensor) else None, ignore)
         self.recent.append(call)
         if len(self.recent) > RECENT_KEPT:
             del self.recent[0]
@@ -202,8 +213,14 @@ class LossWatch:
                 facts.broadcast_shape = tuple(shape)
                 facts.input_shape, facts.target_shape = tuple(x.shape), tuple(y.shape)
 
-    def _examine(self, name: str, facts: LossCallFacts, x: torch.Tensor,
-                 y: torch.Tensor | None, ignore: int | None) -> None:
+    def _examine(
+        self,
+        name: str,
+        facts: LossCallFacts,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        ignore: int | None,
+    ) -> None:
         """Device flags for the input's kind; no host sync here, and no copy of the input
         (reductions accumulate in float32 themselves)."""
         if not x.is_floating_point() or x.numel() == 0:
@@ -223,28 +240,40 @@ class LossWatch:
             if xd.shape[dim] < 2:
                 return
             sums = xd.sum(dim, dtype=torch.float32)
-            probs = true if producer == "SoftmaxBackward0" else \
-                (lo >= 0) & (hi <= 1) & ((sums - 1).abs().amax() < 1e-2)
+            probs = (
+                true
+                if producer == "SoftmaxBackward0"
+                else (lo >= 0) & (hi <= 1) & ((sums - 1).abs().amax() < 1e-2)
+            )
             self.pending.add(probs, count("probabilities"))
             if name == "nll_loss":
-                lse = torch.logsumexp(xd.float() if xd.dtype in (torch.float16, torch.bfloat16)
-                                      else xd, dim).abs().amax()
+                lse = (
+                    torch.logsumexp(
+                        xd.float() if xd.dtype in (torch.float16, torch.bfloat16) else xd, dim
+                    )
+                    .abs()
+                    .amax()
+                )
                 self.pending.add((lse > 1e-2) & ~probs, count("not_log_probs"))
             if y is not None and not y.is_floating_point():
                 self._classification(xd, y, dim, ignore)
         elif name == "binary_cross_entropy_with_logits":
-            inside = true if producer == "SigmoidBackward0" else (
-                (lo > 0) & (hi < 1) if xd.numel() >= 8 else ~true)
+            inside = (
+                true
+                if producer == "SigmoidBackward0"
+                else ((lo > 0) & (hi < 1) if xd.numel() >= 8 else ~true)
+            )
             self.pending.add(inside, count("probabilities"))
         elif name == "binary_cross_entropy":
             self.pending.add((lo < 0) | (hi > 1), count("out_of_range"))
 
-    def _classification(self, logits: torch.Tensor, y: torch.Tensor, dim: int,
-                        ignore: int | None) -> None:
+    def _classification(
+        self, logits: torch.Tensor, y: torch.Tensor, dim: int, ignore: int | None
+    ) -> None:
         """Accuracy and label counts of a class-index loss on sampled calls (the ND407
         "accuracy at chance" test reads them)."""
         c = logits.shape[dim]
-        if tuple(y.shape) != tuple(logits.shape[:dim]) + tuple(logits.shape[dim + 1:]):
+        if tuple(y.shape) != tuple(logits.shape[:dim]) + tuple(logits.shape[dim + 1 :]):
             return
         keep = y != ignore if ignore is not None else torch.ones_like(y, dtype=torch.bool)
         pred = logits.argmax(dim)

@@ -23,9 +23,14 @@ if TYPE_CHECKING:
     from netdoctor.watcher.doctor import BackwardRecord, Doctor
 
 
-def measure_step(doctor: Doctor, wo: WatchedOptimizer, step: int, deep: bool,
-                 backwards: list[BackwardRecord], with_grad: list
-                 ) -> tuple[float, float | None, bool]:
+def measure_step(
+    doctor: Doctor,
+    wo: WatchedOptimizer,
+    step: int,
+    deep: bool,
+    backwards: list[BackwardRecord],
+    with_grad: list,
+) -> tuple[float, float | None, bool]:
     """Learning rates, total gradient norm, the step's loss and accuracy -- plus, on deep
     steps, every parameter's norms -- in one host sync. Returns (loss, gradient norm or None
     when no parameter had one, whether the per-parameter meters ran)."""
@@ -40,17 +45,21 @@ def measure_step(doctor: Doctor, wo: WatchedOptimizer, step: int, deep: bool,
     doctor._unscaled.clear()
     for rec in backwards:
         if rec.loss is not None:
-            doctor.pending.add(rec.loss.float().mean() if rec.loss.numel() > 1 else rec.loss,
-                               lambda v, r=rec: setattr(r, "value", v))
+            doctor.pending.add(
+                rec.loss.float().mean() if rec.loss.numel() > 1 else rec.loss,
+                lambda v, r=rec: setattr(r, "value", v),
+            )
     result: dict[str, float] = {}
     if norm is not None:
         doctor.pending.add(norm, lambda v: result.__setitem__("norm", v))
     acc = doctor.losses.step_accuracy()
     for i in range(0, len(acc) - 1, 2):
-        doctor.pending.add(acc[i], lambda v: result.__setitem__(
-            "correct", result.get("correct", 0.0) + v))
-        doctor.pending.add(acc[i + 1], lambda v: result.__setitem__(
-            "counted", result.get("counted", 0.0) + v))
+        doctor.pending.add(
+            acc[i], lambda v: result.__setitem__("correct", result.get("correct", 0.0) + v)
+        )
+        doctor.pending.add(
+            acc[i + 1], lambda v: result.__setitem__("counted", result.get("counted", 0.0) + v)
+        )
 
     if step_meters:  # the meters' norms ride on the step's one host sync
         items = doctor.pending.take()
@@ -60,7 +69,7 @@ def measure_step(doctor: Doctor, wo: WatchedOptimizer, step: int, deep: bool,
             then(v)
         at = len(items)
         for (_, meter), part in zip(step_meters, prepared):
-            meter.record(values[at:at + len(part)])
+            meter.record(values[at : at + len(part)])
             at += len(part)
         for _, meter in step_meters:  # a gradient backward gave, cleared before the step
             for p, trace in zip(meter.params, meter.traces):
@@ -72,8 +81,11 @@ def measure_step(doctor: Doctor, wo: WatchedOptimizer, step: int, deep: bool,
 
     # the loss: what backward ran on since the last step, else a trainer's logged one
     values = [r.value for r in backwards if r.value is not None]
-    loss = sum(values) / len(values) if values else (
-        doctor.observed[-1] if doctor.observed else math.nan)
+    loss = (
+        sum(values) / len(values)
+        if values
+        else (doctor.observed[-1] if doctor.observed else math.nan)
+    )
     wo.loss_unseen = not values and not doctor.observed
     doctor.observed.clear()
     f.loss.append(loss)
@@ -93,12 +105,13 @@ def _norm_from_meters(step_meters: list, prepared: list[list], with_grad: list) 
     ids = [id(p) for _, meter in step_meters for p, h in zip(meter.params, meter.have) if h]
     if len(ids) != len(with_grad) or set(ids) != {id(p) for p in with_grad} or not ids:
         return None
-    norms = [t for (_, meter), part in zip(step_meters, prepared) for t in part[:meter.n_grads]]
+    norms = [t for (_, meter), part in zip(step_meters, prepared) for t in part[: meter.n_grads]]
     return torch.linalg.vector_norm(PendingScalars.stack(norms))
 
 
-def meters(doctor: Doctor, wo: WatchedOptimizer, build: bool = True
-           ) -> list[tuple[Any, ParamMeter]]:
+def meters(
+    doctor: Doctor, wo: WatchedOptimizer, build: bool = True
+) -> list[tuple[Any, ParamMeter]]:
     """One ParamMeter per (optimizer, model): per-parameter norms on deep steps."""
     sig = (len(wo.trainable), len(doctor.models))
     if build and wo.meter_signature != sig:
@@ -106,13 +119,15 @@ def meters(doctor: Doctor, wo: WatchedOptimizer, build: bool = True
         for wm in doctor.models:
             if wm.compiled or wo not in wm.optimizers:
                 continue
-            named = [(wm.params_by_id[id(p)][0], p) for p in wo.trainable
-                     if id(p) in wm.params_by_id]
+            named = [
+                (wm.params_by_id[id(p)][0], p) for p in wo.trainable if id(p) in wm.params_by_id
+            ]
             if not named:
                 continue
             model = wm.model
-            types = {n: type(m).__name__ for n, m in model.named_modules()} if model \
-                is not None else {}
+            types = (
+                {n: type(m).__name__ for n, m in model.named_modules()} if model is not None else {}
+            )
             wo.meters.append((wm, ParamMeter(named, types)))
         wo.meter_signature = sig
     return wo.meters
@@ -137,8 +152,9 @@ def unoptimized_check(doctor: Doctor, wo: WatchedOptimizer) -> None:
                 module = name.rpartition(".")[0]
                 if module not in wm.facts.unoptimized_sites:
                     try:
-                        loc = doctor.provenance.site(model.get_submodule(module)) or \
-                            assignment_site(model, module)
+                        loc = doctor.provenance.site(
+                            model.get_submodule(module)
+                        ) or assignment_site(model, module)
                     except AttributeError:
                         loc = None
                     if loc is not None:

@@ -56,17 +56,22 @@ class WatchedModel:
         self.sites = sites
         self.compiled = is_compiled(model)
         facts.compiled = self.compiled
-        self.recorder: ActivationRecorder | None = None if self.compiled else \
-            ActivationRecorder(model, sites)
+        self.recorder: ActivationRecorder | None = (
+            None if self.compiled else ActivationRecorder(model, sites)
+        )
         if self.recorder is not None:
             self.recorder.in_window = True
         # Hooks on an OptimizedModule wrapper run outside the compiled code; a module compiled
         # in place would trace them into its graph: it gets none.
         in_place = self.compiled and not hasattr(model, "_orig_mod")
-        self.handles = [] if in_place else [
-            model.register_forward_pre_hook(on_pre, with_kwargs=True, prepend=True),
-            model.register_forward_hook(on_post, always_call=True),
-        ]
+        self.handles = (
+            []
+            if in_place
+            else [
+                model.register_forward_pre_hook(on_pre, with_kwargs=True, prepend=True),
+                model.register_forward_hook(on_post, always_call=True),
+            ]
+        )
         self.forwards = 0
         self.multi_input = False
         self.calls: list[ForwardCall] = []  # since the last step of its optimizer(s)
@@ -98,7 +103,8 @@ class WatchedModel:
         if model is None:
             return False
         return any(is_sharded(p) for p in model.parameters()) or any(
-            isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+            isinstance(m, nn.SyncBatchNorm) for m in model.modules()
+        )
 
     def refresh_params(self) -> None:
         model = self.model
@@ -127,11 +133,13 @@ class WatchedModel:
             if any(id(p) in optimized_ids and p.requires_grad for p in owners):
                 out.append((name, m))
         self.mode_modules = out
-        self.facts.optimized = sum(1 for p in model.parameters()
-                                   if p.requires_grad and id(p) in optimized_ids)
+        self.facts.optimized = sum(
+            1 for p in model.parameters() if p.requires_grad and id(p) in optimized_ids
+        )
 
-    def record_call(self, args: tuple, kwargs: dict, rng: tuple,
-                    autocast: tuple | None = None) -> None:
+    def record_call(
+        self, args: tuple, kwargs: dict, rng: tuple, autocast: tuple | None = None
+    ) -> None:
         self.forwards += 1
         self.calls.append(ForwardCall(args, dict(kwargs), rng, autocast, self.forwards))
         if len(self.calls) > REPLAYS_KEPT:
@@ -141,20 +149,19 @@ class WatchedModel:
             if found:
                 t = found[0]
                 self.facts.input_shape = tuple(t.shape[1:])
-                self.facts.input_dtype = "long" if not t.is_floating_point() else \
-                    str(t.dtype).replace("torch.", "")
+                self.facts.input_dtype = (
+                    "long" if not t.is_floating_point() else str(t.dtype).replace("torch.", "")
+                )
                 self.multi_input = len(tensors_in((args, kwargs))) > 1
 
     def keep_outputs(self, out: Any) -> None:
         if torch.is_grad_enabled():
-            self.output_nodes = [t.grad_fn for t in tensors_in(out)
-                                 if t.grad_fn is not None][:8]
+            self.output_nodes = [t.grad_fn for t in tensors_in(out) if t.grad_fn is not None][:8]
 
     def note_modes(self) -> None:
         """The eval-mode Dropout/BatchNorm modules of this forward (counted only if a
         backward follows: a validation forward that forgot no_grad() is no training step)."""
-        self.last_eval = {name: type(m).__name__ for name, m in self.mode_modules
-                          if not m.training}
+        self.last_eval = {name: type(m).__name__ for name, m in self.mode_modules if not m.training}
 
     def note_backward(self) -> None:
         if self.forwards > self.backwarded:

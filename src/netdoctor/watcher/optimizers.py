@@ -69,9 +69,10 @@ def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
     groups: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)
-    parts = [torch.stack(torch._foreach_norm(group)).to(device=first.device,
-                                                        dtype=torch.float32)
-             for group in groups.values()]
+    parts = [
+        torch.stack(torch._foreach_norm(group)).to(device=first.device, dtype=torch.float32)
+        for group in groups.values()
+    ]
     return torch.linalg.vector_norm(torch.cat(parts))
 
 
@@ -93,9 +94,17 @@ def unwrap_optimizer(optimizer: Any) -> Any:
         seen.add(id(optimizer))
         if getattr(getattr(type(optimizer), "step", None), "hooked", False):
             return optimizer
-        inner = next((v for v in (getattr(optimizer, "optimizer", None),
-                                  getattr(optimizer, "_optimizer", None))
-                      if isinstance(v, torch.optim.Optimizer)), None)
+        inner = next(
+            (
+                v
+                for v in (
+                    getattr(optimizer, "optimizer", None),
+                    getattr(optimizer, "_optimizer", None),
+                )
+                if isinstance(v, torch.optim.Optimizer)
+            ),
+            None,
+        )
         if inner is None:
             return optimizer
         optimizer = inner
@@ -141,8 +150,7 @@ class WatchedOptimizer:
         if opt is None:
             return False
         groups = opt.param_groups
-        sig = tuple((len(g["params"]), id(g["params"][0]) if g["params"] else 0)
-                    for g in groups)
+        sig = tuple((len(g["params"]), id(g["params"][0]) if g["params"] else 0) for g in groups)
         params = [p for g in groups for p in g["params"]]
         trainable_sig = sum(1 for p in params if p.requires_grad)
         sig = sig + (trainable_sig,)
@@ -199,8 +207,10 @@ class WatchedOptimizer:
                 continue
             record.append(None)
             index = len(record) - 1
-            pending.add(torch.count_nonzero(local(p.grad)) > 0,
-                        lambda v, r=record, i=index: r.__setitem__(i, v > 0.5))
+            pending.add(
+                torch.count_nonzero(local(p.grad)) > 0,
+                lambda v, r=record, i=index: r.__setitem__(i, v > 0.5),
+            )
         self.carried.append(record)
         self.last_backward_site = site
 
@@ -231,8 +241,10 @@ class WatchedOptimizer:
             self._before = None
             return
         flat = _flat(params)
-        self._before = (params, flat if flat is not None else
-                        [local(p.detach()).clone() for p in params])
+        self._before = (
+            params,
+            flat if flat is not None else [local(p.detach()).clone() for p in params],
+        )
 
     def changed(self) -> torch.Tensor | None:
         """A device bool: whether any sampled parameter moved in the step (None: none

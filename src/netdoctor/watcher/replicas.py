@@ -64,11 +64,14 @@ class Wrapper:
         self.depth = 0
         self.ignored = set(getattr(ddp, "parameters_to_ignore", ()) or ())
         registered = getattr(ddp, "_module_parameters", None)
-        self.registered = {id(p) for p in (registered if registered is not None
-                                           else inner.parameters())}
+        self.registered = {
+            id(p) for p in (registered if registered is not None else inner.parameters())
+        }
         self.bypass: BypassFacts | None = None
-        self.handles = [ddp.register_forward_pre_hook(self._enter),
-                        ddp.register_forward_hook(self._leave, always_call=True)]
+        self.handles = [
+            ddp.register_forward_pre_hook(self._enter),
+            ddp.register_forward_hook(self._leave, always_call=True),
+        ]
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         self.depth += 1
@@ -84,8 +87,11 @@ class Wrapper:
         inner = self.inner
         if inner is None or self.ref() is None:
             return []
-        return [(n, p) for n, p in inner.named_parameters()
-                if n not in self.ignored and not _is_dtensor(p)]
+        return [
+            (n, p)
+            for n, p in inner.named_parameters()
+            if n not in self.ignored and not _is_dtensor(p)
+        ]
 
     def close(self) -> None:
         for h in self.handles:
@@ -126,8 +132,9 @@ class Replicas:
     def hook_ids(self) -> set[int]:
         return {h.id for w in self.wrappers for h in w.handles}
 
-    def note_forward(self, wrapper: Wrapper, label: str,
-                     site: Callable[[], Location | None]) -> None:
+    def note_forward(
+        self, wrapper: Wrapper, label: str, site: Callable[[], Location | None]
+    ) -> None:
         """A forward of the wrapped module with gradients enabled: a bypass unless the wrapper's
         own forward is running."""
         if wrapper.depth > 0:
@@ -187,9 +194,9 @@ def checksums(tensors: list[torch.Tensor]) -> list[float]:
             k = n // PATTERN
             acc = torch.zeros(PATTERN, dtype=dtype, device=flat.device)
             if k:
-                acc += flat[:k * PATTERN].view(k, PATTERN).sum(0, dtype=dtype)
+                acc += flat[: k * PATTERN].view(k, PATTERN).sum(0, dtype=dtype)
             if n > k * PATTERN:
-                acc[:n - k * PATTERN] += flat[k * PATTERN:].to(dtype)
+                acc[: n - k * PATTERN] += flat[k * PATTERN :].to(dtype)
             rows.append(acc.to(device))
             norms.append(torch.linalg.vector_norm(flat).to(device=device, dtype=dtype))
         sums = torch.stack(rows) @ _signs(device, dtype)
@@ -202,8 +209,9 @@ def _differ(a: float, b: float) -> float:
     return 0.0 if repr(a) == repr(b) else math.inf
 
 
-def compare(rows: list[list[float]], compared: list[Compared], step: int, tolerance: float
-            ) -> tuple[float, ReplicaDivergence | None]:
+def compare(
+    rows: list[list[float]], compared: list[Compared], step: int, tolerance: float
+) -> tuple[float, ReplicaDivergence | None]:
     """The ranks' checksum vectors (rank order) -> (largest relative difference, the divergence
     when one exceeds `tolerance`). Every rank holds the same rows, so every rank concludes the
     same."""
@@ -219,8 +227,13 @@ def compare(rows: list[list[float]], compared: list[Compared], step: int, tolera
             if 2 * i + 1 >= len(row):
                 d = math.inf
             else:
-                d = max(_differ(row[2 * i], reference[2 * i]),
-                        _differ(row[2 * i + 1], reference[2 * i + 1])) / scale
+                d = (
+                    max(
+                        _differ(row[2 * i], reference[2 * i]),
+                        _differ(row[2 * i + 1], reference[2 * i + 1]),
+                    )
+                    / scale
+                )
             largest = max(largest, d)
             if d > tolerance:
                 ranks.append(r)
@@ -228,16 +241,27 @@ def compare(rows: list[list[float]], compared: list[Compared], step: int, tolera
         if ranks:
             differing += 1
             if first is None:
-                first = ReplicaDivergence(step=step, model=c.model, parameter=c.name,
-                                          ranks=ranks, difference=worst, tensors=0,
-                                          compared=len(compared),
-                                          added_after_wrap=c.added_after_wrap)
+                first = ReplicaDivergence(
+                    step=step,
+                    model=c.model,
+                    parameter=c.name,
+                    ranks=ranks,
+                    difference=worst,
+                    tensors=0,
+                    compared=len(compared),
+                    added_after_wrap=c.added_after_wrap,
+                )
     if first is not None:
         first.tensors = differing
     longest = max(len(r) for r in rows)
     if first is None and longest != min(len(r) for r in rows):
-        first = ReplicaDivergence(step=step, model="?", parameter="(the number of replicated "
-                                  "tensors)", ranks=[r for r, row in enumerate(rows)
-                                                     if len(row) != len(reference)],
-                                  difference=math.inf, tensors=0, compared=len(compared))
+        first = ReplicaDivergence(
+            step=step,
+            model="?",
+            parameter="(the number of replicated tensors)",
+            ranks=[r for r, row in enumerate(rows) if len(row) != len(reference)],
+            difference=math.inf,
+            tensors=0,
+            compared=len(compared),
+        )
     return largest, first

@@ -42,5 +42,7 @@ class Schedule:
     def describe(self) -> str:
         if self.every == 1:
             return "every step"
-        return (f"steps 1-{self.warm}, log-spaced steps up to {self.every}, then every "
-                f"{self.every} steps")
+        return (
+            f"steps 1-{self.warm}, log-spaced steps up to {self.every}, then every "
+            f"{self.every} steps"
+        )

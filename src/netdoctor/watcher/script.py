@@ -78,8 +78,10 @@ def resolve(script: str | None, module: str | None) -> tuple[str, str]:
             raise UserError(f"-m {module}: no module named {module!r}")
         return f"-m {module}", module
     if not script:
-        raise UserError("no script given: netdoctor run [OPTIONS] train.py [ARGS...] (or -m "
-                        "package.module [ARGS...])")
+        raise UserError(
+            "no script given: netdoctor run [OPTIONS] train.py [ARGS...] (or -m "
+            "package.module [ARGS...])"
+        )
     path = Path(script)
     if not path.is_file():
         raise UserError(f"{script}: no such file")
@@ -88,8 +90,9 @@ def resolve(script: str | None, module: str | None) -> tuple[str, str]:
     return display_path(path), str(path)
 
 
-def run_script(where: str, args: list[str], module: bool, doctor, provenance: Provenance
-               ) -> ScriptOutcome:
+def run_script(
+    where: str, args: list[str], module: bool, doctor, provenance: Provenance
+) -> ScriptOutcome:
     """Run it under `doctor` (started here, closed here)."""
     saved_argv, saved_path0 = list(sys.argv), sys.path[0] if sys.path else None
     if module:
@@ -103,8 +106,10 @@ def run_script(where: str, args: list[str], module: bool, doctor, provenance: Pr
         else:
             sys.path.append(folder)
     outcome = ScriptOutcome("ok", 0)
-    ours = threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ours = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
     try:
         if ours:
             signal.signal(signal.SIGTERM, _terminated)
@@ -154,8 +159,12 @@ def _system_exit(e: SystemExit) -> ScriptOutcome:
 
 
 def _is_ours(filename: str) -> bool:
-    return filename.startswith(_NETDOCTOR_DIR) or filename == runpy.__file__ or \
-        os.path.basename(filename) == "runpy.py" or filename == "<frozen runpy>"
+    return (
+        filename.startswith(_NETDOCTOR_DIR)
+        or filename == runpy.__file__
+        or os.path.basename(filename) == "runpy.py"
+        or filename == "<frozen runpy>"
+    )
 
 
 def print_user_traceback(error: BaseException) -> None:
@@ -167,7 +176,8 @@ def print_user_traceback(error: BaseException) -> None:
         while t is not None and id(t) not in seen:
             seen.add(id(t))
             t.stack = traceback.StackSummary.from_list(
-                [f for f in t.stack if not _is_ours(f.filename)])
+                [f for f in t.stack if not _is_ours(f.filename)]
+            )
             trim(t.__cause__)
             t = t.__context__
 

@@ -54,8 +54,9 @@ class WatchOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise TypeError(f"unknown option(s) {', '.join(unknown)} (known: "
-                            f"{', '.join(sorted(known))})")
+            raise TypeError(
+                f"unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
         for key in ("select", "ignore"):
             if isinstance(options.get(key), str):
                 options[key] = [v.strip() for v in options[key].split(",") if v.strip()]
@@ -66,12 +67,20 @@ class WatchOptions:
     def validate(self) -> None:
         if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
             raise UserError(f"every must be a positive number of steps, got {self.every!r}")
-        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) \
-                or not self.dist_timeout > 0:
-            raise UserError(f"dist_timeout must be a positive number of seconds, got "
-                            f"{self.dist_timeout!r}")
-        for key, allowed in (("stop_on", STOP_ON), ("stop_action", STOP_ACTIONS),
-                             ("format", FORMATS), ("fail_on", FAIL_ON)):
+        if (
+            isinstance(self.dist_timeout, bool)
+            or not isinstance(self.dist_timeout, (int, float))
+            or not self.dist_timeout > 0
+        ):
+            raise UserError(
+                f"dist_timeout must be a positive number of seconds, got {self.dist_timeout!r}"
+            )
+        for key, allowed in (
+            ("stop_on", STOP_ON),
+            ("stop_action", STOP_ACTIONS),
+            ("format", FORMATS),
+            ("fail_on", FAIL_ON),
+        ):
             value = getattr(self, key)
             if value not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
@@ -80,12 +89,28 @@ class WatchOptions:
         """The rule selection as `check.run_rules` takes it."""
         from netdoctor.check import CheckOptions
 
-        return CheckOptions(select=list(self.select), ignore=list(self.ignore),
-                            rule_options=self.rule_options)
+        return CheckOptions(
+            select=list(self.select), ignore=list(self.ignore), rule_options=self.rule_options
+        )
 
 
-_TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta", "ASGD", "LBFGS",
-                     "NAdam", "RAdam", "RMSprop", "Rprop", "SparseAdam", "Adafactor", "Muon")
+_TORCH_OPTIMIZERS = (
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "Adagrad",
+    "Adadelta",
+    "ASGD",
+    "LBFGS",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+    "SparseAdam",
+    "Adafactor",
+    "Muon",
+)
 
 
 @dataclass
@@ -116,5 +141,7 @@ class LoopConfig:
         if self.weight_decay:
             extra += f", weight decay {self.weight_decay:g}"
         groups = f" in {self.param_groups} param groups" if self.param_groups > 1 else ""
-        return (f"{self.steps} steps of {self.optimizer} (lr {self.learning_rate:g}{extra}"
-                f"{groups}), {self.loss} loss")
+        return (
+            f"{self.steps} steps of {self.optimizer} (lr {self.learning_rate:g}{extra}"
+            f"{groups}), {self.loss} loss"
+        )
