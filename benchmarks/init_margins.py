@@ -33,7 +33,8 @@ from netdoctor.graph.build import build_graph  # noqa: E402
 from netdoctor.loading.seeding import seeded  # noqa: E402
 from netdoctor.loading.shapes import InputSpec  # noqa: E402
 from netdoctor.loading.target import load  # noqa: E402
-from netdoctor.rules.init import init_scale_outliers, signal_ratios  # noqa: E402
+from netdoctor.rules.params.nd201_init_scale import init_scale_outliers  # noqa: E402
+from netdoctor.rules.params.nd204_signal_collapse import signal_ratios  # noqa: E402
 
 FACTOR, MAX_SHRINK, MAX_RATIO = 3.0, 24.0, 1e5
 MNIST = InputSpec((1, 28, 28), "float32", None)

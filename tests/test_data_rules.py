@@ -18,9 +18,9 @@ from torch import nn
 from datagen import make_block_images, write_idx_dataset, write_npz
 from netdoctor.check import CheckOptions, run_rules
 from netdoctor.cli import main
+from netdoctor.data.sample import DataSample, sample_data
 from netdoctor.docs import examples, read_doc
 from netdoctor.rules import Context
-from netdoctor.rules.data import DataSample, sample_data
 
 REPO = Path(__file__).resolve().parents[1]
 MLP = str(REPO / "fixtures" / "sick" / "mlp.py") + ":MLP"

@@ -3,79 +3,52 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from netdoctor.catalogue import matches
-from netdoctor.findings import Finding, Report
+from netdoctor.findings import Report
 from netdoctor.loading.seeding import DEFAULT_SEED
-from netdoctor.suppress import is_suppressed
+from netdoctor.rules.engine import RuleSettings, judge, run_rules
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from netdoctor.data.sample import DataSample
+    from netdoctor.data.sources import DataSource
+    from netdoctor.loading.shapes import InputSpec
+    from netdoctor.loading.target import LoadedModel
 
 
 @dataclass
 class CheckOptions:
+    """How to build each model, and which rules judge it."""
+
     kwargs: dict[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, ...] | None = None
     input_dtype: str = "float32"
-    select: list[str] = field(default_factory=lambda: ["ALL"])
-    ignore: list[str] = field(default_factory=list)
-    rule_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rules: RuleSettings = field(default_factory=RuleSettings)
     seed: int = DEFAULT_SEED  # model construction and every forward pass run under it
 
 
-def selected(rule_id: str, opts: CheckOptions) -> bool:
-    return matches(rule_id, opts.select) and not matches(rule_id, opts.ignore)
-
-
-def run_rules(ctx, stages: set[str], opts: CheckOptions) -> list[Finding]:
-    """Run every registered, selected rule whose inputs the context has."""
-    from netdoctor.rules import REGISTRY
-
-    available = {
-        "outcome": ctx.outcome is not None,
-        "graph": ctx.graph is not None,
-        "data": ctx.data is not None,
-        "runtime": ctx.run is not None,
-        "loop": getattr(ctx, "loop", None) is not None,
-    }
-    findings: list[Finding] = []
-    for rule_id in sorted(REGISTRY):
-        impl = REGISTRY[rule_id]
-        if impl.needs not in stages or not available.get(impl.needs) or not selected(rule_id, opts):
-            continue
-        findings.extend(impl.fn(ctx))
-    return findings
-
-
-def check_loaded(loaded, opts: CheckOptions) -> Report:
+def check_loaded(loaded: LoadedModel, opts: CheckOptions) -> Report:
     """Build the graph of one loaded model and run the static rules on it (under opts.seed: a
     forward that draws random numbers sees the same ones in every run)."""
     from netdoctor.graph.build import build_graph
     from netdoctor.loading.seeding import seeded
     from netdoctor.loading.shapes import InputSpec
-    from netdoctor.rules import Context
+    from netdoctor.rules.contexts import GraphContext
 
     spec = None
     if opts.input_shape is not None:
         spec = InputSpec(tuple(opts.input_shape), opts.input_dtype, _vocab(loaded.model))
     with seeded(opts.seed):
         outcome = build_graph(loaded, spec)
-        ctx = Context(
-            target=loaded.target, graph=outcome.graph, outcome=outcome, options=opts.rule_options
-        )
-        findings = run_rules(ctx, {"outcome", "graph"}, opts)
+        findings = run_rules(GraphContext(loaded.target, outcome), opts.rules)
     report = Report(target=loaded.target, notes=list(outcome.notes))
-    class_lines = [loaded.class_location] if loaded.class_location else []
-    for f in findings:
-        if is_suppressed(f, class_lines):
-            report.notes.append(
-                f"{f.rule} at {f.location} suppressed by a netdoctor: ignore comment"
-            )
-        else:
-            report.findings.append(f)
+    judge(report, findings, [loaded.class_location])
     return report
 
 
-def _vocab(model) -> int | None:
+def _vocab(model: nn.Module) -> int | None:
     from netdoctor.loading.shapes import first_layer
 
     found = first_layer(model)
@@ -83,33 +56,34 @@ def _vocab(model) -> int | None:
 
 
 def check_data(
-    report: Report, loaded, source, opts: CheckOptions, spec=None, n_batches: int = 4
+    report: Report,
+    loaded: LoadedModel,
+    source: DataSource | DataSample,
+    opts: CheckOptions,
+    spec: InputSpec | None = None,
+    n_batches: int = 4,
 ) -> None:
     """Run the data rules (ND3xx) on a sample of an opened DataSource against one loaded model
     and add their findings (suppression, select and ignore as for the static rules) and the
     data's description to `report`. `source` may also be an already drawn DataSample."""
+    from netdoctor.data.sample import DataSample, sample_data
     from netdoctor.loading.seeding import seeded
-    from netdoctor.rules import Context
-    from netdoctor.rules.data import DataSample, sample_data
+    from netdoctor.rules.contexts import DataContext
 
     with seeded(opts.seed):
         if isinstance(source, DataSample):
             sample = source.for_model(loaded.model)
         else:
             sample = sample_data(source, loaded.model, n_batches, spec)
-        ctx = Context(target=loaded.target, data=sample, options=opts.rule_options)
-        findings = run_rules(ctx, {"data"}, opts)
+        findings = run_rules(DataContext(loaded.target, sample), opts.rules)
     report.notes.append(f"data: {sample.description}")
     report.notes.extend(sample.notes)
-    class_lines = [loaded.class_location] if loaded.class_location else []
-    for f in findings:
-        if is_suppressed(f, class_lines):
-            report.notes.append(f"{f.rule} suppressed by a netdoctor: ignore comment")
-        else:
-            report.findings.append(f)
+    judge(report, findings, [loaded.class_location])
 
 
-def check(target: str, opts: CheckOptions, data=None) -> tuple[list[Report], list[str]]:
+def check(
+    target: str, opts: CheckOptions, data: DataSource | DataSample | None = None
+) -> tuple[list[Report], list[str]]:
     """Check every model a target names. Returns the reports and loader notes.
 
     `data`: an opened DataSource or a DataSample (`check --data`); the data rules then run on
@@ -130,13 +104,11 @@ def check_onnx(path: str, opts: CheckOptions) -> Report:
     from netdoctor.graph.build import BuildOutcome
     from netdoctor.graph.onnx_frontend import build
     from netdoctor.loading.target import display_path
-    from netdoctor.rules import Context
+    from netdoctor.rules.contexts import GraphContext
 
     graph = build(path)
     target = display_path(path)
-    ctx = Context(
-        target=target, graph=graph, outcome=BuildOutcome(graph=graph), options=opts.rule_options
-    )
-    return Report(
-        target=target, findings=run_rules(ctx, {"outcome", "graph"}, opts), notes=list(graph.notes)
-    )
+    report = Report(target=target, notes=list(graph.notes))
+    findings = run_rules(GraphContext(target, BuildOutcome(graph=graph)), opts.rules)
+    judge(report, findings)
+    return report

@@ -102,6 +102,7 @@ def load_config(explicit: str | None = None) -> Config:
     if not isinstance(rules, dict):
         raise UserError(f"{path}: [tool.netdoctor.rules] must be a table of rule tables")
     from netdoctor.catalogue import lookup
+    from netdoctor.rules.engine import RuleSettings
 
     for key, options in rules.items():
         try:
@@ -111,6 +112,10 @@ def load_config(explicit: str | None = None) -> Config:
         if not isinstance(options, dict):
             raise UserError(f"{path}: [tool.netdoctor.rules.{key}] must be a table")
         cfg.rules[rid] = dict(options)
+    # every option is checked now, so a misspelled one fails here, naming this file
+    RuleSettings.from_tables(
+        tables=cfg.rules, label=lambda rid: f"{path}: [tool.netdoctor.rules.{rid}]"
+    )
     probe = table.get("probe", {})
     if not isinstance(probe, dict):
         raise UserError(f"{path}: [tool.netdoctor.probe] must be a table")

@@ -200,7 +200,7 @@ def _data_sample(
     """Open `--data` once and draw the sample every model's data rules read. Without an input
     shape, the static checks use the data's (a note says so)."""
     from netdoctor.data import DataSpec, open_source
-    from netdoctor.rules.data import DataSample
+    from netdoctor.data.sample import DataSample
 
     spec = DataSpec(
         source,

@@ -150,13 +150,14 @@ def options_from(config, args, kwargs_json, input_shape, input_dtype, select, ig
     from netdoctor.check import CheckOptions
     from netdoctor.loading.seeding import parse_seed
     from netdoctor.loading.target import parse_kwargs
+    from netdoctor.rules.engine import RuleSettings
 
     return CheckOptions(
         kwargs=parse_kwargs(args, kwargs_json),
         input_shape=parse_shape(input_shape or config.input_shape),
         input_dtype=input_dtype or config.input_dtype or "float32",
-        select=split_ids(select) or config.select,
-        ignore=split_ids(ignore_) + config.ignore,
-        rule_options=config.rules,
+        rules=RuleSettings.from_tables(
+            split_ids(select) or config.select, split_ids(ignore_) + config.ignore, config.rules
+        ),
         seed=config.seed if seed is None else parse_seed(seed),
     )

@@ -184,26 +184,29 @@ def probe(
 
         seed = parse_seed(table["seed"], "[tool.netdoctor.probe] seed")
     opts = options_from(cfg, args, kwargs_json, input_shape, input_dtype, select, ignore_, seed)
-    settings = {
-        "data_dir": pick(data_dir, "data-dir"),
-        "resize": pick(resize, "resize"),
-        "raw": bool(pick(raw, "raw")),
-        "normalize": bool(pick(normalize, "normalize")),
-        "steps": int(pick(steps, "steps")),
-        "batch_size": int(pick(batch_size, "batch-size")),
-        "lr": pick(lr, "lr"),
-        "optimizer": pick(optimizer, "optimizer"),
-        "momentum": float(pick(momentum, "momentum")),
-        "weight_decay": float(pick(weight_decay, "weight-decay")),
-        "loss": pick(loss_name, "loss"),
-        "seed": opts.seed,
-        "device": pick(device, "device"),
-        "verify": not no_verify and bool(table.get("verify", True)),
-        "started": started,
-        "batch_given": batch_size is not None or "batch-size" in table,
-        "data_mirror": pick(data_mirror, "data-mirror"),
-        "download": not no_download and bool(table.get("download", True)),
-    }
+    from netdoctor.probe.settings import ProbeSettings
+
+    settings = ProbeSettings(
+        data=data_source,
+        data_dir=pick(data_dir, "data-dir"),
+        resize=pick(resize, "resize"),
+        raw=bool(pick(raw, "raw")),
+        normalize=bool(pick(normalize, "normalize")),
+        steps=int(pick(steps, "steps")),
+        batch_size=int(pick(batch_size, "batch-size")),
+        batch_given=batch_size is not None or "batch-size" in table,
+        lr=pick(lr, "lr"),
+        optimizer=pick(optimizer, "optimizer"),
+        momentum=float(pick(momentum, "momentum")),
+        weight_decay=float(pick(weight_decay, "weight-decay")),
+        loss=pick(loss_name, "loss"),
+        device=pick(device, "device"),
+        verify=not no_verify and bool(table.get("verify", True)),
+        started=started,
+        download=not no_download and bool(table.get("download", True)),
+        data_mirror=pick(data_mirror, "data-mirror"),
+        plot=plot,
+    )
     steps_given = steps is not None or "steps" in table
     budget = pick(time_budget, "time-budget")
     try:
@@ -212,12 +215,12 @@ def probe(
         raise UserError(f"time-budget must be a number of seconds, got {budget!r}") from None
     if not budget > 0:
         raise UserError(f"--time-budget must be a positive number of seconds, got {budget:g}")
-    settings["time_budget"] = None if steps_given else budget
+    settings.time_budget = None if steps_given else budget
     from netdoctor.loading.seeding import seeded
     from netdoctor.probe.session import probe_target
 
     with seeded(opts.seed):  # user code drawing from random or NumPy during the probe, too
-        report, _ = probe_target(target, data_source, opts, settings, plot=plot)
+        report, _ = probe_target(target, opts, settings)
     fmt = fmt or cfg.format or "text"
     from netdoctor.report import render
 

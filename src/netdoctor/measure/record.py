@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from netdoctor.findings import Location
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass

@@ -28,10 +28,10 @@ from torch import nn
 
 from netdoctor.findings import Finding, Report, Severity
 from netdoctor.measure.record import TrainingRun
-from netdoctor.probe.diagnose import learned_well
+from netdoctor.measure.summary import learned_well
 from netdoctor.probe.engine import run_probe
-from netdoctor.probe.remedies import Remedy, conflicts, lr_text, remedy_for
-from netdoctor.probe.symptoms import Symptom, symptom_for
+from netdoctor.rules.engine import RuleSettings, remedy_for, symptom_for
+from netdoctor.rules.verification import Remedy, RemedyContext, Symptom, conflicts, lr_text
 
 MAX_REMEDIES = 3
 LR_RETRIES = 2
@@ -68,23 +68,26 @@ def verify(
     source,
     run: TrainingRun,
     report: Report,
+    rules: RuleSettings,
     progress: Any = None,
     deadline: float | None = None,
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """Re-run the probe with the top fix (and, if needed, the next ranked ones) applied.
-    Returns (the measurement for report.measurements["verified_fix"], notes)."""
+    Returns (the measurement for report.measurements["verified_fix"], notes). The symptom's
+    threshold is the one `rules` give its rule."""
     top = report.fix_first()
     if top is None or run.steps_run == 0:
         return None, []  # nothing to fix, or nothing to compare with (the report says why)
-    first = remedy_for(top, report, run, model)
+    context = RemedyContext(report, run, model)
+    first = remedy_for(top, context)
     if first is None:
         return None, [
             f"fix first ({top.rule} {top.name}) changes code that cannot be applied "
             "in memory: not verified"
         ]
     ranked = report.sorted_findings()
-    candidates = _candidates(first, top, ranked, report, run, model)
-    symptom = symptom_for(top, ranked)
+    candidates = _candidates(first, top, ranked, context)
+    symptom = symptom_for(top, ranked, rules)
     v = _Verifier(model, source, run, symptom, progress, deadline)
     notes: list[str] = []
 
@@ -175,12 +178,7 @@ def verify(
 
 
 def _candidates(
-    first: Remedy,
-    top: Finding,
-    ranked: list[Finding],
-    report: Report,
-    run: TrainingRun,
-    model: nn.Module,
+    first: Remedy, top: Finding, ranked: list[Finding], context: RemedyContext
 ) -> list[Remedy]:
     """The top remedy, then the remedies of the next ranked findings (warnings and errors), one
     per kind of change, at most MAX_REMEDIES."""
@@ -190,7 +188,7 @@ def _candidates(
             break
         if f is top or f.severity < Severity.WARNING or f.fix is None:
             continue
-        r = remedy_for(f, report, run, model)
+        r = remedy_for(f, context)
         if r is not None and not conflicts(r, out):
             out.append(r)
     return out

@@ -1,15 +1,12 @@
-"""Rule implementations. Importing this package registers every rule with the registry."""
+"""The rules and the engine that runs them.
 
-from netdoctor.rules import (  # noqa: F401  (registration)
-    architecture,
-    data,
-    distributed,
-    init,
-    loop,
-    meta,
-    outputs,
-    params,
-    runtime,
-    structure,
-)
-from netdoctor.rules.registry import REGISTRY, Context, rule  # noqa: F401
+* `base`         -- what a rule is (`Rule`, `RuleOptions`, `Stage`)
+* `contexts`     -- what a rule reads, one type per stage
+* `verification` -- what a rule gives the verified fix (`SymptomSpec`, `Remedy`)
+* `registry`     -- every rule, collected from `<stage>/ndNNN_<name>.py`
+* `engine`       -- selection, options, severities, suppressions, notes and cause links, for
+  `check`, `probe` and the watcher alike
+* `meta/`, `graph/`, `params/`, `data/`, `runtime/`, `loop/` -- one module per rule
+
+Torch-free: importing the rules (for `netdoctor rules`, `explain`, `--help`) never imports torch.
+"""

@@ -1,96 +1,55 @@
-"""The rule registry and the context every rule receives.
+"""Every rule, collected from its module: `netdoctor/rules/<stage>/ndNNN_<name>.py` defines
+`RULE` (see `netdoctor.rules.base`). A new rule needs no line here.
 
-A rule is a function `(ctx) -> Iterable[Finding]`, registered with `@rule("ND101", needs=...)`.
-Its name, severity and summary come from netdoctor.catalogue; its options from the
-`[tool.netdoctor.rules.ND101]` config table via `ctx.option`.
+Torch-free: rule modules import torch only inside the functions that use it, so listing the
+catalogue (`netdoctor rules`, `explain`, `--help`) never imports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import importlib
+import pkgutil
+from functools import cache
 from typing import Any
 
-from netdoctor.catalogue import RULES
-from netdoctor.findings import Finding, Fix, Location
-from netdoctor.loading.target import display_path
+from netdoctor.rules.base import Rule, Stage
 
-RuleFn = Callable[["Context"], Iterable[Finding]]
-
-
-@dataclass
-class RuleImpl:
-    id: str
-    fn: RuleFn
-    needs: str  # "outcome" (ND0xx), "graph", "data", "runtime", "loop" (ND5xx)
+STAGE_PACKAGES = {
+    Stage.META: "meta",
+    Stage.GRAPH: "graph",
+    Stage.PARAMS: "params",
+    Stage.DATA: "data",
+    Stage.RUNTIME: "runtime",
+    Stage.LOOP: "loop",
+}
 
 
-REGISTRY: dict[str, RuleImpl] = {}
+@cache
+def all_rules() -> dict[str, Rule[Any, Any]]:
+    """{rule ID: Rule}, in ID order."""
+    found: dict[str, Rule[Any, Any]] = {}
+    for stage, package in STAGE_PACKAGES.items():
+        pkg = importlib.import_module(f"netdoctor.rules.{package}")
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("nd"):
+                continue  # shared helpers of the stage's rules (_common, ...)
+            module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+            rule = getattr(module, "RULE", None)
+            if not isinstance(rule, Rule):
+                raise TypeError(f"{module.__name__} defines no RULE")
+            if rule.stage is not stage or not info.name.startswith(rule.id.lower() + "_"):
+                raise TypeError(f"{module.__name__}: {rule.id} ({rule.stage}) is misplaced")
+            if rule.id in found:
+                raise TypeError(f"{rule.id} is defined twice")
+            found[rule.id] = rule
+    return dict(sorted(found.items()))
 
 
-def rule(rule_id: str, needs: str = "graph") -> Callable[[RuleFn], RuleFn]:
-    if rule_id not in RULES:
-        raise KeyError(f"{rule_id} is not in the catalogue")
-
-    def register(fn: RuleFn) -> RuleFn:
-        REGISTRY[rule_id] = RuleImpl(rule_id, fn, needs)
-        return fn
-
-    return register
+def rule(rule_id: str) -> Rule[Any, Any]:
+    return all_rules()[rule_id]
 
 
-@dataclass
-class Context:
-    """What a rule may read. Static rules read `graph`; ND0xx read `outcome`; data and runtime
-    rules read `data` / `run` (measurements); the training-loop rules (ND5xx) read `loop`, the
-    facts only the watcher sees inside the user's own loop; none of them touch the user's
-    files."""
-
-    target: str
-    graph: Any = None  # netdoctor.graph.Graph
-    outcome: Any = None  # netdoctor.graph.build.BuildOutcome
-    data: Any = None  # data sample for ND3xx
-    run: Any = None  # probe measurements for ND4xx
-    loop: Any = None  # netdoctor.watcher.facts.LoopFacts for ND5xx
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # A draft judgement (the watcher's live announcement): rules may skip building patches,
-    # which read and parse the user's files.
-    draft: bool = False
-
-    def option(self, rule_id: str, key: str, default: Any) -> Any:
-        return self.options.get(rule_id, {}).get(key, default)
-
-    def finding(
-        self,
-        rule_id: str,
-        message: str,
-        *,
-        module: str | None = None,
-        location: Location | None = None,
-        fix: Fix | None = None,
-        evidence: dict[str, Any] | None = None,
-        impact: float = 0.0,
-        cause: str | None = None,
-    ) -> Finding:
-        info = RULES[rule_id]
-        severity = self.options.get(rule_id, {}).get("severity")
-        if location is not None:
-            location = (
-                Location(display_path(location.path), location.line)
-                if not location.path.startswith("onnx:")
-                else location
-            )
-        from netdoctor.findings import Severity
-
-        return Finding(
-            rule=rule_id,
-            name=info.name,
-            severity=Severity.parse(severity) if severity else info.severity,
-            message=message,
-            module=module,
-            location=location,
-            fix=fix,
-            evidence=evidence or {},
-            impact=impact,
-            cause=cause,
-        )
+def key_of(finding: Any) -> str:
+    """A finding's key in cause lists and symptom tables ("ND406+", or its rule ID)."""
+    found = all_rules().get(finding.rule)
+    return found.key(finding) if found is not None else finding.rule

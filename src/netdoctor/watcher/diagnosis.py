@@ -12,6 +12,8 @@ from typing import Any
 
 from netdoctor.findings import Finding, Report
 from netdoctor.measure.record import TrainingRun
+from netdoctor.rules.contexts import LoopContext, RuntimeContext
+from netdoctor.rules.engine import judge, run_rules
 from netdoctor.watcher.settings import LoopConfig
 
 # static rules about what a model returns (its output is the prediction): not for a part whose
@@ -23,16 +25,6 @@ _LOSS_NAMES = {
     "mse_loss": "mse",
     "binary_cross_entropy_with_logits": "bce",
 }
-
-
-def _rules(ctx, stages: set[str], doctor, only: set[str] | None = None) -> list[Finding]:
-    from netdoctor.catalogue import matches
-    from netdoctor.check import run_rules
-
-    opts = doctor.options.check_options()
-    if only is not None:
-        opts.select = [r for r in sorted(only) if matches(r, opts.select)] or ["NONE"]
-    return run_rules(ctx, stages, opts)
 
 
 def static_findings(doctor, wm) -> tuple[list[Finding], list[str]]:
@@ -177,21 +169,15 @@ def _label(doctor, findings: list[Finding], label: str) -> None:
 
 def live_findings(doctor, rules: set[str]) -> list[Finding]:
     """`rules` (loop rules whose facts changed; ND401 once a NaN was localised) on the facts so
-    far. A draft: fixes are summaries only (patches are built for the report)."""
-    from netdoctor.rules import Context
-
+    far, less what an ignore comment suppresses. A draft: fixes are summaries only (patches are
+    built for the report)."""
+    settings = doctor.options.rule_settings()
     loop_rules = {r for r in rules if r.startswith("ND5")}
     found = (
-        _rules(
-            Context(
-                target=doctor.target or "training",
-                loop=doctor.facts,
-                draft=True,
-                options=doctor.options.rule_options,
-            ),
-            {"loop"},
-            doctor,
-            only=loop_rules,
+        run_rules(
+            LoopContext(doctor.target or "training", doctor.facts, draft=True),
+            settings.only(loop_rules),
+            on_error=doctor.note_error,
         )
         if loop_rules
         else []
@@ -201,48 +187,39 @@ def live_findings(doctor, rules: set[str]) -> list[Finding]:
             run = build_run(doctor, wm, light=True)
             if run is None or run.nonfinite is None:
                 continue
-            ctx = Context(target=wm.facts.label, run=run, options=doctor.options.rule_options)
-            nd401 = _rules(ctx, {"runtime"}, doctor, only={"ND401"})
+            ctx = RuntimeContext(wm.facts.label, run, draft=True)
+            nd401 = run_rules(ctx, settings.only({"ND401"}), on_error=doctor.note_error)
             _label(doctor, nd401, wm.facts.label)
             found.extend(nd401)
-    return found
+    live = Report(target=doctor.target or "training", command="run")
+    judge(live, found, [wm.facts.site for wm in doctor.models])
+    return live.findings
 
 
 def diagnose(doctor) -> Report:
-    from netdoctor.probe.diagnose import link_causes
-    from netdoctor.rules import Context
-    from netdoctor.suppress import is_suppressed
-
     doctor._guard(doctor.pending.resolve)
     target = doctor.target or "training"
     report = Report(target=target, command="run")
+    settings = doctor.options.rule_settings()
     findings: list[Finding] = []
     runs: list[tuple[Any, TrainingRun]] = []
-    class_lines = []
     for wm in doctor.models:
-        if wm.facts.site is not None:
-            class_lines.append(wm.facts.site)
         static, notes = doctor.static.get(id(wm), ([], []))
         static = [_copy(f) for f in static if not (wm.facts.feeds and f.rule in OUTPUT_RULES)]
         report.notes.extend(notes)
         run = doctor._guard(lambda wm=wm: build_run(doctor, wm))
         group = list(static)
         if run is not None:
-            ctx = Context(target=wm.facts.label, run=run, options=doctor.options.rule_options)
-            group.extend(doctor._guard(lambda ctx=ctx: _rules(ctx, {"runtime"}, doctor)) or [])
+            ctx = RuntimeContext(wm.facts.label, run)
+            group.extend(
+                doctor._guard(lambda ctx=ctx: run_rules(ctx, settings, doctor.note_error)) or []
+            )
             runs.append((wm, run))
         _label(doctor, group, wm.facts.label)
         findings.extend(group)
-    loop = Context(target=target, loop=doctor.facts, options=doctor.options.rule_options)
-    findings.extend(doctor._guard(lambda: _rules(loop, {"loop"}, doctor)) or [])
-    for f in findings:
-        if is_suppressed(f, class_lines):
-            report.notes.append(
-                f"{f.rule} at {f.location} suppressed by a netdoctor: ignore comment"
-            )
-        else:
-            report.findings.append(f)
-    link_causes(report.findings)
+    loop = LoopContext(target, doctor.facts)
+    findings.extend(doctor._guard(lambda: run_rules(loop, settings, doctor.note_error)) or [])
+    judge(report, findings, [wm.facts.site for wm in doctor.models])
     report.measurements = measurements(doctor, runs)
     report.notes.extend(_notes(doctor, runs))
     if doctor.closed and doctor.exchange.world_size > 1 and doctor.exchange.rank == 0:
@@ -344,7 +321,7 @@ def _notes(doctor, runs) -> list[str]:
 def measurements(doctor, runs) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from netdoctor.rules.runtime import gradient_flow
+    from netdoctor.measure.summary import gradient_flow
 
     out: dict[str, Any] = {}
     primary = doctor.primary

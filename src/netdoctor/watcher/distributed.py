@@ -281,11 +281,9 @@ def exchange_step(doctor: Doctor, wo: WatchedOptimizer, step: int) -> bool:
     facts.bypass = doctor.replicas.bypasses()
     facts.wrapper_sites = doctor.replicas.sites()
     if doctor.replicas.compared or any(checks):
-        from netdoctor.rules.distributed import DEFAULT_TOLERANCE
+        from netdoctor.rules.loop.nd508_replicas_diverged import RULE as ND508
 
-        tolerance = float(
-            doctor.options.rule_options.get("ND508", {}).get("tolerance", DEFAULT_TOLERANCE)
-        )
+        tolerance = doctor.options.rule_settings().options_of(ND508).tolerance
         largest, divergence = compare(checks, doctor.replicas.compared, step, tolerance)
         facts.largest_difference = max(facts.largest_difference, largest)
         if divergence is not None and facts.divergence is None:

@@ -10,9 +10,13 @@ Torch-free, so the CLI can validate flags before torch is imported.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netdoctor.errors import UserError
+
+if TYPE_CHECKING:
+    from netdoctor.check import CheckOptions
+    from netdoctor.rules.engine import RuleSettings
 
 STOP_ON = ("error", "warning", "never")
 STOP_ACTIONS = ("raise", "flag")
@@ -84,14 +88,22 @@ class WatchOptions:
             value = getattr(self, key)
             if value not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        self.rule_settings()  # a misspelled rule or option fails here, before training
 
-    def check_options(self):
-        """The rule selection as `check.run_rules` takes it."""
+    def rule_settings(self) -> RuleSettings:
+        """The rule selection and options (`rule_options` checked: a UserError names a bad
+        key)."""
+        from netdoctor.rules.engine import RuleSettings
+
+        return RuleSettings.from_tables(
+            self.select, self.ignore, self.rule_options, label=lambda key: f"rule_options[{key!r}]"
+        )
+
+    def check_options(self) -> CheckOptions:
+        """The static check of a watched model, with the watcher's rules."""
         from netdoctor.check import CheckOptions
 
-        return CheckOptions(
-            select=list(self.select), ignore=list(self.ignore), rule_options=self.rule_options
-        )
+        return CheckOptions(rules=self.rule_settings())
 
 
 _TORCH_OPTIMIZERS = (

@@ -1,43 +1,17 @@
-"""ND0xx: what happened while building the graph (fallbacks, a forward that raised)."""
+"""ND002 forward-failure: the model's forward raised on the given input (doc:
+rules/ND002.md)."""
 
 from __future__ import annotations
 
-from netdoctor.findings import Fix
+from collections.abc import Iterator
+
+from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import diff_fix, set_positional
-from netdoctor.rules.registry import Context, rule
+from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.contexts import GraphContext
 
 
-@rule("ND001", needs="outcome")
-def trace_fallback(ctx: Context):
-    out = ctx.outcome
-    if out is None or not out.fallback_reason:
-        return
-    if out.graph is not None:
-        how = (
-            f"the graph was built from one recorded forward pass on a "
-            f"{out.input.describe()} input instead, so branches that input did not take "
-            "are not seen"
-        )
-    else:
-        how = "no fallback was possible (no working input), so graph rules were skipped"
-    root = out.graph.root_location if out.graph is not None else None
-    yield ctx.finding(
-        "ND001",
-        f"torch.fx could not trace the model ({out.fallback_reason}); {how}.",
-        location=root,
-        evidence={
-            "fallback": "hooks" if out.graph is not None else None,
-            "reason": out.fallback_reason,
-        },
-        fix=Fix(
-            "nothing to fix for netdoctor; for a complete graph, keep Python control flow "
-            "on tensor values out of forward (e.g. torch.where) and register submodules"
-        ),
-    )
-
-
-@rule("ND002", needs="outcome")
-def forward_failure(ctx: Context):
+def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
     out = ctx.outcome
     if out is None or out.forward_failure is None:
         return
@@ -63,8 +37,7 @@ def forward_failure(ctx: Context):
         f"{spec.describe() if spec else '?'}: {err} "
         f"(input shapes {shapes}{weights}).{guess}"
     )
-    yield ctx.finding(
-        "ND002",
+    yield RULE.finding(
         message,
         module=f.module,
         location=out.failure_location,
@@ -111,3 +84,14 @@ def _shape_fix(f, location) -> Fix | None:
         f"nn.{f.module_type}({have}, ...)  # was {want}",
         safe=False,
     )
+
+
+RULE = Rule(
+    "ND002",
+    "forward-failure",
+    Severity.ERROR,
+    Stage.META,
+    summary="the model's forward raised on the given input",
+    check=check,
+    options=NoOptions,
+)

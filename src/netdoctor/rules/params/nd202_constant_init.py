@@ -1,93 +1,21 @@
-"""ND2xx: parameter and initialization problems."""
+"""ND202 constant-init: a hidden weight layer whose weights are all equal, so symmetry never
+breaks (doc: rules/ND202.md)."""
 
 from __future__ import annotations
 
-from netdoctor.fixes.patch import diff_fix, set_keyword
-from netdoctor.rules._paths import live_at_init
-from netdoctor.rules.registry import Context, rule
+from collections.abc import Iterator
 
-_BN_TYPES = (
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "BatchNorm3d",
-    "SyncBatchNorm",
-    "LazyBatchNorm1d",
-    "LazyBatchNorm2d",
-    "LazyBatchNorm3d",
-)
-
-
-@rule("ND203")
-def batchnorm_momentum(ctx: Context):
-    high = float(ctx.option("ND203", "max-momentum", 0.5))
-    seen: set[str] = set()
-    for node in ctx.graph.of_op("batchnorm"):
-        key = node.module or node.name
-        if key in seen:
-            continue
-        seen.add(key)
-        momentum = node.attrs.get("momentum")
-        if momentum is None or node.attrs.get("track_running_stats") is False:
-            continue  # None = cumulative average, a valid choice
-        if momentum >= high:
-            why = (
-                f"momentum={momentum:g} follows the TF/Keras convention; PyTorch updates "
-                f"running = (1 - momentum) * running + momentum * batch, so running statistics "
-                f"follow each batch almost exactly ({1 - momentum:.0%} of history kept) and "
-                "eval-mode outputs jump around. PyTorch's 0.1 is Keras' 0.9."
-            )
-        elif momentum == 0:
-            why = (
-                "momentum=0 means the running statistics never update: eval mode normalizes "
-                "with the initial mean 0 and variance 1, not the data's, so eval outputs "
-                "differ from training."
-            )
-        else:
-            continue
-        onnx_momentum = node.attrs.get("onnx_momentum")
-        if onnx_momentum is not None:
-            why = (
-                f"ONNX momentum={onnx_momentum:g} (ONNX weights the running value: it is "
-                f"PyTorch's 1 - momentum) means PyTorch momentum={momentum:g}. " + why
-            )
-        loc = node.location
-        summary = "set momentum=0.1 (PyTorch's default; equals Keras' 0.9)"
-        fix = diff_fix(
-            summary,
-            loc.path if loc else None,
-            lambda src, line=loc.line if loc else 0: set_keyword(
-                src, line, _BN_TYPES, "momentum", "0.1"
-            ),
-            _snippet(node),
-        )
-        yield ctx.finding(
-            "ND203",
-            f"{key}: {why}",
-            module=node.module,
-            location=loc,
-            fix=fix,
-            evidence={"momentum": momentum, "onnx_momentum": node.attrs.get("onnx_momentum")},
-            impact=2.0,
-        )
-
-
-def _snippet(node) -> str:
-    features = node.attrs.get("num_features", "...")
-    if node.attrs.get("onnx_momentum") is not None:
-        return (
-            f"# in the PyTorch source of this model (exports as ONNX momentum=0.9):\n"
-            f"nn.BatchNorm2d({features}, momentum=0.1)"
-        )
-    return f"nn.{node.attrs.get('type', 'BatchNorm2d')}({features}, momentum=0.1)"
-
-
-# -- ND202 constant-init ---------------------------------------------------------------------
+from netdoctor.findings import Finding, Severity
+from netdoctor.fixes.patch import diff_fix
+from netdoctor.graph.walks import live_at_init
+from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.contexts import GraphContext
+from netdoctor.rules.verification import Remedy, RemedyContext
 
 _CONSTANT_INIT_CALLS = ("zeros_", "ones_", "constant_", "fill_(", "zero_()", "ones_like")
 
 
-@rule("ND202")
-def constant_init(ctx: Context):
+def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
     """A hidden conv/linear layer whose weights are all equal: its units stay identical."""
     from netdoctor.graph.ir import WEIGHT_OPS
 
@@ -128,8 +56,7 @@ def constant_init(ctx: Context):
             lambda src, a=attr: _replace_constant_init(src, a),
             snippet,
         )
-        yield ctx.finding(
-            "ND202",
+        yield RULE.finding(
             message,
             module=node.module,
             location=loc,
@@ -184,3 +111,34 @@ def _replace_constant_init(source: str, attr: str) -> str | None:
             )
             return "".join(lines)
     return None
+
+
+def remedy(finding: Finding, context: RemedyContext) -> Remedy | None:
+    """Every constant-initialised layer of the report re-initialised (Kaiming normal), in a copy
+    of the model."""
+    from netdoctor.fixes.memory import kaiming
+
+    names = sorted({f.module for f in context.report.findings if f.rule == RULE.id and f.module})
+    return (
+        Remedy(
+            RULE.id,
+            f"{', '.join(names)} re-initialised (Kaiming normal)",
+            "model",
+            model_fn=kaiming(names),
+        )
+        if names
+        else None
+    )
+
+
+RULE = Rule(
+    "ND202",
+    "constant-init",
+    Severity.ERROR,
+    Stage.PARAMS,
+    summary="a hidden weight layer whose weights are all equal: symmetry never breaks",
+    check=check,
+    options=NoOptions,
+    consequence="ND404",
+    remedy=remedy,
+)

@@ -1,20 +1,23 @@
-"""ND105, ND106: what the model's output is made of (softmax heads, clamped logits)."""
+"""ND105 softmax-output: the model returns softmax/log-softmax, which CrossEntropyLoss applies
+again (doc: rules/ND105.md)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
-from netdoctor.findings import Fix, Severity
+from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import diff_fix, remove_arg, unwrap_call
-from netdoctor.graph.ir import WEIGHT_OPS, Graph
-from netdoctor.rules._paths import call_site, module_attr, op_label, output_producers
-from netdoctor.rules.registry import Context, rule
+from netdoctor.graph.ir import WEIGHT_OPS
+from netdoctor.graph.walks import call_site, module_attr, op_label, output_producers
+from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.contexts import GraphContext
+from netdoctor.rules.verification import Remedy, RemedyContext
 
 # Ops that leave "this is the model output" unchanged.
 _OUTPUT_PASS = {"reshape", "identity", "getitem", "split"}
 # ... and, between the final layer and an activation on it, ops that keep it the same logits.
-_LOGIT_PASS = _OUTPUT_PASS | {"dropout", "avgpool", "maxpool", "pad", "upsample", "mean"}
-_CLAMPING = {"relu", "relu6", "elu", "selu", "softplus"}
+LOGIT_PASS = _OUTPUT_PASS | {"dropout", "avgpool", "maxpool", "pad", "upsample", "mean"}
 _FUNCTION_NAMES = {
     "softmax": ("softmax",),
     "log_softmax": ("log_softmax",),
@@ -84,12 +87,8 @@ def _classes(node) -> int | None:
     return None
 
 
-# -- ND105 softmax-output ------------------------------------------------------------------------
-
-
-@rule("ND105")
-def softmax_output(ctx: Context):
-    graph: Graph = ctx.graph
+def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
+    graph = ctx.graph
     producers = output_producers(graph, _OUTPUT_PASS)
     heads = [p for p in producers if p.op in ("softmax", "log_softmax")]
     if not heads or len(heads) != len(producers):
@@ -134,69 +133,43 @@ def softmax_output(ctx: Context):
         )
         feeding = [
             n
-            for n in graph.upstream(node.name, through=_LOGIT_PASS)
+            for n in graph.upstream(node.name, through=LOGIT_PASS)
             if n.op in WEIGHT_OPS and n.module
         ]
-        finding = ctx.finding(
-            "ND105",
+        yield RULE.finding(
             message,
             module=node.module or (feeding[0].module if feeding else None),
             location=node.location if node.module else call_site(node),
             fix=remove_op_fix(node, summary, snippet, safe=False),
             evidence={"op": node.op, "classes": classes, "dim": node.attrs.get("dim")},
             impact=6.0 if node.op == "softmax" else 0.5,
+            # correct with NLLLoss, idempotent under CE
+            severity=Severity.INFO if node.op == "log_softmax" else None,
         )
-        if node.op == "log_softmax" and "severity" not in ctx.options.get("ND105", {}):
-            finding.severity = Severity.INFO  # correct with NLLLoss, idempotent under CE
-        yield finding
 
 
-# -- ND106 activation-on-logits ------------------------------------------------------------------
+def remove_output_activation(finding: Finding, context: RemedyContext) -> Remedy | None:
+    """The output activation module replaced by nn.Identity in a copy of the model (ND105 and
+    ND106); a functional softmax/relu in forward needs a code change."""
+    from netdoctor.fixes.memory import identity, is_activation_module
 
-_CLAMP_WHY = {
-    "relu": "a ReLU clamps every logit at 0 from below and passes no gradient where a logit is "
-    "negative: a class whose logit goes negative for an input gets no gradient to "
-    "recover, and the model cannot express 'surely not this class'",
-    "relu6": "a ReLU6 clamps logits to [0, 6] and passes no gradient outside that range",
-    "elu": "an ELU bounds logits below by -1 and saturates there (vanishing gradient)",
-    "selu": "a SELU bounds logits below by -1.76 and saturates there (vanishing gradient)",
-    "softplus": "a Softplus keeps logits positive and flattens (vanishing gradient) for "
-    "negative pre-activations",
-}
+    if not is_activation_module(context.model, finding.module):
+        return None  # a functional softmax/relu in forward: a code change
+    return Remedy(
+        finding.rule,
+        f"{finding.module} removed from the output",
+        "model",
+        model_fn=identity([finding.module]),
+    )
 
 
-@rule("ND106")
-def activation_on_logits(ctx: Context):
-    graph: Graph = ctx.graph
-    producers = output_producers(graph, _LOGIT_PASS)
-    if not producers or any(p.op not in _CLAMPING for p in producers):
-        return  # mixed outputs (e.g. mean and softplus(std) heads) are deliberate
-    for act in producers:
-        layers = [
-            n
-            for n in graph.upstream(act.name, through=_LOGIT_PASS)
-            if n.op != "param" and n.op != "size"
-        ]
-        if not layers or any(n.op not in WEIGHT_OPS for n in layers):
-            continue
-        layer = layers[0]
-        message = (
-            f"{op_label(act)} is applied to the output of "
-            f"the final layer {layer.label}: {_CLAMP_WHY[act.op]}. Cross-entropy wants "
-            "unbounded logits; end the model with the weight layer."
-        )
-        summary = f"remove the {act.attrs.get('type', act.op)} after the final layer {layer.label}"
-
-        snippet = (
-            "# end forward with the final layer: return the logits unclamped\n"
-            f"return logits  # not {act.op}(logits)"
-        )
-        yield ctx.finding(
-            "ND106",
-            message,
-            module=act.module or layer.module,
-            location=act.location if act.module else call_site(act),
-            fix=remove_op_fix(act, summary, snippet, safe=False),
-            evidence={"activation": act.op, "final_layer": layer.label},
-            impact=4.0,
-        )
+RULE = Rule(
+    "ND105",
+    "softmax-output",
+    Severity.WARNING,
+    Stage.GRAPH,
+    summary="the model returns softmax/log-softmax (CrossEntropyLoss applies it again)",
+    check=check,
+    options=NoOptions,
+    remedy=remove_output_activation,
+)

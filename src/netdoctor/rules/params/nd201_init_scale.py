@@ -1,22 +1,27 @@
-"""ND201, ND204: initialization scale (per layer, from the weights; across depth, measured)."""
+"""ND201 init-scale: weight std far from the fan-in-preserving scale for the following
+activation (doc: rules/ND201.md)."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from netdoctor.findings import Fix
+from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import append_to_init, diff_fix, nn_prefix, read
 from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, RELU_FAMILY, WEIGHT_OPS, Graph, Node
-from netdoctor.rules._paths import (
-    absorbed,
-    data_inputs,
-    is_constant,
-    live_at_init,
-    reaches_output_directly,
-)
-from netdoctor.rules.architecture import relu_fix
-from netdoctor.rules.registry import Context, rule
+from netdoctor.graph.walks import absorbed, data_inputs, is_constant, reaches_output_directly
+from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.contexts import GraphContext
+from netdoctor.rules.verification import Remedy, RemedyContext
+
+
+@dataclass(frozen=True)
+class Options(RuleOptions):
+    factor: float = 3.0  # a layer counts when its weight std is this many times off its scale
+    max_shrink: float = 24.0  # report a path whose counted layers shrink the signal more than this
+
 
 # Ops between a layer and "the activation that follows it".
 _TO_ACTIVATION = {
@@ -41,7 +46,7 @@ def following_activation(graph: Graph, node: Node) -> Node | None:
     return nxt[0] if len(nxt) == 1 and nxt[0].op != "output" else None
 
 
-def _nonlinearity(act: Node | None) -> str:
+def nonlinearity_of(act: Node | None) -> str:
     if act is None:
         return "linear"
     if act.op in RELU_FAMILY and act.op not in ("selu",):
@@ -98,8 +103,6 @@ def init_fix(graph: Graph, layers: list[Node], nonlinearity: str) -> Fix:
     )
 
 
-# -- ND201 init-scale ---------------------------------------------------------------------------
-
 # Where a path of unnormalized layers starts afresh: the signal's scale there no longer depends
 # on the layers before (normalized, or the sum/product with another data path), or it is the input.
 _RESETS = NORM_OPS | {"input", "rnn", "attention"}
@@ -120,7 +123,7 @@ def layer_scale(graph: Graph, node: Node) -> dict | None:
     if not n_in:
         return None
     act = following_activation(graph, node)
-    nl = _nonlinearity(act)
+    nl = nonlinearity_of(act)
     target = _gain(nl, act) / math.sqrt(n_in)
     return {
         "node": node,
@@ -206,13 +209,12 @@ def init_scale_outliers(
     return found, math.exp(worst), largest
 
 
-@rule("ND201")
-def init_scale(ctx: Context):
-    graph: Graph = ctx.graph
+def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
+    graph = ctx.graph
     if graph.frontend == "onnx":
         return  # exported weights are usually trained ones: their scale says nothing of init
-    factor = float(ctx.option("ND201", "factor", 3.0))
-    max_shrink = float(ctx.option("ND201", "max-shrink", 24.0))
+    factor = options.factor
+    max_shrink = options.max_shrink
     bad, shrink, _ = init_scale_outliers(graph, factor, max_shrink)
     if not bad:
         return
@@ -255,8 +257,7 @@ def init_scale(ctx: Context):
     hidden = [b for b in bad if not b["head"]] or bad
     common = Counter(b["nonlinearity"] for b in hidden).most_common(1)[0][0]
     first = bad[0]["node"]
-    yield ctx.finding(
-        "ND201",
+    yield RULE.finding(
         message,
         module=first.label,
         location=first.location,
@@ -282,113 +283,36 @@ def init_scale(ctx: Context):
     )
 
 
-# -- ND204 signal-collapse ----------------------------------------------------------------------
+def remedy(finding: Finding, context: RemedyContext) -> Remedy | None:
+    """Every reported layer re-initialised at its fan-in-preserving scale, in a copy of the
+    model."""
+    from netdoctor.fixes.memory import init_scale
 
-
-def signal_chain(graph: Graph) -> list[Node]:
-    """Hidden weight layers with a measured output scale, in topological order: heads and
-    constant-initialized layers left out, and so are the layers inside a residual branch that
-    starts at zero gain (their output does not reach the model's output at initialization: the
-    signal travels on the residual stream around them)."""
-    chain, seen = [], set()
-    live = live_at_init(graph)
-    for node in graph.topological():
-        if node.op not in WEIGHT_OPS or "init_signal_rms" not in node.attrs:
-            continue
-        if node.name not in live:
-            continue
-        key = node.module or node.name
-        w = node.params.get("weight")
-        if key in seen or (w is not None and w.all_equal):
-            continue
-        seen.add(key)
-        if reaches_output_directly(graph, node.name):
-            continue
-        chain.append(node)
-    return chain
-
-
-_TINY = 1e-30
-
-
-def signal_ratios(graph: Graph) -> tuple[Node | None, list[Node], list[float]]:
-    """Where the signal is measured from (the input when its RMS was measured, else the chain's
-    first layer; None when there is no chain), the signal chain, and each chain layer's signal
-    RMS relative to the start's."""
-    chain = signal_chain(graph)
-    inputs = [n for n in graph.of_op("input") if n.attrs.get("init_signal_rms")]
-    start = inputs[0] if inputs else (chain[0] if chain else None)
-    if start is None:
-        return None, [], []
-    base = max(start.attrs["init_signal_rms"], _TINY)
-    return start, chain, [max(n.attrs["init_signal_rms"], _TINY) / base for n in chain]
-
-
-@rule("ND204")
-def signal_collapse(ctx: Context):
-    graph: Graph = ctx.graph
-    limit = float(ctx.option("ND204", "max-ratio", 1e5))
-    start, chain, ratios = signal_ratios(graph)
-    if len(chain) < 2:
-        return
-    start_value = start.attrs["init_signal_rms"]
-    start_label = "the input" if start.op == "input" else start.label
-    values = [n.attrs["init_signal_rms"] for n in chain]
-    crossing = next(
-        (
-            (node, ratio)
-            for node, ratio in zip(chain, ratios)
-            if ratio > limit or ratio < 1.0 / limit
-        ),
-        None,
-    )
-    if crossing is None:
-        return
-    node, _ = crossing
-    last = chain[-1]
-    end_ratio = ratios[-1]
-    lo, hi = min(values), max(values)
-    grows = end_ratio > 1 if (end_ratio > limit or end_ratio < 1 / limit) else crossing[1] > 1
-    verb = "grows" if grows else "shrinks"
-    message = (
-        f"at initialization the signal {verb} by orders of magnitude across depth: on a "
-        f"unit-variance batch, the input-dependent RMS is {start_value:.3g} at "
-        f"{start_label}, {node.attrs['init_signal_rms']:.3g} at {node.label} and "
-        f"{values[-1]:.3g} at {last.label} (x{end_ratio:.3g} over {len(chain)} hidden "
-        f"layers; range {lo:.3g}..{hi:.3g}). "
-        + (
-            "Deep layers receive (and send back) almost no signal: the loss barely moves."
-            if not grows
-            else "Activations and gradients explode: loss NaN or saturated units."
+    layers = [
+        (d["module"], float(d["expected"]))
+        for d in finding.evidence.get("layers", [])
+        if isinstance(d, dict) and d.get("module") and d.get("expected")
+    ]
+    return (
+        Remedy(
+            RULE.id,
+            f"{len(layers)} layer(s) re-initialised at the fan-in-preserving scale",
+            "model",
+            model_fn=init_scale(layers),
         )
-        + f" Threshold: x{limit:g} either way."
+        if layers
+        else None
     )
-    acts = [following_activation(graph, n) for n in chain]
-    nl = Counter(_nonlinearity(a) for a in acts).most_common(1)[0][0]
-    if nl == "sigmoid":
-        # No init scale carries a signal through a sigmoid chain (slope <= 1/4 per layer, mean
-        # 0.5): the activation is the cause, so the fix is ND102's.
-        fix = relu_fix([a for a in acts if a is not None and a.op in ("sigmoid", "tanh")])
-    else:
-        fix = init_fix(graph, chain, nl)
-    yield ctx.finding(
-        "ND204",
-        message,
-        module=node.label,
-        location=node.location,
-        fix=fix,
-        evidence={
-            "max_ratio": limit,
-            "start": start_value,
-            "end_ratio": end_ratio,
-            "layers": [
-                {
-                    "module": n.label,
-                    "signal_rms": n.attrs["init_signal_rms"],
-                    "rms": n.attrs.get("init_rms"),
-                }
-                for n in chain
-            ],
-        },
-        impact=6.0,
-    )
+
+
+RULE = Rule(
+    "ND201",
+    "init-scale",
+    Severity.WARNING,
+    Stage.PARAMS,
+    summary="weight std far from the fan-in-preserving scale for the following activation",
+    check=check,
+    options=Options,
+    consequence="ND403",
+    remedy=remedy,
+)

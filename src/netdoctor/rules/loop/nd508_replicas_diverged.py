@@ -1,5 +1,6 @@
-"""ND508: the ranks of a distributed run (ctx.loop.distributed, filled under torchrun by the
-watcher's exchange, `netdoctor.watcher.distributed`).
+"""ND508 replicas-diverged: under DistributedDataParallel, parameters that must be identical on
+every rank differ (ctx.loop.distributed, filled under torchrun by the watcher's exchange,
+`netdoctor.watcher.distributed`; doc: rules/ND508.md).
 
 DistributedDataParallel keeps every rank's copy of the model bitwise identical. When the copies
 differ, each rank trains a different model and nothing fails: the watcher compares checksums of
@@ -10,27 +11,35 @@ added after wrapping.
 
 from __future__ import annotations
 
-from netdoctor.findings import Fix
-from netdoctor.rules.loop import _user_file, _where
-from netdoctor.rules.registry import Context, rule
-from netdoctor.rules.runtime import g
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from netdoctor.findings import Finding, Fix, Location, Severity
+from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.contexts import LoopContext
+from netdoctor.rules.loop._common import user_file, where
+from netdoctor.rules.numbers import g
 
 # Relative to the tensor's norm. Replicas that DDP keeps in sync are bitwise equal, so their
 # checksums are too; checksums of a truly diverged tensor differ by about the size of the
-# unsynchronised updates (~1e-4 and more after one step). See rules/ND508.md.
+# unsynchronised updates (~1e-4 and more after one step). The watcher compares with it too.
 DEFAULT_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Options(RuleOptions):
+    tolerance: float = DEFAULT_TOLERANCE  # relative checksum difference that counts as diverged
 
 
 def _ranks(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
 
 
-@rule("ND508", needs="loop")
-def replicas_diverged(ctx: Context):
+def check(ctx: LoopContext, options: Options) -> Iterator[Finding]:
     d = ctx.loop.distributed
     if d is None or d.divergence is None:
         return
-    tolerance = float(ctx.option("ND508", "tolerance", DEFAULT_TOLERANCE))
+    tolerance = options.tolerance
     v = d.divergence
     if not v.difference > tolerance:
         return
@@ -53,7 +62,7 @@ def replicas_diverged(ctx: Context):
     if bypass is not None:
         message += (
             f" The training forward calls {bypass.model} outside its DDP wrapper at "
-            f"{_where(bypass.site)} ({bypass.calls} call(s) with gradients enabled): "
+            f"{where(bypass.site)} ({bypass.calls} call(s) with gradients enabled): "
             "DDP only arms its gradient all-reduce for forwards that go through the "
             "wrapper."
         )
@@ -85,8 +94,7 @@ def replicas_diverged(ctx: Context):
             "model = DDP(model)             # after the model is complete and loaded\n"
             "loss = criterion(model(x), y)  # not model.module(x)\n",
         )
-    yield ctx.finding(
-        "ND508",
+    yield RULE.finding(
         message,
         location=location,
         fix=fix,
@@ -100,14 +108,14 @@ def replicas_diverged(ctx: Context):
             "compared": v.compared,
             "tolerance": tolerance,
             "last_equal_step": v.last_equal_step,
-            "bypass_line": _where(bypass.site) if bypass else None,
-            "ddp_line": _where(wrapper) if wrapper else None,
+            "bypass_line": where(bypass.site) if bypass else None,
+            "ddp_line": where(wrapper) if wrapper else None,
         },
         impact=14.0,
     )
 
 
-def _bypass_fix(site, draft: bool) -> Fix:
+def _bypass_fix(site: Location | None, draft: bool) -> Fix:
     from netdoctor.fixes.patch import call_wrapper_not_module, diff_fix
 
     summary = "call the DDP wrapper, not the module inside it, for every training forward"
@@ -115,7 +123,7 @@ def _bypass_fix(site, draft: bool) -> Fix:
         "loss = criterion(model(x), y)   # model is the DDP wrapper: not model.module(x)\n"
         "# (model.module is fine for evaluation under torch.no_grad())\n"
     )
-    if draft or not _user_file(site):
+    if draft or site is None or not user_file(site):
         return Fix(summary, snippet, safe=False)
     return diff_fix(
         summary,
@@ -124,3 +132,14 @@ def _bypass_fix(site, draft: bool) -> Fix:
         snippet,
         safe=False,
     )
+
+
+RULE = Rule(
+    "ND508",
+    "replicas-diverged",
+    Severity.ERROR,
+    Stage.LOOP,
+    summary="under DDP, parameters that must be identical on every rank differ",
+    check=check,
+    options=Options,
+)

@@ -1,0 +1,68 @@
+"""The probe's measurements as the report carries them (`Report.measurements`): gradient
+flow, loss and accuracy curves, activations, the run's settings and timings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+from netdoctor.measure.record import TrainingRun
+from netdoctor.measure.summary import gradient_flow, mean
+
+
+def measurements(run: TrainingRun) -> dict[str, Any]:
+    """What the JSON report carries (and the text report draws)."""
+    acts = []
+    for a in run.activations:
+        w = a.window_steps or run.window
+        acts.append(
+            {
+                "name": a.name,
+                "kind": a.kind,
+                "module": a.module,
+                "producer": a.producer,
+                "functional": a.functional,
+                "units": a.units or None,
+                "dead_fraction": a.dead_fraction,
+                "dead_units": a.dead_units,
+                "zero_fraction": mean(a.zero_fraction[-w:]) if a.zero_fraction else None,
+                "saturation": mean(a.saturation[-run.window :]) if a.saturation else None,
+                "location": a.location.to_dict() if a.location else None,
+            }
+        )
+    c = run.num_outputs
+    out: dict[str, Any] = {
+        "gradient_flow": gradient_flow(run) if run.steps_run else [],
+        "loss_curve": list(run.loss),
+        "accuracy_curve": list(run.accuracy),
+        "activations": acts,
+        "loss_at_init": run.loss[0] if run.loss else None,
+        "chance": run.chance,  # accuracy of always predicting the most common class
+        "expected_initial_loss": math.log(c)
+        if c and c > 1 and run.classification and run.config.loss == "cross_entropy"
+        else None,
+        "probe": {
+            "steps": run.steps_run,
+            "steps_requested": run.config.requested_steps or run.config.steps,
+            "batch_size": min(
+                run.config.batch_size, run.config.batch_limit or run.config.batch_size
+            ),
+            "optimizer": run.config.optimizer,
+            "lr": run.config.learning_rate,
+            "momentum": run.config.momentum if run.config.optimizer == "sgd" else None,
+            "weight_decay": run.config.weight_decay,
+            "loss": run.config.loss,
+            "seed": run.config.seed,
+            "device": run.device,
+            "stopped": run.stopped,
+            "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
+        },
+    }
+    if run.train_eval is not None:
+        out["train_eval"] = run.train_eval
+    if run.overfit is not None:
+        out["overfit"] = run.overfit
+    if run.nonfinite is not None:
+        out["non_finite"] = asdict(run.nonfinite)
+    return out

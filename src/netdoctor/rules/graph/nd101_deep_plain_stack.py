@@ -1,0 +1,177 @@
+"""ND101 deep-plain-stack: many weight layers in series with no normalization and no skip
+connection (doc: rules/ND101.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from netdoctor.findings import Finding, Fix, Severity
+from netdoctor.fixes.patch import arg_code, diff_fix, insert_args_after, nn_prefix, read
+from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, WEIGHT_OPS, Graph, Node
+from netdoctor.graph.walks import standardized_weight
+from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.contexts import GraphContext
+from netdoctor.rules.verification import Remedy, RemedyContext
+
+
+@dataclass(frozen=True)
+class Options(RuleOptions):
+    min_depth: int = 7  # weight layers in series that count as deep
+
+
+def plain_chains(graph: Graph) -> dict[str, list[Node]]:
+    """For each node, the longest chain of weight layers reaching it with no normalization
+    layer and no skip connection between. A merge (add/cat of two paths) keeps the SHORTEST
+    incoming chain: the skip path is how the gradient gets around the stack, whatever gain
+    either path is multiplied by. A layer whose weight is standardized in its forward (scaled
+    weight standardization) normalizes like a layer followed by a normalization layer."""
+    chains: dict[str, list[Node]] = {}
+    memo: dict[str, bool] = {}
+    for node in graph.topological():
+        incoming = [chains[i] for i in node.inputs if i in chains]
+        if (
+            node.op in NORM_OPS
+            or node.op in ("input", "param")
+            or standardized_weight(graph, node, memo)
+        ):
+            chains[node.name] = []
+            continue
+        real = [
+            c
+            for i, c in zip(node.inputs, incoming)
+            if graph.nodes.get(i) is not None and graph.nodes[i].op != "param"
+        ]
+        if node.op in MERGE_OPS and len(real) >= 2:
+            best = min(real, key=len)
+        else:
+            best = max(incoming, key=len) if incoming else []
+        chains[node.name] = best + [node] if node.op in WEIGHT_OPS else best
+    return chains
+
+
+def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
+    graph = ctx.graph
+    min_depth = options.min_depth
+    chains = plain_chains(graph)
+    if not chains:
+        return
+    chain = max(chains.values(), key=len)
+    if len(chain) < min_depth:
+        return
+    names = [n.label for n in chain]
+    shown = ", ".join(names) if len(names) <= 8 else ", ".join(names[:4] + ["..."] + names[-3:])
+    message = (
+        f"{len(chain)} weight layers in series ({shown}) with no normalization layer and "
+        f"no skip connection between them: gradients shrink or grow layer by layer "
+        f"(loss NaN or stuck at chance, as in the AlexNet-on-FashionMNIST report). "
+        f"Threshold: {min_depth}."
+    )
+    yield RULE.finding(
+        message,
+        module=chain[0].label,
+        location=chain[0].location,
+        fix=_batchnorm_fix(chain),
+        evidence={
+            "depth": len(chain),
+            "min_depth": min_depth,
+            "layers": [
+                {"module": n.label, "op": n.op, "line": n.location.line if n.location else None}
+                for n in chain
+            ],
+        },
+        impact=float(len(chain)),
+    )
+
+
+def _norm_for(node: Node, prefix: str) -> str | None:
+    if node.op == "conv":
+        dims = len(node.attrs.get("kernel_size", (3, 3)))
+        channels = node.attrs.get("out_channels")
+        return f"{prefix}BatchNorm{dims}d({channels})" if channels else None
+    if node.op == "linear":
+        features = node.attrs.get("out_features")
+        return f"{prefix}BatchNorm1d({features})" if features else None
+    return None
+
+
+def _norm_from_call(norm: str):
+    """BatchNorm text whose size reuses the layer's own argument text (`width`, not 128)."""
+
+    def make(call) -> str:
+        name, _, size = norm.rpartition("(")
+        keyword = "out_channels" if "2d" in name or "3d" in name else "out_features"
+        if "1d" in name and "Conv" in str(getattr(call.func, "attr", "")):
+            keyword = "out_channels"
+        code = arg_code(call, 1, keyword)
+        return f"{name}({code})" if code else norm
+
+    return make
+
+
+def _batchnorm_fix(chain: list[Node]) -> Fix:
+    hidden = chain[:-1]  # the last layer produces the output: no BatchNorm after it
+    summary = (
+        f"insert BatchNorm after each of the {len(hidden)} hidden weight layers "
+        "(or add residual connections)"
+    )
+    paths = {n.location.path for n in hidden if n.location}
+    lines = [n.location.line for n in hidden if n.location]
+    snippet_lines = []
+    for n in hidden:
+        norm = _norm_for(n, "nn.")
+        if norm:
+            snippet_lines.append(f"# after {n.label} ({n.attrs.get('type', n.op)}):\n{norm},")
+    snippet = "\n".join(snippet_lines)
+    # Layers built in a loop share a line: one insertion there serves them all, as long as the
+    # output layer is not among them (no BatchNorm after the logits).
+    last = chain[-1].location
+    if (
+        len(paths) != 1
+        or len(lines) != len(hidden)
+        or (last and last.path in paths and last.line in lines)
+    ):
+        return Fix(summary, snippet or None, "snippet")
+    path = paths.pop()
+    source = read(path) or ""
+    prefix = nn_prefix(source)
+    inserts, kinds = {}, {}
+    for n in hidden:
+        norm = _norm_for(n, prefix)
+        if norm is None:
+            return Fix(summary, snippet or None, "snippet")
+        kind = norm.split("(")[0]  # layers sharing a line (a loop) must want the same norm
+        if kinds.setdefault(n.location.line, kind) != kind:
+            return Fix(summary, snippet or None, "snippet")
+        inserts[n.location.line] = _norm_from_call(norm)
+    types = tuple(sorted({n.attrs["type"] for n in hidden if n.attrs.get("type")}))
+    return diff_fix(summary, path, lambda src: insert_args_after(src, inserts, types), snippet)
+
+
+def remedy(finding: Finding, context: RemedyContext) -> Remedy | None:
+    """BatchNorm after every hidden layer of the chain, in a copy of the model."""
+    from netdoctor.fixes.memory import insert_batchnorm
+
+    layers = [d.get("module") for d in finding.evidence.get("layers", []) if isinstance(d, dict)]
+    hidden = [n for n in layers[:-1] if n]
+    if not hidden:
+        return None
+    return Remedy(
+        RULE.id,
+        f"BatchNorm inserted after {len(hidden)} hidden conv/linear layers",
+        "model",
+        model_fn=insert_batchnorm(hidden),
+    )
+
+
+RULE = Rule(
+    "ND101",
+    "deep-plain-stack",
+    Severity.WARNING,
+    Stage.GRAPH,
+    summary="many weight layers in series with no normalization and no skip connection",
+    check=check,
+    options=Options,
+    consequence="ND403",
+    remedy=remedy,
+)

@@ -1,0 +1,119 @@
+"""ND102 saturating-activation-chain: 3+ sigmoid/tanh activations in series without
+normalization between (doc: rules/ND102.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from netdoctor.findings import Finding, Fix, Severity
+from netdoctor.fixes.patch import diff_fix, nn_prefix, read, replace_calls
+from netdoctor.graph.ir import NORM_OPS, SATURATING_OPS, Graph, Node
+from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.contexts import GraphContext
+from netdoctor.rules.verification import Remedy, RemedyContext
+
+# Ops a value may pass through and still be "the same" tensor for gating checks.
+_PASS_THROUGH = {"reshape", "identity", "dropout", "getitem", "split"}
+
+
+@dataclass(frozen=True)
+class Options(RuleOptions):
+    min_chain: int = 3  # saturating activations in series before the rule fires
+
+
+def _is_gate(graph: Graph, node: Node) -> bool:
+    """x * sigmoid(g): the activation scales another tensor instead of feeding the next layer."""
+    consumers = graph.downstream(node.name, through=_PASS_THROUGH)
+    return bool(consumers) and all(c.op in ("mul", "div") for c in consumers)
+
+
+def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
+    graph = ctx.graph
+    min_chain = options.min_chain
+    chains: dict[str, list[Node]] = {}
+    for node in graph.topological():
+        incoming = [chains[i] for i in node.inputs if i in chains]
+        if node.op in NORM_OPS or node.op in ("input", "param", "rnn", "attention"):
+            chains[node.name] = []
+            continue
+        best = max(incoming, key=len) if incoming else []
+        if node.op in SATURATING_OPS and not _is_gate(graph, node):
+            best = best + [node]
+        chains[node.name] = best
+    chain = max(chains.values(), key=len, default=[])
+    if len(chain) < min_chain:
+        return
+    kinds = sorted({n.op for n in chain})
+    message = (
+        f"{len(chain)} {'/'.join(kinds)} activations in series "
+        f"({', '.join(n.label for n in chain)}) with no normalization between: each "
+        f"multiplies the gradient by at most {0.25 if kinds == ['sigmoid'] else 1.0:g} "
+        f"and saturated units pass almost none, so early layers barely learn "
+        f"(vanishing gradients). Threshold: {min_chain}."
+    )
+    yield RULE.finding(
+        message,
+        module=chain[0].label,
+        location=chain[0].location,
+        fix=relu_fix(chain),
+        evidence={
+            "length": len(chain),
+            "min_chain": min_chain,
+            "activations": [n.label for n in chain],
+        },
+        impact=float(len(chain)),
+    )
+
+
+def relu_fix(chain: list[Node]) -> Fix:
+    """Replace the chain's sigmoid/tanh modules with ReLU (one diff when all live in one file)."""
+    summary = "use ReLU instead of sigmoid/tanh in hidden layers (or insert BatchNorm before them)"
+    snippet = "\n".join(
+        f"nn.ReLU(),  # instead of {n.attrs.get('type', n.op)} at {n.label}" for n in chain
+    )
+    modules = [n for n in chain if n.module and n.location]
+    paths = {n.location.path for n in modules}
+    if len(modules) != len(chain) or len(paths) != 1:
+        return Fix(summary, snippet, "snippet", safe=False)
+    path = paths.pop()
+    prefix = nn_prefix(read(path) or "")
+    return diff_fix(
+        summary,
+        path,
+        lambda src: replace_calls(
+            src, [n.location.line for n in modules], ("Sigmoid", "Tanh"), f"{prefix}ReLU()"
+        ),
+        snippet,
+        safe=False,
+    )
+
+
+def remedy(finding: Finding, context: RemedyContext) -> Remedy | None:
+    """The chain's sigmoid/tanh modules replaced by ReLU, in a copy of the model."""
+    from netdoctor.fixes.memory import swap_to_relu
+
+    acts = [a for a in finding.evidence.get("activations", []) if isinstance(a, str)]
+    return (
+        Remedy(
+            RULE.id,
+            f"{len(acts)} sigmoid/tanh activations replaced by ReLU",
+            "model",
+            model_fn=swap_to_relu(acts),
+        )
+        if acts
+        else None
+    )
+
+
+RULE = Rule(
+    "ND102",
+    "saturating-activation-chain",
+    Severity.WARNING,
+    Stage.GRAPH,
+    summary="3+ sigmoid/tanh activations in series without normalization between",
+    check=check,
+    options=Options,
+    consequence="ND403",
+    remedy=remedy,
+)

@@ -1,0 +1,77 @@
+"""ND103 dead-submodule: a submodule with trainable parameters whose output never reaches the
+output (doc: rules/ND103.md)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+
+from netdoctor.findings import Finding, Fix, Severity
+from netdoctor.graph.ir import Node
+from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.contexts import GraphContext
+
+
+def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
+    graph = ctx.graph
+    if not graph.outputs:
+        return
+    live = graph.reaching_output()
+    called: dict[str, list[Node]] = defaultdict(list)
+    for node in graph:
+        if node.module:
+            called[node.module].append(node)
+
+    def covered(path: str, names: set[str]) -> bool:
+        """True when the module or an ancestor that ran as one op (e.g. an LSTM) is in names."""
+        parts = path.split(".")
+        return any(".".join(parts[:i]) in names for i in range(len(parts), 0, -1))
+
+    live_modules = {n.module for n in graph if n.module and n.name in live}
+    live_leaf_calls = {n.module for n in graph if n.module and n.name in live and n.op != "param"}
+    any_calls = {n.module for n in graph if n.module and n.op != "param"} | set(called)
+    for path, info in graph.modules.items():
+        if info.trainable == 0:
+            continue
+        if path in live_modules or covered(path, live_leaf_calls):
+            continue
+        ran = path in called or covered(path, any_calls)
+        if not ran and graph.frontend == "hooks":
+            continue  # a recorded forward only shows the branches this input took
+        if ran:
+            how = (
+                "is called in forward but its result never reaches the model output "
+                "(computed, then unused)"
+            )
+        else:
+            how = "is never called in forward"
+        message = (
+            f"{path} ({info.type}, {info.trainable:,} trainable parameters) {how}: its "
+            "parameters get no gradient and never train."
+        )
+        parent = path.rpartition(".")[0]
+        hint = (
+            "use its output (a residual block returns F.relu(x + y), not F.relu(x))"
+            if parent
+            else "use its output in forward"
+        )
+        yield RULE.finding(
+            message,
+            module=path,
+            location=info.location,
+            fix=Fix(f"{hint}, or delete {path}"),
+            evidence={"type": info.type, "trainable_parameters": info.trainable, "called": ran},
+            impact=float(info.trainable) / 1e6,
+        )
+
+
+RULE = Rule(
+    "ND103",
+    "dead-submodule",
+    Severity.WARNING,
+    Stage.GRAPH,
+    summary="a submodule with trainable parameters whose output never reaches the output",
+    check=check,
+    options=NoOptions,
+    consequence="ND410",
+)

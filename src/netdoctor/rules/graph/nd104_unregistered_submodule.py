@@ -1,0 +1,70 @@
+"""ND104 unregistered-submodule: modules held in a plain list/dict/tuple instead of
+ModuleList/ModuleDict (doc: rules/ND104.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from netdoctor.findings import Finding, Fix, Location, Severity
+from netdoctor.fixes.patch import attribute_line, diff_fix, nn_prefix, read, wrap_attribute
+from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.contexts import GraphContext
+
+
+def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
+    graph = ctx.graph
+    for holder in graph.unregistered:
+        owner = holder.owner_class or "the model"
+        wrapper = "ModuleDict" if holder.container == "dict" else "ModuleList"
+        message = (
+            f"{owner}.{holder.attr} is a plain {holder.container} holding "
+            f"{holder.count} module(s) ({', '.join(holder.module_types)}): they are "
+            "invisible to .parameters(), .to(device), .train()/.eval() and state_dict, "
+            "so the optimizer never updates them and they never move to the GPU."
+        )
+        summary = f"wrap it in nn.{wrapper}: self.{holder.attr} = nn.{wrapper}(...)"
+        path = holder.location or holder.owner_location
+        empty = "{...}" if wrapper == "ModuleDict" else "[...]"
+        fix = Fix(summary, f"self.{holder.attr} = nn.{wrapper}({empty})", "snippet")
+        if path is not None:
+            prefix = nn_prefix(read(path.path) or "")
+            fix = diff_fix(
+                summary,
+                path.path,
+                lambda src, h=holder, prefix=prefix, wrapper=wrapper: wrap_attribute(
+                    src,
+                    h.attr,
+                    f"{prefix}{wrapper}",
+                    near_line=h.location.line if h.location else None,
+                ),
+                fix.patch,
+            )
+        module = f"{holder.owner}.{holder.attr}" if holder.owner else holder.attr
+        location = holder.location
+        if location is not None and location.line:  # point at `self.layers = [`
+            source = read(location.path)
+            line = attribute_line(source, holder.attr, location.line) if source else None
+            location = Location(location.path, line) if line else location
+        yield RULE.finding(
+            message,
+            module=module,
+            location=location,
+            fix=fix,
+            evidence={
+                "container": holder.container,
+                "count": holder.count,
+                "types": holder.module_types,
+            },
+            impact=10.0,
+        )
+
+
+RULE = Rule(
+    "ND104",
+    "unregistered-submodule",
+    Severity.ERROR,
+    Stage.GRAPH,
+    summary="modules held in a plain list/dict/tuple instead of ModuleList/ModuleDict",
+    check=check,
+    options=NoOptions,
+)

@@ -1,0 +1,172 @@
+"""ND107 linear-collapse: two weight layers joined by nothing nonlinear collapse to one linear
+map (doc: rules/ND107.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from netdoctor.findings import Finding, Fix, Severity
+from netdoctor.fixes.patch import (
+    diff_fix,
+    insert_args_after,
+    nn_prefix,
+    read,
+    torch_function_prefix,
+    wrap_call,
+)
+from netdoctor.graph.ir import WEIGHT_OPS, Graph, Node
+from netdoctor.graph.walks import call_site, data_consumers, data_inputs, module_attr
+from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.contexts import GraphContext
+
+
+def _is_depthwise(node: Node) -> bool:
+    groups = node.attrs.get("groups") or 1
+    return node.op == "conv" and groups > 1 and groups == node.attrs.get("in_channels")
+
+
+def _dims(node: Node) -> tuple[int, int] | None:
+    if node.op == "linear":
+        dims = node.attrs.get("in_features"), node.attrs.get("out_features")
+    else:
+        dims = node.attrs.get("in_channels"), node.attrs.get("out_channels")
+    return dims if all(isinstance(d, int) for d in dims) else None  # type: ignore[return-value]
+
+
+def _is_bottleneck(first: Node, second: Node) -> bool:
+    """A deliberate low-rank factorization: the first layer narrows (out < in) to a width the
+    second widens again (an autoencoder's linear latent code, an SVD/LoRA-style factorization).
+    A forgotten activation in a plain MLP (784 -> 256 -> 10) keeps narrowing: not a bottleneck."""
+    a, b = _dims(first), _dims(second)
+    return a is not None and b is not None and a[1] < a[0] and a[1] < b[1]
+
+
+def describe(node: Node) -> str:
+    kind = node.attrs.get("type", node.op)
+    if node.op == "linear" and node.attrs.get("in_features"):
+        return f"{kind}({node.attrs['in_features']}, {node.attrs.get('out_features')})"
+    if node.op == "conv" and node.attrs.get("in_channels"):
+        return f"{kind}({node.attrs['in_channels']}, {node.attrs.get('out_channels')})"
+    return kind
+
+
+# Ops that keep a map linear (or affine): reshaping, slicing, identity, dropout (a rescaled mask
+# in training, the identity in eval), average pooling and other linear reductions, padding,
+# interpolation. Add/sub/mul/div count only when the other operand is a constant or parameter.
+_LINEAR_PASS = {
+    "reshape",
+    "identity",
+    "dropout",
+    "avgpool",
+    "getitem",
+    "split",
+    "pad",
+    "upsample",
+    "mean",
+    "sum",
+    "neg",
+}
+_AFFINE_WITH_CONSTANT = {"add", "sub", "mul", "div"}
+
+
+def collapsing_pairs(graph: Graph) -> list[tuple[Node, list[Node], Node]]:
+    """(first layer, ops between, second layer) for every two weight layers joined only by
+    linear ops, with no branching out of the first and no other data merging in."""
+    memo: dict[str, bool] = {}
+    pairs = []
+    for first in graph.of_op(*WEIGHT_OPS):
+        if first.attrs.get("type") == "Bilinear":
+            continue
+        cur, between = first, []
+        while True:
+            consumers = data_consumers(graph, cur.name, memo)
+            if len(consumers) != 1:
+                break  # the value branches (or is unused / is the output)
+            nxt = consumers[0]
+            others = [i for i in data_inputs(graph, nxt, memo) if i != cur.name]
+            if others or nxt.inputs.count(cur.name) > 1:
+                break  # another data path merges in (residual add, concatenation, x * x)
+            if nxt.op in WEIGHT_OPS:
+                if (
+                    nxt.attrs.get("type") != "Bilinear"
+                    and not (_is_depthwise(first) or _is_depthwise(nxt))
+                    and not _is_bottleneck(first, nxt)
+                ):
+                    pairs.append((first, between, nxt))
+                break
+            if nxt.op in _LINEAR_PASS or nxt.op in _AFFINE_WITH_CONSTANT:
+                between.append(nxt)
+                cur = nxt
+                continue
+            break
+    return pairs
+
+
+def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
+    graph = ctx.graph
+    for first, between, second in collapsing_pairs(graph):
+        via = ", ".join(sorted({n.op for n in between})) if between else "nothing"
+        message = (
+            f"{first.label} ({describe(first)}) feeds {second.label} "
+            f"({describe(second)}) through {via}: no activation, normalization, "
+            "max-pooling, multiplication or branching in between, so the two layers "
+            "compose to a single linear map (W2·W1). The extra layer adds parameters but "
+            "no expressive power. Insert a nonlinearity between them, or merge them into "
+            "one layer if the factorization is deliberate."
+        )
+        yield RULE.finding(
+            message,
+            module=first.label,
+            location=first.location,
+            fix=_activation_fix(first, second),
+            evidence={
+                "first": first.label,
+                "second": second.label,
+                "between": [n.op for n in between],
+            },
+            impact=3.0,
+        )
+
+
+def _activation_fix(first: Node, second: Node) -> Fix:
+    summary = f"insert an activation (e.g. nn.ReLU()) between {first.label} and {second.label}"
+    snippet = (
+        f"nn.ReLU(),  # in the nn.Sequential, right after {first.label}\n"
+        f"# or in forward: x = torch.relu(self.{first.module or 'layer'}(x))"
+    )
+    if first.location is None:
+        return Fix(summary, snippet, "snippet", safe=False)
+    path, line = first.location.path, first.location.line
+    prefix = nn_prefix(read(path) or "")
+    fix = diff_fix(
+        summary,
+        path,
+        lambda src: insert_args_after(src, {line: f"{prefix}ReLU()"}),
+        snippet,
+        safe=False,
+    )
+    if fix.kind == "diff":
+        return fix
+    site, attr = call_site(first), module_attr(first)
+    if site is not None and attr:
+        func = torch_function_prefix(read(site.path) or "")
+        if func:
+            return diff_fix(
+                summary,
+                site.path,
+                lambda src: wrap_call(src, site.line, (attr,), f"{func}relu"),
+                snippet,
+                safe=False,
+            )
+    return fix
+
+
+RULE = Rule(
+    "ND107",
+    "linear-collapse",
+    Severity.WARNING,
+    Stage.GRAPH,
+    summary="two weight layers joined by nothing nonlinear collapse to one linear map",
+    check=check,
+    options=NoOptions,
+)

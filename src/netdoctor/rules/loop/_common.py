@@ -1,0 +1,32 @@
+"""What the loop rules share: whether a location is the user's own file (where a fix can patch),
+how a message names a line, and a short list of names."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from netdoctor.findings import Location
+
+_LIBRARY = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+
+
+def user_file(loc: Location | None) -> bool:
+    """True for a Python file of the user's (not an installed library's)."""
+    return loc is not None and loc.path.endswith(".py") and not any(m in loc.path for m in _LIBRARY)
+
+
+def where(loc: Location | None) -> str:
+    """`path:line` as reports show it ("?" when unknown)."""
+    if loc is None:
+        return "?"
+    from netdoctor.loading.target import display_path
+
+    return f"{display_path(loc.path)}:{loc.line}" if loc.line else display_path(loc.path)
+
+
+def names(items: Iterable[str], limit: int = 4) -> str:
+    """The first `limit` names, and how many more."""
+    items = list(items)
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

@@ -1,0 +1,84 @@
+"""ND501 grads-not-cleared: gradients accumulate across optimizer steps because no zero_grad()
+runs between them (doc: rules/ND501.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from netdoctor.findings import Finding, Fix, Location, Severity
+from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.contexts import LoopContext
+from netdoctor.rules.loop._common import user_file, where
+
+
+@dataclass(frozen=True)
+class Options(RuleOptions):
+    min_steps: int = 2  # steps that re-used a stale gradient before reporting
+    min_share: float = 0.25  # ... and their share of the optimizer's steps after its first
+
+
+def check(ctx: LoopContext, options: Options) -> Iterator[Finding]:
+    loop = ctx.loop
+    min_steps = options.min_steps
+    min_share = options.min_share
+    for o in loop.optimizers:
+        n = len(o.stale_steps)
+        judged = max(1, o.steps - 1)  # the first step has no previous one to re-use
+        if n < min_steps or n / judged < min_share:
+            continue
+        message = (
+            f"gradients are never cleared between optimizer steps: {n} of the {judged} "
+            f"steps of {o.label} after its first (from step {o.stale_steps[0]} on) "
+            "consumed a gradient that still held everything the previous step had "
+            "already used, because no zero_grad() ran in between. Every update then adds "
+            "up all earlier gradients, so the effective step grows with training and the "
+            "loss oscillates or diverges. (Accumulating over k backward passes and "
+            "clearing after each step is fine.)"
+        )
+        fix = _zero_grad_fix(o.step_site, ctx.draft)
+        yield RULE.finding(
+            message,
+            location=o.step_site,
+            fix=fix,
+            evidence={
+                "optimizer": o.label,
+                "stale_steps": n,
+                "steps": o.steps,
+                "share": n / judged,
+                "first_step": o.stale_steps[0],
+                "backward_line": where(o.stale_backward_site) if o.stale_backward_site else None,
+            },
+            impact=14.0,
+        )
+
+
+def _zero_grad_fix(step_site: Location | None, draft: bool) -> Fix:
+    from netdoctor.fixes.patch import diff_fix, insert_statement_after, method_receiver
+
+    summary = "clear the gradients after every optimizer step (or before each backward)"
+    snippet = (
+        "optimizer.step()\noptimizer.zero_grad()   # the gradient was consumed: start "
+        "the next one from zero\n"
+    )
+    if draft or step_site is None or not user_file(step_site):
+        return Fix(summary, snippet)
+
+    def edit(src: str, line: int | None = step_site.line) -> str | None:
+        receiver = method_receiver(src, line, "step")
+        if receiver is None:
+            return None
+        return insert_statement_after(src, line, f"{receiver}.zero_grad()")
+
+    return diff_fix(summary, step_site.path, edit, snippet)
+
+
+RULE = Rule(
+    "ND501",
+    "grads-not-cleared",
+    Severity.ERROR,
+    Stage.LOOP,
+    summary="gradients accumulate across optimizer steps: no zero_grad() between them",
+    check=check,
+    options=Options,
+)
