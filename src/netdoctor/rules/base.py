@@ -25,7 +25,7 @@ from netdoctor.findings import Finding, Fix, Location, Severity
 
 if TYPE_CHECKING:
     from netdoctor.rules.contexts import RuleContext
-    from netdoctor.rules.verification import RemedyContext, Remedy, SymptomSpec
+    from netdoctor.rules.verification import Remedy, RemedyContext, SymptomSpec
 
 
 class Stage(str, Enum):
@@ -85,12 +85,23 @@ class NoOptions(RuleOptions):
     """A rule with nothing to configure but its severity."""
 
 
-C = TypeVar("C", bound="RuleContext")
-O = TypeVar("O", bound=RuleOptions)
+@dataclass(frozen=True)
+class Fixture:
+    """A model or script of the repository's fixtures/ that shows a rule, and the command that
+    shows it: `netdoctor COMMAND ARGS... --format json`, whose report is a committed snapshot
+    (tests/snapshots/COMMAND/NAME.json; NAME defaults to one derived from the target)."""
+
+    command: str  # "check" | "probe" | "run"
+    args: tuple[str, ...]  # the target first, then its flags
+    name: str = ""
+
+
+ContextT = TypeVar("ContextT", bound="RuleContext")
+OptionsT = TypeVar("OptionsT", bound=RuleOptions)
 
 
 @dataclass(frozen=True, eq=False)
-class Rule(Generic[C, O]):
+class Rule(Generic[ContextT, OptionsT]):
     """One rule (see the module docstring). Fields after `options` are optional:
 
     causes: for a runtime symptom, the findings it most likely follows from, tried in order
@@ -102,6 +113,8 @@ class Rule(Generic[C, O]):
         when no runtime finding names it as a cause (a sigmoid chain -> vanishing gradients).
     remedy: the in-memory version of the fix, for the verified fix (None: a code change).
     revise: a finding reconsidered once the probe's run is known (before severities apply).
+    fixture, healthy: a fixture the rule reports, and a healthy counterpart it must not (the
+        tests compare both reports with their snapshots).
     """
 
     id: str
@@ -109,14 +122,16 @@ class Rule(Generic[C, O]):
     severity: Severity
     stage: Stage
     summary: str
-    check: Callable[[C, O], Iterable[Finding]]
-    options: type[O]
+    check: Callable[[ContextT, OptionsT], Iterable[Finding]]
+    options: type[OptionsT]
     causes: tuple[str, ...] | Callable[[Finding], tuple[str, ...]] = ()
     variant: Callable[[Finding], str] | None = None
-    symptoms: tuple[SymptomSpec[O], ...] = ()
+    symptoms: tuple[SymptomSpec[OptionsT], ...] = ()
     consequence: str | None = None
     remedy: Callable[[Finding, RemedyContext], Remedy | None] | None = None
     revise: Callable[[Finding, list[Finding], Any], None] | None = None
+    fixture: Fixture | None = None
+    healthy: Fixture | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.id) == 5 and self.id.startswith("ND") and self.id[2:].isdigit()):

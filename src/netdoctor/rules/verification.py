@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from netdoctor.findings import Report
     from netdoctor.measure.record import TrainingRun
 
-O = TypeVar("O", bound=RuleOptions)
+OptionsT = TypeVar("OptionsT", bound=RuleOptions)
 
 
 def _no_threshold(options: Any) -> float | None:
@@ -34,7 +34,7 @@ def _no_threshold(options: Any) -> float | None:
 
 
 @dataclass(frozen=True)
-class SymptomSpec(Generic[O]):
+class SymptomSpec(Generic[OptionsT]):
     """A rule's measured symptom: `measure(run, options)` reads it off a run; `unit`: "ratio" |
     "fraction" | "step" | "count" | "loss"; `better`: "higher" | "lower"; `threshold`: the
     option the rule fires beyond."""
@@ -42,12 +42,12 @@ class SymptomSpec(Generic[O]):
     name: str
     unit: str
     better: str
-    measure: Callable[[TrainingRun, O], float | None]
-    threshold: Callable[[O], float | None] = _no_threshold
+    measure: Callable[[TrainingRun, OptionsT], float | None]
+    threshold: Callable[[OptionsT], float | None] = _no_threshold
     variant: str = ""  # which of the rule's variants it measures (see Rule.variant)
     needs_train_eval: bool = False  # the re-run must repeat the train/eval check
 
-    def bind(self, rule_id: str, options: O) -> Symptom:
+    def bind(self, rule_id: str, options: OptionsT) -> Symptom:
         def measure(run: TrainingRun) -> float | None:
             return self.measure(run, options)
 
