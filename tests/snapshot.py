@@ -1,14 +1,22 @@
 """Committed JSON reports: what netdoctor says about every fixture, in tests/snapshots/.
 
-One file per (command, target): `check/` for every model class of fixtures/sick and
-fixtures/healthy, `probe/` for the probe fixtures (PROBES), `run/` for every script of
-fixtures/loops. A report is compared after `normalize`: what changes from run to run (timings,
-netdoctor's own cost) is masked, floats are rounded to 6 significant digits.
+One file per (command, target), named by the target (`Target.name`):
+
+* every rule's `fixture` and `healthy` counterpart (`netdoctor.rules.base.Fixture`: a check, a
+  probe or a run), named by the Fixture's `name` or derived from its target;
+* `check/` for every model of fixtures/sick and fixtures/healthy, as discovered;
+* `probe/` for the probe fixtures of PROBES (the verified fixes the tests describe);
+* `run/` for every script of fixtures/loops.
+
+A report is compared after `normalize`: what changes from run to run (timings, netdoctor's own
+cost) is masked, floats are rounded to 6 significant digits.
 
 Update after a deliberate change of output (and say why in the commit):
 
     NETDOCTOR_UPDATE_SNAPSHOTS=1 python -m pytest tests/rules/test_snapshots.py
-    python tests/snapshot.py [check|probe|run ...]   # the same, in parallel processes
+    python tests/snapshot.py [check|probe|run|NAME ...]   # the same, in parallel processes
+
+A missing snapshot is written by the test that needs it (which then fails: check it, commit it).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "src") not in sys.path:  # run as a script: this checkout's netdoctor
+    sys.path.insert(0, str(REPO / "src"))
 SNAPSHOTS = REPO / "tests" / "snapshots"
 FIXTURES = REPO / "fixtures"
 UPDATE = os.environ.get("NETDOCTOR_UPDATE_SNAPSHOTS") == "1"
@@ -59,49 +69,70 @@ class Target:
 # -- what is snapshotted --------------------------------------------------------------------
 
 
+def snapshot_name(target: str) -> str:
+    """fixtures/sick/bad_init.py:TinyInitMLP -> sick__bad_init__TinyInitMLP;
+    fixtures/loops/plain.py -> plain (a loop script: its stem)"""
+    path, _, cls = target.partition(":")
+    parts = Path(path).with_suffix("").parts[1:]  # without "fixtures"
+    if parts and parts[0] == "loops" and not cls:
+        return parts[-1]
+    return "__".join([*parts, cls] if cls else parts)
+
+
+TORCHRUN = {"ddp", "ddp_bypass", "fsdp"}  # loop scripts that run on 2 ranks
+
+
+def target_of(fixture: Any) -> Target:
+    """The snapshot of a rule's Fixture: named by its `name`, else by its target."""
+    name = fixture.name or snapshot_name(fixture.args[0])
+    torchrun = fixture.command == "run" and Path(fixture.args[0]).stem in TORCHRUN
+    return Target(fixture.command, name, tuple(fixture.args), torchrun)
+
+
+def rule_targets() -> dict[str, tuple[Target, Target]]:
+    """{rule ID: (its fixture, its healthy counterpart)}, from the rule units."""
+    from netdoctor.rules.registry import all_rules
+
+    out = {}
+    for rule_id, rule in all_rules().items():
+        if rule.fixture is None or rule.healthy is None:
+            raise AssertionError(f"{rule_id} names no fixture and healthy counterpart")
+        out[rule_id] = (target_of(rule.fixture), target_of(rule.healthy))
+    return out
+
+
 def check_targets() -> list[Target]:
     """Every model of fixtures/sick and fixtures/healthy: the committed snapshots name them
-    (`discover_check_targets` finds them afresh)."""
-    folder = SNAPSHOTS / "check"
-    return [
-        Target("check", path.stem, (json.loads(path.read_text(encoding="utf-8"))["target"],))
-        for path in sorted(folder.glob("*.json"))
-    ]
+    (`discover_check_targets` finds them afresh). Variants with flags are rules' fixtures."""
+    out = []
+    for path in sorted((SNAPSHOTS / "check").glob("*.json")):
+        target = json.loads(path.read_text(encoding="utf-8"))["target"]
+        if path.stem == snapshot_name(target) and target.startswith(
+            ("fixtures/sick/", "fixtures/healthy/")
+        ):
+            out.append(Target("check", path.stem, (target,)))
+    return out
 
 
 def discover_check_targets() -> list[Target]:
-    """The models `netdoctor check fixtures/sick fixtures/healthy` discovers, one target each."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "netdoctor",
-            "check",
-            "fixtures/sick",
-            "fixtures/healthy",
-            "--format",
-            "json",
-        ],
-        cwd=str(REPO),
-        env=environment(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    reports = json.loads(proc.stdout)["reports"]
-    return [Target("check", snapshot_name(r["target"]), (r["target"],)) for r in reports]
+    """The models `netdoctor check fixtures/sick fixtures/healthy` discovers, one target each
+    (built, not checked)."""
+    from netdoctor.loading.target import load
 
-
-def snapshot_name(target: str) -> str:
-    """fixtures/sick/bad_init.py:TinyInitMLP -> sick__bad_init__TinyInitMLP"""
-    path, _, cls = target.partition(":")
-    parts = Path(path).with_suffix("").parts[1:]  # without "fixtures"
-    return "__".join([*parts, cls] if cls else parts)
+    old = os.getcwd()
+    os.chdir(REPO)
+    try:
+        models = [
+            m for folder in ("fixtures/sick", "fixtures/healthy") for m in load(folder).models
+        ]
+    finally:
+        os.chdir(old)
+    return [Target("check", snapshot_name(m.target), (m.target,)) for m in models]
 
 
 # The probe fixtures: every sick fixture whose verified fix the tests describe, the README's
 # first command, and healthy models that must stay clean. `--steps 100` keeps the time budget
-# (which depends on the machine) out of it.
+# (which depends on the machine) out of it. (The rules' fixtures add their own.)
 PROBES: dict[str, tuple[str, ...]] = {
     "sick__lenet_sigmoid__LeNet": ("fixtures/sick/lenet_sigmoid.py:LeNet",),
     "sick__sigmoid_mlp__SigmoidMLP": ("fixtures/sick/sigmoid_mlp.py:SigmoidMLP",),
@@ -132,9 +163,6 @@ def probe_targets() -> list[Target]:
     ]
 
 
-TORCHRUN = {"ddp", "ddp_bypass", "fsdp"}
-
-
 def run_targets() -> list[Target]:
     """Every script of fixtures/loops, as it runs with no arguments."""
     return [
@@ -144,7 +172,21 @@ def run_targets() -> list[Target]:
 
 
 def all_targets() -> list[Target]:
-    return check_targets() + probe_targets() + run_targets()
+    """Every snapshot, once: the rules' fixtures first, then the other check models, probe
+    fixtures and loop scripts. Two targets of one name must be the same command."""
+    found: dict[tuple[str, str], Target] = {}
+    named = [t for pair in rule_targets().values() for t in pair]
+    for t in named + check_targets() + probe_targets() + run_targets():
+        seen = found.setdefault((t.command, t.name), t)
+        if seen != t:
+            raise AssertionError(f"two targets named {t.command}/{t.name}: {seen} and {t}")
+    return list(found.values())
+
+
+def other_targets() -> list[Target]:
+    """The targets no rule names as its fixture or healthy counterpart."""
+    named = {t for pair in rule_targets().values() for t in pair}
+    return [t for t in all_targets() if t not in named]
 
 
 # -- comparing ------------------------------------------------------------------------------
@@ -280,16 +322,17 @@ def produce(target: Target, timeout: float = 600) -> tuple[Any, subprocess.Compl
 
 
 def main(argv: list[str]) -> int:
-    """Write the snapshots of the commands named (default: all), two processes at a time."""
-    commands = set(argv) or {"check", "probe", "run"}
-    targets = [t for t in all_targets() if t.command in commands and t.command != "check"]
-    if "check" in commands:
-        targets = discover_check_targets() + targets
+    """Write the snapshots named (a command: all of its targets; else a snapshot's name;
+    default: all), two processes at a time. Check models are discovered afresh."""
+    committed = set(check_targets())
+    targets = discover_check_targets() + [t for t in all_targets() if t not in committed]
+    if argv:
+        targets = [t for t in targets if t.command in argv or t.name in argv]
 
     def one(target: Target) -> str:
         report, _ = produce(target)
         write(target, report)
-        return target.name
+        return f"{target.command}/{target.name}"
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         for name in pool.map(one, targets):

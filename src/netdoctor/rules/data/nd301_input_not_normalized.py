@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from netdoctor.findings import Finding, Fix, Severity
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import DataContext
 from netdoctor.rules.data._common import dims_but, f4, g4, settle_if_survived, tuple4
 from netdoctor.rules.verification import Remedy, RemedyContext
@@ -257,4 +257,24 @@ RULE = Rule(
     options=Options,
     remedy=remedy,
     revise=settle_if_survived,
+    fixture=Fixture(
+        "check",
+        (
+            "fixtures/data/raw_pixels.py:Net",
+            "--input-shape",
+            "1,28,28",
+            "--data",
+            "fixtures/data/raw_pixels.py:data",
+        ),
+    ),
+    healthy=Fixture(
+        "check",
+        (
+            "fixtures/data/scaled_pixels.py:Net",
+            "--input-shape",
+            "1,28,28",
+            "--data",
+            "fixtures/data/scaled_pixels.py:data",
+        ),
+    ),
 )

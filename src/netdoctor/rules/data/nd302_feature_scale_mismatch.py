@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from netdoctor.findings import Finding, Fix, Severity
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import DataContext
 from netdoctor.rules.data._common import dims_but, g4, settle_if_survived, tuple4
 from netdoctor.rules.verification import Remedy, RemedyContext
@@ -150,4 +150,24 @@ RULE = Rule(
     options=Options,
     remedy=remedy,
     revise=settle_if_survived,
+    fixture=Fixture(
+        "check",
+        (
+            "fixtures/data/tabular_units.py:Net",
+            "--input-shape",
+            "3",
+            "--data",
+            "fixtures/data/tabular_units.py:data",
+        ),
+    ),
+    healthy=Fixture(
+        "check",
+        (
+            "fixtures/data/standardized_tabular.py:Net",
+            "--input-shape",
+            "3",
+            "--data",
+            "fixtures/data/standardized_tabular.py:data",
+        ),
+    ),
 )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from netdoctor.findings import Finding, Fix, Severity
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import DataContext
 
 if TYPE_CHECKING:
@@ -186,4 +186,24 @@ RULE = Rule(
     summary="labels outside [0, C), non-integer class labels, or C != classes seen",
     check=check,
     options=Options,
+    fixture=Fixture(
+        "check",
+        (
+            "fixtures/data/one_based_labels.py:Net",
+            "--input-shape",
+            "1,28,28",
+            "--data",
+            "fixtures/data/one_based_labels.py:data",
+        ),
+    ),
+    healthy=Fixture(
+        "check",
+        (
+            "fixtures/data/scaled_pixels.py:Net",
+            "--input-shape",
+            "1,28,28",
+            "--data",
+            "fixtures/data/scaled_pixels.py:data",
+        ),
+    ),
 )

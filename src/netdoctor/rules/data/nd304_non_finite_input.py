@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from netdoctor.findings import Finding, Fix, Severity
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import DataContext
 
 if TYPE_CHECKING:
@@ -92,4 +92,24 @@ RULE = Rule(
     summary="NaN/Inf in the data",
     check=check,
     options=NoOptions,
+    fixture=Fixture(
+        "check",
+        (
+            "fixtures/data/nan_standardized.py:Net",
+            "--input-shape",
+            "1,28,28",
+            "--data",
+            "fixtures/data/nan_standardized.py:data",
+        ),
+    ),
+    healthy=Fixture(
+        "check",
+        (
+            "fixtures/data/scaled_pixels.py:Net",
+            "--input-shape",
+            "1,28,28",
+            "--data",
+            "fixtures/data/scaled_pixels.py:data",
+        ),
+    ),
 )

@@ -10,7 +10,7 @@ from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import arg_code, diff_fix, insert_args_after, nn_prefix, read
 from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, WEIGHT_OPS, Graph, Node
 from netdoctor.graph.walks import standardized_weight
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext
 
@@ -174,4 +174,6 @@ RULE = Rule(
     options=Options,
     consequence="ND403",
     remedy=remedy,
+    fixture=Fixture("check", ("fixtures/sick/plain_cnn20.py:PlainCNN20",)),
+    healthy=Fixture("check", ("fixtures/healthy/resnet.py:ResNet",)),
 )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import diff_fix, nn_prefix, read, replace_calls
 from netdoctor.graph.ir import NORM_OPS, SATURATING_OPS, Graph, Node
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext
 
@@ -116,4 +116,6 @@ RULE = Rule(
     options=Options,
     consequence="ND403",
     remedy=remedy,
+    fixture=Fixture("check", ("fixtures/sick/lenet_sigmoid.py:LeNet",)),
+    healthy=Fixture("check", ("fixtures/healthy/lenet_relu.py:LeNet",)),
 )

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.graph.ir import Node
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 
 
@@ -74,4 +74,6 @@ RULE = Rule(
     check=check,
     options=NoOptions,
     consequence="ND410",
+    fixture=Fixture("check", ("fixtures/sick/broken_residual.py:Net",)),
+    healthy=Fixture("check", ("fixtures/healthy/se_resnet.py:SEResNet",)),
 )

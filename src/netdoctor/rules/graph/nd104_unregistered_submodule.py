@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from netdoctor.findings import Finding, Fix, Location, Severity
 from netdoctor.fixes.patch import attribute_line, diff_fix, nn_prefix, read, wrap_attribute
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 
 
@@ -67,4 +67,6 @@ RULE = Rule(
     summary="modules held in a plain list/dict/tuple instead of ModuleList/ModuleDict",
     check=check,
     options=NoOptions,
+    fixture=Fixture("check", ("fixtures/sick/list_layers.py:ListMLP",)),
+    healthy=Fixture("check", ("fixtures/healthy/mlp_normalized.py:MLP",)),
 )

@@ -10,7 +10,7 @@ from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import diff_fix, remove_arg, unwrap_call
 from netdoctor.graph.ir import WEIGHT_OPS
 from netdoctor.graph.walks import call_site, module_attr, op_label, output_producers
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext
 
@@ -172,4 +172,6 @@ RULE = Rule(
     check=check,
     options=NoOptions,
     remedy=remove_output_activation,
+    fixture=Fixture("check", ("fixtures/sick/softmax_output.py:SoftmaxNet",)),
+    healthy=Fixture("check", ("fixtures/healthy/autoencoder.py:AutoEncoder",)),
 )

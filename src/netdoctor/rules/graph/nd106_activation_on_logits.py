@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from netdoctor.findings import Finding, Severity
 from netdoctor.graph.ir import WEIGHT_OPS
 from netdoctor.graph.walks import call_site, op_label, output_producers
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.graph.nd105_softmax_output import (
     LOGIT_PASS,
@@ -74,4 +74,6 @@ RULE = Rule(
     check=check,
     options=NoOptions,
     remedy=remove_output_activation,
+    fixture=Fixture("check", ("fixtures/sick/relu_logits.py:ReluLogitsNet",)),
+    healthy=Fixture("check", ("fixtures/healthy/dcgan_generator.py:DCGANGenerator",)),
 )

@@ -16,7 +16,7 @@ from netdoctor.fixes.patch import (
 )
 from netdoctor.graph.ir import WEIGHT_OPS, Graph, Node
 from netdoctor.graph.walks import call_site, data_consumers, data_inputs, module_attr
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 
 
@@ -169,4 +169,6 @@ RULE = Rule(
     summary="two weight layers joined by nothing nonlinear collapse to one linear map",
     check=check,
     options=NoOptions,
+    fixture=Fixture("check", ("fixtures/sick/linear_collapse.py:CollapsedMLP",)),
+    healthy=Fixture("check", ("fixtures/healthy/mobilenet_v2.py:MobileNetV2",)),
 )

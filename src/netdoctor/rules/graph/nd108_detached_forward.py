@@ -10,7 +10,7 @@ from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import diff_fix, read, unwrap_attribute, unwrap_call, unwrap_with
 from netdoctor.graph.ir import Graph, Node
 from netdoctor.graph.walks import call_site, source_line
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 
 _GRAD_CONTEXTS = ("no_grad", "inference_mode", "set_grad_enabled")
@@ -195,4 +195,6 @@ RULE = Rule(
     check=check,
     options=NoOptions,
     consequence="ND410",
+    fixture=Fixture("check", ("fixtures/sick/detached.py:DetachedFeatures",)),
+    healthy=Fixture("check", ("fixtures/healthy/frozen_backbone.py:FrozenBackbone",)),
 )

@@ -9,7 +9,7 @@ from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import diff_fix, set_keyword
 from netdoctor.graph.ir import WEIGHT_OPS, Node
 from netdoctor.graph.walks import data_consumers, data_inputs
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.graph.nd107_linear_collapse import describe
 
@@ -97,4 +97,6 @@ RULE = Rule(
     summary="a conv/linear bias immediately followed by BatchNorm is cancelled",
     check=check,
     options=NoOptions,
+    fixture=Fixture("check", ("fixtures/sick/bias_before_bn.py:BiasBeforeBN",)),
+    healthy=Fixture("check", ("fixtures/healthy/unet.py:UNet",)),
 )

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.graph.walks import call_site
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 
 
@@ -62,4 +62,6 @@ RULE = Rule(
     summary="dropout feeding BatchNorm shifts variance between train and eval",
     check=check,
     options=NoOptions,
+    fixture=Fixture("check", ("fixtures/sick/dropout_bn.py:DropoutBeforeBN",)),
+    healthy=Fixture("check", ("fixtures/healthy/alexnet_bn.py:AlexNetBN",)),
 )

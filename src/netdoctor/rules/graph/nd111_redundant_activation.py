@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from netdoctor.findings import Finding, Severity
 from netdoctor.graph.ir import Node
 from netdoctor.graph.walks import call_site, data_inputs, is_constant, op_label
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.graph.nd105_softmax_output import remove_op_fix
 
@@ -77,4 +77,6 @@ RULE = Rule(
     summary="the same idempotent activation applied twice in a row",
     check=check,
     options=NoOptions,
+    fixture=Fixture("check", ("fixtures/sick/double_relu.py:DoubleReLU",)),
+    healthy=Fixture("check", ("fixtures/healthy/lenet_relu.py:LeNet",)),
 )

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from netdoctor.findings import Finding, Fix, Location, Severity
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import LoopContext
 from netdoctor.rules.loop._common import user_file, where
 
@@ -81,4 +81,6 @@ RULE = Rule(
     summary="gradients accumulate across optimizer steps: no zero_grad() between them",
     check=check,
     options=Options,
+    fixture=Fixture("run", ("fixtures/loops/no_zero_grad.py",)),
+    healthy=Fixture("run", ("fixtures/loops/plain.py",)),
 )

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from netdoctor.findings import Finding, Fix, Severity
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import LoopContext
 from netdoctor.rules.loop._common import names, where
 
@@ -101,4 +101,6 @@ RULE = Rule(
     summary="parameters that receive gradients but are in no optimizer (or all frozen)",
     check=check,
     options=Options,
+    fixture=Fixture("run", ("fixtures/loops/replaced_layer.py",)),
+    healthy=Fixture("run", ("fixtures/loops/frozen_backbone.py",)),
 )

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from netdoctor.findings import Finding, Fix, Severity
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import LoopContext
 
 
@@ -83,4 +83,6 @@ RULE = Rule(
     summary="optimizer.step() runs but no parameter changes (lr 0, gradients None/zero)",
     check=check,
     options=Options,
+    fixture=Fixture("run", ("fixtures/loops/zero_grad_before_step.py",)),
+    healthy=Fixture("run", ("fixtures/loops/accumulation.py",)),
 )

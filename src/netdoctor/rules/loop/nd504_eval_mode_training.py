@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from netdoctor.findings import Finding, Fix, Severity
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import LoopContext
 from netdoctor.rules.loop._common import names, where
 
@@ -77,4 +77,6 @@ RULE = Rule(
     summary="backward and step while Dropout/BatchNorm modules are in eval mode",
     check=check,
     options=Options,
+    fixture=Fixture("run", ("fixtures/loops/eval_mode.py",)),
+    healthy=Fixture("run", ("fixtures/loops/validation.py",)),
 )

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from netdoctor.findings import Finding, Fix, Severity
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import LoopContext
 from netdoctor.rules.loop._common import where
 from netdoctor.rules.numbers import g, pct
@@ -114,4 +114,6 @@ RULE = Rule(
     summary="the learning rate falls by orders of magnitude early in the run",
     check=check,
     options=Options,
+    fixture=Fixture("run", ("fixtures/loops/lr_collapse.py",)),
+    healthy=Fixture("run", ("fixtures/loops/warmup_cosine.py",)),
 )

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from netdoctor.findings import Finding, Fix, Severity
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import LoopContext
 from netdoctor.rules.numbers import g
 
@@ -135,4 +135,6 @@ RULE = Rule(
     summary="a loss fed what it does not expect (probabilities into cross-entropy, ...)",
     check=check,
     options=Options,
+    fixture=Fixture("run", ("fixtures/loops/softmax_cross_entropy.py",)),
+    healthy=Fixture("run", ("fixtures/loops/plain.py",)),
 )

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from netdoctor.findings import Finding, Fix, Severity
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import LoopContext
 from netdoctor.rules.loop._common import user_file
 
@@ -77,4 +77,6 @@ RULE = Rule(
     summary="loss input and target of different shapes that broadcast",
     check=check,
     options=NoOptions,
+    fixture=Fixture("run", ("fixtures/loops/broadcast_mse.py",)),
+    healthy=Fixture("run", ("fixtures/loops/gan.py",)),
 )

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from netdoctor.findings import Finding, Fix, Location, Severity
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import LoopContext
 from netdoctor.rules.loop._common import user_file, where
 from netdoctor.rules.numbers import g
@@ -142,4 +142,6 @@ RULE = Rule(
     summary="under DDP, parameters that must be identical on every rank differ",
     check=check,
     options=Options,
+    fixture=Fixture("run", ("fixtures/loops/ddp_bypass.py",)),
+    healthy=Fixture("run", ("fixtures/loops/ddp.py",)),
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from netdoctor.findings import Finding, Fix, Severity
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 
 
@@ -45,4 +45,6 @@ RULE = Rule(
     summary="symbolic tracing failed; the report was built from a fallback",
     check=check,
     options=NoOptions,
+    fixture=Fixture("check", ("fixtures/sick/untraceable_plain.py:GatedDeepNet",)),
+    healthy=Fixture("check", ("fixtures/healthy/mlp_normalized.py:MLP",)),
 )

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import diff_fix, set_positional
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 
 
@@ -94,4 +94,6 @@ RULE = Rule(
     summary="the model's forward raised on the given input",
     check=check,
     options=NoOptions,
+    fixture=Fixture("check", ("fixtures/sick/forward_error.py:ShapeBug",)),
+    healthy=Fixture("check", ("fixtures/healthy/lenet_relu.py:LeNet",)),
 )

@@ -12,7 +12,7 @@ from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import append_to_init, diff_fix, nn_prefix, read
 from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, RELU_FAMILY, WEIGHT_OPS, Graph, Node
 from netdoctor.graph.walks import absorbed, data_inputs, is_constant, reaches_output_directly
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext
 
@@ -315,4 +315,6 @@ RULE = Rule(
     options=Options,
     consequence="ND403",
     remedy=remedy,
+    fixture=Fixture("check", ("fixtures/sick/mlp.py:MLP",)),
+    healthy=Fixture("check", ("fixtures/healthy/mlp_normalized.py:MLP",)),
 )

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from netdoctor.findings import Finding, Severity
 from netdoctor.fixes.patch import diff_fix
 from netdoctor.graph.walks import live_at_init
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext
 
@@ -141,4 +141,6 @@ RULE = Rule(
     options=NoOptions,
     consequence="ND404",
     remedy=remedy,
+    fixture=Fixture("check", ("fixtures/sick/zero_init.py:ZeroHiddenMLP",)),
+    healthy=Fixture("check", ("fixtures/healthy/zero_head.py:ZeroHeadMLP",)),
 )

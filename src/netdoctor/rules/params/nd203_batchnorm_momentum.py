@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from netdoctor.findings import Finding, Severity
 from netdoctor.fixes.patch import diff_fix, set_keyword
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext
 
@@ -107,4 +107,10 @@ RULE = Rule(
     options=Options,
     consequence="ND411",
     remedy=remedy,
+    fixture=Fixture("check", ("fixtures/sick/bn_momentum.py:KerasMomentumNet",)),
+    healthy=Fixture(
+        "check",
+        ("fixtures/sick/bn_momentum.py:KerasMomentumNet", "-a", "momentum=0.1"),
+        name="sick__bn_momentum__KerasMomentumNet__momentum0_1",
+    ),
 )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from netdoctor.findings import Finding, Severity
 from netdoctor.graph.ir import WEIGHT_OPS, Graph, Node
 from netdoctor.graph.walks import live_at_init, reaches_output_directly
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.graph.nd102_saturating_activation_chain import relu_fix
 from netdoctor.rules.params.nd201_init_scale import following_activation, init_fix, nonlinearity_of
@@ -137,4 +137,6 @@ RULE = Rule(
     check=check,
     options=Options,
     consequence="ND403",
+    fixture=Fixture("check", ("fixtures/sick/bad_init.py:DeepTanhMLP",)),
+    healthy=Fixture("check", ("fixtures/healthy/nf_resnet.py:NFResNet",)),
 )

@@ -11,7 +11,7 @@ from netdoctor.measure.record import TrainingRun
 from netdoctor.measure.summary import (
     finite,
 )
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import RuntimeContext
 from netdoctor.rules.numbers import g
 from netdoctor.rules.runtime._common import (
@@ -207,4 +207,6 @@ RULE = Rule(
     causes=causes,
     symptoms=(SymptomSpec("first non-finite value", "step", "lower", nonfinite_step),),
     remedy=remedy,
+    fixture=Fixture("run", ("fixtures/loops/nan_attention_mask.py",)),
+    healthy=Fixture("run", ("fixtures/loops/transformer.py",)),
 )

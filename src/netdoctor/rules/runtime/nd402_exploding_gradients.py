@@ -15,7 +15,7 @@ from netdoctor.measure.summary import (
     median,
     total_grad_norms,
 )
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import RuntimeContext
 from netdoctor.rules.numbers import g
 from netdoctor.rules.runtime._common import (
@@ -128,4 +128,19 @@ RULE = Rule(
         ),
     ),
     remedy=lower_lr,
+    fixture=Fixture(
+        "probe",
+        (
+            "fixtures/sick/exploding.py:ExplodingMLP",
+            "--data",
+            "synthetic",
+            "--lr",
+            "2",
+            "--steps",
+            "30",
+        ),
+    ),
+    healthy=Fixture(
+        "probe", ("fixtures/healthy/mlp_normalized.py:MLP", "--data", "synthetic", "--steps", "100")
+    ),
 )

@@ -13,7 +13,7 @@ from netdoctor.measure.summary import (
     gradient_ends,
     layer_grad,
 )
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import RuntimeContext
 from netdoctor.rules.numbers import g
 from netdoctor.rules.runtime._common import (
@@ -151,4 +151,10 @@ RULE = Rule(
         ),
     ),
     remedy=remedy,
+    fixture=Fixture(
+        "probe", ("fixtures/sick/lenet_sigmoid.py:LeNet", "--data", "synthetic", "--steps", "100")
+    ),
+    healthy=Fixture(
+        "probe", ("fixtures/healthy/lenet_relu.py:LeNet", "--data", "synthetic", "--steps", "100")
+    ),
 )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.measure.record import TrainingRun
 from netdoctor.measure.summary import mean
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import RuntimeContext
 from netdoctor.rules.numbers import g, pct
 from netdoctor.rules.runtime._common import display, lower_lr, lr_snippet, site
@@ -106,4 +106,11 @@ RULE = Rule(
         ),
     ),
     remedy=lower_lr,
+    fixture=Fixture(
+        "probe",
+        ("fixtures/sick/zero_init.py:ZeroHiddenMLP", "--data", "synthetic", "--steps", "100"),
+    ),
+    healthy=Fixture(
+        "probe", ("fixtures/healthy/mlp_normalized.py:MLP", "--data", "synthetic", "--steps", "100")
+    ),
 )

@@ -11,7 +11,7 @@ from netdoctor.measure.record import TrainingRun
 from netdoctor.measure.summary import (
     mean,
 )
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import RuntimeContext
 from netdoctor.rules.numbers import pct
 from netdoctor.rules.runtime._common import (
@@ -85,5 +85,20 @@ RULE = Rule(
             saturation,
             threshold=lambda o: o.saturated_fraction,
         ),
+    ),
+    fixture=Fixture(
+        "probe",
+        (
+            "fixtures/sick/saturated_tanh.py:SaturatedTanh",
+            "--data",
+            "synthetic",
+            "--optimizer",
+            "adam",
+            "--steps",
+            "30",
+        ),
+    ),
+    healthy=Fixture(
+        "probe", ("fixtures/healthy/mlp_normalized.py:MLP", "--data", "synthetic", "--steps", "100")
     ),
 )

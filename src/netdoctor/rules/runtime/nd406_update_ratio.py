@@ -14,7 +14,7 @@ from netdoctor.measure.summary import (
     finite,
     median,
 )
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import RuntimeContext
 from netdoctor.rules.numbers import g
 from netdoctor.rules.runtime._common import (
@@ -178,4 +178,11 @@ RULE = Rule(
         ),
     ),
     remedy=remedy,
+    fixture=Fixture(
+        "probe",
+        ("fixtures/sick/sigmoid_mlp.py:SigmoidMLP", "--data", "synthetic", "--steps", "100"),
+    ),
+    healthy=Fixture(
+        "probe", ("fixtures/healthy/mlp_normalized.py:MLP", "--data", "synthetic", "--steps", "100")
+    ),
 )

@@ -12,7 +12,7 @@ from netdoctor.measure.summary import (
     cut_short,
     loss_window,
 )
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import RuntimeContext
 from netdoctor.rules.numbers import g, pct
 from netdoctor.rules.runtime._common import (
@@ -119,4 +119,10 @@ RULE = Rule(
     options=Options,
     causes=LOOP_ROOTS + NOT_LEARNING,
     remedy=remedy,
+    fixture=Fixture(
+        "probe", ("fixtures/sick/bad_init.py:DeepTanhMLP", "--data", "synthetic", "--steps", "100")
+    ),
+    healthy=Fixture(
+        "probe", ("fixtures/healthy/lenet_relu.py:LeNet", "--data", "synthetic", "--steps", "100")
+    ),
 )

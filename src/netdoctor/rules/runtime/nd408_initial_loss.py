@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.measure.record import TrainingRun
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import RuntimeContext
 from netdoctor.rules.numbers import g, pct
 from netdoctor.rules.verification import Remedy, RemedyContext, SymptomSpec
@@ -95,4 +95,10 @@ RULE = Rule(
     causes=("ND506", "ND302", "ND301", "ND201", "ND105", "ND106"),
     symptoms=(SymptomSpec("loss at initialisation", "loss", "lower", initial_loss),),
     remedy=remedy,
+    fixture=Fixture(
+        "probe", ("fixtures/sick/bad_init.py:DeepReLUMLP", "--data", "synthetic", "--steps", "100")
+    ),
+    healthy=Fixture(
+        "probe", ("fixtures/healthy/mlp_normalized.py:MLP", "--data", "synthetic", "--steps", "100")
+    ),
 )

@@ -12,7 +12,7 @@ from netdoctor.measure.summary import (
     able_to_learn,
     cut_short,
 )
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import RuntimeContext
 from netdoctor.rules.numbers import pct
 from netdoctor.rules.runtime._common import (
@@ -104,5 +104,18 @@ RULE = Rule(
             top2_share,
             threshold=lambda o: o.top2_share,
         ),
+    ),
+    fixture=Fixture(
+        "probe",
+        (
+            "fixtures/sick/untraceable_plain.py:GatedDeepNet",
+            "--data",
+            "synthetic",
+            "--steps",
+            "100",
+        ),
+    ),
+    healthy=Fixture(
+        "probe", ("fixtures/healthy/lenet_relu.py:LeNet", "--data", "synthetic", "--steps", "100")
     ),
 )

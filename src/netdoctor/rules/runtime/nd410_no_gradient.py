@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.measure.record import TrainingRun
-from netdoctor.rules.base import NoOptions, Rule, Stage
+from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import RuntimeContext
 from netdoctor.rules.runtime._common import (
     display,
@@ -73,5 +73,12 @@ RULE = Rule(
             params_without_gradient,
             threshold=lambda o: 0,
         ),
+    ),
+    fixture=Fixture(
+        "probe",
+        ("fixtures/sick/detached.py:DetachedFeatures", "--data", "synthetic", "--steps", "100"),
+    ),
+    healthy=Fixture(
+        "probe", ("fixtures/healthy/lenet_relu.py:LeNet", "--data", "synthetic", "--steps", "100")
     ),
 )

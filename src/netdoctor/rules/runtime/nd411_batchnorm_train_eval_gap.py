@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.measure.record import TrainingRun
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import RuntimeContext
 from netdoctor.rules.numbers import g, pct
 from netdoctor.rules.runtime._common import (
@@ -129,4 +129,30 @@ RULE = Rule(
         ),
     ),
     remedy=remedy,
+    fixture=Fixture(
+        "probe",
+        (
+            "fixtures/sick/bn_momentum.py:KerasMomentumNet",
+            "-a",
+            "momentum=0",
+            "--data",
+            "synthetic",
+            "--steps",
+            "100",
+        ),
+        name="sick__bn_momentum__KerasMomentumNet__momentum0",
+    ),
+    healthy=Fixture(
+        "probe",
+        (
+            "fixtures/sick/bn_momentum.py:KerasMomentumNet",
+            "-a",
+            "momentum=0.1",
+            "--data",
+            "synthetic",
+            "--steps",
+            "100",
+        ),
+        name="sick__bn_momentum__KerasMomentumNet__momentum0_1",
+    ),
 )

@@ -11,7 +11,7 @@ from netdoctor.findings import Finding, Severity
 from netdoctor.measure.summary import (
     mean,
 )
-from netdoctor.rules.base import Rule, RuleOptions, Stage
+from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import RuntimeContext
 from netdoctor.rules.numbers import g, pct
 
@@ -87,5 +87,12 @@ RULE = Rule(
         "ND101",
         "ND302",
         "ND301",
+    ),
+    fixture=Fixture(
+        "probe",
+        ("fixtures/sick/softmax_output.py:SoftmaxNet", "--data", "synthetic", "--steps", "100"),
+    ),
+    healthy=Fixture(
+        "probe", ("fixtures/healthy/mlp_normalized.py:MLP", "--data", "synthetic", "--steps", "100")
     ),
 )
