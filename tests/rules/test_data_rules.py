@@ -1,10 +1,10 @@
-"""ND301-ND304 (data rules) and `netdoctor check TARGET --data SOURCE`."""
+"""ND301-ND304 (data rules) and `netdoctor check TARGET --data SOURCE`: the measured numbers,
+the options, the fixes for each kind of data, and what the rules leave alone (their fixtures
+and docs are tests/rules/test_snapshots.py's and test_docs.py's)."""
 
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -15,16 +15,14 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from conftest import REPO
 from datagen import make_block_images, write_idx_dataset, write_npz
-from netdoctor.check import CheckOptions, run_rules
 from netdoctor.cli import main
 from netdoctor.data.sample import DataSample, sample_data
-from netdoctor.docs import examples, read_doc
-from netdoctor.rules import Context
+from netdoctor.rules.contexts import DataContext
+from netdoctor.rules.engine import RuleSettings, run_rules
 
-REPO = Path(__file__).resolve().parents[1]
 MLP = str(REPO / "fixtures" / "sick" / "mlp.py") + ":MLP"
-DATA_RULES = ["ND301", "ND302", "ND303", "ND304"]
 
 
 def run_cli(*args: str, cwd: Path | None = None):
@@ -49,9 +47,9 @@ def rules_in(report):
     return sorted({f["rule"] for f in report["findings"]})
 
 
-def run_data_rules(sample: DataSample, **options):
-    ctx = Context(target="t", data=sample, options=options)
-    return run_rules(ctx, {"data"}, CheckOptions())
+def run_data_rules(sample: DataSample, **tables):
+    """The data rules' findings on a sample; `tables`: {rule ID: its options table}."""
+    return run_rules(DataContext("t", sample), RuleSettings.from_tables(tables=tables))
 
 
 def ids(found):
@@ -441,88 +439,6 @@ def test_sample_data_api(tmp_path):
 
     broken = sample.for_model(Broken())
     assert broken.num_outputs is None and any("forward failed" in n for n in broken.notes)
-
-
-# ------------------------------------------------------------------------------ docs
-
-
-_HEADINGS = [
-    "## What it finds",
-    "## Why it matters",
-    "## Example",
-    "## Fix",
-    "## Options",
-    "## References",
-]
-
-
-@pytest.mark.parametrize("rule_id", DATA_RULES)
-def test_doc_structure(rule_id):
-    from netdoctor.catalogue import RULES
-
-    text = read_doc(rule_id)
-    assert text is not None
-    info = RULES[rule_id]
-    assert text.startswith(f"# {rule_id} {info.name}\n")
-    assert (
-        f"**Severity:** {info.severity.label} · **Stage:** data "
-        "(netdoctor check --data, netdoctor probe)"
-    ) in text
-    positions = [text.find(h) for h in _HEADINGS]
-    assert all(p > 0 for p in positions) and positions == sorted(positions)
-    assert f"[tool.netdoctor.rules.{rule_id}]" in text
-
-
-@pytest.mark.parametrize("rule_id", DATA_RULES)
-def test_doc_options_are_the_ones_the_rule_reads(rule_id):
-    import inspect
-
-    from netdoctor.rules import REGISTRY
-
-    source = inspect.getsource(REGISTRY[rule_id].fn)
-    read = set(re.findall(r'\.option\(\s*"ND\d{3}"\s*,\s*"([\w-]+)"', source))
-    text = read_doc(rule_id)
-    options = text[text.find("\n## Options\n") : text.find("\n## References\n")]
-    documented = set(re.findall(r"^([a-z][\w-]*)\s*=", options, re.MULTILINE)) - {"severity"}
-    assert documented == read
-
-
-@pytest.mark.parametrize("rule_id", DATA_RULES)
-def test_doc_example_triggers_and_fix_does_not(rule_id, tmp_path):
-    ex = examples(read_doc(rule_id))
-    assert set(ex) == {"bad", "good"}
-    for kind, code in ex.items():
-        path = tmp_path / f"example_{kind}.py"
-        path.write_text(code)
-        shape = re.search(r"^INPUT_SHAPE = \((.*)\)$", code, re.MULTILINE).group(1)
-        shape = ",".join(s.strip() for s in shape.split(",") if s.strip())
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "netdoctor",
-                "check",
-                f"{path}:Net",
-                "--input-shape",
-                shape,
-                "--data",
-                f"{path}:data",
-                "--format",
-                "json",
-                "--fail-on",
-                "never",
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-        )
-        assert proc.returncode == 0, proc.stderr
-        found = rules_in(json.loads(proc.stdout))
-        if kind == "bad":
-            assert rule_id in found, (kind, found)
-        else:
-            assert found == [], (kind, found)
 
 
 @pytest.mark.parametrize(

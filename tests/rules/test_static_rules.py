@@ -1,6 +1,8 @@
-"""The static rules ND105-ND111, ND201 and ND204 on their fixtures, on the healthy corpus, and
-their fixes applied to a copy of the fixture (the patched model must build, run, and no longer
-trigger the rule). Uses the Python API (netdoctor.check) for speed."""
+"""The static rules (meta ND0xx, graph ND1xx, params ND2xx) beyond what the snapshots pin: each
+finding at the user's line (the line holding the construct, found in the source), its evidence,
+its fix applied to a copy of the fixture (the patched model must build, run, and no longer
+trigger the rule), the options, and the designs each rule must leave alone. Mostly the Python
+API (netdoctor.check) for speed; `check_json` where the JSON or the exit code is the point."""
 
 from __future__ import annotations
 
@@ -10,19 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HEALTHY, SICK, chdir
+from conftest import HEALTHY, REPO, SICK, chdir, check_json, findings_of, line_of
 from netdoctor.check import CheckOptions, check, check_loaded
 from netdoctor.findings import Severity
+from netdoctor.rules.engine import RuleSettings
 
-REPO = Path(__file__).resolve().parents[1]
 MNIST = (1, 28, 28)
 NEW_RULES = {"ND105", "ND106", "ND107", "ND108", "ND109", "ND110", "ND111", "ND201", "ND204"}
 
 
 def run(target: str, shape=MNIST, select=("ALL",)):
     """Findings of one model: `target` is 'file.py:Class' (relative to the repo or absolute)."""
+    options = CheckOptions(input_shape=shape, rules=RuleSettings.from_tables(select=select))
     with chdir(REPO):
-        reports, _ = check(target, CheckOptions(input_shape=shape, select=list(select)))
+        reports, _ = check(target, options)
     assert len(reports) == 1, [r.target for r in reports]
     return reports[0].findings
 
@@ -80,32 +83,7 @@ def where(finding, path: Path, needle: str) -> None:
 # ----------------------------------------------------------------------- healthy corpus
 
 
-@pytest.fixture(scope="module")
-def healthy_reports():
-    with chdir(REPO):
-        reports, _ = check("fixtures/healthy", CheckOptions())
-    return reports
-
-
-def test_healthy_corpus_is_clean(healthy_reports):
-    assert len(healthy_reports) == len(list(HEALTHY.glob("*.py")))
-    loud = [
-        (r.target, f.rule, f.message)
-        for r in healthy_reports
-        for f in r.findings
-        if f.severity >= Severity.WARNING
-    ]
-    assert loud == []
-    mine = [
-        (r.target, f.rule, f.message)
-        for r in healthy_reports
-        for f in r.findings
-        if f.rule in NEW_RULES
-    ]
-    assert mine == []
-
-
-def test_healthy_corpus_got_signal_measurements(healthy_reports):
+def test_healthy_corpus_got_signal_measurements():
     """ND204 had something to judge: the builds measured the init signal (regression guard for a
     silently skipped measurement)."""
     from netdoctor.graph.build import build_graph
@@ -117,6 +95,125 @@ def test_healthy_corpus_got_signal_measurements(healthy_reports):
     measured = [n for n in graph if "init_signal_rms" in n.attrs]
     assert len(measured) >= 20
     assert all(0.01 < n.attrs["init_signal_rms"] < 100 for n in measured)
+
+
+# ----------------------------------------------------------------------- through the CLI (JSON)
+
+ALEXNET = SICK / "alexnet.py"
+CLI_MNIST = ("--input-shape", "1,28,28")
+
+
+def rules_of(report: dict) -> list[str]:
+    return [f["rule"] for f in findings_of(report)]
+
+
+def test_alexnet_reports_deep_plain_stack_at_the_users_line():
+    alexnet, result = check_json("fixtures/sick/alexnet.py:AlexNet", "--input-shape", "1,224,224")
+    assert result.exit_code == 0
+    (finding,) = findings_of(alexnet, "ND101")
+    assert finding["severity"] == "warning"
+    assert finding["name"] == "deep-plain-stack"
+    assert finding["location"]["path"].endswith("fixtures/sick/alexnet.py")
+    assert finding["location"]["line"] == line_of(ALEXNET, "nn.Conv2d(")
+    assert finding["module"] == "net.0"
+    assert finding["evidence"]["depth"] == 8
+    assert "8 weight layers" in finding["message"]
+    fix = finding["fix"]
+    assert fix["kind"] == "diff"
+    assert "\n+            nn.BatchNorm2d(96)" in fix["patch"]
+    assert fix["patch"].count("+            nn.BatchNorm2d(") == 5
+    assert fix["patch"].count("+            nn.BatchNorm1d(4096)") == 2
+    assert set(rules_of(alexnet)) == {"ND101"}
+    assert alexnet["summary"]["fix_first"] == "ND101"
+
+
+def test_broken_residual_reports_the_dead_convolutions():
+    report, _ = check_json("fixtures/sick/broken_residual.py:Net", *CLI_MNIST)
+    dead = findings_of(report, "ND103")
+    assert sorted(f["module"] for f in dead) == [
+        "resi1.conv1",
+        "resi1.conv2",
+        "resi2.conv1",
+        "resi2.conv2",
+    ]
+    assert rules_of(report) == ["ND103"] * 4  # nothing for conv1/conv2/fullconnect
+    source = SICK / "broken_residual.py"
+    lines = {f["module"].split(".")[1]: f["location"]["line"] for f in dead}
+    assert lines == {
+        "conv1": line_of(source, "self.conv1 = nn.Conv2d(channels"),
+        "conv2": line_of(source, "self.conv2 = nn.Conv2d(channels"),
+    }
+    assert all(f["severity"] == "warning" for f in dead)
+
+
+def test_sigmoid_lenet_is_a_saturating_chain_not_a_deep_stack():
+    report, _ = check_json("fixtures/sick/lenet_sigmoid.py:LeNet", *CLI_MNIST)
+    assert rules_of(report) == ["ND102"]
+    (finding,) = findings_of(report)
+    assert finding["evidence"]["length"] == 4
+    assert finding["location"]["line"] == line_of(SICK / "lenet_sigmoid.py", "nn.Sigmoid()")
+
+
+@pytest.mark.parametrize(
+    "cls, attr, wrapper",
+    [("ListMLP", "layers", "ModuleList"), ("DictHeads", "heads", "ModuleDict")],
+)
+def test_list_held_layers(cls, attr, wrapper):
+    report, result = check_json(f"fixtures/sick/list_layers.py:{cls}", *CLI_MNIST)
+    (finding,) = findings_of(report, "ND104")
+    assert finding["severity"] == "error"
+    assert attr in finding["module"]
+    source = SICK / "list_layers.py"
+    # At the assignment of the plain container (its first line or the first module it holds).
+    start = line_of(source, f"self.{attr} = ")
+    assert start <= finding["location"]["line"] <= start + 2
+    assert finding["fix"]["kind"] == "diff"
+    assert f"+        self.{attr} = nn.{wrapper}(" in finding["fix"]["patch"]
+    assert result.exit_code == 1  # an error finding fails the check by default
+
+
+@pytest.mark.parametrize(
+    "extra, flagged",
+    [
+        (("-a", "momentum=0.99"), [0.99]),
+        (("--kwargs", '{"momentum": 0}'), [0]),
+        (("-a", "momentum=0"), [0]),
+        (("-a", "momentum=None"), []),
+    ],
+)
+def test_batchnorm_momentum(extra, flagged):
+    report, _ = check_json("fixtures/sick/bn_momentum.py:KerasMomentumNet", *CLI_MNIST, *extra)
+    found = findings_of(report, "ND203")
+    assert rules_of(report) == ["ND203"] * len(found)
+    if not flagged:
+        assert found == []
+        return
+    assert sorted(f["module"] for f in found) == ["bn1", "bn2"]
+    assert {f["evidence"]["momentum"] for f in found} == set(flagged)
+    assert all("momentum=0.1" in f["fix"]["patch"] for f in found)
+
+
+def test_untraceable_model_falls_back_and_still_finds_the_deep_stack():
+    report, result = check_json("fixtures/sick/untraceable_plain.py:GatedDeepNet", *CLI_MNIST)
+    (fallback,) = findings_of(report, "ND001")
+    assert fallback["severity"] == "info"
+    assert "control flow" in fallback["message"]
+    (deep,) = findings_of(report, "ND101")
+    assert deep["evidence"]["depth"] >= 10
+    assert deep["location"]["line"] == line_of(SICK / "untraceable_plain.py", "nn.Linear(784")
+    assert result.exit_code == 0
+
+
+def test_forward_error_names_the_failing_layer():
+    report, result = check_json("fixtures/sick/forward_error.py:ShapeBug", *CLI_MNIST)
+    (finding,) = findings_of(report, "ND002")
+    assert finding["severity"] == "error"
+    assert finding["module"] == "fc"
+    assert finding["location"]["path"].endswith("fixtures/sick/forward_error.py")
+    assert finding["location"]["line"] == line_of(SICK / "forward_error.py", "nn.Linear(")
+    assert "5408" in finding["message"] and "100" in finding["message"]
+    assert "+        self.fc = nn.Linear(5408, num_classes)" in finding["fix"]["patch"]
+    assert result.exit_code == 1
 
 
 # ----------------------------------------------------------------------- ND105 softmax-output
@@ -336,38 +433,6 @@ def test_signal_measurement_leaves_the_model_untouched():
     assert not any(m._forward_hooks for m in model.modules())
 
 
-# ----------------------------------------------------------------------- ONNX
-
-
-def test_output_rules_read_onnx_graphs(tmp_path):
-    """The same IR from an ONNX file: ND105/ND106/ND107 fire there too, with snippet fixes."""
-    pytest.importorskip("onnx")
-    import importlib.util
-    import warnings
-
-    found = {}
-    for file, cls, rule in [
-        ("softmax_output.py", "SoftmaxNet", "ND105"),
-        ("relu_logits.py", "ReluLogitsNet", "ND106"),
-        ("linear_collapse.py", "CollapsedMLP", "ND107"),
-    ]:
-        spec = importlib.util.spec_from_file_location(f"fx_{cls}", SICK / file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        model = getattr(module, cls)().eval()
-        onnx_path = tmp_path / f"{cls}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                torch.onnx.export(model, torch.randn(1, *MNIST), str(onnx_path), dynamo=False)
-            except Exception as e:  # exporter unavailable in this environment
-                pytest.skip(f"torch.onnx.export failed: {e}")
-        with chdir(tmp_path):
-            (report,), _ = check(str(onnx_path), CheckOptions())
-        found[rule] = of(report.findings, rule)
-        assert found[rule] and found[rule][0].fix.kind == "snippet", (rule, report.findings)
-
-
 # ----------------------------------------------------------------------- ND201 along a path
 
 MLP_INIT = '''
@@ -506,9 +571,9 @@ def test_nd101_sees_weight_standardization_as_normalization(tmp_path, kind, plai
     path = tmp_path / "ws_stack.py"
     path.write_text(WS_STACK, encoding="utf-8")
     from netdoctor.graph.build import build_graph
+    from netdoctor.graph.walks import standardized_weight
     from netdoctor.loading.shapes import InputSpec
     from netdoctor.loading.target import load
-    from netdoctor.rules._paths import standardized_weight
 
     with chdir(REPO):
         loaded = load(f"{path}:Net", {"kind": kind}).models[0]
@@ -616,7 +681,7 @@ def test_nd204_follows_the_residual_stream_around_zero_gain_branches(tmp_path, g
     from netdoctor.graph.build import build_graph
     from netdoctor.loading.shapes import InputSpec
     from netdoctor.loading.target import load
-    from netdoctor.rules.init import signal_chain
+    from netdoctor.rules.params.nd204_signal_collapse import signal_chain
 
     with chdir(REPO):
         loaded = load(f"{path}:Net", {"gain": gain}).models[0]
@@ -636,10 +701,10 @@ def test_nd204_zero_init_branches_in_widely_used_designs():
     squeeze-excitation after it), Fixup's zero conv, ReZero's zero gain: their branches are left
     out of the signal chain; the residual stream is what ND204 follows."""
     from netdoctor.graph.build import build_graph
+    from netdoctor.graph.walks import live_at_init
     from netdoctor.loading.shapes import InputSpec
     from netdoctor.loading.target import load
-    from netdoctor.rules._paths import live_at_init
-    from netdoctor.rules.init import signal_chain
+    from netdoctor.rules.params.nd204_signal_collapse import signal_chain
 
     loaded = load(str(HEALTHY / "se_resnet.py") + ":SEResNet").models[0]
     graph = build_graph(loaded, InputSpec((3, 32, 32), "float32", None)).graph
@@ -679,9 +744,13 @@ def test_weight_dependent_verdicts_hold_for_every_seed(target, shape, dtype, rul
         loaded = load(str(REPO / "fixtures" / target), seed=seed).models[0]
         weights.add(float(next(loaded.model.parameters()).detach().flatten()[:16].sum()))
         with chdir(REPO):
-            findings = check_loaded(
-                loaded, CheckOptions(input_shape=shape, input_dtype=dtype, select=[rule], seed=seed)
-            ).findings
+            options = CheckOptions(
+                input_shape=shape,
+                input_dtype=dtype,
+                rules=RuleSettings.from_tables(select=[rule]),
+                seed=seed,
+            )
+            findings = check_loaded(loaded, options).findings
         verdicts.add(bool(of(findings, rule)))
     assert len(weights) == 5, "the seeds did not change the model's weights"
     assert verdicts == {fires}
