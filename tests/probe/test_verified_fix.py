@@ -4,7 +4,9 @@ next ranked remedies are added (at most 3) and the smallest working combination 
 when nothing helps, every attempt is listed with its numbers.
 
 End-to-end runs of the default probe (100 steps; `--steps 100` keeps the time budget out of
-it), so they are marked slow.
+it), so they are marked slow. Where the run is a probe snapshot's (`--data synthetic --steps
+100` on a fixture), the test reads the committed report instead of probing again: the snapshot
+tests keep it equal to what the probe reports now.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ import json
 
 import pytest
 
-from conftest import HEALTHY, SICK, invoke
+import snapshot
+from conftest import SICK, invoke
 from datagen import write_idx_dataset
-
-pytestmark = pytest.mark.slow
 
 MLP = f"{SICK / 'mlp.py'}:MLP"
 LENET_SIGMOID = f"{SICK / 'lenet_sigmoid.py'}:LeNet"
@@ -52,6 +53,7 @@ def garments(tmp_path_factory):
 # ------------------------------------------------------------------------------ the seed report
 
 
+@pytest.mark.slow
 def test_raw_pixels_at_lr_half_need_scaling_plus_a_lower_lr(garments):
     """The seed MLP (784-300-10, N(0, 0.01) init) on raw 0..255 pixels at lr 0.5, SGD with
     momentum 0.9: scaling alone does not train at that lr; scaling plus lr 0.05 does."""
@@ -85,7 +87,7 @@ def test_raw_pixels_at_lr_half_need_scaling_plus_a_lower_lr(garments):
 
 def test_first_command_sigmoid_lenet_fix_improves_loss_and_accuracy():
     """README: `netdoctor probe fixtures/sick/lenet_sigmoid.py:LeNet --data synthetic`."""
-    report = probe(LENET_SIGMOID, "--data", "synthetic")
+    report = snapshot.committed("probe", "sick__lenet_sigmoid__LeNet")
     assert report["summary"]["fix_first"] == "ND102"
     assert {"ND102", "ND403"} <= {f["rule"] for f in report["findings"]}
     vf = report["measurements"]["verified_fix"]
@@ -98,6 +100,7 @@ def test_first_command_sigmoid_lenet_fix_improves_loss_and_accuracy():
     assert sym["rule"] == "ND403" and sym["before"] < 1e-2 <= sym["after"] and sym["gone"]
 
 
+@pytest.mark.slow
 def test_an_unclear_difference_is_run_three_times_longer_and_says_so():
     """40 steps: the ReLU LeNet's gradients flow (the symptom is gone) but its loss has not
     moved yet; 120 steps show the outcome."""
@@ -116,11 +119,9 @@ def test_an_unclear_difference_is_run_three_times_longer_and_says_so():
     )
 
 
-@pytest.mark.parametrize(
-    "target", [f"{HEALTHY / 'lenet_relu.py'}:LeNet", f"{HEALTHY / 'mlp_normalized.py'}:MLP"]
-)
-def test_healthy_lenet_and_mlp_probe_clean_with_the_loss_falling(target):
-    report = probe(target, "--data", "synthetic")
+@pytest.mark.parametrize("name", ["healthy__lenet_relu__LeNet", "healthy__mlp_normalized__MLP"])
+def test_healthy_lenet_and_mlp_probe_clean_with_the_loss_falling(name):
+    report = snapshot.committed("probe", name)
     assert not loud(report), loud(report)
     m = report["measurements"]
     losses = m["loss_curve"]
@@ -130,6 +131,7 @@ def test_healthy_lenet_and_mlp_probe_clean_with_the_loss_falling(target):
     assert "verified_fix" not in m
 
 
+@pytest.mark.slow
 def test_text_report_shows_the_combination_and_what_was_tried(garments):
     result = invoke(
         "probe",
@@ -162,26 +164,33 @@ def test_text_report_shows_the_combination_and_what_was_tried(garments):
 # "symptom only"  the measured symptom is gone, loss and accuracy were already fine
 # "not improved"  nothing tried helped: every attempt is listed with its numbers
 # "not in memory" the fix is a code change the probe cannot apply in memory: a note says so
+# (The probe snapshots of these fixtures, tests/snapshots/probe/NAME.json.)
 SICK_OUTCOMES = {
-    "sigmoid_mlp.py:SigmoidMLP": ([], "ND101", "improved"),
-    "zero_init.py:ZeroHiddenMLP": ([], "ND202", "improved"),
-    "bad_init.py:TinyInitMLP": ([], "ND201", "improved"),
-    "bad_init.py:DeepTanhMLP": ([], "ND201", "improved"),
-    "bad_init.py:DeepReLUMLP": ([], "ND201", "improved"),
-    "relu_logits.py:ReluLogitsNet": ([], "ND106", "not improved"),
-    "softmax_output.py:SoftmaxNet": ([], "ND105", "improved"),
-    "untraceable_plain.py:GatedDeepNet": ([], "ND101", "improved"),
-    "bn_momentum.py:KerasMomentumNet": (["-a", "momentum=0"], "ND203", "symptom only"),
-    "mlp.py:MLP": ([], "ND201", "not improved"),
-    "detached.py:DetachedFeatures": ([], "ND108", "not in memory"),
-    "linear_collapse.py:CollapsedMLP": ([], "ND107", "not in memory"),
+    "sick__sigmoid_mlp__SigmoidMLP": ("ND101", "improved"),
+    "sick__zero_init__ZeroHiddenMLP": ("ND202", "improved"),
+    "sick__bad_init__TinyInitMLP": ("ND201", "improved"),
+    "sick__bad_init__DeepTanhMLP": ("ND201", "improved"),
+    "sick__bad_init__DeepReLUMLP": ("ND201", "improved"),
+    "sick__relu_logits__ReluLogitsNet": ("ND106", "not improved"),
+    "sick__softmax_output__SoftmaxNet": ("ND105", "improved"),
+    "sick__untraceable_plain__GatedDeepNet": ("ND101", "improved"),
+    "sick__bn_momentum__KerasMomentumNet__momentum0": ("ND203", "symptom only"),
+    "sick__mlp__MLP": ("ND201", "not improved"),
+    "sick__detached__DetachedFeatures": ("ND108", "not in memory"),
+    "sick__linear_collapse__CollapsedMLP": ("ND107", "not in memory"),
 }
 
 
-@pytest.mark.parametrize("fixture", sorted(SICK_OUTCOMES))
-def test_sick_fixture_verified_fix_outcome(fixture):
-    extra, rule, outcome = SICK_OUTCOMES[fixture]
-    report = probe(f"{SICK / fixture}", *extra, "--data", "synthetic")
+def test_the_outcomes_are_of_probe_snapshots():
+    probes = {t.name: t.args for t in snapshot.all_targets() if t.command == "probe"}
+    for name in SICK_OUTCOMES:
+        assert probes[name][-4:] == ("--data", "synthetic", "--steps", "100"), name
+
+
+@pytest.mark.parametrize("name", sorted(SICK_OUTCOMES))
+def test_sick_fixture_verified_fix_outcome(name):
+    rule, outcome = SICK_OUTCOMES[name]
+    report = snapshot.committed("probe", name)
     assert report["summary"]["fix_first"] == rule
     vf = report["measurements"].get("verified_fix")
     if outcome == "not in memory":

@@ -10,9 +10,11 @@ import pytest
 from netdoctor.findings import Finding, Fix, Report, Severity
 from netdoctor.measure.record import ActivationTrace, NonFinite, TrainingRun
 from netdoctor.probe.engine import ProbeConfig
-from netdoctor.probe.remedies import conflicts, lr_remedy, remedy_for
-from netdoctor.probe.symptoms import SYMPTOMS, symptom_for
 from netdoctor.probe.verify import _candidates, judge
+from netdoctor.rules.engine import RuleSettings, remedy_for, symptom_for, symptoms
+from netdoctor.rules.verification import RemedyContext, conflicts, lr_remedy
+
+DEFAULTS = RuleSettings()
 
 
 def side(first, last, acc):
@@ -47,7 +49,7 @@ def _run(**kw) -> TrainingRun:
 def test_symptom_of_a_data_finding_is_what_it_causes():
     scale = Finding("ND301", "input-not-normalized", Severity.WARNING, "raw", fix=Fix("x/255"))
     dead = Finding("ND404", "dead-relu", Severity.ERROR, "dead", cause="ND301")
-    sym = symptom_for(scale, [dead, scale])
+    sym = symptom_for(scale, [dead, scale], DEFAULTS)
     assert sym.rule == "ND404"
     site = ActivationTrace(
         "net.2", "relu", "net.2", "net.1", False, None, units=300, dead_units=297
@@ -58,15 +60,18 @@ def test_symptom_of_a_data_finding_is_what_it_causes():
     assert sym.to_dict(0.99, 0.02, 100)["gone"]
     # a static finding without a runtime consequence in the report: its known consequence
     chain = Finding("ND102", "saturating-activation-chain", Severity.WARNING, "4 sigmoids")
-    assert symptom_for(chain, [chain]).rule == "ND403"
+    assert symptom_for(chain, [chain], DEFAULTS).rule == "ND403"
     # none known: no symptom, loss and accuracy only
     assert (
-        symptom_for(Finding("ND106", "activation-on-logits", Severity.WARNING, "relu"), []) is None
+        symptom_for(
+            Finding("ND106", "activation-on-logits", Severity.WARNING, "relu"), [], DEFAULTS
+        )
+        is None
     )
 
 
 def test_nonfinite_symptom_is_the_step():
-    sym = SYMPTOMS["ND401"]
+    sym = symptoms(DEFAULTS)["ND401"]
     run = _run(nonfinite=NonFinite(step=7, kind="forward"))
     assert sym.value(run) == 7 and sym.describe(7, 100) == "step 7"
     assert sym.describe(None, 100) == "none in 100 steps" and sym.healthy(None, 100)
@@ -101,9 +106,10 @@ def test_remedies_of_one_kind_do_not_stack_and_the_top_one_comes_first():
         evidence={"direction": "too-large"},
     )
     report = Report(target="t", findings=[scale, mismatch, dead, big])
-    first = remedy_for(scale, report, run)
+    context = RemedyContext(report, run)
+    first = remedy_for(scale, context)
     assert first.description == "inputs scaled to [0, 1] (x / 255)" and first.kind == "data"
-    chosen = _candidates(first, scale, report.sorted_findings(), report, run, None)
+    chosen = _candidates(first, scale, report.sorted_findings(), context)
     # the second data remedy (ND302) and the second lr change (ND406) are left out
     assert [r.rule for r in chosen] == ["ND301", "ND404"]
     assert chosen[1].description == "learning rate 0.5 → 0.05"
