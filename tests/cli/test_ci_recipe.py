@@ -1,6 +1,7 @@
-"""The README's CI recipe: every `netdoctor` command of its GitHub Actions and GitLab jobs is run
-here, as written, on a folder of models, and what it writes is what code scanning and a JSON
-consumer expect (SARIF 2.1.0 results with ruleId and a line; the JSON contract)."""
+"""The CI recipe (docs/ci.md, "The CI gate"): every `netdoctor` command of its GitHub Actions
+and GitLab jobs is run here, as written, on a folder of models, and what it writes is what code
+scanning and a JSON consumer expect (SARIF 2.1.0 results with ruleId and a line; the JSON
+contract)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import pytest
 from conftest import REPO, SICK, invoke
 
 
-def readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+def doc_section(title: str) -> str:
+    text = (REPO / "docs" / "ci.md").read_text(encoding="utf-8")
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start : end if end != -1 else None]
@@ -25,7 +26,7 @@ def readme_section(title: str) -> str:
 def ci_commands() -> list[list[str]]:
     """The `netdoctor ...` commands of the CI section's jobs, split as a shell would."""
     commands = []
-    for line in readme_section("CI").splitlines():
+    for line in doc_section("The CI gate").splitlines():
         m = re.search(r"(?:run:|-)\s+(netdoctor\s.*)$", line.strip())
         if m:
             commands.append(shlex.split(m.group(1), comments=True))
@@ -38,7 +39,7 @@ def test_the_recipe_has_a_sarif_job_with_the_upload_and_a_json_job():
     sarif, gitlab = commands
     assert sarif[-4:] == ["--format", "sarif", "-o", "netdoctor.sarif"]
     assert gitlab[-4:] == ["--format", "json", "-o", "netdoctor.json"]
-    section = readme_section("CI")
+    section = doc_section("The CI gate")
     assert "uses: github/codeql-action/upload-sarif@" in section
     assert "sarif_file: netdoctor.sarif" in section and "security-events: write" in section
     assert "- netdoctor.json" in section

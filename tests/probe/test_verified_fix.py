@@ -159,7 +159,7 @@ def test_text_report_shows_the_combination_and_what_was_tried(garments):
 # ------------------------------------------------------------------------------ every sick fixture
 
 # What the verified fix of each sick fixture shows in the default probe on --data synthetic
-# (the README's table; benchmarks/synthetic_calibration.py prints it with the numbers):
+# (the table in docs/benchmarks.md; benchmarks/synthetic_calibration.py prints it with the numbers):
 # "improved"      the loss and the accuracy improved (and the symptom is measured before/after)
 # "symptom only"  the measured symptom is gone, loss and accuracy were already fine
 # "not improved"  nothing tried helped: every attempt is listed with its numbers
