@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from netdoctor.loading.forward import preserved_modes
-from netdoctor.probe.engine import ProbeConfig, resolve_device
+from netdoctor.probe.config import ProbeConfig
+from netdoctor.probe.engine import resolve_device
 
 DEFAULT_BUDGET_S = 60.0
 MIN_STEPS = 10  # the loss-trend rules (ND407, ND409) need this many

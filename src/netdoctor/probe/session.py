@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from netdoctor.loading.target import LoadedModel
     from netdoctor.measure.record import TrainingRun
     from netdoctor.probe.budget import Plan
-    from netdoctor.probe.engine import ProbeConfig
+    from netdoctor.probe.config import ProbeConfig
 
 
 @dataclass
@@ -65,7 +65,8 @@ def probe_target(
 
     from netdoctor.check import check_loaded
     from netdoctor.data import DataSpec, open_source
-    from netdoctor.probe.engine import ProbeConfig, progress_bar
+    from netdoctor.probe.config import ProbeConfig
+    from netdoctor.probe.engine import progress_bar
 
     started = settings.started or time.monotonic()
     budget_s = settings.time_budget
