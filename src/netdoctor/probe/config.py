@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from netdoctor.errors import UserError
+
+if TYPE_CHECKING:
+    from netdoctor.measure.record import TrainingRun
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross_entropy", "mse", "bce")
@@ -73,3 +77,11 @@ class ProbeConfig:
             f"{self.steps} steps of {opt} (lr {self.learning_rate:g}{extra}), batch size "
             f"{batch}, {self.loss} loss, seed {self.seed}"
         )
+
+
+def probe_config(run: TrainingRun) -> ProbeConfig:
+    """The settings of a run the probe trained (a watched run has the watcher's instead)."""
+    config = run.config
+    if not isinstance(config, ProbeConfig):
+        raise TypeError(f"not a run of the probe: its config is a {type(config).__name__}")
+    return config

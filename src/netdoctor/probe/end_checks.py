@@ -6,24 +6,26 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from netdoctor.loading.forward import main_output, preserved_buffers, preserved_modes
 from netdoctor.measure.targets import compute_loss
 from netdoctor.probe.config import ProbeConfig
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
-def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+
+def _bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [
         (n, m)
         for n, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and m.track_running_stats
-        and m.running_mean is not None
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
     ]
 
 
@@ -48,15 +50,16 @@ def train_eval_gap(
     moms = {n: m.momentum for n, m in bns}
     per_layer: dict[str, float] = {}
 
-    def stat_hook(name, m):
-        def hook(mod, args):
+    def stat_hook(name: str) -> Callable[[_BatchNorm, tuple[Any, ...]], None]:
+        def hook(mod: _BatchNorm, args: tuple[Any, ...]) -> None:
             t = args[0].detach().float() if args and isinstance(args[0], torch.Tensor) else None
-            if t is None or t.dim() < 2:
+            rm, rv = mod.running_mean, mod.running_var  # not None: tracked running statistics
+            if t is None or t.dim() < 2 or rm is None or rv is None:
                 return
             dims = [d for d in range(t.dim()) if d != 1]
             mean = t.mean(dim=dims)
             var = t.var(dim=dims, unbiased=False)
-            rm, rv = mod.running_mean.float(), mod.running_var.float()
+            rm, rv = rm.float(), rv.float()
             z = ((mean - rm).abs() / (var + mod.eps).sqrt()).mean()
             r = ((var + mod.eps) / (rv + mod.eps)).log().abs().mean()
             per_layer[name] = float(z + r)
@@ -83,7 +86,7 @@ def train_eval_gap(
             out_eval = main_output(model(x))
             for name, m in bns:
                 m.train()
-                handles.append(m.register_forward_pre_hook(stat_hook(name, m)))
+                handles.append(m.register_forward_pre_hook(stat_hook(name)))
             out_train = main_output(model(x))
     finally:
         for h in handles:
@@ -109,9 +112,9 @@ def train_eval_gap(
         lt, ct = compute_loss(loss, a, y)
         le, ce = compute_loss(loss, b, y)
         res.update(loss_train_mode=float(lt), loss_eval_mode=float(le))
-        if ct is not None:
-            n = y.numel()
-            res.update(accuracy_train_mode=float(ct) / n, accuracy_eval_mode=float(ce) / n)
+        if ct is not None and ce is not None:
+            count = y.numel()
+            res.update(accuracy_train_mode=float(ct) / count, accuracy_eval_mode=float(ce) / count)
     except Exception:  # the gap itself is what matters
         pass
     return res
@@ -123,7 +126,7 @@ def overfit_one_batch(
     y: torch.Tensor,
     config: ProbeConfig,
     device: torch.device,
-    progress: Any = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any] | None:
     """Karpathy's check: a fresh copy trained on one small fixed batch with Adam must drive the
     loss far down. Independent of the probe's optimizer and lr, so it tests the model and the
@@ -157,10 +160,10 @@ def overfit_one_batch(
                 break
             loss.backward()
             opt.step()
-            if task is not None:
+            if progress is not None and task is not None:
                 progress.update(task, advance=1)
     finally:
-        if task is not None:
+        if progress is not None and task is not None:
             progress.remove_task(task)
     if not losses:
         return None

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -50,6 +50,14 @@ from netdoctor.measure.targets import (
 from netdoctor.probe.config import ProbeConfig
 from netdoctor.probe.end_checks import overfit_one_batch, train_eval_gap
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from netdoctor.data.base import DataSource
+
+#: Whether to run the overfit-one-batch check: yes, no, or decided on the finished run.
+OverfitChoice = bool | Callable[[TrainingRun], bool] | None
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -70,7 +78,7 @@ def make_optimizer(params: list[nn.Parameter], config: ProbeConfig) -> torch.opt
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay or 0.01)
 
 
-def progress_bar(enabled: bool):
+def progress_bar(enabled: bool) -> Progress | None:
     if not enabled:
         return None
     from rich.console import Console
@@ -92,15 +100,15 @@ def _train_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def run_probe(
     model: nn.Module,
-    source,
+    source: DataSource,
     config: ProbeConfig,
     *,
     sites: dict[str, Location] | None = None,
     instrument: bool = True,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    progress: Any = None,
+    progress: Progress | None = None,
     label: str = "probe",
-    overfit: Any = None,
+    overfit: OverfitChoice = None,
     train_eval: bool | None = None,
     budget_s: float | None = None,
 ) -> TrainingRun:
@@ -153,16 +161,16 @@ def steps_that_fit(done: int, elapsed: float, step_s: float, budget_s: float, mo
 
 def _run_probe(
     model: nn.Module,
-    source,
+    source: DataSource,
     config: ProbeConfig,
     device: torch.device,
     *,
     sites: dict[str, Location] | None,
     instrument: bool,
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
-    progress: Any,
+    progress: Progress | None,
     label: str,
-    overfit: Any,
+    overfit: OverfitChoice,
     train_eval: bool | None,
     budget_s: float | None,
 ) -> TrainingRun:
@@ -291,7 +299,7 @@ def _run_probe(
                 run.steps_run = step + 1
                 if not math.isfinite(loss_v) or bad_grad:
                     run.stopped = "non-finite"
-                    if instrument:
+                    if meter is not None and recorder is not None:  # instrumented
                         if not math.isfinite(loss_v):
                             run.nonfinite = localize_forward(
                                 net, x, y, config.loss, step + 1, rng, device
@@ -317,12 +325,12 @@ def _run_probe(
                     if step < 2:
                         steps = steps_that_fit(step + 1, elapsed, step_s, budget_s, config.steps)
                         window_start = _window_start(steps, config.window)
-                        if task is not None:
+                        if progress is not None and task is not None:
                             progress.update(task, total=steps)
-                if task is not None:
+                if progress is not None and task is not None:
                     progress.update(task, advance=1)
     finally:
-        if task is not None:
+        if progress is not None and task is not None:
             progress.remove_task(task)
     run.timings["train_s"] = time.perf_counter() - t0
     if steps != config.steps:
