@@ -4,7 +4,8 @@ code could not be located. libcst keeps the formatting and comments."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from netdoctor.fixes.locate import (
     call_at,
@@ -14,6 +15,9 @@ from netdoctor.fixes.locate import (
     self_assignment,
     statement_spanning,
 )
+
+# An argument of a container call or an element of a list (what `insert_args_after` adds to).
+_Item = TypeVar("_Item", "cst.Arg", "cst.BaseElement")
 
 
 def set_keyword(
@@ -61,9 +65,12 @@ def insert_args_after(
     call (to reuse its arguments' source text); `types` (e.g. ("Conv2d", "Linear")) picks the
     layer among several calls on one line. Returns None unless every insert found its place."""
     module, pos = index_source(source)
-    calls = {line: call_at(pos.calls, line, types) for line in inserts}
-    if any(call is None for call in calls.values()):
-        return None
+    calls: dict[int, cst.Call] = {}
+    for line in inserts:
+        call = call_at(pos.calls, line, types)
+        if call is None:
+            return None
+        calls[line] = call
     texts = {line: text(calls[line]) if callable(text) else text for line, text in inserts.items()}
     by_node = {id(calls[line]): text for line, text in texts.items()}
     # `x.append(<layer>)`: the layer gets a statement of its own, not a second argument.
@@ -74,10 +81,15 @@ def insert_args_after(
     }
     placed: set[int] = set()
 
-    def with_inserts(originals, updated, make):
+    def with_inserts(
+        originals: Sequence[_Item],
+        updated: Sequence[_Item],
+        make: Callable[[cst.BaseExpression, cst.Comma | cst.MaybeSentinel], _Item],
+    ) -> tuple[list[_Item], bool]:
         """The items with a new one after each whose value is a target (commas kept); keyed by
         the original nodes, as libcst rebuilds the updated ones."""
-        out, changed = [], False
+        out: list[_Item] = []
+        changed = False
         for i, (orig, item) in enumerate(zip(originals, updated)):
             out.append(item)
             key = id(orig.value)
@@ -85,7 +97,7 @@ def insert_args_after(
                 key not in by_node
                 or id(orig) in in_append
                 or getattr(orig, "keyword", None) is not None
-                or getattr(orig, "star", "")
+                or getattr(orig, "star", "") != ""
             ):
                 continue
             comma = item.comma
@@ -98,7 +110,7 @@ def insert_args_after(
             changed = True
         return out, changed
 
-    def appended_layer(statement) -> cst.BaseExpression | None:
+    def appended_layer(statement: cst.BaseStatement) -> cst.BaseExpression | None:
         """The layer of a `x.append(<layer call>)` statement line, else None."""
         if not (
             isinstance(statement, cst.SimpleStatementLine)
@@ -132,13 +144,19 @@ def insert_args_after(
         def leave_IndentedBlock(
             self, original: cst.IndentedBlock, updated: cst.IndentedBlock
         ) -> cst.IndentedBlock:
-            body, changed = [], False
+            body: list[cst.BaseStatement] = []
+            changed = False
             for orig, stmt in zip(original.body, updated.body):
                 body.append(stmt)
                 layer = appended_layer(orig)
                 if layer is None or id(layer) not in by_node:
                     continue
+                # `stmt` is `orig` rebuilt: a statement line holding one `x.append(...)` call
+                if not isinstance(stmt, cst.SimpleStatementLine):
+                    continue
                 expr = stmt.body[0]
+                if not (isinstance(expr, cst.Expr) and isinstance(expr.value, cst.Call)):
+                    continue
                 call = expr.value.with_changes(
                     args=[cst.Arg(value=cst.parse_expression(by_node[id(layer)]))]
                 )
@@ -204,7 +222,7 @@ def replace_calls(
 ) -> str | None:
     """Replace the constructor calls (e.g. nn.Sigmoid()) on the given lines with `new_call`."""
     module, pos = index_source(source)
-    victims = set()
+    victims: set[int] = set()
     for line in lines:
         node = call_at(pos.calls, line, type_names)
         if node is None:
@@ -213,7 +231,7 @@ def replace_calls(
     replacement = cst.parse_expression(new_call)
 
     class T(cst.CSTTransformer):
-        def leave_Call(self, original: cst.Call, updated: cst.Call):
+        def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
             return replacement if id(original) in victims else updated
 
     return module.visit(T()).code
@@ -230,7 +248,7 @@ def wrap_call(source: str, line: int, names: tuple[str, ...], wrapper_func: str)
     func = cst.parse_expression(wrapper_func)
 
     class T(cst.CSTTransformer):
-        def leave_Call(self, original: cst.Call, updated: cst.Call):
+        def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
             if original is target:
                 return cst.Call(func=func, args=[cst.Arg(updated)])
             return updated
@@ -266,7 +284,9 @@ def append_to_init(source: str, class_line: int, code: str) -> str | None:
     new_statements = list(cst.parse_module(code).body)
 
     class T(cst.CSTTransformer):
-        def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        def leave_FunctionDef(
+            self, original: cst.FunctionDef, updated: cst.FunctionDef
+        ) -> cst.FunctionDef:
             if original is not target:
                 return updated
             return updated.with_changes(
@@ -284,10 +304,10 @@ def insert_statement_after(source: str, line: int, statement: str) -> str | None
         return None
     module, target = found
     new = cst.parse_statement(statement)
-    placed = []
+    placed: list[bool] = []
 
-    def after(body):
-        out = []
+    def after(body: Sequence[cst.BaseStatement]) -> list[cst.BaseStatement]:
+        out: list[cst.BaseStatement] = []
         for stmt in body:
             out.append(stmt)
             if stmt is target:
@@ -296,14 +316,16 @@ def insert_statement_after(source: str, line: int, statement: str) -> str | None
         return out
 
     class T(cst.CSTTransformer):
-        def leave_IndentedBlock(self, original, updated):
+        def leave_IndentedBlock(
+            self, original: cst.IndentedBlock, updated: cst.IndentedBlock
+        ) -> cst.IndentedBlock:
             if any(s is target for s in original.body):
-                return updated.with_changes(body=after(list(original.body)))
+                return updated.with_changes(body=after(original.body))
             return updated
 
-        def leave_Module(self, original, updated):
+        def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
             if any(s is target for s in original.body):
-                return updated.with_changes(body=after(list(original.body)))
+                return updated.with_changes(body=after(original.body))
             return updated
 
     code = module.visit(T()).code

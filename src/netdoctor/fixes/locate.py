@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterable
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol, cast
 
 
-def _lazy_import(name: str):
+def _lazy_import(name: str) -> ModuleType:
     """The standard library's lazy-import recipe (importlib.util.LazyLoader): the module loads
     on first attribute access, so a check without findings never pays for importing libcst."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     loader = importlib.util.LazyLoader(spec.loader)
     spec.loader = loader
     module = importlib.util.module_from_spec(spec)
@@ -29,10 +33,16 @@ def _lazy_import(name: str):
 
 if TYPE_CHECKING:
     import libcst as cst
-    import libcst.metadata
+    import libcst.metadata  # noqa: F401  (so that mypy knows cst.metadata)
 else:
     cst = _lazy_import("libcst")
-Positions = Any  # an instance of positions_class(): calls and assignments with their lines
+
+
+class Positions(Protocol):
+    """A module's calls and assignments with their lines (what `index_source` returns)."""
+
+    calls: list[tuple[cst.Call, int, int]]
+    assigns: list[tuple[cst.Assign, int, int]]
 
 
 def call_name(node: cst.Call) -> str:
@@ -47,7 +57,7 @@ def call_name(node: cst.Call) -> str:
 
 
 @cache
-def positions_class():
+def positions_class() -> type[cst.CSTVisitor]:
     """The visitor class that indexes calls and assignments by line (made on first use, as it
     subclasses a libcst class)."""
 
@@ -73,10 +83,12 @@ def index_source(source: str) -> tuple[cst.Module, Positions]:
     wrapper = cst.metadata.MetadataWrapper(cst.parse_module(source))
     visitor = positions_class()()
     wrapper.visit(visitor)
-    return wrapper.module, visitor
+    return wrapper.module, cast(Positions, visitor)  # a _Positions: its class is made at run time
 
 
-def call_at(calls, line: int, name_suffix: tuple[str, ...] = ()) -> cst.Call | None:
+def call_at(
+    calls: Iterable[tuple[cst.Call, int, int]], line: int, name_suffix: tuple[str, ...] = ()
+) -> cst.Call | None:
     """The innermost call starting on `line` (optionally whose name ends with one of the
     suffixes)."""
     best = None
@@ -101,7 +113,9 @@ def arg_code(call: cst.Call, index: int, keyword: str) -> str | None:
     return None
 
 
-def self_assignment(pos: Positions, attr: str, near_line: int | None):
+def self_assignment(
+    pos: Positions, attr: str, near_line: int | None
+) -> tuple[cst.Assign, int] | None:
     """The `self.<attr> = ...` assignment spanning `near_line`, else the nearest one:
     (node, first line) or None."""
     candidates = []
@@ -146,9 +160,9 @@ def calls_on_line(pos: Positions, line: int, names: tuple[str, ...]) -> list[cst
     ]
 
 
-def statement_spanning(source: str, line: int):
-    """The simple statement line (`x = f(...)`, `opt.step()`) that spans `line`, with the
-    module and its position index: (module, statement, positions) or None."""
+def statement_spanning(source: str, line: int) -> tuple[cst.Module, cst.SimpleStatementLine] | None:
+    """The simple statement line (`x = f(...)`, `opt.step()`) that spans `line`, with its
+    module: (module, statement) or None."""
     wrapper = cst.metadata.MetadataWrapper(cst.parse_module(source))
     found: list[cst.SimpleStatementLine] = []
 

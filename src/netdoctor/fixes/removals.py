@@ -65,19 +65,25 @@ def unwrap_call(source: str, line: int, names: tuple[str, ...]) -> str | None:
         return None
 
     class T(cst.CSTTransformer):
-        def leave_Call(self, original: cst.Call, updated: cst.Call):
+        def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
             return inner if original is target else updated
 
-        def leave_SimpleStatementLine(self, original, updated):
+        def leave_SimpleStatementLine(
+            self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine
+        ) -> cst.SimpleStatementLine | cst.RemovalSentinel:
             # `x = F.relu(x)` became `x = x`: drop the statement.
+            only = updated.body[0] if len(updated.body) == 1 else None
+            assigned = (
+                only.targets[0].target
+                if isinstance(only, cst.Assign) and len(only.targets) == 1
+                else None
+            )
             if (
                 updated is not original
-                and len(updated.body) == 1
-                and isinstance(updated.body[0], cst.Assign)
-                and len(updated.body[0].targets) == 1
-                and isinstance(updated.body[0].targets[0].target, cst.Name)
-                and isinstance(updated.body[0].value, cst.Name)
-                and updated.body[0].targets[0].target.value == updated.body[0].value.value
+                and isinstance(only, cst.Assign)
+                and isinstance(assigned, cst.Name)
+                and isinstance(only.value, cst.Name)
+                and assigned.value == only.value.value
             ):
                 return cst.RemoveFromParent()
             return updated
@@ -104,7 +110,9 @@ def unwrap_attribute(source: str, line: int, attr: str) -> str | None:
     target = found[0]
 
     class T(cst.CSTTransformer):
-        def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute):
+        def leave_Attribute(
+            self, original: cst.Attribute, updated: cst.Attribute
+        ) -> cst.BaseExpression:
             return updated.value if original is target else updated
 
     return wrapper.module.visit(T()).code
@@ -137,13 +145,19 @@ def unwrap_with(source: str, line: int, names: tuple[str, ...]) -> str | None:
     target = max(found, key=lambda f: f[0])[1]
 
     class T(cst.CSTTransformer):
-        def leave_With(self, original: cst.With, updated: cst.With):
-            if original is not target:
+        def leave_With(
+            self, original: cst.With, updated: cst.With
+        ) -> cst.BaseStatement | cst.FlattenSentinel[cst.BaseStatement]:
+            if original is not target or not isinstance(updated.body, cst.IndentedBlock):
                 return updated
             body = list(updated.body.body)
-            if body and updated.leading_lines:
-                body[0] = body[0].with_changes(
-                    leading_lines=[*updated.leading_lines, *body[0].leading_lines]
+            first = body[0] if body else None
+            if (
+                isinstance(first, (cst.SimpleStatementLine, cst.BaseCompoundStatement))
+                and updated.leading_lines
+            ):
+                body[0] = first.with_changes(
+                    leading_lines=[*updated.leading_lines, *first.leading_lines]
                 )
             return cst.FlattenSentinel(body)
 
@@ -165,7 +179,7 @@ def call_wrapper_not_module(source: str, line: int) -> str | None:
 
     class T(cst.CSTTransformer):
         def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
-            if original is target:
+            if original is target and isinstance(updated.func, cst.Attribute):
                 return updated.with_changes(func=updated.func.value)
             return updated
 
