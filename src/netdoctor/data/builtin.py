@@ -122,8 +122,9 @@ class BuiltinSource(DataSource):
                 folder, primary, lambda stem: _find_idx(raw_dirs, stem) is not None, spec.mirror
             )
             found = {kind: _find_idx(raw_dirs, stem) for kind, stem in stems.items()}
-        missing = [stem for kind, stem in stems.items() if found[kind] is None]
-        if missing:
+        images_path, labels_path = found["images"], found["labels"]
+        if images_path is None or labels_path is None:
+            missing = [stem for kind, stem in stems.items() if found[kind] is None]
             looked = " and ".join(f"{primary / stem}[.gz]" for stem in missing)
             raise UserError(
                 f"{folder} not found: looked for {looked}; netdoctor downloads it when run "
@@ -132,16 +133,16 @@ class BuiltinSource(DataSource):
                 "or pass --data-dir (or set NETDOCTOR_DATA_DIR) to the folder that holds "
                 f"{folder}/raw"
             )
-        images = _read_idx(found["images"], "images")  # type: ignore[arg-type]
-        labels = _read_idx(found["labels"], "labels")  # type: ignore[arg-type]
+        images = _read_idx(images_path, "images")
+        labels = _read_idx(labels_path, "labels")
         if images.shape[0] != labels.shape[0]:
             raise UserError(
-                f"{folder} files disagree: {found['images']} holds {images.shape[0]} images "
-                f"but {found['labels']} holds {labels.shape[0]} labels"
+                f"{folder} files disagree: {images_path} holds {images.shape[0]} images "
+                f"but {labels_path} holds {labels.shape[0]} labels"
             )
         total = images.shape[0]
         if total == 0:
-            raise UserError(f"{found['images']} holds no images")
+            raise UserError(f"{images_path} holds no images")
 
         self._images = images
         self._labels = labels
@@ -172,11 +173,11 @@ class BuiltinSource(DataSource):
         self.sample_shape = resized_shape((1, h, w), spec.resize)
 
         split = "train" if spec.train else "test"
-        where = found["images"].parent  # type: ignore[union-attr]
+        where = images_path.parent
         under = f"raw/ under {where.parent}" if where.name == "raw" else f"under {where}"
         count = f"{n} samples" if n == total else f"{n} of {total} samples"
-        if spec.normalize:
-            mean, std = float(self._mean[0]), float(self._std[0])  # type: ignore[index]
+        if self._mean is not None and self._std is not None:  # spec.normalize
+            mean, std = float(self._mean[0]), float(self._std[0])
             served = (
                 f"normalized per channel (mean {fmt_float(mean)}, std {fmt_float(std)} "
                 f"on the {'0..255' if spec.raw else '[0, 1]'} scale)"
@@ -211,7 +212,7 @@ class BuiltinSource(DataSource):
                 x.div_(255.0)
             if self._resize:
                 x = resize(x, self._resize, self._name())
-            if self._mean is not None:
-                x = (x - float(self._mean[0])) / float(self._std[0])  # type: ignore[index]
+            if self._mean is not None and self._std is not None:
+                x = (x - float(self._mean[0])) / float(self._std[0])
             y = torch.from_numpy(self._labels[idx].astype(np.int64))
             yield x, y

@@ -129,17 +129,17 @@ class LoaderSource(DataSource):
         if not callable(fn):
             raise UserError(f"{label} is a {type(fn).__name__}, not a function")
 
-        added = folder is not None and folder not in sys.path
-        if added:
-            sys.path.insert(0, folder)  # type: ignore[arg-type]
+        added = folder if folder is not None and folder not in sys.path else None
+        if added is not None:
+            sys.path.insert(0, added)
         try:
             obj = fn()
         except Exception as e:  # noqa: BLE001 - user code may raise anything
             raise UserError(f"data loader {label} raised {type(e).__name__}: {e}") from None
         finally:
-            if added:
+            if added is not None:
                 try:
-                    sys.path.remove(folder)  # type: ignore[arg-type]
+                    sys.path.remove(added)
                 except ValueError:
                     pass
 
@@ -186,10 +186,11 @@ class LoaderSource(DataSource):
         if not self._one_shot:
             yield from iter(self._obj)
             return
-        yield from self._cache  # type: ignore[misc]
-        while not self._exhausted:
+        yield from self._cache
+        it = self._it  # set for a one-shot iterator
+        while it is not None and not self._exhausted:
             try:
-                item = next(self._it)  # type: ignore[arg-type]
+                item = next(it)
             except StopIteration:
                 self._exhausted = True
                 return
