@@ -7,35 +7,34 @@ edit functions (`netdoctor.fixes.edits`, `netdoctor.fixes.removals`) use `cst` f
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from collections.abc import Iterable
 from functools import cache
 from types import ModuleType
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 
-def _lazy_import(name: str) -> ModuleType:
-    """The standard library's lazy-import recipe (importlib.util.LazyLoader): the module loads
-    on first attribute access, so a check without findings never pays for importing libcst."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    return module
+class _LazyModule:
+    """A module imported on first attribute access, so a check without findings never pays for
+    importing libcst. Unlike importlib.util.LazyLoader's lazy module, it is no sys.modules entry
+    until then: code that walks sys.modules (inspect.getmodule, which torch calls when it
+    registers an op) would load that one."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
 
 
 if TYPE_CHECKING:
     import libcst as cst
     import libcst.metadata  # noqa: F401  (so that mypy knows cst.metadata)
 else:
-    cst = _lazy_import("libcst")
+    cst = _LazyModule("libcst")
 
 
 class Positions(Protocol):
