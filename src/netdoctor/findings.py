@@ -118,7 +118,8 @@ class Report:
         """The single change most likely to make the model train."""
         ranked = [f for f in self.sorted_findings() if f.severity >= Severity.WARNING and f.fix]
         roots = [f for f in ranked if f.cause is None]
-        return (roots or ranked or [None])[0]
+        first = roots or ranked
+        return first[0] if first else None
 
     def summary(self) -> dict[str, int]:
         counts = {"error": 0, "warning": 0, "info": 0}

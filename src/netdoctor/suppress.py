@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 import tokenize
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def _enclosing_class_line(lines: tuple[str, ...], index: int) -> int | None:
     return None
 
 
-def is_suppressed(finding: Finding, extra_class_lines: list[Location] = ()) -> bool:
+def is_suppressed(finding: Finding, extra_class_lines: Sequence[Location | None] = ()) -> bool:
     candidates: list[tuple[str, int]] = []
     loc = finding.location
     if loc is not None and loc.line:
@@ -154,8 +155,8 @@ def with_ignores(text: str, wanted: dict[int, set[str]]) -> tuple[str, int]:
         if 0 <= index < len(lines):
             by_line.setdefault(index, []).extend(ids)
     changed = 0
-    for index, ids in by_line.items():
-        new = _add_to_line(lines[index], sorted(set(ids)), comments.get(index))
+    for index, line_ids in by_line.items():
+        new = _add_to_line(lines[index], sorted(set(line_ids)), comments.get(index))
         if new != lines[index]:
             lines[index] = new
             changed += 1

@@ -4,6 +4,8 @@ each. Heavy imports (torch) happen inside the commands that need them, so `--hel
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from netdoctor import __version__
@@ -17,7 +19,7 @@ from netdoctor.errors import UserError
 class _Group(click.Group):
     """Turns UserError into one line on stderr and exit code 2, never a traceback."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except UserError as e:

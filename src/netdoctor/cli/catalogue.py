@@ -9,7 +9,7 @@ from netdoctor.errors import UserError
 
 @click.command()
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
-def rules(fmt):
+def rules(fmt: str) -> None:
     """List the rule catalogue."""
     from netdoctor.catalogue import RULES
 
@@ -45,7 +45,7 @@ def rules(fmt):
 
 @click.command()
 @click.argument("rule")
-def explain(rule):
+def explain(rule: str) -> None:
     """Print a rule's documentation (e.g. netdoctor explain ND101)."""
     from netdoctor.catalogue import lookup
     from netdoctor.docs import read_doc

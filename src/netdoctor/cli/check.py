@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from netdoctor.cli.options import common_options, download_options, emit, exit_code, options_from
 from netdoctor.errors import UserError
+
+if TYPE_CHECKING:
+    from netdoctor.check import CheckOptions
+    from netdoctor.data.sample import DataSample
+    from netdoctor.findings import Report
 
 
 @click.command()
@@ -139,8 +146,8 @@ def check(
     )
     notes: list[str] = []
 
-    def check_all():
-        reports = []
+    def check_all() -> list[Report]:
+        reports: list[Report] = []
         notes.clear()
         for target in targets:
             r, n = run_check(target, opts, data)
@@ -178,7 +185,7 @@ def check(
 
 
 @contextlib.contextmanager
-def _imports_frozen():
+def _imports_frozen() -> Iterator[None]:
     """torch's import leaves some hundred thousand objects that live as long as the process, and
     every full pass of Python's cyclic garbage collector walks them all (a tenth of a second on
     a small machine, several times in a check). Frozen (gc.freeze), the passes walk only what
@@ -195,8 +202,16 @@ def _imports_frozen():
 
 
 def _data_sample(
-    opts, source, data_dir, resize, raw, normalize, batch_size, download=True, mirror=None
-):
+    opts: CheckOptions,
+    source: str,
+    data_dir: str | None,
+    resize: int | None,
+    raw: bool,
+    normalize: bool,
+    batch_size: int,
+    download: bool = True,
+    mirror: str | None = None,
+) -> DataSample:
     """Open `--data` once and draw the sample every model's data rules read. Without an input
     shape, the static checks use the data's (a note says so)."""
     from netdoctor.data import DataSpec, open_source
@@ -225,7 +240,7 @@ def _data_sample(
     return sample
 
 
-def _diff_text(reports) -> str:
+def _diff_text(reports: list[Report]) -> str:
     """All diff fixes, merged into one patch per file; fixes that collide with a higher-priority
     one are left out (stderr says which: re-run after applying)."""
     from netdoctor.fixes.apply import plan_diff, plan_fixes
@@ -242,7 +257,9 @@ def _diff_text(reports) -> str:
     return "".join(patches)
 
 
-def _refuse_combinations(add_ignore, statistics, show_diff, apply_fixes, fmt) -> None:
+def _refuse_combinations(
+    add_ignore: bool, statistics: bool, show_diff: bool, apply_fixes: bool, fmt: str | None
+) -> None:
     if add_ignore:
         for flag, used in (
             ("--fix", apply_fixes),
@@ -263,7 +280,7 @@ def _refuse_combinations(add_ignore, statistics, show_diff, apply_fixes, fmt) ->
         raise UserError(f"--statistics prints text or json, not {fmt}")
 
 
-def _project_roots(targets) -> list[Path]:
+def _project_roots(targets: list[str]) -> list[Path]:
     """Where --fix and --add-ignore may write: the cwd and the targets' folders (never an
     installed package or a virtual environment, see fixes.apply.writable)."""
     from netdoctor.loading.target import split_target
@@ -276,7 +293,7 @@ def _project_roots(targets) -> list[Path]:
     return roots
 
 
-def _add_ignore(reports, targets) -> None:
+def _add_ignore(reports: list[Report], targets: list[str]) -> None:
     """`check --add-ignore`: write the comments, say on stderr how many and what could not be
     suppressed (stdout stays empty)."""
     from netdoctor.fixes.ignores import add_ignores
@@ -303,7 +320,7 @@ def _add_ignore(reports, targets) -> None:
     )
 
 
-def _fix(check_all, targets, unsafe: bool):
+def _fix(check_all: Callable[[], list[Report]], targets: list[str], unsafe: bool) -> list[Report]:
     """`check --fix`: apply, re-check, and say on stderr what changed (stdout keeps the report,
     so --format json stays parseable)."""
     from netdoctor.fixes.apply import fix_until_clean, fixable
@@ -314,13 +331,18 @@ def _fix(check_all, targets, unsafe: bool):
         outcome.applied, key=lambda a: (a[0], a[1].location.line if a[1].location else 0, a[1].rule)
     ):
         where = f" ({f.module})" if f.module else ""
+        assert f.fix is not None  # an applied finding had a fix
         click.echo(
             f"fixed {display_path(path)}: {f.rule} {f.name}{where}: {f.fix.summary}", err=True
         )
     for message in outcome.messages:
         click.echo(f"netdoctor: {message}", err=True)
     left = [f for r in outcome.reports for f in r.findings]
-    unsafe_left = sum(1 for f in left if not unsafe and fixable(f, unsafe=True) and not f.fix.safe)
+    unsafe_left = sum(
+        1
+        for f in left
+        if not unsafe and fixable(f, unsafe=True) and f.fix is not None and not f.fix.safe
+    )
     line = (
         f"{len(outcome.applied)} fix{'es' if len(outcome.applied) != 1 else ''} applied to "
         f"{len(outcome.files)} file{'s' if len(outcome.files) != 1 else ''}, "

@@ -4,11 +4,20 @@ command)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from netdoctor.errors import UserError
+
+if TYPE_CHECKING:
+    from netdoctor.check import CheckOptions
+    from netdoctor.config import Config
+    from netdoctor.findings import Report
+
+F = TypeVar("F", bound=Callable[..., Any])  # a click command function
 
 FORMATS = ["text", "json", "sarif", "github"]
 FAIL_ON = ["error", "warning", "info", "never"]
@@ -40,7 +49,7 @@ def emit(text: str, output: str | None) -> None:
         click.echo(text, nl=False)
 
 
-def exit_code(reports, fail_on: str) -> int:
+def exit_code(reports: list[Report], fail_on: str) -> int:
     from netdoctor.findings import Severity
 
     if fail_on == "never":
@@ -53,7 +62,7 @@ def split_ids(values: tuple[str, ...]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
-def report_options(fn):
+def report_options(fn: F) -> F:
     """The options every command that writes a report takes: format, output, exit code and
     rule selection, config file, color."""
     options = [
@@ -87,7 +96,7 @@ def report_options(fn):
     return fn
 
 
-def common_options(fn):
+def common_options(fn: F) -> F:
     """Model options (constructor arguments, input shape, the seed netdoctor builds and runs
     the model under) plus the report options. Not for `run`: the user's script seeds itself."""
     options = [
@@ -127,7 +136,7 @@ def common_options(fn):
     return fn
 
 
-def download_options(fn):
+def download_options(fn: F) -> F:
     """--data-mirror and --no-download, shared by every command that opens --data."""
     fn = click.option(
         "--no-download",
@@ -145,7 +154,16 @@ def download_options(fn):
     return fn
 
 
-def options_from(config, args, kwargs_json, input_shape, input_dtype, select, ignore_, seed=None):
+def options_from(
+    config: Config,
+    args: tuple[str, ...],
+    kwargs_json: str | None,
+    input_shape: str | None,
+    input_dtype: str | None,
+    select: tuple[str, ...],
+    ignore_: tuple[str, ...],
+    seed: str | None = None,
+) -> CheckOptions:
     """CheckOptions from the shared options; the command line overrides [tool.netdoctor]."""
     from netdoctor.check import CheckOptions
     from netdoctor.loading.seeding import parse_seed

@@ -161,7 +161,7 @@ def probe(
             f"(known: {', '.join(sorted(PROBE_KEYS))})"
         )
 
-    def pick(cli_value, key):
+    def pick(cli_value: Any, key: str) -> Any:
         if cli_value is not None:
             return cli_value
         return table.get(key, DEFAULTS.get(key))

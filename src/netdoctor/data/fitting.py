@@ -22,8 +22,9 @@ def fit_synthetic(spec: DataSpec, model: nn.Module, notes: list[str]) -> None:
 
     vocab = None
     found = first_layer(model)
-    if found is not None and hasattr(found[1], "num_embeddings"):
-        vocab = int(found[1].num_embeddings)
+    num_embeddings = getattr(found[1], "num_embeddings", None) if found is not None else None
+    if num_embeddings is not None:
+        vocab = int(num_embeddings)
     if spec.input_shape is None:
         inferred, _, _ = infer(model)
         if inferred is None:

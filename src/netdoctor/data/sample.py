@@ -90,7 +90,7 @@ class DataSample:
     @classmethod
     def from_source(cls, source, n_batches: int = 4, spec=None) -> DataSample:
         """Draw the first `n_batches` batches of an opened DataSource (no model involved)."""
-        from netdoctor.data.sources import BUILTIN_SETS
+        from netdoctor.data.builtin import BUILTIN_SETS, BuiltinSource
 
         x, y = source.sample(n_batches)
         name = getattr(spec, "source", None)
@@ -100,7 +100,7 @@ class DataSample:
             raw = bool(spec.raw) and builtin
             normalized = bool(spec.normalize) and builtin
         else:  # read it off the source itself
-            builtin = type(source).__name__ == "_BuiltinSource"
+            builtin = isinstance(source, BuiltinSource)
             raw = builtin and "(raw)" in source.description
             normalized = builtin and "normalized" in source.description
         return cls(

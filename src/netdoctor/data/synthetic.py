@@ -37,12 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from netdoctor.data.sources import (
+from netdoctor.data.base import (
     DataSource,
-    _check_spec,
-    _epoch_order,
-    _resize,
-    _resized_shape,
+    DataSpec,
+    check_spec,
+    epoch_order,
+    resize,
+    resized_shape,
 )
 from netdoctor.errors import UserError
 
@@ -95,8 +96,8 @@ def _smooth(n: int, channels: int, h: int, w: int, g: torch.Generator) -> torch.
 class SyntheticSource(DataSource):
     """The synthetic data source: see the module docstring."""
 
-    def __init__(self, spec) -> None:
-        self._bs = _check_spec(spec)
+    def __init__(self, spec: DataSpec) -> None:
+        self._bs = check_spec(spec)
         shape = _parse_shape(spec.input_shape)
         dtype_name = spec.input_dtype.lower()
         if dtype_name in LONG_DTYPES:
@@ -132,7 +133,7 @@ class SyntheticSource(DataSource):
         self.num_samples = self._n
         self.batch_size = self._bs
         self.num_classes = classes
-        self.sample_shape = _resized_shape(shape, spec.resize)
+        self.sample_shape = resized_shape(shape, spec.resize)
         resized = f", resized to {spec.resize}x{spec.resize}" if spec.resize else ""
         self.description = (
             f"synthetic, {self._n} samples of shape {shape}, {self._describe()}{resized}"
@@ -238,14 +239,14 @@ class SyntheticSource(DataSource):
         if self._dtype != torch.int64:
             x = x.to(self._dtype)
         if self._resize:
-            x = _resize(x, self._resize, "synthetic")
+            x = resize(x, self._resize, "synthetic")
         return x, y.to(torch.int64)
 
     def _epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = (
             range(self._n_batches)
             if epoch == 0
-            else _epoch_order(self._n_batches, self._seed, epoch).tolist()
+            else epoch_order(self._n_batches, self._seed, epoch).tolist()
         )
         for k in order:
             yield self._make_batch(k)

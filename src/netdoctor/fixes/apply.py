@@ -49,6 +49,14 @@ def fixable(finding: Finding, unsafe: bool) -> bool:
     )
 
 
+def _patched(finding: Finding) -> tuple[str, str]:
+    """The path and new text of a `fixable` finding's diff fix."""
+    fix = finding.fix
+    if fix is None or fix.path is None or fix.new_source is None:
+        raise ValueError(f"{finding.rule}: no diff fix to apply")
+    return fix.path, fix.new_source
+
+
 def _edits(old: list[str], new: list[str]) -> list[tuple[int, int, list[str]]]:
     """(start, end, replacement) line edits, in old-text coordinates."""
     matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
@@ -76,7 +84,7 @@ def merge(path: str, old: str, findings: list[Finding]) -> FilePlan:
     taken: list[tuple[int, int, list[str]]] = []
     seen: set[str] = set()
     for finding in findings:
-        new_source = finding.fix.new_source
+        new_source = _patched(finding)[1]
         if new_source in seen:  # the same patch offered by two findings (or two models)
             plan.merged.append(finding)
             continue
@@ -100,7 +108,8 @@ def plan_fixes(reports: list[Report], unsafe: bool) -> list[FilePlan]:
     for report in reports:
         for finding in report.sorted_findings():
             if fixable(finding, unsafe):
-                by_path.setdefault(str(Path(finding.fix.path).resolve()), []).append(finding)
+                path = _patched(finding)[0]
+                by_path.setdefault(str(Path(path).resolve()), []).append(finding)
     plans = []
     for path, findings in by_path.items():
         try:

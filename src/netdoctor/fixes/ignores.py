@@ -38,8 +38,10 @@ def add_ignores(reports: list[Report], allowed_roots: list[Path]) -> IgnoreOutco
             if reason:
                 outcome.left.append((finding, reason))
                 continue
-            path = str(Path(finding.location.path).resolve())
-            wanted.setdefault(path, {}).setdefault(finding.location.line, set()).add(finding.rule)
+            loc = finding.location
+            assert loc is not None and loc.line is not None  # else _unsuppressible says why
+            path = str(Path(loc.path).resolve())
+            wanted.setdefault(path, {}).setdefault(loc.line, set()).add(finding.rule)
             placed.append(finding)
     for path, lines in sorted(wanted.items()):
         try:

@@ -130,8 +130,8 @@ def identity(names: list[str]) -> Callable[[nn.Module], None]:
     return edit
 
 
-def is_activation_module(model: nn.Module, name: str | None) -> bool:
-    if not name:
+def is_activation_module(model: nn.Module | None, name: str | None) -> bool:
+    if not name or model is None:
         return False
     try:
         return isinstance(model.get_submodule(name), _OUTPUT_ACTIVATIONS)
@@ -191,8 +191,8 @@ def standardize(mean: Any, std: Any, axis: int | None) -> Callable[[torch.Tensor
                 [max(float(v), 1e-8) for v in std], dtype=x.dtype, device=x.device
             ).reshape(shape)
             return (x - m) / s
-        m = float(mean[0] if isinstance(mean, (list, tuple)) else mean)
-        s = float(std[0] if isinstance(std, (list, tuple)) else std)
-        return (x - m) / max(s, 1e-8)
+        m0 = float(mean[0] if isinstance(mean, (list, tuple)) else mean)
+        s0 = float(std[0] if isinstance(std, (list, tuple)) else std)
+        return (x - m0) / max(s0, 1e-8)
 
     return transform

@@ -7,6 +7,7 @@ so the meta rules ND001/ND002 can report what happened.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from netdoctor.findings import Location
 from netdoctor.graph.ir import Graph
@@ -19,6 +20,9 @@ from netdoctor.loading.forward import (
 )
 from netdoctor.loading.shapes import InputSpec, infer
 from netdoctor.loading.target import LoadedModel
+
+if TYPE_CHECKING:
+    from torch import fx
 
 
 @dataclass
@@ -64,9 +68,10 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
         gm = fx_frontend.trace(model)
     except Exception as e:  # fx raises many kinds (TraceError, NameError, TypeError, ...)
         gm, outcome.fallback_reason = None, _reason(e)
+    fx_graph: Graph | None = None  # the IR of the traced graph
     if gm is not None:
-        outcome.graph = fx_frontend.build(model, prov, gm, holders.unregistered)
-        outcome.graph.root_location = loaded.class_location
+        fx_graph = outcome.graph = fx_frontend.build(model, prov, gm, holders.unregistered)
+        fx_graph.root_location = loaded.class_location
 
     # 2. An input: the given one must run; otherwise infer one. With a traced graph, the one
     # eager forward of the signal measurement (ND204) shows that the input runs, and a replay of
@@ -79,11 +84,11 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
     def run(candidate: InputSpec) -> None:
         shape_failure.clear()
         signal_note.clear()
-        if gm is not None:
+        if gm is not None and fx_graph is not None:
             leaves = fx_frontend.LeafOutputs(gm)
             try:
                 measure_init_rms(
-                    outcome.graph,
+                    fx_graph,
                     model,
                     extra,
                     candidate.shape,
@@ -92,7 +97,7 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
                     observers=leaves.hooks(),
                 )
             except Exception as e:
-                if weight_modules(outcome.graph, model, extra)[0]:
+                if weight_modules(fx_graph, model, extra)[0]:
                     signal_note.append(not_measured(e))
             else:
                 x = example_input(
@@ -104,15 +109,15 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
                 try:
                     fx_frontend.replay_shapes(gm, x.to(model_device(model)), leaves)
                 except Exception:  # e.g. a functional op that rejects the zeros: run for real
-                    shapes_by_running(candidate)
+                    shapes_by_running(gm, candidate)
                 return
         run_forward(
             model, example_input(candidate.shape, candidate.dtype, vocab=candidate.vocab), extra
         )
         if gm is not None:
-            shapes_by_running(candidate)
+            shapes_by_running(gm, candidate)
 
-    def shapes_by_running(candidate: InputSpec) -> None:
+    def shapes_by_running(gm: fx.GraphModule, candidate: InputSpec) -> None:
         for batch in (1, 2):  # a model may squeeze a batch of one away
             x = example_input(
                 candidate.shape, candidate.dtype, batch=batch, vocab=candidate.vocab
@@ -152,10 +157,10 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
 
     _locate_failure(outcome, loaded, extra)
 
-    if gm is not None:
-        fx_frontend.copy_shapes(gm, outcome.graph)
+    if gm is not None and fx_graph is not None:
+        fx_frontend.copy_shapes(gm, fx_graph)
         if outcome.input is not None:
-            outcome.graph.input_shape = outcome.input.shape
+            fx_graph.input_shape = outcome.input.shape
         return outcome
 
     # 3. The graph without fx: one recorded forward.

@@ -55,13 +55,13 @@ class _ShapeRecorder(fx.Interpreter):
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
         self.completed = False
 
-    def run_node(self, n: fx.Node):
+    def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             self.shapes[n] = tuple(result.shape)
         return result
 
-    def run(self, *args):
+    def run_quietly(self, *args: Any) -> Any:
         """fx.Interpreter.run without its progress bar (making one, even disabled, imports
         multiprocessing's locks: a third of a second on a small machine)."""
         self.completed = False
@@ -83,7 +83,7 @@ class _ShapeRecorder(fx.Interpreter):
     def commit(self) -> None:
         """node.meta["netdoctor_shape"] from the last complete run (shapes of a failed run are
         never kept)."""
-        for node in self.module.graph.nodes:
+        for node in self.graph.nodes:  # the module's graph
             node.meta.pop("netdoctor_shape", None)
             if self.completed and node in self.shapes:
                 node.meta["netdoctor_shape"] = self.shapes[node]
@@ -106,7 +106,7 @@ class _Stub(NamedTuple):
 _OPAQUE = object()  # an output the replay cannot stand in (the leaf itself is run then)
 
 
-def _stub(value):
+def _stub(value: Any) -> Any:
     if type(value) is torch.Tensor or type(value) is nn.Parameter:
         return _Stub(tuple(value.shape), value.dtype, value.device)
     if type(value) in (tuple, list):  # not namedtuples (a PackedSequence's values matter)
@@ -117,7 +117,7 @@ def _stub(value):
     return _OPAQUE
 
 
-def _stand_in(stub):
+def _stand_in(stub: Any) -> Any:
     if isinstance(stub, _Stub):
         return torch.zeros(stub.shape, dtype=stub.dtype, device=stub.device)
     if type(stub) in (tuple, list):
@@ -140,7 +140,7 @@ class LeafOutputs:
     def hooks(self) -> list[tuple[nn.Module, Callable]]:
         return [(module, self._record) for module in self.nodes]
 
-    def _record(self, module: nn.Module, args, output) -> None:
+    def _record(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self.calls.setdefault(module, []).append(_stub(output))
 
     def replayable(self, module: nn.Module) -> list | None:
@@ -160,7 +160,7 @@ class _Replay(_ShapeRecorder):
         self.outputs = outputs
         self.pending: dict[nn.Module, Iterator] = {}
 
-    def call_module(self, target, args, kwargs):
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         module = self.fetch_attr(target)
         if module not in self.pending:
             self.pending[module] = iter(self.outputs.replayable(module) or ())
@@ -176,13 +176,13 @@ def replay_shapes(gm: fx.GraphModule, example: torch.Tensor, outputs: LeafOutput
     _record(_Replay(gm, outputs), gm, example)
 
 
-def _record(recorder: Any, gm: fx.GraphModule, example: torch.Tensor) -> None:
+def _record(recorder: _ShapeRecorder, gm: fx.GraphModule, example: torch.Tensor) -> None:
     """Run `recorder` (an interpreter of `gm`) in eval mode without grad, then commit what it
     recorded (nothing when the run raised)."""
     try:
         with preserved_modes(gm), torch.no_grad():
             gm.eval()
-            recorder.run(example)
+            recorder.run_quietly(example)
     finally:
         recorder.commit()
 

@@ -77,6 +77,7 @@ class _Recorder(TorchFunctionMode):
         self.leaf_depth = 0
         self.calls: dict[str, int] = {}
         self.params = {id(p): n for n, p in model.named_parameters()}
+        self.pending_inputs: list[str] = []  # the producers of the open leaf call's inputs
 
     # -- bookkeeping -------------------------------------------------------------------
     def unique(self, base: str) -> str:
@@ -168,15 +169,15 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
     failed: list[tuple[nn.Module, list[tuple[int, ...]]]] = []
     seen_leaf: list[int] = []
 
-    def pre(mod, args):
+    def pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
         stack.append((mod, tensor_shapes(args)))
         if mod in leaves:
             if rec.leaf_depth == 0:
                 seen_leaf.append(len(stack))
-                rec._pending_inputs = rec.inputs_of(args)  # type: ignore[attr-defined]
+                rec.pending_inputs = rec.inputs_of(args)
             rec.leaf_depth += 1
 
-    def post(mod, args, out):
+    def post(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if stack:
             stack.pop()
         if mod in leaves:
@@ -187,7 +188,7 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
                     op=module_op(mod),
                     target=f"{type(mod).__module__}.{type(mod).__name__}",
                     module=path,
-                    inputs=getattr(rec, "_pending_inputs", []),
+                    inputs=rec.pending_inputs,
                     params=module_params(mod),
                     attrs=module_attrs(mod),
                     location=prov.site(mod),

@@ -87,6 +87,9 @@ class Graph:
     root_location: Location | None = None  # the model class definition
     notes: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self._succ: dict[str, list[str]] | None = None  # successors by name, built on first use
+
     # -- construction -----------------------------------------------------------------
     def add(self, node: Node) -> Node:
         if node.name in self.nodes:
@@ -113,14 +116,15 @@ class Graph:
         return [n for n in self if n.op == "output"]
 
     def successors(self, name: str) -> list[Node]:
-        if getattr(self, "_succ", None) is None:
-            succ: dict[str, list[str]] = {n: [] for n in self.nodes}
+        succ = self._succ
+        if succ is None:
+            succ = {n: [] for n in self.nodes}
             for n in self:
                 for i in n.inputs:
                     if i in succ:
                         succ[i].append(n.name)
             self._succ = succ
-        return [self.nodes[s] for s in self._succ[name]]
+        return [self.nodes[s] for s in succ[name]]
 
     def predecessors(self, name: str) -> list[Node]:
         return [self.nodes[i] for i in self.nodes[name].inputs if i in self.nodes]

@@ -8,13 +8,18 @@ ND203 judges the same number either way. External data outside the model's folde
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from netdoctor.errors import UserError
 from netdoctor.findings import Location
 from netdoctor.graph.ir import Graph, Node, ParamInfo
+
+if TYPE_CHECKING:
+    import onnx
 
 _OPS = {
     "Conv": "conv",
@@ -83,7 +88,7 @@ _OPS = {
 }
 
 
-def load_model(path: str):
+def load_model(path: str) -> onnx.ModelProto:
     """Read and validate an ONNX file; refuse external data that points outside its folder."""
     import onnx
     from onnx.external_data_helper import uses_external_data
@@ -126,7 +131,7 @@ def load_model(path: str):
     return model
 
 
-def _all_initializers(graph):
+def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
@@ -316,42 +321,44 @@ def _folded_batchnorm(conv: Node, extra: dict) -> Node:
     )
 
 
-def _weights_of(node: Node, proto, weights: dict[str, np.ndarray]) -> None:
+def _weights_of(node: Node, proto: onnx.NodeProto, weights: dict[str, np.ndarray]) -> None:
     """Attach parameter summaries and the constructor-like facts rules read."""
     ins = list(proto.input)
 
     def w(i: int) -> np.ndarray | None:
         return weights.get(ins[i]) if len(ins) > i else None
 
+    w0, w1, w2 = w(0), w(1), w(2)
+    matmul_w = w1 if w1 is not None else w0
     op = proto.op_type
-    if op in ("Conv", "ConvTranspose") and w(1) is not None:
-        W = w(1)
+    if op in ("Conv", "ConvTranspose") and w1 is not None:
+        W = w1
         node.params["weight"] = _param(W)
-        if w(2) is not None:
-            node.params["bias"] = _param(w(2))
+        if w2 is not None:
+            node.params["bias"] = _param(w2)
         group = int(node.attrs.get("group", 1))
         node.attrs.update(
             out_channels=int(W.shape[0]),
             in_channels=int(W.shape[1]) * group,
             kernel_size=tuple(int(k) for k in W.shape[2:]),
             groups=group,
-            has_bias=w(2) is not None,
+            has_bias=w2 is not None,
             type=f"Conv{max(1, W.ndim - 2)}d",
         )
-    elif op == "Gemm" and w(1) is not None:
-        W = w(1)
+    elif op == "Gemm" and w1 is not None:
+        W = w1
         W = W if node.attrs.get("transB", 0) else W.T
         node.params["weight"] = _param(W)
-        if w(2) is not None:
-            node.params["bias"] = _param(w(2))
+        if w2 is not None:
+            node.params["bias"] = _param(w2)
         node.attrs.update(
             out_features=int(W.shape[0]),
             in_features=int(W.shape[1]),
-            has_bias=w(2) is not None,
+            has_bias=w2 is not None,
             type="Linear",
         )
-    elif op == "MatMul" and (w(1) is not None or w(0) is not None):
-        W = (w(1) if w(1) is not None else w(0)).T  # stored (in, out): report (out, in)
+    elif op == "MatMul" and matmul_w is not None:
+        W = matmul_w.T  # stored (in, out): report (out, in)
         node.op = "linear"
         node.params["weight"] = _param(W)
         node.attrs.update(
@@ -370,16 +377,16 @@ def _weights_of(node: Node, proto, weights: dict[str, np.ndarray]) -> None:
             track_running_stats=True,
             type="BatchNormalization",
         )
-        if w(1) is not None:
-            node.params["weight"] = _param(w(1))
-            node.attrs["num_features"] = int(w(1).shape[0])
-        if w(2) is not None:
-            node.params["bias"] = _param(w(2))
-    elif op == "Gather" and w(0) is not None and w(0).ndim == 2:
+        if w1 is not None:
+            node.params["weight"] = _param(w1)
+            node.attrs["num_features"] = int(w1.shape[0])
+        if w2 is not None:
+            node.params["bias"] = _param(w2)
+    elif op == "Gather" and w0 is not None and w0.ndim == 2:
         node.op = "embedding"
-        node.params["weight"] = _param(w(0))
+        node.params["weight"] = _param(w0)
     elif op in ("LayerNormalization", "GroupNormalization", "InstanceNormalization"):
-        if w(1) is not None:
-            node.params["weight"] = _param(w(1))
-    elif op == "Add" and (w(0) is not None or w(1) is not None):
+        if w1 is not None:
+            node.params["weight"] = _param(w1)
+    elif op == "Add" and (w0 is not None or w1 is not None):
         node.attrs["bias_add"] = True

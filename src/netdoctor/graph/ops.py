@@ -6,10 +6,13 @@ Shared by the fx frontend and the hook fallback so both produce the same IR.
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from netdoctor.graph.ir import ParamInfo
 
 _MODULE_OPS: list[tuple[tuple[type, ...], str]] = [
     (
@@ -304,7 +307,7 @@ def module_attrs(module: nn.Module) -> dict[str, Any]:
     return attrs
 
 
-def param_info(tensor: torch.Tensor) -> ParamInfo:  # noqa: F821 - imported lazily
+def param_info(tensor: torch.Tensor) -> ParamInfo:
     from netdoctor.graph.ir import ParamInfo
 
     with torch.no_grad():

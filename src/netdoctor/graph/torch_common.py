@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import FrameType
 
 from torch import nn
 
@@ -90,7 +91,7 @@ def record_unregistered(graph: Graph, model: nn.Module, prov: Provenance) -> dic
 
 def user_frame_location(depth: int = 2) -> Location | None:
     """The innermost line of user code on the current stack (for functional ops in forward)."""
-    frame = sys._getframe(depth)
+    frame: FrameType | None = sys._getframe(depth)
     while frame is not None:
         if not _is_internal(frame.f_code.co_filename):
             return Location(os.path.abspath(frame.f_code.co_filename), frame.f_lineno)

@@ -283,6 +283,6 @@ def op_label(node: Node) -> str:
         return f"{node.module} ({node.attrs.get('type', node.op)})"
     loc = call_site(node)
     text = source_line(loc)
-    if text:
+    if text and loc is not None:  # (a source line comes from a location)
         return f"the {node.op} in `{text}` (line {loc.line})"
     return f"{node.op} ({node.name})"

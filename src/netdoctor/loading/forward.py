@@ -118,8 +118,8 @@ def model_device(model: nn.Module) -> torch.device:
     watched while it trains on a GPU)."""
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -135,7 +135,7 @@ def example_input(
 
 def run_forward(
     model: nn.Module, x: torch.Tensor, extra_modules: dict[str, nn.Module] | None = None
-):
+) -> Any:
     """Forward `x` in eval mode without grad; raise ForwardFailure naming the failing submodule."""
     names = {m: n for n, m in model.named_modules()}
     for n, m in (extra_modules or {}).items():
@@ -144,10 +144,10 @@ def run_forward(
     stack: list[tuple[nn.Module, list[tuple[int, ...]]]] = []
     failed: list[tuple[nn.Module, list[tuple[int, ...]]]] = []
 
-    def pre(mod, args):
+    def pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
         stack.append((mod, tensor_shapes(args)))
 
-    def post(mod, args, out):
+    def post(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if stack:
             stack.pop()
 

@@ -18,7 +18,9 @@ import os
 import sys
 import textwrap
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,8 +68,8 @@ class Provenance:
         originals = {base: base.__dict__["__init__"] for base in bases}
         prov = self
 
-        def wrap(original):
-            def __init__(self_obj, *args, **kwargs):  # noqa: N807 - mirrors the base class
+        def wrap(original: Callable[..., None]) -> Callable[..., None]:
+            def __init__(self_obj: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807
                 original(self_obj, *args, **kwargs)
                 loc = _construction_site(self_obj)
                 if loc is not None:
@@ -76,12 +78,12 @@ class Provenance:
             return __init__
 
         for base, original in originals.items():
-            base.__init__ = wrap(original)  # type: ignore[method-assign]
+            base.__init__ = wrap(original)  # type: ignore[misc]  # patching the class on purpose
         try:
             yield self
         finally:
             for base, original in originals.items():
-                base.__init__ = original  # type: ignore[method-assign]
+                base.__init__ = original  # type: ignore[misc]  # restoring it
 
 
 def _is_internal(filename: str) -> bool:
@@ -91,14 +93,14 @@ def _is_internal(filename: str) -> bool:
 _LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 
 
-def user_frame(depth: int = 1):
+def user_frame(depth: int = 1) -> FrameType | None:
     """The innermost frame of the user's own code in the current call stack: past torch,
     netdoctor, the standard library's runpy/contextlib and installed packages (a trainer
     library's frames), or None."""
     import runpy
 
     skip = _SKIP_PREFIXES + (os.path.dirname(runpy.__file__),)
-    frame = sys._getframe(depth)
+    frame: FrameType | None = sys._getframe(depth)
     library = None
     while frame is not None:
         name = frame.f_code.co_filename
@@ -119,7 +121,7 @@ def user_location(depth: int = 1) -> Location | None:
 
 
 def _construction_site(module: nn.Module) -> Location | None:
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
         if _is_internal(code.co_filename):
@@ -157,7 +159,8 @@ def assignment_site(root: nn.Module, name: str) -> Location | None:
             parent = root.get_submodule(".".join(parts[:-1]))
         except AttributeError:
             return None
-        loc = _attribute_line(type(parent), parts[-1])
+        cls: type = type(parent)  # the cache key (as type[Module], mypy misreads its __hash__)
+        loc = _attribute_line(cls, parts[-1])
         if loc is not None:
             return loc
         parts = parts[:-1]
@@ -187,13 +190,12 @@ def _attribute_line(cls: type, attr: str) -> Location | None:
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(fn):
-                targets = (
-                    node.targets
-                    if isinstance(node, ast.Assign)
-                    else [node.target]
-                    if isinstance(node, ast.AnnAssign)
-                    else []
-                )
+                if isinstance(node, ast.Assign):
+                    targets = node.targets
+                elif isinstance(node, ast.AnnAssign):
+                    targets = [node.target]
+                else:
+                    continue
                 if any(
                     isinstance(t, ast.Attribute)
                     and t.attr == attr

@@ -16,11 +16,15 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from netdoctor.errors import UserError
 from netdoctor.findings import Location
 from netdoctor.loading.seeding import DEFAULT_SEED, seeded
+
+if TYPE_CHECKING:
+    from torch import nn
 
 SKIP_DIRS = {
     ".git",
@@ -160,7 +164,7 @@ def load(spec: str, kwargs: dict[str, Any] | None = None, seed: int = DEFAULT_SE
 # -- importing ---------------------------------------------------------------------------------
 
 
-def _import(where: str):
+def _import(where: str) -> tuple[ModuleType, str | None]:
     """Import a .py file by path or a dotted module by name; return (module, source path)."""
     looks_like_file = where.endswith(".py") or os.sep in where or "/" in where
     if looks_like_file:
@@ -191,7 +195,7 @@ def _import(where: str):
     return module, getattr(module, "__file__", None)
 
 
-def _import_file(path: Path):
+def _import_file(path: Path) -> ModuleType:
     resolved = path.resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
     mod_name = f"_netdoctor_user_{resolved.stem}_{digest}"
@@ -204,7 +208,7 @@ def _import_file(path: Path):
     if spec is None or spec.loader is None:
         raise UserError(f"{path}: cannot be imported as a Python file")
     module = importlib.util.module_from_spec(spec)
-    module.__netdoctor_stamp__ = stamp
+    module.__dict__["__netdoctor_stamp__"] = stamp
     sys.modules[mod_name] = module
     folder = str(resolved.parent)
     added = folder not in sys.path
@@ -264,7 +268,7 @@ def required_params(cls_or_fn) -> list[str]:
     ]
 
 
-def _build(obj: Any, name: str, where: str, kwargs: dict[str, Any]):
+def _build(obj: Any, name: str, where: str, kwargs: dict[str, Any]) -> nn.Module:
     from torch import nn
 
     if isinstance(obj, nn.Module):
@@ -325,7 +329,6 @@ def _discover(path: Path, result: LoadResult, seed: int) -> None:
     if path.suffix == ".onnx":
         result.onnx_files.append(str(path))
         return
-    from torch import nn
 
     from netdoctor.loading.provenance import Provenance
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import sys
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import torch
@@ -70,7 +71,7 @@ _CONV = (nn.modules.conv._ConvNd,)
 class _Site:
     __slots__ = ("active", "pending", "previous", "trace", "unit_axis")
 
-    def __init__(self, trace: ActivationTrace, unit_axis: int | None):
+    def __init__(self, trace: ActivationTrace, unit_axis: int | None) -> None:
         self.trace = trace
         self.active: torch.Tensor | None = None
         self.previous: tuple[torch.Tensor, int] | None = None  # the last full window (watcher)
@@ -79,7 +80,7 @@ class _Site:
 
 
 class _Mode(TorchFunctionMode):
-    def __init__(self, recorder: ActivationRecorder):
+    def __init__(self, recorder: ActivationRecorder) -> None:
         super().__init__()
         self.recorder = recorder
 
@@ -103,7 +104,7 @@ class ActivationRecorder:
     Use as `with recorder.attached(): ... with recorder.forward(): out = model(x)`; hooks are
     removed on exit whatever happens."""
 
-    def __init__(self, model: nn.Module, sites: dict[str, Location] | None = None):
+    def __init__(self, model: nn.Module, sites: dict[str, Location] | None = None) -> None:
         self.model = model
         self.names: dict[nn.Module, str] = {}
         self.types: dict[str, str] = {}
@@ -158,16 +159,18 @@ class ActivationRecorder:
         self.stack.append(name)
         self.calls[name] = self.calls.get(name, 0) + 1
 
-    def _pre(self, name: str):
-        def hook(mod, args):
+    def _pre(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
             self.enter(name)
 
         return hook
 
-    def _post(self, name: str, module: nn.Module):
+    def _post(
+        self, name: str, module: nn.Module
+    ) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         has_params = any(True for _ in module.parameters(recurse=False))
 
-        def hook(mod, args, out):
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             if self.stack:
                 self.stack.pop()
             if isinstance(out, torch.Tensor) and self.producer_of(out) is None:
@@ -220,6 +223,7 @@ class ActivationRecorder:
     def _observe(self, kind: str, inp: Any, out: torch.Tensor) -> None:
         top = self.stack[-1] if self.stack else ""
         top_mod = self._module(top)
+        key: tuple[Any, ...]  # ("module", name, call) or ("func", module, file, line, call)
         if isinstance(top_mod, _ACT_MODULES):
             count = self.calls.get(top, 1)
             key = ("module", top, count)
@@ -237,7 +241,7 @@ class ActivationRecorder:
                 )
                 site = self._new_site(key, trace, producer)
         else:
-            frame = sys._getframe(2)
+            frame: FrameType | None = sys._getframe(2)
             while frame is not None and _is_internal(frame.f_code.co_filename):
                 frame = frame.f_back
             where = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("?", 0)

@@ -74,7 +74,7 @@ def _fully_masked_rows(mask: Any, rows_dim: int = -1) -> tuple[int, int] | None:
     return int(rows.sum()), int(rows.numel())
 
 
-def explain_producer(module: nn.Module, args: tuple, kwargs: dict) -> str:
+def explain_producer(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """Why a module is known to produce NaN from finite inputs, when its arguments show it."""
     if isinstance(module, nn.MultiheadAttention):
         key_mask = kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None)
@@ -128,9 +128,12 @@ def localize_forward(
             )
     found: list[NonFinite] = []
     bad_modules: list[str] = []
-    inputs_ok: dict[int, list[tuple[bool, dict | None]]] = {}
+    # per module call: (inputs all finite, input statistics, args, kwargs)
+    inputs_ok: dict[
+        int, list[tuple[bool, dict[str, Any] | None, tuple[Any, ...], dict[str, Any]]]
+    ] = {}
 
-    def pre(mod, args, kwargs):
+    def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         t = main_output(args)
         inputs_ok.setdefault(id(mod), []).append(
             (
@@ -141,7 +144,7 @@ def localize_forward(
             )
         )
 
-    def post(mod, args, out):
+    def post(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         stack = inputs_ok.get(id(mod))
         entry = stack.pop() if stack else (True, None, (), {})
         out_ok = _all_finite(out)
@@ -188,8 +191,10 @@ def localize_forward(
         with torch.no_grad():
             if callable(loss):
                 value = loss(out)
-            else:
+            elif y is not None:  # the probe's loss, by name, on its targets
                 value, _ = compute_loss(loss, logits.float(), y)
+            else:
+                value = None
         if value is not None and not bool(torch.isfinite(value).all()):
             what = f"the {loss} loss" if isinstance(loss, str) else "the loss"
             return NonFinite(

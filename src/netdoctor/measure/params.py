@@ -26,7 +26,8 @@ def is_sharded(t: torch.Tensor) -> bool:
 def local(t: torch.Tensor) -> torch.Tensor:
     """What this rank holds of `t`: a DTensor's local shard (measuring it needs no collective:
     a norm or a host sync of a DTensor would all-reduce over the user's mesh), else `t`."""
-    return t.to_local() if is_sharded(t) else t
+    # a DTensor is a torch.Tensor subclass with to_local() (torch.distributed.tensor.DTensor)
+    return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
 
 
 class ParamMeter:
@@ -38,7 +39,7 @@ class ParamMeter:
     step measured: a copy into them costs less than a fresh allocation); the watcher clears it
     when the next step is not measured, so no copy of the weights stays between deep steps."""
 
-    def __init__(self, named: list[tuple[str, nn.Parameter]], module_types: dict[str, str]):
+    def __init__(self, named: list[tuple[str, nn.Parameter]], module_types: dict[str, str]) -> None:
         self.params = [p for _, p in named]
         self.traces = [
             ParamTrace(

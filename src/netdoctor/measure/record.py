@@ -15,12 +15,37 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from netdoctor.findings import Location
 
 if TYPE_CHECKING:
     import torch
+
+
+class RunConfig(Protocol):
+    """What the rules read of `TrainingRun.config`: the fields the probe's `ProbeConfig` and the
+    watcher's `LoopConfig` share (each has more, read where only that one is possible)."""
+
+    @property
+    def optimizer(self) -> str: ...  # "sgd" (the probe) or the class name ("SGD", a watched run)
+    @property
+    def learning_rate(self) -> float: ...
+    @property
+    def momentum(self) -> float | None: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def loss(self) -> str: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def batch_size(self) -> int | None: ...
+    @property
+    def seed(self) -> int | None: ...
+    @property
+    def window(self) -> float: ...
+    def describe(self) -> str: ...
 
 
 @dataclass
@@ -104,7 +129,7 @@ class NonFinite:
 class TrainingRun:
     """Everything one measured training run saw (read by the ND4xx rules through ctx.run)."""
 
-    config: Any  # ProbeConfig, or the watcher's settings (see the module docstring)
+    config: RunConfig  # ProbeConfig, or the watcher's LoopConfig (see the module docstring)
     device: str
     target: str = ""
     steps_run: int = 0

@@ -19,13 +19,20 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from netdoctor.loading.forward import preserved_modes
-from netdoctor.probe.engine import ProbeConfig, resolve_device
+from netdoctor.measure.record import TrainingRun
+from netdoctor.probe.config import ProbeConfig, probe_config
+from netdoctor.probe.engine import resolve_device
+
+if TYPE_CHECKING:
+    from netdoctor.data.base import DataSource
 
 DEFAULT_BUDGET_S = 60.0
 MIN_STEPS = 10  # the loss-trend rules (ND407, ND409) need this many
@@ -120,7 +127,7 @@ def measure_forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> 
 
 def plan(
     model: nn.Module,
-    source,
+    source: DataSource,
     config: ProbeConfig,
     deadline: float,
     budget_s: float,
@@ -195,7 +202,7 @@ def plan(
     )
 
 
-def steps_note(requested: int, run, budget_s: float) -> str | None:
+def steps_note(requested: int, run: TrainingRun, budget_s: float) -> str | None:
     """A note when the budget cut the probe's steps."""
     done = run.config.steps
     if done >= requested:
@@ -211,12 +218,12 @@ def steps_note(requested: int, run, budget_s: float) -> str | None:
     return note
 
 
-def overfit_fits(plan: Plan, batch: int, notes: list[str]):
+def overfit_fits(plan: Plan, batch: int, notes: list[str]) -> Callable[[TrainingRun], bool]:
     """The time budget's check before the overfit-one-batch run: it runs when, after it, one
     re-run of the probe's length is still left for the verified fix."""
 
-    def decide(run) -> bool:
-        cfg = run.config
+    def decide(run: TrainingRun) -> bool:
+        cfg = probe_config(run)
         if not cfg.overfit_steps:
             return False
         per_step = run.timings.get("train_s", 0.0) / max(1, run.steps_run)

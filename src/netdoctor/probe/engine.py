@@ -12,7 +12,7 @@ batches from a `netdoctor.data.DataSource` (fed exactly as the source serves the
 * the first non-finite value: the step and the module that produced it (`localize_forward`), or
   the first parameter whose gradient went non-finite;
 * train- vs eval-mode outputs at the end (BatchNorm running statistics), and a separate
-  overfit-one-batch run on a fresh copy.
+  overfit-one-batch run on a fresh copy (`netdoctor.probe.end_checks`).
 
 Instrumentation is hooks on the probe's own copy plus a TorchFunctionMode around each forward;
 both are always removed (finally). The user's model object is never modified.
@@ -25,15 +25,15 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from netdoctor.errors import UserError
 from netdoctor.findings import Location
-from netdoctor.loading.forward import main_output, preserved_buffers, preserved_modes
+from netdoctor.loading.forward import main_output
 from netdoctor.measure.activations import ActivationRecorder
 from netdoctor.measure.nonfinite import first_bad_grad, localize_forward, rng_state, tensor_stats
 from netdoctor.measure.params import ParamMeter
@@ -47,75 +47,16 @@ from netdoctor.measure.targets import (
     compute_loss,
     num_outputs,
 )
+from netdoctor.probe.config import ProbeConfig
+from netdoctor.probe.end_checks import overfit_one_batch, train_eval_gap
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-LOSSES = ("cross_entropy", "mse", "bce")
-DEVICES = ("auto", "cpu", "cuda")
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
-# Defaults (see the probe command's help and docs/probe defaults): measured so that the default
-# probe of a LeNet-size model finishes in a few seconds on a laptop CPU.
-DEFAULT_STEPS = 100
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
-DEFAULT_MOMENTUM = 0.9
+    from netdoctor.data.base import DataSource
 
-
-@dataclass
-class ProbeConfig:
-    steps: int = DEFAULT_STEPS
-    batch_size: int = DEFAULT_BATCH_SIZE
-    lr: float | None = None  # None: DEFAULT_LR[optimizer]
-    optimizer: str = "sgd"
-    momentum: float = DEFAULT_MOMENTUM  # SGD only
-    weight_decay: float = 0.0
-    loss: str = "cross_entropy"
-    seed: int = 0
-    device: str = "auto"
-    window: float = 0.5  # share of the last steps over which units must be active to be alive
-    overfit_steps: int = 50  # 0: no overfit-one-batch run
-    overfit_samples: int = 16
-    overfit_lr: float = 1e-3  # Adam, independent of the probe's optimizer (Karpathy's recipe)
-    settle_batches: int = 8  # batches that re-estimate BatchNorm statistics for the train/eval
-    # check (0: no check)
-    batch_limit: int | None = None  # the time budget's cap on samples per step (the first ones
-    # of each batch); None: batches as served
-    requested_steps: int | None = None  # set when the time budget cut `steps` short
-
-    @property
-    def learning_rate(self) -> float:
-        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.optimizer]
-
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r} (use {', '.join(OPTIMIZERS)})")
-        if self.loss not in LOSSES:
-            raise UserError(f"unknown loss {self.loss!r} (use {', '.join(LOSSES)})")
-        if self.device not in DEVICES:
-            raise UserError(f"unknown device {self.device!r} (use {', '.join(DEVICES)})")
-        if self.steps < 1:
-            raise UserError(f"--steps must be at least 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
-
-    def describe(self) -> str:
-        opt = self.optimizer
-        extra = f", momentum {self.momentum:g}" if opt == "sgd" else ""
-        if self.weight_decay:
-            extra += f", weight decay {self.weight_decay:g}"
-        batch = (
-            f"{self.batch_size}"
-            if self.batch_limit is None or self.batch_limit >= self.batch_size
-            else f"{self.batch_limit} (the first of each batch of {self.batch_size})"
-        )
-        return (
-            f"{self.steps} steps of {opt} (lr {self.learning_rate:g}{extra}), batch size "
-            f"{batch}, {self.loss} loss, seed {self.seed}"
-        )
-
-
-# ------------------------------------------------------------------------------ the loop
+#: Whether to run the overfit-one-batch check: yes, no, or decided on the finished run.
+OverfitChoice = bool | Callable[[TrainingRun], bool] | None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,7 +78,7 @@ def make_optimizer(params: list[nn.Parameter], config: ProbeConfig) -> torch.opt
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay or 0.01)
 
 
-def progress_bar(enabled: bool):
+def progress_bar(enabled: bool) -> Progress | None:
     if not enabled:
         return None
     from rich.console import Console
@@ -159,15 +100,15 @@ def _train_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def run_probe(
     model: nn.Module,
-    source,
+    source: DataSource,
     config: ProbeConfig,
     *,
     sites: dict[str, Location] | None = None,
     instrument: bool = True,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    progress: Any = None,
+    progress: Progress | None = None,
     label: str = "probe",
-    overfit: Any = None,
+    overfit: OverfitChoice = None,
     train_eval: bool | None = None,
     budget_s: float | None = None,
 ) -> TrainingRun:
@@ -220,16 +161,16 @@ def steps_that_fit(done: int, elapsed: float, step_s: float, budget_s: float, mo
 
 def _run_probe(
     model: nn.Module,
-    source,
+    source: DataSource,
     config: ProbeConfig,
     device: torch.device,
     *,
     sites: dict[str, Location] | None,
     instrument: bool,
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
-    progress: Any,
+    progress: Progress | None,
     label: str,
-    overfit: Any,
+    overfit: OverfitChoice,
     train_eval: bool | None,
     budget_s: float | None,
 ) -> TrainingRun:
@@ -358,7 +299,7 @@ def _run_probe(
                 run.steps_run = step + 1
                 if not math.isfinite(loss_v) or bad_grad:
                     run.stopped = "non-finite"
-                    if instrument:
+                    if meter is not None and recorder is not None:  # instrumented
                         if not math.isfinite(loss_v):
                             run.nonfinite = localize_forward(
                                 net, x, y, config.loss, step + 1, rng, device
@@ -384,12 +325,12 @@ def _run_probe(
                     if step < 2:
                         steps = steps_that_fit(step + 1, elapsed, step_s, budget_s, config.steps)
                         window_start = _window_start(steps, config.window)
-                        if task is not None:
+                        if progress is not None and task is not None:
                             progress.update(task, total=steps)
-                if task is not None:
+                if progress is not None and task is not None:
                     progress.update(task, advance=1)
     finally:
-        if task is not None:
+        if progress is not None and task is not None:
             progress.remove_task(task)
     run.timings["train_s"] = time.perf_counter() - t0
     if steps != config.steps:
@@ -435,167 +376,3 @@ def _run_probe(
         )
         run.timings["overfit_s"] = time.perf_counter() - t1
     return run
-
-
-# ------------------------------------------------------------------------------ end-of-run checks
-
-
-def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and m.track_running_stats
-        and m.running_mean is not None
-    ]
-
-
-def train_eval_gap(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    loss: str,
-    settle: Iterator[torch.Tensor] | None = None,
-) -> dict[str, Any] | None:
-    """Outputs on one batch with BatchNorm in train mode (batch statistics) vs eval mode
-    (running statistics); dropout stays off in both. Buffers and momenta are restored.
-
-    First the running statistics are re-estimated for the final weights from a few batches
-    (`settle`): layers with momentum > 0 average them (as they would after more training),
-    layers with momentum 0 cannot update, which is the point. So the gap measures running
-    statistics that cannot follow the data (momentum 0, tiny or unrepresentative batches), not
-    the lag behind weights that changed during a short probe."""
-    bns = _bn_layers(model)
-    if not bns:
-        return None
-    moms = {n: m.momentum for n, m in bns}
-    per_layer: dict[str, float] = {}
-
-    def stat_hook(name, m):
-        def hook(mod, args):
-            t = args[0].detach().float() if args and isinstance(args[0], torch.Tensor) else None
-            if t is None or t.dim() < 2:
-                return
-            dims = [d for d in range(t.dim()) if d != 1]
-            mean = t.mean(dim=dims)
-            var = t.var(dim=dims, unbiased=False)
-            rm, rv = mod.running_mean.float(), mod.running_var.float()
-            z = ((mean - rm).abs() / (var + mod.eps).sqrt()).mean()
-            r = ((var + mod.eps) / (rv + mod.eps)).log().abs().mean()
-            per_layer[name] = float(z + r)
-
-        return hook
-
-    handles = []
-    settled = 0
-    try:
-        with preserved_modes(model), preserved_buffers([m for _, m in bns]), torch.no_grad():
-            model.eval()
-            if settle is not None:
-                for _, m in bns:
-                    m.train()
-                    if m.momentum != 0:
-                        m.reset_running_stats()
-                        m.momentum = None  # cumulative average over the settle batches
-                for xs in settle:
-                    model(xs)
-                    settled += 1
-                for n, m in bns:
-                    m.momentum = moms[n]
-                    m.eval()
-            out_eval = main_output(model(x))
-            for name, m in bns:
-                m.train()
-                handles.append(m.register_forward_pre_hook(stat_hook(name, m)))
-            out_train = main_output(model(x))
-    finally:
-        for h in handles:
-            h.remove()
-        for n, m in bns:
-            m.momentum = moms[n]
-    if out_eval is None or out_train is None:
-        return None
-    a, b = out_train.float(), out_eval.float()
-    gap = (
-        float((a - b).norm() / (a.norm() + 1e-12))
-        if bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
-        else float("inf")
-    )
-    res: dict[str, Any] = {
-        "relative_gap": gap,
-        "bn_layers": [n for n, _ in bns],
-        "layer_mismatch": per_layer,
-        "momentum": moms,
-        "settle_batches": settled,
-    }
-    try:
-        lt, ct = compute_loss(loss, a, y)
-        le, ce = compute_loss(loss, b, y)
-        res.update(loss_train_mode=float(lt), loss_eval_mode=float(le))
-        if ct is not None:
-            n = y.numel()
-            res.update(accuracy_train_mode=float(ct) / n, accuracy_eval_mode=float(ce) / n)
-    except Exception:  # the gap itself is what matters
-        pass
-    return res
-
-
-def overfit_one_batch(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    config: ProbeConfig,
-    device: torch.device,
-    progress: Any = None,
-) -> dict[str, Any] | None:
-    """Karpathy's check: a fresh copy trained on one small fixed batch with Adam must drive the
-    loss far down. Independent of the probe's optimizer and lr, so it tests the model and the
-    data/loss wiring, not the hyperparameters."""
-    n = min(config.overfit_samples, x.shape[0])
-    xb, yb = x[:n], y[:n]
-    torch.manual_seed(config.seed)
-    net = copy.deepcopy(model).to(device)
-    net.train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=config.overfit_lr)
-    losses: list[float] = []
-    acc = None
-    task = (
-        progress.add_task("overfit one batch", total=config.overfit_steps)
-        if progress is not None
-        else None
-    )
-    try:
-        for _ in range(config.overfit_steps):
-            opt.zero_grad(set_to_none=True)
-            logits = main_output(net(xb))
-            if logits is None:
-                return None
-            loss, correct = compute_loss(config.loss, logits.float(), yb)
-            v = float(loss.detach())
-            losses.append(v)
-            if correct is not None:
-                acc = float(correct) / yb.numel()
-            if not math.isfinite(v):
-                break
-            loss.backward()
-            opt.step()
-            if task is not None:
-                progress.update(task, advance=1)
-    finally:
-        if task is not None:
-            progress.remove_task(task)
-    if not losses:
-        return None
-    best = min((v for v in losses if math.isfinite(v)), default=float("nan"))
-    return {
-        "samples": n,
-        "steps": len(losses),
-        "lr": config.overfit_lr,
-        "optimizer": "adam",
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "loss_min": best,
-        "accuracy": acc,
-        "losses": losses,
-    }

@@ -9,10 +9,12 @@ from typing import Any
 
 from netdoctor.measure.record import TrainingRun
 from netdoctor.measure.summary import gradient_flow, mean
+from netdoctor.probe.config import probe_config
 
 
 def measurements(run: TrainingRun) -> dict[str, Any]:
     """What the JSON report carries (and the text report draws)."""
+    config = probe_config(run)
     acts = []
     for a in run.activations:
         w = a.window_steps or run.window
@@ -40,20 +42,18 @@ def measurements(run: TrainingRun) -> dict[str, Any]:
         "loss_at_init": run.loss[0] if run.loss else None,
         "chance": run.chance,  # accuracy of always predicting the most common class
         "expected_initial_loss": math.log(c)
-        if c and c > 1 and run.classification and run.config.loss == "cross_entropy"
+        if c and c > 1 and run.classification and config.loss == "cross_entropy"
         else None,
         "probe": {
             "steps": run.steps_run,
-            "steps_requested": run.config.requested_steps or run.config.steps,
-            "batch_size": min(
-                run.config.batch_size, run.config.batch_limit or run.config.batch_size
-            ),
-            "optimizer": run.config.optimizer,
-            "lr": run.config.learning_rate,
-            "momentum": run.config.momentum if run.config.optimizer == "sgd" else None,
-            "weight_decay": run.config.weight_decay,
-            "loss": run.config.loss,
-            "seed": run.config.seed,
+            "steps_requested": config.requested_steps or config.steps,
+            "batch_size": min(config.batch_size, config.batch_limit or config.batch_size),
+            "optimizer": config.optimizer,
+            "lr": config.learning_rate,
+            "momentum": config.momentum if config.optimizer == "sgd" else None,
+            "weight_decay": config.weight_decay,
+            "loss": config.loss,
+            "seed": config.seed,
             "device": run.device,
             "stopped": run.stopped,
             "timings_s": {k: round(v, 3) for k, v in run.timings.items()},

@@ -11,20 +11,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from netdoctor.errors import UserError
 from netdoctor.findings import Location, Report
 from netdoctor.probe.settings import ProbeSettings
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
     from netdoctor.check import CheckOptions
     from netdoctor.data.sample import DataSample
     from netdoctor.data.sources import DataSource, DataSpec
     from netdoctor.loading.target import LoadedModel
     from netdoctor.measure.record import TrainingRun
     from netdoctor.probe.budget import Plan
-    from netdoctor.probe.engine import ProbeConfig
+    from netdoctor.probe.config import ProbeConfig
 
 
 @dataclass
@@ -37,7 +39,7 @@ class _Probe:
     opts: CheckOptions
     settings: ProbeSettings
     report: Report
-    progress: Any  # a rich Progress on a terminal, else None
+    progress: Progress | None  # a rich Progress on a terminal, else None
     deadline: float | None  # time.monotonic() by which the probe should end
     phase_times: dict[str, float] = field(default_factory=dict)  # seconds, for the report
     plan: Plan | None = None  # how the time budget fits (None: no budget)
@@ -65,7 +67,8 @@ def probe_target(
 
     from netdoctor.check import check_loaded
     from netdoctor.data import DataSpec, open_source
-    from netdoctor.probe.engine import ProbeConfig, progress_bar
+    from netdoctor.probe.config import ProbeConfig
+    from netdoctor.probe.engine import progress_bar
 
     started = settings.started or time.monotonic()
     budget_s = settings.time_budget
@@ -168,8 +171,9 @@ def _train_and_diagnose(probe: _Probe) -> TrainingRun:
     import torch
 
     threads = torch.get_num_threads()
+    budget_s = probe.settings.time_budget  # set when there is a deadline
     try:
-        if probe.deadline is not None:
+        if probe.deadline is not None and budget_s is not None:
             from netdoctor.probe.budget import plan
 
             with _phase(probe.progress, "timing a step", probe.phase_times, "plan_s"):
@@ -178,7 +182,7 @@ def _train_and_diagnose(probe: _Probe) -> TrainingRun:
                     probe.source,
                     probe.config,
                     probe.deadline,
-                    probe.settings.time_budget,
+                    budget_s,
                     batch_given=probe.settings.batch_given,
                 )
             if probe.plan.one_thread:
@@ -226,10 +230,11 @@ def _run_and_diagnose(probe: _Probe) -> TrainingRun:
             f"the model raised during the probe's training step: {type(e).__name__}: {first}"
         ) from e
     report.notes.append(f"probe: {run.config.describe()}")
-    if probe.deadline is not None:
+    budget_s = probe.settings.time_budget  # set when there is a deadline
+    if probe.deadline is not None and budget_s is not None:
         from netdoctor.probe.budget import steps_note
 
-        note = steps_note(requested, run, probe.settings.time_budget)
+        note = steps_note(requested, run, budget_s)
         if note:
             report.notes.append(note)
     run.target = loaded.target
@@ -270,7 +275,7 @@ def _run_and_diagnose(probe: _Probe) -> TrainingRun:
 
 @contextmanager
 def _phase(
-    progress: Any, label: str, times: dict[str, float] | None = None, key: str = ""
+    progress: Progress | None, label: str, times: dict[str, float] | None = None, key: str = ""
 ) -> Iterator[None]:
     """A phase without steps: a spinner line (only on a terminal), and its wall time."""
     task = progress.add_task(label, total=None) if progress is not None else None
@@ -280,7 +285,7 @@ def _phase(
     finally:
         if times is not None and key:
             times[key] = time.perf_counter() - t
-        if task is not None:
+        if progress is not None and task is not None:
             progress.remove_task(task)
 
 

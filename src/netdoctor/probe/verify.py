@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,9 +29,15 @@ from torch import nn
 from netdoctor.findings import Finding, Report, Severity
 from netdoctor.measure.record import TrainingRun
 from netdoctor.measure.summary import learned_well
+from netdoctor.probe.config import probe_config
 from netdoctor.probe.engine import run_probe
 from netdoctor.rules.engine import RuleSettings, remedy_for, symptom_for
 from netdoctor.rules.verification import Remedy, RemedyContext, Symptom, conflicts, lr_text
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from netdoctor.data.base import DataSource
 
 MAX_REMEDIES = 3
 LR_RETRIES = 2
@@ -65,11 +71,11 @@ class Attempt:
 
 def verify(
     model: nn.Module,
-    source,
+    source: DataSource,
     run: TrainingRun,
     report: Report,
     rules: RuleSettings,
-    progress: Any = None,
+    progress: Progress | None = None,
     deadline: float | None = None,
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """Re-run the probe with the top fix (and, if needed, the next ranked ones) applied.
@@ -201,10 +207,10 @@ class _Verifier:
     def __init__(
         self,
         model: nn.Module,
-        source,
+        source: DataSource,
         run: TrainingRun,
         symptom: Symptom | None,
-        progress: Any,
+        progress: Progress | None,
         deadline: float | None,
     ):
         self.model, self.source, self.run, self.symptom = model, source, run, symptom
@@ -234,7 +240,7 @@ class _Verifier:
                 if r.model_fn is not None:
                     r.model_fn(net)
         transforms = [r.transform for r in remedies if r.transform is not None]
-        config = replace(self.run.config, steps=steps)
+        config = replace(probe_config(self.run), steps=steps)
         for r in remedies:
             config = r.config(config, lr_times)
         needs_te = bool(self.symptom and self.symptom.needs_train_eval)
@@ -281,7 +287,7 @@ class _Verifier:
         steps = EXTEND * self.steps
         if not self._fits(steps, runs=2):
             return None
-        base = replace(self.run.config, steps=steps)
+        base = replace(probe_config(self.run), steps=steps)
         try:
             self._baselines[steps] = run_probe(
                 self.model,
@@ -304,7 +310,9 @@ class _Verifier:
         return self.symptom.value(self._baselines.get(steps, self.run)) if self.symptom else None
 
 
-def _compose(fns: list[Callable[[torch.Tensor], torch.Tensor]]):
+def _compose(
+    fns: list[Callable[[torch.Tensor], torch.Tensor]],
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
     if not fns:
         return None
 
@@ -336,7 +344,7 @@ def judge(before: dict[str, Any], after: dict[str, Any]) -> str:
         learns = a0 is not None and math.isfinite(a0) and a < (1 - LOSS_GAIN) * a0
         return "improved" if learns else "no"
     loss_gain = (b - a) / abs(b) if b else 0.0
-    solved = acc_gain is not None and ba >= 0.98 and aa >= 0.98
+    solved = ba is not None and aa is not None and ba >= 0.98 and aa >= 0.98
     acc_ok = acc_gain is None or acc_gain >= ACC_GAIN or solved
     # both runs solved the task: a lower loss near zero is noise, not an improvement
     if solved and b - a < SOLVED_LOSS_GAIN:
@@ -362,14 +370,7 @@ def _best(attempts: list[Attempt], symptom: Symptom | None) -> Attempt:
         return gone[0]
     if not ok:
         return attempts[-1]
-    return min(
-        ok,
-        key=lambda a: (
-            a.side.get("loss_last")
-            if a.side.get("loss_last") is not None and math.isfinite(a.side["loss_last"])
-            else math.inf
-        ),
-    )
+    return min(ok, key=lambda a: _finite_or_inf(a.side.get("loss_last")))
 
 
 # ------------------------------------------------------------------------------ the record

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from netdoctor.errors import UserError
+
+if TYPE_CHECKING:
+    from netdoctor.measure.record import TrainingRun
 
 
 def require_matplotlib() -> None:
@@ -16,7 +20,7 @@ def require_matplotlib() -> None:
         ) from None
 
 
-def write_plot(run, path: str, title: str) -> None:
+def write_plot(run: TrainingRun | None, path: str, title: str) -> None:
     """The classic gradient-flow plot (mean and max gradient norm per layer, input -> output)
     next to the loss curve."""
     require_matplotlib()
@@ -25,7 +29,7 @@ def write_plot(run, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from netdoctor.rules.runtime import finite, gradient_flow
+    from netdoctor.measure.summary import finite, gradient_flow
 
     rows = gradient_flow(run) if run is not None else []
     fig, (ax, lx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})

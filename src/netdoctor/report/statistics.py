@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from typing import Any
 
-from netdoctor.findings import Report
+from netdoctor.findings import Finding, Report
 
 
-def counts(reports: list[Report]) -> list[dict]:
+def counts(reports: list[Report]) -> list[dict[str, Any]]:
     """[{"count", "rule", "name", "severity"}], by count (descending), then rule ID."""
     tally: Counter[str] = Counter()
-    first = {}
+    first: dict[str, Finding] = {}
     for report in reports:
         for f in report.findings:
             tally[f.rule] += 1

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Iterable
 from io import StringIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.text import Text
@@ -19,6 +19,9 @@ from rich.text import Text
 from netdoctor.catalogue import RULES
 from netdoctor.findings import Finding, Location, Report, Severity
 from netdoctor.report._common import aggregate_summary, rel_path, summary_phrase
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 GROUP_TITLE = {Severity.ERROR: "errors", Severity.WARNING: "warnings", Severity.INFO: "info"}
@@ -116,8 +119,8 @@ def sparkline(values: list[Any], width: int = SPARK_WIDTH) -> str:
         buckets = [[v] for v in vals]
     else:
         for i in range(width):
-            lo, hi = i * n // width, (i + 1) * n // width
-            buckets.append(vals[lo : max(hi, lo + 1)])
+            start, end = i * n // width, (i + 1) * n // width
+            buckets.append(vals[start : max(end, start + 1)])
     means: list[float | None] = []
     for b in buckets:
         means.append(sum(b) / len(b) if all(math.isfinite(x) for x in b) else None)
@@ -154,7 +157,7 @@ def log_bar(value: float, lo: float, hi: float, width: int = BAR_WIDTH) -> str:
 
 
 class _Printer:
-    def __init__(self, console: Console):
+    def __init__(self, console: Console) -> None:
         self.c = console
 
     def line(self, text: Text | str = "", indent: int = 0, wrap: bool = True) -> None:
@@ -180,12 +183,12 @@ class _Printer:
             piece.rstrip()
             self.line(piece, indent=indent, wrap=False)
 
-    def table(self, table) -> None:
+    def table(self, table: Table) -> None:
         buf = StringIO()
         sub = Console(
             file=buf,
             force_terminal=self.c.is_terminal,
-            color_system=self.c.color_system and "standard",
+            color_system="standard" if self.c.color_system else None,
             width=self.c.width,
             highlight=False,
         )
@@ -337,7 +340,7 @@ def _verified_fix(p: _Printer, v: Any) -> None:
             line.append(" (the loss and accuracy did not improve in this short run)")
     else:
         attempts = v.get("attempts") or []
-        sym = v.get("symptom") if isinstance(v.get("symptom"), dict) else {}
+        sym = _symptom_dict(v)
         if sym.get("present_before") is False:
             line.append(
                 f"the probe showed no {sym.get('name')} problem for it to remove "
@@ -379,9 +382,14 @@ def _verified_fix(p: _Printer, v: Any) -> None:
             if a.get("steps") and a.get("steps") != steps:
                 t.append(f" ({a['steps']} steps)")
         p.line(t, indent=2)
-    sym = v.get("symptom") if isinstance(v.get("symptom"), dict) else {}
+    sym = _symptom_dict(v)
     if not improved and symptom and sym.get("present_before") is not False:
         p.line(Text("before: " + symptom.split(" → ")[0]), indent=2)
+
+
+def _symptom_dict(verified: dict[str, Any]) -> dict[str, Any]:
+    symptom = verified.get("symptom")
+    return symptom if isinstance(symptom, dict) else {}
 
 
 def _report(p: _Printer, report: Report) -> None:

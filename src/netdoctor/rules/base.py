@@ -68,7 +68,7 @@ class RuleOptions:
             if field is None:
                 names = ", ".join(sorted([*known, cls.SEVERITY]))
                 raise UserError(f"{where}: unknown option {key!r} (known: {names})")
-            kind = type(field.default)
+            kind: type = type(field.default)  # every option has a default
             try:
                 if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                     raise ValueError

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from netdoctor.findings import Report
     from netdoctor.measure.record import TrainingRun
+    from netdoctor.probe.config import ProbeConfig
 
 OptionsT = TypeVar("OptionsT", bound=RuleOptions)
 
@@ -141,8 +142,8 @@ class Remedy:
     lr_factor: float | None = None  # multiplies the learning rate
     retry: bool = False  # lr remedies: when no better, scale the lr again (at most twice)
 
-    def config(self, base: Any, times: int = 1) -> Any:
-        """The probe's config with this remedy's learning rate (`base` is a ProbeConfig)."""
+    def config(self, base: ProbeConfig, times: int = 1) -> ProbeConfig:
+        """The probe's config with this remedy's learning rate."""
         if self.lr_factor is None:
             return base
         return replace(base, lr=base.learning_rate * self.lr_factor**times)

@@ -3,8 +3,9 @@ connection (doc: rules/ND101.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import arg_code, diff_fix, insert_args_after, nn_prefix, read
@@ -13,6 +14,9 @@ from netdoctor.graph.walks import standardized_weight
 from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext
+
+if TYPE_CHECKING:
+    import libcst as cst
 
 
 @dataclass(frozen=True)
@@ -95,10 +99,10 @@ def _norm_for(node: Node, prefix: str) -> str | None:
     return None
 
 
-def _norm_from_call(norm: str):
+def _norm_from_call(norm: str) -> Callable[[cst.Call], str]:
     """BatchNorm text whose size reuses the layer's own argument text (`width`, not 128)."""
 
-    def make(call) -> str:
+    def make(call: cst.Call) -> str:
         name, _, size = norm.rpartition("(")
         keyword = "out_channels" if "2d" in name or "3d" in name else "out_features"
         if "1d" in name and "Conv" in str(getattr(call.func, "attr", "")):
@@ -135,15 +139,17 @@ def _batchnorm_fix(chain: list[Node]) -> Fix:
     path = paths.pop()
     source = read(path) or ""
     prefix = nn_prefix(source)
-    inserts, kinds = {}, {}
+    inserts: dict[int, str | Callable[[cst.Call], str]] = {}
+    kinds: dict[int, str] = {}
     for n in hidden:
         norm = _norm_for(n, prefix)
-        if norm is None:
+        if norm is None or n.location is None:  # (every hidden layer has a location here)
             return Fix(summary, snippet or None, "snippet")
+        line = n.location.line or 0  # (no line: an ONNX node, nothing to edit)
         kind = norm.split("(")[0]  # layers sharing a line (a loop) must want the same norm
-        if kinds.setdefault(n.location.line, kind) != kind:
+        if kinds.setdefault(line, kind) != kind:
             return Fix(summary, snippet or None, "snippet")
-        inserts[n.location.line] = _norm_from_call(norm)
+        inserts[line] = _norm_from_call(norm)
     types = tuple(sorted({n.attrs["type"] for n in hidden if n.attrs.get("type")}))
     return diff_fix(summary, path, lambda src: insert_args_after(src, inserts, types), snippet)
 

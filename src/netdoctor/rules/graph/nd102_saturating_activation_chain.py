@@ -72,18 +72,17 @@ def relu_fix(chain: list[Node]) -> Fix:
     snippet = "\n".join(
         f"nn.ReLU(),  # instead of {n.attrs.get('type', n.op)} at {n.label}" for n in chain
     )
-    modules = [n for n in chain if n.module and n.location]
-    paths = {n.location.path for n in modules}
-    if len(modules) != len(chain) or len(paths) != 1:
+    sites = [n.location for n in chain if n.module and n.location]
+    paths = {loc.path for loc in sites}
+    if len(sites) != len(chain) or len(paths) != 1:
         return Fix(summary, snippet, "snippet", safe=False)
     path = paths.pop()
     prefix = nn_prefix(read(path) or "")
+    lines = [loc.line or 0 for loc in sites]  # (no line: an ONNX node, nothing to edit)
     return diff_fix(
         summary,
         path,
-        lambda src: replace_calls(
-            src, [n.location.line for n in modules], ("Sigmoid", "Tanh"), f"{prefix}ReLU()"
-        ),
+        lambda src: replace_calls(src, lines, ("Sigmoid", "Tanh"), f"{prefix}ReLU()"),
         snippet,
         safe=False,
     )

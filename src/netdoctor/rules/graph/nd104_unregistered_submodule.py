@@ -4,6 +4,7 @@ ModuleList/ModuleDict (doc: rules/ND104.md)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 from netdoctor.findings import Finding, Fix, Location, Severity
 from netdoctor.fixes.patch import attribute_line, diff_fix, nn_prefix, read, wrap_attribute
@@ -25,20 +26,16 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
         summary = f"wrap it in nn.{wrapper}: self.{holder.attr} = nn.{wrapper}(...)"
         path = holder.location or holder.owner_location
         empty = "{...}" if wrapper == "ModuleDict" else "[...]"
-        fix = Fix(summary, f"self.{holder.attr} = nn.{wrapper}({empty})", "snippet")
+        snippet = f"self.{holder.attr} = nn.{wrapper}({empty})"
+        fix = Fix(summary, snippet, "snippet")
         if path is not None:
-            prefix = nn_prefix(read(path.path) or "")
-            fix = diff_fix(
-                summary,
-                path.path,
-                lambda src, h=holder, prefix=prefix, wrapper=wrapper: wrap_attribute(
-                    src,
-                    h.attr,
-                    f"{prefix}{wrapper}",
-                    near_line=h.location.line if h.location else None,
-                ),
-                fix.patch,
+            edit = partial(
+                wrap_attribute,
+                attr=holder.attr,
+                wrapper=nn_prefix(read(path.path) or "") + wrapper,
+                near_line=holder.location.line if holder.location else None,
             )
+            fix = diff_fix(summary, path.path, edit, snippet)
         module = f"{holder.owner}.{holder.attr}" if holder.owner else holder.attr
         location = holder.location
         if location is not None and location.line:  # point at `self.layers = [`

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import diff_fix, remove_arg, unwrap_call
-from netdoctor.graph.ir import WEIGHT_OPS
+from netdoctor.graph.ir import WEIGHT_OPS, Node
 from netdoctor.graph.walks import call_site, module_attr, op_label, output_producers
 from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
@@ -38,31 +38,34 @@ _MODULE_TYPES = {
 }
 
 
-def remove_op_fix(node, summary: str, snippet: str, safe: bool = False) -> Fix:
+def remove_op_fix(node: Node, summary: str, snippet: str, safe: bool = False) -> Fix:
     """A diff that takes an op out of the model: drop the nn.Module from its nn.Sequential, or
     replace its call in forward (`F.softmax(x, dim=1)`, `self.act(x)`) by its argument."""
     types = _MODULE_TYPES.get(node.op, (node.attrs.get("type", ""),))
-    if node.module and node.location is not None:
-        line = node.location.line
+    # (a location without a line is an ONNX node's: its file is not edited)
+    location = node.location
+    if node.module and location is not None:
+        path, line = location.path, location.line or 0
 
         def edit(src: str) -> str | None:
             new = remove_arg(src, line, types)
             if new is not None:
                 return new
             attr, site = module_attr(node), call_site(node)
-            if attr and site is not None and site.path == node.location.path:
-                return unwrap_call(src, site.line, (attr,))
+            if attr and site is not None and site.path == path:
+                return unwrap_call(src, site.line or 0, (attr,))
             return None
 
-        fix = diff_fix(summary, node.location.path, edit, snippet, safe=safe)
+        fix = diff_fix(summary, path, edit, snippet, safe=safe)
         if fix.kind == "diff":
             return fix
         site, attr = call_site(node), module_attr(node)
-        if site is not None and attr and site.path != node.location.path:
+        if site is not None and attr and site.path != path:
+            call_line = site.line or 0
             return diff_fix(
                 summary,
                 site.path,
-                lambda src: unwrap_call(src, site.line, (attr,)),
+                lambda src: unwrap_call(src, call_line, (attr,)),
                 snippet,
                 safe=safe,
             )
@@ -70,13 +73,14 @@ def remove_op_fix(node, summary: str, snippet: str, safe: bool = False) -> Fix:
     site = call_site(node)
     if site is not None:
         names = _FUNCTION_NAMES.get(node.op, (node.op,))
+        call_line = site.line or 0
         return diff_fix(
-            summary, site.path, lambda src: unwrap_call(src, site.line, names), snippet, safe=safe
+            summary, site.path, lambda src: unwrap_call(src, call_line, names), snippet, safe=safe
         )
     return Fix(summary, snippet, "snippet", safe=safe)
 
 
-def _where(node) -> str:
+def _where(node: Node) -> str:
     return op_label(node)
 
 
@@ -153,13 +157,14 @@ def remove_output_activation(finding: Finding, context: RemedyContext) -> Remedy
     ND106); a functional softmax/relu in forward needs a code change."""
     from netdoctor.fixes.memory import identity, is_activation_module
 
-    if not is_activation_module(context.model, finding.module):
+    module = finding.module
+    if module is None or not is_activation_module(context.model, module):
         return None  # a functional softmax/relu in forward: a code change
     return Remedy(
         finding.rule,
-        f"{finding.module} removed from the output",
+        f"{module} removed from the output",
         "model",
-        model_fn=identity([finding.module]),
+        model_fn=identity([module]),
     )
 
 

@@ -27,10 +27,10 @@ def _is_depthwise(node: Node) -> bool:
 
 def _dims(node: Node) -> tuple[int, int] | None:
     if node.op == "linear":
-        dims = node.attrs.get("in_features"), node.attrs.get("out_features")
+        a, b = node.attrs.get("in_features"), node.attrs.get("out_features")
     else:
-        dims = node.attrs.get("in_channels"), node.attrs.get("out_channels")
-    return dims if all(isinstance(d, int) for d in dims) else None  # type: ignore[return-value]
+        a, b = node.attrs.get("in_channels"), node.attrs.get("out_channels")
+    return (a, b) if isinstance(a, int) and isinstance(b, int) else None
 
 
 def _is_bottleneck(first: Node, second: Node) -> bool:
@@ -77,7 +77,8 @@ def collapsing_pairs(graph: Graph) -> list[tuple[Node, list[Node], Node]]:
     for first in graph.of_op(*WEIGHT_OPS):
         if first.attrs.get("type") == "Bilinear":
             continue
-        cur, between = first, []
+        cur = first
+        between: list[Node] = []
         while True:
             consumers = data_consumers(graph, cur.name, memo)
             if len(consumers) != 1:
@@ -136,7 +137,7 @@ def _activation_fix(first: Node, second: Node) -> Fix:
     )
     if first.location is None:
         return Fix(summary, snippet, "snippet", safe=False)
-    path, line = first.location.path, first.location.line
+    path, line = first.location.path, first.location.line or 0  # (no line: nothing to edit)
     prefix = nn_prefix(read(path) or "")
     fix = diff_fix(
         summary,
@@ -150,11 +151,12 @@ def _activation_fix(first: Node, second: Node) -> Fix:
     site, attr = call_site(first), module_attr(first)
     if site is not None and attr:
         func = torch_function_prefix(read(site.path) or "")
+        call_line = site.line or 0
         if func:
             return diff_fix(
                 summary,
                 site.path,
-                lambda src: wrap_call(src, site.line, (attr,), f"{func}relu"),
+                lambda src: wrap_call(src, call_line, (attr,), f"{func}relu"),
                 snippet,
                 safe=False,
             )

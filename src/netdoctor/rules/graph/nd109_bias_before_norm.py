@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import diff_fix, set_keyword
@@ -63,13 +64,12 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
         )
         snippet = f"nn.{layer.attrs.get('type', 'Conv2d')}(..., bias=False)"
         types = (layer.attrs["type"],) if layer.attrs.get("type") else ()
+        line = loc.line if loc and loc.line else 0  # (no line: an ONNX node, nothing to edit)
         fix = (
             diff_fix(
                 summary,
                 loc.path if loc else None,
-                lambda src, line=loc.line if loc else 0, types=types: set_keyword(
-                    src, line, types, "bias", "False"
-                ),
+                partial(set_keyword, line=line, type_names=types, key="bias", value="False"),
                 snippet,
             )
             if layer.module

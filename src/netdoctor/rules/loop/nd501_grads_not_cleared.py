@@ -61,10 +61,11 @@ def _zero_grad_fix(step_site: Location | None, draft: bool) -> Fix:
         "optimizer.step()\noptimizer.zero_grad()   # the gradient was consumed: start "
         "the next one from zero\n"
     )
-    if draft or step_site is None or not user_file(step_site):
+    if draft or step_site is None or step_site.line is None or not user_file(step_site):
         return Fix(summary, snippet)
+    line = step_site.line
 
-    def edit(src: str, line: int | None = step_site.line) -> str | None:
+    def edit(src: str) -> str | None:
         receiver = method_receiver(src, line, "step")
         if receiver is None:
             return None

@@ -36,7 +36,7 @@ def check(ctx: LoopContext, options: Options) -> Iterator[Finding]:
         judged = n + o.changed_steps
         if n < min_steps or not judged or n / judged < min_share or not o.n_trainable:
             continue
-        reason = max(o.unchanged_reasons, key=o.unchanged_reasons.get)
+        reason = max(o.unchanged_reasons, key=o.unchanged_reasons.__getitem__)
         message = (
             f"{o.label}.step() ran {judged} times but no parameter changed in {n} of "
             f"them: {_WHY.get(reason, reason)}. The model does not train."

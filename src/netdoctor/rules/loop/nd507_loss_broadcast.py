@@ -18,16 +18,16 @@ if TYPE_CHECKING:
 def check(ctx: LoopContext, options: NoOptions) -> Iterator[Finding]:
     loop = ctx.loop
     for c in loop.loss_calls():
-        if not c.broadcast_calls or c.broadcast_shape is None:
-            continue
         inp, tgt, both = c.input_shape, c.target_shape, c.broadcast_shape
+        if not c.broadcast_calls or both is None or inp is None or tgt is None:
+            continue  # (the watcher records the three shapes together)
         message = (
             f"{c.fn} compared an input of shape {tuple(inp)} with a target of shape "
             f"{tuple(tgt)}: they broadcast to {tuple(both)}, so every prediction is "
             f"compared with every target ({c.broadcast_calls} of {c.calls} calls). The "
             "loss is wrong and the model learns to predict the targets' mean."
         )
-        fix = _broadcast_fix(c, ctx.draft)
+        fix = _broadcast_fix(c, inp, tgt, ctx.draft)
         yield RULE.finding(
             message,
             location=c.site,
@@ -43,10 +43,11 @@ def check(ctx: LoopContext, options: NoOptions) -> Iterator[Finding]:
         )
 
 
-def _broadcast_fix(c: LossCallFacts, draft: bool) -> Fix:
+def _broadcast_fix(
+    c: LossCallFacts, inp: tuple[int, ...], tgt: tuple[int, ...], draft: bool
+) -> Fix:
     from netdoctor.fixes.patch import diff_fix, wrap_call_argument
 
-    inp, tgt = tuple(c.input_shape), tuple(c.target_shape)
     if len(inp) == len(tgt) + 1 and inp[-1] == 1:
         index, suffix, what = 0, ".squeeze(-1)", "squeeze the input's trailing 1"
     elif len(tgt) == len(inp) + 1 and tgt[-1] == 1:
@@ -59,13 +60,18 @@ def _broadcast_fix(c: LossCallFacts, draft: bool) -> Fix:
         if index == 0
         else "loss = criterion(pred, y.view_as(pred))\n"
     )
-    if draft or c.site is None or not user_file(c.site) or suffix == ".view_as(input)":
+    site = c.site
+    if (
+        draft
+        or site is None
+        or site.line is None
+        or not user_file(site)
+        or suffix == ".view_as(input)"
+    ):
         return Fix(summary, snippet)
+    line = site.line
     return diff_fix(
-        summary,
-        c.site.path,
-        lambda src, line=c.site.line: wrap_call_argument(src, line, index, suffix),
-        snippet,
+        summary, site.path, lambda src: wrap_call_argument(src, line, index, suffix), snippet
     )
 
 

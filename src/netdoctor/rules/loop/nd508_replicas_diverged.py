@@ -123,14 +123,11 @@ def _bypass_fix(site: Location | None, draft: bool) -> Fix:
         "loss = criterion(model(x), y)   # model is the DDP wrapper: not model.module(x)\n"
         "# (model.module is fine for evaluation under torch.no_grad())\n"
     )
-    if draft or site is None or not user_file(site):
+    if draft or site is None or site.line is None or not user_file(site):
         return Fix(summary, snippet, safe=False)
+    line = site.line
     return diff_fix(
-        summary,
-        site.path,
-        lambda src, line=site.line: call_wrapper_not_module(src, line),
-        snippet,
-        safe=False,
+        summary, site.path, lambda src: call_wrapper_not_module(src, line), snippet, safe=False
     )
 
 

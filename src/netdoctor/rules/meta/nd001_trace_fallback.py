@@ -14,7 +14,7 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
     out = ctx.outcome
     if out is None or not out.fallback_reason:
         return
-    if out.graph is not None:
+    if out.graph is not None and out.input is not None:  # the hook fallback ran on the input
         how = (
             f"the graph was built from one recorded forward pass on a "
             f"{out.input.describe()} input instead, so branches that input did not take "

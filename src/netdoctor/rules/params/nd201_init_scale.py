@@ -7,6 +7,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import append_to_init, diff_fix, nn_prefix, read
@@ -97,9 +98,10 @@ def init_fix(graph: Graph, layers: list[Node], nonlinearity: str) -> Fix:
     root = graph.root_location
     if root is None or not root.line:
         return Fix(summary, snippet, "snippet")
+    class_line = root.line
     prefix = nn_prefix(read(root.path) or "")
     return diff_fix(
-        summary, root.path, lambda src: append_to_init(src, root.line, code(prefix)), snippet
+        summary, root.path, lambda src: append_to_init(src, class_line, code(prefix)), snippet
     )
 
 
@@ -109,7 +111,7 @@ _RESETS = NORM_OPS | {"input", "rnn", "attention"}
 _MIXING = MERGE_OPS | {"mul", "div", "matmul"}
 
 
-def layer_scale(graph: Graph, node: Node) -> dict | None:
+def layer_scale(graph: Graph, node: Node) -> dict[str, Any] | None:
     """How far a layer's weight std is from the fan-in-preserving scale for the activation that
     follows (ratio = std / target), or None when the weights say nothing about the init."""
     w = node.params.get("weight")
@@ -137,7 +139,7 @@ def layer_scale(graph: Graph, node: Node) -> dict | None:
     }
 
 
-def _path_predecessors(graph: Graph, node: Node, memo: dict) -> list[Node]:
+def _path_predecessors(graph: Graph, node: Node, memo: dict[str, bool]) -> list[Node]:
     """The nearest weight layers upstream of `node` on a path without a reset point between."""
     found: list[Node] = []
     stack, seen = list(node.inputs), set()
@@ -172,7 +174,7 @@ def init_scale_outliers(
     reported when the product exceeds `max_shrink` and a hidden layer is among them. One hidden
     layer a few times small, or a small output layer on its own (recommended practice), is not.
     """
-    memo: dict = {}
+    memo: dict[str, bool] = {}
     scales: dict[str, dict | None] = {}
     judged: dict[str, dict | None] = {}
     for node in graph.topological():
@@ -187,7 +189,9 @@ def init_scale_outliers(
     # Along paths: (sum of log shrink factors, the layers that contributed) ending at each layer.
     paths: dict[str, tuple[float, list[dict]]] = {}
     limit = math.log(max_shrink)
-    worst, offending, grow, largest = 0.0, {}, {}, 0.0
+    worst, largest = 0.0, 0.0
+    offending: dict[str, dict[str, Any]] = {}
+    grow: dict[str, dict[str, Any]] = {}
     for name, info in judged.items():
         node = graph.nodes[name]
         before = [paths[p.name] for p in _path_predecessors(graph, node, memo) if p.name in paths]

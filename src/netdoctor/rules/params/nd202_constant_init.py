@@ -4,6 +4,7 @@ breaks (doc: rules/ND202.md)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 from netdoctor.findings import Finding, Severity
 from netdoctor.fixes.patch import diff_fix
@@ -53,7 +54,7 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
         fix = diff_fix(
             summary,
             loc.path if loc else None,
-            lambda src, a=attr: _replace_constant_init(src, a),
+            partial(_replace_constant_init, attr=attr),
             snippet,
         )
         yield RULE.finding(
@@ -96,14 +97,14 @@ def _replace_constant_init(source: str, attr: str) -> str | None:
     lines = source.splitlines(keepends=True)
     pattern = re.compile(rf"\b{re.escape(attr)}\.weight\b")
     for i, line in enumerate(lines):
-        if pattern.search(line) and any(c in line for c in _CONSTANT_INIT_CALLS):
+        target = pattern.search(line)
+        if target is not None and any(c in line for c in _CONSTANT_INIT_CALLS):
             indent = line[: len(line) - len(line.lstrip())]
             prefix = (
                 "nn."
                 if re.search(r"\bnn\.init\.", line)
                 else ("torch.nn." if "torch.nn.init." in line else "nn.")
             )
-            target = pattern.search(line)
             start = line.rfind("(", 0, target.start()) + 1
             expr = line[start : target.end()].strip() if start > 0 else f"self.{attr}.weight"
             lines[i] = f"{indent}{prefix}init.kaiming_normal_({expr}, nonlinearity='relu')" + (

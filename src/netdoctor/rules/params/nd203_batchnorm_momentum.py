@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 from netdoctor.findings import Finding, Severity
 from netdoctor.fixes.patch import diff_fix, set_keyword
+from netdoctor.graph.ir import Node
 from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext
@@ -62,12 +64,11 @@ def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
             )
         loc = node.location
         summary = "set momentum=0.1 (PyTorch's default; equals Keras' 0.9)"
+        line = loc.line if loc and loc.line else 0  # (no line: an ONNX node, nothing to edit)
         fix = diff_fix(
             summary,
             loc.path if loc else None,
-            lambda src, line=loc.line if loc else 0: set_keyword(
-                src, line, _BN_TYPES, "momentum", "0.1"
-            ),
+            partial(set_keyword, line=line, type_names=_BN_TYPES, key="momentum", value="0.1"),
             _snippet(node),
         )
         yield RULE.finding(
@@ -80,7 +81,7 @@ def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
         )
 
 
-def _snippet(node) -> str:
+def _snippet(node: Node) -> str:
     features = node.attrs.get("num_features", "...")
     if node.attrs.get("onnx_momentum") is not None:
         return (

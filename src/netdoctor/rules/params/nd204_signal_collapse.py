@@ -64,7 +64,7 @@ def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
     graph = ctx.graph
     limit = options.max_ratio
     start, chain, ratios = signal_ratios(graph)
-    if len(chain) < 2:
+    if start is None or len(chain) < 2:  # (a chain has a start)
         return
     start_value = start.attrs["init_signal_rms"]
     start_label = "the input" if start.op == "input" else start.label

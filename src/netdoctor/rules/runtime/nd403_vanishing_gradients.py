@@ -34,8 +34,7 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
         return
     min_ratio = options.min_first_last_ratio
     min_norm = options.min_grad_norm
-    rows = [(p, layer_grad(p)) for p in run.weight_layers()]
-    rows = [(p, v) for p, v in rows if v is not None]
+    rows = [(p, v) for p in run.weight_layers() if (v := layer_grad(p)) is not None]
     ends = gradient_ends(run)
     if ends is None:
         return

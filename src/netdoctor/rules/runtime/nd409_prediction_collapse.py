@@ -36,7 +36,8 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
         return
     if run.competing_losses:
         return
-    preds = sorted(run.pred_counts, reverse=True)
+    pred_counts = run.pred_counts
+    preds = sorted(pred_counts, reverse=True)
     labels = sorted(run.label_counts, reverse=True)
     total_p, total_l = sum(preds), sum(labels)
     if not total_p or not total_l:
@@ -45,7 +46,7 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
     label_top2 = (labels[0] + labels[1]) / total_l
     if top2 < share or label_top2 > share / 2:
         return
-    classes = sorted(range(len(run.pred_counts)), key=lambda i: -run.pred_counts[i])[:2]
+    classes = sorted(range(len(pred_counts)), key=lambda i: -pred_counts[i])[:2]
     message = (
         f"predictions collapsed: over the last {run.window} steps, {pct(top2)} of the "
         f"predictions are class {classes[0]} or {classes[1]}, while those two classes "
@@ -84,7 +85,8 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
 
 def top2_share(run: TrainingRun, options: Options) -> float | None:
     preds = sorted(run.pred_counts or [], reverse=True)
-    return (preds[0] + preds[1]) / sum(preds) if len(preds) >= 2 and sum(preds) else None
+    total = sum(preds)
+    return (preds[0] + preds[1]) / total if len(preds) >= 2 and total else None
 
 
 RULE = Rule(

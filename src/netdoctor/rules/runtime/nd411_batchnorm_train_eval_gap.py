@@ -33,8 +33,8 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
     gap = te.get("relative_gap")
     if gap is None or gap <= limit:
         return
-    mism = te.get("layer_mismatch") or {}
-    worst = max(mism, key=mism.get) if mism else (te.get("bn_layers") or [None])[0]
+    mism: dict[str, float] = te.get("layer_mismatch") or {}
+    worst = max(mism, key=mism.__getitem__) if mism else (te.get("bn_layers") or [None])[0]
     worst_value = mism.get(worst) if worst else None
     if worst_value is not None and worst_value <= min_mismatch:
         return  # outputs differ, but every layer's running statistics match its batches: noise
@@ -80,18 +80,20 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
     )
 
 
-def _momentum_fix(run, module: str | None) -> Fix:
+def _momentum_fix(run: TrainingRun, module: str | None) -> Fix:
     from netdoctor.fixes.patch import diff_fix, set_keyword
 
     loc = site(run, module)
     summary = "set BatchNorm momentum=0.1 (PyTorch's default) so running statistics track the data"
-    snippet = f"nn.{run.module_types.get(module, 'BatchNorm2d')}(num_features, momentum=0.1)\n"
-    if loc is None:
+    kind = run.module_types.get(module, "BatchNorm2d") if module is not None else "BatchNorm2d"
+    snippet = f"nn.{kind}(num_features, momentum=0.1)\n"
+    if loc is None or loc.line is None:
         return Fix(summary, snippet)
+    line = loc.line
     return diff_fix(
         summary,
         loc.path,
-        lambda src, line=loc.line: set_keyword(src, line, _BN_TYPES, "momentum", "0.1"),
+        lambda src: set_keyword(src, line, _BN_TYPES, "momentum", "0.1"),
         snippet,
     )
 

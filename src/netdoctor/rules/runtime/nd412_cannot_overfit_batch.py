@@ -39,7 +39,7 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
     trend = None
     if len(losses) >= 20:
         prev, last = mean(losses[-20:-10]), mean(losses[-10:])
-        trend = last / prev if prev else None
+        trend = last / prev if prev and last is not None else None
         if trend is not None and trend < falling:
             return  # slow (e.g. a frozen backbone's few features) but still going down fast
     message = (
