@@ -100,7 +100,7 @@ def probe(target: str, extra: list[str], data_dir: str) -> dict:
 
 
 def row(name: str, report: dict, seconds: float) -> dict:
-    from netdoctor.rules.runtime import mean
+    from netdoctor.measure.summary import mean
 
     if "error" in report:
         return {"name": name, "error": report["error"]}

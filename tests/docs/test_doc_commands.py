@@ -65,12 +65,7 @@ REDUCED = {
 }
 
 # Commands known to fail today, with the reason: a strict xfail, so that the fix shows.
-BROKEN = {
-    "python benchmarks/synthetic_calibration.py": (
-        "benchmarks/synthetic_calibration.py imports `mean` from netdoctor.rules.runtime, where "
-        "it no longer is (netdoctor.measure.summary since the rule-units restructuring)"
-    ),
-}
+BROKEN: dict[str, str] = {}
 
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w-]*)\s*$")
 MARKER = re.compile(r"^\s*<!--\s*doc-test:(?P<body>.*?)-->\s*$")
