@@ -165,6 +165,8 @@ def test_bn_momentum_survives_the_export(tmp_path, momentum, flagged, exporter):
     elif flagged:
         assert found[0]["module"].startswith("bn1 (folded into ")
         assert found[0]["evidence"]["momentum"] == 0.99
+    if flagged:  # the snippet names the PyTorch layer, not the ONNX op
+        assert "nn.BatchNorm2d(" in found[0]["fix"]["patch"], found[0]["fix"]["patch"]
 
 
 DYNAMO_HEALTHY = [

@@ -88,7 +88,12 @@ def _snippet(node: Node) -> str:
             f"# in the PyTorch source of this model (exports as ONNX momentum=0.9):\n"
             f"nn.BatchNorm2d({features}, momentum=0.1)"
         )
-    return f"nn.{node.attrs.get('type', 'BatchNorm2d')}({features}, momentum=0.1)"
+    kind = str(node.attrs.get("type", "BatchNorm2d"))
+    if kind not in _BN_TYPES:
+        # an ONNX op (a BatchNormalization, or a BatchNorm folded into a conv): the PyTorch
+        # layer it came from is not known
+        return f"# in the PyTorch source of this model:\nnn.BatchNorm2d({features}, momentum=0.1)"
+    return f"nn.{kind}({features}, momentum=0.1)"
 
 
 def remedy(finding: Finding, context: RemedyContext) -> Remedy | None:
