@@ -45,6 +45,7 @@ Extension points (kept small on purpose, for the integrations and DDP):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal
 
@@ -359,12 +360,12 @@ class Doctor:
         return self.gathered.measure_seconds()
 
     @property
-    def announce_to(self) -> Any:
+    def announce_to(self) -> Callable[[str], None]:
         """Where the one-line announcements go (a callable taking the line)."""
         return self.judge.announce_to
 
     @announce_to.setter
-    def announce_to(self, fn: Any) -> None:
+    def announce_to(self, fn: Callable[[str], None]) -> None:
         self.judge.announce_to = fn
 
     def label_of(self, module: nn.Module) -> str:
@@ -372,7 +373,10 @@ class Doctor:
 
     # -- the attachment's events (attach.Hooked), dispatched to the parts -------------------
     def on_step_pre(
-        self, opt: torch.optim.Optimizer, args: tuple[Any, ...] = (), kwargs: dict | None = None
+        self,
+        opt: torch.optim.Optimizer,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         kwargs = kwargs or {}
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)

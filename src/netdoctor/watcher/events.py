@@ -26,8 +26,10 @@ The hooks, in the order a training step meets them:
 * `on_close(Close)`: the doctor is closing, before any hook is removed.
 
 Every event but `on_forward_end` is delivered only while netdoctor is not busy with its own
-forwards (a static check's trace, a replay), always inside the doctor's guard (an internal error
-is a note, never an exception in the user's loop).
+forwards (a static check's trace, a replay), and inside the doctor's guard (`services.Guard`: an
+internal error is a note, never an exception in the user's loop; a handler that fails ends that
+event's delivery). `on_forward_end` runs in torch's forward hook: each handler guards its own
+work.
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ class WatchedModel:
         if model is None:
             return
         modules = dict(model.named_modules())
-        out = []
+        out: list[tuple[str, nn.Module]] = []
         for name, m in modules.items():
             if isinstance(m, _DROPOUT) and getattr(m, "p", 0) == 0:
                 continue
