@@ -66,12 +66,13 @@ class _DoctorHooks(SessionResults):
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         s = self._session
-        if s.watching:
+        doctor = s.doctor
+        if s.watching and doctor is not None:
             s.observe_loss(_loss_of(outputs))
-            if not s.doctor.models and trainer.global_step >= 1:
+            if not doctor.models and trainer.global_step >= 1:
                 # training_step called no module with gradients: watch the LightningModule's
                 # parameters as one model (the loop facts still hold)
-                s.doctor.add_model(pl_module)
+                doctor.add_model(pl_module)
         agree = None
         if getattr(trainer, "world_size", 1) > 1:
 

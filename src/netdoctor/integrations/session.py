@@ -19,9 +19,12 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netdoctor.watcher.settings import WatchOptions
+
+if TYPE_CHECKING:  # imported with torch when a fit starts
+    from netdoctor.watcher.doctor import Doctor
 
 
 def _say(line: str) -> None:
@@ -40,7 +43,7 @@ class TrainerSession:
             )
         self.owner = owner
         self.options = WatchOptions.from_kwargs(stop_action="flag", **options)
-        self.doctor: Any = None  # netdoctor.watcher.doctor.Doctor, once started
+        self.doctor: Doctor | None = None  # once started
         self.joined = False  # the doctor is netdoctor run's: it reports, not this session
         self.main = True  # the process that reports (global rank 0)
         self._exit_hook: Callable[[], None] | None = None
@@ -70,16 +73,23 @@ class TrainerSession:
             self._failed("not attached", e)
 
     def _start(
-        self, target, models, optimizers, scope, discover_models, discover_optimizers
+        self,
+        target: str,
+        models: list[Any],
+        optimizers: list[Any],
+        scope: Any,
+        discover_models: bool,
+        discover_optimizers: bool,
     ) -> None:
         from netdoctor.watcher.doctor import Doctor, running_doctor
 
         running = running_doctor()
         if running is not None:  # netdoctor run: its options apply, it writes the report
-            self.doctor, self.joined = running, True
+            doctor, self.joined = running, True
+            self.doctor = doctor
         else:
             opts = replace(self.options, output=None, announce=self.options.announce and self.main)
-            self.doctor = Doctor(
+            doctor = self.doctor = Doctor(
                 opts,
                 discover_models=discover_models,
                 discover_optimizers=discover_optimizers,
@@ -87,13 +97,13 @@ class TrainerSession:
                 scope=scope,
             )
             self.joined = False
-            self.doctor.start()
+            doctor.start()
             self._exit_hook = self._at_exit
             atexit.register(self._exit_hook)
         for m in models:
-            self.doctor.add_model(m)
+            doctor.add_model(m)
         for o in optimizers:
-            self.doctor.add_optimizer(o)
+            doctor.add_optimizer(o)
 
     def finish(self, stopped: str | None = None) -> None:
         """Close the doctor (idempotent) and, on the main process, write or print the report.
@@ -115,6 +125,8 @@ class TrainerSession:
 
     def _emit(self) -> None:
         output, fmt = self.options.output, self.options.format
+        if self.doctor is None:
+            return
         try:
             text = self.doctor.report(format=fmt, color=False if output else None)
         except Exception as e:
@@ -146,8 +158,9 @@ class TrainerSession:
 
     def observe_loss(self, value: Any) -> None:
         """The loss a trainer reports after a step (used when netdoctor saw no backward)."""
-        if self.watching and value is not None:
-            self.doctor.observe_loss(value, after_step=True)
+        doctor = self.doctor
+        if doctor is not None and self.watching and value is not None:
+            doctor.observe_loss(value, after_step=True)
 
     def should_stop(self, agree: Callable[[bool], bool] | None = None) -> bool:
         """Whether stop_on fired. `agree(flag) -> any rank's flag`: a collective every rank
@@ -182,7 +195,7 @@ class SessionResults:
     _session: TrainerSession
 
     @property
-    def doctor(self) -> Any:
+    def doctor(self) -> Doctor | None:
         """The `Doctor` of the latest training (None before the first)."""
         return self._session.doctor
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.optim.lr_scheduler as lr_scheduler
@@ -42,14 +42,39 @@ from torch.optim import optimizer as optimizer_hooks
 from netdoctor.watcher.replicas import ddp_class
 
 
-class Attachment:
-    """The global hooks and wrappers of one doctor. `doctor` provides the event methods:
-    `on_step_pre(opt, args, kwargs)`, `on_step_post(opt)`, `on_global_forward_pre(module, args)`,
-    `on_global_forward_post(module)`, `on_backward(tensors)`, `after_backward()`,
-    `on_train_mode(module, mode)`, `on_scheduler_step(scheduler)`,
-    `on_loss_scaled(outputs, scaled)`, `without_our_hooks(state)`, `on_ddp_wrapped(ddp)`."""
+class Hooked(Protocol):
+    """What the attachment calls: the raw torch-level events, as torch's hooks and the
+    wrappers see them (`doctor.Doctor` turns them into the typed events of `events`)."""
 
-    def __init__(self, doctor: Any):
+    def on_step_pre(
+        self, opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None: ...
+
+    def on_step_post(self, opt: torch.optim.Optimizer) -> None: ...
+
+    def on_global_forward_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None: ...
+
+    def on_global_forward_post(self, module: nn.Module) -> None: ...
+
+    def on_backward(self, tensors: Any) -> None: ...
+
+    def after_backward(self) -> None: ...
+
+    def on_train_mode(self, module: nn.Module, mode: bool) -> None: ...
+
+    def on_scheduler_step(self, scheduler: Any) -> None: ...
+
+    def on_loss_scaled(self, outputs: Any, scaled: Any) -> None: ...
+
+    def without_our_hooks(self, state: dict[str, Any]) -> dict[str, Any]: ...
+
+    def on_ddp_wrapped(self, ddp: nn.Module) -> None: ...
+
+
+class Attachment:
+    """The global hooks and wrappers of one doctor, which receives their events (`Hooked`)."""
+
+    def __init__(self, doctor: Hooked):
         self.doctor = doctor
         self._undo: list[Callable[[], None]] = []
         self._discovery: list[Any] = []

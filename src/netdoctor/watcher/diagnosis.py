@@ -1,20 +1,33 @@
-"""From what the doctor gathered to a Report: one `TrainingRun` per watched model for the ND4xx
-rules (the same rules the probe runs), the loop facts for the ND5xx rules, the static rules run
-once per model at its first step, root causes linked across all of them, and the measurements
-the reporters draw. Also the live judgement (`live_findings`): the loop rules and ND401 on the
-facts so far, for the announcement and `stop_on`.
+"""From what the doctor's parts gathered to a Report: one `TrainingRun` per watched model for the
+ND4xx rules (the same rules the probe runs), the loop facts for the ND5xx rules, the static
+rules run once per model at its first step (`static`), root causes linked across all of them,
+and the measurements the reporters draw. Also the live judgement's rules (`live_findings`): the
+loop rules and ND401 on the facts so far, for the announcement and `stop_on` (`live`).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any
 
 from netdoctor.findings import Finding, Report
 from netdoctor.measure.record import TrainingRun
 from netdoctor.rules.contexts import LoopContext, RuntimeContext
 from netdoctor.rules.engine import judge, run_rules
-from netdoctor.watcher.settings import LoopConfig
+from netdoctor.watcher.distributed import Distributed
+from netdoctor.watcher.facts import LoopFacts
+from netdoctor.watcher.localize import Localization
+from netdoctor.watcher.losses import LossWatch
+from netdoctor.watcher.models import WatchedModel
+from netdoctor.watcher.optimizers import PendingScalars, WatchedOptimizer
+from netdoctor.watcher.registry import Registry
+from netdoctor.watcher.schedule import Schedule
+from netdoctor.watcher.services import Guard
+from netdoctor.watcher.settings import LoopConfig, WatchOptions
+from netdoctor.watcher.static import StaticChecks
 
 # static rules about what a model returns (its output is the prediction): not for a part whose
 # output feeds another watched model (an encoder ending in a ReLU feeds a head; a generator's
@@ -27,54 +40,37 @@ _LOSS_NAMES = {
 }
 
 
-def static_findings(doctor, wm) -> tuple[list[Finding], list[str]]:
-    """The static rules on one watched model, built with the input shape of its first forward
-    (no new model is built: the graph is traced from the live object; the random state, modes
-    and buffers are left as they were)."""
-    import torch
+@dataclass
+class Gathered:
+    """What the doctor's parts gathered: the report (and the live judgement) is built from
+    these, read through their public attributes."""
 
-    from netdoctor.check import check_loaded
-    from netdoctor.loading.target import LoadedModel
+    target: str | None
+    options: WatchOptions
+    facts: LoopFacts
+    schedule: Schedule
+    guard: Guard
+    pending: PendingScalars
+    losses: LossWatch
+    registry: Registry
+    static: StaticChecks
+    localization: Localization
+    distributed: Distributed
 
-    model = wm.model
-    opts = doctor.options.check_options()
-    opts.input_shape = wm.facts.input_shape
-    opts.input_dtype = wm.facts.input_dtype or "float32"
-    if opts.input_dtype not in ("float32", "float64", "float16", "bfloat16", "long"):
-        opts.input_dtype = "float32"
-    loaded = LoadedModel(
-        target=wm.facts.label,
-        model=model,
-        provenance=doctor.provenance,
-        class_location=wm.facts.site,
-    )
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    devices = [device] if device.type == "cuda" else []
-    import contextlib
-    import io
-
-    # torch.fx prints tracebacks of its own when shape propagation fails: not in the user's
-    # training output
-    with torch.random.fork_rng(devices=devices), contextlib.redirect_stderr(io.StringIO()):
-        report = check_loaded(loaded, opts)
-    notes = []
-    findings = []
-    for f in report.findings:
-        if f.rule == "ND002":  # its forward works in the user's training: our input did not
-            notes.append(
-                f"{wm.facts.label}: static rules that need a forward pass were "
-                f"skipped (it does not run on a synthetic input of shape "
-                f"{wm.facts.input_shape})"
-            )
-            continue
-        findings.append(f)
-    notes.extend(f"{wm.facts.label}: {n}" for n in report.notes if "inferred" not in n)
-    return findings, notes
+    def measure_seconds(self) -> float:
+        """netdoctor's own time inside the training: its hooks (timed by the guard) and the
+        activation measurements inside the user's forwards on deep steps (timed by each
+        recorder), less the one-off static checks and the exchanges with other ranks."""
+        models = self.registry.models
+        recorded = sum(wm.recorder.seconds for wm in models if wm.recorder is not None)
+        return max(
+            0.0, self.guard.seconds + recorded - self.static.seconds - self.distributed.seconds
+        )
 
 
-def _loss_kind(wo) -> str:
+def _loss_kind(wo: WatchedOptimizer) -> str:
     """The loss the optimizer's steps backwarded, when every step's was one known function."""
-    fns = set()
+    fns: set[str | None] = set()
     for s in wo.loss_fns:
         fns |= s
     if len(fns) == 1:
@@ -84,16 +80,16 @@ def _loss_kind(wo) -> str:
     return "custom" if fns else "unknown"
 
 
-def _feeds_owned(doctor, wm) -> bool:
+def _feeds_owned(g: Gathered, wm: WatchedModel) -> bool:
     """Whether `wm` feeds another watched model that its own optimizer trains (a part)."""
     return any(
         other.owner is wm.owner
-        for other in doctor.models
+        for other in g.registry.models
         if other is not wm and other.facts.label in wm.facts.feeds
     )
 
 
-def build_run(doctor, wm, light: bool = False) -> TrainingRun | None:
+def build_run(g: Gathered, wm: WatchedModel, light: bool = False) -> TrainingRun | None:
     """The shared training-run record of one watched model (None when no optimizer trains
     it). `light`: only what ND401 reads (live)."""
     wo = wm.owner
@@ -118,29 +114,33 @@ def build_run(doctor, wm, light: bool = False) -> TrainingRun | None:
     run.steps_run = f.steps
     # the loss belongs to the model it is computed from: a part feeding another model of the
     # same optimizer (encoder -> head) leaves the loss rules to that one (judged once)
-    run.loss = [] if _feeds_owned(doctor, wm) else list(f.loss)
+    run.loss = [] if _feeds_owned(g, wm) else list(f.loss)
     run.module_types = {n: type(m).__name__ for n, m in model.named_modules()}
     run.sites = dict(wm.sites)
     run.from_init = False
-    event = doctor.nonfinite.get(id(wm))
-    owned = [m for m in doctor.models if m.owner is wo]
-    loss_model = next((m for m in owned if not _feeds_owned(doctor, m)), owned[0])
+    nonfinite = g.localization.events
+    event = nonfinite.get(id(wm))
+    owned = [m for m in g.registry.models if m.owner is wo]
+    loss_model = next((m for m in owned if not _feeds_owned(g, m)), owned[0])
     if event is None and wm is loss_model:
-        event = doctor.nonfinite.get(0)
+        event = nonfinite.get(0)
     run.nonfinite = event
     if event is not None:
         run.stopped = "non-finite"
     if light:
         return run
     run.accuracy = list(wo.accuracy)
-    if config.loss == "cross_entropy" and doctor.losses.classes:
-        counts = doctor.losses.label_counts.get(doctor.losses.classes)
+    losses = g.losses
+    if config.loss == "cross_entropy" and losses.classes:
+        counts = losses.label_counts.get(losses.classes)
         run.classification = True
-        run.num_outputs = doctor.losses.classes
+        run.num_outputs = losses.classes
         run.label_counts = [int(v) for v in counts.tolist()] if counts is not None else None
     run.measured_steps = list(wo.deep_steps)
     trained = {id(o) for o in wm.optimizers}
-    run.competing_losses = any(id(o) not in trained and o.facts.steps for o in doctor.optimizers)
+    run.competing_losses = any(
+        id(o) not in trained and o.facts.steps for o in g.registry.optimizers
+    )
     run.frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if wm.recorder is not None:
         run.activations = wm.recorder.finish()
@@ -152,13 +152,13 @@ def build_run(doctor, wm, light: bool = False) -> TrainingRun | None:
             if owner is wm:
                 traces.extend(meter.traces)
     run.params = sorted(traces, key=lambda t: order.get(t.module, len(order)))
-    static = doctor.static.get(id(wm))
+    static = g.static.of(wm)
     run.prior_rules = {x.rule for x in static[0]} if static else set()
     return run
 
 
-def _label(doctor, findings: list[Finding], label: str) -> None:
-    if len([m for m in doctor.models if not m.compiled]) < 2:
+def _label(g: Gathered, findings: list[Finding], label: str) -> None:
+    if len([m for m in g.registry.models if not m.compiled]) < 2:
         return
     for f in findings:
         f.evidence = dict(f.evidence or {})
@@ -167,80 +167,79 @@ def _label(doctor, findings: list[Finding], label: str) -> None:
             f.message = f"{label}: {f.message}"
 
 
-def live_findings(doctor, rules: set[str]) -> list[Finding]:
+def live_findings(g: Gathered, rules: set[str]) -> list[Finding]:
     """`rules` (loop rules whose facts changed; ND401 once a NaN was localised) on the facts so
     far, less what an ignore comment suppresses. A draft: fixes are summaries only (patches are
     built for the report)."""
-    settings = doctor.options.rule_settings()
+    settings = g.options.rule_settings()
+    note_error = g.guard.note_error
     loop_rules = {r for r in rules if r.startswith("ND5")}
     found = (
         run_rules(
-            LoopContext(doctor.target or "training", doctor.facts, draft=True),
+            LoopContext(g.target or "training", g.facts, draft=True),
             settings.only(loop_rules),
-            on_error=doctor.note_error,
+            on_error=note_error,
         )
         if loop_rules
         else []
     )
-    if doctor.nonfinite and "ND401" in rules:
-        for wm in doctor.models:
-            run = build_run(doctor, wm, light=True)
+    if g.localization.events and "ND401" in rules:
+        for wm in g.registry.models:
+            run = build_run(g, wm, light=True)
             if run is None or run.nonfinite is None:
                 continue
             ctx = RuntimeContext(wm.facts.label, run, draft=True)
-            nd401 = run_rules(ctx, settings.only({"ND401"}), on_error=doctor.note_error)
-            _label(doctor, nd401, wm.facts.label)
+            nd401 = run_rules(ctx, settings.only({"ND401"}), on_error=note_error)
+            _label(g, nd401, wm.facts.label)
             found.extend(nd401)
-    live = Report(target=doctor.target or "training", command="run")
-    judge(live, found, [wm.facts.site for wm in doctor.models])
+    live = Report(target=g.target or "training", command="run")
+    judge(live, found, [wm.facts.site for wm in g.registry.models])
     return live.findings
 
 
-def diagnose(doctor) -> Report:
-    doctor._guard(doctor.pending.resolve)
-    target = doctor.target or "training"
+def diagnose(g: Gathered, *, closed: bool, stopped_by: Finding | None, wall: float) -> Report:
+    """The report so far (final once the doctor is `closed`). `wall`: the seconds the training
+    ran; `stopped_by`: the finding stop_on stopped at."""
+    guard = g.guard
+    guard.run(g.pending.resolve)
+    target = g.target or "training"
     report = Report(target=target, command="run")
-    settings = doctor.options.rule_settings()
+    settings = g.options.rule_settings()
     findings: list[Finding] = []
-    runs: list[tuple[Any, TrainingRun]] = []
-    for wm in doctor.models:
-        static, notes = doctor.static.get(id(wm), ([], []))
+    runs: list[tuple[WatchedModel, TrainingRun]] = []
+    for wm in g.registry.models:
+        static, notes = g.static.of(wm) or ([], [])
         static = [_copy(f) for f in static if not (wm.facts.feeds and f.rule in OUTPUT_RULES)]
         report.notes.extend(notes)
-        run = doctor._guard(lambda wm=wm: build_run(doctor, wm))
+        run = guard.run(partial(build_run, g, wm))
         group = list(static)
         if run is not None:
             ctx = RuntimeContext(wm.facts.label, run)
-            group.extend(
-                doctor._guard(lambda ctx=ctx: run_rules(ctx, settings, doctor.note_error)) or []
-            )
+            group.extend(guard.run(partial(run_rules, ctx, settings, guard.note_error)) or [])
             runs.append((wm, run))
-        _label(doctor, group, wm.facts.label)
+        _label(g, group, wm.facts.label)
         findings.extend(group)
-    loop = LoopContext(target, doctor.facts)
-    findings.extend(doctor._guard(lambda: run_rules(loop, settings, doctor.note_error)) or [])
-    judge(report, findings, [wm.facts.site for wm in doctor.models])
-    report.measurements = measurements(doctor, runs)
-    report.notes.extend(_notes(doctor, runs))
-    if doctor.closed and doctor.exchange.world_size > 1 and doctor.exchange.rank == 0:
+    loop = LoopContext(target, g.facts)
+    findings.extend(guard.run(lambda: run_rules(loop, settings, guard.note_error)) or [])
+    judge(report, findings, [wm.facts.site for wm in g.registry.models])
+    report.measurements = measurements(g, runs)
+    report.notes.extend(_notes(g, runs, stopped_by, wall))
+    dist = g.distributed
+    if closed and dist.world_size > 1 and dist.exchange.rank == 0:
         from netdoctor.watcher.ranks import merge
 
-        own = (
-            (doctor.nonfinite_step, doctor.nonfinite_code)
-            if doctor.nonfinite_step is not None
-            else None
-        )
-        doctor._guard(
+        own = g.localization.first()
+        guard.run(
             lambda: merge(
                 report,
-                doctor.rank_summaries,
-                doctor.ranks_missing,
-                doctor.facts.distributed,
+                dist.summaries,
+                dist.missing,
+                g.facts.distributed,
                 own,
-                doctor.options.dist_timeout,
+                g.options.dist_timeout,
             )
         )
-    elif doctor.exchange.world_size == 1 and _world_size_env() > 1:
+    elif dist.world_size == 1 and _world_size_env() > 1:
         report.notes.append(
             f"WORLD_SIZE is {_world_size_env()} but the script initialised no "
             "torch.distributed process group: the ranks were not compared, and "
@@ -250,8 +249,6 @@ def diagnose(doctor) -> Report:
 
 
 def _world_size_env() -> int:
-    import os
-
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
@@ -259,22 +256,26 @@ def _world_size_env() -> int:
 
 
 def _copy(f: Finding) -> Finding:
-    from dataclasses import replace
-
     return replace(f, evidence=dict(f.evidence or {}))
 
 
-def _notes(doctor, runs) -> list[str]:
-    notes = list(doctor.notes)
-    f = doctor.facts
-    if not doctor.optimizers:
+def _notes(
+    g: Gathered,
+    runs: list[tuple[WatchedModel, TrainingRun]],
+    stopped_by: Finding | None,
+    wall: float,
+) -> list[str]:
+    notes = list(g.guard.notes)
+    f = g.facts
+    optimizers, models = g.registry.optimizers, g.registry.models
+    if not optimizers:
         notes.append(
             "no optimizer step was seen: nothing was measured (is the training loop "
             "calling optimizer.step()?)"
         )
-    elif not doctor.models:
+    elif not models:
         notes.append("no model was seen running forward with gradients enabled")
-    for wo in doctor.optimizers:
+    for wo in optimizers:
         o = wo.facts
         trained = ", ".join(o.models) or "no watched model"
         lr = o.initial_lr
@@ -286,45 +287,42 @@ def _notes(doctor, runs) -> list[str]:
     if runs:
         deep = max(len(r.measured_steps) for _, r in runs)
         notes.append(
-            f"deep measurements on {deep} step(s): {doctor.schedule.describe()} "
+            f"deep measurements on {deep} step(s): {g.schedule.describe()} "
             "(--every sets the interval)"
         )
-    for wm in doctor.models if doctor.optimizers else ():
+    for wm in models if optimizers else ():
         if wm.owner is None and not wm.compiled and not wm.facts.unoptimized:
             notes.append(f"{wm.facts.label} ran forward with gradients but no optimizer trains it")
-    wall = (doctor.ended or __import__("time").perf_counter()) - doctor.started
-    if wall > 0 and doctor.optimizers:
-        hooks = doctor.measure_seconds
+    if wall > 0 and optimizers:
+        hooks = g.measure_seconds()
         exchanged = (
-            f", its exchanges with the other ranks {doctor.exchange_seconds:.2f} s "
+            f", its exchanges with the other ranks {g.distributed.seconds:.2f} s "
             "(mostly waiting for the slowest rank)"
-            if doctor.exchange.world_size > 1
+            if g.distributed.world_size > 1
             else ""
         )
         notes.append(
             f"netdoctor's measurements took {hooks:.2f} s of the {wall:.1f} s the "
             f"training ran ({100 * hooks / wall:.1f}%), its static checks "
-            f"{doctor.static_seconds:.2f} s once{exchanged}"
+            f"{g.static.seconds:.2f} s once{exchanged}"
         )
-    if f.stopped == "stop-on" and doctor.stopped_by is not None:  # (ranks: see ranks.merge)
-        s = doctor.stopped_by
+    if f.stopped == "stop-on" and stopped_by is not None:  # (ranks: see ranks.merge)
+        s = stopped_by
         notes.append(
             f"training stopped at step {f.iterations} by stop-on "
-            f"{doctor.options.stop_on}: {s.rule} {s.name}"
+            f"{g.options.stop_on}: {s.rule} {s.name}"
         )
-    for message, count in doctor.errors.items():
+    for message, count in g.guard.errors.items():
         times = f" ({count} times)" if count > 1 else ""
         notes.append(f"internal netdoctor error, measurements may be incomplete: {message}{times}")
     return notes
 
 
-def measurements(doctor, runs) -> dict[str, Any]:
-    from dataclasses import asdict
-
+def measurements(g: Gathered, runs: list[tuple[WatchedModel, TrainingRun]]) -> dict[str, Any]:
     from netdoctor.measure.summary import gradient_flow
 
     out: dict[str, Any] = {}
-    primary = doctor.primary
+    primary = g.registry.primary
     if primary is not None:
         out["loss_curve"] = list(primary.facts.loss)
         out["lr_curve"] = primary.facts.lr_curve()
@@ -332,9 +330,9 @@ def measurements(doctor, runs) -> dict[str, Any]:
     if runs:
         out["gradient_flow"] = gradient_flow(runs[0][1])
     out["run"] = {
-        "steps": doctor.facts.iterations,
-        "stopped": doctor.facts.stopped,
-        "schedule": {"every": doctor.schedule.every, "warm": doctor.schedule.warm},
+        "steps": g.facts.iterations,
+        "stopped": g.facts.stopped,
+        "schedule": {"every": g.schedule.every, "warm": g.schedule.warm},
         "optimizers": [
             {
                 "label": o.label,
@@ -347,7 +345,7 @@ def measurements(doctor, runs) -> dict[str, Any]:
                 "models": list(o.models),
                 "location": o.site.to_dict() if o.site else None,
             }
-            for o in doctor.facts.optimizers
+            for o in g.facts.optimizers
         ],
         "models": [
             {
@@ -359,12 +357,12 @@ def measurements(doctor, runs) -> dict[str, Any]:
                 "compiled": m.facts.compiled,
                 "deep_steps": len(m.owner.deep_steps) if m.owner is not None else 0,
             }
-            for m in doctor.models
+            for m in g.registry.models
         ],
-        "backward_calls": doctor.facts.backward_calls,
-        "hook_seconds": round(doctor.measure_seconds, 4),
-        "static_seconds": round(doctor.static_seconds, 4),
-        "exchange_seconds": round(doctor.exchange_seconds, 4),
+        "backward_calls": g.facts.backward_calls,
+        "hook_seconds": round(g.measure_seconds(), 4),
+        "static_seconds": round(g.static.seconds, 4),
+        "exchange_seconds": round(g.distributed.seconds, 4),
     }
     for _, run in runs:
         if run.nonfinite is not None:

@@ -32,21 +32,27 @@ shards differ by design.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from netdoctor.findings import Finding, Report
+from netdoctor.loading.provenance import user_location
 from netdoctor.measure.params import is_sharded, local
-from netdoctor.watcher.facts import DistributedFacts
+from netdoctor.watcher.events import ForwardStart, Part, StepStart
+from netdoctor.watcher.facts import DistributedFacts, LoopFacts
+from netdoctor.watcher.localize import Localization
+from netdoctor.watcher.optimizers import WatchedOptimizer
 from netdoctor.watcher.ranks import NONFINITE_KINDS
+from netdoctor.watcher.registry import Registry
 from netdoctor.watcher.replicas import compare
-
-if TYPE_CHECKING:
-    from netdoctor.watcher.doctor import Doctor
-    from netdoctor.watcher.optimizers import WatchedOptimizer
+from netdoctor.watcher.services import DirtyRules, Guard
+from netdoctor.watcher.settings import WatchOptions
 
 MAGIC = 508.0  # the header's first number: a netdoctor exchange
 STEP = 1.0  # header kind: a deep step's statistics
@@ -74,6 +80,21 @@ def _short(e: BaseException, timeout: float | None = None) -> str:
         )
     text = text.split(" Exception raised from ")[0]
     return f"{type(e).__name__}: {text[:160]}"
+
+
+class LocalExchange:
+    """One process: every rank's statistics are this rank's (`DistributedExchange` replaces it
+    under torchrun)."""
+
+    rank = 0
+    world_size = 1
+    broken: str | None = None
+
+    def gather(self, step: int, values: list[float]) -> list[list[float]] | None:
+        return [values]
+
+    def close(self) -> None:
+        pass
 
 
 class DistributedExchange:
@@ -210,7 +231,7 @@ def connect(timeout: float) -> DistributedExchange | None:
 STATS = 7
 
 
-def sharded_square(params: list[torch.Tensor]) -> tuple[float, float]:
+def sharded_square(params: Sequence[torch.Tensor]) -> tuple[float, float]:
     """(sum over the sharded (DTensor) gradients of this rank's squared local norm divided by
     the number of ranks that hold the same shard, the squared norm of the other gradients). The
     model's gradient norm is sqrt(own plain part + the sum of the first part over every rank):
@@ -222,10 +243,11 @@ def sharded_square(params: list[torch.Tensor]) -> tuple[float, float]:
         if g is None:
             continue
         if is_sharded(g):
+            dt: Any = g  # a DTensor
             copies = 1
-            for dim, placement in enumerate(g.placements):
+            for dim, placement in enumerate(dt.placements):
                 if placement.is_replicate():
-                    copies *= g.device_mesh.size(dim)
+                    copies *= dt.device_mesh.size(dim)
             sharded.append(torch.linalg.vector_norm(local(g).float()) ** 2 / copies)
         else:
             plain.append(torch.linalg.vector_norm(g.detach().float()) ** 2)
@@ -233,89 +255,177 @@ def sharded_square(params: list[torch.Tensor]) -> tuple[float, float]:
     return float(values[0]), float(values[1])
 
 
-def _nonfinite_code(doctor: Doctor) -> tuple[float, float]:
-    step = doctor.nonfinite_step
-    if step is None:
-        return 0.0, 0.0
-    return float(step), doctor.nonfinite_code
+def step_statistics(wo: WatchedOptimizer) -> list[float]:
+    """The small vector the ranks compare on deep steps: loss, total gradient norm, largest lr
+    (the first of `STATS`; DDP's checksums follow them)."""
+    f = wo.facts
+    return [
+        f.loss[-1] if f.loss else math.nan,
+        f.grad_norm[-1] if f.grad_norm else math.nan,
+        max(f.lr[-1]) if f.lr and f.lr[-1] else math.nan,
+    ]
 
 
-def exchange_step(doctor: Doctor, wo: WatchedOptimizer, step: int) -> bool:
-    """The deep step's exchange, on every rank alike. Updates `doctor.facts.distributed`;
-    returns True when a rank asked to stop (--stop-on), so that every rank stops here."""
-    ex = doctor.exchange
-    facts = doctor.facts.distributed
-    if facts is None or not isinstance(ex, DistributedExchange):
-        return False
-    values: list[float] = []
-    plain = 0.0
-    try:  # whatever fails here, this rank still joins the collective (with what it has)
-        nf_step, nf_kind = _nonfinite_code(doctor)
-        request = float(doctor.stop_request.rule[2:]) if doctor.stop_request is not None else 0.0
-        sharded, plain = sharded_square(wo.trainable)
-        values = list(doctor.step_statistics(wo)) + [nf_step, nf_kind, request, sharded]
-        values += doctor.replicas.checksums(doctor.label_of)
-    except Exception as e:
-        doctor.note_error(e)
-        values = values[:STATS]
-    t0 = time.perf_counter()
-    rows = ex.gather(step, values)
-    doctor.exchange_seconds += time.perf_counter() - t0
-    if rows is None:
-        facts.broken = ex.broken
-        return False
-    facts.exchanges += 1
-    stop = False
-    for r, row in enumerate(rows):
-        row = row + [math.nan] * (STATS - len(row))
-        if row[3] > 0 and r not in facts.nonfinite:
-            facts.nonfinite[r] = (int(row[3]), NONFINITE_KINDS.get(row[4], "non-finite"))
-        if row[5] > 0:
-            facts.stop_requested.setdefault(r, f"ND{int(row[5]):03d}")
-            stop = True
-    shards = [row[6] for row in rows if len(row) > 6]
-    if any(v > 0 for v in shards):  # FSDP/DTensor: the model's norm, reduced over the shards
-        facts.grad_norms.append((step, math.sqrt(plain + sum(shards))))
-    checks = [row[STATS:] for row in rows]
-    facts.compared_tensors = len(doctor.replicas.compared)
-    facts.bypass = doctor.replicas.bypasses()
-    facts.wrapper_sites = doctor.replicas.sites()
-    if doctor.replicas.compared or any(checks):
-        from netdoctor.rules.loop.nd508_replicas_diverged import RULE as ND508
+class Distributed(Part):
+    """The doctor's part under torchrun: the process group looked for at the first step, the
+    deep steps' exchange (`exchange_step`), a --stop-on request held for the next exchange
+    (`request_stop`), forwards that bypass a DDP wrapper, and at the end the ranks' diagnoses
+    handed to rank 0 (`finish`). In one process, `exchange` stays a `LocalExchange`."""
 
-        tolerance = doctor.options.rule_settings().options_of(ND508).tolerance
-        largest, divergence = compare(checks, doctor.replicas.compared, step, tolerance)
-        facts.largest_difference = max(facts.largest_difference, largest)
-        if divergence is not None and facts.divergence is None:
-            divergence.last_equal_step = facts.last_equal_step
-            facts.divergence = divergence
-            doctor.mark_dirty("ND508")
-        elif divergence is None:
-            facts.last_equal_step = step
-    return stop
+    def __init__(
+        self,
+        options: WatchOptions,
+        facts: LoopFacts,
+        registry: Registry,
+        localization: Localization,
+        guard: Guard,
+        dirty: DirtyRules,
+    ):
+        self.options = options
+        self.facts = facts
+        self.registry = registry
+        self.localization = localization
+        self.guard = guard
+        self.dirty = dirty
+        self.exchange: LocalExchange | DistributedExchange = LocalExchange()
+        self.stop_request: Finding | None = None  # --stop-on under torchrun: at the next exchange
+        self.summaries: dict[int, dict[str, Any]] = {}  # rank 0: what the other ranks reported
+        self.missing: list[int] = []  # rank 0: ranks whose summary never came
+        self.seconds = 0.0  # the exchanges with the other ranks (mostly waiting for the slowest)
+        self._connected = False  # the process group was looked for (at the first step)
+
+    @property
+    def world_size(self) -> int:
+        return self.exchange.world_size
+
+    @property
+    def rank(self) -> int:
+        """This process's rank: the process group's, else torchrun's RANK, else 0."""
+        if self.exchange.world_size > 1:
+            return self.exchange.rank
+        try:
+            return int(os.environ.get("RANK", "0"))
+        except ValueError:
+            return 0
+
+    def request_stop(self, finding: Finding) -> None:
+        """Stop every rank at the next exchange (the first request stands)."""
+        self.stop_request = self.stop_request or finding
+
+    # -- events ----------------------------------------------------------------------------
+    def on_forward_start(self, event: ForwardStart) -> None:
+        replicas = self.registry.replicas
+        wrapper = replicas.wrapper_of(event.module) if replicas.wrappers else None
+        if wrapper is not None:  # called outside its DDP wrapper? (ND508's line)
+            replicas.note_forward(wrapper, event.model.facts.label, user_location)
+
+    def on_step_start(self, event: StepStart) -> None:
+        if not self._connected:
+            self.guard.run(self._connect)
+
+    def _connect(self) -> None:
+        """The process group the user initialised (looked for once, at the first optimizer
+        step, on every rank alike: creating netdoctor's group is itself collective)."""
+        self._connected = True
+        t0 = time.perf_counter()
+        ex = connect(self.options.dist_timeout)
+        self.seconds += time.perf_counter() - t0
+        if ex is not None:
+            self.exchange = ex
+            self.facts.distributed = DistributedFacts(
+                rank=ex.rank,
+                world_size=ex.world_size,
+                backend=ex.backend,
+                broken=ex.broken,
+                wrapper_sites=self.registry.replicas.sites(),
+            )
+
+    # -- the deep steps' exchange ------------------------------------------------------------
+    def exchange_step(self, event: StepStart) -> bool:
+        """The deep step's exchange, on every rank alike. Updates `facts.distributed`; returns
+        True when a rank asked to stop (--stop-on), so that every rank stops here."""
+        ex = self.exchange
+        facts = self.facts.distributed
+        if facts is None or not isinstance(ex, DistributedExchange):
+            return False
+        wo, step = event.optimizer, event.step
+        replicas = self.registry.replicas
+        values: list[float] = []
+        plain = 0.0
+        try:  # whatever fails here, this rank still joins the collective (with what it has)
+            nf_step, nf_kind = self.localization.first() or (0, 0.0)
+            request = float(self.stop_request.rule[2:]) if self.stop_request is not None else 0.0
+            sharded, plain = sharded_square(wo.trainable)
+            values = step_statistics(wo) + [float(nf_step), nf_kind, request, sharded]
+            values += replicas.checksums(self.registry.label_of)
+        except Exception as e:
+            self.guard.note_error(e)
+            values = values[:STATS]
+        t0 = time.perf_counter()
+        rows = ex.gather(step, values)
+        self.seconds += time.perf_counter() - t0
+        if rows is None:
+            facts.broken = ex.broken
+            return False
+        facts.exchanges += 1
+        stop = False
+        for r, row in enumerate(rows):
+            row = row + [math.nan] * (STATS - len(row))
+            if row[3] > 0 and r not in facts.nonfinite:
+                facts.nonfinite[r] = (int(row[3]), NONFINITE_KINDS.get(row[4], "non-finite"))
+            if row[5] > 0:
+                facts.stop_requested.setdefault(r, f"ND{int(row[5]):03d}")
+                stop = True
+        shards = [row[6] for row in rows if len(row) > 6]
+        if any(v > 0 for v in shards):  # FSDP/DTensor: the model's norm, reduced over the shards
+            facts.grad_norms.append((step, math.sqrt(plain + sum(shards))))
+        checks = [row[STATS:] for row in rows]
+        facts.compared_tensors = len(replicas.compared)
+        facts.bypass = replicas.bypasses()
+        facts.wrapper_sites = replicas.sites()
+        if replicas.compared or any(checks):
+            from netdoctor.rules.loop.nd508_replicas_diverged import RULE as ND508
+
+            tolerance = self.options.rule_settings().options_of(ND508).tolerance
+            largest, divergence = compare(checks, replicas.compared, step, tolerance)
+            facts.largest_difference = max(facts.largest_difference, largest)
+            if divergence is not None and facts.divergence is None:
+                divergence.last_equal_step = facts.last_equal_step
+                facts.divergence = divergence
+                self.dirty.mark("ND508")
+            elif divergence is None:
+                facts.last_equal_step = step
+        return stop
+
+    # -- the end of the run ---------------------------------------------------------------
+    def finish(self, summary: Callable[[], dict[str, Any]]) -> None:
+        """Every rank but 0 hands rank 0 its `summary()`; rank 0 collects them."""
+        ex = self.exchange
+        if not isinstance(ex, DistributedExchange):
+            return
+        try:
+            if self.facts.distributed is not None:
+                self.facts.distributed.bypass = self.registry.replicas.bypasses()
+                self.facts.distributed.wrapper_sites = self.registry.replicas.sites()
+            if ex.rank == 0:
+                self.summaries, self.missing = ex.collect()
+            else:
+                note = ex.publish(summary())
+                if note:
+                    self.guard.notes.append(note)
+        finally:
+            ex.close()
 
 
-def new_facts(ex: DistributedExchange, doctor: Doctor) -> DistributedFacts:
-    return DistributedFacts(
-        rank=ex.rank,
-        world_size=ex.world_size,
-        backend=ex.backend,
-        broken=ex.broken,
-        wrapper_sites=doctor.replicas.sites(),
-    )
-
-
-def summary(doctor: Doctor) -> dict[str, Any]:
+def summary(
+    report: Report, facts: LoopFacts, nonfinite: tuple[int, float] | None
+) -> dict[str, Any]:
     """What a rank other than 0 hands rank 0 at the end: its findings, notes and how it ended."""
-    report = doctor.diagnose()
-    f = doctor.facts
     return {
         "findings": list(report.findings),
         "notes": list(report.notes),
-        "steps": f.iterations,
-        "stopped": f.stopped,
-        "error": f.error,
-        "nonfinite": (doctor.nonfinite_step, doctor.nonfinite_code)
-        if doctor.nonfinite_step is not None
-        else None,
+        "steps": facts.iterations,
+        "stopped": facts.stopped,
+        "error": facts.error,
+        "nonfinite": nonfinite,
     }

@@ -156,7 +156,7 @@ class LossWatch:
                 out = original(*args, **kwargs)
             except Exception as error:
                 if call is not None:
-                    watch.guard(lambda e=error: watch.raised(call, e))
+                    watch.guard(functools.partial(watch.raised, call, error))
                 raise
             if call is not None:
                 call.output = out if isinstance(out, torch.Tensor) else None

@@ -25,6 +25,7 @@ from netdoctor.loading.forward import tensors_in
 from netdoctor.measure.activations import ActivationRecorder
 from netdoctor.measure.params import is_sharded
 from netdoctor.watcher.facts import ModelFacts
+from netdoctor.watcher.optimizers import WatchedOptimizer
 
 _DROPOUT = (nn.modules.dropout._DropoutNd,)
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
@@ -77,8 +78,8 @@ class WatchedModel:
         self.calls: list[ForwardCall] = []  # since the last step of its optimizer(s)
         self.measuring = False
         self.measured_step: int | None = None
-        self.owner = None  # the WatchedOptimizer holding most of its parameters
-        self.optimizers: list = []
+        self.owner: WatchedOptimizer | None = None  # the one holding most of its parameters
+        self.optimizers: list[WatchedOptimizer] = []
         self.mode_modules: list[tuple[str, nn.Module]] = []
         self.last_eval: dict[str, str] = {}  # eval-mode modules of its latest forward
         self.backwarded = 0  # its forward counter at the latest backward
@@ -120,7 +121,7 @@ class WatchedModel:
         if model is None:
             return
         modules = dict(model.named_modules())
-        out = []
+        out: list[tuple[str, nn.Module]] = []
         for name, m in modules.items():
             if isinstance(m, _DROPOUT) and getattr(m, "p", 0) == 0:
                 continue

@@ -13,8 +13,8 @@ from __future__ import annotations
 import heapq
 import math
 import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -23,6 +23,8 @@ from netdoctor.watcher.facts import OptimizerFacts
 
 SAMPLE = 4  # parameters sampled for the change and cleared-gradient checks
 SAMPLE_MAX_NUMEL = 1 << 16  # ... each at most this big, so cloning them costs nothing
+# ND503: the sampled parameters before a step and their values (one vector, or one each)
+Snapshot = tuple[list[torch.nn.Parameter], torch.Tensor | list[torch.Tensor]]
 
 
 class PendingScalars:
@@ -76,7 +78,16 @@ def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.cat(parts))
 
 
-def _flat(params: list[torch.Tensor]) -> torch.Tensor | None:
+def _carried(record: list[Any], index: int) -> Callable[[float], None]:
+    """Where a backward's "is the consumed gradient still there?" flag goes."""
+
+    def then(v: float) -> None:
+        record[index] = v > 0.5
+
+    return then
+
+
+def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """The parameters' values as one vector (one copy), when they share device and dtype."""
     first = params[0]
     if not all(p.device == first.device and p.dtype == first.dtype for p in params):
@@ -126,7 +137,7 @@ class WatchedOptimizer:
         # gradient still held a non-zero one (None: could not tell yet)
         self.carried: list[list[Any]] = []
         self.last_backward_site = None
-        self._before: tuple[list, torch.Tensor | None] | None = None  # ND503 snapshot
+        self._before: Snapshot | None = None
         self.sampled: list[torch.nn.Parameter] = []  # had a gradient at the last step
         self._sample_key: tuple = ()
         self.step_reason: str | None = None  # why the current step may change nothing
@@ -150,7 +161,9 @@ class WatchedOptimizer:
         if opt is None:
             return False
         groups = opt.param_groups
-        sig = tuple((len(g["params"]), id(g["params"][0]) if g["params"] else 0) for g in groups)
+        sig: tuple[Any, ...] = tuple(
+            (len(g["params"]), id(g["params"][0]) if g["params"] else 0) for g in groups
+        )
         params = [p for g in groups for p in g["params"]]
         trainable_sig = sum(1 for p in params if p.requires_grad)
         sig = sig + (trainable_sig,)
@@ -207,10 +220,7 @@ class WatchedOptimizer:
                 continue
             record.append(None)
             index = len(record) - 1
-            pending.add(
-                torch.count_nonzero(local(p.grad)) > 0,
-                lambda v, r=record, i=index: r.__setitem__(i, v > 0.5),
-            )
+            pending.add(torch.count_nonzero(local(p.grad)) > 0, _carried(record, index))
         self.carried.append(record)
         self.last_backward_site = site
 
@@ -254,6 +264,6 @@ class WatchedOptimizer:
             return None
         params, old = before
         if isinstance(old, torch.Tensor):
-            return torch.ne(_flat(params), old).any()
+            return torch.ne(cast(torch.Tensor, _flat(params)), old).any()
         flags = [torch.ne(local(p.detach()), o).any() for p, o in zip(params, old)]
         return torch.stack([f.to(flags[0].device) for f in flags]).any()

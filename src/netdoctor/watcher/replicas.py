@@ -25,6 +25,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ class Wrapper:
 
     def __init__(self, ddp: nn.Module, site: Location | None):
         self.ref = weakref.ref(ddp)
-        inner = ddp.module
+        inner = cast(nn.Module, ddp.module)
         self.inner_ref = weakref.ref(inner)
         self.site = site
         self.depth = 0
