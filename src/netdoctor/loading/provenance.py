@@ -33,7 +33,8 @@ _SKIP_PREFIXES = (_TORCH_DIR, _NETDOCTOR_DIR, os.path.dirname(contextlib.__file_
 
 
 class Provenance:
-    """Module object -> construction Location (absolute path; reporters relativize).
+    """Object (a module, an optimizer) -> construction Location (absolute path; reporters
+    relativize).
 
     Keyed by identity, held weakly: a module's own `__hash__`/`__eq__` are never called (a
     torchmetrics Metric hashes its state, which does not exist yet while `nn.Module.__init__`
@@ -42,14 +43,14 @@ class Provenance:
     def __init__(self) -> None:
         self._sites: dict[int, tuple[weakref.ref, Location]] = {}
 
-    def site(self, module: nn.Module) -> Location | None:
-        entry = self._sites.get(id(module))
-        return entry[1] if entry is not None and entry[0]() is module else None
+    def site(self, obj: object) -> Location | None:
+        entry = self._sites.get(id(obj))
+        return entry[1] if entry is not None and entry[0]() is obj else None
 
-    def record(self, module: nn.Module, location: Location) -> None:
-        key = id(module)
+    def record(self, obj: object, location: Location) -> None:
+        key = id(obj)
         entry = self._sites.get(key)
-        if entry is not None and entry[0]() is module:
+        if entry is not None and entry[0]() is obj:
             return  # the first record stays (as setdefault)
         sites = self._sites
 
@@ -58,7 +59,7 @@ class Provenance:
                 del sites[key]
 
         try:
-            self._sites[key] = (weakref.ref(module, forget), location)
+            self._sites[key] = (weakref.ref(obj, forget), location)
         except TypeError:
             pass
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_watch import global_state
 
 from conftest import FIXTURES, invoke, line_of, run_python
-from test_watch import global_state
 
 LOOPS = FIXTURES / "loops"
 
