@@ -14,75 +14,17 @@ torch imports it inside the function that does.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from netdoctor.errors import UserError
 from netdoctor.findings import Finding, Fix, Location, Severity
+from netdoctor.rules.contexts import RuleContext
+from netdoctor.rules.options import NoOptions, RuleOptions
+from netdoctor.rules.stage import Stage
+from netdoctor.rules.verification import Remedy, RemedyContext, SymptomSpec
 
-if TYPE_CHECKING:
-    from netdoctor.rules.contexts import RuleContext
-    from netdoctor.rules.verification import Remedy, RemedyContext, SymptomSpec
-
-
-class Stage(str, Enum):
-    """When a rule can judge, and so which context it reads (`netdoctor.rules.contexts`)."""
-
-    META = "meta"  # how the graph was built (ND0xx): GraphContext, also without a graph
-    GRAPH = "graph"  # the model's structure (ND1xx): GraphContext
-    PARAMS = "params"  # parameters and signal at init (ND2xx): GraphContext
-    DATA = "data"  # a sample of the data (ND3xx): DataContext
-    RUNTIME = "runtime"  # a measured training run (ND4xx): RuntimeContext
-    LOOP = "loop"  # the user's own training loop (ND5xx): LoopContext
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class RuleOptions:
-    """Base of every rule's options: a frozen dataclass whose fields are the keys of its
-    `[tool.netdoctor.rules.NDxxx]` table (`dead_fraction` is `dead-fraction`), with their
-    defaults. `severity` is every rule's key and not a field (the engine applies it)."""
-
-    SEVERITY: ClassVar[str] = "severity"
-
-    @classmethod
-    def keys(cls) -> dict[str, Any]:
-        """{TOML key: default} of the options."""
-        return {f.name.replace("_", "-"): f.default for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def parse(cls, table: Mapping[str, Any], where: str) -> RuleOptions:
-        """Options from a config table: known keys only, each converted to its field's type
-        (a TOML integer is a valid float); a bad key or value is a UserError naming `where`."""
-        known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in table.items():
-            if key == cls.SEVERITY:
-                continue
-            field = known.get(key)
-            if field is None:
-                names = ", ".join(sorted([*known, cls.SEVERITY]))
-                raise UserError(f"{where}: unknown option {key!r} (known: {names})")
-            kind: type = type(field.default)  # every option has a default
-            try:
-                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                    raise ValueError
-                values[field.name] = kind(value)
-            except (TypeError, ValueError):
-                raise UserError(
-                    f"{where}: {key} must be a {kind.__name__}, got {value!r}"
-                ) from None
-        return cls(**values)
-
-
-@dataclass(frozen=True)
-class NoOptions(RuleOptions):
-    """A rule with nothing to configure but its severity."""
+__all__ = ["Fixture", "NoOptions", "Rule", "RuleOptions", "Stage"]
 
 
 @dataclass(frozen=True)
@@ -96,7 +38,7 @@ class Fixture:
     name: str = ""
 
 
-ContextT = TypeVar("ContextT", bound="RuleContext")
+ContextT = TypeVar("ContextT", bound=RuleContext)
 OptionsT = TypeVar("OptionsT", bound=RuleOptions)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from netdoctor.rules.base import Stage
+from netdoctor.rules.stage import Stage
 
 if TYPE_CHECKING:
     from netdoctor.data.sample import DataSample

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from netdoctor.rules.base import RuleOptions
+from netdoctor.rules.options import RuleOptions
 
 if TYPE_CHECKING:
     import torch
