@@ -5,8 +5,8 @@ stay fast); `watch` imports it when called.
 """
 
 from netdoctor.errors import StopTraining
+from netdoctor.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["StopTraining", "__version__", "watch"]
 
 

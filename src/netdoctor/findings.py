@@ -129,7 +129,7 @@ class Report:
         return counts
 
     def to_dict(self) -> dict[str, Any]:
-        from netdoctor import __version__
+        from netdoctor.version import __version__
 
         out: dict[str, Any] = {
             "version": __version__,

@@ -10,7 +10,7 @@ import pytest
 from netdoctor.findings import Finding, Fix, Report, Severity
 from netdoctor.measure.record import ActivationTrace, NonFinite, TrainingRun
 from netdoctor.probe.engine import ProbeConfig
-from netdoctor.probe.verify import _candidates, judge
+from netdoctor.probe.verify import _candidates, judge, with_learning_rate
 from netdoctor.rules.engine import RuleSettings, remedy_for, symptom_for, symptoms
 from netdoctor.rules.verification import RemedyContext, conflicts, lr_remedy
 
@@ -114,5 +114,5 @@ def test_remedies_of_one_kind_do_not_stack_and_the_top_one_comes_first():
     assert [r.rule for r in chosen] == ["ND301", "ND404"]
     assert chosen[1].description == "learning rate 0.5 → 0.05"
     assert conflicts(lr_remedy("ND406", 0.5, 0.1), chosen)
-    cfg = chosen[1].config(run.config, 2)
+    cfg = with_learning_rate(run.config, chosen[1:], 2)
     assert cfg.learning_rate == pytest.approx(0.005)  # retried: scaled again

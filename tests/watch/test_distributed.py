@@ -335,7 +335,7 @@ def _finding(rule: str, message: str, **kw) -> Finding:
 
 
 def test_merge_reports_a_shared_finding_once_and_names_the_ranks_of_the_others():
-    from netdoctor.watcher.facts import DistributedFacts
+    from netdoctor.measure.facts import DistributedFacts
     from netdoctor.watcher.ranks import merge
 
     site = Location("train.py", 12)

@@ -8,12 +8,12 @@ from typing import Any
 
 import click
 
-from netdoctor import __version__
 from netdoctor.cli.catalogue import explain, rules
 from netdoctor.cli.check import check
 from netdoctor.cli.probe import probe
 from netdoctor.cli.run import run
 from netdoctor.errors import UserError
+from netdoctor.version import __version__
 
 
 class _Group(click.Group):

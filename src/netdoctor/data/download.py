@@ -155,7 +155,7 @@ def _fetch(url: str, target: Path, md5: str, progress) -> None:
     """Stream `url` into a temporary file beside `target`, check its MD5, then move it into
     place. Anything else -- an error, a short body, a wrong checksum, Ctrl-C -- deletes the
     temporary file."""
-    from netdoctor import __version__
+    from netdoctor.version import __version__
 
     # Unique beside the target (same file system, so os.replace is atomic); created like any
     # other file (mode 0o666 less the umask), unlike mkstemp's private 0o600.

@@ -29,7 +29,7 @@ from torch import nn
 from netdoctor.findings import Finding, Report, Severity
 from netdoctor.measure.record import TrainingRun
 from netdoctor.measure.summary import learned_well
-from netdoctor.probe.config import probe_config
+from netdoctor.probe.config import ProbeConfig, probe_config
 from netdoctor.probe.engine import run_probe
 from netdoctor.rules.engine import RuleSettings, remedy_for, symptom_for
 from netdoctor.rules.verification import Remedy, RemedyContext, Symptom, conflicts, lr_text
@@ -183,6 +183,15 @@ def verify(
 # ------------------------------------------------------------------------------ the candidates
 
 
+def with_learning_rate(config: ProbeConfig, remedies: list[Remedy], times: int = 1) -> ProbeConfig:
+    """The probe's config with the remedies' learning-rate factor applied `times` times (a
+    change that was not enough is scaled again)."""
+    for r in remedies:
+        if r.lr_factor is not None:
+            config = replace(config, lr=config.learning_rate * r.lr_factor**times)
+    return config
+
+
 def _candidates(
     first: Remedy, top: Finding, ranked: list[Finding], context: RemedyContext
 ) -> list[Remedy]:
@@ -240,9 +249,9 @@ class _Verifier:
                 if r.model_fn is not None:
                     r.model_fn(net)
         transforms = [r.transform for r in remedies if r.transform is not None]
-        config = replace(probe_config(self.run), steps=steps)
-        for r in remedies:
-            config = r.config(config, lr_times)
+        config = with_learning_rate(
+            replace(probe_config(self.run), steps=steps), remedies, lr_times
+        )
         needs_te = bool(self.symptom and self.symptom.needs_train_eval)
         return run_probe(
             net,

@@ -13,7 +13,7 @@ def to_data(reports: list[Report]) -> dict[str, Any]:
     """One report -> `Report.to_dict()`; several -> {"version", "reports", "summary"}."""
     if len(reports) == 1:
         return json_safe(reports[0].to_dict())
-    from netdoctor import __version__
+    from netdoctor.version import __version__
 
     return json_safe(
         {

@@ -92,7 +92,7 @@ def _result(finding: Finding, report: Report, rule_index: int) -> dict[str, Any]
 
 
 def to_data(reports: list[Report]) -> dict[str, Any]:
-    from netdoctor import __version__
+    from netdoctor.version import __version__
 
     pairs = [(f, r) for r in reports for f in r.sorted_findings()]
     examples: dict[str, Finding] = {}

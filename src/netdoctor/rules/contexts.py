@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from netdoctor.data.sample import DataSample
     from netdoctor.graph.build import BuildOutcome
     from netdoctor.graph.ir import Graph
+    from netdoctor.measure.facts import LoopFacts
     from netdoctor.measure.record import TrainingRun
-    from netdoctor.watcher.facts import LoopFacts
 
 
 @dataclass

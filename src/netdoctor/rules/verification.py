@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from netdoctor.rules.options import RuleOptions
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
     from netdoctor.findings import Report
     from netdoctor.measure.record import TrainingRun
-    from netdoctor.probe.config import ProbeConfig
 
 OptionsT = TypeVar("OptionsT", bound=RuleOptions)
 
@@ -141,12 +140,6 @@ class Remedy:
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     lr_factor: float | None = None  # multiplies the learning rate
     retry: bool = False  # lr remedies: when no better, scale the lr again (at most twice)
-
-    def config(self, base: ProbeConfig, times: int = 1) -> ProbeConfig:
-        """The probe's config with this remedy's learning rate."""
-        if self.lr_factor is None:
-            return base
-        return replace(base, lr=base.learning_rate * self.lr_factor**times)
 
 
 def lr_remedy(rule: str, lr: float, factor: float, retry: bool = False) -> Remedy:

@@ -18,7 +18,6 @@
 * `replicas`    -- DDP wrappers and the checksums of their replicated parameters (ND508)
 * `ranks`       -- the job's report merged from every rank's (torch-free)
 * `schedule`    -- which steps are measured deeply
-* `facts`       -- the loop facts the ND5xx rules read (torch-free)
 * `settings`    -- options and the watched run's config (torch-free)
 * `script`      -- running a user's script as `python script.py` would (`netdoctor run`)
 

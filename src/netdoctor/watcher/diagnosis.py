@@ -14,11 +14,11 @@ from functools import partial
 from typing import Any
 
 from netdoctor.findings import Finding, Report
+from netdoctor.measure.facts import LoopFacts
 from netdoctor.measure.record import TrainingRun
 from netdoctor.rules.contexts import LoopContext, RuntimeContext
 from netdoctor.rules.engine import judge, run_rules
 from netdoctor.watcher.distributed import Distributed
-from netdoctor.watcher.facts import LoopFacts
 from netdoctor.watcher.localize import Localization
 from netdoctor.watcher.losses import LossWatch
 from netdoctor.watcher.models import WatchedModel

@@ -43,9 +43,9 @@ import torch
 
 from netdoctor.findings import Finding, Report
 from netdoctor.loading.provenance import user_location
+from netdoctor.measure.facts import DistributedFacts, LoopFacts
 from netdoctor.measure.params import is_sharded, local
 from netdoctor.watcher.events import ForwardStart, Part, StepStart
-from netdoctor.watcher.facts import DistributedFacts, LoopFacts
 from netdoctor.watcher.localize import Localization
 from netdoctor.watcher.optimizers import WatchedOptimizer
 from netdoctor.watcher.ranks import NONFINITE_KINDS

@@ -9,7 +9,7 @@ them, as the typed events of `events`, to its parts, each of which keeps its own
   root hooks of each model, whose forwards it announces);
 * `measurement.Measurement`: the per-step measurements, one host sync per step, and the deep
   steps' per-layer and per-parameter ones (`schedule.Schedule`);
-* `loopwatch.LoopWatch`: the loop facts the ND5xx rules read (`facts.LoopFacts`);
+* `loopwatch.LoopWatch`: the loop facts the ND5xx rules read (`measure.facts.LoopFacts`);
 * `localize.Localization`: where the first NaN/Inf came from;
 * `static.StaticChecks`: the static rules, once per model;
 * `distributed.Distributed`: the ranks' exchange under torchrun;
@@ -55,6 +55,7 @@ from torch import nn
 from netdoctor.errors import StopTraining, UserError
 from netdoctor.findings import Finding, Report, Severity
 from netdoctor.loading.provenance import Provenance, user_location
+from netdoctor.measure.facts import LoopFacts
 from netdoctor.watcher.attach import Attachment
 from netdoctor.watcher.diagnosis import Gathered, diagnose
 from netdoctor.watcher.distributed import (
@@ -74,7 +75,6 @@ from netdoctor.watcher.events import (
     StepStart,
     TrainMode,
 )
-from netdoctor.watcher.facts import LoopFacts
 from netdoctor.watcher.live import LiveJudge
 from netdoctor.watcher.localize import Localization
 from netdoctor.watcher.loopwatch import LoopWatch

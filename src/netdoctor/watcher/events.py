@@ -5,7 +5,7 @@ hooks of each watched model (`registry`) and its own lifecycle into typed events
 one to every part that overrides its hook (`Part`), in the parts' order (`Dispatcher`) -- the
 named hook points of a Lightning `Callback` or a pytest hookspec. A part keeps its own state and
 shares nothing private: what another part needs is a public method or a small shared object
-(`services.Guard`, `services.DirtyRules`, `optimizers.PendingScalars`, `facts.LoopFacts`).
+(`services.Guard`, `services.DirtyRules`, `optimizers.PendingScalars`, `measure.facts.LoopFacts`).
 
 The hooks, in the order a training step meets them:
 

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from netdoctor.loading.forward import preserved_attributes, preserved_buffers
+from netdoctor.measure.facts import LoopFacts
 from netdoctor.measure.nonfinite import first_bad_grad, localize_forward, tensor_stats
 from netdoctor.measure.params import ParamMeter
 from netdoctor.measure.record import NonFinite
 from netdoctor.watcher.events import BackwardRecord, Part, StepMeasured
-from netdoctor.watcher.facts import LoopFacts
 from netdoctor.watcher.losses import LossWatch
 from netdoctor.watcher.models import ForwardCall, WatchedModel
 from netdoctor.watcher.optimizers import WatchedOptimizer

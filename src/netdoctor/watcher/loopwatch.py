@@ -1,4 +1,4 @@
-"""The loop facts part: what the ND5xx rules read about the user's loop (`facts.LoopFacts`),
+"""The loop facts part: what the ND5xx rules read about the user's loop (`measure.facts.LoopFacts`),
 gathered from the events, with the rules whose facts changed marked for the live judgement.
 
 * ND501: at each backward after an optimizer's first step, whether its sampled parameters still
@@ -20,6 +20,7 @@ import math
 
 from netdoctor.findings import Location
 from netdoctor.loading.provenance import assignment_site, user_location
+from netdoctor.measure.facts import LoopFacts, SchedulerFacts
 from netdoctor.watcher.events import (
     BackwardStart,
     ForwardStart,
@@ -30,7 +31,6 @@ from netdoctor.watcher.events import (
     StepStart,
     TrainMode,
 )
-from netdoctor.watcher.facts import LoopFacts, SchedulerFacts
 from netdoctor.watcher.optimizers import PendingScalars, WatchedOptimizer
 from netdoctor.watcher.registry import Registry
 from netdoctor.watcher.schedule import Schedule

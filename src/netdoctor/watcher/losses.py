@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from netdoctor.loading.provenance import user_location
-from netdoctor.watcher.facts import LossCallFacts
+from netdoctor.measure.facts import LossCallFacts
 from netdoctor.watcher.optimizers import PendingScalars
 
 LOSS_FUNCTIONS = (

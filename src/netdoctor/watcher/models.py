@@ -23,8 +23,8 @@ from torch import nn
 
 from netdoctor.loading.forward import tensors_in
 from netdoctor.measure.activations import ActivationRecorder
+from netdoctor.measure.facts import ModelFacts
 from netdoctor.measure.params import is_sharded
-from netdoctor.watcher.facts import ModelFacts
 from netdoctor.watcher.optimizers import WatchedOptimizer
 
 _DROPOUT = (nn.modules.dropout._DropoutNd,)

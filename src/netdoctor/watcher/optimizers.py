@@ -18,8 +18,8 @@ from typing import Any, cast
 
 import torch
 
+from netdoctor.measure.facts import OptimizerFacts
 from netdoctor.measure.params import local
-from netdoctor.watcher.facts import OptimizerFacts
 
 SAMPLE = 4  # parameters sampled for the change and cleared-gradient checks
 SAMPLE_MAX_NUMEL = 1 << 16  # ... each at most this big, so cloning them costs nothing

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from netdoctor.findings import Finding, Report
-from netdoctor.watcher.facts import DistributedFacts
+from netdoctor.measure.facts import DistributedFacts
 
 NONFINITE_KINDS = {1.0: "loss NaN", 2.0: "loss Inf", 3.0: "gradient NaN", 4.0: "gradient Inf"}
 

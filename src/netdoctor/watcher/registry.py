@@ -28,10 +28,10 @@ from torch import nn
 from netdoctor.findings import Location
 from netdoctor.loading.forward import tensors_in
 from netdoctor.loading.provenance import Provenance, assignment_site, class_location
+from netdoctor.measure.facts import LoopFacts, ModelFacts, OptimizerFacts
 from netdoctor.measure.nonfinite import rng_state
 from netdoctor.watcher.attach import Attachment
 from netdoctor.watcher.events import Dispatcher, ForwardEnd, ForwardStart, Part, StepEnd
-from netdoctor.watcher.facts import LoopFacts, ModelFacts, OptimizerFacts
 from netdoctor.watcher.models import WatchedModel
 from netdoctor.watcher.optimizers import WatchedOptimizer
 from netdoctor.watcher.replicas import Replicas, is_ddp

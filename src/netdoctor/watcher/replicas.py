@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from netdoctor.findings import Location
-from netdoctor.watcher.facts import BypassFacts, ReplicaDivergence
+from netdoctor.measure.facts import BypassFacts, ReplicaDivergence
 
 PATTERN = 61  # length of the sign pattern (prime: it does not line up with common widths)
 

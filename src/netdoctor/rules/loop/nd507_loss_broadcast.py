@@ -12,7 +12,7 @@ from netdoctor.rules.contexts import LoopContext
 from netdoctor.rules.loop._common import user_file
 
 if TYPE_CHECKING:
-    from netdoctor.watcher.facts import LossCallFacts
+    from netdoctor.measure.facts import LossCallFacts
 
 
 def check(ctx: LoopContext, options: NoOptions) -> Iterator[Finding]:
