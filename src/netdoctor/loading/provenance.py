@@ -87,11 +87,19 @@ class Provenance:
                 base.__init__ = original  # type: ignore[misc]  # restoring it
 
 
-def _is_internal(filename: str) -> bool:
-    return filename.startswith(_SKIP_PREFIXES) or filename.startswith("<")
-
-
 _LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+
+
+def _is_internal(filename: str) -> bool:
+    """Not the user's code: torch, netdoctor, the standard library, installed packages (a
+    trainer library's frames) and generated code. Installed packages are named by their folder,
+    not by where they sit: a virtual environment keeps them outside the standard library's
+    folder, a system Python inside it, and reports must not depend on which."""
+    return (
+        filename.startswith(_SKIP_PREFIXES)
+        or filename.startswith("<")
+        or any(m in filename for m in _LIBRARY_MARKERS)
+    )
 
 
 def user_frame(depth: int = 1) -> FrameType | None:
