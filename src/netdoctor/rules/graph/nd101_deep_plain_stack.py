@@ -156,14 +156,20 @@ def _batchnorm_fix(chain: list[Node]) -> Fix:
 
 def remedy(finding: Finding, context: RemedyContext) -> Remedy | None:
     """BatchNorm after every hidden layer of the chain, in a copy of the model."""
+    layers = [d.get("module") for d in finding.evidence.get("layers", []) if isinstance(d, dict)]
+    return batchnorm_remedy(finding.rule, [n for n in layers if n])
+
+
+def batchnorm_remedy(rule_id: str, layers: list[str]) -> Remedy | None:
+    """BatchNorm inserted after each of `layers` but the last (the output layer), in a copy of
+    the model; None when there is no hidden layer."""
     from netdoctor.fixes.memory import insert_batchnorm
 
-    layers = [d.get("module") for d in finding.evidence.get("layers", []) if isinstance(d, dict)]
     hidden = [n for n in layers[:-1] if n]
     if not hidden:
         return None
     return Remedy(
-        RULE.id,
+        rule_id,
         f"BatchNorm inserted after {len(hidden)} hidden conv/linear layers",
         "model",
         model_fn=insert_batchnorm(hidden),

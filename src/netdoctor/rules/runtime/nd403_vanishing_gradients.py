@@ -15,6 +15,7 @@ from netdoctor.measure.summary import (
 )
 from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import RuntimeContext
+from netdoctor.rules.graph.nd101_deep_plain_stack import batchnorm_remedy
 from netdoctor.rules.numbers import g
 from netdoctor.rules.runtime._common import (
     site,
@@ -105,20 +106,10 @@ def gradient_ratio(run: TrainingRun, options: Options) -> float | None:
 
 def remedy(finding: Finding, context: RemedyContext) -> Remedy | None:
     """With no root cause found: BatchNorm after every hidden weight layer (in a copy)."""
-    from netdoctor.fixes.memory import insert_batchnorm
-
     if finding.cause is not None:
         return None
     layers = list(dict.fromkeys(p.module for p in context.run.weight_layers()))
-    hidden = [n for n in layers[:-1] if n]
-    if not hidden:
-        return None
-    return Remedy(
-        RULE.id,
-        f"BatchNorm inserted after {len(hidden)} hidden conv/linear layers",
-        "model",
-        model_fn=insert_batchnorm(hidden),
-    )
+    return batchnorm_remedy(finding.rule, layers)
 
 
 RULE = Rule(
