@@ -39,10 +39,23 @@ def report_of(target: snapshot.Target) -> dict:
                     args = ["run", "--format", "json", "-o", out, *target.args]
                 else:
                     args = [target.command, *target.args, "--format", "json", "-o", out]
-                result = invoke(*args, cwd=REPO)
+                result = _one_thread(lambda: invoke(*args, cwd=REPO))
                 assert out.is_file(), f"no report (exit {result.exit_code}): {result.stderr}"
                 _reports[target] = json.loads(out.read_text(encoding="utf-8"))
     return _reports[target]
+
+
+def _one_thread(call):
+    """Reports are recorded with torch on one thread (as under xdist, OMP_NUM_THREADS=1): float
+    sums over several threads round differently, and the snapshots keep 6 digits."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return call()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def matching(target: snapshot.Target) -> dict:
