@@ -286,3 +286,84 @@ def op_label(node: Node) -> str:
     if text and loc is not None:  # (a source line comes from a location)
         return f"the {node.op} in `{text}` (line {loc.line})"
     return f"{node.op} ({node.name})"
+
+
+# -- normalizations computed in forward ---------------------------------------------------------
+
+# Statistics of a tensor's scale (torch's and ONNX's spellings): a variance, a standard deviation,
+# a norm. The root of a mean (or sum) is one too, spelled out: sqrt(mean(x * x) + eps).
+_SCALE_STATISTICS = {
+    "var",
+    "std",
+    "var_mean",
+    "std_mean",
+    "norm",
+    "linalg_vector_norm",
+    "linalg_norm",
+    "reducel2",
+}
+_MEANS = {"mean", "sum", "reducemean", "reducesum", "reducesumsquare"}
+# A factor that divides: rsqrt(v), 1 / v (ONNX's Reciprocal), v ** -0.5.
+_INVERSES = {"rsqrt", "reciprocal"}
+# Where "the same activation" ends, walking back: a layer's output is a new value.
+_LAYER_BOUNDARY = WEIGHT_OPS | NORM_OPS | {"input", "rnn", "attention", "embedding", "module"}
+_LOCAL_NODES = 32  # how far back the walk looks (a normalization is a handful of ops)
+
+
+def _local_values(graph: Graph, name: str, memo: dict[str, bool]) -> tuple[set[str], set[str]]:
+    """The data values a value is computed from inside its layer, itself included, back to the
+    nearest weight layer, normalization or input (those included, not walked past); and the
+    ops met on the way."""
+    values: set[str] = set()
+    ops: set[str] = set()
+    stack = [name]
+    while stack and len(values) < _LOCAL_NODES:
+        n = stack.pop()
+        if n in values or n not in graph.nodes or is_constant(graph, n, memo):
+            continue
+        values.add(n)
+        node = graph.nodes[n]
+        ops.add(node.op)
+        if (node.op == "pow" and any(c < 0 for c in node.attrs.get("constants", ()))) or (
+            node.op == "div" and node.inputs and is_constant(graph, node.inputs[0], memo)
+        ):
+            ops.add("reciprocal")  # v ** -0.5, 1 / v
+        if node.op not in _LAYER_BOUNDARY:
+            stack.extend(node.inputs)
+    return values, ops
+
+
+def _scale_of(ops: set[str]) -> bool:
+    return bool(ops & _SCALE_STATISTICS) or (bool(ops & {"sqrt", "rsqrt"}) and bool(ops & _MEANS))
+
+
+def self_normalized(graph: Graph) -> set[str]:
+    """Names of the nodes that normalize an activation by its own statistics, computed in
+    forward rather than by a normalization layer: a value divided by a scale statistic of itself
+    (its standard deviation or variance over channels, groups, positions or the batch, its norm,
+    the root of its mean square), or multiplied by the inverse of one (`x * rsqrt(mean(x²) + ε)`),
+    and `F.normalize`. EvoNorm-S/B, filter response normalization, a hand-written RMSNorm or
+    LayerNorm. Like a normalization layer, the node's output has a scale fixed by construction,
+    whatever the scale of what came in."""
+    memo: dict[str, bool] = {}
+    found: set[str] = set()
+    for node in graph:
+        if node.op == "l2norm":
+            found.add(node.name)
+            continue
+        if node.op not in ("div", "mul"):
+            continue
+        data = data_inputs(graph, node, memo)
+        if len(data) != 2 or data[0] == data[1]:
+            continue
+        pairs = [(data[0], data[1])] if node.op == "div" else [data, data[::-1]]
+        for value, factor in pairs:
+            factor_values, factor_ops = _local_values(graph, factor, memo)
+            if not _scale_of(factor_ops):
+                continue
+            if node.op == "mul" and not factor_ops & _INVERSES:
+                continue
+            if factor_values & _local_values(graph, value, memo)[0]:
+                found.add(node.name)
+                break
+    return found

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import arg_code, diff_fix, insert_args_after, nn_prefix, read
 from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, WEIGHT_OPS, Graph, Node
-from netdoctor.graph.walks import standardized_weight
+from netdoctor.graph.walks import is_constant, self_normalized, standardized_weight
 from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext
@@ -29,14 +29,20 @@ def plain_chains(graph: Graph) -> dict[str, list[Node]]:
     layer and no skip connection between. A merge (add/cat of two paths) keeps the SHORTEST
     incoming chain: the skip path is how the gradient gets around the stack, whatever gain
     either path is multiplied by. A layer whose weight is standardized in its forward (scaled
-    weight standardization) normalizes like a layer followed by a normalization layer."""
+    weight standardization) normalizes like a layer followed by a normalization layer, and so
+    does an activation normalized by its own statistics in forward (EvoNorm, a hand-written
+    RMSNorm). Shape and dtype queries (`x.shape`, `bias.to(x.dtype)`) carry no chain: they are
+    not the signal."""
     chains: dict[str, list[Node]] = {}
     memo: dict[str, bool] = {}
+    computed = self_normalized(graph)
     for node in graph.topological():
         incoming = [chains[i] for i in node.inputs if i in chains]
         if (
             node.op in NORM_OPS
+            or node.name in computed
             or node.op in ("input", "param")
+            or is_constant(graph, node.name, memo)
             or standardized_weight(graph, node, memo)
         ):
             chains[node.name] = []
