@@ -131,7 +131,10 @@ class _Recorder(TorchFunctionMode):
         inputs = self.inputs_of((args, kwargs))
         if not inputs:
             return out
-        if not tensors_in(out) and name not in _FLOW_BREAKERS:
+        # `x[i] = v` writes into x and returns None: from here on x holds the written value,
+        # which depends on v (a bias written into attention scores reaches the output via x).
+        result = args[0] if name == "__setitem__" and args else out
+        if not tensors_in(result) and name not in _FLOW_BREAKERS:
             return out
         op = "detach" if name == "data" else function_op(func)
         node = Node(
@@ -143,7 +146,7 @@ class _Recorder(TorchFunctionMode):
         )
         if name == "data":
             node.target, node.attrs["via"] = "Tensor.data", ".data"
-        shapes = tensor_shapes(out)
+        shapes = tensor_shapes(result)
         node.shape = shapes[0] if shapes else None
         if op in ("softmax", "log_softmax"):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
@@ -152,7 +155,7 @@ class _Recorder(TorchFunctionMode):
         if not torch.is_grad_enabled():
             node.attrs["no_grad"] = True
         self.graph.add(node)
-        self.produced(out, node.name)
+        self.produced(result, node.name)
         return out
 
 

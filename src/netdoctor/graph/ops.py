@@ -201,6 +201,8 @@ _FUNC_NAMES: dict[str, str] = {
     "split": "split",
     "getitem": "getitem",
     "__getitem__": "getitem",
+    "setitem": "setitem",
+    "__setitem__": "setitem",
     "size": "size",
     "dim": "size",
     "conv1d": "conv",
