@@ -15,7 +15,7 @@ from netdoctor.fixes.patch import (
     wrap_call,
 )
 from netdoctor.graph.ir import WEIGHT_OPS, Graph, Node
-from netdoctor.graph.walks import call_site, data_consumers, data_inputs, module_attr
+from netdoctor.graph.walks import call_site, data_consumers, data_inputs, is_constant, module_attr
 from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 
@@ -39,6 +39,64 @@ def _is_bottleneck(first: Node, second: Node) -> bool:
     A forgotten activation in a plain MLP (784 -> 256 -> 10) keeps narrowing: not a bottleneck."""
     a, b = _dims(first), _dims(second)
     return a is not None and b is not None and a[1] < a[0] and a[1] < b[1]
+
+
+def _strides(node: Node) -> bool:
+    """A convolution that downsamples (stride > 1 along some axis)."""
+    stride = node.attrs.get("stride")
+    if isinstance(stride, int):
+        return stride > 1
+    return isinstance(stride, tuple) and any(isinstance(s, int) and s > 1 for s in stride)
+
+
+def _reads_input(graph: Graph, node: Node, memo: dict[str, bool]) -> bool:
+    """The layer's data input is the model's input, through linear ops only (padding, a
+    reshape, a constant rescaling of the pixels): the layer is the model's stem."""
+    stack, seen = data_inputs(graph, node, memo), set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        producer = graph.nodes[name]
+        if producer.op == "input":
+            return True
+        if producer.op in _LINEAR_PASS or producer.op in _AFFINE_WITH_CONSTANT:
+            stack.extend(data_inputs(graph, producer, memo))
+    return False
+
+
+def _is_strided_stem(graph: Graph, first: Node, second: Node, memo: dict[str, bool]) -> bool:
+    """A patch embedding in two steps: two strided convolutions on the model's input (ConvNeXt's
+    overlapping stems: 3x3/2 then 3x3/2 where the original patchifies with one 4x4/4). A linear
+    patch embedding is the standard design (ViT, Swin, ConvNeXt: normalization, not an
+    activation, follows it); splitting it into two overlapping downsampling steps is a choice of
+    receptive field, not a forgotten activation."""
+    return (
+        first.op == second.op == "conv"
+        and _strides(first)
+        and _strides(second)
+        and _reads_input(graph, first, memo)
+    )
+
+
+def _fixed_filter(graph: Graph, node: Node, memo: dict[str, bool]) -> bool:
+    """A convolution whose weight is no parameter: a fixed filter held in a buffer or computed
+    from constants (the binomial blur of anti-aliased downsampling, BlurPool). It learns nothing:
+    it is a weighted average pooling, a linear op between layers, not a layer of its own."""
+    if node.op != "conv" or node.module:
+        return False  # a Conv module (its weight may be parametrized: not ours to judge)
+    stack, seen = [i for i in node.inputs[1:] if is_constant(graph, i, memo)], set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in graph.nodes:
+            continue
+        seen.add(name)
+        producer = graph.nodes[name]
+        if producer.op == "param" and producer.params:
+            return False  # a parameter (standardized or not) is the weight
+        stack.extend(producer.inputs)
+    return True
 
 
 def describe(node: Node) -> str:
@@ -71,11 +129,13 @@ _AFFINE_WITH_CONSTANT = {"add", "sub", "mul", "div"}
 
 def collapsing_pairs(graph: Graph) -> list[tuple[Node, list[Node], Node]]:
     """(first layer, ops between, second layer) for every two weight layers joined only by
-    linear ops, with no branching out of the first and no other data merging in."""
+    linear ops, with no branching out of the first and no other data merging in. A fixed filter
+    (a convolution with no weight parameter) is one of those linear ops, not a layer."""
     memo: dict[str, bool] = {}
     pairs = []
+    fixed = {n.name for n in graph.of_op("conv") if _fixed_filter(graph, n, memo)}
     for first in graph.of_op(*WEIGHT_OPS):
-        if first.attrs.get("type") == "Bilinear":
+        if first.attrs.get("type") == "Bilinear" or first.name in fixed:
             continue
         cur = first
         between: list[Node] = []
@@ -87,15 +147,16 @@ def collapsing_pairs(graph: Graph) -> list[tuple[Node, list[Node], Node]]:
             others = [i for i in data_inputs(graph, nxt, memo) if i != cur.name]
             if others or nxt.inputs.count(cur.name) > 1:
                 break  # another data path merges in (residual add, concatenation, x * x)
-            if nxt.op in WEIGHT_OPS:
+            if nxt.op in WEIGHT_OPS and nxt.name not in fixed:
                 if (
                     nxt.attrs.get("type") != "Bilinear"
                     and not (_is_depthwise(first) or _is_depthwise(nxt))
                     and not _is_bottleneck(first, nxt)
+                    and not _is_strided_stem(graph, first, nxt, memo)
                 ):
                     pairs.append((first, between, nxt))
                 break
-            if nxt.op in _LINEAR_PASS or nxt.op in _AFFINE_WITH_CONSTANT:
+            if nxt.op in _LINEAR_PASS or nxt.op in _AFFINE_WITH_CONSTANT or nxt.name in fixed:
                 between.append(nxt)
                 cur = nxt
                 continue
