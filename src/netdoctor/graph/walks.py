@@ -324,7 +324,10 @@ def _local_values(graph: Graph, name: str, memo: dict[str, bool]) -> tuple[set[s
         values.add(n)
         node = graph.nodes[n]
         ops.add(node.op)
-        if (node.op == "pow" and any(c < 0 for c in node.attrs.get("constants", ()))) or (
+        exponents = node.attrs.get("constants", ()) if node.op == "pow" else ()
+        if any(c % 1 != 0 for c in exponents):
+            ops.add("sqrt")  # v ** 0.5, v ** -0.5
+        if any(c < 0 for c in exponents) or (
             node.op == "div" and node.inputs and is_constant(graph, node.inputs[0], memo)
         ):
             ops.add("reciprocal")  # v ** -0.5, 1 / v

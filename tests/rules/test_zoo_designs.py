@@ -1,0 +1,231 @@
+"""Deliberate designs of the model zoos that the graph rules must leave alone (issue 15), each
+next to the mistake it resembles, which they must still report: a normalization computed in
+forward (ND101), a gate broadcast before it multiplies (ND102), a value written in place into
+a tensor (ND103), a patch embedding in two strided steps and a fixed blur filter (ND107).
+The healthy fixtures computed_norm, eca_gates, relpos_attention, two_step_stem and blur_pool are
+the same designs in full models (their snapshots keep them clean)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO, chdir
+from netdoctor.check import CheckOptions, check_loaded
+
+IMAGE = (3, 16, 16)
+
+
+def rules_found(tmp_path, source: str, cls: str, kwargs: dict, shape=IMAGE) -> list[str]:
+    from netdoctor.loading.target import load
+
+    path = tmp_path / "model.py"
+    path.write_text(source, encoding="utf-8")
+    with chdir(REPO):
+        loaded = load(f"{path}:{cls}", kwargs).models[0]
+        report = check_loaded(loaded, CheckOptions(input_shape=shape))
+    return [f.rule for f in report.findings]
+
+
+# ------------------------------------------------------------------ ND101: computed normalization
+
+NORMALIZED_STACK = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Scale(nn.Module):
+    def __init__(self, kind="none", channels=8):
+        super().__init__()
+        self.kind = kind
+        self.gain = nn.Parameter(torch.ones(channels, 1, 1))
+
+    def forward(self, x):
+        if self.kind == "std":  # x / std over channels and positions, per sample
+            y = x / torch.sqrt(x.flatten(1).var(dim=1).view(-1, 1, 1, 1) + 1e-5)
+        elif self.kind == "batch_std":  # x / std over the batch and positions, per channel
+            y = x / x.std(dim=(0, 2, 3), keepdim=True).add(1e-5)
+        elif self.kind == "rms":  # x * rsqrt(mean of squares over channels)
+            y = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-6)
+        elif self.kind == "pow":  # the same, as a power
+            y = x * (x.pow(2).mean(dim=1, keepdim=True) + 1e-6) ** -0.5
+        elif self.kind == "normalize":
+            y = F.normalize(x, dim=1)
+        elif self.kind == "constant":  # a learned scale, not a statistic: no normalization
+            y = x / torch.sqrt(self.gain.abs() + 1.0)
+        else:
+            y = x
+        return torch.relu(y * self.gain.to(x.dtype))
+
+
+class Net(nn.Module):
+    """Nine 3x3 convs in series and a head, no normalization layer, no skip connection."""
+
+    def __init__(self, kind="none"):
+        super().__init__()
+        layers, cin = [], 3
+        for _ in range(9):
+            layers += [nn.Conv2d(cin, 8, 3, padding=1), Scale(kind)]
+            cin = 8
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3)))
+'''
+
+
+@pytest.mark.parametrize(
+    "kind, plain",
+    [
+        ("std", False),
+        ("batch_std", False),
+        ("rms", False),
+        ("pow", False),
+        ("normalize", False),
+        ("none", True),
+        ("constant", True),
+    ],
+)
+def test_nd101_sees_a_normalization_computed_in_forward(tmp_path, kind, plain):
+    found = rules_found(tmp_path, NORMALIZED_STACK, "Net", {"kind": kind})
+    assert ("ND101" in found) is plain, found
+
+
+# ------------------------------------------------------------------ ND102: broadcast gates
+
+GATES = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """Three Linear layers, each followed by a sigmoid that is broadcast with expand_as and then
+    either gates the layer's output (x * s) or is the next layer's input."""
+
+    def __init__(self, gate=True):
+        super().__init__()
+        self.gate = gate
+        self.fc = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.score = nn.ModuleList(nn.Linear(16, 1) for _ in range(3))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for fc, score in zip(self.fc, self.score):
+            x = torch.relu(fc(x))
+            s = torch.sigmoid(score(x)).expand_as(x)
+            x = x * s if self.gate else s
+        return self.head(x)
+'''
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_nd102_follows_a_gate_through_expand_as(tmp_path, gate):
+    found = rules_found(tmp_path, GATES, "Net", {"gate": gate}, shape=(16,))
+    assert ("ND102" in found) is not gate, found
+
+
+# ------------------------------------------------------------------ ND103: in-place writes
+
+WRITTEN_BIAS = '''
+import torch
+from torch import nn
+
+
+class Scores(nn.Module):
+    """Token scores plus a learned bias written into the first column in place; the block
+    returns a tuple. `keep`: whether the written tensor is the one returned."""
+
+    def __init__(self, keep=True):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.bias = nn.Parameter(torch.zeros(8))
+        self.keep = keep
+
+    def forward(self, x):
+        if x.shape[1] != 5:  # control flow on a shape: fx cannot trace it
+            raise ValueError("five tokens expected")
+        scores = self.proj(x)
+        target = scores if self.keep else scores.clone()
+        target[:, 0] = target[:, 0] + self.bias
+        return scores, x.shape[1]
+
+
+class Net(nn.Module):
+    def __init__(self, keep=True):
+        super().__init__()
+        self.scores = Scores(keep)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y, _ = self.scores(x)
+        return self.head(y.mean(dim=1))
+'''
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_nd103_follows_an_indexed_assignment_in_the_recorded_forward(tmp_path, keep):
+    found = rules_found(tmp_path, WRITTEN_BIAS, "Net", {"keep": keep}, shape=(5, 8))
+    assert "ND001" in found  # the graph is the recorded forward
+    assert ("ND103" in found) is not keep, found
+
+
+# ------------------------------------------------------------------ ND107: deliberate factorizations
+
+STEMS = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Blur(nn.Module):
+    def __init__(self, channels=8):
+        super().__init__()
+        self.register_buffer("kernel", torch.full((channels, 1, 3, 3), 1.0 / 9))
+        self.channels = channels
+
+    def forward(self, x):
+        return F.conv2d(x, self.kernel, padding=1, groups=self.channels)
+
+
+class Net(nn.Module):
+    def __init__(self, kind="strided_stem"):
+        super().__init__()
+        self.kind = kind
+        s1, s2 = {"one_strided": (2, 1), "stride1_stem": (1, 1)}.get(kind, (2, 2))
+        if kind.startswith("blur"):
+            s1, s2 = 1, 1
+        self.pre = nn.Conv2d(3, 3, 3, padding=1) if kind == "strided_deep" else None
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=s1, padding=1)
+        self.blur = Blur(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=s2, padding=1)
+        self.norm = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        if self.kind == "strided_deep":  # the same pair after a layer and an activation
+            x = torch.relu(self.pre(x))
+        x = self.conv1(x)
+        if self.kind == "blur_between":
+            x = self.blur(x)
+        elif self.kind == "blur_after_act":
+            x = self.blur(torch.relu(x))
+        x = torch.relu(self.norm(self.conv2(x)))
+        return self.head(x.mean(dim=(2, 3)))
+'''
+
+
+@pytest.mark.parametrize(
+    "kind, collapse",
+    [
+        ("strided_stem", False),
+        ("blur_after_act", False),
+        ("stride1_stem", True),
+        ("one_strided", True),
+        ("strided_deep", True),
+        ("blur_between", True),
+    ],
+)
+def test_nd107_deliberate_factorizations(tmp_path, kind, collapse):
+    found = rules_found(tmp_path, STEMS, "Net", {"kind": kind})
+    assert ("ND107" in found) is collapse, found
