@@ -170,9 +170,9 @@ def test_nd103_follows_an_indexed_assignment_in_the_recorded_forward(tmp_path, k
     assert ("ND103" in found) is not keep, found
 
 
-# ------------------------------------------------------------------ ND107: deliberate factorizations
+# --------------------------------------------------------------- ND107: deliberate factorizations
 
-STEMS = '''
+STEMS = """
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -212,7 +212,7 @@ class Net(nn.Module):
             x = self.blur(torch.relu(x))
         x = torch.relu(self.norm(self.conv2(x)))
         return self.head(x.mean(dim=(2, 3)))
-'''
+"""
 
 
 @pytest.mark.parametrize(
@@ -229,3 +229,45 @@ class Net(nn.Module):
 def test_nd107_deliberate_factorizations(tmp_path, kind, collapse):
     found = rules_found(tmp_path, STEMS, "Net", {"kind": kind})
     assert ("ND107" in found) is collapse, found
+
+
+TRANSFORMS = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    """A fixed orthogonal transform (a buffer) applied along rows then columns of each 16x16
+    channel, between two learned layers: a 1x1 conv before it and a Linear after it."""
+
+    def __init__(self, act=True):
+        super().__init__()
+        self.act = act
+        self.register_buffer("basis", torch.linalg.qr(torch.randn(16, 16))[0])
+        self.mix = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(3 * 16 * 16, 10)
+
+    def forward(self, x):
+        x = self.mix(x)
+        if self.act:
+            x = torch.relu(x)
+        x = F.linear(F.linear(x, self.basis).transpose(-1, -2), self.basis).transpose(-1, -2)
+        return self.head(torch.relu(self.fc(x)).flatten(1))
+'''
+
+
+@pytest.mark.parametrize("act", [True, False])
+def test_nd107_a_fixed_transform_is_no_layer_but_no_activation_either(tmp_path, act):
+    from netdoctor.loading.target import load
+
+    path = tmp_path / "model.py"
+    path.write_text(TRANSFORMS, encoding="utf-8")
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", {"act": act}).models[0]
+        report = check_loaded(loaded, CheckOptions(input_shape=IMAGE))
+    pairs = [
+        (f.evidence["first"], f.evidence["second"]) for f in report.findings if f.rule == "ND107"
+    ]
+    assert pairs == ([] if act else [("mix", "fc")]), pairs

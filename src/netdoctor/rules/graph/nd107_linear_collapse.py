@@ -80,12 +80,13 @@ def _is_strided_stem(graph: Graph, first: Node, second: Node, memo: dict[str, bo
     )
 
 
-def _fixed_filter(graph: Graph, node: Node, memo: dict[str, bool]) -> bool:
-    """A convolution whose weight is no parameter: a fixed filter held in a buffer or computed
-    from constants (the binomial blur of anti-aliased downsampling, BlurPool). It learns nothing:
-    it is a weighted average pooling, a linear op between layers, not a layer of its own."""
-    if node.op != "conv" or node.module:
-        return False  # a Conv module (its weight may be parametrized: not ours to judge)
+def _fixed_transform(graph: Graph, node: Node, memo: dict[str, bool]) -> bool:
+    """A functional convolution or linear map whose weight is no parameter: a fixed filter or
+    transform held in a buffer or computed from constants (the binomial blur of anti-aliased
+    downsampling, a DCT basis). It learns nothing: like average pooling, it is a linear op
+    between layers, not a layer of its own."""
+    if node.op not in WEIGHT_OPS or node.module:
+        return False  # a Conv/Linear module (its weight may be parametrized: not ours to judge)
     stack, seen = [i for i in node.inputs[1:] if is_constant(graph, i, memo)], set()
     while stack:
         name = stack.pop()
@@ -130,10 +131,11 @@ _AFFINE_WITH_CONSTANT = {"add", "sub", "mul", "div"}
 def collapsing_pairs(graph: Graph) -> list[tuple[Node, list[Node], Node]]:
     """(first layer, ops between, second layer) for every two weight layers joined only by
     linear ops, with no branching out of the first and no other data merging in. A fixed filter
-    (a convolution with no weight parameter) is one of those linear ops, not a layer."""
+    or transform (a functional conv/linear with no weight parameter) is one of those linear ops,
+    not a layer."""
     memo: dict[str, bool] = {}
     pairs = []
-    fixed = {n.name for n in graph.of_op("conv") if _fixed_filter(graph, n, memo)}
+    fixed = {n.name for n in graph.of_op(*WEIGHT_OPS) if _fixed_transform(graph, n, memo)}
     for first in graph.of_op(*WEIGHT_OPS):
         if first.attrs.get("type") == "Bilinear" or first.name in fixed:
             continue
