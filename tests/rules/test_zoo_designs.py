@@ -58,23 +58,38 @@ class Scale(nn.Module):
         return torch.relu(y * self.gain.to(x.dtype))
 
 
-class Net(nn.Module):
-    """Nine 3x3 convs in series and a head, no normalization layer, no skip connection."""
+class WSConv2d(nn.Conv2d):
+    """A conv whose weight is standardized in forward (scaled weight standardization)."""
 
-    def __init__(self, kind="none"):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w / w[0].numel() ** 0.5, self.bias, self.stride, self.padding)
+
+
+class Net(nn.Module):
+    """Nine 3x3 convs in series and a head, no normalization layer, no skip connection.
+    `untraceable`: control flow on a shape in forward, so the graph is the recorded forward."""
+
+    def __init__(self, kind="none", untraceable=False):
         super().__init__()
+        self.untraceable = untraceable
+        conv = WSConv2d if kind == "ws" else nn.Conv2d
         layers, cin = [], 3
         for _ in range(9):
-            layers += [nn.Conv2d(cin, 8, 3, padding=1), Scale(kind)]
+            layers += [conv(cin, 8, 3, padding=1), Scale(kind)]
             cin = 8
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(8, 10)
 
     def forward(self, x):
+        if self.untraceable and x.shape[1] != 3:
+            raise ValueError("three channels expected")
         return self.head(self.body(x).mean(dim=(2, 3)))
 '''
 
 
+@pytest.mark.parametrize("untraceable", [False, True])
 @pytest.mark.parametrize(
     "kind, plain",
     [
@@ -83,12 +98,15 @@ class Net(nn.Module):
         ("rms", False),
         ("pow", False),
         ("normalize", False),
+        ("ws", False),
         ("none", True),
         ("constant", True),
     ],
 )
-def test_nd101_sees_a_normalization_computed_in_forward(tmp_path, kind, plain):
-    found = rules_found(tmp_path, NORMALIZED_STACK, "Net", {"kind": kind})
+def test_nd101_sees_a_normalization_computed_in_forward(tmp_path, kind, plain, untraceable):
+    kwargs = {"kind": kind, "untraceable": untraceable}
+    found = rules_found(tmp_path, NORMALIZED_STACK, "Net", kwargs)
+    assert ("ND001" in found) is untraceable
     assert ("ND101" in found) is plain, found
 
 

@@ -78,6 +78,7 @@ class _Recorder(TorchFunctionMode):
         self.calls: dict[str, int] = {}
         self.params = {id(p): n for n, p in model.named_parameters()}
         self.pending_inputs: list[str] = []  # the producers of the open leaf call's inputs
+        self.inside: _Recorder | None = None  # records the open user-defined leaf's own ops
 
     # -- bookkeeping -------------------------------------------------------------------
     def unique(self, base: str) -> str:
@@ -121,28 +122,34 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.leaf_depth:
-            return out
+        if not self.leaf_depth:
+            self.record(func, args, kwargs, out)
+        elif self.leaf_depth == 1 and self.inside is not None:
+            self.inside.record(func, args, kwargs, out)
+        return out
+
+    def record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+        """Add the node of one functional op (when it carries data flow)."""
         name = getattr(func, "__name__", "")
         if name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") == "data":
             name = "data"  # `x.data`: a detached alias, recorded like x.detach()
         if name in _IGNORED:
-            return out
+            return
         inputs = self.inputs_of((args, kwargs))
         if not inputs:
-            return out
+            return
         # `x[i] = v` writes into x and returns None: from here on x holds the written value,
         # which depends on v (a bias written into attention scores reaches the output via x).
         result = args[0] if name == "__setitem__" and args else out
         if not tensors_in(result) and name not in _FLOW_BREAKERS:
-            return out
+            return
         op = "detach" if name == "data" else function_op(func)
         node = Node(
             name=self.unique(name or "call"),
             op=op,
             target=target_name(func),
             inputs=inputs,
-            location=user_frame_location(2),
+            location=user_frame_location(3),
         )
         if name == "data":
             node.target, node.attrs["via"] = "Tensor.data", ".data"
@@ -152,11 +159,36 @@ class _Recorder(TorchFunctionMode):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             if isinstance(dim, int):
                 node.attrs["dim"] = dim
+        consts = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        if consts:  # as the fx frontend records them (`x * 0`, `v ** -0.5`)
+            node.attrs["constants"] = consts
         if not torch.is_grad_enabled():
             node.attrs["no_grad"] = True
         self.graph.add(node)
         self.produced(result, node.name)
-        return out
+
+
+def _inside(module: nn.Module, args: tuple[Any, ...]) -> _Recorder:
+    """A recorder for the ops of one call of a user-defined leaf, its inputs as input nodes."""
+    inside = _Recorder(Graph(frontend="hooks"), module, {})
+    for i, t in enumerate(tensors_in(args)):
+        inside.graph.add(Node(name=f"x{i}", op="input", target="input"))
+        inside.produced(t, f"x{i}")
+    return inside
+
+
+def _normalizes(inside: _Recorder, out: Any) -> bool:
+    """Whether the leaf's output was normalized inside it, by the activation's own statistics
+    or through a weight standardized in forward (see walks)."""
+    from netdoctor.graph.walks import self_normalized, standardized_weight
+
+    graph = inside.graph
+    graph.add(Node(name="output", op="output", target="output", inputs=inside.inputs_of(out)))
+    live = graph.reaching_output()
+    memo: dict[str, bool] = {}
+    return any(
+        node.name in live and standardized_weight(graph, node, memo) for node in graph
+    ) or bool(self_normalized(graph) & live)
 
 
 def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
@@ -178,6 +210,8 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
             if rec.leaf_depth == 0:
                 seen_leaf.append(len(stack))
                 rec.pending_inputs = rec.inputs_of(args)
+                if mod in inspected:
+                    rec.inside = _inside(mod, args)
             rec.leaf_depth += 1
 
     def post(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -185,6 +219,7 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
             stack.pop()
         if mod in leaves:
             if rec.leaf_depth == 1:  # still > 0: netdoctor's own tensor ops here go unrecorded
+                inside, rec.inside = rec.inside, None
                 path = names.get(mod, "")
                 node = Node(
                     name=rec.unique(path or type(mod).__name__),
@@ -203,11 +238,20 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
                     node.attrs["no_grad"] = True
                 shapes = tensor_shapes(out)
                 node.shape = shapes[0] if shapes else None
+                if inside is not None and _normalizes(inside, out):
+                    node.attrs["normalizes"] = True
                 graph.add(node)
                 rec.produced(out, node.name)
             rec.leaf_depth -= 1
 
     leaves = {m for m in names if m is not model and is_leaf(m)}
+    # User-defined leaves (modules without children) are one node each, but what they compute
+    # decides whether they normalize: their own ops are recorded aside, for that question only.
+    inspected = {
+        m
+        for m in leaves
+        if not isinstance(m, OPAQUE_LEAVES) and not type(m).__module__.startswith("torch.nn")
+    }
     handles = []
     try:
         for m in names:

@@ -31,8 +31,9 @@ def plain_chains(graph: Graph) -> dict[str, list[Node]]:
     either path is multiplied by. A layer whose weight is standardized in its forward (scaled
     weight standardization) normalizes like a layer followed by a normalization layer, and so
     does an activation normalized by its own statistics in forward (EvoNorm, a hand-written
-    RMSNorm). Shape and dtype queries (`x.shape`, `bias.to(x.dtype)`) carry no chain: they are
-    not the signal."""
+    RMSNorm; in a recorded forward, a user-defined module that does either inside it). Shape
+    and dtype queries (`x.shape`, `bias.to(x.dtype)`) carry no chain: they are not the
+    signal."""
     chains: dict[str, list[Node]] = {}
     memo: dict[str, bool] = {}
     computed = self_normalized(graph)
@@ -41,6 +42,7 @@ def plain_chains(graph: Graph) -> dict[str, list[Node]]:
         if (
             node.op in NORM_OPS
             or node.name in computed
+            or node.attrs.get("normalizes")
             or node.op in ("input", "param")
             or is_constant(graph, node.name, memo)
             or standardized_weight(graph, node, memo)
