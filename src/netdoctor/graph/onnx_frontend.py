@@ -341,6 +341,7 @@ def _weights_of(node: Node, proto: onnx.NodeProto, weights: dict[str, np.ndarray
             out_channels=int(W.shape[0]),
             in_channels=int(W.shape[1]) * group,
             kernel_size=tuple(int(k) for k in W.shape[2:]),
+            stride=tuple(int(s) for s in node.attrs.get("strides", [1] * (W.ndim - 2))),
             groups=group,
             has_bias=w2 is not None,
             type=f"Conv{max(1, W.ndim - 2)}d",
