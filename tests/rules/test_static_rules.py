@@ -721,6 +721,234 @@ def test_nd204_zero_init_branches_in_widely_used_designs():
     assert of(found, "ND204")
 
 
+def built(target: str, shape=MNIST, **kwargs):
+    """A fixture model and its graph, with the init signal measured (what ND204 reads)."""
+    from netdoctor.graph.build import build_graph
+    from netdoctor.loading.shapes import InputSpec
+    from netdoctor.loading.target import load
+
+    with chdir(REPO):
+        loaded = load(target, kwargs).models[0]
+        return loaded, build_graph(loaded, InputSpec(shape, "float32", None)).graph
+
+
+@pytest.mark.parametrize("frontend", ["fx", "hooks"])
+def test_nd204_leaves_out_layers_that_do_not_see_the_input(monkeypatch, frontend):
+    """A projection of a table of relative positions (ConViT) and the first class-attention
+    query, read from a class token that has not attended to anything yet (CaiT, XCiT), compute
+    the same value for every image: they are not on the signal's path. The keys, the values and
+    the later queries are."""
+    from netdoctor.graph import fx_frontend
+    from netdoctor.rules.params.nd204_signal_collapse import signal_chain
+
+    if frontend == "hooks":
+
+        def untraceable(model):
+            raise TypeError("left to the recorded forward pass in this test")
+
+        monkeypatch.setattr(fx_frontend, "trace", untraceable)
+    shape = (3, 32, 32)
+    _, graph = built(str(HEALTHY / "positional_attention.py:PositionalAttentionNet"), shape)
+    assert graph.frontend == frontend
+    chain = [n.label for n in signal_chain(graph)]
+    assert "blocks.0.attn.qk" in chain and "blocks.3.fc1" in chain
+    assert not [c for c in chain if "pos_proj" in c]
+    (pos,) = [n for n in graph.of_op("linear") if n.module == "blocks.0.attn.pos_proj"]
+    assert pos.attrs["init_signal_rms"] < 1e-6 * pos.attrs["init_rms"]  # float rounding only
+
+    _, graph = built(str(HEALTHY / "class_attention.py:ClassAttentionNet"), shape)
+    assert graph.frontend == frontend
+    chain = [n.label for n in signal_chain(graph)]
+    assert "class_blocks.0.attn.q" not in chain
+    assert {"class_blocks.0.attn.k", "class_blocks.1.attn.q"} <= set(chain)
+
+
+DEAD = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"Linear+ReLU layers whose second bias is so negative that no ReLU after it ever fires:
+    every layer after it sees the same (zero) input for every sample: the signal died.\"\"\"
+
+    def __init__(self, bias=-100.0):
+        super().__init__()
+        layers = [nn.Flatten(), nn.Linear(784, 128), nn.ReLU()]
+        for _ in range(4):
+            layers += [nn.Linear(128, 128), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(128, 10))
+        nn.init.constant_(self.net[3].bias, bias)
+
+    def forward(self, x):
+        return self.net(x)
+"""
+
+
+def test_nd204_still_finds_a_signal_that_died(tmp_path):
+    """A layer that sees the same input for every sample is left out only when a value that does
+    not depend on the input was concatenated in (a class token); a signal that died on the way
+    (every ReLU off) is a collapse, and is reported."""
+    path = tmp_path / "dead.py"
+    path.write_text(DEAD, encoding="utf-8")
+    (f,) = of(run(f"{path}:Net"), "ND204")
+    assert "shrinks" in f.message and f.module == "net.5"
+
+
+ZERO_GAIN_WS = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StdConv2d(nn.Conv2d):
+    \"\"\"A conv whose forward standardizes each filter and scales it by a learned gain, as `kind`
+    says.\"\"\"
+
+    def __init__(self, cin, cout, kind, gain=1.0):
+        super().__init__(cin, cout, 3, padding=1)
+        nn.init.zeros_(self.bias)
+        self.kind = kind
+        self.gain = nn.Parameter(torch.full((cout,), gain))
+
+    def forward(self, x):
+        w, c = self.weight, self.out_channels
+        if self.kind == "batch_norm":  # the gain as F.batch_norm's scale (timm's ScaledStdConv2d)
+            w = F.batch_norm(w.reshape(1, c, -1), None, None, weight=self.gain, training=True,
+                             momentum=0.0).reshape_as(w)
+        elif self.kind == "torch.batch_norm":  # the builtin: (input, weight, bias, mean, var, ...)
+            w = torch.batch_norm(w.reshape(1, c, -1), self.gain, None, None, None, True, 0.0,
+                                 1e-5, False).reshape_as(w)
+        elif self.kind == "group_norm":
+            w = F.group_norm(w.reshape(1, c, -1), c, self.gain).reshape_as(w)
+        else:  # "mul": standardized, then multiplied by the gain
+            var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+            w = (w - mean) * torch.rsqrt(var + 1e-5) * self.gain.view(-1, 1, 1, 1)
+        return F.conv2d(x, w / w[0].numel() ** 0.5, self.bias, self.stride, self.padding)
+
+
+class Block(nn.Module):
+    def __init__(self, c, kind, gain):
+        super().__init__()
+        self.conv1 = StdConv2d(c, c, kind)
+        self.conv2 = StdConv2d(c, c, kind, gain)  # the last conv: its gain starts at `gain`
+        self.se = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        out = self.conv2(F.relu(self.conv1(F.relu(x))))
+        return x + out * torch.sigmoid(self.se(out.mean(dim=(2, 3), keepdim=True)))
+
+
+class Net(nn.Module):
+    def __init__(self, kind="batch_norm", gain=0.0):
+        super().__init__()
+        self.stem = StdConv2d(1, 16, kind)
+        self.blocks = nn.Sequential(*[Block(16, kind, gain) for _ in range(3)])
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+"""
+
+
+@pytest.mark.parametrize("kind", ["batch_norm", "torch.batch_norm", "group_norm", "mul"])
+def test_nd204_a_standardized_conv_with_a_zero_gain_starts_its_branch_at_zero(tmp_path, kind):
+    """timm's NF-ResNets and NFNets start each residual branch at zero through the gain of its
+    last weight-standardized conv: the conv's weight, its output and the squeeze-excitation
+    after it are zero at init, and the signal travels on the shortcuts. At gain 1 the branch
+    carries signal and is walked."""
+    from netdoctor.graph.walks import zero_at_init
+    from netdoctor.rules.params.nd204_signal_collapse import signal_chain
+
+    path = tmp_path / "zero_gain_ws.py"
+    path.write_text(ZERO_GAIN_WS, encoding="utf-8")
+    for gain in (0.0, 1.0):
+        loaded, graph = built(f"{path}:Net", kind=kind, gain=gain)
+        convs = graph.of_op("conv")
+        last = [c for c in convs if (c.attrs.get("scope") or "").endswith("conv2")]
+        assert len(last) == 3
+        chain = {n.name for n in signal_chain(graph)}
+        zero = zero_at_init(graph)
+        if gain == 0.0:
+            assert all(c.attrs["init_signal_rms"] == 0 for c in last)
+            assert all(c.name in zero and c.name not in chain for c in last)
+            assert not [
+                n for n in graph if n.module and n.module.endswith(".se") and n.name in chain
+            ]
+        else:
+            assert not [c for c in last if c.name in zero or c.name not in chain]
+        with chdir(REPO):
+            found = check_loaded(loaded, CheckOptions(input_shape=MNIST)).findings
+        assert of(found, "ND204") == []
+
+
+GAINED_TANH = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"A per-feature gain that starts at 1e-5 on the input, then ten Linear+tanh layers
+    (PyTorch's init, or N(0, std) when `std` is given).\"\"\"
+
+    def __init__(self, std=None, learned=True):
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((784,), 1e-5), requires_grad=learned)
+        layers = [nn.Flatten()]
+        for i in range(10):
+            layers += [nn.Linear(784 if i == 0 else 256, 256), nn.Tanh()]
+        self.net = nn.Sequential(*layers, nn.Linear(256, 10))
+        if std is not None:
+            for m in self.net:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=std)
+
+    def forward(self, x):
+        return self.net(x * self.gain.view(1, 1, 28, 28))
+"""
+
+
+@pytest.mark.parametrize(
+    "kwargs, fires",
+    [
+        ({}, False),  # the learned gain scales everything after it by 1e-5 on purpose
+        ({"learned": False}, True),  # a frozen 1e-5 stays: the signal is 1e-5 for good
+        ({"std": 0.001}, True),  # a collapse behind the gain is still a collapse
+    ],
+)
+def test_nd204_judges_the_signal_net_of_learned_gains(tmp_path, kwargs, fires):
+    path = tmp_path / "gained.py"
+    path.write_text(GAINED_TANH, encoding="utf-8")
+    from netdoctor.loading.target import load
+
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", kwargs).models[0]
+        found = of(check_loaded(loaded, CheckOptions(input_shape=MNIST)).findings, "ND204")
+    assert bool(found) is fires, [f.message for f in found]
+    if found and kwargs.get("learned", True):
+        assert "net of the learned gains" in found[0].message
+        assert found[0].evidence["layers"][0]["gain_scale"] == pytest.approx(1e-5)
+
+
+def test_nd204_layerscale_blocks_without_a_shortcut():
+    """MobileNetV4-style blocks: a LayerScale of 1e-5 ends every block; where there is no
+    shortcut it scales the whole signal until the next BatchNorm (the block after reads 1e-5 of
+    the signal), and the ratio ND204 judges is net of it."""
+    from netdoctor.rules.params.nd204_signal_collapse import gain_scales, signal_ratios
+
+    _, graph = built(str(HEALTHY / "layerscale_cnn.py:LayerScaleCNN"), (3, 32, 32))
+    _, chain, ratios = signal_ratios(graph)
+    scales = dict(zip([n.label for n in chain], gain_scales(graph, chain)))
+    assert scales["blocks.1.expand.0"] == pytest.approx(1e-5)  # after a block without shortcut
+    assert scales["blocks.0.expand.0"] == 1.0  # the stem's output
+    # A BatchNorm divides by sqrt(var + eps): 1e-5 comes out at 1e-5 / sqrt(1e-5), ~3e-3
+    assert scales["blocks.1.depthwise.0"] == pytest.approx(10**-2.5, rel=1e-3)
+    assert 0.5 < scales["blocks.1.project.0"] < 1.0
+    assert min(ratios) > 0.05 and max(ratios) < 2.0
+    raw = chain[[n.label for n in chain].index("blocks.1.expand.0")].attrs["init_signal_rms"]
+    assert raw < 1e-4  # what the rule read before it knew the gains
+
+
 # ----------------------------------------------------------------------- verdicts over seeds
 
 # The fixtures closest to ND201's and ND204's thresholds (benchmarks/init_margins.py; the rule

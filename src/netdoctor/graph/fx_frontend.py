@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import fx, nn
 
-from netdoctor.graph.ir import Graph, Node, UnregisteredHolder
+from netdoctor.graph.ir import NORM_OPS, WEIGHT_OPS, Graph, Node, UnregisteredHolder
 from netdoctor.graph.ops import (
     function_op,
     module_attrs,
@@ -18,6 +18,7 @@ from netdoctor.graph.ops import (
     module_params,
     param_info,
     target_name,
+    weight_arguments,
 )
 from netdoctor.graph.torch_common import record_modules, record_unregistered, user_frame_location
 from netdoctor.loading.forward import preserved_modes
@@ -270,6 +271,14 @@ def _function_attrs(node: Node, fxn: fx.Node) -> None:
     consts = [a for a in fxn.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
     if consts:
         node.attrs["constants"] = consts
+    if node.op in WEIGHT_OPS or node.op in NORM_OPS:
+        # Which inputs a functional conv/linear or normalization takes as its weight and bias
+        # (None: a value that is no node); the walks judge what the call outputs at init.
+        roles = weight_arguments(fxn.target, fxn.args, fxn.kwargs)
+        node.attrs["weight_args"] = {
+            role: value.name if isinstance(value, fx.Node) else None
+            for role, value in roles.items()
+        }
 
 
 def _original_submodule(model: nn.Module, path: str) -> nn.Module | None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from netdoctor.graph.ir import Graph, Node
+from netdoctor.graph.ir import NORM_OPS, WEIGHT_OPS, Graph, Node
 from netdoctor.graph.ops import (
     OPAQUE_LEAVES,
     TRANSPARENT,
@@ -24,6 +24,7 @@ from netdoctor.graph.ops import (
     module_params,
     param_info,
     target_name,
+    weight_arguments,
 )
 from netdoctor.graph.torch_common import record_modules, record_unregistered, user_frame_location
 from netdoctor.loading.forward import ForwardFailure, preserved_modes, tensor_shapes, tensors_in
@@ -162,6 +163,11 @@ class _Recorder(TorchFunctionMode):
         consts = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
         if consts:  # as the fx frontend records them (`x * 0`, `v ** -0.5`)
             node.attrs["constants"] = consts
+        if op in WEIGHT_OPS or op in NORM_OPS:  # as the fx frontend records them
+            node.attrs["weight_args"] = {
+                role: next(iter(self.inputs_of(value)), None)
+                for role, value in weight_arguments(func, args, kwargs).items()
+            }
         if not torch.is_grad_enabled():
             node.attrs["no_grad"] = True
         self.graph.add(node)

@@ -5,6 +5,7 @@ Shared by the fx frontend and the hook fallback so both produce the same IR.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import TYPE_CHECKING, Any
 
@@ -257,6 +258,39 @@ def function_op(target: Any) -> str:
     if target is operator.getitem:
         return "getitem"
     return _FUNC_NAMES.get(name, name)
+
+
+# Where torch's own (C++) normalization and conv/linear functions take their weight and bias,
+# by position (no Python signature to bind): torch.batch_norm(input, weight, bias, running_mean,
+# ...) differs from F.batch_norm(input, running_mean, running_var, weight, bias, ...).
+_BUILTIN_WEIGHT_ARGS = {
+    "conv1d": (1, 2),
+    "conv2d": (1, 2),
+    "conv3d": (1, 2),
+    "linear": (1, 2),
+    "batch_norm": (1, 2),
+    "instance_norm": (1, 2),
+    "layer_norm": (2, 3),
+    "group_norm": (2, 3),
+    "rms_norm": (2, None),
+}
+
+
+def weight_arguments(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The values a functional conv/linear or normalization call takes as its `weight` and `bias`
+    (those given: a role left out or passed as None is absent), {} when the call cannot be read.
+    """
+    try:
+        named = dict(inspect.signature(target).bind_partial(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        positions = _BUILTIN_WEIGHT_ARGS.get(getattr(target, "__name__", ""))
+        if positions is None:
+            return {}
+        named = dict(kwargs)
+        for role, i in zip(("weight", "bias"), positions):
+            if i is not None and i < len(args):
+                named[role] = args[i]
+    return {role: named[role] for role in ("weight", "bias") if named.get(role) is not None}
 
 
 def target_name(target: Any) -> str:

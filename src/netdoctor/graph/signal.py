@@ -9,10 +9,12 @@ module's train/eval flag is restored: the user's model is left exactly as it was
 
 The measurements land on the IR as node.attrs["init_rms"] (the output's RMS) and
 node.attrs["init_signal_rms"] (the RMS of its deviation from the batch mean: the input-dependent
-part, which a bias cannot fake) on conv/linear module nodes, matched by node.module (a module
-called twice gets one value per call, in call order), on the one functional conv/linear call made
-inside a conv/linear subclass's own forward (a weight-standardized conv: the module's output is
-that call's), and on the input node. ND204 reads them.
+part, which a bias cannot fake), with the same two of the layer's input (init_input_rms,
+init_input_signal_rms: 0 when every sample feeds it the same value), on conv/linear module nodes,
+matched by node.module (a module called twice gets one value per call, in call order), on the one
+functional conv/linear call made inside a conv/linear subclass's own forward (a
+weight-standardized conv: the module's output is that call's), and on the input node. ND204
+reads them.
 
 For a traced model this is the check's only forward pass: it also shows that the input runs, and
 the traced graph's shapes are replayed from what its layers returned here (fx_frontend).
@@ -141,7 +143,7 @@ def measure_init_rms(
     the model runs at this input. `observers`, (module, forward hook) pairs, see the same pass
     (the outputs the traced graph's shape replay stands in)."""
     modules, nodes = weight_modules(graph, model, extra)
-    calls: dict[str, list[tuple[float | None, float | None]]] = defaultdict(list)
+    calls: dict[str, list[tuple[tuple[float | None, float | None], ...]]] = defaultdict(list)
     handles = []
     norms = [m for m in model.modules() if isinstance(m, _BATCHNORM)]
     x = example_input(shape, dtype, batch=batch_size(shape), vocab=vocab).to(model_device(model))
@@ -149,7 +151,7 @@ def measure_init_rms(
         for path, module in modules.items():
             handles.append(
                 module.register_forward_hook(
-                    lambda mod, args, out, p=path: calls[p].append(_rms(out))
+                    lambda mod, args, out, p=path: calls[p].append((_rms(out), _rms(args)))
                 )
             )
         for module, hook in observers:
@@ -163,11 +165,14 @@ def measure_init_rms(
         for h in handles:
             h.remove()
     for path, values in calls.items():
-        for node, (rms, signal) in zip(nodes[path], values):
+        for node, ((rms, signal), (in_rms, in_signal)) in zip(nodes[path], values):
             if rms is not None:
                 node.attrs["init_rms"] = rms
             if signal is not None:
                 node.attrs["init_signal_rms"] = signal
+            if in_rms is not None and in_signal is not None:
+                node.attrs["init_input_rms"] = in_rms
+                node.attrs["init_input_signal_rms"] = in_signal
     if x.is_floating_point():
         for node in graph.of_op("input"):
             node.attrs["init_rms"], node.attrs["init_signal_rms"] = _rms(x)

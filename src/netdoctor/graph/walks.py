@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+
 from netdoctor.findings import Location
 from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, WEIGHT_OPS, Graph, Node
 
@@ -151,6 +153,8 @@ def standardized_weight(graph: Graph, node: Node, memo: dict[str, bool] | None =
 # activations with f(0) = 0.
 _ZERO_PRESERVING = {
     "reshape",
+    "reshape_as",
+    "view_as",
     "getitem",
     "identity",
     "dropout",
@@ -188,11 +192,36 @@ def _zero_param(node: Node) -> bool:
     return bool(node.params) and all(_zero_info(i) for i in node.params.values())
 
 
+def _functional_zero(node: Node, ins: list[str], zero: set[str]) -> bool:
+    """A functional conv/linear or normalization call (no module of its own) whose output is zero:
+    conv/linear when its weight or its input is zero, a normalization when its scale is (a
+    weight standardized in forward and multiplied by a gain that starts at zero: timm's
+    ScaledStdConv2d with gain_init=0 runs F.batch_norm over the weight with that gain as its
+    scale), each with a zero bias or none. The weight and bias are the frontend's reading of the
+    call's arguments (`weight_args`); a conv/linear call it could not read is taken
+    positionally (input, weight, bias)."""
+    roles = node.attrs.get("weight_args")
+    if roles is None and node.op in WEIGHT_OPS:
+        roles = {"weight": ins[1] if len(ins) > 1 else None}
+        if len(ins) > 2:
+            roles["bias"] = ins[2]
+    if not roles or "weight" not in roles:
+        return False
+    if "bias" in roles and roles["bias"] not in zero:
+        return False
+    scaled_by_zero = roles["weight"] in zero
+    if node.op in WEIGHT_OPS:
+        return scaled_by_zero or (bool(ins) and ins[0] in zero)
+    return scaled_by_zero
+
+
 def zero_at_init(graph: Graph) -> set[str]:
     """Names of the nodes whose value is exactly zero at initialization whatever the input: zero
     parameters (a ReZero / SkipInit gain), products with them, views, pools and f(0) = 0
     activations of those, weight and normalization layers whose parameters are all zero (Fixup's
-    last conv of a branch, the zero-init last BatchNorm of torchvision's and timm's ResNets)."""
+    last conv of a branch, the zero-init last BatchNorm of torchvision's and timm's ResNets), a
+    conv whose weight is standardized in forward and scaled by a zero gain (the last conv of
+    timm's NF-ResNet / NFNet branches), and a weight layer fed zero with no bias to add."""
     zero: set[str] = set()
     for node in graph.topological():
         ins = [i for i in node.inputs if i in graph.nodes]
@@ -205,7 +234,11 @@ def zero_at_init(graph: Graph) -> set[str]:
         elif node.op in MERGE_OPS:
             hit = bool(ins) and all(i in zero for i in ins)
         elif node.op in WEIGHT_OPS and node.module:
-            hit = _zero_param(node)  # all-zero weights and bias (Fixup's last conv)
+            # All-zero weights and bias (Fixup's last conv), or a zero input and no bias to add.
+            bias = node.params.get("bias")
+            hit = _zero_param(node) or (
+                bool(ins) and ins[0] in zero and (bias is None or _zero_info(bias))
+            )
         elif node.op in NORM_OPS:
             # All-zero affine parameters (a zero-init last BatchNorm), or a zero input and no
             # bias to add (a normalized zero is zero; an exported conv's folded-BatchNorm mark).
@@ -215,6 +248,9 @@ def zero_at_init(graph: Graph) -> set[str]:
                 and ins[0] in zero
                 and (_zero_info(bias) if bias is not None else len(ins) == 1)
             )
+            hit = hit or (not node.module and _functional_zero(node, ins, zero))
+        elif node.op in WEIGHT_OPS:
+            hit = _functional_zero(node, ins, zero)
         else:
             hit = False
         if hit:
@@ -242,6 +278,100 @@ def live_at_init(graph: Graph) -> set[str]:
             inputs = [i for i in inputs if i not in zero]
         stack.extend(inputs)
     return live
+
+
+def input_dependent(graph: Graph) -> set[str]:
+    """Names of the nodes whose value depends on the model input: reachable from an input node
+    through data (not through `x.shape` queries). A layer outside it computes the same value for
+    every sample: a projection of positional indices (ConViT's `pos_proj`), of learned queries or
+    of a class token before it meets the data."""
+    memo: dict[str, bool] = {}
+    found: set[str] = set()
+    for node in graph.topological():
+        if node.op == "input":
+            found.add(node.name)
+        elif node.op != "param" and any(i in found for i in node.inputs):
+            if not is_constant(graph, node.name, memo):
+                found.add(node.name)
+    return found
+
+
+def joins_input_free_value(graph: Graph, node: Node, dependent: set[str]) -> bool:
+    """Whether a value that does not depend on the model input (a class token, learned queries)
+    is concatenated with the data upstream of this layer, without a weight layer between:
+    indexing can then select that part alone (`self.q(x[:, 0])` on `cat([cls_token, x])`), and
+    the layer sees the same value for every sample though its input depends on the data."""
+    stack = [i for i in node.inputs if i in dependent]
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        prev = graph.nodes[name]
+        if prev.op in WEIGHT_OPS or prev.op == "input":
+            continue
+        if prev.op == "cat" and any(i not in dependent for i in prev.inputs if i in graph.nodes):
+            return True
+        stack.extend(i for i in prev.inputs if i in dependent)
+    return False
+
+
+# Views a learned gain goes through before it multiplies the data (`gamma.view(1, -1, 1, 1)`).
+_GAIN_VIEWS = {"reshape", "getitem", "identity", "to", "type_as"}
+
+
+def learned_gain(graph: Graph, name: str) -> float | None:
+    """The value of a learned gain that starts at one nonzero value (LayerScale's gamma, a
+    learned residual scale), seen through views; None for anything else. Training moves such a
+    gain at a rate that does not depend on its own size, so a small start is a choice, not a
+    collapse (a constant of the same size would stay)."""
+    node = graph.nodes.get(name)
+    while node is not None and node.op in _GAIN_VIEWS and len(node.inputs) == 1:
+        node = graph.nodes.get(node.inputs[0])
+    if node is None or node.op != "param" or len(node.params) != 1:
+        return None
+    (info,) = node.params.values()
+    if not info.trainable or not info.all_equal or info.mean == 0:
+        return None
+    return abs(info.mean)
+
+
+def deliberate_scales(graph: Graph, dependent: set[str]) -> dict[str, float]:
+    """For each node that depends on the input, the factor by which learned gains multiply it on
+    purpose: the product of the gains (`learned_gain`) on its path from the input; where paths
+    merge, the largest (a residual stream keeps its scale when only the branch is scaled; a
+    block without a shortcut passes its gain on to everything after it). A normalization
+    restores the scale, up to its eps: it divides by sqrt(std^2 + eps), so an input much
+    smaller than sqrt(eps) stays small (a BatchNorm with eps 1e-5 turns a LayerScale's 1e-5
+    into 3e-3, the next one that into 0.7)."""
+    scales: dict[str, float] = {}
+    for node in graph.topological():
+        if node.name not in dependent:
+            continue
+        ins = [i for i in node.inputs if i in scales]
+        if node.op == "input" or not ins:
+            scale = 1.0
+        elif node.op in NORM_OPS:
+            # Input std ~ d (the natural std taken as 1): out ~ d / sqrt(d^2 + eps); an input at
+            # its natural scale comes out at 1 (within 1e-3: taken as 1).
+            d = max(scales[i] for i in ins)
+            eps = node.attrs.get("eps")
+            eps = float(eps) if isinstance(eps, (int, float)) and eps > 0 else 0.0
+            scale = d / math.sqrt(d * d + eps)
+            scale = 1.0 if scale > 0.999 else scale
+        else:
+            scale = max(scales[i] for i in ins)
+            if node.op == "mul" and len(ins) == 1:
+                gains = [
+                    g
+                    for g in (learned_gain(graph, i) for i in node.inputs if i not in dependent)
+                    if g is not None
+                ]
+                if len(gains) == 1:
+                    scale *= gains[0]
+        scales[node.name] = scale
+    return scales
 
 
 def call_site(node: Node) -> Location | None:

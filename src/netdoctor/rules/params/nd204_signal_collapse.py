@@ -9,7 +9,13 @@ from dataclasses import dataclass
 
 from netdoctor.findings import Finding, Severity
 from netdoctor.graph.ir import WEIGHT_OPS, Graph, Node
-from netdoctor.graph.walks import live_at_init, reaches_output_directly
+from netdoctor.graph.walks import (
+    deliberate_scales,
+    input_dependent,
+    joins_input_free_value,
+    live_at_init,
+    reaches_output_directly,
+)
 from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.graph.nd102_saturating_activation_chain import relu_fix
@@ -21,17 +27,40 @@ class Options(RuleOptions):
     max_ratio: float = 1e5  # flag when the signal changes by more than this factor (either way)
 
 
-def signal_chain(graph: Graph) -> list[Node]:
+# What float32 resolves: a deviation from the batch mean below this share of a tensor's RMS is
+# rounding (one value computed for B samples differs by ~2^-23 = 1.2e-7 of itself between them),
+# not a part that depends on the input.
+_RESOLUTION = 1e-6
+
+
+def same_for_every_sample(node: Node) -> bool:
+    """Whether the layer's measured input was the same for every sample of the batch."""
+    signal, rms = node.attrs.get("init_input_signal_rms"), node.attrs.get("init_input_rms")
+    return signal is not None and rms is not None and signal <= _RESOLUTION * rms
+
+
+def _resolved(node: Node) -> bool:
+    """Whether the layer's input-dependent part stands out of float32 rounding of its output."""
+    return node.attrs["init_signal_rms"] > _RESOLUTION * node.attrs.get("init_rms", 0.0)
+
+
+def signal_chain(graph: Graph, dependent: set[str] | None = None) -> list[Node]:
     """Hidden weight layers with a measured output scale, in topological order: heads and
     constant-initialized layers left out, and so are the layers inside a residual branch that
     starts at zero gain (their output does not reach the model's output at initialization: the
-    signal travels on the residual stream around them)."""
+    signal travels on the residual stream around them), and the layers that carry no signal
+    because their input does not depend on the model's: computed from parameters or buffers
+    alone (learned queries, positional tables), or selected from a concatenation with such a
+    value and measured the same for every sample (a class token, `self.q(x[:, 0])`)."""
     chain, seen = [], set()
     live = live_at_init(graph)
+    dependent = input_dependent(graph) if dependent is None else dependent
     for node in graph.topological():
         if node.op not in WEIGHT_OPS or "init_signal_rms" not in node.attrs:
             continue
-        if node.name not in live:
+        if node.name not in live or node.name not in dependent:
+            continue
+        if same_for_every_sample(node) and joins_input_free_value(graph, node, dependent):
             continue
         key = node.module or node.name
         w = node.params.get("weight")
@@ -50,14 +79,36 @@ _TINY = 1e-30
 def signal_ratios(graph: Graph) -> tuple[Node | None, list[Node], list[float]]:
     """Where the signal is measured from (the input when its RMS was measured, else the chain's
     first layer; None when there is no chain), the signal chain, and each chain layer's signal
-    RMS relative to the start's."""
-    chain = signal_chain(graph)
+    RMS relative to the start's, net of the learned gains that scale it on purpose
+    (`gain_scales`)."""
+    dependent = input_dependent(graph)
+    chain = signal_chain(graph, dependent)
     inputs = [n for n in graph.of_op("input") if n.attrs.get("init_signal_rms")]
     start = inputs[0] if inputs else (chain[0] if chain else None)
     if start is None:
         return None, [], []
-    base = max(start.attrs["init_signal_rms"], _TINY)
-    return start, chain, [max(n.attrs["init_signal_rms"], _TINY) / base for n in chain]
+    scales = gain_scales(graph, [start, *chain], dependent)
+    base = max(start.attrs["init_signal_rms"], _TINY) / scales[0]
+    return (
+        start,
+        chain,
+        [max(n.attrs["init_signal_rms"], _TINY) / s / base for n, s in zip(chain, scales[1:])],
+    )
+
+
+def gain_scales(graph: Graph, layers: list[Node], dependent: set[str] | None = None) -> list[float]:
+    """The factor by which learned gains scale each layer's input on purpose (1.0 for most: see
+    walks.deliberate_scales). A LayerScale that starts at 1e-5 on a block without a shortcut
+    scales everything after it down to the next normalization by 1e-5: that is the designer's
+    choice, which training undoes in its first steps, not a collapse of the signal."""
+    dependent = input_dependent(graph) if dependent is None else dependent
+    scales = deliberate_scales(graph, dependent)
+    return [
+        # A reading lost in rounding (a bias far larger than what the input adds) is no measure
+        # of the signal: it says only that the signal is that small or smaller, gains or not.
+        max((scales[i] for i in n.inputs if i in scales), default=1.0) if _resolved(n) else 1.0
+        for n in layers
+    ]
 
 
 def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
@@ -98,6 +149,13 @@ def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
         )
         + f" Threshold: x{limit:g} either way."
     )
+    scales = gain_scales(graph, chain)
+    gained = [g for g in scales if g != 1.0]
+    if gained:
+        message += (
+            f" (Ratios are net of the learned gains on the path, such as a LayerScale, which "
+            f"scale the signal by x{min(gained):.3g}..x{max(gained):.3g} on purpose.)"
+        )
     acts = [following_activation(graph, n) for n in chain]
     nl = Counter(nonlinearity_of(a) for a in acts).most_common(1)[0][0]
     if nl == "sigmoid":
@@ -120,8 +178,9 @@ def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
                     "module": n.label,
                     "signal_rms": n.attrs["init_signal_rms"],
                     "rms": n.attrs.get("init_rms"),
+                    **({"gain_scale": g} if g != 1.0 else {}),
                 }
-                for n in chain
+                for n, g in zip(chain, scales)
             ],
         },
         impact=6.0,
