@@ -172,6 +172,87 @@ def test_list_held_layers(cls, attr, wrapper):
     assert result.exit_code == 1  # an error finding fails the check by default
 
 
+HELD = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"A 784-128-10 MLP whose forward also runs the modules held in a plain dict.\"\"\"
+
+    def __init__(self, kind="activations"):
+        super().__init__()
+        self.stem = nn.Linear(784, 128)
+        self.head = nn.Linear(128, 10)
+        if kind == "activations":
+            self.extra = {"gelu": nn.GELU(), "tanh": nn.Tanh()}
+        elif kind == "dropout":
+            self.extra = {"gelu": nn.GELU(), "drop": nn.Dropout(0.1)}
+        elif kind == "running_stats":
+            self.extra = {"norm": nn.BatchNorm1d(128, affine=False)}
+        elif kind == "mode_flag":
+            self.extra = {"noise": Noise()}
+
+    def forward(self, x):
+        x = self.stem(torch.flatten(x, 1))
+        for m in self.extra.values():
+            x = m(x)
+        return self.head(x)
+
+
+class Noise(nn.Module):
+    \"\"\"No state, but training-only noise: its behaviour depends on self.training.\"\"\"
+
+    def forward(self, x):
+        return x + torch.randn_like(x) * 0.01 if self.training else x
+"""
+
+
+@pytest.mark.parametrize(
+    "kind, lost",
+    [
+        ("activations", None),
+        ("dropout", "never reaches Dropout, whose behaviour depends on the mode"),
+        ("running_stats", "3 buffer(s) are missing from .to(device) and state_dict"),
+        ("mode_flag", "never reaches Noise"),
+    ],
+)
+def test_nd104_severity_follows_what_the_plain_container_loses(tmp_path, kind, lost):
+    """Stateless, mode-free modules in a plain dict lose nothing (no finding); buffers or a
+    train/eval dependence are lost, an error that names them."""
+    path = tmp_path / "held.py"
+    path.write_text(HELD, encoding="utf-8")
+    from netdoctor.loading.target import load
+
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", {"kind": kind}).models[0]
+        found = of(check_loaded(loaded, CheckOptions(input_shape=MNIST)).findings, "ND104")
+    if lost is None:
+        assert found == []
+        return
+    (f,) = found
+    assert f.severity == Severity.ERROR
+    assert lost in f.message and "without parameters" in f.message
+    assert f.fix is not None and "nn.ModuleDict(" in (f.fix.patch or "")
+
+
+def test_nd104_train_eval_dependence_is_read_off_the_class():
+    from torch import nn
+
+    from netdoctor.graph.torch_common import depends_on_mode
+
+    mode_free = (nn.ReLU, nn.GELU, nn.Softmax, nn.Identity, nn.LayerNorm, nn.Linear)
+    assert not any(depends_on_mode(c) for c in mode_free)
+    modal = (nn.Dropout, nn.BatchNorm2d, nn.RReLU, nn.MultiheadAttention, nn.LSTM)
+    assert all(depends_on_mode(c) for c in modal)
+
+    class OwnTrain(nn.Module):
+        def train(self, mode=True):
+            return super().train(mode)
+
+    assert depends_on_mode(OwnTrain)
+
+
 @pytest.mark.parametrize(
     "extra, flagged",
     [
