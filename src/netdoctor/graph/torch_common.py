@@ -100,7 +100,8 @@ def _what_is_lost(held: list[nn.Module]) -> tuple[int, int, list[str]]:
     subs = [sub for m in held for sub in m.modules()]
     params = sum(1 for sub in subs for _ in sub.parameters(recurse=False))
     buffers = sum(1 for sub in subs for _ in sub.buffers(recurse=False))
-    modes = sorted({type(sub).__name__ for sub in subs if depends_on_mode(type(sub))})
+    classes: set[type] = {type(sub) for sub in subs}  # as `type`: mypy misreads Module's hash
+    modes = sorted(cls.__name__ for cls in classes if depends_on_mode(cls))
     return params, buffers, modes
 
 
