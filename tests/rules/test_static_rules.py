@@ -562,6 +562,7 @@ def _mlp(tmp_path: Path, **kwargs):
         ((0.0101, None, 0.0125), False, True, 25.0),  # 5x below, then a 5x smaller head
         ((0.0101, 0.0177, None), False, True, 25.0),  # two hidden layers 5x below each
         ((0.0101, 0.0177, None), True, False, None),  # a BatchNorm between the two cuts the path
+        ((0.0101, 0.0177, 0.0125), True, False, None),  # after it a two-layer head: 25x, allowed
         ((0.0101, 0.0177, 0.0125), False, True, 125.0),  # three in series: 5 * 5 * 5
     ],
 )
@@ -597,6 +598,64 @@ def test_nd201_on_small_init_heads_of_widely_used_designs():
     assert [layer["module"] for layer in seed.evidence["layers"]] == ["net.1", "net.3"]
     assert seed.evidence["layers"][1]["output_layer"] is True
     assert 27 < seed.evidence["shrink"] < 31  # 5.05x (He, 784 inputs) * 5.8x (LeCun, 300)
+
+
+HEAD_AFTER_NORM = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"784-128, LayerNorm (gain `gain`), then `hidden` ReLU layers of width 64 and a 10-way
+    output layer, all drawn from N(0, 0.02) (the head 8.8x below He, the output 6.3x below
+    LeCun).\"\"\"
+
+    def __init__(self, hidden=1, gain=1.0):
+        super().__init__()
+        self.body = nn.Linear(784, 64)
+        self.norm = nn.LayerNorm(64)
+        nn.init.constant_(self.norm.weight, gain)
+        layers = []
+        for _ in range(hidden):
+            layers += [nn.Linear(64, 64), nn.ReLU()]
+        self.head = nn.Sequential(*layers, nn.Linear(64, 10))
+        for m in self.head:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, x):
+        return self.head(self.norm(self.body(torch.flatten(x, 1))))
+"""
+
+
+@pytest.mark.parametrize(
+    "hidden, gain, flagged",
+    [
+        (1, 1.0, False),  # pre_classifier + classifier after a LayerNorm: 57x, a head
+        (2, 1.0, True),  # three small layers in series: the middle one gets two factors
+        (1, 0.01, True),  # the LayerNorm's gain starts 100x small: its output is not unit scale
+    ],
+)
+def test_nd201_small_head_right_after_a_normalization(tmp_path, hidden, gain, flagged):
+    path = tmp_path / "head.py"
+    path.write_text(HEAD_AFTER_NORM, encoding="utf-8")
+    from netdoctor.loading.target import load
+
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", {"hidden": hidden, "gain": gain}).models[0]
+        found = of(check_loaded(loaded, CheckOptions(input_shape=MNIST)).findings, "ND201")
+    assert bool(found) is flagged, [f.message for f in found]
+    if flagged:
+        assert found[0].evidence["shrink"] > 24
+
+
+def test_nd201_distilbert_style_head_is_clean_and_the_seed_mlp_is_not():
+    distil = run(
+        str(HEALTHY / "distil_head.py") + ":DistilHeadClassifier", shape=(16,), select=("ND201",)
+    )
+    assert distil == []
+    (seed,) = run(str(SICK / "mlp.py") + ":MLP", select=("ND201",))  # two layers from the input
+    assert seed.evidence["shrink"] > 24
 
 
 # ----------------------------------------------------------------------- normalizer-free designs
@@ -807,7 +866,7 @@ def test_nd204_zero_init_branches_in_widely_used_designs():
 # The fixtures closest to ND201's and ND204's thresholds (benchmarks/init_margins.py; the rule
 # docs list the ranges): (target, input shape, dtype, rule, expected verdict).
 BORDERLINE = [
-    ("healthy/bert.py:BertClassifier", (16,), "long", "ND201", False),  # 20x vs 24x
+    ("healthy/bert.py:BertClassifier", (16,), "long", "ND201", False),  # 4.5x (+ a head) vs 24x
     ("sick/mlp.py:MLP", MNIST, "float32", "ND201", True),  # 29x vs 24x
     ("sick/untraceable_plain.py:GatedDeepNet", MNIST, "float32", "ND204", False),  # 1/12000
     ("sick/sigmoid_mlp.py:SigmoidMLP", MNIST, "float32", "ND204", True),  # 1e-7
