@@ -12,7 +12,7 @@ from torch import nn
 
 from netdoctor.findings import Location
 from netdoctor.graph.ir import Graph, ModuleInfo, UnregisteredHolder
-from netdoctor.loading.provenance import Provenance, _is_internal, class_location
+from netdoctor.loading.provenance import Provenance, _is_internal, _is_library, class_location
 
 _MODULE_INTERNALS = {
     "_parameters",
@@ -135,10 +135,17 @@ def record_unregistered(graph: Graph, model: nn.Module, prov: Provenance) -> dic
 
 
 def user_frame_location(depth: int = 2) -> Location | None:
-    """The innermost line of user code on the current stack (for functional ops in forward)."""
+    """The innermost line of user code on the current stack (for functional ops in forward),
+    carrying the innermost library line when library code called the op on the user's behalf
+    (a library model's forward called from the user's); when no user code is on the stack,
+    that library line itself (findings name it as library code: `Rule.finding`)."""
     frame: FrameType | None = sys._getframe(depth)
+    library: Location | None = None
     while frame is not None:
-        if not _is_internal(frame.f_code.co_filename):
-            return Location(os.path.abspath(frame.f_code.co_filename), frame.f_lineno)
+        name = frame.f_code.co_filename
+        if not _is_internal(name):
+            return Location(os.path.abspath(name), frame.f_lineno).through(library)
+        if library is None and _is_library(name):
+            library = Location(os.path.abspath(name), frame.f_lineno)
         frame = frame.f_back
-    return None
+    return library
