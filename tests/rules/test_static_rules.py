@@ -894,3 +894,54 @@ def test_weight_dependent_verdicts_hold_for_every_seed(target, shape, dtype, rul
         verdicts.add(bool(of(findings, rule)))
     assert len(weights) == 5, "the seeds did not change the model's weights"
     assert verdicts == {fires}
+
+
+def test_nd201_tells_a_models_own_normalization_module_by_what_it_does():
+    """A user-defined leaf module is a normalization when its output does not change as its
+    input is scaled (an RMSNorm or LayerNorm written out by hand); a gain (layer scale), an
+    activation or a projection is not, and a path through it is judged as before."""
+    import torch
+    from torch import nn
+
+    from netdoctor.graph.hook_frontend import normalizes
+
+    class OwnRMSNorm(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    class OwnLayerNorm(OwnRMSNorm):
+        def forward(self, x):
+            x = x - x.mean(-1, keepdim=True)
+            return super().forward(x)
+
+    class Gain(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.full((dim,), 0.1))
+
+        def forward(self, x):
+            return x * self.gamma
+
+    class Swish(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    x = torch.randn(4, 8, 16)
+    for mod, expected in [
+        (OwnRMSNorm(16), True),
+        (OwnLayerNorm(16), True),
+        (Gain(16), False),
+        (Swish(), False),
+        (nn.LayerNorm(16), False),  # torch.nn's own: the graph names it layernorm already
+    ]:
+        assert normalizes(mod, (x,), mod(x)) is expected, type(mod).__name__
+    own_norm = run(
+        str(HEALTHY / "own_norm_head.py") + ":OwnNormClassifier",
+        shape=(16,),
+        select=("ND201",),
+    )
+    assert own_norm == []

@@ -141,8 +141,10 @@ def layer_scale(graph: Graph, node: Node) -> dict[str, Any] | None:
 
 def _unit_scale(node: Node, factor: float) -> bool:
     """A normalization whose output is at unit scale: no affine weight, or one whose RMS is
-    within `factor` of 1 (a LayerNorm or BatchNorm as built; not one whose gain starts at 0)."""
-    if node.op not in NORM_OPS:
+    within `factor` of 1 (a LayerNorm or BatchNorm as built; not one whose gain starts at 0).
+    A normalization module of the model's own (a library's LayerNorm / RMSNorm class, which the
+    graph sees as one opaque call: `hook_frontend.normalizes`) counts as one."""
+    if node.op not in NORM_OPS and not node.attrs.get("normalizes"):
         return False
     w = node.params.get("weight")
     if w is None:
@@ -168,7 +170,7 @@ def _path_predecessors(
         prev = graph.nodes[name]
         if prev.op in WEIGHT_OPS:
             found.append(prev)
-        elif prev.op in _RESETS:
+        elif prev.op in _RESETS or prev.attrs.get("normalizes"):
             starts += 1
             normalized = normalized and _unit_scale(prev, factor)
         elif is_constant(graph, name, memo):
