@@ -403,10 +403,14 @@ def _where(path: str | None) -> str | None:
     return p
 
 
+def _located(location) -> str | None:
+    if location is None:
+        return None
+    return _where(location.path) + (f":{location.line}" if location.line else "")
+
+
 def finding_row(f) -> dict[str, Any]:
-    loc = None
-    if f.location is not None:
-        loc = _where(f.location.path) + (f":{f.location.line}" if f.location.line else "")
+    loc = _located(f.location)
     return {
         "rule": f.rule,
         "name": f.name,
@@ -414,6 +418,7 @@ def finding_row(f) -> dict[str, Any]:
         "module": f.module,
         "message": f.message,
         "location": loc,
+        "library_location": _located(f.library_location),
     }
 
 

@@ -44,7 +44,7 @@ def check_loaded(loaded: LoadedModel, opts: CheckOptions) -> Report:
         outcome = build_graph(loaded, spec)
         findings = run_rules(GraphContext(loaded.target, outcome), opts.rules)
     report = Report(target=loaded.target, notes=list(outcome.notes))
-    judge(report, findings, [loaded.class_location])
+    judge(report, findings, [loaded.class_location], loaded.user_site())
     return report
 
 
@@ -78,7 +78,7 @@ def check_data(
         findings = run_rules(DataContext(loaded.target, sample), opts.rules)
     report.notes.append(f"data: {sample.description}")
     report.notes.extend(sample.notes)
-    judge(report, findings, [loaded.class_location])
+    judge(report, findings, [loaded.class_location], loaded.user_site())
 
 
 def check(

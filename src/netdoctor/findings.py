@@ -36,6 +36,22 @@ class Location:
     path: str
     line: int | None = None
 
+    @property
+    def library(self) -> Location | None:
+        """When the flagged layer or op itself is library code (a file of an installed package)
+        that this user line built or called: that library line (`Rule.finding` names it as the
+        finding's `library_location`). Not a field: no part of the location's identity, nor of
+        what `to_dict` or `dataclasses.asdict` write."""
+        return self.__dict__.get("_library")
+
+    def through(self, library: Location | None) -> Location:
+        """This line, carrying the library line it built or called (`library`)."""
+        if library is None:
+            return self
+        out = Location(self.path, self.line)
+        object.__setattr__(out, "_library", library)
+        return out
+
     def __str__(self) -> str:
         return f"{self.path}:{self.line}" if self.line else self.path
 
@@ -76,9 +92,13 @@ class Finding:
     # symptom of (e.g. ND404 dead ReLUs caused by ND301 raw inputs).
     impact: float = 0.0
     cause: str | None = None
+    # When the flagged line is library code (a file of an installed package, which the user
+    # cannot patch): that line, and `location` is the user's own line that built or called the
+    # model (None when no user code did). Serialized only when set.
+    library_location: Location | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "rule": self.rule,
             "name": self.name,
             "severity": self.severity.label,
@@ -89,6 +109,9 @@ class Finding:
             "evidence": self.evidence,
             "cause": self.cause,
         }
+        if self.library_location is not None:
+            out["library_location"] = self.library_location.to_dict()
+        return out
 
 
 @dataclass

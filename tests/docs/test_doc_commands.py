@@ -62,6 +62,7 @@ REDUCED = {
     "python benchmarks/probe_budget.py": "--only inferred --budget 20",
     "python benchmarks/synthetic_calibration.py": "lenet_relu --threads 1",
     "python benchmarks/init_margins.py": "--seeds 1 -k lenet_relu",
+    "python benchmarks/init_training.py": "--seeds 1 -k mlp2",
 }
 
 # Commands known to fail today, with the reason: a strict xfail, so that the fix shows.

@@ -477,3 +477,57 @@ def test_text_fix_not_verified_lists_every_attempt_with_its_numbers():
     assert "+ learning rate 0.5 → 0.05: loss 2.30 → 2.29 (accuracy 0.10)" in flat
     assert "before: dead ReLU units (worst layer): 100%" in flat
     assert "Verified fix" not in flat
+
+
+# ----------------------------------------------------------------------------- library code
+
+LIBRARY = Location("/venv/lib/python3.11/site-packages/timm/layers/std_conv.py", 169)
+
+
+def library_report() -> Report:
+    r = Report(target="models.py:nfnet_l0")
+    r.findings = [
+        Finding(
+            "ND204",
+            "signal-collapse",
+            Severity.WARNING,
+            "the signal shrinks (The flagged line, timm/layers/std_conv.py:169, is library code "
+            "in the installed package timm, not yours to patch.)",
+            module="conv2d_8",
+            location=Location("models.py", 5),
+            library_location=LIBRARY,
+        )
+    ]
+    return r
+
+
+def test_json_names_the_library_line_second_and_only_when_there_is_one():
+    data = json.loads(render([library_report()], "json"))
+    (f,) = data["findings"]
+    assert f["location"] == {"path": "models.py", "line": 5}  # the contract: {path, line}
+    assert f["library_location"] == {"path": LIBRARY.path, "line": 169}
+    plain = json.loads(render([make_report()], "json"))
+    assert not any("library_location" in f for f in plain["findings"])
+
+
+def test_sarif_points_at_the_users_line_and_relates_the_library_line():
+    data = json.loads(render([library_report()], "sarif"))
+    (result,) = data["runs"][0]["results"]
+    (loc,) = result["locations"]
+    assert loc["physicalLocation"]["artifactLocation"]["uri"] == "models.py"
+    assert loc["physicalLocation"]["region"]["startLine"] == 5
+    (related,) = result["relatedLocations"]
+    assert related["physicalLocation"]["artifactLocation"]["uri"].endswith(
+        "site-packages/timm/layers/std_conv.py"
+    )
+    assert related["physicalLocation"]["region"]["startLine"] == 169
+    assert "library code in the installed package timm" in related["message"]["text"]
+
+
+def test_text_and_github_show_the_users_line_and_name_the_library_line():
+    text = render([library_report()], "text", color=False)
+    assert "ND204 signal-collapse [warning] models.py:5" in text
+    assert "timm/layers/std_conv.py:169, is library code" in " ".join(text.split())
+    github = render([library_report()], "github")
+    assert github.startswith("::warning file=models.py,line=5,")
+    assert "is library code" in github

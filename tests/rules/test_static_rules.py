@@ -172,6 +172,87 @@ def test_list_held_layers(cls, attr, wrapper):
     assert result.exit_code == 1  # an error finding fails the check by default
 
 
+HELD = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"A 784-128-10 MLP whose forward also runs the modules held in a plain dict.\"\"\"
+
+    def __init__(self, kind="activations"):
+        super().__init__()
+        self.stem = nn.Linear(784, 128)
+        self.head = nn.Linear(128, 10)
+        if kind == "activations":
+            self.extra = {"gelu": nn.GELU(), "tanh": nn.Tanh()}
+        elif kind == "dropout":
+            self.extra = {"gelu": nn.GELU(), "drop": nn.Dropout(0.1)}
+        elif kind == "running_stats":
+            self.extra = {"norm": nn.BatchNorm1d(128, affine=False)}
+        elif kind == "mode_flag":
+            self.extra = {"noise": Noise()}
+
+    def forward(self, x):
+        x = self.stem(torch.flatten(x, 1))
+        for m in self.extra.values():
+            x = m(x)
+        return self.head(x)
+
+
+class Noise(nn.Module):
+    \"\"\"No state, but training-only noise: its behaviour depends on self.training.\"\"\"
+
+    def forward(self, x):
+        return x + torch.randn_like(x) * 0.01 if self.training else x
+"""
+
+
+@pytest.mark.parametrize(
+    "kind, lost",
+    [
+        ("activations", None),
+        ("dropout", "never reaches Dropout, whose behaviour depends on the mode"),
+        ("running_stats", "3 buffer(s) are missing from .to(device) and state_dict"),
+        ("mode_flag", "never reaches Noise"),
+    ],
+)
+def test_nd104_severity_follows_what_the_plain_container_loses(tmp_path, kind, lost):
+    """Stateless, mode-free modules in a plain dict lose nothing (no finding); buffers or a
+    train/eval dependence are lost, an error that names them."""
+    path = tmp_path / "held.py"
+    path.write_text(HELD, encoding="utf-8")
+    from netdoctor.loading.target import load
+
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", {"kind": kind}).models[0]
+        found = of(check_loaded(loaded, CheckOptions(input_shape=MNIST)).findings, "ND104")
+    if lost is None:
+        assert found == []
+        return
+    (f,) = found
+    assert f.severity == Severity.ERROR
+    assert lost in f.message and "without parameters" in f.message
+    assert f.fix is not None and "nn.ModuleDict(" in (f.fix.patch or "")
+
+
+def test_nd104_train_eval_dependence_is_read_off_the_class():
+    from torch import nn
+
+    from netdoctor.graph.torch_common import depends_on_mode
+
+    mode_free = (nn.ReLU, nn.GELU, nn.Softmax, nn.Identity, nn.LayerNorm, nn.Linear)
+    assert not any(depends_on_mode(c) for c in mode_free)
+    modal = (nn.Dropout, nn.BatchNorm2d, nn.RReLU, nn.MultiheadAttention, nn.LSTM)
+    assert all(depends_on_mode(c) for c in modal)
+
+    class OwnTrain(nn.Module):
+        def train(self, mode=True):
+            return super().train(mode)
+
+    assert depends_on_mode(OwnTrain)
+
+
 @pytest.mark.parametrize(
     "extra, flagged",
     [
@@ -481,6 +562,7 @@ def _mlp(tmp_path: Path, **kwargs):
         ((0.0101, None, 0.0125), False, True, 25.0),  # 5x below, then a 5x smaller head
         ((0.0101, 0.0177, None), False, True, 25.0),  # two hidden layers 5x below each
         ((0.0101, 0.0177, None), True, False, None),  # a BatchNorm between the two cuts the path
+        ((0.0101, 0.0177, 0.0125), True, False, None),  # after it a two-layer head: 25x, allowed
         ((0.0101, 0.0177, 0.0125), False, True, 125.0),  # three in series: 5 * 5 * 5
     ],
 )
@@ -516,6 +598,64 @@ def test_nd201_on_small_init_heads_of_widely_used_designs():
     assert [layer["module"] for layer in seed.evidence["layers"]] == ["net.1", "net.3"]
     assert seed.evidence["layers"][1]["output_layer"] is True
     assert 27 < seed.evidence["shrink"] < 31  # 5.05x (He, 784 inputs) * 5.8x (LeCun, 300)
+
+
+HEAD_AFTER_NORM = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"784-128, LayerNorm (gain `gain`), then `hidden` ReLU layers of width 64 and a 10-way
+    output layer, all drawn from N(0, 0.02) (the head 8.8x below He, the output 6.3x below
+    LeCun).\"\"\"
+
+    def __init__(self, hidden=1, gain=1.0):
+        super().__init__()
+        self.body = nn.Linear(784, 64)
+        self.norm = nn.LayerNorm(64)
+        nn.init.constant_(self.norm.weight, gain)
+        layers = []
+        for _ in range(hidden):
+            layers += [nn.Linear(64, 64), nn.ReLU()]
+        self.head = nn.Sequential(*layers, nn.Linear(64, 10))
+        for m in self.head:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, x):
+        return self.head(self.norm(self.body(torch.flatten(x, 1))))
+"""
+
+
+@pytest.mark.parametrize(
+    "hidden, gain, flagged",
+    [
+        (1, 1.0, False),  # pre_classifier + classifier after a LayerNorm: 57x, a head
+        (2, 1.0, True),  # three small layers in series: the middle one gets two factors
+        (1, 0.01, True),  # the LayerNorm's gain starts 100x small: its output is not unit scale
+    ],
+)
+def test_nd201_small_head_right_after_a_normalization(tmp_path, hidden, gain, flagged):
+    path = tmp_path / "head.py"
+    path.write_text(HEAD_AFTER_NORM, encoding="utf-8")
+    from netdoctor.loading.target import load
+
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", {"hidden": hidden, "gain": gain}).models[0]
+        found = of(check_loaded(loaded, CheckOptions(input_shape=MNIST)).findings, "ND201")
+    assert bool(found) is flagged, [f.message for f in found]
+    if flagged:
+        assert found[0].evidence["shrink"] > 24
+
+
+def test_nd201_distilbert_style_head_is_clean_and_the_seed_mlp_is_not():
+    distil = run(
+        str(HEALTHY / "distil_head.py") + ":DistilHeadClassifier", shape=(16,), select=("ND201",)
+    )
+    assert distil == []
+    (seed,) = run(str(SICK / "mlp.py") + ":MLP", select=("ND201",))  # two layers from the input
+    assert seed.evidence["shrink"] > 24
 
 
 # ----------------------------------------------------------------------- normalizer-free designs
@@ -954,7 +1094,7 @@ def test_nd204_layerscale_blocks_without_a_shortcut():
 # The fixtures closest to ND201's and ND204's thresholds (benchmarks/init_margins.py; the rule
 # docs list the ranges): (target, input shape, dtype, rule, expected verdict).
 BORDERLINE = [
-    ("healthy/bert.py:BertClassifier", (16,), "long", "ND201", False),  # 20x vs 24x
+    ("healthy/bert.py:BertClassifier", (16,), "long", "ND201", False),  # 4.5x (+ a head) vs 24x
     ("sick/mlp.py:MLP", MNIST, "float32", "ND201", True),  # 29x vs 24x
     ("sick/untraceable_plain.py:GatedDeepNet", MNIST, "float32", "ND204", False),  # 1/12000
     ("sick/sigmoid_mlp.py:SigmoidMLP", MNIST, "float32", "ND204", True),  # 1e-7
@@ -982,3 +1122,54 @@ def test_weight_dependent_verdicts_hold_for_every_seed(target, shape, dtype, rul
         verdicts.add(bool(of(findings, rule)))
     assert len(weights) == 5, "the seeds did not change the model's weights"
     assert verdicts == {fires}
+
+
+def test_nd201_tells_a_models_own_normalization_module_by_what_it_does():
+    """A user-defined leaf module is a normalization when its output does not change as its
+    input is scaled (an RMSNorm or LayerNorm written out by hand); a gain (layer scale), an
+    activation or a projection is not, and a path through it is judged as before."""
+    import torch
+    from torch import nn
+
+    from netdoctor.graph.hook_frontend import normalizes
+
+    class OwnRMSNorm(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    class OwnLayerNorm(OwnRMSNorm):
+        def forward(self, x):
+            x = x - x.mean(-1, keepdim=True)
+            return super().forward(x)
+
+    class Gain(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.full((dim,), 0.1))
+
+        def forward(self, x):
+            return x * self.gamma
+
+    class Swish(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    x = torch.randn(4, 8, 16)
+    for mod, expected in [
+        (OwnRMSNorm(16), True),
+        (OwnLayerNorm(16), True),
+        (Gain(16), False),
+        (Swish(), False),
+        (nn.LayerNorm(16), False),  # torch.nn's own: the graph names it layernorm already
+    ]:
+        assert normalizes(mod, (x,), mod(x)) is expected, type(mod).__name__
+    own_norm = run(
+        str(HEALTHY / "own_norm_head.py") + ":OwnNormClassifier",
+        shape=(16,),
+        select=("ND201",),
+    )
+    assert own_norm == []

@@ -21,6 +21,7 @@ from pathlib import Path
 from netdoctor.errors import UserError
 from netdoctor.findings import Finding, Report
 from netdoctor.fixes.patch import unified_diff
+from netdoctor.loading.library import in_installed_package
 
 MAX_ROUNDS = 10
 # A round that introduces a forward failure (the model no longer runs) is undone.
@@ -44,6 +45,7 @@ def fixable(finding: Finding, unsafe: bool) -> bool:
         fix
         and fix.kind == "diff"
         and fix.path
+        and not in_installed_package(fix.path)  # diff_fix never makes one; never written there
         and fix.new_source is not None
         and (fix.safe or unsafe)
     )
@@ -135,7 +137,7 @@ def writable(path: str, allowed_roots: list[Path]) -> bool:
     for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix}:
         if p.is_relative_to(Path(prefix).resolve()):
             return False
-    if "site-packages" in p.parts or "dist-packages" in p.parts:
+    if in_installed_package(p):
         return False
     return any(p.is_relative_to(root) for root in allowed_roots)
 

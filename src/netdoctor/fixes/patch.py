@@ -34,6 +34,7 @@ from netdoctor.fixes.removals import (
     unwrap_call,
     unwrap_with,
 )
+from netdoctor.loading.library import in_installed_package
 from netdoctor.loading.target import display_path
 
 __all__ = [
@@ -91,8 +92,10 @@ def diff_fix(
     snippet: str,
     safe: bool = True,
 ) -> Fix:
-    """A Fix carrying a diff when `edit` locates the code in `path`, else the snippet."""
-    if path:
+    """A Fix carrying a diff when `edit` locates the code in `path`, else the snippet. Never a
+    diff against library code (a file of an installed package: the user cannot patch it, and
+    `--fix` must not write there): the snippet."""
+    if path and not in_installed_package(path):
         old = read(path)
         if old is not None:
             try:

@@ -68,6 +68,37 @@ def is_leaf(module: nn.Module) -> bool:
     )
 
 
+def normalizes(mod: nn.Module, args: tuple[Any, ...], out: Any) -> bool:
+    """Whether a user-defined leaf module is a normalization (a library's own LayerNorm or
+    RMSNorm class, opaque to the graph): its output is the same when its input is scaled
+    (f(2x) = f(x), what normalizing by the input's own statistics does, and no other layer).
+    Only asked of a module with one floating-point tensor input, an output of the same shape,
+    no buffers (no running statistics to disturb) and no parameters but per-feature ones (a
+    gain and bias over the last dimension); it is run once more, on 2x its input."""
+    if module_op(mod) != "module" or any(True for _ in mod.buffers()):
+        return False
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if len(args) != 1 or len(tensors) != 1 or not isinstance(out, torch.Tensor):
+        return False
+    x = tensors[0]
+    if not x.is_floating_point() or out.shape != x.shape or x.dim() < 2 or x.numel() < 2:
+        return False
+    if any(p.dim() != 1 or p.shape[0] != x.shape[-1] for p in mod.parameters()):
+        return False
+    with torch.no_grad():
+        base = out.detach().float()
+        spread = float(base.std())
+        if not spread > 0 or not torch.isfinite(base).all():
+            return False
+        try:
+            again = mod.forward(x.detach() * 2.0)
+        except Exception:
+            return False
+        if not isinstance(again, torch.Tensor) or again.shape != out.shape:
+            return False
+        return bool(torch.allclose(again.float(), base, rtol=1e-2, atol=1e-2 * spread))
+
+
 class _Recorder(TorchFunctionMode):
     def __init__(self, graph: Graph, model: nn.Module, names: dict[nn.Module, str]) -> None:
         super().__init__()
@@ -240,6 +271,8 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
                 call = user_frame_location(2)
                 if call is not None:
                     node.attrs["call_location"] = call
+                if node.op == "module" and normalizes(mod, args, out):
+                    node.attrs["normalizes"] = True
                 if not torch.is_grad_enabled():
                     node.attrs["no_grad"] = True
                 shapes = tensor_shapes(out)

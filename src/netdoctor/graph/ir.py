@@ -75,6 +75,17 @@ class UnregisteredHolder:
     location: Location | None = None  # where the first held module was constructed
     owner_class: str | None = None
     owner_location: Location | None = None  # the owner class definition
+    # What hiding them loses (None: not measured, judged as if everything were lost): the
+    # parameter and buffer tensors inside the held modules, and the types among them whose
+    # behaviour depends on train/eval (they override `train` or read `self.training`).
+    parameters: int | None = None
+    buffers: int | None = None
+    mode_dependent: list[str] | None = None
+
+    @property
+    def stateless(self) -> bool:
+        """Only stateless, mode-free modules (activations, kernels): nothing is lost."""
+        return self.parameters == 0 and self.buffers == 0 and self.mode_dependent == []
 
 
 @dataclass

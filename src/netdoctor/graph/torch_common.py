@@ -3,15 +3,16 @@ source locations of user code lines."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from types import FrameType
+from types import CodeType, FrameType
 
 from torch import nn
 
 from netdoctor.findings import Location
 from netdoctor.graph.ir import Graph, ModuleInfo, UnregisteredHolder
-from netdoctor.loading.provenance import Provenance, _is_internal, class_location
+from netdoctor.loading.provenance import Provenance, _is_internal, _is_library, class_location
 
 _MODULE_INTERNALS = {
     "_parameters",
@@ -64,11 +65,52 @@ def unregistered_modules(
     return found
 
 
+def _reads_training(code: CodeType) -> bool:
+    """The code (or a function nested in it) reads or writes an attribute named `training`."""
+    return "training" in code.co_names or any(
+        isinstance(c, CodeType) and _reads_training(c) for c in code.co_consts
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def depends_on_mode(cls: type) -> bool:
+    """Whether instances of this module class behave differently in train and eval mode: the
+    class overrides `train`, or a method of its own (of a class in its MRO below nn.Module)
+    reads `self.training` -- Dropout, BatchNorm, MultiheadAttention, RNNs, a user's module
+    calling `F.dropout(x, training=self.training)`. Activations and kernels do neither."""
+    if getattr(cls, "train", nn.Module.train) is not nn.Module.train:
+        return True
+    for klass in cls.__mro__:
+        if klass is nn.Module or not issubclass(klass, nn.Module):
+            continue
+        for value in vars(klass).values():
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            elif isinstance(value, property):
+                value = value.fget
+            code = getattr(value, "__code__", None)
+            if isinstance(code, CodeType) and _reads_training(code):
+                return True
+    return False
+
+
+def _what_is_lost(held: list[nn.Module]) -> tuple[int, int, list[str]]:
+    """(parameter tensors, buffer tensors, train/eval-dependent types) inside the held modules
+    and their registered submodules."""
+    subs = [sub for m in held for sub in m.modules()]
+    params = sum(1 for sub in subs for _ in sub.parameters(recurse=False))
+    buffers = sum(1 for sub in subs for _ in sub.buffers(recurse=False))
+    classes: set[type] = {type(sub) for sub in subs}  # as `type`: mypy misreads Module's hash
+    modes = sorted(cls.__name__ for cls in classes if depends_on_mode(cls))
+    return params, buffers, modes
+
+
 def record_unregistered(graph: Graph, model: nn.Module, prov: Provenance) -> dict[str, nn.Module]:
     """Fill graph.unregistered; return {display path: module} so frontends can hook them too."""
     extra: dict[str, nn.Module] = {}
     for owner_path, attr, kind, held, owner in unregistered_modules(model):
         first = held[0][1]
+        params, buffers, modes = _what_is_lost([m for _, m in held])
         graph.unregistered.append(
             UnregisteredHolder(
                 owner=owner_path,
@@ -79,6 +121,9 @@ def record_unregistered(graph: Graph, model: nn.Module, prov: Provenance) -> dic
                 location=prov.site(first),
                 owner_class=type(owner).__name__,
                 owner_location=class_location(type(owner)),
+                parameters=params,
+                buffers=buffers,
+                mode_dependent=modes,
             )
         )
         for name, m in held:
@@ -90,10 +135,17 @@ def record_unregistered(graph: Graph, model: nn.Module, prov: Provenance) -> dic
 
 
 def user_frame_location(depth: int = 2) -> Location | None:
-    """The innermost line of user code on the current stack (for functional ops in forward)."""
+    """The innermost line of user code on the current stack (for functional ops in forward),
+    carrying the innermost library line when library code called the op on the user's behalf
+    (a library model's forward called from the user's); when no user code is on the stack,
+    that library line itself (findings name it as library code: `Rule.finding`)."""
     frame: FrameType | None = sys._getframe(depth)
+    library: Location | None = None
     while frame is not None:
-        if not _is_internal(frame.f_code.co_filename):
-            return Location(os.path.abspath(frame.f_code.co_filename), frame.f_lineno)
+        name = frame.f_code.co_filename
+        if not _is_internal(name):
+            return Location(os.path.abspath(name), frame.f_lineno).through(library)
+        if library is None and _is_library(name):
+            library = Location(os.path.abspath(name), frame.f_lineno)
         frame = frame.f_back
-    return None
+    return library

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from netdoctor.findings import Location
+from netdoctor.loading.library import in_installed_package
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _NETDOCTOR_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,19 +88,21 @@ class Provenance:
                 base.__init__ = original  # type: ignore[misc]  # restoring it
 
 
-_LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
-
-
 def _is_internal(filename: str) -> bool:
     """Not the user's code: torch, netdoctor, the standard library, installed packages (a
     trainer library's frames) and generated code. Installed packages are named by their folder,
-    not by where they sit: a virtual environment keeps them outside the standard library's
-    folder, a system Python inside it, and reports must not depend on which."""
+    not by where they sit (`netdoctor.loading.library`)."""
     return (
         filename.startswith(_SKIP_PREFIXES)
         or filename.startswith("<")
-        or any(m in filename for m in _LIBRARY_MARKERS)
+        or in_installed_package(filename)
     )
+
+
+def _is_library(filename: str) -> bool:
+    """Library code worth naming when no user code is on the stack: an installed package other
+    than torch and netdoctor (timm's or transformers' line that built a layer or called an op)."""
+    return not filename.startswith(_SKIP_PREFIXES) and in_installed_package(filename)
 
 
 def user_frame(depth: int = 1) -> FrameType | None:
@@ -114,7 +117,7 @@ def user_frame(depth: int = 1) -> FrameType | None:
     while frame is not None:
         name = frame.f_code.co_filename
         if not (name.startswith(skip) or name.startswith("<")):
-            if not any(m in name for m in _LIBRARY_MARKERS):
+            if not in_installed_package(name):
                 return frame
             library = library or frame
         frame = frame.f_back
@@ -130,18 +133,29 @@ def user_location(depth: int = 1) -> Location | None:
 
 
 def _construction_site(module: nn.Module) -> Location | None:
+    """The user's line that built `module`, carrying the innermost library line that built it
+    when library code did on the user's behalf (a layer inside a library's model: the user's
+    `create_model(...)` line, and the library's `nn.Linear(...)` line); when no user code is on
+    the stack (a library's model built by name), that library line itself. Findings name the
+    library line as library code and point at the user's line (`Rule.finding`, `judge`)."""
     frame: FrameType | None = sys._getframe(2)
+    library: Location | None = None
     while frame is not None:
         code = frame.f_code
-        if _is_internal(code.co_filename):
+        name = code.co_filename
+        if _is_internal(name) and not _is_library(name):
             frame = frame.f_back
             continue
         # Skip the module's own __init__ chain (super().__init__() calls in user subclasses).
         if code.co_name == "__init__" and frame.f_locals.get("self") is module:
             frame = frame.f_back
             continue
-        return Location(os.path.abspath(code.co_filename), frame.f_lineno)
-    return None
+        if _is_library(name):
+            library = library or Location(os.path.abspath(name), frame.f_lineno)
+            frame = frame.f_back
+            continue
+        return Location(os.path.abspath(name), frame.f_lineno).through(library)
+    return library
 
 
 def class_location(cls: type) -> Location | None:
@@ -188,7 +202,7 @@ def _attribute_line(cls: type, attr: str) -> Location | None:
             lines, start = inspect.getsourcelines(klass)
         except (OSError, TypeError):
             continue
-        if _is_internal(path) or any(m in path for m in _LIBRARY_MARKERS):
+        if _is_internal(path):
             continue
         try:
             tree = ast.parse(textwrap.dedent("".join(lines)))

@@ -54,6 +54,19 @@ class LoadedModel:
     class_location: Location | None = None
     source_path: str | None = None
 
+    def user_site(self) -> Location | None:
+        """The user's own line that built or called the model: its class line when the class
+        is the user's, else the line of user code that built it (a factory's call), or None
+        (a library's model named directly). Findings whose flagged line is library code point
+        here first."""
+        from netdoctor.loading.library import in_installed_package
+
+        site = self.provenance.site(self.model) if self.provenance is not None else None
+        for candidate in (self.class_location, site):
+            if candidate is not None and not in_installed_package(candidate.path):
+                return candidate
+        return None
+
 
 @dataclass
 class LoadResult:

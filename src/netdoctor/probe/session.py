@@ -247,7 +247,8 @@ def _run_and_diagnose(probe: _Probe) -> TrainingRun:
             "outputs (ND303); fix them first"
         )
     rules = probe.opts.rules
-    judge(report, run_rules(RuntimeContext(loaded.target, run), rules), [loaded.class_location])
+    found = run_rules(RuntimeContext(loaded.target, run), rules)
+    judge(report, found, [loaded.class_location], loaded.user_site())
     revise_after_training(report.findings, run, rules)
     report.measurements = measurements(run)
     timings = report.measurements["probe"]["timings_s"]
@@ -320,4 +321,4 @@ def _bad_batch_rules(probe: _Probe, run: TrainingRun) -> None:
     )
     found = run_rules(DataContext(probe.loaded.target, sample), probe.opts.rules)
     new = [f for f in found if f.rule in ("ND303", "ND304") and f.rule not in have]
-    judge(probe.report, new, [probe.loaded.class_location])
+    judge(probe.report, new, [probe.loaded.class_location], probe.loaded.user_site())

@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 from netdoctor.catalogue import RULES
 from netdoctor.findings import Finding, Report, Severity
+from netdoctor.loading.library import in_installed_package, package_name
 from netdoctor.report._common import is_relative, json_safe, rel_path, target_file
 
 SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -69,8 +70,23 @@ def _result(finding: Finding, report: Report, rule_index: int) -> dict[str, Any]
         result["locations"] = [{"physicalLocation": phys}]
     else:
         fallback = target_file(report.target)
-        if fallback:
+        if fallback and not in_installed_package(fallback):
             result["locations"] = [{"physicalLocation": {"artifactLocation": _artifact(fallback)}}]
+    library = finding.library_location
+    if library is not None and library.path:
+        lib: dict[str, Any] = {"artifactLocation": _artifact(library.path)}
+        if library.line and library.line >= 1:
+            lib["region"] = {"startLine": int(library.line)}
+        result["relatedLocations"] = [
+            {
+                "id": 1,
+                "physicalLocation": lib,
+                "message": {
+                    "text": f"the flagged line: library code in the installed package "
+                    f"{package_name(library.path)}"
+                },
+            }
+        ]
     key = "\x00".join([finding.rule, report.target, finding.module or "", finding.name])
     result["partialFingerprints"] = {"netdoctor/v1": hashlib.sha256(key.encode()).hexdigest()[:32]}
     props: dict[str, Any] = {"target": report.target}

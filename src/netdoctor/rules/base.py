@@ -91,11 +91,31 @@ class Rule(Generic[ContextT, OptionsT]):
         severity: Severity | None = None,
     ) -> Finding:
         """A finding of this rule. `severity` replaces the rule's default for this finding (a
-        severity the user configured replaces both; the engine applies it)."""
+        severity the user configured replaces both; the engine applies it).
+
+        A `location` in library code (a file of an installed package: the user cannot patch it)
+        becomes the finding's `library_location`, named as library code at the end of the
+        message; `judge` then points the finding at the user's own line that built or called
+        the model. A user line that carries the library line it built or called through
+        (`Location.library`) stays the location, and names that library line the same way."""
+        library = None
         if location is not None and not location.path.startswith("onnx:"):
+            from netdoctor.loading.library import in_installed_package, package_name, package_path
             from netdoctor.loading.target import display_path
 
-            location = Location(display_path(location.path), location.line)
+            if in_installed_package(location.path):
+                library, location = location, None
+            elif location.library is not None and in_installed_package(location.library.path):
+                library = location.library
+            if location is not None:
+                location = Location(display_path(location.path), location.line)
+            if library is not None:
+                where = package_path(library.path) or library.path
+                where += f":{library.line}" if library.line else ""
+                message = (
+                    f"{message} (The flagged line, {where}, is library code in the installed "
+                    f"package {package_name(library.path)}, not yours to patch.)"
+                )
         return Finding(
             rule=self.id,
             name=self.name,
@@ -106,6 +126,7 @@ class Rule(Generic[ContextT, OptionsT]):
             fix=fix,
             evidence=evidence or {},
             impact=impact,
+            library_location=library,
         )
 
     def key(self, finding: Finding) -> str:

@@ -119,15 +119,31 @@ def run_rules(
 
 
 def judge(
-    report: Report, findings: Iterable[Finding], class_lines: Sequence[Location | None] = ()
+    report: Report,
+    findings: Iterable[Finding],
+    class_lines: Sequence[Location | None] = (),
+    anchor: Location | None = None,
 ) -> None:
     """Add `findings` to the report, except those a `# netdoctor: ignore` comment suppresses
     (on the flagged line, its class line, or one of `class_lines`: a note says so), then link
-    every runtime symptom in the report to its root cause."""
+    every runtime symptom in the report to its root cause.
+
+    `anchor`: the user's own line that built or called the model (`LoadedModel.user_site()`);
+    a finding whose flagged line is library code (`Finding.library_location`, set by
+    `Rule.finding`) points there first, so it is suppressed, annotated and fixed in the
+    user's code."""
     from netdoctor.suppress import is_suppressed
 
     lines = [c for c in class_lines if c is not None]
+    if anchor is not None:
+        from netdoctor.loading.library import in_installed_package
+        from netdoctor.loading.target import display_path
+
+        shown = Location(display_path(anchor.path), anchor.line)
+        anchor = None if in_installed_package(anchor.path) else shown
     for f in findings:
+        if f.library_location is not None and f.location is None and anchor is not None:
+            f.location = anchor
         if is_suppressed(f, lines):
             at = f" at {f.location}" if f.location is not None else ""
             report.notes.append(f"{f.rule}{at} suppressed by a netdoctor: ignore comment")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
-from netdoctor.findings import Finding, Report
+from netdoctor.findings import Finding, Location, Report
 from netdoctor.measure.facts import LoopFacts
 from netdoctor.measure.record import TrainingRun
 from netdoctor.rules.contexts import LoopContext, RuntimeContext
@@ -193,8 +193,15 @@ def live_findings(g: Gathered, rules: set[str]) -> list[Finding]:
             _label(g, nd401, wm.facts.label)
             found.extend(nd401)
     live = Report(target=g.target or "training", command="run")
-    judge(live, found, [wm.facts.site for wm in g.registry.models])
+    judge(live, found, [wm.facts.site for wm in g.registry.models], _anchor(g))
     return live.findings
+
+
+def _anchor(g: Gathered) -> Location | None:
+    """Where a finding whose flagged line is library code points first: the user's line that
+    built the model, when one model is watched."""
+    models = g.registry.models
+    return models[0].facts.site if len(models) == 1 else None
 
 
 def diagnose(g: Gathered, *, closed: bool, stopped_by: Finding | None, wall: float) -> Report:
@@ -221,7 +228,7 @@ def diagnose(g: Gathered, *, closed: bool, stopped_by: Finding | None, wall: flo
         findings.extend(group)
     loop = LoopContext(target, g.facts)
     findings.extend(guard.run(lambda: run_rules(loop, settings, guard.note_error)) or [])
-    judge(report, findings, [wm.facts.site for wm in g.registry.models])
+    judge(report, findings, [wm.facts.site for wm in g.registry.models], _anchor(g))
     report.measurements = measurements(g, runs)
     report.notes.extend(_notes(g, runs, stopped_by, wall))
     dist = g.distributed

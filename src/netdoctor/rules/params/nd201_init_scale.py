@@ -139,10 +139,29 @@ def layer_scale(graph: Graph, node: Node) -> dict[str, Any] | None:
     }
 
 
-def _path_predecessors(graph: Graph, node: Node, memo: dict[str, bool]) -> list[Node]:
-    """The nearest weight layers upstream of `node` on a path without a reset point between."""
+def _unit_scale(node: Node, factor: float) -> bool:
+    """A normalization whose output is at unit scale: no affine weight, or one whose RMS is
+    within `factor` of 1 (a LayerNorm or BatchNorm as built; not one whose gain starts at 0).
+    A normalization module of the model's own (a library's LayerNorm / RMSNorm class, which the
+    graph sees as one opaque call: `hook_frontend.normalizes`) counts as one."""
+    if node.op not in NORM_OPS and not node.attrs.get("normalizes"):
+        return False
+    w = node.params.get("weight")
+    if w is None:
+        return True
+    rms = math.sqrt(w.mean**2 + w.std**2)
+    return 1.0 / factor <= rms <= factor
+
+
+def _path_predecessors(
+    graph: Graph, node: Node, memo: dict[str, bool], factor: float
+) -> tuple[list[Node], bool]:
+    """The nearest weight layers upstream of `node` on a path without a reset point between,
+    and whether the walk stops only at normalizations whose output is at unit scale (no weight
+    layer upstream: the path starts right after them)."""
     found: list[Node] = []
     stack, seen = list(node.inputs), set()
+    starts, normalized = 0, True
     while stack:
         name = stack.pop()
         if name in seen or name not in graph.nodes:
@@ -151,13 +170,22 @@ def _path_predecessors(graph: Graph, node: Node, memo: dict[str, bool]) -> list[
         prev = graph.nodes[name]
         if prev.op in WEIGHT_OPS:
             found.append(prev)
-        elif prev.op in _RESETS or is_constant(graph, name, memo):
+        elif prev.op in _RESETS or prev.attrs.get("normalizes"):
+            starts += 1
+            normalized = normalized and _unit_scale(prev, factor)
+        elif is_constant(graph, name, memo):
             continue
         elif prev.op in _MIXING and len(data_inputs(graph, prev, memo)) >= 2:
-            continue
+            starts += 1
+            normalized = False
         else:
             stack.extend(prev.inputs)
-    return found
+    return found, normalized and starts > 0 and not found
+
+
+# A path that starts right after a unit-scale normalization and holds at most this many weight
+# layers, the last of them the output layer, is a head: see init_scale_outliers.
+_HEAD_LAYERS = 2
 
 
 def init_scale_outliers(
@@ -173,6 +201,15 @@ def init_scale_outliers(
     than `factor` below their scale multiply, the output layer's included, and the path is
     reported when the product exceeds `max_shrink` and a hidden layer is among them. One hidden
     layer a few times small, or a small output layer on its own (recommended practice), is not.
+
+    Nor is a head: a path that starts right after a normalization whose output is at unit scale
+    and holds at most one hidden layer and the output layer (BERT's pooler + classifier,
+    DistilBERT's pre_classifier + classifier, a MobileNet's classifier). A layer's weight
+    gradient is shrunk by the small layers in front of it (its input) and behind it (the
+    gradient it receives), all but its own: with two layers on the path each gets one factor, as
+    with one small layer alone, and the unit-scale input makes the product only the logits'
+    initial scale, small on purpose. From the model input (whose scale is the data's), a merge
+    or a recurrent/attention output, and along three layers or more, the product counts.
     """
     memo: dict[str, bool] = {}
     scales: dict[str, dict | None] = {}
@@ -186,23 +223,31 @@ def init_scale_outliers(
         if absorbed(graph, node.name, memo):
             continue  # normalized afterwards, or inside a residual branch / gate
         judged[node.name] = scales[key]
-    # Along paths: (sum of log shrink factors, the layers that contributed) ending at each layer.
-    paths: dict[str, tuple[float, list[dict]]] = {}
+    # Along paths, ending at each layer: the sum of log shrink factors, the layers that
+    # contributed, the number of weight layers on the path, whether it starts right after a
+    # unit-scale normalization.
+    paths: dict[str, tuple[float, list[dict], int, bool]] = {}
     limit = math.log(max_shrink)
     worst, largest = 0.0, 0.0
     offending: dict[str, dict[str, Any]] = {}
     grow: dict[str, dict[str, Any]] = {}
     for name, info in judged.items():
         node = graph.nodes[name]
-        before = [paths[p.name] for p in _path_predecessors(graph, node, memo) if p.name in paths]
-        total, layers = max(before, key=lambda t: t[0], default=(0.0, []))
+        preds, after_norm = _path_predecessors(graph, node, memo, factor)
+        before = [paths[p.name] for p in preds if p.name in paths]
+        total, layers, depth, after_norm = max(
+            before, key=lambda t: t[0], default=(0.0, [], 0, after_norm)
+        )
+        depth += 1
         if info is not None and info["ratio"] < 1.0 / factor:
             total, layers = total + math.log(1.0 / info["ratio"]), layers + [info]
-        paths[name] = (total, layers)
+        paths[name] = (total, layers, depth, after_norm)
         if info is not None and not info["head"]:
             largest = max(largest, info["ratio"])
             if info["ratio"] > factor:
                 grow[info["node"].name] = info  # a module called twice is one layer
+        if after_norm and depth <= _HEAD_LAYERS and reaches_output_directly(graph, name):
+            continue  # a head on a normalized signal: its small scale is the logits' start
         if any(not i["head"] for i in layers):
             worst = max(worst, total)
             if total > limit:
