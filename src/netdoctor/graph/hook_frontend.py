@@ -84,9 +84,12 @@ class _Recorder(TorchFunctionMode):
     # -- bookkeeping -------------------------------------------------------------------
     def unique(self, base: str) -> str:
         base = base.replace(".", "_") if base else "node"
-        n = self.calls.get(base, 0)
-        self.calls[base] = n + 1
-        return base if n == 0 else f"{base}_{n}"
+        while True:
+            n = self.calls.get(base, 0)
+            self.calls[base] = n + 1
+            name = base if n == 0 else f"{base}_{n}"
+            if name not in self.graph.nodes:  # taken: the input `x`, or a module named `x_1`
+                return name
 
     def inputs_of(self, value: Any) -> list[str]:
         names: list[str] = []
@@ -189,7 +192,14 @@ def _normalizes(inside: _Recorder, out: Any) -> bool:
     from netdoctor.graph.walks import self_normalized, standardized_weight
 
     graph = inside.graph
-    graph.add(Node(name="output", op="output", target="output", inputs=inside.inputs_of(out)))
+    graph.add(
+        Node(
+            name=graph.fresh_name("output"),
+            op="output",
+            target="output",
+            inputs=inside.inputs_of(out),
+        )
+    )
     live = graph.reaching_output()
     memo: dict[str, bool] = {}
     return any(
@@ -288,7 +298,14 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
                     if inner is not None
                     else {},
                 ) from e
-        graph.add(Node(name="output", op="output", target="output", inputs=rec.inputs_of(out)))
+        graph.add(
+            Node(
+                name=graph.fresh_name("output"),  # a module may be named `output`
+                op="output",
+                target="output",
+                inputs=rec.inputs_of(out),
+            )
+        )
     finally:
         for h in handles:
             h.remove()
