@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
 
 from netdoctor.graph.ir import NORM_OPS, WEIGHT_OPS, Graph, Node
@@ -26,7 +27,12 @@ from netdoctor.graph.ops import (
     target_name,
     weight_arguments,
 )
-from netdoctor.graph.torch_common import record_modules, record_unregistered, user_frame_location
+from netdoctor.graph.torch_common import (
+    integral,
+    record_modules,
+    record_unregistered,
+    user_frame_location,
+)
 from netdoctor.loading.forward import ForwardFailure, preserved_modes, tensor_shapes, tensors_in
 from netdoctor.loading.provenance import Provenance
 
@@ -80,6 +86,7 @@ class _Recorder(TorchFunctionMode):
         self.params = {id(p): n for n, p in model.named_parameters()}
         self.pending_inputs: list[str] = []  # the producers of the open leaf call's inputs
         self.inside: _Recorder | None = None  # records the open user-defined leaf's own ops
+        self.functions: dict[int, str] = {}  # custom autograd.Function calls: grad_fn id -> node
 
     # -- bookkeeping -------------------------------------------------------------------
     def unique(self, base: str) -> str:
@@ -97,6 +104,8 @@ class _Recorder(TorchFunctionMode):
             name = self.producer.get(id(t))
             if name is None and id(t) in self.params:
                 name = self._param_node(t)
+            if name is not None and isinstance(t.grad_fn, BackwardCFunction):
+                name = self._function_call(t, name)
             if name is not None and name not in names:
                 names.append(name)
         return names
@@ -115,6 +124,52 @@ class _Recorder(TorchFunctionMode):
         )
         self.producer[id(t)] = node.name
         self.keep.append(t)
+        return node.name
+
+    def _function_call(self, t: torch.Tensor, inner: str) -> str:
+        """The node of a custom torch.autograd.Function call that returned `t`. Its forward runs
+        with grad disabled, so its ops were recorded as a no_grad region ending in `inner`; but
+        its backward sends the output's gradient to the Function's inputs. One node stands for
+        the call, fed by those inputs (found through the autograd graph), so the gradient is
+        seen to pass."""
+        fn = t.grad_fn
+        if fn is None or not self.graph.nodes[inner].attrs.get("no_grad"):
+            return inner
+        if id(fn) in self.functions:
+            return self.functions[id(fn)]
+        by_grad_fn: dict[int, str] = {}
+        for k in self.keep:
+            if isinstance(k, torch.Tensor) and k.grad_fn is not None and id(k) in self.producer:
+                by_grad_fn.setdefault(id(k.grad_fn), self.producer[id(k)])
+        inputs: list[str] = []
+        for nxt, _ in fn.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)  # AccumulateGrad: a leaf tensor, e.g. a weight
+            if var is not None:
+                name = self.producer.get(id(var))
+                if name is None and id(var) in self.params:
+                    name = self._param_node(var)
+            else:
+                name = by_grad_fn.get(id(nxt))
+            if name is not None and name not in inputs:
+                inputs.append(name)
+        if not inputs:
+            return inner
+        cls = getattr(fn, "_forward_cls", type(fn))
+        done = self.graph.nodes[inner]
+        node = self.graph.add(
+            Node(
+                name=self.unique(cls.__name__),
+                op="autograd_function",
+                target=f"{cls.__module__}.{cls.__qualname__}",
+                inputs=inputs,
+                shape=done.shape,
+                location=done.location,
+            )
+        )
+        self.functions[id(fn)] = node.name
+        self.producer[id(t)] = node.name
         return node.name
 
     def produced(self, value: Any, node_name: str) -> None:
@@ -159,6 +214,8 @@ class _Recorder(TorchFunctionMode):
             node.target, node.attrs["via"] = "Tensor.data", ".data"
         shapes = tensor_shapes(result)
         node.shape = shapes[0] if shapes else None
+        if integral(result):
+            node.attrs["integral"] = True
         if op in ("softmax", "log_softmax"):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             if isinstance(dim, int):
@@ -254,6 +311,8 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
                     node.attrs["no_grad"] = True
                 shapes = tensor_shapes(out)
                 node.shape = shapes[0] if shapes else None
+                if integral(out):
+                    node.attrs["integral"] = True
                 if inside is not None and _normalizes(inside, out):
                     node.attrs["normalizes"] = True
                 graph.add(node)
