@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any, NamedTuple
 
 import torch
@@ -49,7 +50,7 @@ class _Tracer(fx.Tracer):
 def _in_function_forward() -> bool:
     """Whether the caller runs inside a torch.autograd.Function's forward (whose first argument,
     ctx, is a FunctionCtx)."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
         if code.co_name == "forward" and code.co_argcount:
