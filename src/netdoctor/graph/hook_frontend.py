@@ -85,6 +85,10 @@ class _Recorder(TorchFunctionMode):
         self.calls: dict[str, int] = {}
         self.params = {id(p): n for n, p in model.named_parameters()}
         self.pending_inputs: list[str] = []  # the producers of the open leaf call's inputs
+        # Parameters of other modules that the open leaf call reads (a function wrapped in a
+        # module, handed the module whose weights it uses): inputs of its node as well.
+        self.own: set[int] = set()  # the open leaf's own parameters
+        self.foreign: list[str] = []
         self.inside: _Recorder | None = None  # records the open user-defined leaf's own ops
         self.functions: dict[int, str] = {}  # custom autograd.Function calls: grad_fn id -> node
 
@@ -183,8 +187,14 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not self.leaf_depth:
             self.record(func, args, kwargs, out)
-        elif self.leaf_depth == 1 and self.inside is not None:
+            return out
+        if self.leaf_depth == 1 and self.inside is not None:
             self.inside.record(func, args, kwargs, out)
+        for t in tensors_in((args, kwargs)):
+            if id(t) in self.params and id(t) not in self.own:
+                name = self.producer.get(id(t)) or self._param_node(t)
+                if name not in self.foreign:
+                    self.foreign.append(name)
         return out
 
     def record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
@@ -283,6 +293,8 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
             if rec.leaf_depth == 0:
                 seen_leaf.append(len(stack))
                 rec.pending_inputs = rec.inputs_of(args)
+                rec.own = {id(p) for p in mod.parameters()}
+                rec.foreign = []
                 if mod in inspected:
                     rec.inside = _inside(mod, args)
             rec.leaf_depth += 1
@@ -299,7 +311,8 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
                     op=module_op(mod),
                     target=f"{type(mod).__module__}.{type(mod).__name__}",
                     module=path,
-                    inputs=rec.pending_inputs,
+                    inputs=rec.pending_inputs
+                    + [n for n in rec.foreign if n not in rec.pending_inputs],
                     params=module_params(mod),
                     attrs=module_attrs(mod),
                     location=prov.site(mod),
