@@ -287,16 +287,16 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
     failed: list[tuple[nn.Module, list[tuple[int, ...]]]] = []
     seen_leaf: list[int] = []
 
-    def pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
+    def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         stack.append((mod, tensor_shapes(args)))
         if mod in leaves:
             if rec.leaf_depth == 0:
                 seen_leaf.append(len(stack))
-                rec.pending_inputs = rec.inputs_of(args)
+                rec.pending_inputs = rec.inputs_of((args, kwargs))  # `f(x, beta=b)`: b too
                 rec.own = {id(p) for p in mod.parameters()}
                 rec.foreign = []
                 if mod in inspected:
-                    rec.inside = _inside(mod, args)
+                    rec.inside = _inside(mod, (args, kwargs))
             rec.leaf_depth += 1
 
     def post(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -345,7 +345,7 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
         for m in names:
             if m is model:
                 continue
-            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post))
         inp = graph.add(Node(name="x", op="input", target="input", shape=tuple(example.shape)))
         rec.produced(example, inp.name)
