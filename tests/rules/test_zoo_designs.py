@@ -390,3 +390,55 @@ def test_nd108_a_custom_autograd_function_passes_the_gradient(tmp_path, cut, unt
     found = rules_found(tmp_path, CUSTOM_FUNCTION, "Net", kwargs, shape=(16,))
     assert ("ND001" in found) is untraceable
     assert ("ND108" in found) is (cut != "none"), found
+
+
+# ---------------------------------------------- ND103: an extra output the caller ignores
+
+TWO_OUTPUTS = '''
+import torch
+from torch import nn
+
+
+class Encoder(nn.Module):
+    def __init__(self, returns="both"):
+        super().__init__()
+        self.returns = returns
+        self.body = nn.Linear(16, 16)
+        self.pooler = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if x.shape[-1] != 16:
+            raise ValueError("16 features expected")
+        sequence = torch.relu(self.body(x))
+        pooled = torch.tanh(self.pooler(sequence[:, 0]))
+        return (sequence, pooled) if self.returns == "both" else sequence
+
+
+class Net(nn.Module):
+    """`returns="both"`: the encoder returns its pooled output too, which this head ignores;
+    `"sequence"`: the encoder computes the pooled output and drops it (a dead branch)."""
+
+    def __init__(self, returns="both"):
+        super().__init__()
+        self.returns = returns
+        self.encoder = Encoder(returns)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        out = self.encoder(x)
+        sequence = out[0] if self.returns == "both" else out
+        return self.head(sequence[:, 0])
+'''
+
+
+@pytest.mark.parametrize("returns, severity", [("both", "INFO"), ("sequence", "WARNING")])
+def test_nd103_an_extra_output_the_caller_ignores_is_info(tmp_path, returns, severity):
+    from netdoctor.loading.target import load
+
+    path = tmp_path / "model.py"
+    path.write_text(TWO_OUTPUTS, encoding="utf-8")
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", {"returns": returns}).models[0]
+        report = check_loaded(loaded, CheckOptions(input_shape=(8, 16)))
+    (f,) = [f for f in report.findings if f.rule == "ND103"]
+    assert f.module == "encoder.pooler" and f.severity.name == severity

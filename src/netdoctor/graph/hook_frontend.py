@@ -302,6 +302,13 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
     def post(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if stack:
             stack.pop()
+        if mod not in leaves and rec.leaf_depth == 0:
+            # A submodule returning several values (a backbone's sequence output and pooled
+            # output): which nodes it returned, so rules can tell an output the caller ignores.
+            returned = rec.inputs_of(out)
+            if len(returned) > 1:
+                for name in returned:
+                    graph.nodes[name].attrs.setdefault("returned_by", []).append(names[mod])
         if mod in leaves:
             if rec.leaf_depth == 1:  # still > 0: netdoctor's own tensor ops here go unrecorded
                 inside, rec.inside = rec.inside, None
