@@ -95,12 +95,8 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
             module=path,
             location=info.location,
             fix=Fix(f"{hint}, or delete {path}"),
-            evidence={
-                "type": info.type,
-                "trainable_parameters": info.trainable,
-                "called": ran,
-                "ignored_output_of": owner,
-            },
+            evidence={"type": info.type, "trainable_parameters": info.trainable, "called": ran}
+            | ({"ignored_output_of": owner} if owner is not None else {}),
             impact=float(info.trainable) / 1e6,
             # An extra output of a reusable component that this model does not need (a
             # backbone's pooler under a head that reads the sequence): a design, not a mistake.
