@@ -418,6 +418,45 @@ def test_hook_frontend_records_only_the_models_own_ops():
     assert detach.location.line == code_line(SICK / "detached.py", ".detach()")
 
 
+NAMED_LIKE_TERMINALS = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"Submodules named like the recorded graph's own terminal nodes (`x`, `output`); a
+    shape-dependent branch makes torch.fx fail, so the graph is the recorded forward.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.x = nn.Linear(8, 8)
+        self.x_1 = nn.Linear(8, 8)
+        self.output = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 0:
+            x = torch.relu(self.x(x))
+        return self.output(torch.relu(self.x_1(x)))
+"""
+
+
+def test_hook_frontend_names_modules_called_like_its_terminal_nodes(tmp_path):
+    """A module registered as `output` (or `x`) does not collide with the graph's output
+    (input) node: it was `ValueError: duplicate node name 'output'`."""
+    from netdoctor.graph import hook_frontend
+    from netdoctor.loading.target import load
+
+    path = tmp_path / "named.py"
+    path.write_text(NAMED_LIKE_TERMINALS, encoding="utf-8")
+    loaded = load(f"{path}:Net").models[0]
+    graph = hook_frontend.build(loaded.model, loaded.provenance, torch.randn(2, 8))
+    (out,) = graph.outputs
+    assert [graph.node(i).module for i in out.inputs] == ["output"]
+    assert {n.module for n in graph if n.op == "linear"} == {"x", "x_1", "output"}
+    found = run(f"{path}:Net", shape=(8,))
+    assert of(found, "ND001") and not of(found, "ND103")
+
+
 # ----------------------------------------------------------------------- ND109-ND111 (info)
 
 

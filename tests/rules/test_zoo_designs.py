@@ -289,3 +289,156 @@ def test_nd107_a_fixed_transform_is_no_layer_but_no_activation_either(tmp_path, 
         (f.evidence["first"], f.evidence["second"]) for f in report.findings if f.rule == "ND107"
     ]
     assert pairs == ([] if act else [("mix", "fc")]), pairs
+
+
+# ------------------------------------------------- ND108: cuts that lose no gradient
+
+SELECTED_KEYS = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    """Attention over 8 tokens whose keys are picked by an indexer run without grad. `use`:
+    how the indexer's result enters the attention: as a mask of the top-k keys (integers and
+    booleans: no gradient either way), or as a bias added to the scores (a float the no_grad
+    cuts off)."""
+
+    def __init__(self, use="mask", untraceable=False):
+        super().__init__()
+        self.use, self.untraceable = use, untraceable
+        self.qkv = nn.Linear(16, 48)
+        self.index = nn.Linear(16, 4)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        if self.untraceable and x.shape[-1] != 16:
+            raise ValueError("16 features expected")
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2)
+        with torch.no_grad():
+            i = self.index(x)
+            relevance = i @ i.transpose(1, 2)
+            if self.use == "mask":
+                best = relevance.topk(4, dim=-1).indices
+                keep = torch.zeros_like(relevance, dtype=torch.bool).scatter(-1, best, True)
+        if self.use == "mask":
+            scores = scores.masked_fill(~keep, float("-inf"))
+        else:
+            scores = scores + relevance
+        return self.head((scores.softmax(dim=-1) @ v).mean(dim=1))
+'''
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+@pytest.mark.parametrize("use, cut", [("mask", False), ("bias", True)])
+def test_nd108_a_cut_before_integer_values_loses_no_gradient(tmp_path, use, cut, untraceable):
+    kwargs = {"use": use, "untraceable": untraceable}
+    found = rules_found(tmp_path, SELECTED_KEYS, "Net", kwargs, shape=(8, 16))
+    assert ("ND001" in found) is untraceable
+    assert ("ND108" in found) is cut, found
+
+
+CUSTOM_FUNCTION = '''
+import torch
+from torch import nn
+
+
+class Gate(torch.autograd.Function):
+    """silu(a) * b with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * torch.sigmoid(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        s = torch.sigmoid(a)
+        return grad * b * (s + a * s * (1 - s)), grad * a * s
+
+
+class Net(nn.Module):
+    """A gated MLP whose gate is a custom autograd.Function. `cut`: where a gradient is lost
+    anyway: nowhere, the Function's output detached, or its inputs computed under no_grad."""
+
+    def __init__(self, cut="none", untraceable=False):
+        super().__init__()
+        self.cut, self.untraceable = cut, untraceable
+        self.a = nn.Linear(16, 32)
+        self.b = nn.Linear(16, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        if self.untraceable and x.shape[-1] != 16:
+            raise ValueError("16 features expected")
+        with torch.set_grad_enabled(self.cut != "inputs"):
+            a, b = self.a(x), self.b(x)
+        y = Gate.apply(a, b)
+        if self.cut == "output":
+            y = y.detach()
+        return self.head(y)
+'''
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+@pytest.mark.parametrize("cut", ["none", "output", "inputs"])
+def test_nd108_a_custom_autograd_function_passes_the_gradient(tmp_path, cut, untraceable):
+    kwargs = {"cut": cut, "untraceable": untraceable}
+    found = rules_found(tmp_path, CUSTOM_FUNCTION, "Net", kwargs, shape=(16,))
+    assert ("ND001" in found) is untraceable
+    assert ("ND108" in found) is (cut != "none"), found
+
+
+# ---------------------------------------------- ND103: an extra output the caller ignores
+
+TWO_OUTPUTS = '''
+import torch
+from torch import nn
+
+
+class Encoder(nn.Module):
+    def __init__(self, returns="both"):
+        super().__init__()
+        self.returns = returns
+        self.body = nn.Linear(16, 16)
+        self.pooler = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if x.shape[-1] != 16:
+            raise ValueError("16 features expected")
+        sequence = torch.relu(self.body(x))
+        pooled = torch.tanh(self.pooler(sequence[:, 0]))
+        return (sequence, pooled) if self.returns == "both" else sequence
+
+
+class Net(nn.Module):
+    """`returns="both"`: the encoder returns its pooled output too, which this head ignores;
+    `"sequence"`: the encoder computes the pooled output and drops it (a dead branch)."""
+
+    def __init__(self, returns="both"):
+        super().__init__()
+        self.returns = returns
+        self.encoder = Encoder(returns)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        out = self.encoder(x)
+        sequence = out[0] if self.returns == "both" else out
+        return self.head(sequence[:, 0])
+'''
+
+
+@pytest.mark.parametrize("returns, severity", [("both", "INFO"), ("sequence", "WARNING")])
+def test_nd103_an_extra_output_the_caller_ignores_is_info(tmp_path, returns, severity):
+    from netdoctor.loading.target import load
+
+    path = tmp_path / "model.py"
+    path.write_text(TWO_OUTPUTS, encoding="utf-8")
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", {"returns": returns}).models[0]
+        report = check_loaded(loaded, CheckOptions(input_shape=(8, 16)))
+    (f,) = [f for f in report.findings if f.rule == "ND103"]
+    assert f.module == "encoder.pooler" and f.severity.name == severity

@@ -4,11 +4,14 @@ is not possible, from a run of the traced graph)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
+from torch.autograd.function import FunctionCtx
 
 from netdoctor.graph.ir import NORM_OPS, WEIGHT_OPS, Graph, Node, UnregisteredHolder
 from netdoctor.graph.ops import (
@@ -20,7 +23,12 @@ from netdoctor.graph.ops import (
     target_name,
     weight_arguments,
 )
-from netdoctor.graph.torch_common import record_modules, record_unregistered, user_frame_location
+from netdoctor.graph.torch_common import (
+    integral,
+    record_modules,
+    record_unregistered,
+    user_frame_location,
+)
 from netdoctor.loading.forward import preserved_modes
 from netdoctor.loading.provenance import Provenance
 
@@ -32,9 +40,24 @@ class _Tracer(fx.Tracer):
         proxy = super().create_proxy(kind, target, args, kwargs, *rest, **kw)
         if kind in ("call_function", "call_method", "call_module"):
             proxy.node.meta["netdoctor_location"] = user_frame_location(2)
-        if not torch.is_grad_enabled():  # inside a `with torch.no_grad():` block in forward
+        # Inside a `with torch.no_grad():` block in forward; not inside the forward of a custom
+        # autograd.Function, which runs without grad while its backward supplies the gradient.
+        if not torch.is_grad_enabled() and not _in_function_forward():
             proxy.node.meta["netdoctor_no_grad"] = True
         return proxy
+
+
+def _in_function_forward() -> bool:
+    """Whether the caller runs inside a torch.autograd.Function's forward (whose first argument,
+    ctx, is a FunctionCtx)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_argcount:
+            if isinstance(frame.f_locals.get(code.co_varnames[0]), FunctionCtx):
+                return True
+        frame = frame.f_back
+    return False
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -54,12 +77,15 @@ class _ShapeRecorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+        self.integral: set[fx.Node] = set()  # nodes whose value is integers or booleans
         self.completed = False
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             self.shapes[n] = tuple(result.shape)
+        if integral(result):
+            self.integral.add(n)
         return result
 
     def run_quietly(self, *args: Any) -> Any:
@@ -67,6 +93,7 @@ class _ShapeRecorder(fx.Interpreter):
         multiprocessing's locks: a third of a second on a small machine)."""
         self.completed = False
         self.shapes = {}
+        self.integral = set()
         self.env = {}
         self.args_iter = iter(self.graph.process_inputs(*args))
         try:
@@ -86,8 +113,11 @@ class _ShapeRecorder(fx.Interpreter):
         never kept)."""
         for node in self.graph.nodes:  # the module's graph
             node.meta.pop("netdoctor_shape", None)
+            node.meta.pop("netdoctor_integral", None)
             if self.completed and node in self.shapes:
                 node.meta["netdoctor_shape"] = self.shapes[node]
+            if self.completed and node in self.integral:
+                node.meta["netdoctor_integral"] = True
 
 
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
@@ -193,6 +223,8 @@ def copy_shapes(gm: fx.GraphModule, graph: Graph) -> None:
     for fxn in gm.graph.nodes:
         if fxn.name in graph.nodes:
             graph.nodes[fxn.name].shape = fxn.meta.get("netdoctor_shape")
+            if fxn.meta.get("netdoctor_integral"):
+                graph.nodes[fxn.name].attrs["integral"] = True
 
 
 def build(
@@ -218,6 +250,8 @@ def build(
         )
         if fxn.meta.get("netdoctor_shape") is not None:
             node.shape = fxn.meta["netdoctor_shape"]
+        if fxn.meta.get("netdoctor_integral"):
+            node.attrs["integral"] = True
         stack = fxn.meta.get("nn_module_stack")
         if stack:
             node.attrs["scope"] = (

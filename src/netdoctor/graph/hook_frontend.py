@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
 
 from netdoctor.graph.ir import NORM_OPS, WEIGHT_OPS, Graph, Node
@@ -26,7 +27,12 @@ from netdoctor.graph.ops import (
     target_name,
     weight_arguments,
 )
-from netdoctor.graph.torch_common import record_modules, record_unregistered, user_frame_location
+from netdoctor.graph.torch_common import (
+    integral,
+    record_modules,
+    record_unregistered,
+    user_frame_location,
+)
 from netdoctor.loading.forward import ForwardFailure, preserved_modes, tensor_shapes, tensors_in
 from netdoctor.loading.provenance import Provenance
 
@@ -110,14 +116,22 @@ class _Recorder(TorchFunctionMode):
         self.calls: dict[str, int] = {}
         self.params = {id(p): n for n, p in model.named_parameters()}
         self.pending_inputs: list[str] = []  # the producers of the open leaf call's inputs
+        # Parameters of other modules that the open leaf call reads (a function wrapped in a
+        # module, handed the module whose weights it uses): inputs of its node as well.
+        self.own: set[int] = set()  # the open leaf's own parameters
+        self.foreign: list[str] = []
         self.inside: _Recorder | None = None  # records the open user-defined leaf's own ops
+        self.functions: dict[int, str] = {}  # custom autograd.Function calls: grad_fn id -> node
 
     # -- bookkeeping -------------------------------------------------------------------
     def unique(self, base: str) -> str:
         base = base.replace(".", "_") if base else "node"
-        n = self.calls.get(base, 0)
-        self.calls[base] = n + 1
-        return base if n == 0 else f"{base}_{n}"
+        while True:
+            n = self.calls.get(base, 0)
+            self.calls[base] = n + 1
+            name = base if n == 0 else f"{base}_{n}"
+            if name not in self.graph.nodes:  # taken: the input `x`, or a module named `x_1`
+                return name
 
     def inputs_of(self, value: Any) -> list[str]:
         names: list[str] = []
@@ -125,6 +139,8 @@ class _Recorder(TorchFunctionMode):
             name = self.producer.get(id(t))
             if name is None and id(t) in self.params:
                 name = self._param_node(t)
+            if name is not None and isinstance(t.grad_fn, BackwardCFunction):
+                name = self._function_call(t, name)
             if name is not None and name not in names:
                 names.append(name)
         return names
@@ -145,6 +161,52 @@ class _Recorder(TorchFunctionMode):
         self.keep.append(t)
         return node.name
 
+    def _function_call(self, t: torch.Tensor, inner: str) -> str:
+        """The node of a custom torch.autograd.Function call that returned `t`. Its forward runs
+        with grad disabled, so its ops were recorded as a no_grad region ending in `inner`; but
+        its backward sends the output's gradient to the Function's inputs. One node stands for
+        the call, fed by those inputs (found through the autograd graph), so the gradient is
+        seen to pass."""
+        fn = t.grad_fn
+        if fn is None or not self.graph.nodes[inner].attrs.get("no_grad"):
+            return inner
+        if id(fn) in self.functions:
+            return self.functions[id(fn)]
+        by_grad_fn: dict[int, str] = {}
+        for k in self.keep:
+            if isinstance(k, torch.Tensor) and k.grad_fn is not None and id(k) in self.producer:
+                by_grad_fn.setdefault(id(k.grad_fn), self.producer[id(k)])
+        inputs: list[str] = []
+        for nxt, _ in fn.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)  # AccumulateGrad: a leaf tensor, e.g. a weight
+            if var is not None:
+                name = self.producer.get(id(var))
+                if name is None and id(var) in self.params:
+                    name = self._param_node(var)
+            else:
+                name = by_grad_fn.get(id(nxt))
+            if name is not None and name not in inputs:
+                inputs.append(name)
+        if not inputs:
+            return inner
+        cls = getattr(fn, "_forward_cls", type(fn))
+        done = self.graph.nodes[inner]
+        node = self.graph.add(
+            Node(
+                name=self.unique(cls.__name__),
+                op="autograd_function",
+                target=f"{cls.__module__}.{cls.__qualname__}",
+                inputs=inputs,
+                shape=done.shape,
+                location=done.location,
+            )
+        )
+        self.functions[id(fn)] = node.name
+        self.producer[id(t)] = node.name
+        return node.name
+
     def produced(self, value: Any, node_name: str) -> None:
         for t in tensors_in(value):
             self.producer[id(t)] = node_name
@@ -156,8 +218,14 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not self.leaf_depth:
             self.record(func, args, kwargs, out)
-        elif self.leaf_depth == 1 and self.inside is not None:
+            return out
+        if self.leaf_depth == 1 and self.inside is not None:
             self.inside.record(func, args, kwargs, out)
+        for t in tensors_in((args, kwargs)):
+            if id(t) in self.params and id(t) not in self.own:
+                name = self.producer.get(id(t)) or self._param_node(t)
+                if name not in self.foreign:
+                    self.foreign.append(name)
         return out
 
     def record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
@@ -187,6 +255,8 @@ class _Recorder(TorchFunctionMode):
             node.target, node.attrs["via"] = "Tensor.data", ".data"
         shapes = tensor_shapes(result)
         node.shape = shapes[0] if shapes else None
+        if integral(result):
+            node.attrs["integral"] = True
         if op in ("softmax", "log_softmax"):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             if isinstance(dim, int):
@@ -220,7 +290,14 @@ def _normalizes(inside: _Recorder, out: Any) -> bool:
     from netdoctor.graph.walks import self_normalized, standardized_weight
 
     graph = inside.graph
-    graph.add(Node(name="output", op="output", target="output", inputs=inside.inputs_of(out)))
+    graph.add(
+        Node(
+            name=graph.fresh_name("output"),
+            op="output",
+            target="output",
+            inputs=inside.inputs_of(out),
+        )
+    )
     live = graph.reaching_output()
     memo: dict[str, bool] = {}
     return any(
@@ -241,19 +318,28 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
     failed: list[tuple[nn.Module, list[tuple[int, ...]]]] = []
     seen_leaf: list[int] = []
 
-    def pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
+    def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         stack.append((mod, tensor_shapes(args)))
         if mod in leaves:
             if rec.leaf_depth == 0:
                 seen_leaf.append(len(stack))
-                rec.pending_inputs = rec.inputs_of(args)
+                rec.pending_inputs = rec.inputs_of((args, kwargs))  # `f(x, beta=b)`: b too
+                rec.own = {id(p) for p in mod.parameters()}
+                rec.foreign = []
                 if mod in inspected:
-                    rec.inside = _inside(mod, args)
+                    rec.inside = _inside(mod, (args, kwargs))
             rec.leaf_depth += 1
 
     def post(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if stack:
             stack.pop()
+        if mod not in leaves and rec.leaf_depth == 0:
+            # A submodule returning several values (a backbone's sequence output and pooled
+            # output): which nodes it returned, so rules can tell an output the caller ignores.
+            returned = rec.inputs_of(out)
+            if len(returned) > 1:
+                for name in returned:
+                    graph.nodes[name].attrs.setdefault("returned_by", []).append(names[mod])
         if mod in leaves:
             if rec.leaf_depth == 1:  # still > 0: netdoctor's own tensor ops here go unrecorded
                 inside, rec.inside = rec.inside, None
@@ -263,7 +349,8 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
                     op=module_op(mod),
                     target=f"{type(mod).__module__}.{type(mod).__name__}",
                     module=path,
-                    inputs=rec.pending_inputs,
+                    inputs=rec.pending_inputs
+                    + [n for n in rec.foreign if n not in rec.pending_inputs],
                     params=module_params(mod),
                     attrs=module_attrs(mod),
                     location=prov.site(mod),
@@ -277,6 +364,8 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
                     node.attrs["no_grad"] = True
                 shapes = tensor_shapes(out)
                 node.shape = shapes[0] if shapes else None
+                if integral(out):
+                    node.attrs["integral"] = True
                 if inside is not None and _normalizes(inside, out):
                     node.attrs["normalizes"] = True
                 graph.add(node)
@@ -296,7 +385,7 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
         for m in names:
             if m is model:
                 continue
-            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post))
         inp = graph.add(Node(name="x", op="input", target="input", shape=tuple(example.shape)))
         rec.produced(example, inp.name)
@@ -321,7 +410,14 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
                     if inner is not None
                     else {},
                 ) from e
-        graph.add(Node(name="output", op="output", target="output", inputs=rec.inputs_of(out)))
+        graph.add(
+            Node(
+                name=graph.fresh_name("output"),  # a module may be named `output`
+                op="output",
+                target="output",
+                inputs=rec.inputs_of(out),
+            )
+        )
     finally:
         for h in handles:
             h.remove()

@@ -109,6 +109,15 @@ class Graph:
         self._succ = None
         return node
 
+    def fresh_name(self, base: str) -> str:
+        """`base`, or `base_1`, `base_2`, ... when a node already has that name (a module
+        registered as `output` is recorded under its path)."""
+        name, n = base, 0
+        while name in self.nodes:
+            n += 1
+            name = f"{base}_{n}"
+        return name
+
     # -- queries ------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes.values())

@@ -244,7 +244,7 @@ def build(path: str) -> Graph:
         )
     graph.add(
         Node(
-            name="output",
+            name=graph.fresh_name("output"),  # a node of the file may be named `output`
             op="output",
             target="output",
             inputs=[producer[o.name] for o in model.graph.output if o.name in producer],

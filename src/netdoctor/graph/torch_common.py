@@ -7,11 +7,13 @@ import functools
 import os
 import sys
 from types import CodeType, FrameType
+from typing import Any
 
 from torch import nn
 
 from netdoctor.findings import Location
 from netdoctor.graph.ir import Graph, ModuleInfo, UnregisteredHolder
+from netdoctor.loading.forward import tensors_in
 from netdoctor.loading.provenance import Provenance, _is_internal, _is_library, class_location
 
 _MODULE_INTERNALS = {
@@ -24,6 +26,13 @@ _MODULE_INTERNALS = {
     "_state_dict_hooks",
     "_load_state_dict_pre_hooks",
 }
+
+
+def integral(value: Any) -> bool:
+    """Whether every tensor in `value` holds integers or booleans (indices, masks, hash codes):
+    values no gradient flows through."""
+    tensors = tensors_in(value)
+    return bool(tensors) and not any(t.is_floating_point() or t.is_complex() for t in tensors)
 
 
 def record_modules(graph: Graph, model: nn.Module, prov: Provenance) -> None:

@@ -27,6 +27,35 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
         parts = path.split(".")
         return any(".".join(parts[:i]) in names for i in range(len(parts), 0, -1))
 
+    # Submodules that returned several values, some used by their caller: {path: returned
+    # node names} (recorded forward only).
+    partly_used: dict[str, set[str]] = defaultdict(set)
+    for node in graph:
+        for owner in node.attrs.get("returned_by", ()):
+            partly_used[owner].add(node.name)
+    partly_used = {owner: names - live for owner, names in partly_used.items() if names & live}
+
+    def ignored_output(path: str) -> str | None:
+        """The enclosing submodule whose unused extra output this module computes (the pooled
+        output of a backbone whose caller reads only its sequence output), if any."""
+        owners = [o for o in partly_used if path.startswith(o + ".")]
+        if not owners:
+            return None
+        todo = [n.name for n in called.get(path, [])] + [
+            n.name for n in graph if n.module and n.module.startswith(path + ".")
+        ]
+        seen: set[str] = set()
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for owner in owners:
+                if name in partly_used[owner]:
+                    return owner
+            todo.extend(s.name for s in graph.successors(name))
+        return None
+
     live_modules = {n.module for n in graph if n.module and n.name in live}
     live_leaf_calls = {n.module for n in graph if n.module and n.name in live and n.op != "param"}
     any_calls = {n.module for n in graph if n.module and n.op != "param"} | set(called)
@@ -38,7 +67,13 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
         ran = path in called or covered(path, any_calls)
         if not ran and graph.frontend == "hooks":
             continue  # a recorded forward only shows the branches this input took
-        if ran:
+        owner = ignored_output(path) if ran else None
+        if owner is not None:
+            how = (
+                f"computes an output that {owner} returns alongside others, and its caller "
+                "uses only the others"
+            )
+        elif ran:
             how = (
                 "is called in forward but its result never reaches the model output "
                 "(computed, then unused)"
@@ -60,8 +95,12 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
             module=path,
             location=info.location,
             fix=Fix(f"{hint}, or delete {path}"),
-            evidence={"type": info.type, "trainable_parameters": info.trainable, "called": ran},
+            evidence={"type": info.type, "trainable_parameters": info.trainable, "called": ran}
+            | ({"ignored_output_of": owner} if owner is not None else {}),
             impact=float(info.trainable) / 1e6,
+            # An extra output of a reusable component that this model does not need (a
+            # backbone's pooler under a head that reads the sequence): a design, not a mistake.
+            severity=Severity.INFO if owner is not None else None,
         )
 
 

@@ -24,19 +24,32 @@ def _trainable(node: Node) -> int:
     return sum(p.numel for p in node.params.values() if p.trainable)
 
 
-def starved_by_cuts(graph: Graph) -> dict[str, tuple[Node, list[Node]]]:
-    """{cut node name: (cut node, [parameterized nodes it starves])}. A node is starved when its
-    output reaches a model output, but only through a detach or a no_grad region."""
-    live: set[str] = set()  # nodes the output's gradient reaches
+def _reached(graph: Graph, cuts: bool) -> set[str]:
+    """Nodes the output's gradient reaches walking back from the outputs: never into an
+    integral node (its value is integers or booleans, which carry no gradient) and, with
+    `cuts`, not past a cut."""
+    seen: set[str] = set()
     stack = [n.name for n in graph.outputs]
     while stack:
         name = stack.pop()
-        if name in live or name not in graph.nodes:
+        if name in seen or name not in graph.nodes:
             continue
-        live.add(name)
-        if not _cut(graph.nodes[name]):
-            stack.extend(graph.nodes[name].inputs)
-    reach = graph.reaching_output()
+        node = graph.nodes[name]
+        if node.attrs.get("integral"):
+            continue
+        seen.add(name)
+        if not (cuts and _cut(node)):
+            stack.extend(node.inputs)
+    return seen
+
+
+def starved_by_cuts(graph: Graph) -> dict[str, tuple[Node, list[Node]]]:
+    """{cut node name: (cut node, [parameterized nodes it starves])}. A node is starved when its
+    output reaches a model output, but only through a detach or a no_grad region."""
+    live = _reached(graph, cuts=True)  # nodes the output's gradient reaches
+    # Nodes the gradient would reach with no cut: a value that gets to the output only as
+    # integers (top-k indices, a mask, hash codes) carries no gradient with or without a cut.
+    reach = _reached(graph, cuts=False)
 
     def keys(node: Node) -> set[tuple[str | None, str]]:
         return {(node.module, name) for name, p in node.params.items() if p.trainable}
