@@ -1034,6 +1034,44 @@ def test_nd204_gated_branches_fixture(monkeypatch, frontend):
     assert of(found, "ND204") == []
 
 
+ZEROS_BRANCH = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"A residual branch that returns zeros shaped like its query where its kernel is missing
+    (as an attention with a device-only kernel does on the CPU).\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(784, 64)
+        self.q = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 64)
+        self.fc = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 10)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        x = self.embed(x.flatten(1))
+        context = torch.zeros_like(self.q(x).float()).requires_grad_()
+        x = x + self.out(context.to(x.dtype))
+        return self.head(torch.relu(self.fc(x)))
+"""
+
+
+def test_nd204_a_branch_of_zeros_is_not_on_the_signal_path(tmp_path):
+    from netdoctor.graph.walks import zero_at_init
+    from netdoctor.rules.params.nd204_signal_collapse import signal_chain
+
+    path = tmp_path / "zeros_branch.py"
+    path.write_text(ZEROS_BRANCH, encoding="utf-8")
+    _, graph = built(f"{path}:Net")
+    (out,) = [n for n in graph.of_op("linear") if n.module == "out"]
+    assert out.attrs["init_signal_rms"] == 0 and out.name in zero_at_init(graph)
+    assert [n.label for n in signal_chain(graph)] == ["embed", "fc"]
+
+
 # ----------------------------------------------------------------------- verdicts over seeds
 
 # The fixtures closest to ND201's and ND204's thresholds (benchmarks/init_margins.py; the rule
