@@ -1128,6 +1128,129 @@ def test_nd204_layerscale_blocks_without_a_shortcut():
     assert raw < 1e-4  # what the rule read before it knew the gains
 
 
+GATED = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    \"\"\"A branch that multiplies data by data (q * h(gate * context)), N(0, 0.01) init: its
+    output is ~1e-6 of its input. Pre-norm residual, or neither norm nor shortcut.\"\"\"
+
+    def __init__(self, dim, residual):
+        super().__init__()
+        self.residual = residual
+        self.norm = nn.LayerNorm(dim) if residual else nn.Identity()
+        self.f = nn.Linear(dim, 3 * dim)
+        self.h = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, ctx, gate = self.f(self.norm(x)).chunk(3, dim=-1)
+        out = self.proj(q * self.h(gate * ctx))
+        return x + out if self.residual else out
+
+
+class Net(nn.Module):
+    def __init__(self, residual=True, depth=4, dim=64):
+        super().__init__()
+        self.embed = nn.Linear(784, dim)
+        self.blocks = nn.Sequential(*[Block(dim, residual) for _ in range(depth)])
+        self.head = nn.Linear(dim, 10)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x.flatten(1))))
+"""
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_nd204_a_small_branch_is_no_collapse_when_the_stream_carries_the_signal(tmp_path, residual):
+    """Each block's branch measures ~1e-6 of the input at its last layer. Added to a residual
+    stream, the next block reads the stream in full: the small value does not carry on into
+    depth. Without a shortcut (or a normalization) every later layer reads it: a collapse,
+    reported."""
+    path = tmp_path / "gated.py"
+    path.write_text(GATED, encoding="utf-8")
+    from netdoctor.rules.params.nd204_signal_collapse import signal_ratios
+
+    loaded, graph = built(f"{path}:Net", residual=residual)
+    _, chain, ratios = signal_ratios(graph)
+    small = dict(zip([n.label for n in chain], ratios))["blocks.0.proj"]
+    assert small < 1e-5  # the branch alone crosses the threshold either way
+    with chdir(REPO):
+        found = of(check_loaded(loaded, CheckOptions(input_shape=MNIST)).findings, "ND204")
+    assert bool(found) is not residual, [f.message for f in found]
+    if found:
+        assert found[0].module == "blocks.0.proj" and "shrinks" in found[0].message
+
+
+@pytest.mark.parametrize("frontend", ["fx", "hooks"])
+def test_nd204_gated_branches_fixture(monkeypatch, frontend):
+    """Focal modulation and talking-heads attention (healthy/gated_branches.py): their branch
+    layers measure below 1e-5 of the input, the layers after each branch do not."""
+    from netdoctor.graph import fx_frontend
+    from netdoctor.rules.params.nd204_signal_collapse import signal_ratios
+
+    if frontend == "hooks":
+
+        def untraceable(model):
+            raise TypeError("left to the recorded forward pass in this test")
+
+        monkeypatch.setattr(fx_frontend, "trace", untraceable)
+    loaded, graph = built(str(HEALTHY / "gated_branches.py:GatedBranchNet"), (3, 32, 32))
+    assert graph.frontend == frontend
+    _, chain, ratios = signal_ratios(graph)
+    ratio = dict(zip([n.label for n in chain], ratios))
+    assert ratio["conv_blocks.0.modulation.proj"] < 1e-5
+    assert ratio["blocks.0.attn.mix_weights"] < 1e-5
+    assert ratio["blocks.1.fc1"] > 1e-2
+    with chdir(REPO):
+        found = check_loaded(loaded, CheckOptions(input_shape=(3, 32, 32))).findings
+    assert of(found, "ND204") == []
+
+
+ZEROS_BRANCH = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"A residual branch that returns zeros shaped like its query where its kernel is missing
+    (as an attention with a device-only kernel does on the CPU).\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(784, 64)
+        self.q = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 64)
+        self.fc = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 10)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        x = self.embed(x.flatten(1))
+        context = torch.zeros_like(self.q(x).float()).requires_grad_()
+        x = x + self.out(context.to(x.dtype))
+        return self.head(torch.relu(self.fc(x)))
+"""
+
+
+def test_nd204_a_branch_of_zeros_is_not_on_the_signal_path(tmp_path):
+    from netdoctor.graph.walks import zero_at_init
+    from netdoctor.rules.params.nd204_signal_collapse import signal_chain
+
+    path = tmp_path / "zeros_branch.py"
+    path.write_text(ZEROS_BRANCH, encoding="utf-8")
+    _, graph = built(f"{path}:Net")
+    (out,) = [n for n in graph.of_op("linear") if n.module == "out"]
+    assert out.attrs["init_signal_rms"] == 0 and out.name in zero_at_init(graph)
+    assert [n.label for n in signal_chain(graph)] == ["embed", "fc"]
+
+
 # ----------------------------------------------------------------------- verdicts over seeds
 
 # The fixtures closest to ND201's and ND204's thresholds (benchmarks/init_margins.py; the rule

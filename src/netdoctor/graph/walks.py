@@ -149,8 +149,8 @@ def standardized_weight(graph: Graph, node: Node, memo: dict[str, bool] | None =
     return bool(ops & _ROOTS) and bool(ops & _REDUCTIONS)
 
 
-# Ops whose output is zero when their (first) input is: views, reductions, pooling, and the
-# activations with f(0) = 0.
+# Ops whose output is zero when their (first) input is: views, copies, casts, reductions, pooling,
+# and the activations with f(0) = 0.
 _ZERO_PRESERVING = {
     "reshape",
     "reshape_as",
@@ -181,7 +181,18 @@ _ZERO_PRESERVING = {
     "hardswish",
     "hardtanh",
     "tanh",
+    # copies and casts
+    "clone",
+    "to",
+    "float",
+    "type_as",
+    "requires_grad_",
 }
+
+
+# A tensor of zeros shaped like another (torch.zeros_like(x), x.new_zeros(shape)): what a
+# function returns in place of a computation it cannot run here (a kernel missing on this device).
+_ZEROS = {"zeros_like", "new_zeros"}
 
 
 def _zero_info(info) -> bool:
@@ -217,7 +228,8 @@ def _functional_zero(node: Node, ins: list[str], zero: set[str]) -> bool:
 
 def zero_at_init(graph: Graph) -> set[str]:
     """Names of the nodes whose value is exactly zero at initialization whatever the input: zero
-    parameters (a ReZero / SkipInit gain), products with them, views, pools and f(0) = 0
+    parameters (a ReZero / SkipInit gain), tensors of zeros (`torch.zeros_like(x)`), products
+    with them, views, pools and f(0) = 0
     activations of those, weight and normalization layers whose parameters are all zero (Fixup's
     last conv of a branch, the zero-init last BatchNorm of torchvision's and timm's ResNets), a
     conv whose weight is standardized in forward and scaled by a zero gain (the last conv of
@@ -227,6 +239,8 @@ def zero_at_init(graph: Graph) -> set[str]:
         ins = [i for i in node.inputs if i in graph.nodes]
         if node.op == "param":
             hit = _zero_param(node)
+        elif node.op in _ZEROS:
+            hit = True
         elif node.op == "mul":
             hit = 0 in node.attrs.get("constants", ()) or any(i in zero for i in ins)
         elif node.op in _ZERO_PRESERVING:

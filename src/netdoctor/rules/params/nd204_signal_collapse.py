@@ -111,6 +111,50 @@ def gain_scales(graph: Graph, layers: list[Node], dependent: set[str] | None = N
     ]
 
 
+def receiving_in_range(graph: Graph, start: Node, limit: float) -> set[str]:
+    """The weight layers, the output layer included, whose measured input carries a signal in
+    range: its input-dependent RMS relative to the start's, net of learned gains, within
+    `limit` either way."""
+    dependent = input_dependent(graph)
+    live = live_at_init(graph)
+    scales = deliberate_scales(graph, dependent)
+    (start_scale,) = gain_scales(graph, [start], dependent)
+    base = max(start.attrs["init_signal_rms"], _TINY) / start_scale
+    found = set()
+    for node in graph:
+        signal, rms = node.attrs.get("init_input_signal_rms"), node.attrs.get("init_input_rms")
+        if node.op not in WEIGHT_OPS or signal is None or rms is None:
+            continue
+        if node.name not in live or node.name not in dependent:
+            continue
+        resolved = signal > _RESOLUTION * rms
+        scale = max((scales[i] for i in node.inputs if i in scales), default=1.0)
+        ratio = max(signal, _TINY) / (scale if resolved else 1.0) / base
+        if 1.0 / limit <= ratio <= limit:
+            found.add(node.name)
+    return found
+
+
+def recovers(graph: Graph, node: Node, receiving: set[str]) -> bool:
+    """Whether a layer that the signal reaches through this one receives a signal in range (a
+    name in `receiving`): the small (or large) value here then does not carry on into depth. It
+    sits inside a residual branch whose stream carries the signal around it (FocalNet's
+    modulation, a product of small gates), on a side path that only mixes the data (a linear map
+    of attention weights, talking-heads attention), or before a normalization that restores the
+    scale. A collapse that compounds across depth reaches every layer after it, the output layer
+    included."""
+    stack, seen = [s.name for s in graph.successors(node.name)], set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        if name in receiving:
+            return True
+        seen.add(name)
+        stack.extend(s.name for s in graph.successors(name))
+    return False
+
+
 def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
     graph = ctx.graph
     limit = options.max_ratio
@@ -120,11 +164,12 @@ def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
     start_value = start.attrs["init_signal_rms"]
     start_label = "the input" if start.op == "input" else start.label
     values = [n.attrs["init_signal_rms"] for n in chain]
+    receiving = receiving_in_range(graph, start, limit)
     crossing = next(
         (
             (node, ratio)
             for node, ratio in zip(chain, ratios)
-            if ratio > limit or ratio < 1.0 / limit
+            if (ratio > limit or ratio < 1.0 / limit) and not recovers(graph, node, receiving)
         ),
         None,
     )
