@@ -51,6 +51,8 @@ class Scale(nn.Module):
             y = x * (x.pow(2).mean(dim=1, keepdim=True) + 1e-6) ** -0.5
         elif self.kind == "normalize":
             y = F.normalize(x, dim=1)
+        elif self.kind == "functional":  # a normalization function called in forward
+            y = F.group_norm(x, 2)
         elif self.kind == "constant":  # a learned scale, not a statistic: no normalization
             y = x / torch.sqrt(self.gain.abs() + 1.0)
         else:
@@ -98,6 +100,7 @@ class Net(nn.Module):
         ("rms", False),
         ("pow", False),
         ("normalize", False),
+        ("functional", False),
         ("ws", False),
         ("none", True),
         ("constant", True),
@@ -107,6 +110,54 @@ def test_nd101_sees_a_normalization_computed_in_forward(tmp_path, kind, plain, u
     kwargs = {"kind": kind, "untraceable": untraceable}
     found = rules_found(tmp_path, NORMALIZED_STACK, "Net", kwargs)
     assert ("ND001" in found) is untraceable
+    assert ("ND101" in found) is plain, found
+
+
+PLAIN_INIT = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """Nine 3x3 convs with an activation after each and a Linear head: no normalization, no skip
+    connection, initialized by `init`."""
+
+    def __init__(self, init="default", act="relu"):
+        super().__init__()
+        layers, cin = [], 3
+        for _ in range(9):
+            conv = nn.Conv2d(cin, 16, 3, padding=1)
+            if init == "he":
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            elif init == "he_fan_out":
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            elif init == "xavier":
+                nn.init.xavier_normal_(conv.weight)
+            elif init == "large":
+                nn.init.normal_(conv.weight, std=0.3)
+            layers += [conv, nn.ReLU() if act == "relu" else nn.Sigmoid()]
+            cin = 16
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3)))
+'''
+
+
+@pytest.mark.parametrize(
+    "init, act, plain",
+    [
+        ("he", "relu", False),  # He gain: the ReLU's halving made up layer by layer
+        ("he_fan_out", "relu", False),  # the same for the gradients
+        ("default", "relu", True),  # PyTorch's default, 2.45x below He a layer: shrinks
+        ("xavier", "relu", True),  # Glorot's gain ignores the ReLU: 1.41x a layer
+        ("large", "relu", True),  # grows
+        ("he", "sigmoid", True),  # no init carries a gradient through sigmoids
+    ],
+)
+def test_nd101_a_plain_stack_at_the_gain_that_preserves_its_scale(tmp_path, init, act, plain):
+    found = rules_found(tmp_path, PLAIN_INIT, "Net", {"init": init, "act": act})
     assert ("ND101" in found) is plain, found
 
 
