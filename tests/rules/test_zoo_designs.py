@@ -1,8 +1,10 @@
 """Deliberate designs of the model zoos that the graph rules must leave alone (issue 15), each
 next to the mistake it resembles, which they must still report: a normalization computed in
 forward (ND101), a gate broadcast before it multiplies (ND102), a value written in place into
-a tensor (ND103), a patch embedding in two strided steps and a fixed blur filter (ND107).
-The healthy fixtures computed_norm, eca_gates, relpos_attention, two_step_stem and blur_pool are
+a tensor (ND103), a ReLU on a map of class scores before the global pool (ND106), a patch
+embedding in two strided steps and a fixed blur filter (ND107), a plain stack at He
+initialization (ND101). The healthy fixtures computed_norm, plain_he_cnn, eca_gates,
+relpos_attention, conv_score_map, two_step_stem and blur_pool are
 the same designs in full models (their snapshots keep them clean)."""
 
 from __future__ import annotations
@@ -237,6 +239,44 @@ def test_nd103_follows_an_indexed_assignment_in_the_recorded_forward(tmp_path, k
     found = rules_found(tmp_path, WRITTEN_BIAS, "Net", {"keep": keep}, shape=(5, 8))
     assert "ND001" in found  # the graph is the recorded forward
     assert ("ND103" in found) is not keep, found
+
+
+# ------------------------------------------------------------------ ND106: clamped score maps
+
+SCORE_MAP = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A conv, then a 1x1 conv to 10 class scores per position, a ReLU and a global pool, in the
+    order `order` gives."""
+
+    def __init__(self, order="relu_pool", pool="avg"):
+        super().__init__()
+        self.order = order
+        self.pool = pool
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.score = nn.Conv2d(16, 10, 1)
+
+    def pooled(self, x):
+        if self.pool == "mean":
+            return x.mean(dim=(2, 3))
+        return nn.functional.adaptive_avg_pool2d(x, 1)
+
+    def forward(self, x):
+        s = self.score(self.body(x))
+        if self.order == "relu_pool":
+            return self.pooled(torch.relu(s)).flatten(1)
+        return torch.relu(self.pooled(s).flatten(1))
+'''
+
+
+@pytest.mark.parametrize("pool", ["avg", "mean"])
+@pytest.mark.parametrize("order, clamped", [("relu_pool", False), ("pool_relu", True)])
+def test_nd106_a_clamped_score_map_pooled_into_logits(tmp_path, order, clamped, pool):
+    found = rules_found(tmp_path, SCORE_MAP, "Net", {"order": order, "pool": pool})
+    assert ("ND106" in found) is clamped, found
 
 
 # --------------------------------------------------------------- ND107: deliberate factorizations
