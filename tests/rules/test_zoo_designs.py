@@ -301,7 +301,9 @@ class Net(nn.Module):
     def __init__(self, kind="strided_stem"):
         super().__init__()
         self.kind = kind
-        s1, s2 = {"one_strided": (2, 1), "stride1_stem": (1, 1)}.get(kind, (2, 2))
+        s1, s2 = {"one_strided": (2, 1), "second_strided": (1, 2), "stride1_stem": (1, 1)}.get(
+            kind, (2, 2)
+        )
         if kind.startswith("blur"):
             s1, s2 = 1, 1
         self.pre = nn.Conv2d(3, 3, 3, padding=1) if kind == "strided_deep" else None
@@ -329,8 +331,9 @@ class Net(nn.Module):
     [
         ("strided_stem", False),
         ("blur_after_act", False),
-        ("stride1_stem", True),
-        ("one_strided", True),
+        ("one_strided", False),  # a 3x3/2 then a 3x3: one 5x5/2 patch embedding in two steps
+        ("second_strided", False),
+        ("stride1_stem", True),  # no downsampling: an ordinary first pair of layers
         ("strided_deep", True),
         ("blur_between", True),
     ],
