@@ -1,11 +1,11 @@
 """Deliberate designs of the model zoos that the graph rules must leave alone (issue 15), each
 next to the mistake it resembles, which they must still report: a normalization computed in
-forward (ND101), a gate broadcast before it multiplies (ND102), a value written in place into
-a tensor (ND103), a ReLU on a map of class scores before the global pool (ND106), a patch
-embedding in two strided steps and a fixed blur filter (ND107), a plain stack at He
-initialization (ND101). The healthy fixtures computed_norm, plain_he_cnn, eca_gates,
-relpos_attention, conv_score_map, two_step_stem and blur_pool are
-the same designs in full models (their snapshots keep them clean)."""
+forward (ND101), a plain stack at He initialization (ND101), a gate broadcast, shifted or scaled
+before it multiplies (ND102), a value written in place into a tensor (ND103), a ReLU on a map of
+class scores before the global pool (ND106), a patch embedding in strided steps and a fixed blur
+filter (ND107). The healthy fixtures computed_norm, plain_he_cnn, eca_gates, gated_streams,
+relpos_attention, conv_score_map, two_step_stem, deep_stem_resnet and blur_pool are the same
+designs in full models (their snapshots keep them clean)."""
 
 from __future__ import annotations
 
@@ -174,9 +174,10 @@ class Net(nn.Module):
     """Three Linear layers, each followed by a sigmoid that is broadcast with expand_as and then
     either gates the layer's output (x * s) or is the next layer's input."""
 
-    def __init__(self, gate=True):
+    def __init__(self, gate=True, shift=False):
         super().__init__()
         self.gate = gate
+        self.shift = shift  # the sigmoid shifted and scaled by constants first: 2 * (s + eps)
         self.fc = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
         self.score = nn.ModuleList(nn.Linear(16, 1) for _ in range(3))
         self.head = nn.Linear(16, 4)
@@ -184,15 +185,19 @@ class Net(nn.Module):
     def forward(self, x):
         for fc, score in zip(self.fc, self.score):
             x = torch.relu(fc(x))
-            s = torch.sigmoid(score(x)).expand_as(x)
+            s = torch.sigmoid(score(x))
+            if self.shift:
+                s = 2 * (s + 1e-6)
+            s = s.expand_as(x)
             x = x * s if self.gate else s
         return self.head(x)
 '''
 
 
+@pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("gate", [True, False])
-def test_nd102_follows_a_gate_through_expand_as(tmp_path, gate):
-    found = rules_found(tmp_path, GATES, "Net", {"gate": gate}, shape=(16,))
+def test_nd102_follows_a_gate_through_expand_as(tmp_path, gate, shift):
+    found = rules_found(tmp_path, GATES, "Net", {"gate": gate, "shift": shift}, shape=(16,))
     assert ("ND102" in found) is not gate, found
 
 
