@@ -388,3 +388,46 @@ def test_nd107_a_fixed_transform_is_no_layer_but_no_activation_either(tmp_path, 
         (f.evidence["first"], f.evidence["second"]) for f in report.findings if f.rule == "ND107"
     ]
     assert pairs == ([] if act else [("mix", "fc")]), pairs
+
+
+GROUPED = '''
+import torch
+from torch import nn
+
+
+class GroupedLinear(nn.Linear):
+    """Maps each of `groups` slices of its input with its own block of the weight."""
+
+    def __init__(self, in_per_group, out_features, groups):
+        super().__init__(in_per_group, out_features, bias=False)
+        self.groups = groups
+
+    def forward(self, x):
+        w = self.weight.view(self.groups, -1, self.in_features).transpose(1, 2)
+        y = torch.bmm(x.reshape(-1, self.groups, self.in_features).transpose(0, 1), w)
+        return y.transpose(0, 1).reshape(*x.shape[:-1], -1)
+
+
+class Net(nn.Module):
+    """Four groups of 8 features projected group by group (or densely), then mixed by a Linear."""
+
+    def __init__(self, grouped=True):
+        super().__init__()
+        self.grouped = grouped
+        self.first = GroupedLinear(8, 16, 4) if grouped else nn.Linear(32, 16)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        if self.grouped:
+            h = self.first(x.view(-1, 4, 8)).flatten(1)
+        else:
+            h = self.first(x)
+        return self.head(torch.relu(self.mix(h)))
+'''
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_nd107_a_grouped_projection_before_a_mixing_one(tmp_path, grouped):
+    found = rules_found(tmp_path, GROUPED, "Net", {"grouped": grouped}, shape=(32,))
+    assert ("ND107" in found) is not grouped, found

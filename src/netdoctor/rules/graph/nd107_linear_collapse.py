@@ -20,9 +20,18 @@ from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 
 
-def _is_depthwise(node: Node) -> bool:
+def _is_grouped(node: Node) -> bool:
+    """A block-diagonal layer: a grouped or depthwise convolution (groups > 1), or a Linear
+    that maps its input group by group (its output comes in groups: a last dimension that is
+    a fraction of its out_features). Followed by a layer that mixes the groups, it is a
+    structured factorization (as a depthwise conv followed by a pointwise one is), not a
+    dense layer stacked on a dense layer."""
     groups = node.attrs.get("groups") or 1
-    return node.op == "conv" and groups > 1 and groups == node.attrs.get("in_channels")
+    if node.op == "conv":
+        return isinstance(groups, int) and groups > 1
+    out = node.attrs.get("out_features")
+    last = node.shape[-1] if node.shape else None
+    return isinstance(out, int) and isinstance(last, int) and 0 < last < out and out % last == 0
 
 
 def _dims(node: Node) -> tuple[int, int] | None:
@@ -158,7 +167,7 @@ def collapsing_pairs(graph: Graph) -> list[tuple[Node, list[Node], Node]]:
             if nxt.op in WEIGHT_OPS and nxt.name not in fixed:
                 if (
                     nxt.attrs.get("type") != "Bilinear"
-                    and not (_is_depthwise(first) or _is_depthwise(nxt))
+                    and not (_is_grouped(first) or _is_grouped(nxt))
                     and not _is_bottleneck(first, nxt)
                     and not _is_strided_stem(first, nxt, stem)
                 ):
