@@ -1,9 +1,11 @@
 """Deliberate designs of the model zoos that the graph rules must leave alone (issue 15), each
 next to the mistake it resembles, which they must still report: a normalization computed in
-forward (ND101), a gate broadcast before it multiplies (ND102), a value written in place into
-a tensor (ND103), a patch embedding in two strided steps and a fixed blur filter (ND107).
-The healthy fixtures computed_norm, eca_gates, relpos_attention, two_step_stem and blur_pool are
-the same designs in full models (their snapshots keep them clean)."""
+forward (ND101), a plain stack at He initialization (ND101), a gate broadcast, shifted or scaled
+before it multiplies (ND102), a value written in place into a tensor (ND103), a ReLU on a map of
+class scores before the global pool (ND106), a patch embedding in strided steps and a fixed blur
+filter (ND107). The healthy fixtures computed_norm, plain_he_cnn, eca_gates, gated_streams,
+relpos_attention, conv_score_map, two_step_stem, deep_stem_resnet and blur_pool are the same
+designs in full models (their snapshots keep them clean)."""
 
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ class Scale(nn.Module):
             y = x * (x.pow(2).mean(dim=1, keepdim=True) + 1e-6) ** -0.5
         elif self.kind == "normalize":
             y = F.normalize(x, dim=1)
+        elif self.kind == "functional":  # a normalization function called in forward
+            y = F.group_norm(x, 2)
         elif self.kind == "constant":  # a learned scale, not a statistic: no normalization
             y = x / torch.sqrt(self.gain.abs() + 1.0)
         else:
@@ -98,6 +102,7 @@ class Net(nn.Module):
         ("rms", False),
         ("pow", False),
         ("normalize", False),
+        ("functional", False),
         ("ws", False),
         ("none", True),
         ("constant", True),
@@ -107,6 +112,54 @@ def test_nd101_sees_a_normalization_computed_in_forward(tmp_path, kind, plain, u
     kwargs = {"kind": kind, "untraceable": untraceable}
     found = rules_found(tmp_path, NORMALIZED_STACK, "Net", kwargs)
     assert ("ND001" in found) is untraceable
+    assert ("ND101" in found) is plain, found
+
+
+PLAIN_INIT = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """Nine 3x3 convs with an activation after each and a Linear head: no normalization, no skip
+    connection, initialized by `init`."""
+
+    def __init__(self, init="default", act="relu"):
+        super().__init__()
+        layers, cin = [], 3
+        for _ in range(9):
+            conv = nn.Conv2d(cin, 16, 3, padding=1)
+            if init == "he":
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            elif init == "he_fan_out":
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            elif init == "xavier":
+                nn.init.xavier_normal_(conv.weight)
+            elif init == "large":
+                nn.init.normal_(conv.weight, std=0.3)
+            layers += [conv, nn.ReLU() if act == "relu" else nn.Sigmoid()]
+            cin = 16
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3)))
+'''
+
+
+@pytest.mark.parametrize(
+    "init, act, plain",
+    [
+        ("he", "relu", False),  # He gain: the ReLU's halving made up layer by layer
+        ("he_fan_out", "relu", False),  # the same for the gradients
+        ("default", "relu", True),  # PyTorch's default, 2.45x below He a layer: shrinks
+        ("xavier", "relu", True),  # Glorot's gain ignores the ReLU: 1.41x a layer
+        ("large", "relu", True),  # grows
+        ("he", "sigmoid", True),  # no init carries a gradient through sigmoids
+    ],
+)
+def test_nd101_a_plain_stack_at_the_gain_that_preserves_its_scale(tmp_path, init, act, plain):
+    found = rules_found(tmp_path, PLAIN_INIT, "Net", {"init": init, "act": act})
     assert ("ND101" in found) is plain, found
 
 
@@ -121,9 +174,10 @@ class Net(nn.Module):
     """Three Linear layers, each followed by a sigmoid that is broadcast with expand_as and then
     either gates the layer's output (x * s) or is the next layer's input."""
 
-    def __init__(self, gate=True):
+    def __init__(self, gate=True, shift=False):
         super().__init__()
         self.gate = gate
+        self.shift = shift  # the sigmoid shifted and scaled by constants first: 2 * (s + eps)
         self.fc = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
         self.score = nn.ModuleList(nn.Linear(16, 1) for _ in range(3))
         self.head = nn.Linear(16, 4)
@@ -131,15 +185,19 @@ class Net(nn.Module):
     def forward(self, x):
         for fc, score in zip(self.fc, self.score):
             x = torch.relu(fc(x))
-            s = torch.sigmoid(score(x)).expand_as(x)
+            s = torch.sigmoid(score(x))
+            if self.shift:
+                s = 2 * (s + 1e-6)
+            s = s.expand_as(x)
             x = x * s if self.gate else s
         return self.head(x)
 '''
 
 
+@pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("gate", [True, False])
-def test_nd102_follows_a_gate_through_expand_as(tmp_path, gate):
-    found = rules_found(tmp_path, GATES, "Net", {"gate": gate}, shape=(16,))
+def test_nd102_follows_a_gate_through_expand_as(tmp_path, gate, shift):
+    found = rules_found(tmp_path, GATES, "Net", {"gate": gate, "shift": shift}, shape=(16,))
     assert ("ND102" in found) is not gate, found
 
 
@@ -188,6 +246,44 @@ def test_nd103_follows_an_indexed_assignment_in_the_recorded_forward(tmp_path, k
     assert ("ND103" in found) is not keep, found
 
 
+# ------------------------------------------------------------------ ND106: clamped score maps
+
+SCORE_MAP = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A conv, then a 1x1 conv to 10 class scores per position, a ReLU and a global pool, in the
+    order `order` gives."""
+
+    def __init__(self, order="relu_pool", pool="avg"):
+        super().__init__()
+        self.order = order
+        self.pool = pool
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.score = nn.Conv2d(16, 10, 1)
+
+    def pooled(self, x):
+        if self.pool == "mean":
+            return x.mean(dim=(2, 3))
+        return nn.functional.adaptive_avg_pool2d(x, 1)
+
+    def forward(self, x):
+        s = self.score(self.body(x))
+        if self.order == "relu_pool":
+            return self.pooled(torch.relu(s)).flatten(1)
+        return torch.relu(self.pooled(s).flatten(1))
+'''
+
+
+@pytest.mark.parametrize("pool", ["avg", "mean"])
+@pytest.mark.parametrize("order, clamped", [("relu_pool", False), ("pool_relu", True)])
+def test_nd106_a_clamped_score_map_pooled_into_logits(tmp_path, order, clamped, pool):
+    found = rules_found(tmp_path, SCORE_MAP, "Net", {"order": order, "pool": pool})
+    assert ("ND106" in found) is clamped, found
+
+
 # --------------------------------------------------------------- ND107: deliberate factorizations
 
 STEMS = """
@@ -210,7 +306,9 @@ class Net(nn.Module):
     def __init__(self, kind="strided_stem"):
         super().__init__()
         self.kind = kind
-        s1, s2 = {"one_strided": (2, 1), "stride1_stem": (1, 1)}.get(kind, (2, 2))
+        s1, s2 = {"one_strided": (2, 1), "second_strided": (1, 2), "stride1_stem": (1, 1)}.get(
+            kind, (2, 2)
+        )
         if kind.startswith("blur"):
             s1, s2 = 1, 1
         self.pre = nn.Conv2d(3, 3, 3, padding=1) if kind == "strided_deep" else None
@@ -238,8 +336,9 @@ class Net(nn.Module):
     [
         ("strided_stem", False),
         ("blur_after_act", False),
-        ("stride1_stem", True),
-        ("one_strided", True),
+        ("one_strided", False),  # a 3x3/2 then a 3x3: one 5x5/2 patch embedding in two steps
+        ("second_strided", False),
+        ("stride1_stem", True),  # no downsampling: an ordinary first pair of layers
         ("strided_deep", True),
         ("blur_between", True),
     ],
@@ -442,3 +541,46 @@ def test_nd103_an_extra_output_the_caller_ignores_is_info(tmp_path, returns, sev
         report = check_loaded(loaded, CheckOptions(input_shape=(8, 16)))
     (f,) = [f for f in report.findings if f.rule == "ND103"]
     assert f.module == "encoder.pooler" and f.severity.name == severity
+
+
+GROUPED = '''
+import torch
+from torch import nn
+
+
+class GroupedLinear(nn.Linear):
+    """Maps each of `groups` slices of its input with its own block of the weight."""
+
+    def __init__(self, in_per_group, out_features, groups):
+        super().__init__(in_per_group, out_features, bias=False)
+        self.groups = groups
+
+    def forward(self, x):
+        w = self.weight.view(self.groups, -1, self.in_features).transpose(1, 2)
+        y = torch.bmm(x.reshape(-1, self.groups, self.in_features).transpose(0, 1), w)
+        return y.transpose(0, 1).reshape(*x.shape[:-1], -1)
+
+
+class Net(nn.Module):
+    """Four groups of 8 features projected group by group (or densely), then mixed by a Linear."""
+
+    def __init__(self, grouped=True):
+        super().__init__()
+        self.grouped = grouped
+        self.first = GroupedLinear(8, 16, 4) if grouped else nn.Linear(32, 16)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        if self.grouped:
+            h = self.first(x.view(-1, 4, 8)).flatten(1)
+        else:
+            h = self.first(x)
+        return self.head(torch.relu(self.mix(h)))
+'''
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_nd107_a_grouped_projection_before_a_mixing_one(tmp_path, grouped):
+    found = rules_found(tmp_path, GROUPED, "Net", {"grouped": grouped}, shape=(32,))
+    assert ("ND107" in found) is not grouped, found

@@ -285,8 +285,9 @@ def _inside(module: nn.Module, args: tuple[Any, ...]) -> _Recorder:
 
 
 def _normalizes(inside: _Recorder, out: Any) -> bool:
-    """Whether the leaf's output was normalized inside it, by the activation's own statistics
-    or through a weight standardized in forward (see walks)."""
+    """Whether the leaf's output was normalized inside it: by a functional normalization
+    (`F.rms_norm`, `F.layer_norm`, `F.group_norm`, ...), by the activation's own statistics, or
+    through a weight standardized in forward (see walks)."""
     from netdoctor.graph.walks import self_normalized, standardized_weight
 
     graph = inside.graph
@@ -301,7 +302,8 @@ def _normalizes(inside: _Recorder, out: Any) -> bool:
     live = graph.reaching_output()
     memo: dict[str, bool] = {}
     return any(
-        node.name in live and standardized_weight(graph, node, memo) for node in graph
+        node.name in live and (node.op in NORM_OPS or standardized_weight(graph, node, memo))
+        for node in graph
     ) or bool(self_normalized(graph) & live)
 
 

@@ -3,6 +3,7 @@ connection (doc: rules/ND101.md)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,6 +23,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Options(RuleOptions):
     min_depth: int = 7  # weight layers in series that count as deep
+
+
+# How far the gains of a He-initialized chain may compound away from 1 (RMS factor, either way)
+# and the chain still count as scale-preserving: one layer left at another library default (a
+# classifier at N(0, 0.01), 2.2x below He) is no drift; PyTorch's default init, 2.45x below He in
+# every layer, compounds past it in two layers.
+_MAX_DRIFT = 4.0
 
 
 def plain_chains(graph: Graph) -> dict[str, list[Node]]:
@@ -62,6 +70,31 @@ def plain_chains(graph: Graph) -> dict[str, list[Node]]:
     return chains
 
 
+def gain_preserving(graph: Graph, chain: list[Node]) -> bool:
+    """Whether the chain's hidden layers start at the gain that carries the signal through the
+    ReLU after each unchanged: He initialization (std = gain / sqrt(fan), fan-in or fan-out), so
+    that neither the activations nor the gradients change scale layer by layer, and the layers'
+    deviations from it compound to less than _MAX_DRIFT along the chain. That is what makes a
+    deep plain stack trainable without normalization (He et al., 2015: 22 and 30 plain layers
+    converge). The last layer is left out (it produces the output; its scale does not
+    compound); a layer whose weights say nothing about their init (too few, frozen, constant)
+    or that another activation follows (sigmoid, tanh: no init preserves their gradient) does
+    not qualify."""
+    from netdoctor.rules.params.nd201_init_scale import layer_scale
+
+    drift = 0.0
+    for node in chain[:-1]:
+        scale = layer_scale(graph, node)
+        w = node.params.get("weight")
+        if scale is None or w is None or scale["nonlinearity"] not in ("relu", "leaky_relu"):
+            return False
+        fan_out = w.shape[0] * math.prod(w.shape[2:])
+        by_fan_in = math.log(scale["ratio"])
+        by_fan_out = by_fan_in + 0.5 * math.log(fan_out / scale["fan_in"])
+        drift += min(by_fan_in, by_fan_out, key=abs)
+    return abs(drift) <= math.log(_MAX_DRIFT)
+
+
 def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
     graph = ctx.graph
     min_depth = options.min_depth
@@ -69,7 +102,7 @@ def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
     if not chains:
         return
     chain = max(chains.values(), key=len)
-    if len(chain) < min_depth:
+    if len(chain) < min_depth or gain_preserving(graph, chain):
         return
     names = [n.label for n in chain]
     shown = ", ".join(names) if len(names) <= 8 else ", ".join(names[:4] + ["..."] + names[-3:])

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import diff_fix, nn_prefix, read, replace_calls
 from netdoctor.graph.ir import NORM_OPS, SATURATING_OPS, Graph, Node
+from netdoctor.graph.walks import is_constant
 from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext
 
-# Ops a value may pass through and still be "the same" tensor for gating checks.
-_PASS_THROUGH = {"reshape", "identity", "dropout", "getitem", "split"}
+# Ops a value may pass through (dtype casts included) and still be "the same" tensor for gating
+# checks.
+_PASS_THROUGH = {"reshape", "identity", "dropout", "getitem", "split", "to", "type_as", "float"}
 
 
 @dataclass(frozen=True)
@@ -22,10 +24,34 @@ class Options(RuleOptions):
     min_chain: int = 3  # saturating activations in series before the rule fires
 
 
+_AFFINE = {"add", "sub", "mul", "div"}
+
+
 def _is_gate(graph: Graph, node: Node) -> bool:
-    """x * sigmoid(g): the activation scales another tensor instead of feeding the next layer."""
-    consumers = graph.downstream(node.name, through=_PASS_THROUGH)
-    return bool(consumers) and all(c.op in ("mul", "div") for c in consumers)
+    """x * sigmoid(g): the activation scales another tensor instead of feeding the next layer,
+    also once shifted or scaled by a constant or a parameter on the way (`sigmoid(g) + eps`,
+    `2 * sigmoid(g)`: the gates of hyper-connections and of gated residual mixes)."""
+    memo: dict[str, bool] = {}
+    stack = [(s.name, node.name) for s in graph.successors(node.name)]
+    seen: set[str] = set()
+    found = False
+    while stack:
+        name, via = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        consumer = graph.nodes[name]
+        if consumer.op in _PASS_THROUGH:
+            stack.extend((s.name, name) for s in graph.successors(name))
+            continue
+        data = [i for i in consumer.inputs if i != via and not is_constant(graph, i, memo)]
+        if consumer.op in _AFFINE and not data:
+            stack.extend((s.name, name) for s in graph.successors(name))  # still the gate
+            continue
+        if consumer.op not in ("mul", "div"):
+            return False
+        found = True
+    return found
 
 
 def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:

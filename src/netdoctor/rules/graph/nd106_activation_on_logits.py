@@ -3,10 +3,11 @@ rules/ND106.md)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from netdoctor.findings import Finding, Severity
-from netdoctor.graph.ir import WEIGHT_OPS
+from netdoctor.graph.ir import WEIGHT_OPS, Graph, Node
 from netdoctor.graph.walks import call_site, op_label, output_producers
 from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
@@ -30,6 +31,42 @@ _CLAMP_WHY = {
 }
 
 
+_POOLS = {"avgpool", "maxpool", "mean"}
+
+
+def _reduces(graph: Graph, node: Node) -> bool:
+    """Whether a pooling node returns fewer values per sample than it reads (it pools over
+    positions); a mean reduces by definition."""
+    if node.op == "mean":
+        return True
+    source = graph.nodes.get(node.inputs[0]) if node.inputs else None
+    if node.shape is None or source is None or source.shape is None:
+        return False
+    return math.prod(node.shape[1:]) < math.prod(source.shape[1:])
+
+
+def pooled_scores(graph: Graph, act: Node) -> bool:
+    """Whether every path from the activation to an output pools over positions first: the
+    activation clamps a map of class scores (one per position, as in Network-in-Network and
+    SqueezeNet's conv classifier), and each logit is the pool of that map. A class then gets
+    gradient wherever one of its positions scores above zero, not only when its logit does: the
+    clamp is a nonlinearity of the last hidden map, not of the logits."""
+    stack, seen, reached = [s.name for s in graph.successors(act.name)], set(), False
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = graph.nodes[name]
+        if node.op in _POOLS and _reduces(graph, node):
+            reached = True
+            continue
+        if node.op == "output" or node.op not in LOGIT_PASS:
+            return False
+        stack.extend(s.name for s in graph.successors(name))
+    return reached
+
+
 def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
     graph = ctx.graph
     producers = output_producers(graph, LOGIT_PASS)
@@ -42,6 +79,8 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
             if n.op != "param" and n.op != "size"
         ]
         if not layers or any(n.op not in WEIGHT_OPS for n in layers):
+            continue
+        if pooled_scores(graph, act):
             continue
         layer = layers[0]
         message = (

@@ -20,9 +20,18 @@ from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 
 
-def _is_depthwise(node: Node) -> bool:
+def _is_grouped(node: Node) -> bool:
+    """A block-diagonal layer: a grouped or depthwise convolution (groups > 1), or a Linear
+    that maps its input group by group (its output comes in groups: a last dimension that is
+    a fraction of its out_features). Followed by a layer that mixes the groups, it is a
+    structured factorization (as a depthwise conv followed by a pointwise one is), not a
+    dense layer stacked on a dense layer."""
     groups = node.attrs.get("groups") or 1
-    return node.op == "conv" and groups > 1 and groups == node.attrs.get("in_channels")
+    if node.op == "conv":
+        return isinstance(groups, int) and groups > 1
+    out = node.attrs.get("out_features")
+    last = node.shape[-1] if node.shape else None
+    return isinstance(out, int) and isinstance(last, int) and 0 < last < out and out % last == 0
 
 
 def _dims(node: Node) -> tuple[int, int] | None:
@@ -49,35 +58,40 @@ def _strides(node: Node) -> bool:
     return isinstance(stride, tuple) and any(isinstance(s, int) and s > 1 for s in stride)
 
 
-def _reads_input(graph: Graph, node: Node, memo: dict[str, bool]) -> bool:
-    """The layer's data input is the model's input, through linear ops only (padding, a
-    reshape, a constant rescaling of the pixels): the layer is the model's stem."""
-    stack, seen = data_inputs(graph, node, memo), set()
+def linear_stem(graph: Graph, fixed: set[str], memo: dict[str, bool]) -> dict[str, bool]:
+    """The convolutions of the model's linear stem: those that read the model's input through
+    linear ops and other convolutions only (padding, a reshape, a constant rescaling of the
+    pixels, a fixed filter), each with whether the stem has downsampled by then (it or a conv
+    before it strides)."""
+    stem: dict[str, bool] = {}
+    stack = [(n.name, False) for n in graph.of_op("input")]
+    seen: set[tuple[str, bool]] = set()
     while stack:
-        name = stack.pop()
-        if name in seen:
+        name, strided = stack.pop()
+        if (name, strided) in seen:
             continue
-        seen.add(name)
-        producer = graph.nodes[name]
-        if producer.op == "input":
-            return True
-        if producer.op in _LINEAR_PASS or producer.op in _AFFINE_WITH_CONSTANT:
-            stack.extend(data_inputs(graph, producer, memo))
-    return False
+        seen.add((name, strided))
+        for nxt in data_consumers(graph, name, memo):
+            if len(data_inputs(graph, nxt, memo)) != 1:
+                continue  # another data path merges in: past the stem
+            if nxt.op == "conv" and nxt.name not in fixed:
+                now = strided or _strides(nxt)
+                stem[nxt.name] = stem.get(nxt.name, False) or now
+                stack.append((nxt.name, now))
+            elif nxt.op in _LINEAR_PASS or nxt.op in _AFFINE_WITH_CONSTANT or nxt.name in fixed:
+                stack.append((nxt.name, strided))
+    return stem
 
 
-def _is_strided_stem(graph: Graph, first: Node, second: Node, memo: dict[str, bool]) -> bool:
-    """A patch embedding in two steps: two strided convolutions on the model's input (ConvNeXt's
-    overlapping stems: 3x3/2 then 3x3/2 where the original patchifies with one 4x4/4). A linear
-    patch embedding is the standard design (ViT, Swin, ConvNeXt: normalization, not an
-    activation, follows it); splitting it into two overlapping downsampling steps is a choice of
-    receptive field, not a forgotten activation."""
-    return (
-        first.op == second.op == "conv"
-        and _strides(first)
-        and _strides(second)
-        and _reads_input(graph, first, memo)
-    )
+def _is_strided_stem(first: Node, second: Node, stem: dict[str, bool]) -> bool:
+    """A patch embedding in steps: convolutions on the model's input with nothing nonlinear
+    between them, downsampling (ConvNeXt's overlapping stems: 3x3/2 then 3x3/2 where the
+    original patchifies with one 4x4/4; ResNet-Q's 3x3/2 then two 3x3 before its first
+    normalization). A linear patch embedding is the standard design (ViT, Swin, ConvNeXt:
+    normalization, not an activation, follows it); reaching its receptive field in several
+    overlapping steps is a choice, not a forgotten activation. Convs on the input that never
+    downsample are an ordinary first layer pair, and still reported."""
+    return first.name in stem and stem.get(second.name, False)
 
 
 def _fixed_transform(graph: Graph, node: Node, memo: dict[str, bool]) -> bool:
@@ -136,6 +150,7 @@ def collapsing_pairs(graph: Graph) -> list[tuple[Node, list[Node], Node]]:
     memo: dict[str, bool] = {}
     pairs = []
     fixed = {n.name for n in graph.of_op(*WEIGHT_OPS) if _fixed_transform(graph, n, memo)}
+    stem = linear_stem(graph, fixed, memo)
     for first in graph.of_op(*WEIGHT_OPS):
         if first.attrs.get("type") == "Bilinear" or first.name in fixed:
             continue
@@ -152,9 +167,9 @@ def collapsing_pairs(graph: Graph) -> list[tuple[Node, list[Node], Node]]:
             if nxt.op in WEIGHT_OPS and nxt.name not in fixed:
                 if (
                     nxt.attrs.get("type") != "Bilinear"
-                    and not (_is_depthwise(first) or _is_depthwise(nxt))
+                    and not (_is_grouped(first) or _is_grouped(nxt))
                     and not _is_bottleneck(first, nxt)
-                    and not _is_strided_stem(graph, first, nxt, memo)
+                    and not _is_strided_stem(first, nxt, stem)
                 ):
                     pairs.append((first, between, nxt))
                 break
