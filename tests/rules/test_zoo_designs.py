@@ -584,3 +584,35 @@ class Net(nn.Module):
 def test_nd107_a_grouped_projection_before_a_mixing_one(tmp_path, grouped):
     found = rules_found(tmp_path, GROUPED, "Net", {"grouped": grouped}, shape=(32,))
     assert ("ND107" in found) is not grouped, found
+
+
+LOW_RANK = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A Linear with a factorized update beside it on the same input (LoRA-style: W x + B(A x)),
+    or the same two factors stacked on the Linear's output instead."""
+
+    def __init__(self, update=True):
+        super().__init__()
+        self.update = update
+        self.main = nn.Linear(16, 32)
+        self.down = nn.Linear(16, 24, bias=False)
+        self.up = nn.Linear(24, 32, bias=False)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        if self.update:
+            h = self.main(x) + self.up(self.down(x))
+        else:
+            h = self.up(self.down(torch.relu(self.main(x)).narrow(-1, 0, 16)))
+        return self.head(torch.relu(h))
+'''
+
+
+@pytest.mark.parametrize("update", [True, False])
+def test_nd107_a_factorized_update_beside_a_layer(tmp_path, update):
+    found = rules_found(tmp_path, LOW_RANK, "Net", {"update": update}, shape=(16,))
+    assert ("ND107" in found) is not update, found

@@ -114,6 +114,47 @@ def _fixed_transform(graph: Graph, node: Node, memo: dict[str, bool]) -> bool:
     return True
 
 
+def _through_linear(graph: Graph, name: str, memo: dict[str, bool], down: bool) -> list[Node]:
+    """The nearest nodes past single-input linear ops (reshapes, dropout, casts by views...),
+    downstream (consumers) or upstream (producers) of a node."""
+    stack, seen, found = [name], set(), []
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        nexts = (
+            data_consumers(graph, cur, memo)
+            if down
+            else [graph.nodes[i] for i in data_inputs(graph, graph.nodes[cur], memo)]
+        )
+        for n in nexts:
+            if n.op in _LINEAR_PASS and len(data_inputs(graph, n, memo)) == 1:
+                stack.append(n.name)
+            else:
+                found.append(n)
+    return found
+
+
+def _is_update_of_a_layer(graph: Graph, first: Node, second: Node, memo: dict[str, bool]) -> bool:
+    """A low-rank or adapter update (LoRA: W x + B(A x)): the pair reads the same input as
+    another weight layer and its output is added to that layer's. The sum is a linear map of
+    the input either way; the factorized branch is a parametrization of the update (trained,
+    shared or swapped apart from W), not a stack of layers with a forgotten activation."""
+    sources = set(data_inputs(graph, first, memo))
+    for merge in _through_linear(graph, second.name, memo, down=True):
+        if merge.op not in ("add", "sub"):
+            continue
+        for producer in _through_linear(graph, merge.name, memo, down=False):
+            if (
+                producer.op in WEIGHT_OPS
+                and producer.name != second.name
+                and sources & set(data_inputs(graph, producer, memo))
+            ):
+                return True
+    return False
+
+
 def describe(node: Node) -> str:
     kind = node.attrs.get("type", node.op)
     if node.op == "linear" and node.attrs.get("in_features"):
@@ -170,6 +211,7 @@ def collapsing_pairs(graph: Graph) -> list[tuple[Node, list[Node], Node]]:
                     and not (_is_grouped(first) or _is_grouped(nxt))
                     and not _is_bottleneck(first, nxt)
                     and not _is_strided_stem(first, nxt, stem)
+                    and not _is_update_of_a_layer(graph, first, nxt, memo)
                 ):
                     pairs.append((first, between, nxt))
                 break
