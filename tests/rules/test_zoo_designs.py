@@ -616,3 +616,19 @@ class Net(nn.Module):
 def test_nd107_a_factorized_update_beside_a_layer(tmp_path, update):
     found = rules_found(tmp_path, LOW_RANK, "Net", {"update": update}, shape=(16,))
     assert ("ND107" in found) is not update, found
+
+
+# ------------------------------------------------- ND102: soft-capping is no saturating chain
+
+
+@pytest.mark.parametrize("capped", [True, False])
+def test_nd102_a_soft_cap_is_no_saturating_activation(tmp_path, capped):
+    """cap * tanh(x / cap) around attention scores and logits (Gemma 2) is left alone; the same
+    tanh without the division and the scaling is a saturating chain."""
+    source = (REPO / "fixtures" / "healthy" / "soft_capped_attention.py").read_text()
+    if not capped:
+        source = source.replace(
+            "self.score_cap * torch.tanh(scores / self.score_cap)", "torch.tanh(scores)"
+        ).replace("self.logit_cap * torch.tanh(logits / self.logit_cap)", "torch.tanh(logits)")
+    found = rules_found(tmp_path, source, "SoftCappedLM", {}, shape=(16,))
+    assert ("ND102" in found) is not capped, found

@@ -54,6 +54,29 @@ def _is_gate(graph: Graph, node: Node) -> bool:
     return found
 
 
+def _scaled_by_constant(graph: Graph, node: Node, memo: dict[str, bool]) -> bool:
+    """`x * c` or `x / c` with c a number or a constant tensor."""
+    return node.op in ("mul", "div") and (
+        bool(node.attrs.get("constants")) or any(is_constant(graph, i, memo) for i in node.inputs)
+    )
+
+
+def _is_soft_cap(graph: Graph, node: Node) -> bool:
+    """`cap * tanh(x / cap)`: soft-capping (Gemma 2's attention scores and final logits) bounds
+    the outliers of x and passes the rest unchanged (the gradient is ~1 for |x| well below the
+    cap), so it is no saturating activation in series: the division before and the scaling after
+    undo each other around the tanh's linear range."""
+    if node.op != "tanh" or not node.inputs or node.inputs[0] not in graph.nodes:
+        return False
+    memo: dict[str, bool] = {}
+    if not _scaled_by_constant(graph, graph.nodes[node.inputs[0]], memo):
+        return False
+    consumers = graph.downstream(node.name, through=_PASS_THROUGH)
+    return bool(consumers) and all(
+        c.op == "mul" and _scaled_by_constant(graph, c, memo) for c in consumers
+    )
+
+
 def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
     graph = ctx.graph
     min_chain = options.min_chain
@@ -64,7 +87,11 @@ def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
             chains[node.name] = []
             continue
         best = max(incoming, key=len) if incoming else []
-        if node.op in SATURATING_OPS and not _is_gate(graph, node):
+        if (
+            node.op in SATURATING_OPS
+            and not _is_gate(graph, node)
+            and not _is_soft_cap(graph, node)
+        ):
             best = best + [node]
         chains[node.name] = best
     chain = max(chains.values(), key=len, default=[])
