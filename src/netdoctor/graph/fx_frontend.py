@@ -302,6 +302,14 @@ def _function_attrs(node: Node, fxn: fx.Node) -> None:
         dim = fxn.kwargs.get("dim", fxn.args[1] if len(fxn.args) > 1 else None)
         if isinstance(dim, int):
             node.attrs["dim"] = dim
+    if node.op == "cat" and not node.target.endswith("stack"):
+        dim = fxn.kwargs.get("dim", fxn.args[1] if len(fxn.args) > 1 else 0)
+        if isinstance(dim, int) and not isinstance(dim, bool):
+            node.attrs["cat_dim"] = dim
+    if node.op == "getitem" and len(fxn.args) == 2:
+        index = basic_index(fxn.args[1])
+        if index is not None:
+            node.attrs["index"] = index
     consts = [a for a in fxn.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
     if consts:
         node.attrs["constants"] = consts
@@ -313,6 +321,27 @@ def _function_attrs(node: Node, fxn: fx.Node) -> None:
             role: value.name if isinstance(value, fx.Node) else None
             for role, value in roles.items()
         }
+
+
+def basic_index(index: Any) -> tuple[Any, ...] | None:
+    """An indexing argument made of integers, slices with integer bounds, None and Ellipsis,
+    as a tuple: an int, (start, stop, step) for a slice, None, or "..." for each entry; None
+    for anything else (a tensor index, a computed bound)."""
+    entries = index if isinstance(index, tuple) else (index,)
+    out: list[Any] = []
+    for e in entries:
+        if e is None or (isinstance(e, int) and not isinstance(e, bool)):
+            out.append(e)
+        elif e is Ellipsis:
+            out.append("...")
+        elif isinstance(e, slice) and all(
+            b is None or (isinstance(b, int) and not isinstance(b, bool))
+            for b in (e.start, e.stop, e.step)
+        ):
+            out.append((e.start, e.stop, e.step))
+        else:
+            return None
+    return tuple(out)
 
 
 def _original_submodule(model: nn.Module, path: str) -> nn.Module | None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from netdoctor.findings import Location
 from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, WEIGHT_OPS, Graph, Node
@@ -358,22 +359,27 @@ def deliberate_scales(graph: Graph, dependent: set[str]) -> dict[str, float]:
     block without a shortcut passes its gain on to everything after it). A normalization
     restores the scale, up to its eps: it divides by sqrt(std^2 + eps), so an input much
     smaller than sqrt(eps) stays small (a BatchNorm with eps 1e-5 turns a LayerScale's 1e-5
-    into 3e-3, the next one that into 0.7)."""
+    into 3e-3, the next one that into 0.7).
+
+    A concatenation keeps one factor per part (`_Slot`) through the ops that act on each part
+    alone: a learned gain, a sum with a tensor of the same parts, a normalization of each token;
+    indexing that selects one part takes that part's factor. A class token that shares one
+    tensor with the patches (`cat([cls, patches])`, updated by `x + gamma * cat([attn(x),
+    x[:, 1:]])`) receives the input through gamma alone, and what reads it (`x[:, 0:1]`) has
+    gamma's scale, however large the patches beside it are."""
     scales: dict[str, float] = {}
+    slots: dict[str, _Layout] = {}
     for node in graph.topological():
         if node.name not in dependent:
             continue
         ins = [i for i in node.inputs if i in scales]
+        gain = 1.0
         if node.op == "input" or not ins:
             scale = 1.0
         elif node.op in NORM_OPS:
             # Input std ~ d (the natural std taken as 1): out ~ d / sqrt(d^2 + eps); an input at
             # its natural scale comes out at 1 (within 1e-3: taken as 1).
-            d = max(scales[i] for i in ins)
-            eps = node.attrs.get("eps")
-            eps = float(eps) if isinstance(eps, (int, float)) and eps > 0 else 0.0
-            scale = d / math.sqrt(d * d + eps)
-            scale = 1.0 if scale > 0.999 else scale
+            scale = _normalized(max(scales[i] for i in ins), _eps(node), free=False)
         else:
             scale = max(scales[i] for i in ins)
             if node.op == "mul" and len(ins) == 1:
@@ -383,9 +389,143 @@ def deliberate_scales(graph: Graph, dependent: set[str]) -> dict[str, float]:
                     if g is not None
                 ]
                 if len(gains) == 1:
-                    scale *= gains[0]
+                    gain = gains[0]
+                    scale *= gain
+        layout = _layout(graph, node, dependent, scales, slots, gain)
+        if isinstance(layout, _Slot):  # one part selected, its dimension indexed away
+            scale = layout.scale if layout.scale is not None else scale
+        elif layout is not None:
+            slots[node.name] = layout
+            measured = [p.scale for p in layout[1] if p.scale is not None]
+            scale = max(measured) if measured else scale
         scales[node.name] = scale
     return scales
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One part of a concatenation, along its dimension: its length, the factor by which learned
+    gains scale its input-dependent part (None: it has none, as a class token before it has
+    attended to anything), and whether it holds a part that does not depend on the input."""
+
+    length: int
+    scale: float | None
+    free: bool
+
+
+# The dimension a tensor was concatenated along (non-negative) and its parts in order.
+_Layout = tuple[int, tuple[_Slot, ...]]
+# Ops that act on each element alone (a sum, a product with a constant-like value, a view of
+# the same shape): the parts of their data operand stay where they were.
+_ELEMENTWISE = {"add", "sub", "mul", "div", "identity", "dropout", "drop_path", "clone"}
+
+
+def _eps(node: Node) -> float:
+    eps = node.attrs.get("eps")
+    return float(eps) if isinstance(eps, (int, float)) and eps > 0 else 0.0
+
+
+def _normalized(d: float, eps: float, free: bool) -> float:
+    """The factor after a normalization of a value whose input-dependent part has factor d. A
+    value that also holds an input-free part (a class token) is divided by that part's spread,
+    taken at its natural scale 1: the normalization then leaves a small factor as it is."""
+    scale = d / math.sqrt((max(d * d, 1.0) if free else d * d) + eps)
+    return 1.0 if scale > 0.999 else scale
+
+
+def _layout(
+    graph: Graph,
+    node: Node,
+    dependent: set[str],
+    scales: dict[str, float],
+    slots: dict[str, _Layout],
+    gain: float,
+) -> _Layout | _Slot | None:
+    """The parts of a node's value (see deliberate_scales): a layout, one part when indexing
+    selects it and removes the dimension, or None when the parts are not followed."""
+    shape = node.shape
+    if shape is None:
+        return None
+    if node.op == "cat" and isinstance(node.attrs.get("cat_dim"), int):
+        dim = node.attrs["cat_dim"] % len(shape) if shape else 0
+        parts: list[_Slot] = []
+        for i in node.inputs:
+            prev = graph.nodes.get(i)
+            if prev is None or prev.shape is None or len(prev.shape) != len(shape):
+                return None
+            if i in slots and slots[i][0] == dim:
+                parts.extend(slots[i][1])
+            elif i in dependent:
+                parts.append(_Slot(prev.shape[dim], scales.get(i), False))
+            else:
+                parts.append(_Slot(prev.shape[dim], None, True))
+        # (a tensor concatenated twice is one input of the node: its parts are not known)
+        return (dim, tuple(parts)) if sum(p.length for p in parts) == shape[dim] else None
+    data = [i for i in node.inputs if i in dependent]
+    if not data or any(i not in slots for i in data):
+        return None
+    dim, first = slots[data[0]]
+    if node.op == "getitem" and len(data) == 1 and "index" in node.attrs:
+        return _selected(node.attrs["index"], dim, first)
+    lengths = [p.length for p in first]
+    if any(slots[i][0] != dim or [p.length for p in slots[i][1]] != lengths for i in data):
+        return None
+    if any(graph.nodes[i].shape != shape for i in data):
+        return None
+    if node.op in ("layernorm", "rmsnorm") and len(data) == 1:
+        normalized = node.attrs.get("normalized_shape")
+        if not isinstance(normalized, (list, tuple)) or dim >= len(shape) - len(normalized):
+            return None  # (the statistics mix the parts)
+        eps = _eps(node)
+        return dim, tuple(
+            _Slot(p.length, None if p.scale is None else _normalized(p.scale, eps, p.free), p.free)
+            for p in first
+        )
+    if node.op not in _ELEMENTWISE or (node.op in ("mul", "div") and len(data) > 1):
+        return None
+    joins_free = node.op in ("add", "sub") and len(data) < len(node.inputs)
+    merged = []
+    for k, length in enumerate(lengths):
+        measured = [s for s in (slots[i][1][k].scale for i in data) if s is not None]
+        merged.append(
+            _Slot(
+                length,
+                max(measured) * gain if measured else None,
+                joins_free or any(slots[i][1][k].free for i in data),
+            )
+        )
+    return dim, tuple(merged)
+
+
+def _selected(index: tuple, dim: int, parts: tuple[_Slot, ...]) -> _Layout | _Slot | None:
+    """What `x[index]` holds of x's parts along `dim` (see _layout)."""
+    out_dim = 0
+    for position, entry in enumerate(index):
+        if entry is None or entry == "...":
+            return None
+        if position < dim:
+            out_dim += 0 if isinstance(entry, int) else 1
+            continue
+        total = sum(p.length for p in parts)
+        if isinstance(entry, int):
+            start = entry + total if entry < 0 else entry
+            stop = start + 1
+        else:
+            start, stop, step = slice(*entry).indices(total)
+            if step != 1:
+                return None
+        if not 0 <= start < stop <= total:
+            return None
+        kept, offset = [], 0
+        for p in parts:
+            lo, hi = max(start, offset), min(stop, offset + p.length)
+            if lo < hi:
+                kept.append(_Slot(hi - lo, p.scale, p.free))
+            offset += p.length
+        if isinstance(entry, int):
+            return kept[0]
+        return out_dim, tuple(kept)
+    return out_dim + dim - len(index), parts  # (the index stops before the dimension)
 
 
 def call_site(node: Node) -> Location | None:
