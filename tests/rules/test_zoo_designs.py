@@ -3,8 +3,10 @@ next to the mistake it resembles, which they must still report: a normalization 
 forward (ND101), a plain stack at He initialization (ND101), a gate broadcast, shifted or scaled
 before it multiplies (ND102), a value written in place into a tensor (ND103), a ReLU on a map of
 class scores before the global pool (ND106), a patch embedding in strided steps and a fixed blur
-filter (ND107). The healthy fixtures computed_norm, plain_he_cnn, eca_gates, gated_streams,
-relpos_attention, conv_score_map, two_step_stem, deep_stem_resnet and blur_pool are the same
+filter (ND107), a normalization written out in tensor ops or a normalization module of the
+model's own before a small head or after a large layer (ND201). The healthy fixtures
+computed_norm, plain_he_cnn, eca_gates, gated_streams, relpos_attention, conv_score_map,
+two_step_stem, deep_stem_resnet, blur_pool, written_norm_head and sandwich_norm are the same
 designs in full models (their snapshots keep them clean)."""
 
 from __future__ import annotations
@@ -632,3 +634,93 @@ def test_nd102_a_soft_cap_is_no_saturating_activation(tmp_path, capped):
         ).replace("self.logit_cap * torch.tanh(logits / self.logit_cap)", "torch.tanh(logits)")
     found = rules_found(tmp_path, source, "SoftCappedLM", {}, shape=(16,))
     assert ("ND102" in found) is not capped, found
+
+
+# ------------------------------------------ ND201: normalizations the graph sees as no norm op
+
+NORMALIZED_SCALES = '''
+import torch
+from torch import nn
+
+
+class OwnRMSNorm(nn.Module):
+    """A normalization module of the model's own: one opaque call in a recorded forward."""
+
+    def __init__(self, dim, gain=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), gain))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class Project(nn.Module):
+    """A projection, then a LayerNorm written out in tensor ops (`written`), an own norm module
+    (`own`) or nothing."""
+
+    def __init__(self, d_in, dim, norm, gain=1.0, std=None):
+        super().__init__()
+        self.norm = norm
+        self.dense = nn.Linear(d_in, dim)
+        if std is not None:
+            nn.init.normal_(self.dense.weight, std=std)
+        self.own = OwnRMSNorm(dim, gain)
+        self.weight = nn.Parameter(torch.full((dim,), gain))
+
+    def forward(self, x):
+        y = self.dense(x)
+        if self.norm == "written":
+            centered = y - y.mean(-1, keepdim=True)
+            y = centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-12)
+            return y * self.weight
+        return self.own(y) if self.norm == "own" else y
+
+
+class Net(nn.Module):
+    """`head`: a projection (normalized or not) -> a two-layer head at N(0, 0.02), 39x below
+    LeCun in series. Else: a wide projection 4.5x above LeCun (normalized or not) -> an output
+    layer. `untraceable`: control flow on a tensor value, so the graph is a recorded forward."""
+
+    def __init__(self, head=True, norm="written", gain=1.0, untraceable=False):
+        super().__init__()
+        self.untraceable = untraceable
+        self.head = head
+        if head:
+            self.body = Project(16, 64, norm, gain)
+            self.dense, self.out = nn.Linear(64, 64), nn.Linear(64, 10)
+            for m in (self.dense, self.out):
+                nn.init.normal_(m.weight, std=0.02)
+        else:
+            self.up = nn.Linear(16, 8192)
+            self.body = Project(8192, 64, norm, gain, std=0.05)
+            self.out = nn.Linear(64, 10)
+
+    def forward(self, x):
+        if self.untraceable and x.abs().max() > 1e6:
+            raise ValueError("input out of range")
+        if self.head:
+            return self.out(torch.tanh(self.dense(self.body(x))))
+        return self.out(self.body(torch.relu(self.up(x))))
+'''
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+@pytest.mark.parametrize(
+    "head, norm, gain, reported",
+    [
+        (True, "written", 1.0, False),  # a small head after a LayerNorm written out
+        (True, "own", 1.0, False),  # ... after a normalization module of the model's own
+        (True, "written", 0.01, True),  # the written-out norm's gain far below 1: no unit scale
+        (True, "none", 1.0, True),  # no normalization: 39x from the input
+        (False, "written", 1.0, False),  # a large layer normalized right after
+        (False, "own", 1.0, False),
+        (False, "none", 1.0, True),  # a large layer whose scale goes on to the output
+    ],
+)
+def test_nd201_sees_a_normalization_the_graph_has_no_norm_op_for(
+    tmp_path, head, norm, gain, reported, untraceable
+):
+    kwargs = {"head": head, "norm": norm, "gain": gain, "untraceable": untraceable}
+    found = rules_found(tmp_path, NORMALIZED_SCALES, "Net", kwargs, shape=(16,))
+    assert ("ND001" in found) is untraceable
+    assert ("ND201" in found) is reported, found

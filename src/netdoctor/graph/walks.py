@@ -85,11 +85,19 @@ def reaches_output_directly(graph: Graph, name: str) -> bool:
     return False
 
 
-def absorbed(graph: Graph, name: str, memo: dict[str, bool] | None = None) -> bool:
+def absorbed(
+    graph: Graph,
+    name: str,
+    memo: dict[str, bool] | None = None,
+    normalized: set[str] | frozenset[str] = frozenset(),
+) -> bool:
     """Whether every path from this node to a model output first meets a normalization layer, a
     merge with another data path (residual add, concatenation), gating/attention or a recurrent
     layer: the layer's own output scale is then renormalized or sits inside a residual branch
-    (where a small scale is a deliberate choice: Fixup, ReZero, layer scale, GPT-2 init)."""
+    (where a small scale is a deliberate choice: Fixup, ReZero, layer scale, GPT-2 init). A
+    normalization module of the model's own (a recorded leaf marked `normalizes`) and the nodes
+    in `normalized` (a normalization computed in forward: `self_normalized`) count as
+    normalization layers."""
     memo = {} if memo is None else memo
     stack, seen = [s.name for s in graph.successors(name)], set()
     while stack:
@@ -101,6 +109,8 @@ def absorbed(graph: Graph, name: str, memo: dict[str, bool] | None = None) -> bo
         if node.op == "output":
             return False
         if node.op in NORM_OPS or node.op in ("rnn", "attention"):
+            continue
+        if node.attrs.get("normalizes") or n in normalized:
             continue
         if (node.op in MERGE_OPS or node.op in _MULTIPLICATIVE) and len(
             data_inputs(graph, node, memo)

@@ -12,7 +12,13 @@ from typing import Any
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import append_to_init, diff_fix, nn_prefix, read
 from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, RELU_FAMILY, WEIGHT_OPS, Graph, Node
-from netdoctor.graph.walks import absorbed, data_inputs, is_constant, reaches_output_directly
+from netdoctor.graph.walks import (
+    absorbed,
+    data_inputs,
+    is_constant,
+    reaches_output_directly,
+    self_normalized,
+)
 from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext
@@ -139,12 +145,14 @@ def layer_scale(graph: Graph, node: Node) -> dict[str, Any] | None:
     }
 
 
-def _unit_scale(node: Node, factor: float) -> bool:
+def _unit_scale(node: Node, factor: float, computed: set[str]) -> bool:
     """A normalization whose output is at unit scale: no affine weight, or one whose RMS is
     within `factor` of 1 (a LayerNorm or BatchNorm as built; not one whose gain starts at 0).
     A normalization module of the model's own (a library's LayerNorm / RMSNorm class, which the
-    graph sees as one opaque call: `hook_frontend.normalizes`) counts as one."""
-    if node.op not in NORM_OPS and not node.attrs.get("normalizes"):
+    graph sees as one opaque call: `hook_frontend.normalizes`) counts as one, and so does a
+    normalization written out in forward (`computed`: x minus its mean, divided by the root of
+    its own variance; its gain is a separate multiplication, judged by `_gain_rms`)."""
+    if node.op not in NORM_OPS and not node.attrs.get("normalizes") and node.name not in computed:
         return False
     w = node.params.get("weight")
     if w is None:
@@ -153,12 +161,36 @@ def _unit_scale(node: Node, factor: float) -> bool:
     return 1.0 / factor <= rms <= factor
 
 
+_GAIN_VIEWS = {"reshape", "getitem", "identity", "to", "type_as", "float"}
+
+
+def _gain_rms(graph: Graph, node: Node, memo: dict[str, bool]) -> float | None:
+    """The RMS of the learned gain a multiplication or division applies to the signal (a
+    normalization's affine weight written out, a layer scale), seen through views; None when
+    the node applies none."""
+    if node.op not in ("mul", "div") or len(data_inputs(graph, node, memo)) != 1:
+        return None
+    for i, name in enumerate(node.inputs):
+        prev = graph.nodes.get(name)
+        while prev is not None and prev.op in _GAIN_VIEWS and len(prev.inputs) == 1:
+            prev = graph.nodes.get(prev.inputs[0])
+        if prev is None or prev.op != "param" or len(prev.params) != 1:
+            continue
+        if node.op == "div" and i == 0:
+            return None  # a parameter divided by the signal: no gain
+        (w,) = prev.params.values()
+        rms = math.sqrt(w.mean**2 + w.std**2)
+        return rms if node.op == "mul" else 1.0 / rms if rms > 0 else None
+    return None
+
+
 def _path_predecessors(
-    graph: Graph, node: Node, memo: dict[str, bool], factor: float
+    graph: Graph, node: Node, memo: dict[str, bool], factor: float, computed: set[str]
 ) -> tuple[list[Node], bool]:
     """The nearest weight layers upstream of `node` on a path without a reset point between,
     and whether the walk stops only at normalizations whose output is at unit scale (no weight
-    layer upstream: the path starts right after them)."""
+    layer upstream: the path starts right after them, and no learned gain off unit scale, a
+    layer scale, multiplies the signal on the way)."""
     found: list[Node] = []
     stack, seen = list(node.inputs), set()
     starts, normalized = 0, True
@@ -170,15 +202,18 @@ def _path_predecessors(
         prev = graph.nodes[name]
         if prev.op in WEIGHT_OPS:
             found.append(prev)
-        elif prev.op in _RESETS or prev.attrs.get("normalizes"):
+        elif prev.op in _RESETS or prev.attrs.get("normalizes") or name in computed:
             starts += 1
-            normalized = normalized and _unit_scale(prev, factor)
+            normalized = normalized and _unit_scale(prev, factor, computed)
         elif is_constant(graph, name, memo):
             continue
         elif prev.op in _MIXING and len(data_inputs(graph, prev, memo)) >= 2:
             starts += 1
             normalized = False
         else:
+            gain = _gain_rms(graph, prev, memo)
+            if gain is not None and not 1.0 / factor <= gain <= factor:
+                normalized = False
             stack.extend(prev.inputs)
     return found, normalized and starts > 0 and not found
 
@@ -212,6 +247,7 @@ def init_scale_outliers(
     or a recurrent/attention output, and along three layers or more, the product counts.
     """
     memo: dict[str, bool] = {}
+    computed = self_normalized(graph)
     scales: dict[str, dict | None] = {}
     judged: dict[str, dict | None] = {}
     for node in graph.topological():
@@ -220,7 +256,7 @@ def init_scale_outliers(
         key = node.module or node.name
         if key not in scales:
             scales[key] = layer_scale(graph, node)
-        if absorbed(graph, node.name, memo):
+        if absorbed(graph, node.name, memo, computed):
             continue  # normalized afterwards, or inside a residual branch / gate
         judged[node.name] = scales[key]
     # Along paths, ending at each layer: the sum of log shrink factors, the layers that
@@ -233,7 +269,7 @@ def init_scale_outliers(
     grow: dict[str, dict[str, Any]] = {}
     for name, info in judged.items():
         node = graph.nodes[name]
-        preds, after_norm = _path_predecessors(graph, node, memo, factor)
+        preds, after_norm = _path_predecessors(graph, node, memo, factor, computed)
         before = [paths[p.name] for p in preds if p.name in paths]
         total, layers, depth, after_norm = max(
             before, key=lambda t: t[0], default=(0.0, [], 0, after_norm)
