@@ -79,6 +79,7 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
                 return True
             todo.extend(s.name for s in graph.successors(name))
         return False
+
     for path, info in graph.modules.items():
         if info.trainable == 0:
             continue
