@@ -280,13 +280,15 @@ VOCAB = 1000
 def shrink_kwargs(config) -> dict[str, Any]:
     """Constructor arguments that shrink `config` (and its nested configs) to 2 layers of width
     64 (see SHRINK); per-layer lists keep one of each kind of layer (a hybrid keeps an
-    attention layer)."""
+    attention layer), and two of a kind whose layers share a block (3 layers; see
+    _listed_kind)."""
     from transformers import PretrainedConfig
 
     d = config.to_dict()
     out: dict[str, Any] = {}
     layers = next((d[k] for k in LAYERS if isinstance(d.get(k), int)), None)
     has_experts = any(isinstance(d.get(k), int) and d[k] > 0 for k in SHRINK[4])
+    three_layers = False
     for attr, value in d.items():
         current = getattr(config, attr, value)
         if isinstance(current, PretrainedConfig):
@@ -297,9 +299,12 @@ def shrink_kwargs(config) -> dict[str, Any]:
             out[attr] = SHRINK_TO[attr]
         elif isinstance(current, list) and current and attr != "architectures":
             if layers and len(current) == layers and layers > 2:  # one entry per layer
-                out[attr] = _two_kinds(current)
+                out[attr] = _two_kinds(current, _listed_kind(d, current))
+                three_layers = three_layers or len(out[attr]) == 3
             elif attr.endswith("types") and all(isinstance(v, str) for v in current):
                 out[attr] = _two_kinds(current)  # a pattern of layer kinds (block_types)
+    if three_layers:  # a kind of layer kept twice
+        out.update({k: 3 for k in LAYERS if isinstance(d.get(k), int)})
     if has_experts and d.get("num_experts_per_tok", 0) is None:
         out["num_experts_per_tok"] = 2
     for attr in ("attn_layer_period", "expert_layer_period"):
@@ -338,13 +343,29 @@ def shrink_kwargs(config) -> dict[str, Any]:
     return out
 
 
-def _two_kinds(values: list[Any]) -> list[Any]:
-    """Two entries of a per-layer list: the first, and the first that differs from it."""
+def _two_kinds(values: list[Any], twice: Any = None) -> list[Any]:
+    """Two entries of a per-layer list: the first, and the first that differs from it; and the
+    kind `twice` a second time when it is the second (see _listed_kind)."""
     first = values[0]
-    return [
+    kinds = [
         first,
         next((v for v in values[1:] if v != first), values[1] if len(values) > 1 else first),
     ]
+    return kinds + [twice] if twice is not None and kinds[1] == twice != first else kinds
+
+
+def _listed_kind(config: dict[str, Any], kinds: list[Any]) -> Any:
+    """The kind of layer whose ids the config also lists (Zamba2's `hybrid_layer_ids`: the layers
+    that call one shared block, each through its own per-layer modules), if any: a shrink keeps
+    two such layers, so that the block is seen shared between them."""
+    for attr, ids in config.items():
+        if not (attr.endswith("_layer_ids") and isinstance(ids, list) and len(ids) > 1):
+            continue
+        if all(isinstance(i, int) and 0 <= i < len(kinds) for i in ids):
+            listed = {kinds[i] for i in ids}
+            if len(listed) == 1:
+                return listed.pop()
+    return None
 
 
 def _outside(value: Any) -> bool:

@@ -724,3 +724,56 @@ def test_nd201_sees_a_normalization_the_graph_has_no_norm_op_for(
     found = rules_found(tmp_path, NORMALIZED_SCALES, "Net", kwargs, shape=(16,))
     assert ("ND001" in found) is untraceable
     assert ("ND201" in found) is reported, found
+
+
+# ---------------------------------------------- ND103: a use this input cuts to nothing
+
+WINDOWED = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """Pools every `rate` tokens with softmax weights from a gate; a sequence shorter than the
+    window has no complete window. `use="window"`: the gate feeds the pooling of complete windows
+    (empty here); `"dropped"`: the gate is computed and dropped; `"tail"`: only the gate's
+    incomplete tail is kept, and then dropped."""
+
+    def __init__(self, rate=32, use="window"):
+        super().__init__()
+        self.rate, self.use = rate, use
+        self.value = nn.Linear(16, 16)
+        self.gate = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        usable = t // self.rate * self.rate
+        values = self.value(x)
+        gates = self.gate(x)
+        if self.use == "window":
+            gates = gates[:, :usable]
+        elif self.use == "tail":
+            gates = gates[:, usable:]
+        if usable:
+            n = usable // self.rate
+            w = gates.reshape(b, n, self.rate, d).softmax(2)
+            pooled = (values[:, :usable].reshape(b, n, self.rate, d) * w).sum(2)
+            values = torch.cat([values, pooled], dim=1)
+        return self.head(values.mean(1))
+'''
+
+
+@pytest.mark.parametrize(
+    "use, severity", [("window", "INFO"), ("dropped", "WARNING"), ("tail", "WARNING")]
+)
+def test_nd103_a_result_this_input_cuts_to_an_empty_slice_is_info(tmp_path, use, severity):
+    from netdoctor.loading.target import load
+
+    path = tmp_path / "model.py"
+    path.write_text(WINDOWED, encoding="utf-8")
+    with chdir(REPO):
+        loaded = load(f"{path}:Net", {"use": use}).models[0]
+        report = check_loaded(loaded, CheckOptions(input_shape=(8, 16)))
+    (f,) = [f for f in report.findings if f.rule == "ND103"]
+    assert f.module == "gate" and f.severity.name == severity

@@ -60,6 +60,11 @@ _IGNORED = {
     "__float__",
 }
 _FLOW_BREAKERS = {"item", "numpy", "tolist", "__bool__"}
+# Tensor attributes read through a property that are tensors made from the tensor's values (a
+# transposed view, the real part), by the op kind they are recorded as; other attributes (.shape,
+# .dtype, .device, .grad) carry none of its values.
+_VALUE_ATTRIBUTES = {"T": "reshape", "mT": "reshape", "H": "reshape", "mH": "reshape"}
+_VALUE_ATTRIBUTES |= {"real": "real", "imag": "imag"}
 
 
 def is_leaf(module: nn.Module) -> bool:
@@ -231,8 +236,13 @@ class _Recorder(TorchFunctionMode):
     def record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
         """Add the node of one functional op (when it carries data flow)."""
         name = getattr(func, "__name__", "")
-        if name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") == "data":
-            name = "data"  # `x.data`: a detached alias, recorded like x.detach()
+        attribute = None
+        if name == "__get__":
+            attribute = getattr(getattr(func, "__self__", None), "__name__", "")
+            if attribute == "data":
+                name = "data"  # `x.data`: a detached alias, recorded like x.detach()
+            elif attribute in _VALUE_ATTRIBUTES:
+                name = attribute  # `w.T`: a view of w's values (static taps w.T + dynamic ones)
         if name in _IGNORED:
             return
         inputs = self.inputs_of((args, kwargs))
@@ -243,7 +253,7 @@ class _Recorder(TorchFunctionMode):
         result = args[0] if name == "__setitem__" and args else out
         if not tensors_in(result) and name not in _FLOW_BREAKERS:
             return
-        op = "detach" if name == "data" else function_op(func)
+        op = "detach" if name == "data" else _VALUE_ATTRIBUTES.get(name) or function_op(func)
         node = Node(
             name=self.unique(name or "call"),
             op=op,
@@ -253,6 +263,8 @@ class _Recorder(TorchFunctionMode):
         )
         if name == "data":
             node.target, node.attrs["via"] = "Tensor.data", ".data"
+        elif attribute is not None:
+            node.target = f"Tensor.{attribute}"
         shapes = tensor_shapes(result)
         node.shape = shapes[0] if shapes else None
         if integral(result):

@@ -23,7 +23,7 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
             called[node.module].append(node)
 
     def covered(path: str, names: set[str]) -> bool:
-        """True when the module or an ancestor that ran as one op (e.g. an LSTM) is in names."""
+        """True when the module or one of its ancestors is in names."""
         parts = path.split(".")
         return any(".".join(parts[:i]) in names for i in range(len(parts), 0, -1))
 
@@ -58,20 +58,47 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
 
     live_modules = {n.module for n in graph if n.module and n.name in live}
     live_leaf_calls = {n.module for n in graph if n.module and n.name in live and n.op != "param"}
-    any_calls = {n.module for n in graph if n.module and n.op != "param"} | set(called)
+    # A module ran when it was called as one op (or inside an ancestor called as one op, e.g. an
+    # LSTM's cells) or when its own parameters were read; an ancestor that only read its own
+    # parameters ran, but that says nothing about the module (a branch it skipped holds it).
+    leaf_calls = {n.module for n in graph if n.module and n.op != "param"}
+
+    def empty_use(path: str) -> bool:
+        """True when the module's result flows, on the way it is dropped, into an empty tensor
+        (a slice of length 0): a length-dependent use (a window longer than this input's
+        sequence) that this input does not exercise."""
+        todo = [n.name for n in graph if n.module and covered(n.module, {path})]
+        seen: set[str] = set()
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            node = graph.node(name)
+            if node.shape is not None and 0 in node.shape:
+                return True
+            todo.extend(s.name for s in graph.successors(name))
+        return False
+
     for path, info in graph.modules.items():
         if info.trainable == 0:
             continue
         if path in live_modules or covered(path, live_leaf_calls):
             continue
-        ran = path in called or covered(path, any_calls)
+        ran = path in called or covered(path, leaf_calls)
         if not ran and graph.frontend == "hooks":
             continue  # a recorded forward only shows the branches this input took
         owner = ignored_output(path) if ran else None
+        empty = ran and owner is None and empty_use(path)
         if owner is not None:
             how = (
                 f"computes an output that {owner} returns alongside others, and its caller "
                 "uses only the others"
+            )
+        elif empty:
+            how = (
+                "is called in forward, but this input uses its result only as an empty tensor (a "
+                "slice of length 0, as when a window is longer than the sequence)"
             )
         elif ran:
             how = (
@@ -80,10 +107,12 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
             )
         else:
             how = "is never called in forward"
-        message = (
-            f"{path} ({info.type}, {info.trainable:,} trainable parameters) {how}: its "
-            "parameters get no gradient and never train."
+        effect = (
+            "its parameters get no gradient from this input, which does not exercise it"
+            if empty
+            else "its parameters get no gradient and never train"
         )
+        message = f"{path} ({info.type}, {info.trainable:,} trainable parameters) {how}: {effect}."
         parent = path.rpartition(".")[0]
         hint = (
             "use its output (a residual block returns F.relu(x + y), not F.relu(x))"
@@ -96,11 +125,14 @@ def check(ctx: GraphContext, options: NoOptions) -> Iterator[Finding]:
             location=info.location,
             fix=Fix(f"{hint}, or delete {path}"),
             evidence={"type": info.type, "trainable_parameters": info.trainable, "called": ran}
-            | ({"ignored_output_of": owner} if owner is not None else {}),
+            | ({"ignored_output_of": owner} if owner is not None else {})
+            | ({"empty_use": True} if empty else {}),
             impact=float(info.trainable) / 1e6,
             # An extra output of a reusable component that this model does not need (a
             # backbone's pooler under a head that reads the sequence): a design, not a mistake.
-            severity=Severity.INFO if owner is not None else None,
+            # A result that this input cuts to nothing (a window longer than its sequence): the
+            # input's limit, not a dead module.
+            severity=Severity.INFO if owner is not None or empty else None,
         )
 
 
