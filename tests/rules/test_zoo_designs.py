@@ -777,3 +777,15 @@ def test_nd103_a_result_this_input_cuts_to_an_empty_slice_is_info(tmp_path, use,
         report = check_loaded(loaded, CheckOptions(input_shape=(8, 16)))
     (f,) = [f for f in report.findings if f.rule == "ND103"]
     assert f.module == "gate" and f.severity.name == severity
+
+
+# ------------------------------------------------- ND107: a block shared through tied weights
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_nd107_a_layer_with_tied_weights_is_no_free_factorization(tmp_path, tie):
+    """A shared block's last layer followed by a layer's own projection is left alone when the
+    block's parameters are tied across layers; the same untied pair is a collapse."""
+    source = (REPO / "fixtures" / "healthy" / "tied_shared_block.py").read_text()
+    found = rules_found(tmp_path, source, "TiedHybridNet", {"tie": tie}, shape=(16,))
+    assert ("ND107" in found) is not tie, found

@@ -61,6 +61,9 @@ class ModuleInfo:
     trainable: int
     location: Location | None = None
     is_leaf: bool = True
+    # One of its own parameters is also another module's (tied weights: a block shared by
+    # several layers through the same Parameter, an embedding tied to the output layer).
+    shares_parameters: bool = False
 
 
 @dataclass

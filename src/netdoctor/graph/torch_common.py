@@ -36,16 +36,22 @@ def integral(value: Any) -> bool:
 
 
 def record_modules(graph: Graph, model: nn.Module, prov: Provenance) -> None:
+    owners: dict[int, set[int]] = {}  # parameter id -> ids of the modules that hold it
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
     for path, m in model.named_modules():
         if not path:
             continue
-        trainable = sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
+        own = list(m.parameters(recurse=False))
+        trainable = sum(p.numel() for p in own if p.requires_grad)
         graph.modules[path] = ModuleInfo(
             path=path,
             type=type(m).__name__,
             trainable=trainable,
             location=prov.site(m),
             is_leaf=not any(True for _ in m.children()),
+            shares_parameters=any(len(owners[id(p)]) > 1 for p in own),
         )
 
 

@@ -183,6 +183,14 @@ _LINEAR_PASS = {
 _AFFINE_WITH_CONSTANT = {"add", "sub", "mul", "div"}
 
 
+def _shares_weights(graph: Graph, node: Node) -> bool:
+    """The layer's weight is also another module's (a block shared by several layers through
+    tied parameters): the pair cannot be merged into one layer without untying it, so each
+    layer's weight is constrained by its other uses and the two are not a free factorization."""
+    info = graph.modules.get(node.module) if node.module else None
+    return info is not None and info.shares_parameters
+
+
 def collapsing_pairs(graph: Graph) -> list[tuple[Node, list[Node], Node]]:
     """(first layer, ops between, second layer) for every two weight layers joined only by
     linear ops, with no branching out of the first and no other data merging in. A fixed filter
@@ -212,6 +220,7 @@ def collapsing_pairs(graph: Graph) -> list[tuple[Node, list[Node], Node]]:
                     and not _is_bottleneck(first, nxt)
                     and not _is_strided_stem(first, nxt, stem)
                     and not _is_update_of_a_layer(graph, first, nxt, memo)
+                    and not (_shares_weights(graph, first) or _shares_weights(graph, nxt))
                 ):
                     pairs.append((first, between, nxt))
                 break
