@@ -1,7 +1,7 @@
 """False alarms on library models: `netdoctor check` on every architecture of timm, torchvision and
 transformers, each built by its library's own factory with the library's own initialisation.
 
-    python benchmarks/zoo_sweep.py --json zoo.json                    # all three, ~1 h+ on 2 cores
+    python benchmarks/zoo_sweep.py --workers 2 --json zoo.json       # all three, ~20 min on 2 cores
     python benchmarks/zoo_sweep.py --library timm --sample 30 --seed 1
     python benchmarks/zoo_sweep.py --only resnet18 LlamaForCausalLM
     python benchmarks/zoo_sweep.py --compare before.json after.json
