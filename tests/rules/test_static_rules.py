@@ -880,7 +880,7 @@ def test_nd204_zero_init_branches_in_widely_used_designs():
     squeeze-excitation after it), Fixup's zero conv, ReZero's zero gain: their branches are left
     out of the signal chain; the residual stream is what ND204 follows."""
     from netdoctor.graph.build import build_graph
-    from netdoctor.graph.walks import live_at_init
+    from netdoctor.graph.init_values import live_at_init
     from netdoctor.loading.shapes import InputSpec
     from netdoctor.loading.target import load
     from netdoctor.rules.params.nd204_signal_collapse import signal_chain
@@ -1036,7 +1036,7 @@ def test_nd204_a_standardized_conv_with_a_zero_gain_starts_its_branch_at_zero(tm
     last weight-standardized conv: the conv's weight, its output and the squeeze-excitation
     after it are zero at init, and the signal travels on the shortcuts. At gain 1 the branch
     carries signal and is walked."""
-    from netdoctor.graph.walks import zero_at_init
+    from netdoctor.graph.init_values import zero_at_init
     from netdoctor.rules.params.nd204_signal_collapse import signal_chain
 
     path = tmp_path / "zero_gain_ws.py"
@@ -1240,7 +1240,7 @@ class Net(nn.Module):
 
 
 def test_nd204_a_branch_of_zeros_is_not_on_the_signal_path(tmp_path):
-    from netdoctor.graph.walks import zero_at_init
+    from netdoctor.graph.init_values import zero_at_init
     from netdoctor.rules.params.nd204_signal_collapse import signal_chain
 
     path = tmp_path / "zeros_branch.py"

@@ -8,7 +8,7 @@ from functools import partial
 
 from netdoctor.findings import Finding, Severity
 from netdoctor.fixes.patch import diff_fix
-from netdoctor.graph.walks import live_at_init
+from netdoctor.graph.init_values import live_at_init
 from netdoctor.rules.base import Fixture, NoOptions, Rule, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext

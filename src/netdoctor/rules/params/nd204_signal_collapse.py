@@ -8,14 +8,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from netdoctor.findings import Finding, Severity
-from netdoctor.graph.ir import WEIGHT_OPS, Graph, Node
-from netdoctor.graph.walks import (
+from netdoctor.graph.init_values import (
     deliberate_scales,
     input_dependent,
     joins_input_free_value,
     live_at_init,
-    reaches_output_directly,
 )
+from netdoctor.graph.ir import WEIGHT_OPS, Graph, Node
+from netdoctor.graph.walks import reaches_output_directly
 from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.graph.nd102_saturating_activation_chain import relu_fix
@@ -98,7 +98,7 @@ def signal_ratios(graph: Graph) -> tuple[Node | None, list[Node], list[float]]:
 
 def gain_scales(graph: Graph, layers: list[Node], dependent: set[str] | None = None) -> list[float]:
     """The factor by which learned gains scale each layer's input on purpose (1.0 for most: see
-    walks.deliberate_scales). A LayerScale that starts at 1e-5 on a block without a shortcut
+    init_values.deliberate_scales). A LayerScale that starts at 1e-5 on a block without a shortcut
     scales everything after it down to the next normalization by 1e-5: that is the designer's
     choice, which training undoes in its first steps, not a collapse of the signal."""
     dependent = input_dependent(graph) if dependent is None else dependent
