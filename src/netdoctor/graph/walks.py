@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from netdoctor.findings import Location
 from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, WEIGHT_OPS, Graph, Node
 
@@ -82,6 +84,13 @@ def reaches_output_directly(graph: Graph, name: str) -> bool:
     return False
 
 
+def is_normalization(node: Node, computed: Collection[str] = ()) -> bool:
+    """A normalization: torch's (a norm op), a normalization module of the model's own that the
+    recorded forward saw as one opaque call (marked `normalizes`: its output does not change when
+    its input is scaled), or one written out in forward (`computed`: `self_normalized`)."""
+    return node.op in NORM_OPS or bool(node.attrs.get("normalizes")) or node.name in computed
+
+
 def absorbed(
     graph: Graph,
     name: str,
@@ -105,9 +114,7 @@ def absorbed(
         node = graph.nodes[n]
         if node.op == "output":
             return False
-        if node.op in NORM_OPS or node.op in ("rnn", "attention"):
-            continue
-        if node.attrs.get("normalizes") or n in normalized:
+        if node.op in ("rnn", "attention") or is_normalization(node, normalized):
             continue
         if (node.op in MERGE_OPS or node.op in _MULTIPLICATIVE) and len(
             data_inputs(graph, node, memo)

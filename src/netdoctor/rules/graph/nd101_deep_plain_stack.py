@@ -10,8 +10,13 @@ from typing import TYPE_CHECKING
 
 from netdoctor.findings import Finding, Fix, Severity
 from netdoctor.fixes.patch import arg_code, diff_fix, insert_args_after, nn_prefix, read
-from netdoctor.graph.ir import MERGE_OPS, NORM_OPS, WEIGHT_OPS, Graph, Node
-from netdoctor.graph.walks import is_constant, self_normalized, standardized_weight
+from netdoctor.graph.ir import MERGE_OPS, WEIGHT_OPS, Graph, Node
+from netdoctor.graph.walks import (
+    is_constant,
+    is_normalization,
+    self_normalized,
+    standardized_weight,
+)
 from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import GraphContext
 from netdoctor.rules.verification import Remedy, RemedyContext
@@ -48,9 +53,7 @@ def plain_chains(graph: Graph) -> dict[str, list[Node]]:
     for node in graph.topological():
         incoming = [chains[i] for i in node.inputs if i in chains]
         if (
-            node.op in NORM_OPS
-            or node.name in computed
-            or node.attrs.get("normalizes")
+            is_normalization(node, computed)
             or node.op in ("input", "param")
             or is_constant(graph, node.name, memo)
             or standardized_weight(graph, node, memo)

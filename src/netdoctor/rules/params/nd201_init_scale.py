@@ -16,6 +16,7 @@ from netdoctor.graph.walks import (
     absorbed,
     data_inputs,
     is_constant,
+    is_normalization,
     reaches_output_directly,
     self_normalized,
 )
@@ -152,7 +153,7 @@ def _unit_scale(node: Node, factor: float, computed: set[str]) -> bool:
     graph sees as one opaque call: `hook_frontend.normalizes`) counts as one, and so does a
     normalization written out in forward (`computed`: x minus its mean, divided by the root of
     its own variance; its gain is a separate multiplication, judged by `_gain_rms`)."""
-    if node.op not in NORM_OPS and not node.attrs.get("normalizes") and node.name not in computed:
+    if not is_normalization(node, computed):
         return False
     w = node.params.get("weight")
     if w is None:
@@ -202,7 +203,7 @@ def _path_predecessors(
         prev = graph.nodes[name]
         if prev.op in WEIGHT_OPS:
             found.append(prev)
-        elif prev.op in _RESETS or prev.attrs.get("normalizes") or name in computed:
+        elif prev.op in _RESETS or is_normalization(prev, computed):
             starts += 1
             normalized = normalized and _unit_scale(prev, factor, computed)
         elif is_constant(graph, name, memo):
