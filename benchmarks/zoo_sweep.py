@@ -28,7 +28,9 @@ default rule settings.
   * transformers: every model type of MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, from a shrunk config (AutoConfig.for_model with 2 layers,
     width 64, 2 heads, intermediate 128, vocabulary 1000, 128 positions, 4 experts: whichever of
-    these attributes the config has, nested configs too), built with AutoModelFor...from_config;
+    these attributes the config has, nested configs too; an absolute init std, such as
+    initializer_range, times sqrt(real width / 64), so that the init keeps its scale relative to
+    the width), built with AutoModelFor...from_config;
     token input (long) of length 32. Named by the built class (LlamaForCausalLM).
 
 Each model's verdict: clean (no finding at warning or error; info findings are allowed),
@@ -53,6 +55,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -275,6 +278,8 @@ EXPERTS = (
 )
 LAYERS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
 VOCAB = 1000
+SHRINK_WIDTH = 64
+INIT_STDS = ("initializer_range", "init_std")  # absolute init stds (T5's factor is relative)
 
 
 def shrink_kwargs(config) -> dict[str, Any]:
@@ -330,6 +335,14 @@ def shrink_kwargs(config) -> dict[str, Any]:
             out["n_groups"] = 1
     if "hidden_dim" in d and "dim" in d:  # DistilBERT: the FFN width
         out["hidden_dim"] = 128
+    width = next((d[k] for k in SHRINK[64] if isinstance(d.get(k), int) and d[k] > 0), None)
+    if width and width > SHRINK_WIDTH:
+        # A fixed init std is tuned for the real width (BERT's 0.02 at 768 is 0.55x LeCun's
+        # 1/sqrt(768)); at width 64 the same 0.02 is 6x below it, a model the library never
+        # ships. The shrunk model keeps its init relative to its width: std * sqrt(width / 64).
+        for attr in INIT_STDS:
+            if isinstance(d.get(attr), float):
+                out[attr] = d[attr] * math.sqrt(width / SHRINK_WIDTH)
     if "vocab_size" in d:
         # Token ids must stay inside the shrunk vocabulary (padding_idx is checked at build);
         # a padding token lets the sequence classifiers take a batch of two.

@@ -17,6 +17,7 @@ from conftest import SICK, check_json, findings_of, invoke, line_of
 ALEXNET = SICK / "alexnet.py"
 ALEXNET_TARGET = "fixtures/sick/alexnet.py:AlexNet"
 ALEX = (ALEXNET_TARGET, "--input-shape", "1,224,224")
+LENET_SIGMOID = "fixtures/sick/lenet_sigmoid.py:LeNet"
 MNIST = ("--input-shape", "1,28,28")
 
 
@@ -39,11 +40,21 @@ def test_alexnet_text_report():
     assert result.exit_code == 0
     out = result.stdout
     where = f"fixtures/sick/alexnet.py:{line_of(ALEXNET, 'nn.Conv2d(')}"
-    assert f"ND101 deep-plain-stack [warning] {where}" in out
-    assert "Fix first: ND101" in out
+    assert f"ND101 deep-plain-stack [info] {where}" in out  # 8 ReLU layers: fragile, trains
+    assert "Fix first" not in out  # an info finding is no priority
     assert "+            nn.BatchNorm2d(96)" in out
-    assert "0 errors, 1 warning" in out
+    assert "0 errors, 0 warnings, 1 info" in out
     assert "\x1b[" not in out
+
+
+def test_warning_text_report():
+    result = invoke("check", LENET_SIGMOID, "--no-color")
+    assert result.exit_code == 0
+    out = result.stdout
+    where = f"fixtures/sick/lenet_sigmoid.py:{line_of(SICK / 'lenet_sigmoid.py', 'nn.Sigmoid(')}"
+    assert f"ND102 saturating-activation-chain [warning] {where}" in out
+    assert "Fix first: ND102" in out
+    assert "0 errors, 1 warning" in out
 
 
 # ------------------------------------------------------------------------ exit codes
@@ -52,8 +63,9 @@ def test_alexnet_text_report():
 def test_exit_codes():
     assert invoke("check", "fixtures/healthy/lenet_relu.py:LeNet", *MNIST).exit_code == 0
     assert invoke("check", "fixtures/sick/forward_error.py:ShapeBug", *MNIST).exit_code == 1
-    assert invoke("check", *ALEX).exit_code == 0  # a warning does not fail by default
-    assert invoke("check", *ALEX, "--fail-on", "warning").exit_code == 1
+    assert invoke("check", LENET_SIGMOID).exit_code == 0  # a warning does not fail by default
+    assert invoke("check", LENET_SIGMOID, "--fail-on", "warning").exit_code == 1
+    assert invoke("check", *ALEX, "--fail-on", "warning").exit_code == 0  # info only
     assert invoke("check", *ALEX, "--fail-on", "info").exit_code == 1
     assert (
         invoke(
@@ -105,7 +117,7 @@ def test_sarif():
     run = sarif["runs"][0]
     assert [r["id"] for r in run["tool"]["driver"]["rules"]] == ["ND101"]
     (res,) = run["results"]
-    assert res["ruleId"] == "ND101" and res["level"] == "warning"
+    assert res["ruleId"] == "ND101" and res["level"] == "note"  # info
     assert "8 weight layers" in res["message"]["text"]
     phys = res["locations"][0]["physicalLocation"]
     assert phys["artifactLocation"]["uri"] == "fixtures/sick/alexnet.py"  # relative
@@ -115,8 +127,11 @@ def test_sarif():
 def test_github_annotations():
     result = invoke("check", *ALEX, "--format", "github")
     line = line_of(ALEXNET, "nn.Conv2d(")
-    assert result.stdout.startswith(f"::warning file=fixtures/sick/alexnet.py,line={line},")
+    assert result.stdout.startswith(f"::notice file=fixtures/sick/alexnet.py,line={line},")
     assert len(result.stdout.splitlines()) == 1
+    result = invoke("check", LENET_SIGMOID, "--format", "github")
+    line = line_of(SICK / "lenet_sigmoid.py", "nn.Sigmoid(")
+    assert result.stdout.startswith(f"::warning file=fixtures/sick/lenet_sigmoid.py,line={line},")
 
 
 def test_output_file(tmp_path):
@@ -207,7 +222,7 @@ def test_config_rule_option(tmp_path):
 
 
 def test_config_fail_on(tmp_path):
-    root = _project(tmp_path, '[tool.netdoctor]\nfail-on = "warning"\n')
+    root = _project(tmp_path, '[tool.netdoctor]\nfail-on = "info"\n')
     assert invoke("check", *ALEX, cwd=root).exit_code == 1
     assert invoke("check", *ALEX, "--fail-on", "error", cwd=root).exit_code == 0
 

@@ -35,6 +35,11 @@ class Options(RuleOptions):
 # classifier at N(0, 0.01), 2.2x below He) is no drift; PyTorch's default init, 2.45x below He in
 # every layer, compounds past it in two layers.
 _MAX_DRIFT = 4.0
+# Past this drift a ReLU stack is a warning; within it, info. He et al. (2015, fig. 3) trained
+# plain ReLU nets at Glorot's init, 1.41x below He per layer: 22 layers (1,400x compounded)
+# converged, 30 layers (23,000x) did not; 5,000x lies between. AlexNet at PyTorch's default
+# init drifts 260x (and trains, if fragile); a plain 11-layer MLP at it, 10,000x.
+_FRAGILE_DRIFT = 5000.0
 
 
 def plain_chains(graph: Graph) -> dict[str, list[Node]]:
@@ -73,16 +78,14 @@ def plain_chains(graph: Graph) -> dict[str, list[Node]]:
     return chains
 
 
-def gain_preserving(graph: Graph, chain: list[Node]) -> bool:
-    """Whether the chain's hidden layers start at the gain that carries the signal through the
-    ReLU after each unchanged: He initialization (std = gain / sqrt(fan), fan-in or fan-out), so
-    that neither the activations nor the gradients change scale layer by layer, and the layers'
-    deviations from it compound to less than _MAX_DRIFT along the chain. That is what makes a
-    deep plain stack trainable without normalization (He et al., 2015: 22 and 30 plain layers
-    converge). The last layer is left out (it produces the output; its scale does not
-    compound); a layer whose weights say nothing about their init (too few, frozen, constant)
-    or that another activation follows (sigmoid, tanh: no init preserves their gradient) does
-    not qualify."""
+def he_drift(graph: Graph, chain: list[Node]) -> float | None:
+    """How far the chain's hidden layers start from He initialization for the ReLU after each
+    (std = gain / sqrt(fan), fan-in or fan-out, whichever is closer), compounded along the chain:
+    the log of the RMS factor by which the signal (forward) or the gradient (backward) drifts,
+    negative when it shrinks. None when a hidden layer's weights say nothing about their init
+    (too few, frozen, constant) or another activation follows it (sigmoid, tanh: no init
+    preserves their gradient, the activations' derivative is below 1 wherever a unit is not at
+    0). The last layer is left out: it produces the output, its scale does not compound."""
     from netdoctor.rules.params.nd201_init_scale import layer_scale
 
     drift = 0.0
@@ -90,12 +93,12 @@ def gain_preserving(graph: Graph, chain: list[Node]) -> bool:
         scale = layer_scale(graph, node)
         w = node.params.get("weight")
         if scale is None or w is None or scale["nonlinearity"] not in ("relu", "leaky_relu"):
-            return False
+            return None
         fan_out = w.shape[0] * math.prod(w.shape[2:])
         by_fan_in = math.log(scale["ratio"])
         by_fan_out = by_fan_in + 0.5 * math.log(fan_out / scale["fan_in"])
         drift += min(by_fan_in, by_fan_out, key=abs)
-    return abs(drift) <= math.log(_MAX_DRIFT)
+    return drift
 
 
 def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
@@ -105,16 +108,34 @@ def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
     if not chains:
         return
     chain = max(chains.values(), key=len)
-    if len(chain) < min_depth or gain_preserving(graph, chain):
+    if len(chain) < min_depth:
         return
+    drift = he_drift(graph, chain)
+    if drift is not None and abs(drift) <= math.log(_MAX_DRIFT):
+        return  # He-initialized: scale-preserving, trainable at any depth (He et al., 2015)
+    shallow = drift is not None and abs(drift) <= math.log(_FRAGILE_DRIFT)
     names = [n.label for n in chain]
     shown = ", ".join(names) if len(names) <= 8 else ", ".join(names[:4] + ["..."] + names[-3:])
-    message = (
+    stack = (
         f"{len(chain)} weight layers in series ({shown}) with no normalization layer and "
-        f"no skip connection between them: gradients shrink or grow layer by layer "
-        f"(loss NaN or stuck at chance, as in the AlexNet-on-FashionMNIST report). "
-        f"Threshold: {min_depth}."
+        f"no skip connection between them"
     )
+    if shallow:
+        assert drift is not None
+        factor = math.exp(abs(drift))
+        way = "below" if drift < 0 else "above"
+        message = (
+            f"{stack}. Their hidden layers start {factor:.0f}x {way} He's scale for their "
+            f"ReLUs, compounded along the chain: plain ReLU stacks this close to it still "
+            f"train (AlexNet), but are fragile to the learning rate and the seed (loss NaN on "
+            f"some runs, as in the AlexNet-on-FashionMNIST report); normalization makes them "
+            f"robust. Thresholds: {min_depth} layers; a warning past {_FRAGILE_DRIFT:g}x."
+        )
+    else:
+        message = (
+            f"{stack}: gradients shrink or grow layer by layer (loss NaN or stuck at chance, as "
+            f"in the AlexNet-on-FashionMNIST report). Threshold: {min_depth}."
+        )
     yield RULE.finding(
         message,
         module=chain[0].label,
@@ -123,12 +144,14 @@ def check(ctx: GraphContext, options: Options) -> Iterator[Finding]:
         evidence={
             "depth": len(chain),
             "min_depth": min_depth,
+            **({} if drift is None else {"he_drift": float(f"{math.exp(drift):.3g}")}),
             "layers": [
                 {"module": n.label, "op": n.op, "line": n.location.line if n.location else None}
                 for n in chain
             ],
         },
         impact=float(len(chain)),
+        severity=Severity.INFO if shallow else None,
     )
 
 
