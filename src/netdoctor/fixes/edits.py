@@ -299,6 +299,16 @@ def append_to_init(source: str, class_line: int, code: str) -> str | None:
 def insert_statement_after(source: str, line: int, statement: str) -> str | None:
     """Insert `statement` as a new line after the statement spanning `line`, in the same
     block (same indentation)."""
+    return _insert_statement(source, line, statement, before=False)
+
+
+def insert_statement_before(source: str, line: int, statement: str) -> str | None:
+    """Insert `statement` as a new line before the statement spanning `line`, in the same
+    block (same indentation)."""
+    return _insert_statement(source, line, statement, before=True)
+
+
+def _insert_statement(source: str, line: int, statement: str, before: bool) -> str | None:
     found = statement_spanning(source, line)
     if found is None:
         return None
@@ -306,9 +316,14 @@ def insert_statement_after(source: str, line: int, statement: str) -> str | None
     new = cst.parse_statement(statement)
     placed: list[bool] = []
 
-    def after(body: Sequence[cst.BaseStatement]) -> list[cst.BaseStatement]:
+    def around(body: Sequence[cst.BaseStatement]) -> list[cst.BaseStatement]:
         out: list[cst.BaseStatement] = []
         for stmt in body:
+            if stmt is target and before:
+                out.append(new.with_changes(leading_lines=stmt.leading_lines))
+                out.append(stmt.with_changes(leading_lines=()))
+                placed.append(True)
+                continue
             out.append(stmt)
             if stmt is target:
                 out.append(new)
@@ -320,16 +335,36 @@ def insert_statement_after(source: str, line: int, statement: str) -> str | None
             self, original: cst.IndentedBlock, updated: cst.IndentedBlock
         ) -> cst.IndentedBlock:
             if any(s is target for s in original.body):
-                return updated.with_changes(body=after(original.body))
+                return updated.with_changes(body=around(original.body))
             return updated
 
         def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
             if any(s is target for s in original.body):
-                return updated.with_changes(body=after(original.body))
+                return updated.with_changes(body=around(original.body))
             return updated
 
     code = module.visit(T()).code
     return code if placed else None
+
+
+def wrap_receiver(source: str, line: int, method: str, wrapper: str) -> str | None:
+    """Rewrite the one `<x>.<method>(...)` call on `line` as `<wrapper>(<x>).<method>(...)`
+    (`loss.backward()` -> `scaler.scale(loss).backward()`)."""
+    module, pos = index_source(source)
+    target = call_at(pos.calls, line, (method,))
+    if target is None or not isinstance(target.func, cst.Attribute):
+        return None
+
+    class T(cst.CSTTransformer):
+        def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+            if original is not target or not isinstance(updated.func, cst.Attribute):
+                return updated
+            receiver = cst.Call(
+                func=cst.parse_expression(wrapper), args=[cst.Arg(updated.func.value)]
+            )
+            return updated.with_changes(func=updated.func.with_changes(value=receiver))
+
+    return module.visit(T()).code
 
 
 def wrap_call_argument(

@@ -19,12 +19,14 @@ from netdoctor.fixes.edits import (
     append_to_init,
     insert_args_after,
     insert_statement_after,
+    insert_statement_before,
     replace_calls,
     set_keyword,
     set_positional,
     wrap_attribute,
     wrap_call,
     wrap_call_argument,
+    wrap_receiver,
 )
 from netdoctor.fixes.locate import arg_code, attribute_line, cst, method_receiver
 from netdoctor.fixes.removals import (
@@ -45,6 +47,7 @@ __all__ = [
     "diff_fix",
     "insert_args_after",
     "insert_statement_after",
+    "insert_statement_before",
     "method_receiver",
     "nn_prefix",
     "read",
@@ -58,6 +61,7 @@ __all__ = [
     "unwrap_call",
     "unwrap_with",
     "wrap_attribute",
+    "wrap_receiver",
     "wrap_call",
     "wrap_call_argument",
 ]

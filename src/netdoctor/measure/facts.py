@@ -158,6 +158,65 @@ class DistributedFacts:
 
 
 @dataclass
+class ScalerFacts:
+    """One GradScaler of the loop (mixed precision): what it did each step (ND601-ND603)."""
+
+    label: str  # "GradScaler", "GradScaler#2" when two are used
+    enabled: bool = True
+    steps: int = 0  # scaler.step() calls
+    skipped: list[int] = field(default_factory=list)  # 1-based scaler steps with no update
+    skipped_losses: list[float] = field(default_factory=list)  # each skipped step's loss
+    scale: list[float] = field(default_factory=list)  # the scale after each update()
+    initial_scale: float | None = None
+    scale_site: Location | None = None  # the user's `scaler.scale(loss)` line
+    step_site: Location | None = None  # the user's `scaler.step(optimizer)` line
+    update_site: Location | None = None
+    unscale_calls: int = 0  # the user's own unscale_ calls
+    # ND602: clip_grad_norm_/clip_grad_value_ on gradients still multiplied by the scale
+    scaled_clips: int = 0
+    clips: int = 0  # every clip call while this scaler was in use
+    clip_site: Location | None = None
+    clip_kind: str = ""  # "norm" | "value"
+    clip_limit: float | None = None
+    clip_seen_norm: float | None = None  # what the clip returned (the scaled total norm)
+    clip_scale: float | None = None  # the scale then
+    # ND603: scaler.step() with no backward of a scaled loss since the previous step
+    unscaled_backward_steps: int = 0
+    scaled_backward_steps: int = 0
+    unscaled_backward_site: Location | None = None
+    # the module a non-finite forward came from (the NaN localisation of a skipped step)
+    overflow_module: str | None = None
+    overflow_site: Location | None = None
+
+    @property
+    def min_scale(self) -> float | None:
+        return min(self.scale) if self.scale else None
+
+
+@dataclass
+class PrecisionFacts:
+    """The low-precision (fp16/bf16) parameters an optimizer updates in place (ND604)."""
+
+    optimizer: str  # the optimizer's label
+    dtype: str  # "float16" | "bfloat16": the most common low-precision dtype
+    low_params: int = 0  # trainable low-precision parameters
+    low_elements: int = 0
+    params: int = 0  # all trainable parameters
+    eps: float | None = None  # Adam-family eps (smallest over param groups)
+    site: Location | None = None  # where the optimizer was built (or stepped)
+    cast_site: Location | None = None  # the user's `.half()` / `.to(torch.bfloat16)` line
+    # over the measured updates: elements that had a nonzero gradient, and of those, the ones
+    # the update left unchanged (rounded away)
+    with_grad: int = 0
+    unchanged: int = 0
+    measured_steps: int = 0
+
+    @property
+    def unchanged_share(self) -> float | None:
+        return self.unchanged / self.with_grad if self.with_grad else None
+
+
+@dataclass
 class LoopFacts:
     """Everything the ND5xx rules read (ctx.loop)."""
 
@@ -172,6 +231,8 @@ class LoopFacts:
     stopped: str | None = None  # "non-finite", "stop-on", "exception", "interrupted"
     error: str | None = None  # the exception that ended the script ("ValueError: ...")
     distributed: DistributedFacts | None = None  # under torchrun / DDP: the ranks' comparison
+    scalers: list[ScalerFacts] = field(default_factory=list)  # mixed precision (ND601-ND603)
+    precision: list[PrecisionFacts] = field(default_factory=list)  # low-precision weights (ND604)
 
     def loss_calls(self) -> list[LossCallFacts]:
         return list(self.losses.values())

@@ -14,7 +14,10 @@ every one in its own `finally`, so a failure to remove one never leaves the othe
   backward ran on is seen, and whether the gradients were cleared since the last step;
 * `nn.Module.train` (where a model was put in eval mode, for ND504's fix) and the lr
   schedulers' `step` (where the scheduler is stepped, for ND505's fix): wrapped, recording the
-  user's line only; `GradScaler.scale`: wrapped, so the loss is recorded unscaled;
+  user's line only; `GradScaler.scale`: wrapped, so the loss is recorded unscaled, and
+  `GradScaler.step` / `unscale_` / `update` with `clip_grad_norm_` / `clip_grad_value_`: wrapped,
+  so a step the scaler skipped, the user's `unscale_` calls, the scale after each update and a
+  clip of still-scaled gradients are seen (`watcher.amp`);
   `nn.Module.__getstate__`: wrapped, so a copy of a watched model (`copy.deepcopy` for an EMA
   model, `torch.save(model)`) carries none of netdoctor's hooks (nor the doctor behind them);
   `DistributedDataParallel.__init__`: wrapped, recording each DDP wrapper and its line (ND508
@@ -64,7 +67,17 @@ class Hooked(Protocol):
 
     def on_scheduler_step(self, scheduler: Any) -> None: ...
 
-    def on_loss_scaled(self, outputs: Any, scaled: Any) -> None: ...
+    def on_loss_scaled(self, scaler: GradScaler, outputs: Any, scaled: Any) -> None: ...
+
+    def before_scaler_step(self, scaler: GradScaler, optimizer: Any) -> int: ...
+
+    def after_scaler_step(self, scaler: GradScaler, optimizer: Any, before: int) -> None: ...
+
+    def on_unscale(self, scaler: GradScaler, optimizer: Any) -> None: ...
+
+    def on_scaler_update(self, scaler: GradScaler) -> None: ...
+
+    def on_clip(self, kind: str, parameters: list[Any], limit: Any, result: Any) -> None: ...
 
     def without_our_hooks(self, state: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -78,6 +91,7 @@ class Attachment:
         self.doctor = doctor
         self._undo: list[Callable[[], None]] = []
         self._discovery: list[Any] = []
+        self._in_scaler_step: list[bool] = []  # GradScaler.step runs (its own unscale_ call)
 
     # -- install / remove ----------------------------------------------------------------
     def install(self, discover_models: bool) -> None:
@@ -94,6 +108,12 @@ class Attachment:
         for cls in _scheduler_classes():
             self._wrap(cls, "step", self._scheduler_wrapper)
         self._wrap(GradScaler, "scale", self._scale_wrapper)
+        self._wrap(GradScaler, "step", self._scaler_step_wrapper)
+        self._wrap(GradScaler, "unscale_", self._unscale_wrapper)
+        self._wrap(GradScaler, "update", self._scaler_update_wrapper)
+        for module in _clip_modules():
+            self._wrap(module, "clip_grad_norm_", self._clip_wrapper("norm"))
+            self._wrap(module, "clip_grad_value_", self._clip_wrapper("value"))
         ddp = ddp_class()
         if ddp is not None:
             self._wrap(ddp, "__init__", self._ddp_init_wrapper)
@@ -183,10 +203,70 @@ class Attachment:
         @functools.wraps(original)
         def scale(self_scaler, outputs):
             scaled = original(self_scaler, outputs)
-            d.on_loss_scaled(outputs, scaled)
+            d.on_loss_scaled(self_scaler, outputs, scaled)
             return scaled
 
         return scale
+
+    def _scaler_step_wrapper(self, original: Callable) -> Callable:
+        d = self.doctor
+        inside = self._in_scaler_step
+
+        @functools.wraps(original)
+        def step(self_scaler, optimizer, *args, **kwargs):
+            before = d.before_scaler_step(self_scaler, optimizer)
+            inside.append(True)
+            try:
+                result = original(self_scaler, optimizer, *args, **kwargs)
+            finally:
+                inside.pop()
+            d.after_scaler_step(self_scaler, optimizer, before)
+            return result
+
+        return step
+
+    def _unscale_wrapper(self, original: Callable) -> Callable:
+        d = self.doctor
+        inside = self._in_scaler_step
+
+        @functools.wraps(original)
+        def unscale_(self_scaler, optimizer):
+            result = original(self_scaler, optimizer)
+            if not inside:  # the user's own call, not the one step() makes
+                d.on_unscale(self_scaler, optimizer)
+            return result
+
+        return unscale_
+
+    def _scaler_update_wrapper(self, original: Callable) -> Callable:
+        d = self.doctor
+
+        @functools.wraps(original)
+        def update(self_scaler, *args, **kwargs):
+            result = original(self_scaler, *args, **kwargs)
+            d.on_scaler_update(self_scaler)
+            return result
+
+        return update
+
+    def _clip_wrapper(self, kind: str) -> Callable[[Callable], Callable]:
+        """clip_grad_norm_(parameters, max_norm, ...) / clip_grad_value_(parameters, clip_value):
+        the parameters (an iterable, perhaps a generator: listed once, then passed on), the
+        limit, and what the call returned (the total norm before clipping)."""
+        d = self.doctor
+
+        def make(original: Callable) -> Callable:
+            @functools.wraps(original)
+            def clip(parameters, *args, **kwargs):
+                params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+                result = original(params, *args, **kwargs)
+                limit = args[0] if args else kwargs.get("max_norm", kwargs.get("clip_value"))
+                d.on_clip(kind, params, limit, result)
+                return result
+
+            return clip
+
+        return make
 
     def _ddp_init_wrapper(self, original: Callable) -> Callable:
         d = self.doctor
@@ -207,6 +287,15 @@ class Attachment:
             return original(self_scheduler, *args, **kwargs)
 
         return step
+
+
+def _clip_modules() -> list[Any]:
+    """Where the clipping functions are looked up: `torch.nn.utils` (what scripts call) and
+    the module that defines them (what `from torch.nn.utils.clip_grad import ...` reads)."""
+    import torch.nn.utils
+    import torch.nn.utils.clip_grad
+
+    return [torch.nn.utils, torch.nn.utils.clip_grad]
 
 
 def _scheduler_classes() -> list[type]:

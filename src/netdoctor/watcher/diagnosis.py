@@ -91,10 +91,13 @@ def _feeds_owned(g: Gathered, wm: WatchedModel) -> bool:
 
 def build_run(g: Gathered, wm: WatchedModel, light: bool = False) -> TrainingRun | None:
     """The shared training-run record of one watched model (None when no optimizer trains
-    it). `light`: only what ND401 reads (live)."""
+    it, or none took a step and no NaN was localised: a GradScaler can skip every step).
+    `light`: only what ND401 reads (live)."""
     wo = wm.owner
     model = wm.model
-    if wo is None or model is None or not wo.facts.steps:
+    if wo is None or model is None:
+        return None
+    if not wo.facts.steps and not (g.localization.events.keys() & {id(wm), 0}):
         return None
     f = wo.facts
     lrs = f.lr[0] if f.lr else wo.lrs()
@@ -173,7 +176,7 @@ def live_findings(g: Gathered, rules: set[str]) -> list[Finding]:
     built for the report)."""
     settings = g.options.rule_settings()
     note_error = g.guard.note_error
-    loop_rules = {r for r in rules if r.startswith("ND5")}
+    loop_rules = {r for r in rules if r.startswith(("ND5", "ND6"))}
     found = (
         run_rules(
             LoopContext(g.target or "training", g.facts, draft=True),

@@ -11,6 +11,8 @@ them, as the typed events of `events`, to its parts, each of which keeps its own
   steps' per-layer and per-parameter ones (`schedule.Schedule`);
 * `loopwatch.LoopWatch`: the loop facts the ND5xx rules read (`measure.facts.LoopFacts`);
 * `localize.Localization`: where the first NaN/Inf came from;
+* `amp.AmpWatch`: mixed precision -- the GradScalers (skipped steps, scale, `unscale_` before
+  clipping, backward on the scaled loss) and low-precision weights;
 * `static.StaticChecks`: the static rules, once per model;
 * `distributed.Distributed`: the ranks' exchange under torchrun;
 * `live.LiveJudge`: the live judgement -- confirmed severe findings announced on stderr as soon
@@ -56,6 +58,7 @@ from netdoctor.errors import StopTraining, UserError
 from netdoctor.findings import Finding, Report, Severity
 from netdoctor.loading.provenance import Provenance, user_location
 from netdoctor.measure.facts import LoopFacts
+from netdoctor.watcher.amp import AmpWatch
 from netdoctor.watcher.attach import Attachment
 from netdoctor.watcher.diagnosis import Gathered, diagnose
 from netdoctor.watcher.distributed import (
@@ -69,11 +72,15 @@ from netdoctor.watcher.events import (
     BackwardStart,
     Close,
     Dispatcher,
+    GradClipped,
     LossScaled,
+    ScalerStep,
+    ScalerUpdate,
     SchedulerStep,
     StepEnd,
     StepStart,
     TrainMode,
+    Unscaled,
 )
 from netdoctor.watcher.live import LiveJudge
 from netdoctor.watcher.localize import Localization
@@ -138,6 +145,8 @@ class Doctor:
             self.options, self.facts, self.registry, self.localization, guard, self.dirty
         )
         self.static = StaticChecks(self.options, self.registry, self.losses, guard)
+        self.amp = AmpWatch(self.facts, self.localization, self.pending, self.dirty)
+        self.optimizer_steps = 0  # every optimizer step torch ran (a scaler's skip runs none)
         # the order in which a part hears an event: the one-off static checks see a model
         # without its per-layer hooks (measurement detaches them first); the NaN localisation
         # comes after the loop facts
@@ -148,6 +157,7 @@ class Doctor:
             self.measurement,
             self.static,
             self.localization,
+            self.amp,
         )
         self.gathered = Gathered(
             target,
@@ -379,6 +389,7 @@ class Doctor:
         kwargs: dict[str, Any] | None = None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         kwargs = kwargs or {}
+        self.optimizer_steps += 1
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if callable(closure) and not self.guard.busy:
             # forward and backward run inside the closure: measure when its first call returns
@@ -472,7 +483,7 @@ class Doctor:
 
         self.guard.run(body)
 
-    def on_loss_scaled(self, outputs: Any, scaled: Any) -> None:
+    def on_loss_scaled(self, scaler: Any, outputs: Any, scaled: Any) -> None:
         """GradScaler.scale(loss) returned `scaled`."""
 
         def body() -> None:
@@ -483,7 +494,55 @@ class Doctor:
                 or not isinstance(outputs, torch.Tensor)
             ):
                 return
-            self.parts.on_loss_scaled(LossScaled(outputs, scaled))
+            self.parts.on_loss_scaled(LossScaled(outputs, scaled, scaler))
+
+        self.guard.run(body)
+
+    def before_scaler_step(self, scaler: Any, optimizer: Any) -> int:
+        """What `after_scaler_step` compares with: the optimizer steps torch has run so far."""
+        return self.optimizer_steps
+
+    def after_scaler_step(self, scaler: Any, optimizer: Any, before: int) -> None:
+        """scaler.step(optimizer) returned: it skipped the step when torch ran no optimizer
+        step inside it. A skipped step's backwards and loss are taken here (with one host
+        sync: the scaler's own inf check has just synced), for the NaN localisation and the
+        scaler's record; then the step's per-iteration state is cleared as after a step."""
+
+        def body() -> None:
+            if self.guard.busy or not isinstance(optimizer, torch.optim.Optimizer):
+                return
+            skipped = self.optimizer_steps == before
+            wo = self.registry.watched(optimizer)
+            if not skipped:
+                step = wo.facts.steps if wo is not None else 0
+                self.parts.on_scaler_step(ScalerStep(scaler, wo, False, step))
+                return
+            backwards, loss = self.measurement.skip()
+            step = (wo.facts.steps if wo is not None else 0) + 1
+            self.parts.on_scaler_step(ScalerStep(scaler, wo, True, step, backwards, loss))
+            self.registry.forget_calls(wo)
+
+        self.guard.run(body)
+
+    def on_unscale(self, scaler: Any, optimizer: Any) -> None:
+        def body() -> None:
+            if not self.guard.busy:
+                self.parts.on_unscaled(Unscaled(scaler, optimizer))
+
+        self.guard.run(body)
+
+    def on_scaler_update(self, scaler: Any) -> None:
+        def body() -> None:
+            if not self.guard.busy:
+                self.parts.on_scaler_update(ScalerUpdate(scaler))
+
+        self.guard.run(body)
+
+    def on_clip(self, kind: str, parameters: list[Any], limit: Any, result: Any) -> None:
+        def body() -> None:
+            if not self.guard.busy:
+                value = float(limit) if isinstance(limit, (int, float)) else None
+                self.parts.on_grad_clipped(GradClipped(kind, parameters, value, result))
 
         self.guard.run(body)
 

@@ -14,6 +14,12 @@ The hooks, in the order a training step meets them:
   delivered even while netdoctor is busy (a measurement begun must end);
 * `on_backward(BackwardStart)` / `on_backward_end(BackwardEnd)`: `torch.autograd.backward`;
 * `on_loss_scaled(LossScaled)`: `GradScaler.scale(loss)`;
+* `on_unscaled(Unscaled)`, `on_grad_clipped(GradClipped)`: the user's `scaler.unscale_(opt)`
+  and a `clip_grad_norm_` / `clip_grad_value_` call;
+* `on_scaler_step(ScalerStep)`: `scaler.step(opt)` returned -- after the optimizer step's own
+  events when it stepped, or alone when the scaler skipped the step (an inf/NaN gradient: that
+  iteration's loss and backwards are handed over then, and the NaN localisation runs);
+* `on_scaler_update(ScalerUpdate)`: `scaler.update()` returned;
 * `on_step_start(StepStart)`: an optimizer step, before anything is measured (the one-off
   static checks, the process group looked for);
 * `on_step_measured(StepMeasured)`: the step's measurements, one host sync (`measurement`), for
@@ -95,6 +101,50 @@ class LossScaled:
 
     loss: torch.Tensor
     scaled: torch.Tensor
+    scaler: Any = None
+
+
+@dataclass(slots=True)
+class Unscaled:
+    """The user called `scaler.unscale_(optimizer)` (not the call `scaler.step` makes)."""
+
+    scaler: Any
+    optimizer: Any
+
+
+@dataclass(slots=True)
+class GradClipped:
+    """`clip_grad_norm_` (`kind` "norm") or `clip_grad_value_` ("value") ran on `parameters`
+    with `limit`; `result`: what it returned (the total norm before clipping, a device
+    tensor: reading it syncs)."""
+
+    kind: str
+    parameters: list[Any]
+    limit: float | None
+    result: Any
+
+
+@dataclass(eq=False)
+class ScalerStep:
+    """`scaler.step(optimizer)` returned. `skipped`: it did not call `optimizer.step()` (an
+    inf/NaN among the gradients); `optimizer`: the watched one, when it is watched; `step`: the
+    optimizer's step this was (for a skipped one, the step that did not happen). For a skipped
+    step, `backwards` and `loss` are that iteration's (the step measurement that would have
+    taken them never runs)."""
+
+    scaler: Any
+    optimizer: WatchedOptimizer | None
+    skipped: bool
+    step: int
+    backwards: list[BackwardRecord] = field(default_factory=list)
+    loss: float = float("nan")
+
+
+@dataclass(slots=True)
+class ScalerUpdate:
+    """`scaler.update()` returned."""
+
+    scaler: Any
 
 
 @dataclass(slots=True)
@@ -181,6 +231,18 @@ class Part:
     def on_loss_scaled(self, event: LossScaled) -> None:
         pass
 
+    def on_unscaled(self, event: Unscaled) -> None:
+        pass
+
+    def on_grad_clipped(self, event: GradClipped) -> None:
+        pass
+
+    def on_scaler_step(self, event: ScalerStep) -> None:
+        pass
+
+    def on_scaler_update(self, event: ScalerUpdate) -> None:
+        pass
+
     def on_step_start(self, event: StepStart) -> None:
         pass
 
@@ -237,6 +299,22 @@ class Dispatcher(Part):
 
     def on_loss_scaled(self, event: LossScaled) -> None:
         for handler in self._handlers["on_loss_scaled"]:
+            handler(event)
+
+    def on_unscaled(self, event: Unscaled) -> None:
+        for handler in self._handlers["on_unscaled"]:
+            handler(event)
+
+    def on_grad_clipped(self, event: GradClipped) -> None:
+        for handler in self._handlers["on_grad_clipped"]:
+            handler(event)
+
+    def on_scaler_step(self, event: ScalerStep) -> None:
+        for handler in self._handlers["on_scaler_step"]:
+            handler(event)
+
+    def on_scaler_update(self, event: ScalerUpdate) -> None:
+        for handler in self._handlers["on_scaler_update"]:
             handler(event)
 
     def on_step_start(self, event: StepStart) -> None:

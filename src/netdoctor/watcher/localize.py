@@ -23,7 +23,7 @@ from netdoctor.measure.facts import LoopFacts
 from netdoctor.measure.nonfinite import first_bad_grad, localize_forward, tensor_stats
 from netdoctor.measure.params import ParamMeter
 from netdoctor.measure.record import NonFinite
-from netdoctor.watcher.events import BackwardRecord, Part, StepMeasured
+from netdoctor.watcher.events import BackwardRecord, Part, ScalerStep, StepMeasured
 from netdoctor.watcher.losses import LossWatch
 from netdoctor.watcher.models import ForwardCall, WatchedModel
 from netdoctor.watcher.optimizers import WatchedOptimizer
@@ -79,6 +79,19 @@ class Localization(Part):
         else:
             self.code = GRADIENT_INF
         where, found = self.localize(event.optimizer, event.step, event.backwards, loss)
+        self.events[where] = found
+        self.dirty.mark("ND401")
+
+    def on_scaler_step(self, event: ScalerStep) -> None:
+        """A step the GradScaler skipped with a non-finite loss: the forward overflowed (in
+        fp16, past 65504) -- the scaler hides it by skipping, so it is localised here, with the
+        forward replayed under the autocast it ran in."""
+        wo = event.optimizer
+        if self.step is not None or not event.skipped or wo is None or math.isfinite(event.loss):
+            return
+        self.step = event.step
+        self.code = LOSS_NAN if math.isnan(event.loss) else LOSS_INF
+        where, found = self.localize(wo, event.step, event.backwards, event.loss)
         self.events[where] = found
         self.dirty.mark("ND401")
 

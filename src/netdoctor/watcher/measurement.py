@@ -224,6 +224,30 @@ class Measurement(Part):
             wo, step, deep, backwards, with_grad, loss, grad_norm, measured=bool(step_meters)
         )
 
+    def skip(self) -> tuple[list[BackwardRecord], float]:
+        """A step the GradScaler skipped: the backwards since the last step and their mean loss
+        (one host sync), taken as a step would take them; the per-layer hooks come off and the
+        activations of the forward whose step never came are dropped."""
+        backwards, self.backwards = self.backwards, []
+        self._unscaled.clear()
+        for rec in backwards:
+            if rec.loss is not None:
+                self.pending.add(
+                    rec.loss.float().mean() if rec.loss.numel() > 1 else rec.loss,
+                    _value_of(rec),
+                )
+        self.pending.resolve()
+        seen = [r.value for r in backwards if r.value is not None]
+        loss = sum(seen) / len(seen) if seen else math.nan
+        self.observed.clear()
+        for wm in self.registry.models:
+            wm.end_measure()
+            wm.detach_recorder()
+            if wm.recorder is not None:
+                wm.recorder.discard_pending()
+        self.losses.end_step()
+        return backwards, loss
+
     def after_step(self, wo: WatchedOptimizer, step: int) -> bool | None:
         """After the update of a step the meters measured: their update ratios, and whether
         the update moved a parameter (None when the meters did not measure this step)."""

@@ -201,6 +201,22 @@ class Registry(Part):
             self.facts.iterations = step
         return wo
 
+    def watched(self, opt: torch.optim.Optimizer) -> WatchedOptimizer | None:
+        """`opt`'s watched optimizer (found, or created when it is one to watch), without
+        counting a step: a GradScaler's skipped step, which runs no optimizer step."""
+        wo = self._optimizer(opt)
+        if wo is not None and wo.refresh():
+            self._associate()
+        return wo
+
+    def forget_calls(self, wo: WatchedOptimizer | None) -> None:
+        """A skipped step is over: the forwards recorded for its replay are dropped, as after a
+        step."""
+        for wm in self.models:
+            if wo is None or wo in wm.optimizers:
+                wm.calls.clear()
+                wm.output_nodes = []
+
     def end_step(self, opt: torch.optim.Optimizer) -> WatchedOptimizer | None:
         """The step of `opt` returned: its watched optimizer, when the step was one `begin_step`
         counted."""

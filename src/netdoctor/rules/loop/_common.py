@@ -4,6 +4,7 @@ how a message names a line, and a short list of names."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 
 from netdoctor.findings import Location
@@ -30,3 +31,16 @@ def names(items: Iterable[str], limit: int = 4) -> str:
     items = list(items)
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
+
+
+def scaler_names(step_site: Location | None) -> tuple[str, str]:
+    """The scaler's and the optimizer's names in the user's `scaler.step(optimizer)` line."""
+    from netdoctor.fixes.patch import read
+
+    if step_site is not None and step_site.line:
+        text = (read(step_site.path) or "").splitlines()
+        if 0 < step_site.line <= len(text):
+            m = re.search(r"([\w.]+)\.step\(\s*([\w.]+)", text[step_site.line - 1])
+            if m:
+                return m.group(1), m.group(2)
+    return "scaler", "optimizer"

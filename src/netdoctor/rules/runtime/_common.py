@@ -72,7 +72,10 @@ def raise_lr(finding: Finding, context: RemedyContext) -> Remedy:
 # training-loop bugs first (steps that change nothing, gradients that pile up, softmax fed to
 # cross_entropy, ...), then the data, the static problems and the other runtime symptoms.
 # Keys: a rule ID, or ND406+ / ND406- for update ratios that are too large / too small.
-LOOP_ROOTS = ("ND503", "ND502", "ND506", "ND507", "ND501", "ND505", "ND504")
+LOOP_ROOTS = (
+    "ND503", "ND502", "ND506", "ND507", "ND501", "ND601", "ND602", "ND603", "ND604", "ND505",
+    "ND504",
+)  # fmt: skip
 NOT_LEARNING = (
     "ND304", "ND303", "ND302", "ND301", "ND202", "ND410", "ND108", "ND104", "ND103", "ND105",
     "ND106", "ND401", "ND404", "ND403", "ND405", "ND406+", "ND406-", "ND402", "ND102", "ND101",

@@ -104,6 +104,21 @@ def check(ctx: RuntimeContext, options: NoOptions) -> Iterator[Finding]:
                 "real token\nx, key_padding_mask, y = x[keep], key_padding_mask[keep], "
                 "y[keep]\n",
             )
+        elif _fp16_overflow(outs) and not ev.bad_parameters:
+            message += (
+                f" Its finite outputs reach {g(outs.get('abs_max'))}, at float16's largest "
+                "value (65504): the forward runs in float16 (autocast or a half model) and "
+                "this layer's output passes its range."
+            )
+            fix = Fix(
+                f"keep {where}'s output inside float16's range: normalize what feeds it (raw "
+                "sensor or pixel counts), run it in float32, or train in bfloat16",
+                "x = (x - mean) / std   # inputs near unit scale\n"
+                "# or run the layer in float32:\n"
+                "with torch.autocast(device_type, enabled=False):\n"
+                "    out = layer(x.float())\n"
+                "# or: torch.autocast(device_type, dtype=torch.bfloat16), no GradScaler\n",
+            )
         elif s == 1 and not ev.bad_parameters:
             message += (
                 " It happened on the very first forward with freshly initialised "
@@ -167,6 +182,13 @@ def check(ctx: RuntimeContext, options: NoOptions) -> Iterator[Finding]:
     )
 
 
+def _fp16_overflow(outs: dict[str, Any]) -> bool:
+    """Inf (not NaN) in an output whose finite values reach float16's top binade: the layer
+    computed in float16 and passed 65504."""
+    top = outs.get("abs_max")
+    return bool(outs.get("inf")) and isinstance(top, (int, float)) and 32768 <= top <= 65504
+
+
 def causes(finding: Finding) -> tuple[str, ...]:
     """NaN in the input batch follows from NaN in the data; elsewhere, from what blows up."""
     if finding.evidence.get("kind") == "input":
@@ -177,6 +199,7 @@ def causes(finding: Finding) -> tuple[str, ...]:
         "ND301",
         "ND506",
         "ND501",
+        "ND604",
         "ND201",
         "ND204",
         "ND406+",

@@ -121,7 +121,10 @@ def variant(finding: Finding) -> str:
 def causes(finding: Finding) -> tuple[str, ...]:
     if variant(finding) == "+":
         return ("ND501", "ND302", "ND301")
-    return ("ND503", "ND505", "ND410", "ND202", "ND404", "ND403", "ND405", "ND102", "ND101")
+    return (
+        "ND503", "ND602", "ND603", "ND604", "ND505", "ND410", "ND202", "ND404", "ND403", "ND405",
+        "ND102", "ND101",
+    )  # fmt: skip
 
 
 def largest_early_update(run: TrainingRun, options: Options) -> float | None:
