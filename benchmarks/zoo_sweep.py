@@ -34,12 +34,14 @@ default rule settings.
     token input (long) of length 32. Named by the built class (LlamaForCausalLM).
 
 Each model's verdict: clean (no finding at warning or error; info findings are allowed),
+confirmed (every warning is a dead-submodule finding that one backward from the model's output
+confirms: those parameters get no gradient on this machine, a true finding, not a false alarm),
 warnings (the worst is a warning), errors (an error: `netdoctor check` exits 1), crash (netdoctor
 raised: a netdoctor bug), timeout (the check ran past --timeout), or skipped: size (above
 --max-params), build failed (the library could not build it here, or the build ran past
 --timeout), input rejected (netdoctor's ND002 says the forward failed and a plain forward of the
 same input, without netdoctor, fails too: the model needs other inputs). Clean % is clean over
-checked (clean + warnings + errors + crashes + timeouts).
+the checked models (clean + warnings + errors + crashes + timeouts), confirmed ones left out.
 
 Every model runs in a worker process (--workers, one torch thread each) with a time limit
 (--timeout, build and check together): a hang is killed and the worker replaced, a worker that
@@ -68,7 +70,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARIES = ("timm", "torchvision", "transformers")
-CHECKED = ("clean", "warnings", "errors", "crash", "timeout")
+CHECKED = ("clean", "confirmed", "warnings", "errors", "crash", "timeout")
+# Warnings of these rules claim that some parameters never get a gradient: one backward measures it
+MEASURABLE = {"ND103"}
 SEQ_LEN = 32
 TORCHVISION_SIZES = {"inception_v3": 299}
 SEVERITY_ORDER = {"info": 1, "warning": 2, "error": 3}
@@ -480,6 +484,44 @@ def plain_forward_error(model, shape: tuple[int, ...], dtype: str) -> str | None
     return None
 
 
+def no_gradient(model, shape: tuple[int, ...], dtype: str, modules: list[str], seed: int) -> bool:
+    """Whether one backward from the model's output (its first tensor: logits) gives none of
+    `modules`' parameters a nonzero gradient: a dead-submodule finding measured, not believed
+    (a true finding on this machine, not a false alarm)."""
+    import torch
+
+    from netdoctor.loading.forward import example_input
+    from netdoctor.loading.seeding import seeded
+    from netdoctor.loading.shapes import first_layer
+
+    found = first_layer(model)
+    vocab = getattr(found[1], "num_embeddings", None) if found else None
+    named = dict(model.named_modules())
+    if any(m not in named for m in modules):
+        return False
+    try:
+        with seeded(seed):
+            x = example_input(shape, dtype, batch=2, vocab=vocab)
+            model.train()
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            if not isinstance(out, torch.Tensor):
+                out = next(
+                    v
+                    for v in (out.values() if hasattr(out, "values") else out)
+                    if isinstance(v, torch.Tensor)
+                )
+            out.float().sum().backward()
+    except Exception:
+        return False
+    for m in modules:
+        for p in named[m].parameters():
+            if p.grad is not None and bool(p.grad.abs().sum() > 0):
+                return False
+    model.zero_grad(set_to_none=True)
+    return True
+
+
 def run_task(task: dict[str, Any], settings: dict[str, Any], phase) -> dict[str, Any]:
     """Build and check one model; never raises (the verdict is in the row)."""
     import gc
@@ -547,6 +589,14 @@ def run_task(task: dict[str, Any], settings: dict[str, Any], phase) -> dict[str,
         row["notes"] = [n[:300] for n in report.notes]
         worst = max((SEVERITY_ORDER[f["severity"]] for f in row["findings"]), default=0)
         row["status"] = {3: "errors", 2: "warnings"}.get(worst, "clean")
+        flagged = [f for f in row["findings"] if SEVERITY_ORDER[f["severity"]] >= 2]
+        if (
+            flagged
+            and {f["rule"] for f in flagged} <= MEASURABLE
+            and all(f["module"] for f in flagged)
+            and no_gradient(model, shape, dtype, [f["module"] for f in flagged], seed)
+        ):
+            row["status"] = "confirmed"
         if any(f["rule"] == "ND002" for f in row["findings"]):
             error = plain_forward_error(model, shape, dtype)
             if error is not None:
@@ -698,7 +748,13 @@ def summarize(rows: list[dict[str, Any]], library: str | None = None) -> dict[st
         "models": len(rows),
         "checked": checked,
         "clean": status["clean"],
-        "clean_pct": round(100.0 * status["clean"] / checked, 1) if checked else None,
+        # a finding that a backward confirms is true, not a false alarm: out of the count
+        "clean_pct": (
+            round(100.0 * status["clean"] / (checked - status["confirmed"]), 1)
+            if checked > status["confirmed"]
+            else None
+        ),
+        "confirmed": status["confirmed"],
         "warnings": status["warnings"],
         "errors": status["errors"],
         "crashes": status["crash"],
@@ -764,6 +820,7 @@ def library_table(result: dict[str, Any], markdown: bool) -> str:
         "checked",
         "clean",
         "clean %",
+        "confirmed",
         "warnings",
         "errors",
         "crashes",
@@ -784,6 +841,7 @@ def library_table(result: dict[str, Any], markdown: bool) -> str:
                 s["checked"],
                 s["clean"],
                 "" if s["clean_pct"] is None else f"{s['clean_pct']:.1f}",
+                s.get("confirmed", 0),
                 s["warnings"],
                 s["errors"],
                 s["crashes"],
