@@ -148,6 +148,7 @@ class WatchedOptimizer:
         self.loss_fns: list[set] = []  # per step: the loss functions backward ran on
         self.loss_unseen = False  # the latest step's loss came from no backward nor a trainer
         self.accuracy: list[float | None] = []  # per step (deep steps with class targets)
+        self.seen_lrs: list[float] = []  # the lrs when last seen (a skipped step records none)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -179,6 +180,8 @@ class WatchedOptimizer:
 
     def lrs(self) -> list[float]:
         opt = self.optimizer
+        if opt is None:
+            return list(self.seen_lrs)
         out = []
         for g in opt.param_groups if opt is not None else ():
             lr = g.get("lr", math.nan)
@@ -186,6 +189,7 @@ class WatchedOptimizer:
                 out.append(float(lr))
             except (TypeError, ValueError, RuntimeError):
                 out.append(math.nan)
+        self.seen_lrs = out
         return out
 
     def hyper(self, key: str) -> float | None:

@@ -205,8 +205,10 @@ class Registry(Part):
         """`opt`'s watched optimizer (found, or created when it is one to watch), without
         counting a step: a GradScaler's skipped step, which runs no optimizer step."""
         wo = self._optimizer(opt)
-        if wo is not None and wo.refresh():
-            self._associate()
+        if wo is not None:
+            if wo.refresh():
+                self._associate()
+            wo.lrs()  # remembered for the report: a skipped step records no lr
         return wo
 
     def forget_calls(self, wo: WatchedOptimizer | None) -> None:

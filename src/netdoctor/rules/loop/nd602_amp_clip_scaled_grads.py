@@ -27,7 +27,7 @@ def check(ctx: LoopContext, options: Options) -> Iterator[Finding]:
         seen = f.clip_seen_norm
         if f.clip_kind == "norm" and seen is not None and scale:
             measured = (
-                f"it measured a total norm of {seen:.4g} = {scale:g} (the scale) x "
+                f"It measured a total norm of {seen:.4g} = {scale:g} (the scale) x "
                 f"{seen / scale:.3g} (the true norm)"
             )
             effect = (
