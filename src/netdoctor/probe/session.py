@@ -82,6 +82,7 @@ def probe_target(
         loss=settings.loss,
         seed=opts.seed,
         device=settings.device,
+        precision=settings.precision,
     )
     config.validate()
     loaded, notes = _load(target, opts, config)
