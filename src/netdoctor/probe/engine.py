@@ -151,6 +151,15 @@ def run_probe(
         )
 
 
+def _unrecord(meter: ParamMeter) -> None:
+    """Forget the step a GradScaler skipped: its gradients overflowed and no weight moved."""
+    for trace, had in zip(meter.traces, meter.have):
+        trace.grad_norm.pop()
+        trace.weight_norm.pop()
+        trace.steps_with_grad -= int(had)
+    meter.discard()
+
+
 def _window_start(steps: int, window: float) -> int:
     return steps - max(1, int(round(steps * window)))
 
@@ -303,13 +312,14 @@ def _run_probe(
                         )
                         pc = torch.bincount(pred, minlength=max(c, 2))
                         pred_counts = pc if pred_counts is None else pred_counts + pc
-                if recorder:
-                    recorder.flush_step()
                 bad_grad = bool(meter and meter.bad_grad)
-                run.steps_run = step + 1
                 # a finite loss with overflowing float16 gradients: the scaler skips the step
-                # and lowers its scale (its calibration), so the run goes on
+                # and lowers its scale (its calibration), so the run goes on, and the rules
+                # read the steps taken (`measured_steps`)
                 skip = scaler is not None and bad_grad and math.isfinite(loss_v)
+                if recorder:
+                    recorder.discard_pending() if skip else recorder.flush_step()
+                run.steps_run = step + 1
                 if not math.isfinite(loss_v) or (bad_grad and not skip):
                     run.stopped = "non-finite"
                     if meter is not None and recorder is not None:  # instrumented
@@ -328,11 +338,12 @@ def _run_probe(
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
-                    if skip:
-                        run.skipped_steps.append(step + 1)
                 else:
                     opt.step()
-                if meter:
+                if skip and meter is not None:
+                    run.skipped_steps.append(step + 1)
+                    _unrecord(meter)
+                elif meter:
                     meter.after_step()
                 if budget_s is not None:
                     if device.type == "cuda":
@@ -359,6 +370,9 @@ def _run_probe(
         run.label_counts = [int(v) for v in label_counts.tolist()]
     if pred_counts is not None:
         run.pred_counts = [int(v) for v in pred_counts.tolist()]
+    if run.skipped_steps:
+        skipped = set(run.skipped_steps)
+        run.measured_steps = [s for s in range(1, run.steps_run + 1) if s not in skipped]
     if recorder is not None and meter is not None:
         run.activations = recorder.finish()
         run.headroom = recorder.headroom()

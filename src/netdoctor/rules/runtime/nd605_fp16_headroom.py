@@ -157,6 +157,9 @@ RULE = Rule(
     summary="a module's float16 output near or past 65504, float16's largest value",
     check=check,
     options=Options,
+    # an overflow after the loss grew for a while follows from weights that grow (too large a
+    # learning rate); one on the first steps is the module's own scale
+    causes=("ND402", "ND406+"),
     symptoms=(
         SymptomSpec(
             "float16 headroom (tightest module)",
