@@ -151,6 +151,7 @@ class ActivationRecorder:
         self.min_window = 0
         self.seconds = 0.0  # time spent measuring activations inside the measured forwards
         self._amax_on = False  # this forward runs under float16/bfloat16 autocast
+        self.precision = "fp32"  # "fp16"/"bf16" once a measured forward ran under autocast
         self._amax_pending: list[tuple[str, str, torch.Tensor]] = []  # (module, dtype, amax)
         self._headroom: dict[str, ModuleHeadroom] = {}
         self._flushes = 0
@@ -230,7 +231,11 @@ class ActivationRecorder:
         self.calls.clear()
         self.line_calls.clear()
         self.producers.clear()
-        self._amax_on = autocast_dtype() in (torch.float16, torch.bfloat16)
+        dtype = autocast_dtype()
+        self._amax_on = dtype in (torch.float16, torch.bfloat16)
+        if self._amax_on:  # float16 once seen stays: its range is the one at risk
+            self.precision = "fp16" if dtype == torch.float16 else self.precision
+            self.precision = "bf16" if self.precision == "fp32" else self.precision
         self._mode = _Mode(self)
         self._mode.__enter__()
 

@@ -35,11 +35,25 @@ def _tight(run: TrainingRun, options: Options) -> list[ModuleHeadroom]:
     return sorted(tight, key=lambda h: h.fp16_headroom)
 
 
-def _snippet(module: str, attr: str) -> str:
+def _expr(module: str) -> str:
+    """How the model's forward reaches a submodule: "net.0" -> self.net[0]."""
+    parts = [f"[{p}]" if p.isdigit() else f".{p}" for p in module.split(".") if p]
+    return "self" + "".join(parts)
+
+
+def _step(run: TrainingRun, measured: int | None) -> int | None:
+    """The training step of the n-th measured forward (the watcher measures some steps, the
+    probe every step the GradScaler did not skip)."""
+    if measured is None or not run.measured_steps or measured > len(run.measured_steps):
+        return measured
+    return run.measured_steps[measured - 1]
+
+
+def _snippet(module: str) -> str:
     return (
-        f"# keep {module} in float32 under autocast, in the forward that calls it:\n"
+        f"# keep {module or 'the module'} in float32 under autocast, where forward calls it:\n"
         f"with torch.autocast(x.device.type, enabled=False):\n"
-        f"    h = self.{attr}(h.float())\n"
+        f"    h = {_expr(module)}(h.float())\n"
         "# or train in bfloat16 (float32's range, no GradScaler needed):\n"
         "with torch.autocast(device_type, dtype=torch.bfloat16):\n"
         "    loss = loss_fn(model(x), y)\n"
@@ -58,9 +72,10 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
         where = display(h.module, run)
         others = [display(t.module, run) for t in tight if t is not h]
         if h.overflowed:
+            step = _step(run, h.first_overflow)
             message = (
                 f"{where}'s output overflowed float16 to inf"
-                + (f" at step {h.first_overflow}" if h.first_overflow else "")
+                + (f" at step {step}" if step else "")
                 + " under float16 autocast: it exceeds 65504, float16's largest value, so "
                 "the loss is NaN and a GradScaler skips every step (lowering its scale does "
                 "not help: the overflow is in the forward, not the gradients)."
@@ -90,14 +105,13 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
             severity = Severity.INFO
         if others and h is tight[0]:
             message += f" Also close: {', '.join(others[:4])}."
-        attr = h.module.rpartition(".")[2] or "layer"
         fix = Fix(
             f"keep {h.module or 'the model'} in float32 under autocast, train in bfloat16, or "
             "scale down what feeds it (normalize the inputs, a smaller init or gain)"
             if fp16
             else "stay in bfloat16 (or float32); to run in float16, keep "
             f"{h.module or 'this module'} in float32",
-            _snippet(h.module, attr),
+            _snippet(h.module),
         )
         yield RULE.finding(
             message,
@@ -111,7 +125,7 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
                 "dtype": h.dtype,
                 "precision": run.precision,
                 "overflowed": h.overflowed,
-                "first_overflow_step": h.first_overflow,
+                "first_overflow_step": _step(run, h.first_overflow),
                 "modules": [t.module for t in tight],
             },
             impact=14.0 if h.overflowed else 8.0,
