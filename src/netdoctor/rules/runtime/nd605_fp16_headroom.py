@@ -49,12 +49,16 @@ def _step(run: TrainingRun, measured: int | None) -> int | None:
     return run.measured_steps[measured - 1]
 
 
-def _snippet(module: str) -> str:
-    return (
+def _snippet(module: str, fp16: bool) -> str:
+    keep = (
         f"# keep {module or 'the module'} in float32 under autocast, where forward calls it:\n"
         f"with torch.autocast(x.device.type, enabled=False):\n"
         f"    h = {_expr(module)}(h.float())\n"
-        "# or train in bfloat16 (float32's range, no GradScaler needed):\n"
+    )
+    if not fp16:
+        return keep
+    return (
+        keep + "# or train in bfloat16 (float32's range, no GradScaler needed):\n"
         "with torch.autocast(device_type, dtype=torch.bfloat16):\n"
         "    loss = loss_fn(model(x), y)\n"
     )
@@ -111,7 +115,7 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
             if fp16
             else "stay in bfloat16 (or float32); to run in float16, keep "
             f"{h.module or 'this module'} in float32",
-            _snippet(h.module),
+            _snippet(h.module, fp16),
         )
         yield RULE.finding(
             message,
