@@ -231,3 +231,25 @@ def test_fp32_probe_snapshot_has_no_precision():
         if fp32:
             assert "precision" not in m.get("probe", {}), path.name
             assert "headroom" not in m, path.name
+
+
+def test_recorder_takes_max_abs_only_under_autocast():
+    from netdoctor.measure.activations import ActivationRecorder
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(5, 4) * 100
+    rec = ActivationRecorder(net)
+    with rec.attached():
+        with rec.forward():
+            net(x)
+        rec.flush_step()
+        assert rec.headroom() == [] and rec.precision == "fp32"
+        with torch.autocast("cpu", dtype=torch.bfloat16), rec.forward():
+            out = net(x)
+        rec.flush_step()
+    rows = {h.module: h for h in rec.headroom()}
+    assert list(rows) == ["0", "1", "2"]  # innermost producers; not the Sequential itself
+    assert rec.precision == "bf16"
+    assert rows["2"].amax == pytest.approx(float(out.abs().max()))
+    assert rows["0"].dtype == "bfloat16" and rows["0"].steps == 1
