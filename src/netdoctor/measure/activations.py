@@ -243,6 +243,7 @@ class ActivationRecorder:
         """Pop the activation mode pushed by `begin_forward()` (a no-op when none is on)."""
         mode, self._mode = self._mode, None
         self.producers.clear()
+        self._amax_on = False  # forwards outside a measured one (a replay) are not measured
         if mode is not None:
             mode.__exit__(None, None, None)
 
