@@ -2,13 +2,17 @@
 
     python benchmarks/probe_overhead.py                 # CPU (and CUDA too when present)
     python benchmarks/probe_overhead.py --device cpu --steps 60 --repeat 3
+    python benchmarks/probe_overhead.py --device cuda --precision fp16 --skip-cli
 
 Table 1, per model: milliseconds per training step of
   * bare         -- a plain PyTorch loop: zero_grad, forward, loss, backward, step, loss.item()
   * probe/plain  -- netdoctor's probe loop without instrumentation (loss and accuracy only)
   * probe/instr  -- the instrumented probe step: module hooks + TorchFunctionMode activation
                     statistics, per-parameter gradient and weight norms, update/weight ratios
-and the ratio instr/bare. Best of --repeat runs (the machine may be shared).
+and the ratio instr/bare. Best of --repeat runs (the machine may be shared). With `--precision
+fp16|bf16` all three run the AMP recipe (autocast around forward and loss; fp16 with a
+GradScaler: scale, backward, unscale_, step, update), and probe/instr adds each module's max
+|output| (its float16 headroom).
 
 Table 2: wall time of `netdoctor probe` with default settings (100 steps, batch 64, SGD) in a
 fresh process (torch import, static check, data rules, probe, overfit-one-batch, verified fix),
@@ -68,19 +72,31 @@ class FixedBatches:
             yield self.data[i % len(self.data)]
 
 
+PRECISION = "fp32"  # --precision
+
+
 def bare_loop(model, source, steps, device) -> float:
     net = __import__("copy").deepcopy(model).to(device).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     batches = [(x.to(device), y.to(device)) for x, y in source.data]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(PRECISION)
+    scaler = torch.amp.GradScaler(device.type) if PRECISION == "fp16" else None
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(steps):
         x, y = batches[i % len(batches)]
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        opt.step()
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = F.cross_entropy(net(x).float(), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         loss.item()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -88,7 +104,7 @@ def bare_loop(model, source, steps, device) -> float:
 
 
 def probe_loop(model, source, steps, device, instrument) -> float:
-    cfg = ProbeConfig(steps=steps, device=device.type, overfit_steps=0)
+    cfg = ProbeConfig(steps=steps, device=device.type, overfit_steps=0, precision=PRECISION)
     run = run_probe(model, source, cfg, instrument=instrument, overfit=False, train_eval=False)
     return run.timings["train_s"] / max(1, run.steps_run)
 
@@ -101,7 +117,7 @@ def table1(device: torch.device, steps: int, repeat: int, batch_size: int) -> No
             if device.type == "cuda"
             else f" ({torch.get_num_threads()} threads)"
         )
-        + f", batch {batch_size}, best of {repeat}:"
+        + f", batch {batch_size}, {PRECISION}, best of {repeat}:"
     )
     head = (
         f"{'model':22s} {'params':>9s} {'steps':>5s} {'bare ms':>9s} {'plain ms':>9s} "
@@ -194,7 +210,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--skip-cli", action="store_true", help="skip table 2")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="table 1's loops under autocast (fp16 with a GradScaler)",
+    )
     args = ap.parse_args()
+    global PRECISION
+    PRECISION = args.precision
     devices = (
         ["cpu", "cuda"]
         if args.device == "auto" and torch.cuda.is_available()

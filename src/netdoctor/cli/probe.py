@@ -27,6 +27,7 @@ PROBE_KEYS = {
     "loss",
     "seed",
     "device",
+    "precision",
     "verify",
     "time-budget",
 }
@@ -41,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "weight-decay": 0.0,
     "loss": "cross_entropy",
     "device": "auto",
+    "precision": "fp32",
     "time-budget": 60.0,
 }
 
@@ -106,6 +108,12 @@ DEFAULTS: dict[str, Any] = {
     type=click.Choice(["auto", "cpu", "cuda"]),
     help="auto (default): CUDA when present, else CPU.",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    help="fp32 (default); fp16: forward and loss under torch.autocast(float16) with a "
+    "GradScaler; bf16: autocast(bfloat16). Parameters stay float32.",
+)
 @click.option("--no-verify", is_flag=True, help="Do not re-run the probe with the top fix.")
 @click.option("--plot", metavar="FILE.png", help="Draw the gradient-flow plot (needs matplotlib).")
 def probe(
@@ -135,6 +143,7 @@ def probe(
     weight_decay,
     loss_name,
     device,
+    precision,
     no_verify,
     plot,
     no_download,
@@ -148,6 +157,7 @@ def probe(
       netdoctor probe model.py:Net --data fashionmnist --data-dir ./data
       netdoctor probe mlp.py:MLP --data fashionmnist --raw --lr 0.5 --momentum 0
       netdoctor probe model.py:Net --data synthetic --input-shape 3,32,32 --format json
+      netdoctor probe model.py:Net --data synthetic --precision fp16
     """
     started = time.monotonic()  # the time budget counts the whole command
     from netdoctor.config import load_config
@@ -201,6 +211,7 @@ def probe(
         weight_decay=float(pick(weight_decay, "weight-decay")),
         loss=pick(loss_name, "loss"),
         device=pick(device, "device"),
+        precision=str(pick(precision, "precision")),
         verify=not no_verify and bool(table.get("verify", True)),
         started=started,
         download=not no_download and bool(table.get("download", True)),

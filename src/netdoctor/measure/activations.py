@@ -15,10 +15,16 @@ same steps one by one from its root-module hooks: `attach()` + `begin_forward()`
 forward pre-hook, `end_forward()` + `detach()` in its forward hook (registered with
 `always_call=True`, so an exception in forward never leaves the mode on the stack), and
 `new_window()` to restart the "never active" window as a long run goes on.
+
+Under `torch.autocast` with float16 or bfloat16 (the probe's `--precision`, or the user's own
+autocast seen by the watcher), the post-hooks also take each module's max |output| -- one fused
+reduction on the device per module call, crossing to the host on `flush_step()`'s one sync -- for
+the float16 headroom of every module (`headroom()`).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import weakref
@@ -34,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 
 from netdoctor.findings import Location
 from netdoctor.loading.provenance import _is_internal
-from netdoctor.measure.record import ActivationTrace
+from netdoctor.measure.record import ActivationTrace, ModuleHeadroom
 
 _ACT_FUNCS: dict[Any, str] = {}
 
@@ -62,6 +68,27 @@ def _act_table() -> dict[Any, str]:
         for fn in (torch.tanh, torch.tanh_, F.tanh, torch.Tensor.tanh, torch.Tensor.tanh_):
             _ACT_FUNCS[fn] = "tanh"
     return _ACT_FUNCS
+
+
+def autocast_dtype() -> torch.dtype | None:
+    """The low-precision dtype of the autocast in force (CPU or CUDA), or None."""
+    for device in ("cuda", "cpu"):
+        try:
+            on = torch.is_autocast_enabled(device)
+        except TypeError:  # torch < 2.4: no device argument
+            on = (
+                torch.is_autocast_enabled() if device == "cuda" else torch.is_autocast_cpu_enabled()
+            )
+        if on:
+            try:
+                return torch.get_autocast_dtype(device)
+            except AttributeError:  # torch < 2.4
+                return (
+                    torch.get_autocast_gpu_dtype()
+                    if device == "cuda"
+                    else torch.get_autocast_cpu_dtype()
+                )
+    return None
 
 
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh)
@@ -123,6 +150,11 @@ class ActivationRecorder:
         self.in_window = False
         self.min_window = 0
         self.seconds = 0.0  # time spent measuring activations inside the measured forwards
+        self._amax_on = False  # this forward runs under float16/bfloat16 autocast
+        self.precision = "fp32"  # "fp16"/"bf16" once a measured forward ran under autocast
+        self._amax_pending: list[tuple[str, str, torch.Tensor]] = []  # (module, dtype, amax)
+        self._headroom: dict[str, ModuleHeadroom] = {}
+        self._flushes = 0
         _act_table()
 
     def refresh(self) -> None:
@@ -177,6 +209,8 @@ class ActivationRecorder:
                 # innermost module first: a container returning its child's output keeps the
                 # child's name; the weak reference tells a freed tensor's reused id apart
                 self.producers[id(out)] = (name, weakref.ref(out))
+                if self._amax_on and out.is_floating_point() and out.numel():
+                    self._amax(name, out)
             if has_params and name not in self._order_seen:
                 self._order_seen.add(name)
                 self.order.append(name)
@@ -197,6 +231,11 @@ class ActivationRecorder:
         self.calls.clear()
         self.line_calls.clear()
         self.producers.clear()
+        dtype = autocast_dtype()
+        self._amax_on = dtype in (torch.float16, torch.bfloat16)
+        if self._amax_on:  # float16 once seen stays: its range is the one at risk
+            self.precision = "fp16" if dtype == torch.float16 else self.precision
+            self.precision = "bf16" if self.precision == "fp32" else self.precision
         self._mode = _Mode(self)
         self._mode.__enter__()
 
@@ -204,6 +243,7 @@ class ActivationRecorder:
         """Pop the activation mode pushed by `begin_forward()` (a no-op when none is on)."""
         mode, self._mode = self._mode, None
         self.producers.clear()
+        self._amax_on = False  # forwards outside a measured one (a replay) are not measured
         if mode is not None:
             mode.__exit__(None, None, None)
 
@@ -218,6 +258,37 @@ class ActivationRecorder:
         if entry is None or entry[1]() is not t:
             return None
         return entry[0]
+
+    # -- float16 headroom -----------------------------------------------------------------
+    def _amax(self, name: str, out: torch.Tensor) -> None:
+        try:
+            amax = torch.linalg.vector_norm(out.detach(), float("inf"))
+        except Exception:  # instrumentation must never break the user's forward
+            return
+        self._amax_pending.append((name, str(out.dtype).replace("torch.", ""), amax))
+
+    def headroom(self) -> list[ModuleHeadroom]:
+        """Each module's max |output| over the measured autocast forwards, in forward order
+        (empty when none ran under float16/bfloat16 autocast)."""
+        return list(self._headroom.values())
+
+    def _record_amax(self, values: list[float]) -> None:
+        self._flushes += 1
+        seen: set[str] = set()
+        for (name, dtype, _), v in zip(self._amax_pending, values):
+            h = self._headroom.get(name)
+            if h is None:
+                h = self._headroom[name] = ModuleHeadroom(name, dtype, 0.0)
+            if name not in seen:
+                seen.add(name)
+                h.steps += 1
+            if not math.isfinite(v):
+                h.amax = math.inf
+                if h.first_overflow is None:
+                    h.first_overflow = self._flushes
+            elif v > h.amax:
+                h.amax = v
+        self._amax_pending.clear()
 
     # -- activation measurement ---------------------------------------------------------
     def _observe(self, kind: str, inp: Any, out: torch.Tensor) -> None:
@@ -311,11 +382,20 @@ class ActivationRecorder:
             site.pending.append(((t.abs() > 0.99).sum(), n))
 
     def flush_step(self) -> None:
-        """Move this step's pending activation counts to the traces (one device sync)."""
+        """Move this step's pending activation counts (and max |output|s) to the traces (one
+        device sync)."""
         pend = [(s, v, n) for s in self.site_list for v, n in s.pending]
+        amax = [a for _, _, a in self._amax_pending]
+        if not pend and not amax:
+            return
+        values = torch.stack(
+            [v.to(torch.float64) for _, v, _ in pend] + [a.to(torch.float64) for a in amax]
+        ).tolist()
+        if amax:
+            self._record_amax(values[len(pend) :])
+            values = values[: len(pend)]
         if not pend:
             return
-        values = torch.stack([v.to(torch.float64) for _, v, _ in pend]).tolist()
         seen: set[int] = set()
         for (site, _, n), v in zip(pend, values):
             if id(site) in seen:
@@ -334,6 +414,7 @@ class ActivationRecorder:
         """Drop measurements not yet flushed (a forward whose step never came)."""
         for s in self.site_list:
             s.pending.clear()
+        self._amax_pending.clear()
 
     def new_window(self, min_steps: int = 3) -> None:
         """Start a new "never active" window (a long watched run: units must be dead over the

@@ -71,6 +71,35 @@ class ActivationTrace:
         return self.dead_units / self.units
 
 
+#: The largest finite float16 value: a float16 output beyond it is inf.
+FP16_MAX = 65504.0
+
+
+@dataclass
+class ModuleHeadroom:
+    """How close one module's outputs came to float16's range in an autocast run: the largest
+    |output| over the measured forwards (inf/nan once one overflowed)."""
+
+    module: str
+    dtype: str  # the output's dtype under autocast ("float16", "bfloat16", "float32")
+    amax: float  # max |output| over the measured steps; inf or nan: it overflowed
+    steps: int = 0  # measured forwards that produced it
+    first_overflow: int | None = None  # the first measured step (1-based) whose output was
+    # non-finite
+
+    @property
+    def overflowed(self) -> bool:
+        return not math.isfinite(self.amax)
+
+    @property
+    def fp16_headroom(self) -> float:
+        """65504 / max |output|: how many times larger the output could grow before float16
+        overflows (0: it did; inf: the output was all zeros)."""
+        if self.overflowed:
+            return 0.0
+        return FP16_MAX / self.amax if self.amax > 0 else math.inf
+
+
 @dataclass
 class ParamTrace:
     name: str  # "net.1.weight"
@@ -160,6 +189,11 @@ class TrainingRun:
     # Several optimizers pursue competing objectives (a GAN's generator and discriminator): a
     # loss that does not fall is then no symptom.
     competing_losses: bool = False
+    # The precision the forward ran in: "fp32", or "fp16"/"bf16" under torch.autocast (the
+    # probe's --precision, or what the watcher saw), and each module's float16 headroom then.
+    precision: str = "fp32"
+    headroom: list[ModuleHeadroom] = field(default_factory=list)  # in forward order
+    skipped_steps: list[int] = field(default_factory=list)  # 1-based: GradScaler skipped them
 
     # -- helpers the rules use ---------------------------------------------------------
     def site(self, module: str | None) -> Location | None:

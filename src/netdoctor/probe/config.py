@@ -15,6 +15,12 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross_entropy", "mse", "bce")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "fp16", "bf16")
+# How the report names each precision (fp32: nothing, the probe's behaviour before it had one).
+PRECISION_TEXT = {
+    "fp16": "float16 autocast with a GradScaler",
+    "bf16": "bfloat16 autocast",
+}
 
 # Defaults (see the probe command's help and docs/probe defaults): measured so that the default
 # probe of a LeNet-size model finishes in a few seconds on a laptop CPU.
@@ -44,6 +50,8 @@ class ProbeConfig:
     batch_limit: int | None = None  # the time budget's cap on samples per step (the first ones
     # of each batch); None: batches as served
     requested_steps: int | None = None  # set when the time budget cut `steps` short
+    precision: str = "fp32"  # fp16/bf16: forward and loss under torch.autocast (fp16 with a
+    # GradScaler); the parameters stay float32
 
     @property
     def learning_rate(self) -> float:
@@ -56,6 +64,8 @@ class ProbeConfig:
             raise UserError(f"unknown loss {self.loss!r} (use {', '.join(LOSSES)})")
         if self.device not in DEVICES:
             raise UserError(f"unknown device {self.device!r} (use {', '.join(DEVICES)})")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r} (use {', '.join(PRECISIONS)})")
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
@@ -73,9 +83,10 @@ class ProbeConfig:
             if self.batch_limit is None or self.batch_limit >= self.batch_size
             else f"{self.batch_limit} (the first of each batch of {self.batch_size})"
         )
+        amp = f", {PRECISION_TEXT[self.precision]}" if self.precision in PRECISION_TEXT else ""
         return (
             f"{self.steps} steps of {opt} (lr {self.learning_rate:g}{extra}), batch size "
-            f"{batch}, {self.loss} loss, seed {self.seed}"
+            f"{batch}, {self.loss} loss, seed {self.seed}{amp}"
         )
 
 

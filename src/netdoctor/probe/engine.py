@@ -11,6 +11,8 @@ batches from a `netdoctor.data.DataSource` (fed exactly as the source serves the
   over the last part of the probe (`window`) (`ActivationRecorder`);
 * the first non-finite value: the step and the module that produced it (`localize_forward`), or
   the first parameter whose gradient went non-finite;
+* under `--precision fp16|bf16` (`netdoctor.probe.amp`): each module's max |output|, the float16
+  headroom (`ModuleHeadroom`), and the steps a float16 run's GradScaler skipped;
 * train- vs eval-mode outputs at the end (BatchNorm running statistics), and a separate
   overfit-one-batch run on a fresh copy (`netdoctor.probe.end_checks`).
 
@@ -47,6 +49,7 @@ from netdoctor.measure.targets import (
     compute_loss,
     num_outputs,
 )
+from netdoctor.probe.amp import autocast, grad_scaler
 from netdoctor.probe.config import ProbeConfig
 from netdoctor.probe.end_checks import overfit_one_batch, train_eval_gap
 
@@ -148,6 +151,15 @@ def run_probe(
         )
 
 
+def _unrecord(meter: ParamMeter) -> None:
+    """Forget the step a GradScaler skipped: its gradients overflowed and no weight moved."""
+    for trace, had in zip(meter.traces, meter.have):
+        trace.grad_norm.pop()
+        trace.weight_norm.pop()
+        trace.steps_with_grad -= int(had)
+    meter.discard()
+
+
 def _window_start(steps: int, window: float) -> int:
     return steps - max(1, int(round(steps * window)))
 
@@ -182,6 +194,9 @@ def _run_probe(
     net = net.to(device)
     net.train()
     run = TrainingRun(config=config, device=str(device), sites=dict(sites or {}))
+    run.precision = config.precision
+    amp = autocast(config.precision, device)
+    scaler = grad_scaler(config.precision, device)
     run.module_types = {n: type(m).__name__ for n, m in net.named_modules()}
     named = _train_params(net)
     run.frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
@@ -241,7 +256,7 @@ def _run_probe(
                     recorder.in_window = step >= window_start
                 rng = rng_state(device) if instrument else None
                 opt.zero_grad(set_to_none=True)
-                with recorder.forward() if recorder else nullcontext():
+                with amp(), recorder.forward() if recorder else nullcontext():
                     out = net(x)
                 logits = main_output(out)
                 if logits is None:
@@ -257,11 +272,15 @@ def _run_probe(
                     run.stopped = "labels"
                     run.bad_batch = (x.cpu(), y.cpu())
                     if recorder:
-                        for s in recorder.site_list:
-                            s.pending.clear()
+                        recorder.discard_pending()
                     break
-                loss, correct = compute_loss(config.loss, logits.float(), y)
-                loss.backward()
+                with amp():
+                    loss, correct = compute_loss(config.loss, logits.float(), y)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)  # the meter measures the true gradients
+                else:
+                    loss.backward()
                 scalars = [loss] if correct is None else [loss, correct]
                 vals = (
                     meter.before_step(scalars)
@@ -293,17 +312,22 @@ def _run_probe(
                         )
                         pc = torch.bincount(pred, minlength=max(c, 2))
                         pred_counts = pc if pred_counts is None else pred_counts + pc
-                if recorder:
-                    recorder.flush_step()
                 bad_grad = bool(meter and meter.bad_grad)
+                # a finite loss with overflowing float16 gradients: the scaler skips the step
+                # and lowers its scale (its calibration), so the run goes on, and the rules
+                # read the steps taken (`measured_steps`)
+                skip = scaler is not None and bad_grad and math.isfinite(loss_v)
+                if recorder:
+                    recorder.discard_pending() if skip else recorder.flush_step()
                 run.steps_run = step + 1
-                if not math.isfinite(loss_v) or bad_grad:
+                if not math.isfinite(loss_v) or (bad_grad and not skip):
                     run.stopped = "non-finite"
                     if meter is not None and recorder is not None:  # instrumented
                         if not math.isfinite(loss_v):
-                            run.nonfinite = localize_forward(
-                                net, x, y, config.loss, step + 1, rng, device
-                            )
+                            with amp():  # the replay overflows where the step did
+                                run.nonfinite = localize_forward(
+                                    net, x, y, config.loss, step + 1, rng, device
+                                )
                         else:
                             run.nonfinite = first_bad_grad(meter.traces, step + 1, recorder.order)
                     else:
@@ -311,8 +335,15 @@ def _run_probe(
                             step + 1, "loss" if not math.isfinite(loss_v) else "gradient"
                         )
                     break
-                opt.step()
-                if meter:
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                if skip and meter is not None:
+                    run.skipped_steps.append(step + 1)
+                    _unrecord(meter)
+                elif meter:
                     meter.after_step()
                 if budget_s is not None:
                     if device.type == "cuda":
@@ -339,8 +370,12 @@ def _run_probe(
         run.label_counts = [int(v) for v in label_counts.tolist()]
     if pred_counts is not None:
         run.pred_counts = [int(v) for v in pred_counts.tolist()]
+    if run.skipped_steps:
+        skipped = set(run.skipped_steps)
+        run.measured_steps = [s for s in range(1, run.steps_run + 1) if s not in skipped]
     if recorder is not None and meter is not None:
         run.activations = recorder.finish()
+        run.headroom = recorder.headroom()
         order = {name: i for i, name in enumerate(recorder.order)}
         run.params = sorted(meter.traces, key=lambda t: order.get(t.module, len(order)))
         run.layer_order = list(recorder.order)

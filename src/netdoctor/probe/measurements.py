@@ -59,6 +59,10 @@ def measurements(run: TrainingRun) -> dict[str, Any]:
             "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
         },
     }
+    if config.precision != "fp32":  # an fp32 report reads as it did before --precision
+        out["probe"]["precision"] = config.precision
+        out["probe"]["skipped_steps"] = list(run.skipped_steps)
+        out["headroom"] = headroom_table(run)
     if run.train_eval is not None:
         out["train_eval"] = run.train_eval
     if run.overfit is not None:
@@ -66,3 +70,25 @@ def measurements(run: TrainingRun) -> dict[str, Any]:
     if run.nonfinite is not None:
         out["non_finite"] = asdict(run.nonfinite)
     return out
+
+
+def headroom_table(run: TrainingRun) -> list[dict[str, Any]]:
+    """Every module's max |output| under autocast and its float16 headroom (65504 / it),
+    tightest first."""
+    rows = []
+    for h in sorted(run.headroom, key=lambda h: h.fp16_headroom):
+        site = run.site(h.module)
+        rows.append(
+            {
+                "module": h.module,
+                "module_type": run.module_types.get(h.module),
+                "dtype": h.dtype,
+                "max_abs": h.amax,
+                "fp16_headroom": h.fp16_headroom,
+                "overflowed": h.overflowed,
+                "first_overflow_step": h.first_overflow,
+                "steps": h.steps,
+                "location": site.to_dict() if site else None,
+            }
+        )
+    return rows

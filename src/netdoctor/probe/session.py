@@ -82,6 +82,7 @@ def probe_target(
         loss=settings.loss,
         seed=opts.seed,
         device=settings.device,
+        precision=settings.precision,
     )
     config.validate()
     loaded, notes = _load(target, opts, config)
@@ -237,6 +238,13 @@ def _run_and_diagnose(probe: _Probe) -> TrainingRun:
         note = steps_note(requested, run, budget_s)
         if note:
             report.notes.append(note)
+    if run.skipped_steps:
+        n, taken = len(run.skipped_steps), run.steps_run - len(run.skipped_steps)
+        report.notes.append(
+            f"the GradScaler skipped {n} of {run.steps_run} steps (steps "
+            f"{_steps_text(run.skipped_steps)}): their float16 gradients overflowed, so no "
+            f"weight moved and its scale came down; the rules read the {taken} steps taken"
+        )
     run.target = loaded.target
     run.prior_rules = {f.rule for f in report.findings}
     if run.stopped in ("labels", "non-finite-input") and run.bad_batch is not None:
@@ -272,6 +280,20 @@ def _run_and_diagnose(probe: _Probe) -> TrainingRun:
         write_plot(run, probe.settings.plot, loaded.target)
         report.notes.append(f"gradient-flow plot written to {probe.settings.plot}")
     return run
+
+
+def _steps_text(steps: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7"."""
+    parts: list[str] = []
+    start = prev = steps[0]
+    for s in [*steps[1:], None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if s is not None:
+            start = prev = s
+    return ", ".join(parts)
 
 
 @contextmanager

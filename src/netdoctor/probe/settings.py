@@ -23,6 +23,7 @@ class ProbeSettings:
     weight_decay: float = 0.0
     loss: str = "cross_entropy"
     device: str = "auto"
+    precision: str = "fp32"  # fp32, fp16 (autocast + GradScaler) or bf16 (autocast)
     verify: bool = True  # re-run with the top fix applied in memory
     time_budget: float | None = None  # seconds for the whole probe; None: no budget
     started: float | None = None  # time.monotonic() when the command began (default: now)

@@ -28,6 +28,7 @@ GROUP_TITLE = {Severity.ERROR: "errors", Severity.WARNING: "warnings", Severity.
 SPARK = "▁▂▃▄▅▆▇█"
 EIGHTHS = " ▏▎▍▌▋▊▉█"
 MAX_EVIDENCE = 6
+HEADROOM_ROWS = 4  # the tightest modules the float16 headroom table shows
 SPARK_WIDTH = 60
 BAR_WIDTH = 30
 
@@ -295,6 +296,47 @@ def _loss_curve(p: _Printer, values: Any) -> None:
     p.line(line, wrap=False)
 
 
+def _headroom(p: _Printer, rows: Any, precision: Any) -> None:
+    """The tightest modules' float16 headroom (65504 / max |output|) with their source lines;
+    of the modules that overflowed, the first (forward order: the producer) is shown and the
+    others, which only propagate its inf/NaN, are counted."""
+    if not isinstance(rows, list) or not rows:
+        return
+    rows = [r for r in rows if isinstance(r, dict)]
+    over = [r for r in rows if r.get("overflowed")]
+    shown = over[:1] + [r for r in rows if not r.get("overflowed")]
+    from rich.table import Table
+
+    table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
+    table.padding = (0, 2, 0, 0)
+    table.add_column("module", overflow="fold", max_width=max(12, p.c.width // 3))
+    table.add_column("max |out|", justify="right", no_wrap=True)
+    table.add_column("headroom", justify="right", no_wrap=True)
+    table.add_column("built at", overflow="fold")
+    for r in shown[:HEADROOM_ROWS]:
+        name = str(r.get("module") or "(model)")
+        if r.get("module_type"):
+            name += f" ({r['module_type']})"
+        loc = r.get("location") or {}
+        where = fmt_location(Location(loc["path"], loc.get("line"))) if loc.get("path") else ""
+        if r.get("overflowed"):
+            table.add_row(
+                name, Text("inf", style="bold red"), Text("overflowed", style="bold red"), where
+            )
+        else:
+            h = r.get("fp16_headroom")
+            style = "yellow" if isinstance(h, (int, float)) and h < 8 else ""
+            table.add_row(name, fmt_num(r.get("max_abs")), Text(f"{fmt_num(h)}x", style), where)
+    what = "bfloat16 autocast; what float16 would leave" if precision == "bf16" else "float16"
+    p.line(Text.assemble(("Float16 headroom", "bold"), f" ({what}: 65504 / max |output|)"))
+    p.table(table)
+    if len(over) > 1:
+        p.line(
+            Text(f"{len(over) - 1} module(s) after it were non-finite too (they propagate it)"),
+            indent=2,
+        )
+
+
 def _side(d: Any) -> str:
     d = d if isinstance(d, dict) else {}
     text = f"{fmt_fixed(d.get('loss_first'))} → {fmt_fixed(d.get('loss_last'))}"
@@ -424,6 +466,8 @@ def _report(p: _Printer, report: Report) -> None:
         _gradient_flow(p, m["gradient_flow"])
     if "loss_curve" in m:
         _loss_curve(p, m["loss_curve"])
+    if "headroom" in m:
+        _headroom(p, m["headroom"], (m.get("probe") or {}).get("precision"))
     if "verified_fix" in m:
         _verified_fix(p, m["verified_fix"])
     if report.notes:

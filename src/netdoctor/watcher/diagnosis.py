@@ -148,6 +148,7 @@ def build_run(g: Gathered, wm: WatchedModel, light: bool = False) -> TrainingRun
     if wm.recorder is not None:
         run.activations = wm.recorder.finish()
         run.layer_order = list(wm.recorder.order)
+        run.headroom, run.precision = wm.recorder.headroom(), wm.recorder.precision  # ND605
     order = {name: i for i, name in enumerate(run.layer_order)}
     traces = []
     for o in wm.optimizers:
