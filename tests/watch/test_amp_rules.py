@@ -109,7 +109,7 @@ def test_gradient_overflow_with_a_finite_loss():
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     scaler = torch.amp.GradScaler("cpu")
     with netdoctor.watch(model, opt) as doctor:
-        for i in range(30):
+        for _ in range(30):
             idx = torch.randint(0, 512, (64,))
             opt.zero_grad()
             with torch.autocast("cpu", dtype=torch.float16):

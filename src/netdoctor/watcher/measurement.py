@@ -227,7 +227,7 @@ class Measurement(Part):
     def skip(self) -> tuple[list[BackwardRecord], float]:
         """A step the GradScaler skipped: the backwards since the last step and their mean loss
         (one host sync), taken as a step would take them; the per-layer hooks come off and the
-        activations of the forward whose step never came are dropped."""
+        activations a deep forward recorded are kept, as after a step."""
         backwards, self.backwards = self.backwards, []
         self._unscaled.clear()
         for rec in backwards:
@@ -243,8 +243,8 @@ class Measurement(Part):
         for wm in self.registry.models:
             wm.end_measure()
             wm.detach_recorder()
-            if wm.recorder is not None:
-                wm.recorder.discard_pending()
+            if wm.recorder is not None and wm.measured_step is not None:
+                wm.recorder.flush_step()  # a real forward: its activations (and headroom) count
         self.losses.end_step()
         return backwards, loss
 

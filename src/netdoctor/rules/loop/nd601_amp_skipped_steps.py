@@ -121,6 +121,7 @@ RULE = Rule(
     summary="a GradScaler skips step after step (inf/NaN every time) or its scale collapses",
     check=check,
     options=Options,
+    causes=("ND605",),  # the module whose float16 output overflowed, when one was measured
     fixture=Fixture("run", ("fixtures/loops/amp_overflow.py",)),
     healthy=Fixture("run", ("fixtures/loops/amp_fp16_healthy.py",)),
 )

@@ -194,6 +194,7 @@ def causes(finding: Finding) -> tuple[str, ...]:
     if finding.evidence.get("kind") == "input":
         return ("ND304",)
     return (
+        "ND605",
         "ND304",
         "ND302",
         "ND301",
