@@ -58,6 +58,9 @@ REDUCED = {
     "python benchmarks/run_overhead.py --models transformer-fp16": (
         "--rounds 1 --whole 0 --steps 4 --warmup 1"
     ),
+    "python benchmarks/run_overhead.py --models transformer-bf16": (
+        "--rounds 1 --whole 0 --steps 4 --warmup 1"
+    ),
     "python benchmarks/run_overhead.py": (
         "--models resnet18 --rounds 1 --whole 0 --steps 10 --warmup 2"
     ),
