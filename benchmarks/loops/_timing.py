@@ -35,7 +35,10 @@ class StepTimer:
         self.wall.append(time.perf_counter() - self._t0[0])
         self.cpu.append(time.process_time() - self._t0[1])
         if self._turn is not None:
-            os.write(self._turn[1], b".")
+            try:
+                os.write(self._turn[1], b".")
+            except BrokenPipeError:  # the next process in the ring ran its last step and left
+                pass
 
     def write(self) -> None:
         if self.path:

@@ -2,9 +2,14 @@
 5.2M parameters, 2M of them the token embedding) on padded token sequences of length 128,
 batch 8, with a key padding mask: AdamW, linear warm-up then cosine, gradient clipping,
 cross-entropy, the loss read every step. Synthetic (learnable) data held in memory, so the
-step is all model."""
+step is all model.
+
+`--precision fp16` runs the forward and the loss under torch.autocast(float16) with a
+GradScaler (scale -> backward -> unscale_ -> clip -> step -> update), `bf16` under
+torch.autocast(bfloat16) without a scaler; `--device cuda` trains on the GPU."""
 
 import argparse
+import contextlib
 import math
 
 import torch
@@ -17,6 +22,8 @@ parser.add_argument("--steps", type=int, default=100)
 parser.add_argument("--batch", type=int, default=8)
 parser.add_argument("--length", type=int, default=128)
 parser.add_argument("--timings")
+parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+parser.add_argument("--device", default="cpu")
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -56,8 +63,8 @@ def batch():
     return tokens, padding, labels
 
 
-data = [batch() for _ in range(8)]
-model = Encoder()
+data = [tuple(t.to(args.device) for t in batch()) for _ in range(8)]
+model = Encoder().to(args.device)
 optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
 warmup = max(1, args.steps // 10)
 
@@ -67,16 +74,34 @@ def schedule(s):
 
 
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
+scaler = torch.amp.GradScaler(args.device) if args.precision == "fp16" else None
+
+
+def autocast():
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(args.device, dtype=dtype)
+
+
 timer = StepTimer(args.timings)
 model.train()
 for step in range(args.steps):
     tokens, padding, labels = data[step % len(data)]
     with timer:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(tokens, padding), labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        with autocast():
+            loss = F.cross_entropy(model(tokens, padding), labels)
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
         running = loss.item()
 timer.write()
