@@ -87,6 +87,7 @@ class Script:
     setup: tuple[str, ...] = ()
     links: tuple[tuple[str, str], ...] = ()
     dirs: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # set for both runs (and the setup)
     why: str = ""  # what the arguments shorten, and why
 
 
@@ -165,7 +166,12 @@ SCRIPTS: tuple[Script, ...] = (
         ("--steps", "2"),
         needs=("matplotlib", "numpy"),
         setup=("time_sequence_prediction/generate_sine_wave.py",),
-        why="2 LBFGS steps of 15 (each up to 20 closure evaluations); its data generated first",
+        # its torch.load of a numpy array fails under torch>=2.6's weights_only default, with
+        # or without netdoctor; torch's own switch restores the old default
+        env=(("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1"),),
+        why="2 LBFGS steps of 15 (each up to 20 closure evaluations); its data generated first; "
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (its torch.load of a numpy array needs it since torch "
+        "2.6)",
     ),
     Script(
         "regression",
@@ -244,16 +250,15 @@ def digits_as_mnist(images: Any) -> Any:
     0..255, each pixel 3x3 (24x24), padded by 2 on every side (centred)."""
     import numpy as np
 
-    x = np.asarray(images, dtype=np.float64)
-    x = np.rint(np.clip(x, 0, 16) * (255.0 / 16.0)).astype(np.uint8)
-    x = np.kron(x, np.ones((1, 3, 3), dtype=np.uint8))
-    return np.pad(x, ((0, 0), (2, 2), (2, 2)))
+    scaled = np.rint(np.clip(np.asarray(images, dtype=np.float64), 0, 16) * (255.0 / 16.0))
+    big = np.kron(scaled.astype(np.uint8), np.ones((1, 3, 3), dtype=np.uint8))
+    return np.pad(big, ((0, 0), (2, 2), (2, 2)))
 
 
 def write_mnist(root: Path, train_count: int = 1500) -> dict[str, int]:
     """torchvision's MNIST raw layout under root/MNIST/raw, from scikit-learn's digits."""
     import numpy as np
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
     digits = load_digits()
     images = digits_as_mnist(digits.images)
@@ -384,13 +389,16 @@ def final_loss(stdout: str) -> tuple[float | None, str]:
     return last
 
 
+def line_at(text: str, n: int) -> str:
+    lines = text.splitlines()
+    return lines[n - 1] if 0 < n <= len(lines) else "<end>"
+
+
 def first_difference(a: str, b: str) -> tuple[int, str, str] | None:
-    la, lb = a.splitlines(), b.splitlines()
-    for i in range(max(len(la), len(lb))):
-        x = la[i] if i < len(la) else "<end>"
-        y = lb[i] if i < len(lb) else "<end>"
+    for n in range(1, max(a.count("\n"), b.count("\n")) + 2):
+        x, y = line_at(a, n), line_at(b, n)
         if x != y:
-            return i + 1, x, y
+            return n, x, y
     return None
 
 
@@ -583,6 +591,7 @@ def run_script(
         return result
     result.python = python
     result.torch = torch_version(python, env)
+    env = {**env, **dict(script.env)}
     cwd = work / script.name  # the examples read MNIST from ../data: the work folder's data/
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -608,6 +617,11 @@ def run_script(
     result.plain_seconds, result.run_seconds = round(plain.seconds, 1), round(run.seconds, 1)
     result.stdout = compare_stdout(plain.stdout, run_stdout)
     diff = first_difference(plain.stdout, run_stdout)
+    if result.stdout == "differs":  # the first difference that is not timing text
+        masked = first_difference(mask_timing(plain.stdout), mask_timing(run_stdout))
+        if masked is not None:
+            n = masked[0]
+            diff = (n, line_at(plain.stdout, n), line_at(run_stdout, n))
     result.first_diff = list(diff) if diff else None
     if result.stdout == "differs":
         again = once("plain2")
@@ -648,7 +662,7 @@ def findings_cell(r: Result, long: bool = False) -> str:
     for f in r.findings:
         text = f"{f['rule']} {f['name']} [{f['severity']}]"
         if long:
-            text += f" {f['where']}: {f['message'][:110]}..."
+            text += f" {f['where'] or '-'}: {f['message'][:110]}..."
         parts.append(text)
     return "; ".join(parts)
 
@@ -709,7 +723,8 @@ def markdown(results: list[Result]) -> str:
             )
         for f in r.findings:
             lines.append(
-                f"- {f['rule']} {f['name']} [{f['severity']}] {f['where']}: {f['message'][:160]}..."
+                f"- {f['rule']} {f['name']} [{f['severity']}] {f['where'] or '-'}: "
+                f"{f['message'][:160]}..."
             )
         for note in r.notes:
             lines.append(f"- note: {note}")
