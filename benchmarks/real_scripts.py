@@ -448,7 +448,8 @@ class Result:
     plain_deterministic: bool | None = None  # two plain runs compared (only when run differs)
     plain_loss: float | None = None
     run_loss: float | None = None
-    loss_line: str = ""
+    loss_line: str = ""  # the plain run's line the final loss came from
+    run_loss_line: str = ""
     plain_error: str = ""
     run_error: str = ""
     announced: list[str] = field(default_factory=list)  # netdoctor's stderr lines
@@ -629,7 +630,7 @@ def run_script(
         if not result.plain_deterministic:
             result.stdout = "differs (unseeded)"
     result.plain_loss, result.loss_line = final_loss(plain.stdout)
-    result.run_loss, _ = final_loss(run_stdout)
+    result.run_loss, result.run_loss_line = final_loss(run_stdout)
     result.plain_error, result.run_error = error_line(plain.stderr), error_line(run.stderr)
     result.announced = [line for line in run.stderr.splitlines() if line.startswith("netdoctor:")]
     read_report(report_path, result)
@@ -651,6 +652,13 @@ def python_label(r: Result) -> str:
     if not r.python:
         return "-"
     return f"{r.python} (torch {r.torch})"
+
+
+def other_loss_line(r: Result) -> bool:
+    """Whether the two final losses come from different lines (a run that stopped early)."""
+    number = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+    plain, run = (number.sub("#", mask_timing(t)) for t in (r.loss_line, r.run_loss_line))
+    return plain != run
 
 
 def findings_cell(r: Result, long: bool = False) -> str:
@@ -682,7 +690,8 @@ def rows(results: list[Result]) -> list[list[str]]:
                 python_label(r),
                 exits,
                 r.stdout,
-                f"{fmt_loss(r.plain_loss)} / {fmt_loss(r.run_loss)}",
+                f"{fmt_loss(r.plain_loss)} / {fmt_loss(r.run_loss)}"
+                + (" (another line)" if other_loss_line(r) else ""),
                 "-" if r.steps is None else str(r.steps),
                 findings_cell(r),
             ]
@@ -710,6 +719,11 @@ def markdown(results: list[Result]) -> str:
         if r.first_diff:
             n, a, b = r.first_diff
             lines.append(f"- first stdout difference, line {n}: `{a.strip()}` / `{b.strip()}`")
+        if other_loss_line(r):
+            lines.append(
+                f"- the final losses come from different lines: `{r.loss_line}` / "
+                f"`{r.run_loss_line}`"
+            )
         if r.plain_deterministic is False:
             lines.append("- two plain runs differ as well: the script is not deterministic")
         if r.run_error and r.run_error != r.plain_error:
