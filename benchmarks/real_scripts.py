@@ -1,6 +1,6 @@
 """`netdoctor run` on real training scripts that no one here wrote: pytorch/examples and nanoGPT.
 
-    python benchmarks/real_scripts.py --examples ../ext/examples --nanogpt ../ext/nanoGPT \\
+    python benchmarks/real_scripts.py --examples ../examples --nanogpt ../nanoGPT \\
         --python /path/to/venv-with-torchvision/bin/python --json real.json
     python benchmarks/real_scripts.py --examples DIR --nanogpt DIR --only mnist,regression
     python benchmarks/real_scripts.py --summary real.json --markdown   # the table of a saved run
@@ -41,9 +41,10 @@ Compared per script: the exit code; stdout, exactly (the report goes to the -o f
 `netdoctor:` line is left out of the run's stdout first): identical, or "timing only" when the
 two are identical once the timing text is masked (ms/batch, time ...ms, mfu), or different, and
 then a second plain run says whether the script itself is deterministic (an unseeded script
-differs from itself); the final loss-like number each printed (the last number after the word
-"loss"); and netdoctor's report: steps measured, backward passes, the optimizers it saw, every
-finding (rule, severity, the message's start) and its notes. stdout and stderr of every run
+differs from itself); stderr the same way (netdoctor's own `netdoctor:` announcements left out
+and listed); the final loss-like number each printed (the last number after the word "loss");
+and netdoctor's report: steps measured, backward passes, the optimizers it saw, every finding
+(rule, severity, the message's start) and its notes. stdout and stderr of every run
 are kept in WORK/logs/.
 """
 
@@ -445,6 +446,8 @@ class Result:
     run_seconds: float = 0.0
     stdout: str = ""  # identical | timing only | differs | differs (unseeded)
     first_diff: list[Any] | None = None
+    stderr: str = ""  # the same comparison, netdoctor's own `netdoctor:` lines left out
+    stderr_diff: list[Any] | None = None
     plain_deterministic: bool | None = None  # two plain runs compared (only when run differs)
     plain_loss: float | None = None
     run_loss: float | None = None
@@ -629,6 +632,13 @@ def run_script(
         result.plain_deterministic = compare_stdout(plain.stdout, again.stdout) != "differs"
         if not result.plain_deterministic:
             result.stdout = "differs (unseeded)"
+    run_stderr = own_lines(run.stderr)
+    result.stderr = compare_stdout(plain.stderr, run_stderr)
+    if result.stderr != "identical":
+        diff = first_difference(mask_timing(plain.stderr), mask_timing(run_stderr))
+        if diff is not None:
+            n = diff[0]
+            result.stderr_diff = [n, line_at(plain.stderr, n), line_at(run_stderr, n)]
     result.plain_loss, result.loss_line = final_loss(plain.stdout)
     result.run_loss, result.run_loss_line = final_loss(run_stdout)
     result.plain_error, result.run_error = error_line(plain.stderr), error_line(run.stderr)
@@ -679,7 +689,7 @@ def rows(results: list[Result]) -> list[list[str]]:
     out = []
     for r in results:
         if r.skipped:
-            out.append([r.name, "-", "skipped", r.skipped, "-", "-", "-"])
+            out.append([r.name, "-", "skipped", r.skipped, "-", "-", "-", "-"])
             continue
         exits = f"{fmt_rc(r.plain_rc)} / {fmt_rc(r.run_rc)}"
         if r.run_error and r.run_error != r.plain_error:
@@ -690,6 +700,7 @@ def rows(results: list[Result]) -> list[list[str]]:
                 python_label(r),
                 exits,
                 r.stdout,
+                r.stderr or "-",
                 f"{fmt_loss(r.plain_loss)} / {fmt_loss(r.run_loss)}"
                 + (" (another line)" if other_loss_line(r) else ""),
                 "-" if r.steps is None else str(r.steps),
@@ -699,7 +710,7 @@ def rows(results: list[Result]) -> list[list[str]]:
     return out
 
 
-HEADER = ["script", "interpreter", "exit plain / run", "stdout", "final loss plain / run"]
+HEADER = ["script", "interpreter", "exit plain / run", "stdout", "stderr", "final loss plain / run"]
 HEADER += ["steps", "findings"]
 
 
@@ -724,6 +735,12 @@ def markdown(results: list[Result]) -> str:
                 f"- the final losses come from different lines: `{r.loss_line}` / "
                 f"`{r.run_loss_line}`"
             )
+        if r.stderr_diff:
+            n, a, b = r.stderr_diff
+            lines.append(
+                f"- stderr differs ({r.stderr}), first at line {n}: `{a.strip()[:160]}` / "
+                f"`{b.strip()[:160]}`"
+            )
         if r.plain_deterministic is False:
             lines.append("- two plain runs differ as well: the script is not deterministic")
         if r.run_error and r.run_error != r.plain_error:
@@ -735,6 +752,8 @@ def markdown(results: list[Result]) -> str:
                 f"- optimizers seen: {', '.join(r.optimizers) or 'none'}; "
                 f"backward passes {r.backward_calls}"
             )
+        for line in r.announced:
+            lines.append(f"- announced on stderr: `{line[:200]}`")
         for f in r.findings:
             lines.append(
                 f"- {f['rule']} {f['name']} [{f['severity']}] {f['where'] or '-'}: "

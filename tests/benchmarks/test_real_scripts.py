@@ -150,6 +150,6 @@ def test_summary_table_of_a_saved_run(tmp_path, capsys) -> None:
     saved.write_text(json.dumps({"results": [rs.asdict(result)]}))
     assert rs.main(["--summary", str(saved), "--markdown"]) == 0
     out = capsys.readouterr().out
-    row = "| regression | python (torch 2.13.0) | 0 / 0 | identical | 0.001 / 0.001 | 0 | none |"
+    row = "| regression | python (torch 2.13.0) | 0 / 0 | identical | - | 0.001 / 0.001 | 0 | none"
     assert row in out
     assert "- note: no optimizer step was seen" in out
