@@ -738,7 +738,7 @@ def markdown(results: list[Result]) -> str:
         if r.stderr_diff:
             n, a, b = r.stderr_diff
             lines.append(
-                f"- stderr differs ({r.stderr}), first at line {n}: `{a.strip()[:160]}` / "
+                f"- stderr: {r.stderr}, first at line {n}: `{a.strip()[:160]}` / "
                 f"`{b.strip()[:160]}`"
             )
         if r.plain_deterministic is False:
@@ -756,7 +756,7 @@ def markdown(results: list[Result]) -> str:
             lines.append(f"- announced on stderr: `{line[:200]}`")
         for f in r.findings:
             lines.append(
-                f"- {f['rule']} {f['name']} [{f['severity']}] {f['where'] or '-'}: "
+                f"- {f['rule']} {f['name']} [{f['severity']}] {f['where'] or '(no line)'}: "
                 f"{f['message'][:160]}..."
             )
         for note in r.notes:
