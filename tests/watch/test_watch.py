@@ -46,6 +46,7 @@ def global_state(model: nn.Module | None = None) -> dict:
         "jit_script": torch.jit.script,
         "train": nn.Module.__dict__["train"],
         "getstate": nn.Module.__dict__["__getstate__"],
+        "rnn_getstate": nn.RNNBase.__dict__["__getstate__"],
         "scale": torch.amp.GradScaler.__dict__["scale"],
         "scaler_step": torch.amp.GradScaler.__dict__["step"],
         "unscale": torch.amp.GradScaler.__dict__["unscale_"],

@@ -18,8 +18,9 @@ every one in its own `finally`, so a failure to remove one never leaves the othe
   `GradScaler.step` / `unscale_` / `update` with `clip_grad_norm_` / `clip_grad_value_`: wrapped,
   so a step the scaler skipped, the user's `unscale_` calls, the scale after each update and a
   clip of still-scaled gradients are seen (`watcher.amp`);
-  `nn.Module.__getstate__`: wrapped, so a copy of a watched model (`copy.deepcopy` for an EMA
-  model, `torch.save(model)`) carries none of netdoctor's hooks (nor the doctor behind them);
+  `nn.Module.__getstate__` (and the overrides that skip it: `nn.RNNBase`'s, DDP's): wrapped,
+  so a copy of a watched model (`copy.deepcopy` for an EMA model, `torch.save(model)`)
+  carries none of netdoctor's hooks (nor the doctor behind them);
   `DistributedDataParallel.__init__`: wrapped, recording each DDP wrapper and its line (ND508
   compares the parameters it replicates across ranks and notices a forward that bypasses it);
 * the loss functions: `netdoctor.watcher.losses.LossWatch`.
@@ -104,7 +105,8 @@ class Attachment:
         self._undo.append(post.remove)
         self._wrap(torch.autograd, "backward", self._backward_wrapper)
         self._wrap(nn.Module, "train", self._train_wrapper)
-        self._wrap(nn.Module, "__getstate__", self._getstate_wrapper)
+        for cls in _getstate_classes():
+            self._wrap(cls, "__getstate__", self._getstate_wrapper)
         for cls in _scheduler_classes():
             self._wrap(cls, "step", self._scheduler_wrapper)
         self._wrap(GradScaler, "scale", self._scale_wrapper)
@@ -287,6 +289,24 @@ class Attachment:
             return original(self_scheduler, *args, **kwargs)
 
         return step
+
+
+def _getstate_classes() -> list[type]:
+    """nn.Module and every loaded subclass that defines its own `__getstate__` without calling
+    Module's (`nn.RNNBase` copies its `__dict__`): each must drop netdoctor's hooks when pickled
+    or deep-copied (an LSTM saved with `torch.save(model)` mid-training)."""
+    found: list[type] = [nn.Module]
+    todo = list(nn.Module.__subclasses__())
+    seen: set[type] = set()
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        todo.extend(cls.__subclasses__())
+        if "__getstate__" in cls.__dict__:
+            found.append(cls)
+    return found
 
 
 def _clip_modules() -> list[Any]:

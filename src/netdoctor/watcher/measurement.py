@@ -116,6 +116,8 @@ class Measurement(Part):
             self.guard.run(event.model.end_measure)
 
     def on_backward(self, event: BackwardStart) -> None:
+        for wm in self.registry.models:  # the forward is over: its per-layer hooks come off
+            wm.detach_recorder()
         t = event.tensor
         source = t  # the tensor a loss function returned, when netdoctor saw it
         unscaled = self._unscaled.pop(id(t), None) if t is not None else None
