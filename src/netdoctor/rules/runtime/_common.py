@@ -10,6 +10,19 @@ from netdoctor.rules.verification import Remedy, RemedyContext, lr_remedy
 _TORCH_OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 
 
+# Optimizers whose update does not scale with the gradient (Adam's m / sqrt(v), a sign): a
+# gradient far larger than its weight moves the weight by about lr all the same.
+ADAPTIVE_OPTIMIZERS = {
+    "adam", "adamw", "adamax", "nadam", "radam", "sparseadam", "adagrad", "adadelta", "rmsprop",
+    "adafactor", "lion", "lamb",
+}  # fmt: skip
+
+
+def adaptive(optimizer: str | None) -> bool:
+    """Whether the optimizer (its class name or the probe's name for it) is scale-invariant."""
+    return bool(optimizer) and str(optimizer).lower().replace("_", "") in ADAPTIVE_OPTIMIZERS
+
+
 def optimizer_expr(cfg: object) -> str:
     """How the fix snippets spell the optimizer's class: the probe's sgd/adam/adamw, or the
     class a watched run trained with (`optimizer_expr` of the watcher's settings: torch.optim.X
