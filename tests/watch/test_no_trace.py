@@ -78,3 +78,41 @@ def test_watch_leaves_no_trace_on_a_model_saved_copied_and_compiled_mid_window(
     assert global_state() == before
     same_weights(tmp_path / "bare.pt", tmp_path / "watched.pt", monkeypatch)
     loads_without_netdoctor(tmp_path / "watched.pt")
+
+
+WARNS = """
+import torch, torch.nn as nn, torch.nn.functional as F
+torch.manual_seed(0)
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(16, 32), nn.Dropout2d(0.25), nn.Linear(32, 4)
+    def forward(self, x):
+        return self.fc2(self.drop(F.relu(self.fc1(x))))  # Dropout2d on 2-D input: it warns
+model = Net()
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(256, 16), torch.randint(0, 4, (256,))
+for i in range(8):
+    opt.zero_grad()
+    F.cross_entropy(model(x[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32]).backward()
+    opt.step()
+"""
+
+
+def test_a_warning_in_a_measured_forward_is_shown_as_without_netdoctor(tmp_path):
+    """torch's warnings point at their caller (stacklevel); inside netdoctor's measuring mode
+    that caller was netdoctor's own line. Same place, same count as the plain script."""
+    script = tmp_path / "warns.py"
+    script.write_text(WARNS)
+
+    def warnings_of(*cmd: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, *cmd], capture_output=True, text=True, timeout=300, check=False
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [line for line in done.stderr.splitlines() if "Warning:" in line]
+
+    plain = warnings_of(str(script))
+    watched = warnings_of("-m", "netdoctor", "run", str(script))
+    assert len(plain) == 1 and "dropout" in plain[0]
+    assert watched == plain

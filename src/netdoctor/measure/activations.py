@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -106,13 +107,80 @@ class _Site:
         self.unit_axis = unit_axis
 
 
+def _call_as_without_mode(func: Any, args: tuple, kwargs: dict) -> Any:
+    """`func(*args, **kwargs)` as the mode must call it, with a warning it raises shown where it
+    would be without the mode: a torch function warns with a `stacklevel` that points at its
+    caller, which inside the mode is this file (the user's deprecation warning would name
+    netdoctor's line). `warnings.showwarning` is swapped for the call, not the filters, so the
+    registries that show a warning once per place are left alone."""
+    shown = warnings.showwarning
+    warnings.showwarning = _ShowAsCaller(shown, func)
+    try:
+        return func(*args, **kwargs)
+    finally:
+        warnings.showwarning = shown
+
+
+_SHOWN: set[tuple] = set()  # warnings moved to their caller and shown (once per place)
+
+
+def _action(text: str, category: type[Warning], module: str, lineno: int) -> str:
+    """The action the warning filters give this warning (as `warnings` decides it)."""
+    for action, message, cat, mod, line in warnings.filters:
+        if (
+            (message is None or message.match(text))
+            and issubclass(category, cat)
+            and (mod is None or mod.match(module))
+            and (line == 0 or lineno == line)
+        ):
+            return str(action)
+    return str(getattr(warnings, "defaultaction", "default"))
+
+
+class _ShowAsCaller:
+    """A `showwarning` that moves a warning placed on this file to the caller of the call the
+    mode intercepted (past torch's dispatch and the function itself), and marks it shown in that
+    place's registry too, so the same warning from an unmeasured forward is not shown again."""
+
+    def __init__(self, shown: Any, func: Any) -> None:
+        self.shown = shown
+        self.own = getattr(func, "__code__", None)
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if filename == __file__:
+            frame: FrameType | None = sys._getframe(1)
+            while frame is not None and (
+                frame.f_code.co_filename in (__file__, warnings.__file__)
+                or frame.f_code is self.own
+                or frame.f_code.co_filename.endswith(("torch/overrides.py", "torch\\overrides.py"))
+            ):
+                frame = frame.f_back
+            if frame is not None:
+                filename, lineno = frame.f_code.co_filename, frame.f_lineno
+                key = (str(message), category, filename, lineno)
+                if _action(str(message), category, frame.f_globals.get("__name__", ""), lineno) != (
+                    "always"
+                ):
+                    if key in _SHOWN:  # shown once here (a filter change reset the registry)
+                        return
+                    _SHOWN.add(key)
+                ours = globals().get("__warningregistry__", {})
+                registry = frame.f_globals.setdefault("__warningregistry__", {})
+                if "version" in ours:
+                    if registry.get("version") != ours["version"]:
+                        registry.clear()
+                        registry["version"] = ours["version"]
+                    registry[(str(message), category, lineno)] = True
+        self.shown(message, category, filename, lineno, file, line)
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, recorder: ActivationRecorder) -> None:
         super().__init__()
         self.recorder = recorder
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = _call_as_without_mode(func, args, kwargs or {})
         kind = _ACT_FUNCS.get(func)
         if kind is not None and isinstance(out, torch.Tensor) and out.is_floating_point():
             t0 = time.perf_counter()
