@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from netdoctor.findings import Location
+from netdoctor.findings import Fix, Location
 
 _LIBRARY = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 
@@ -44,3 +44,20 @@ def scaler_names(step_site: Location | None) -> tuple[str, str]:
             if m:
                 return m.group(1), m.group(2)
     return "scaler", "optimizer"
+
+
+def line_fix(
+    summary: str,
+    snippet: str,
+    site: Location | None,
+    draft: bool,
+    edit: Callable[[str, int], str | None],
+) -> Fix:
+    """A patch that `edit(source, line)` makes at the user's `site` line, else the snippet (a
+    live draft, a site in library code or unknown: the snippet)."""
+    if draft or site is None or site.line is None or not user_file(site):
+        return Fix(summary, snippet)
+    from netdoctor.fixes.patch import diff_fix
+
+    line = site.line
+    return diff_fix(summary, site.path, lambda source: edit(source, line), snippet)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from netdoctor.findings import Finding, Fix, Location, Severity
 from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import LoopContext
-from netdoctor.rules.loop._common import scaler_names, user_file
+from netdoctor.rules.loop._common import line_fix, scaler_names
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def check(ctx: LoopContext, options: Options) -> Iterator[Finding]:
 
 
 def _unscale_fix(clip_site: Location | None, step_site: Location | None, draft: bool) -> Fix:
-    from netdoctor.fixes.patch import diff_fix, insert_statement_before
+    from netdoctor.fixes.patch import insert_statement_before
 
     scaler, optimizer = scaler_names(step_site)
     statement = f"{scaler}.unscale_({optimizer})"
@@ -72,14 +72,13 @@ def _unscale_fix(clip_site: Location | None, step_site: Location | None, draft: 
         f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)\n"
         f"{scaler}.step({optimizer})\n{scaler}.update()\n"
     )
-    if draft or clip_site is None or clip_site.line is None or not user_file(clip_site):
-        return Fix(summary, snippet)
-    line = clip_site.line
-
-    def edit(src: str) -> str | None:
-        return insert_statement_before(src, line, statement)
-
-    return diff_fix(summary, clip_site.path, edit, snippet)
+    return line_fix(
+        summary,
+        snippet,
+        clip_site,
+        draft,
+        lambda src, line: insert_statement_before(src, line, statement),
+    )
 
 
 RULE = Rule(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from netdoctor.findings import Finding, Fix, Location, Severity
 from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import LoopContext
-from netdoctor.rules.loop._common import scaler_names, user_file
+from netdoctor.rules.loop._common import line_fix, scaler_names
 
 
 @dataclass(frozen=True)
@@ -46,20 +46,19 @@ def check(ctx: LoopContext, options: Options) -> Iterator[Finding]:
 
 
 def _scale_fix(backward_site: Location | None, step_site: Location | None, draft: bool) -> Fix:
-    from netdoctor.fixes.patch import diff_fix, wrap_receiver
+    from netdoctor.fixes.patch import wrap_receiver
 
     scaler, _ = scaler_names(step_site)
     summary = f"backward on the scaled loss: {scaler}.scale(loss).backward()"
     snippet = f"{scaler}.scale(loss).backward()\n"
-    site = backward_site
-    if draft or site is None or site.line is None or not user_file(site):
-        return Fix(summary, snippet)
-    line = site.line
-
-    def edit(src: str) -> str | None:
-        return wrap_receiver(src, line, "backward", f"{scaler}.scale")
-
-    return diff_fix(summary, site.path, edit, snippet)
+    wrapper = f"{scaler}.scale"
+    return line_fix(
+        summary,
+        snippet,
+        backward_site,
+        draft,
+        lambda src, line: wrap_receiver(src, line, "backward", wrapper),
+    )
 
 
 RULE = Rule(
