@@ -97,10 +97,11 @@ _CONV = (nn.modules.conv._ConvNd,)
 
 
 class _Site:
-    __slots__ = ("active", "pending", "previous", "trace", "unit_axis")
+    __slots__ = ("active", "pending", "previous", "storage", "trace", "unit_axis")
 
     def __init__(self, trace: ActivationTrace, unit_axis: int | None) -> None:
         self.trace = trace
+        self.storage = 0  # where its latest output lives (to recognise it as the model's output)
         self.active: torch.Tensor | None = None
         self.previous: tuple[torch.Tensor, int] | None = None  # the last full window (watcher)
         self.pending: list[tuple[torch.Tensor, int]] = []
@@ -282,8 +283,21 @@ class ActivationRecorder:
             if has_params and name not in self._order_seen:
                 self._order_seen.add(name)
                 self.order.append(name)
+            if name == "":
+                self._mark_output(out)
 
         return hook
+
+    def _mark_output(self, out: Any) -> None:
+        """The activation whose output the model returns (a view of it too: DCGAN's
+        discriminator returns its sigmoid's output reshaped) is its output, not a hidden unit:
+        a saturated output sigmoid is a confident prediction (ND405 leaves it alone)."""
+        values = out.values() if isinstance(out, dict) else out
+        tensors = [out] if isinstance(out, torch.Tensor) else list(values)
+        stores = {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+        for site in self.site_list:
+            if site.storage and site.storage in stores:
+                site.trace.is_output = True
 
     @contextmanager
     def forward(self) -> Iterator[None]:
@@ -408,6 +422,7 @@ class ActivationRecorder:
                     location=loc,
                 )
                 site = self._new_site(key, trace, producer)
+        site.storage = out.untyped_storage().data_ptr()
         self._measure(site, kind, out.detach())
 
     def _module(self, name: str) -> nn.Module | None:

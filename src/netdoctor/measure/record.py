@@ -63,6 +63,7 @@ class ActivationTrace:
     saturation: list[float] = field(default_factory=list)  # per step, sigmoid/tanh
     dead_units: int | None = None  # never active over the window (ReLU)
     window_steps: int = 0
+    is_output: bool = False  # the model returns its output (a prediction, not a hidden unit)
 
     @property
     def dead_fraction(self) -> float | None:

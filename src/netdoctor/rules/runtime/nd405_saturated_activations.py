@@ -29,8 +29,8 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
     run = ctx.run
     limit = options.saturated_fraction
     for a in run.activations:
-        if a.kind not in ("sigmoid", "tanh") or not a.saturation:
-            continue
+        if a.kind not in ("sigmoid", "tanh") or not a.saturation or a.is_output:
+            continue  # (a saturated output is a confident prediction, not a blocked unit)
         w = run.window
         sat = mean(a.saturation[-w:])
         if sat is None or sat <= limit:
@@ -63,7 +63,7 @@ def saturation(run: TrainingRun, options: Options) -> float | None:
     values = [
         mean(a.saturation[-w:])
         for a in run.activations
-        if a.kind in ("sigmoid", "tanh") and a.saturation
+        if a.kind in ("sigmoid", "tanh") and a.saturation and not a.is_output
     ]
     return max((v for v in values if v is not None), default=0.0)
 
