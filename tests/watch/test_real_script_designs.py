@@ -1,10 +1,12 @@
 """Designs that real training scripts use and the watcher must read right (found by
 benchmarks/real_scripts.py on pytorch/examples): a GAN discriminator's output sigmoid saturates
 as soon as it tells real from fake (dcgan), which is a confident prediction, not a unit that
-blocks the gradient; the same saturation on a hidden sigmoid still is one (ND405)."""
+blocks the gradient, while the same saturation on a hidden sigmoid still is one (ND405); an
+LBFGS step evaluates its closure many times (time_sequence_prediction)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,3 +40,32 @@ def test_a_saturated_output_sigmoid_is_a_confident_prediction():
 
 def test_a_saturated_hidden_sigmoid_is_still_found():
     assert _discriminator(hidden_sigmoid=True) == ["1"]
+
+
+def test_lbfgs_steps_are_measured_at_their_first_evaluation():
+    """LBFGS evaluates its closure many times per step (time_sequence_prediction): the loss of
+    a step is the closure's first evaluation, the later ones do not leak into the next step's
+    loss, and a quasi-Newton step's large update is no 'too large' update ratio (ND406)."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = x @ torch.randn(8, 1) + 0.1 * torch.randn(256, 1)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.8)
+    first: list[float] = []
+    with netdoctor.watch(model, opt) as doctor:
+        for _ in range(4):
+            calls: list[float] = []
+
+            def closure(calls: list[float] = calls):
+                opt.zero_grad()
+                loss = F.mse_loss(model(x), y)
+                loss.backward()
+                calls.append(loss.item())
+                return loss
+
+            opt.step(closure)
+            first.append(calls[0])
+            assert len(calls) > 1
+    (facts,) = doctor.facts.optimizers
+    assert facts.loss == [pytest.approx(v, rel=1e-6) for v in first]
+    assert not [f for f in doctor.findings if f.severity.name in ("WARNING", "ERROR")]

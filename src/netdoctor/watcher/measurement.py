@@ -269,6 +269,11 @@ class Measurement(Part):
         return moved
 
     def on_step_end(self, event: StepEnd) -> None:
+        # A closure optimizer (LBFGS) evaluates the loss again inside its step, after the step
+        # was measured at the closure's first return: those evaluations belong to this step,
+        # not to the next one's loss.
+        self.backwards = []
+        self._unscaled.clear()
         self.losses.end_step()
 
     def on_close(self, event: Close) -> None:

@@ -52,6 +52,8 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
     # damage (dead units, overflow) makes the later updates meaningless.
     small = [(p, r) for p, r in rows if r < low]
     large = [(p, r) for p, r in early if r is not None and r > high]
+    if str(run.config.optimizer).lower() == "lbfgs":
+        large = []  # a quasi-Newton step with a line search is large by design, no lr step
     lr = run.config.learning_rate
     for direction, group, factor in (("too-large", large, 0.1), ("too-small", small, 10.0)):
         if not group:
