@@ -29,10 +29,13 @@ HEALTHY = [
     "transformer",
     "custom_optimizer",
     "mixed_precision",
+    "adam_sum_loss",
+    "lbfgs",
 ]
 # script -> (rule, the line it must point at (a needle), exit code)
 SICK = {
     "no_zero_grad": ("ND501", "optimizer.step()", 1),
+    "lbfgs_no_zero_grad": ("ND501", "loss = optimizer.step(closure)", 1),
     "replaced_layer": ("ND502", "model.fc = nn.Linear(64, 4)", 1),
     "zero_grad_before_step": ("ND503", "optimizer.step()", 1),
     "eval_mode": ("ND504", "    model.eval()", 0),

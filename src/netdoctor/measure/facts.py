@@ -33,6 +33,7 @@ class OptimizerFacts:
     # line of the backward that accumulated into them
     stale_steps: list[int] = field(default_factory=list)
     stale_backward_site: Location | None = None
+    closure: bool = False  # it steps with a closure (LBFGS): forward and backward run inside
     # ND503: steps after which no parameter had changed, and why (lr-zero, no-grad, zero-grad)
     unchanged_steps: list[int] = field(default_factory=list)
     unchanged_reasons: dict[str, int] = field(default_factory=dict)

@@ -400,7 +400,7 @@ class Doctor:
                 result = closure(*a, **k)
                 if not done[0]:
                     done[0] = True
-                    stop = self.guard.run(lambda: self._step_start(opt))
+                    stop = self.guard.run(lambda: self._step_start(opt, closure=True))
                     if stop is not None:
                         raise stop
                 return result
@@ -416,7 +416,7 @@ class Doctor:
     def on_step_post(self, opt: torch.optim.Optimizer) -> None:
         self.guard.run(lambda: self._step_end(opt))
 
-    def _step_start(self, opt: torch.optim.Optimizer) -> StopTraining | None:
+    def _step_start(self, opt: torch.optim.Optimizer, closure: bool = False) -> StopTraining | None:
         """Everything netdoctor does before an update: the parts' step start (the one-off
         static checks), the step's measurements (one host sync), the loop facts and a NaN's
         localisation, the ranks' exchange on deep steps, and the live judgement (which may stop
@@ -426,6 +426,7 @@ class Doctor:
         wo = self.registry.begin_step(opt)
         if wo is None:
             return None
+        wo.facts.closure = wo.facts.closure or closure
         step = wo.facts.steps
         start = StepStart(wo, step, self.schedule.is_deep(step))
         stop_all = False

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from netdoctor.findings import Finding, Fix, Location, Severity
 from netdoctor.rules.base import Fixture, Rule, RuleOptions, Stage
 from netdoctor.rules.contexts import LoopContext
-from netdoctor.rules.loop._common import user_file, where
+from netdoctor.rules.loop._common import line_fix, user_file, where
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,11 @@ def check(ctx: LoopContext, options: Options) -> Iterator[Finding]:
             "loss oscillates or diverges. (Accumulating over k backward passes and "
             "clearing after each step is fine.)"
         )
-        fix = _zero_grad_fix(o.step_site, ctx.draft)
+        fix = (
+            _closure_fix(o.step_site, o.stale_backward_site, ctx.draft)
+            if o.closure
+            else _zero_grad_fix(o.step_site, ctx.draft)
+        )
         yield RULE.finding(
             message,
             location=o.step_site,
@@ -72,6 +76,29 @@ def _zero_grad_fix(step_site: Location | None, draft: bool) -> Fix:
         return insert_statement_after(src, line, f"{receiver}.zero_grad()")
 
     return diff_fix(summary, step_site.path, edit, snippet)
+
+
+def _closure_fix(step_site: Location | None, backward_site: Location | None, draft: bool) -> Fix:
+    """A closure optimizer (LBFGS) evaluates the closure many times per step: the gradients
+    must be cleared inside it, before its backward, or each evaluation adds to the last."""
+    from netdoctor.fixes.patch import insert_statement_before, method_receiver, read
+
+    summary = "clear the gradients inside the closure, before its backward"
+    snippet = (
+        "def closure():\n    optimizer.zero_grad()   # each evaluation starts from zero\n"
+        "    loss = loss_fn(model(x), y)\n    loss.backward()\n    return loss\n"
+    )
+    receiver = None
+    if step_site is not None and step_site.line:
+        receiver = method_receiver(read(step_site.path) or "", step_site.line, "step")
+    statement = f"{receiver or 'optimizer'}.zero_grad()"
+    return line_fix(
+        summary,
+        snippet,
+        backward_site,
+        draft,
+        lambda src, line: insert_statement_before(src, line, statement),
+    )
 
 
 RULE = Rule(
