@@ -171,7 +171,6 @@ class ScalerFacts:
     initial_scale: float | None = None
     scale_site: Location | None = None  # the user's `scaler.scale(loss)` line
     step_site: Location | None = None  # the user's `scaler.step(optimizer)` line
-    update_site: Location | None = None
     unscale_calls: int = 0  # the user's own unscale_ calls
     # ND602: clip_grad_norm_/clip_grad_value_ on gradients still multiplied by the scale
     scaled_clips: int = 0
@@ -187,7 +186,6 @@ class ScalerFacts:
     unscaled_backward_site: Location | None = None
     # the module a non-finite forward came from (the NaN localisation of a skipped step)
     overflow_module: str | None = None
-    overflow_site: Location | None = None
 
     @property
     def min_scale(self) -> float | None:
@@ -205,7 +203,6 @@ class PrecisionFacts:
     params: int = 0  # all trainable parameters
     eps: float | None = None  # Adam-family eps (smallest over param groups)
     site: Location | None = None  # where the optimizer was built (or stepped)
-    cast_site: Location | None = None  # the user's `.half()` / `.to(torch.bfloat16)` line
     # over the measured updates: elements that had a nonzero gradient, and of those, the ones
     # the update left unchanged (rounded away)
     with_grad: int = 0

@@ -188,8 +188,6 @@ class AmpWatch(Part):
         f = state.facts
         if not f.enabled:
             return
-        if f.update_site is None:
-            f.update_site = user_location()
         scale = getattr(event.scaler, "_scale", None)
         if isinstance(scale, torch.Tensor) and scale.numel() == 1:
             # a copy: update() changes the scale in place; read on the next host sync
