@@ -50,11 +50,32 @@ def gradient_flow(run: TrainingRun) -> list[dict[str, Any]]:
     return rows
 
 
+# torch's lookup tables: a lookup's gradient reaches only the rows of the tokens in the batch,
+# so its norm follows how much of the vocabulary a batch touches, not how deep the table sits
+LOOKUP_TABLES = ("Embedding", "EmbeddingBag")
+
+
+def relative_grad(p: ParamTrace) -> float | None:
+    """A weight's typical gradient norm over its norm at the start (what a plain SGD step moves
+    it by, per unit lr): comparable across layers of very different sizes, where raw norms
+    are not (a 33k-word decoder's gradient against a 200-wide LSTM layer's). The raw norm when
+    the weight's norm is unknown."""
+    v = layer_grad(p)
+    w = p.weight_norm[0] if p.weight_norm else None
+    return v / w if v is not None and w else v
+
+
 def gradient_ends(run: TrainingRun) -> tuple[ParamTrace, float, ParamTrace, float] | None:
-    """(first, its gradient norm, last, its gradient norm) over the weight layers, in execution
-    order, that received a nonzero gradient; None with fewer than two. Layers whose gradient is
-    exactly zero are dead (ND404) or starved (ND410), not vanishing."""
-    rows = [(p, layer_grad(p)) for p in run.weight_layers()]
+    """(first, its relative gradient, last, its relative gradient) over the weight layers, in
+    execution order, that received a nonzero gradient (`relative_grad`); None with fewer
+    than two. Layers whose gradient is
+    exactly zero are dead (ND404) or starved (ND410), not vanishing. A lookup table
+    (`LOOKUP_TABLES`) is no end: its gradient's norm is a property of the batch's tokens."""
+    rows = [
+        (p, relative_grad(p))
+        for p in run.weight_layers()
+        if run.module_types.get(p.module) not in LOOKUP_TABLES
+    ]
     live = [(p, v) for p, v in rows if v is not None and v > 0]
     if len(live) < 2:
         return None

@@ -46,8 +46,8 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
     reasons = []
     if ratio < min_ratio:
         reasons.append(
-            f"the first weight layer's gradient norm ({first.module}: {g(g_first)}) "
-            f"is {g(ratio)} of the last one's ({last.module}: {g(g_last)}); "
+            f"the first weight layer's gradient, relative to its weight ({first.module}: "
+            f"{g(g_first)}), is {g(ratio)} of the last one's ({last.module}: {g(g_last)}); "
             f"threshold {g(min_ratio)}"
         )
     if tiny:
@@ -91,8 +91,8 @@ def check(ctx: RuntimeContext, options: Options) -> Iterator[Finding]:
             "first_last_ratio": ratio,
             "first_layer": first.module,
             "last_layer": last.module,
-            "first_grad_norm": g_first,
-            "last_grad_norm": g_last,
+            "first_relative_grad": g_first,
+            "last_relative_grad": g_last,
             "layers": {p.module: v for p, v in rows},
         },
         impact=6.0,
