@@ -34,6 +34,10 @@ class OptimizerFacts:
     stale_steps: list[int] = field(default_factory=list)
     stale_backward_site: Location | None = None
     closure: bool = False  # it steps with a closure (LBFGS): forward and backward run inside
+    # no optimizer: the loop updates the weights by hand (`watcher.manual`); each step begins
+    # at a backward, and `model_name` is the user's name for the model it updates
+    manual: bool = False
+    model_name: str | None = None
     # ND503: steps after which no parameter had changed, and why (lr-zero, no-grad, zero-grad)
     unchanged_steps: list[int] = field(default_factory=list)
     unchanged_reasons: dict[str, int] = field(default_factory=dict)

@@ -111,6 +111,7 @@ def build_run(g: Gathered, wm: WatchedModel, light: bool = False) -> TrainingRun
         batch_size=None,
         param_groups=len(lrs),
         lrs=list(lrs),
+        manual=f.manual,
     )
     device = next((str(p.device) for p in model.parameters()), "cpu")
     run = TrainingRun(config=config, device=device, target=wm.facts.label)
@@ -290,11 +291,17 @@ def _notes(
         o = wo.facts
         trained = ", ".join(o.models) or "no watched model"
         lr = o.initial_lr
+        estimated = " (estimated from the update)" if o.manual else ""
         notes.append(
-            f"{o.label}: {o.steps} steps, lr {lr:g} at step 1, trains {trained}"
+            f"{o.label}: {o.steps} steps, lr {lr:g}{estimated} at step 1, trains {trained}"
             if lr is not None
             else f"{o.label}: {o.steps} steps, trains {trained}"
         )
+        if o.manual:
+            notes.append(
+                f"no optimizer stepped: the weights of {trained} are updated by hand, and each "
+                "backward followed by a change of the weights is a step (from the second update)"
+            )
     if runs:
         deep = max(len(r.measured_steps) for _, r in runs)
         notes.append(

@@ -11,6 +11,8 @@ them, as the typed events of `events`, to its parts, each of which keeps its own
   steps' per-layer and per-parameter ones (`schedule.Schedule`);
 * `loopwatch.LoopWatch`: the loop facts the ND5xx rules read (`measure.facts.LoopFacts`);
 * `localize.Localization`: where the first NaN/Inf came from;
+* `manual.ManualSteps`: a loop that updates the weights by hand (no optimizer) found, and its
+  stand-in optimizer stepped from the backwards;
 * `amp.AmpWatch`: mixed precision -- the GradScalers (skipped steps, scale, `unscale_` before
   clipping, backward on the scaled loss) and low-precision weights;
 * `static.StaticChecks`: the static rules, once per model;
@@ -86,6 +88,7 @@ from netdoctor.watcher.live import LiveJudge
 from netdoctor.watcher.localize import Localization
 from netdoctor.watcher.loopwatch import LoopWatch
 from netdoctor.watcher.losses import LossWatch
+from netdoctor.watcher.manual import ManualSteps
 from netdoctor.watcher.measurement import Measurement
 from netdoctor.watcher.models import WatchedModel
 from netdoctor.watcher.optimizers import PendingScalars, WatchedOptimizer, unwrap_optimizer
@@ -147,6 +150,14 @@ class Doctor:
         self.static = StaticChecks(self.options, self.registry, self.losses, guard)
         self.amp = AmpWatch(self.facts, self.localization, self.pending, self.dirty)
         self.optimizer_steps = 0  # every optimizer step torch ran (a scaler's skip runs none)
+        self.manual = ManualSteps(
+            self.registry,
+            self.pending,
+            self._step_start,
+            self._step_end,
+            lambda: self.optimizer_steps,
+        )
+        self.registry.before_forward = self.manual.before_next
         # the order in which a part hears an event: the one-off static checks see a model
         # without its per-layer hooks (measurement detaches them first); the NaN localisation
         # comes after the loop facts
@@ -210,6 +221,7 @@ class Doctor:
             self.guard.run(lambda: self.report(output=output))
 
     def _finish(self) -> None:
+        self.manual.before_next()  # a manual update's last step ends here
         self.parts.on_close(Close())
         self.facts.finished = True
 
@@ -459,16 +471,24 @@ class Doctor:
     def on_backward(self, tensors: Any) -> None:
         def body() -> None:
             if not self.guard.busy:
+                self.guard.run(self.manual.before_next)
                 self.parts.on_backward(BackwardStart.of(tensors))
 
         self.guard.run(body)
 
     def after_backward(self) -> None:
-        def body() -> None:
-            if not self.guard.busy:
-                self.parts.on_backward_end(BackwardEnd())
+        """A backward returned; in a loop that updates the weights by hand, a step begins here
+        (and the live judgement may stop training before the update)."""
 
-        self.guard.run(body)
+        def body() -> StopTraining | None:
+            if self.guard.busy:
+                return None
+            self.parts.on_backward_end(BackwardEnd())
+            return self.manual.after_backward()
+
+        stop = self.guard.run(body)
+        if stop is not None:
+            raise stop
 
     def on_train_mode(self, module: nn.Module, mode: bool) -> None:
         def body() -> None:
@@ -544,6 +564,7 @@ class Doctor:
             if not self.guard.busy:
                 value = float(limit) if isinstance(limit, (int, float)) else None
                 self.parts.on_grad_clipped(GradClipped(kind, parameters, value, result))
+                self.manual.after_clip()
 
         self.guard.run(body)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -83,6 +84,9 @@ class Registry(Part):
         self._allowed_optimizers: set[int] = set()
         self._ignored_roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._depth = 0  # top-level forward nesting seen by the discovery hooks
+        # called as a watched model's forward begins, before anything of it is recorded (the
+        # end of a manual update's step: `manual.ManualSteps.before_next`)
+        self.before_forward: Callable[[], None] = lambda: None
 
     # -- public ----------------------------------------------------------------------------
     def add_model(
@@ -138,6 +142,19 @@ class Registry(Part):
         if not self.discover_optimizers:
             self._allowed_optimizers.add(id(optimizer))
         self._optimizer(optimizer, create=True)
+
+    def add_manual(
+        self, optimizer: torch.optim.Optimizer, name: str, model_name: str | None
+    ) -> WatchedOptimizer | None:
+        """Watch the stand-in optimizer of a loop that updates the weights by hand
+        (`manual.ManualUpdate`), named `name` in reports."""
+        if not self.discover_optimizers:
+            self._allowed_optimizers.add(id(optimizer))
+        wo = self._optimizer(optimizer, create=True, name=name)
+        if wo is not None:
+            wo.facts.manual = True
+            wo.facts.model_name = model_name
+        return wo
 
     def label_of(self, module: nn.Module) -> str:
         wm = self._model_by_id.get(id(module))
@@ -248,7 +265,7 @@ class Registry(Part):
             self._attachment.discovery(False)
 
     def _optimizer(
-        self, opt: torch.optim.Optimizer, create: bool = False
+        self, opt: torch.optim.Optimizer, create: bool = False, name: str | None = None
     ) -> WatchedOptimizer | None:
         wo = self._opt_by_id.get(id(opt))
         if wo is not None and wo.optimizer is opt:
@@ -263,7 +280,7 @@ class Registry(Part):
                 params = {id(p) for g in opt.param_groups for p in g["params"]}
                 if not any(params & set(m.params_by_id) for m in self.models):
                     return None
-        name = type(opt).__name__
+        name = name or type(opt).__name__
         label = _label(name, [o.facts.label for o in self.optimizers])
         facts = OptimizerFacts(
             index=len(self.optimizers), name=name, label=label, site=self.provenance.site(opt)
@@ -351,6 +368,7 @@ class Registry(Part):
             wm = self._model_by_id.get(id(module))
             if wm is None:
                 return
+            self.before_forward()
             device = _device_of(module)
             wm.record_call(args, kwargs, rng_state(device), _autocast_state(device))
             self._parts.on_forward_start(ForwardStart(wm, module, args, kwargs))

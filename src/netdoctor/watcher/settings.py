@@ -140,6 +140,7 @@ class LoopConfig:
     window: float = 0.5  # share of the last measured steps for "over the run" statistics
     param_groups: int = 1
     lrs: list[float] = field(default_factory=list)  # every group's lr at the first step
+    manual: bool = False  # no optimizer: the loop updates the weights by hand (lr estimated)
 
     @property
     def optimizer_expr(self) -> str:

@@ -27,8 +27,13 @@ def check(ctx: LoopContext, options: Options) -> Iterator[Finding]:
         judged = max(1, o.steps - 1)  # the first step has no previous one to re-use
         if n < min_steps or n / judged < min_share:
             continue
+        steps = (
+            "the weight updates the loop makes by hand (no optimizer)"
+            if o.manual
+            else "optimizer steps"
+        )
         message = (
-            f"gradients are never cleared between optimizer steps: {n} of the {judged} "
+            f"gradients are never cleared between {steps}: {n} of the {judged} "
             f"steps of {o.label} after its first (from step {o.stale_steps[0]} on) "
             "consumed a gradient that still held everything the previous step had "
             "already used, because no zero_grad() ran in between. Every update then adds "
@@ -39,6 +44,8 @@ def check(ctx: LoopContext, options: Options) -> Iterator[Finding]:
         fix = (
             _closure_fix(o.step_site, o.stale_backward_site, ctx.draft)
             if o.closure
+            else _manual_fix(o.step_site, o.model_name, ctx.draft)
+            if o.manual
             else _zero_grad_fix(o.step_site, ctx.draft)
         )
         yield RULE.finding(
@@ -98,6 +105,26 @@ def _closure_fix(step_site: Location | None, backward_site: Location | None, dra
         backward_site,
         draft,
         lambda src, line: insert_statement_before(src, line, statement),
+    )
+
+
+def _manual_fix(backward_site: Location | None, model_name: str | None, draft: bool) -> Fix:
+    """A manual update has no optimizer to clear the gradients: the model does, before each
+    backward (a manual step begins at its backward: `step_site` is the backward's line)."""
+    from netdoctor.fixes.patch import insert_statement_before
+
+    model = model_name or "model"
+    summary = f"clear the gradients before each backward: {model}.zero_grad()"
+    snippet = (
+        f"{model}.zero_grad()   # the last update consumed the gradient: start from zero\n"
+        "loss.backward()\n"
+    )
+    return line_fix(
+        summary,
+        snippet,
+        backward_site,
+        draft or model_name is None,
+        lambda src, line: insert_statement_before(src, line, f"{model}.zero_grad()"),
     )
 
 
