@@ -1,5 +1,5 @@
 """ND505 lr-collapse: the learning rate falls by orders of magnitude early in the run and stays
-there (doc: rules/ND505.md)."""
+there, or a decay schedule runs past its end and climbs back (doc: rules/ND505.md)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ class Options(RuleOptions):
     early_fraction: float = 0.25  # ... when that happens within this share of the run
     min_steps: int = 20  # steps of the lr curve before judging
     stays_low: float = 0.9  # share of the steps after the collapse that stay below it
+    mirror: float = 0.25  # a climb back to half the peak over >= this x the fall's steps is a
+    # decay run past its end (a cosine's T_max in epochs, stepped per batch), not a restart
 
 
 def lr_collapse_step(lrs: list[float], drop: float) -> tuple[int, float] | None:
@@ -34,40 +36,106 @@ def lr_collapse_step(lrs: list[float], drop: float) -> tuple[int, float] | None:
     return None
 
 
+@dataclass(frozen=True)
+class Overrun:
+    """A decay that fell from its peak to near zero, then climbed back the way it came."""
+
+    peak_step: int  # 0-based steps
+    low_step: int  # first step below peak / drop
+    back_step: int  # first step back at half the peak or more
+    peak: float
+    low: float  # the lowest lr on the way
+
+
+def decay_overrun(lrs: list[float], drop: float, mirror: float) -> Overrun | None:
+    """The first fall of the lr below its peak / drop, if the lr then climbs back to half its peak
+    gradually (over >= mirror x the fall's steps, unlike a warm restart's jump) and the rise to
+    the peak was shorter than that (unlike a cyclic schedule, which climbs as long as it falls)."""
+    found = lr_collapse_step(lrs, drop)
+    if found is None:
+        return None
+    low_step, peak = found
+    peak_step = next(i for i, v in enumerate(lrs) if v == peak)
+    fall = low_step - peak_step
+    if peak_step > mirror * fall:
+        return None  # as long a climb to the peak as the fall: a cycle by design
+    last_low = low_step
+    for i in range(low_step, len(lrs)):
+        v = lrs[i]
+        if not math.isfinite(v):
+            continue
+        if v < peak / drop:
+            last_low = i
+        elif v >= peak / 2:
+            if i - last_low < mirror * fall:
+                return None  # a jump back up: a warm restart
+            low = min(x for x in lrs[peak_step:i] if math.isfinite(x))
+            return Overrun(peak_step, low_step, i, peak, low)
+    return None
+
+
+@dataclass(frozen=True)
+class Collapse:
+    """What the lr curve shows: where it first fell below peak / drop, and whether it then
+    stayed low (overrun None) or climbed back as a decay run past its end."""
+
+    at: int  # 0-based step
+    peak: float
+    overrun: Overrun | None
+
+
+def lr_collapse(lrs: list[float], options: Options) -> Collapse | None:
+    """The finding's evidence on one lr curve, or None for a healthy schedule."""
+    n = len(lrs)
+    if n < options.min_steps:
+        return None
+    found = lr_collapse_step(lrs, options.min_drop)
+    if found is None:
+        return None
+    at, peak = found
+    if (at + 1) / n > options.early_fraction:
+        return None  # a schedule that reaches ~0 near its end
+    after = [v for v in lrs[at:] if math.isfinite(v)]
+    low = sum(1 for v in after if v < peak / options.min_drop)
+    if after and low / len(after) >= options.stays_low:
+        return Collapse(at, peak, None)
+    overrun = decay_overrun(lrs, options.min_drop, options.mirror)
+    if overrun is None:
+        return None  # it recovers by design (a cyclic schedule, warm restarts)
+    return Collapse(at, peak, overrun)
+
+
 def check(ctx: LoopContext, options: Options) -> Iterator[Finding]:
     loop = ctx.loop
-    drop = options.min_drop
-    early = options.early_fraction
-    min_steps = options.min_steps
-    stay = options.stays_low
     for o in loop.optimizers:
         lrs = o.lr_curve()
         n = len(lrs)
-        if n < min_steps:
+        collapse = lr_collapse(lrs, options)
+        if collapse is None:
             continue
-        found = lr_collapse_step(lrs, drop)
-        if found is None:
-            continue
-        at, peak = found
-        if (at + 1) / n > early:
-            continue  # a schedule that reaches ~0 near its end
-        after = [v for v in lrs[at:] if math.isfinite(v)]
-        low = sum(1 for v in after if v < peak / drop)
-        if not after or low / len(after) < stay:
-            continue  # it recovers (a cyclic schedule)
+        at, peak, overrun = collapse.at, collapse.peak, collapse.overrun
         final = lrs[-1]
-        decades = math.log10(peak / final) if final > 0 else math.inf
-        message = (
-            f"the learning rate of {o.label} fell from {g(peak)} to {g(lrs[at])} by step "
-            f"{at + 1} of {n} ({pct((at + 1) / n)} of the run) and stayed there "
-            f"({g(final)} at the last step, "
-            + (
-                f"{decades:.1f} orders of magnitude below its peak"
-                if math.isfinite(decades)
-                else "zero"
+        if overrun is not None:
+            message = (
+                f"the learning rate of {o.label} fell from {g(peak)} to {g(overrun.low)} by "
+                f"step {at + 1} of {n} ({pct((at + 1) / n)} of the run), then climbed back to "
+                f"{g(lrs[overrun.back_step])} by step {overrun.back_step + 1}: a decay schedule "
+                "that ran past its end and keeps cycling, so the lr swings between its peak and "
+                "zero instead of annealing once over the run."
             )
-            + f"): the remaining {n - at - 1} steps barely train."
-        )
+        else:
+            decades = math.log10(peak / final) if final > 0 else math.inf
+            message = (
+                f"the learning rate of {o.label} fell from {g(peak)} to {g(lrs[at])} by step "
+                f"{at + 1} of {n} ({pct((at + 1) / n)} of the run) and stayed there "
+                f"({g(final)} at the last step, "
+                + (
+                    f"{decades:.1f} orders of magnitude below its peak"
+                    if math.isfinite(decades)
+                    else "zero"
+                )
+                + f"): the remaining {n - at - 1} steps barely train."
+            )
         sched = max(loop.schedulers.values(), key=lambda s: s.calls, default=None)
         location = o.step_site
         if sched is not None and sched.calls:
@@ -99,6 +167,7 @@ def check(ctx: LoopContext, options: Options) -> Iterator[Finding]:
                 "collapse_step": at + 1,
                 "steps": n,
                 "final_lr": final,
+                "climbed_back_step": overrun.back_step + 1 if overrun else None,
                 "scheduler": sched.name if sched else None,
                 "scheduler_calls": sched.calls if sched else None,
             },

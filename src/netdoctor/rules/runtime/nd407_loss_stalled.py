@@ -26,7 +26,7 @@ from netdoctor.rules.verification import Remedy, RemedyContext
 
 @dataclass(frozen=True)
 class Options(RuleOptions):
-    min_steps: int = 10
+    min_steps: int = 30  # each 10% window then holds >= 3 steps: a mean, not one batch's noise
     min_relative_drop: float = 0.1
     chance_margin: float = 0.1
 
