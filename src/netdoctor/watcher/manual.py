@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 import torch
 from torch import nn
@@ -48,7 +47,7 @@ class ManualUpdate(torch.optim.Optimizer):
     def __init__(self, params: list[nn.Parameter]):
         super().__init__(params, {"lr": math.nan})
 
-    def step(self, closure: Any = None) -> None:  # pragma: no cover - never called
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         raise RuntimeError("a ManualUpdate stands for the user's own update: it never steps")
 
 
@@ -72,12 +71,12 @@ class _Sample:
     def step_along_gradient(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(-<dw, g>, <g, g>) over the sampled parameters: their ratio is the lr of an SGD
         update. None when no sampled parameter had a gradient."""
-        pairs = [(p, v, g) for p, v, g in zip(self.params, self.values, self.grads) if g is not None]
+        pairs = [
+            (p, v, g) for p, v, g in zip(self.params, self.values, self.grads) if g is not None
+        ]
         if not pairs:
             return None
-        num = sum(
-            (-(p.detach().float() - v.float()) * g.float()).sum() for p, v, g in pairs
-        )
+        num = sum((-(p.detach().float() - v.float()) * g.float()).sum() for p, v, g in pairs)
         den = sum((g.float() * g.float()).sum() for _, _, g in pairs)
         return torch.as_tensor(num), torch.as_tensor(den)
 

@@ -39,7 +39,9 @@ def lr_snippet(run: TrainingRun, factor: float) -> str:
     cfg = run.config
     lr = cfg.learning_rate * factor
     if getattr(cfg, "manual", False):  # the loop updates the weights by hand: its own lr
-        return f"lr = {lr:g}  # the step of the loop's own update; was about {cfg.learning_rate:g}\n"
+        return (
+            f"lr = {lr:g}  # the step of the loop's own update; was about {cfg.learning_rate:g}\n"
+        )
     sgd = str(cfg.optimizer).lower() == "sgd"
     momentum = getattr(cfg, "momentum", None)
     extra = f", momentum={momentum:g}" if sgd and momentum else ""
