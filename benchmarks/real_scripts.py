@@ -60,7 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -775,6 +775,18 @@ def text_table(results: list[Result]) -> str:
     return "\n".join(out)
 
 
+def with_extra_args(scripts: list[Script], extra: list[str]) -> list[Script]:
+    """`scripts` with each `NAME=ARG` of `extra` appended to script NAME's arguments."""
+    added: dict[str, list[str]] = {}
+    names = {s.name for s in scripts}
+    for item in extra:
+        name, sep, arg = item.partition("=")
+        if not sep or not arg or name not in names:
+            raise ValueError(f"--arg {item!r}: expected NAME=ARG with NAME one of the scripts run")
+        added.setdefault(name, []).append(arg)
+    return [replace(s, args=(*s.args, *added[s.name])) if s.name in added else s for s in scripts]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--examples", type=Path, help="a checkout of github.com/pytorch/examples")
@@ -795,6 +807,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true", help="print the markdown table")
     p.add_argument("--summary", type=Path, help="only print the table of a saved --json")
     p.add_argument("--list", action="store_true", help="list the scripts and their arguments")
+    p.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="NAME=ARG",
+        help="append ARG to script NAME's arguments (repeatable), e.g. "
+        "nanogpt_shakespeare_char=--learning_rate=0.1 for a mutation",
+    )
     a = p.parse_args(argv)
 
     if a.list:
@@ -814,6 +834,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown script(s): {', '.join(sorted(unknown))}")
     chosen = [s for s in SCRIPTS if not only or s.name in only]
+    try:
+        chosen = with_extra_args(chosen, a.arg)
+    except ValueError as e:
+        p.error(str(e))
     examples = a.examples.resolve() if a.examples else None
     nanogpt = a.nanogpt.resolve() if a.nanogpt else None
     chosen = [s for s in chosen if (examples if s.checkout == "examples" else nanogpt)]

@@ -153,3 +153,15 @@ def test_summary_table_of_a_saved_run(tmp_path, capsys) -> None:
     row = "| regression | python (torch 2.13.0) | 0 / 0 | identical | - | 0.001 / 0.001 | 0 | none"
     assert row in out
     assert "- note: no optimizer step was seen" in out
+
+
+def test_extra_args_append_to_the_named_script_only() -> None:
+    scripts = [s for s in rs.SCRIPTS if s.name in ("regression", "nanogpt_shakespeare_char")]
+    out = rs.with_extra_args(scripts, ["nanogpt_shakespeare_char=--learning_rate=0.1"])
+    by_name = {s.name: s for s in out}
+    assert by_name["nanogpt_shakespeare_char"].args[-1] == "--learning_rate=0.1"
+    assert by_name["regression"].args == next(s for s in scripts if s.name == "regression").args
+    with pytest.raises(ValueError):
+        rs.with_extra_args(scripts, ["mnist=--epochs=2"])  # not among the scripts run
+    with pytest.raises(ValueError):
+        rs.with_extra_args(scripts, ["regression"])
