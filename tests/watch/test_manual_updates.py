@@ -54,9 +54,10 @@ def test_a_manual_update_loop_without_zero_grad_is_found_with_the_models_name():
     doctor, _ = _manual_loop(12, 0.01, clear=False)
     (finding,) = [x for x in doctor.findings if x.rule == "ND501"]
     assert finding.location is not None and finding.location.line is not None
-    assert "loss.backward()" in open(finding.location.path).read().splitlines()[
-        finding.location.line - 1
-    ]
+    assert (
+        "loss.backward()"
+        in open(finding.location.path).read().splitlines()[finding.location.line - 1]
+    )
     assert finding.fix is not None and "net.zero_grad()" in finding.fix.summary
     assert finding.fix.kind == "diff"
     assert "+            net.zero_grad()" in (finding.fix.patch or "")
