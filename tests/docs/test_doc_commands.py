@@ -55,6 +55,7 @@ SKIP = {
 # appended: argparse takes the last value), so the script keeps working.
 REDUCED = {
     "python benchmarks/check_speed.py": "--only ratio --pairs 1",
+    "python benchmarks/check_scale.py": "--only tiny --repeats 1 --no-import-only",
     "python benchmarks/run_overhead.py --models transformer-fp16": (
         "--rounds 1 --whole 0 --steps 4 --warmup 1"
     ),
