@@ -228,12 +228,29 @@ def llama_params(cfg: Mapping[str, Any]) -> int:
     return vocab * h + layers * per_layer + h + head
 
 
+DEFERRED_CHECK_BYTES = 3 * 1024**3  # issue 18's goal for a deferred check, whatever the size
+
+
+def defer_params() -> int:
+    """Above this many parameters `check` builds on the meta device (this checkout's
+    netdoctor.loading.target.defer_params(), which depends on the machine's memory)."""
+    sys.path.insert(0, str(SRC))
+    try:
+        from netdoctor.loading.target import defer_params as netdoctor_defer_params
+    finally:
+        sys.path.remove(str(SRC))
+    return netdoctor_defer_params()
+
+
 def needed_bytes(params: int, what: str) -> int:
     """The memory a run is expected to need beyond the interpreter and its libraries: the fp32
-    weights. The same for "floor" and "check" today (check builds the same fp32 model); a check
-    that builds on the meta device will need less, and this is the place to say so."""
+    weights for the floor and for a check that builds the model; a check above defer_params()
+    builds it on the meta device and holds a few weights at a time, so it is run whenever
+    its goal (DEFERRED_CHECK_BYTES) fits."""
     if what not in ("floor", "check"):
         raise ValueError(f"unknown run {what!r}")
+    if what == "check" and params > defer_params():
+        return DEFERRED_CHECK_BYTES
     return params * 4
 
 

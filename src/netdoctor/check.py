@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,12 +42,25 @@ def check_loaded(loaded: LoadedModel, opts: CheckOptions) -> Report:
     spec = None
     if opts.input_shape is not None:
         spec = InputSpec(tuple(opts.input_shape), opts.input_dtype, _vocab(loaded.model))
-    with seeded(opts.seed):
+    with seeded(opts.seed), _deferred(loaded):
         outcome = build_graph(loaded, spec)
         findings = run_rules(GraphContext(loaded.target, outcome), opts.rules)
     report = Report(target=loaded.target, notes=list(outcome.notes))
     judge(report, findings, [loaded.class_location], loaded.user_site())
     return report
+
+
+@contextmanager
+def _deferred(loaded: LoadedModel) -> Iterator[None]:
+    """For a model built on the meta device: its init statistics from its construction, and
+    each module's weights materialised while its forward runs."""
+    if loaded.deferred is None:
+        yield
+        return
+    from netdoctor.loading.deferred import active
+
+    with active(loaded.deferred), loaded.deferred.materialized_in_forward():
+        yield
 
 
 def _vocab(model: nn.Module) -> int | None:

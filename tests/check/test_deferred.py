@@ -146,3 +146,42 @@ def test_a_7b_llama_config_is_known_without_building_its_weights():
     assert all(s.exact for s in stats.values())  # one draw each: nothing materialised
     assert stats["model.layers.31.mlp.down_proj.weight"].std == pytest.approx(0.02)
     assert stats["model.norm.weight"].all_equal
+
+
+def findings_of(loaded) -> list[tuple[str, str, str]]:
+    from netdoctor.check import CheckOptions, check_loaded
+
+    report = check_loaded(loaded, CheckOptions())
+    return sorted((f.rule, str(f.severity), f.module or "") for f in report.findings)
+
+
+@pytest.mark.slow
+def test_check_on_the_meta_device_finds_what_the_full_build_finds_on_every_fixture():
+    """The acceptance of the deferred path: every fixture model checked both ways. The one
+    difference allowed is where ND204 sees the signal cross its threshold, which depends on the
+    random draws (the same distribution, not the same numbers): the rule and severity must
+    agree there too."""
+    from netdoctor.loading.target import load
+
+    old = os.getcwd()
+    os.chdir(REPO)
+    try:
+        for folder in ("fixtures/sick", "fixtures/healthy"):
+            full = {m.target: m for m in load(folder, defer=False).models}
+            meta = {m.target: m for m in load(folder, defer=True).models}
+            assert full.keys() == meta.keys()
+            for target, loaded in meta.items():
+                assert loaded.deferred is not None, target
+                assert all(t.is_meta for t in loaded.model.parameters()), target
+                want, got = findings_of(full[target]), findings_of(loaded)
+
+                def exact(found):
+                    return [f for f in found if f[0] != "ND204"]
+
+                def rules(found):
+                    return sorted({f[:2] for f in found})
+
+                assert exact(got) == exact(want), target
+                assert rules(got) == rules(want), target
+    finally:
+        os.chdir(old)

@@ -360,6 +360,19 @@ def param_info(tensor: torch.Tensor) -> ParamInfo:
                 all_equal=False,
                 trainable=tensor.requires_grad,
             )
+        if tensor.is_meta:  # a model too large to build: its construction says
+            from netdoctor.loading.deferred import stats_of
+
+            known = stats_of(tensor)
+            if known is not None:
+                return ParamInfo(
+                    tuple(tensor.shape),
+                    known.numel,
+                    known.mean,
+                    known.std,
+                    known.all_equal,
+                    tensor.requires_grad,
+                )
         t = tensor.detach().float()
         numel = t.numel()
         if numel == 0:

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+CACHE_BYTES = 1 << 28  # materialised tensors kept for reuse during a forward (256 MiB)
 CONSTANT_LIMIT = 1 << 20  # elements of a real (non-meta) tensor an op may read and be replayed
 META_SKIPPING_INITS = ("trunc_normal_", "orthogonal_", "dirac_", "sparse_")
 
@@ -186,6 +189,68 @@ class _FromData(TorchFunctionMode):
         return out
 
 
+class _Materializing(TorchFunctionMode):
+    """Hands torch functions real tensors for the deferred model's meta ones."""
+
+    def __init__(self, deferred: Deferred) -> None:
+        super().__init__()
+        self.deferred = deferred
+        self.owned = set(deferred._created)  # what construction wrote: also the tensors of
+        # modules held in plain lists or dicts, which model.parameters() does not list
+        self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # storage -> whole tensor
+        self.cached_bytes = 0
+        self.made: set[int] = set()  # data pointers of the storages materialised here
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.device.__get__ and args and self._owned(args[0]):
+            return torch.device("cpu")
+        args = tree_map(self._real, args)
+        kwargs = tree_map(self._real, kwargs)
+        return func(*args, **kwargs)
+
+    def pack(self, t: torch.Tensor) -> Any:
+        """A tensor autograd saves for a backward: dropped when it is a materialised weight."""
+        if t.untyped_storage().data_ptr() in self.made:
+            return None
+        return t
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if packed is None:
+            raise RuntimeError("netdoctor: a deferred model's weights are not kept for backward")
+        return packed
+
+    def _owned(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.is_meta and storage_key(t) in self.owned
+
+    def _real(self, t: Any) -> Any:
+        if not self._owned(t):
+            return t
+        key = storage_key(t)
+        ref = _Ref.of(t)
+        base = self.cache.get(key)
+        if base is None:
+            with torch._C.DisableTorchFunction():
+                base = self.deferred.materialize(t)
+            self.made.add(base.untyped_storage().data_ptr())
+            nbytes = base.untyped_storage().nbytes()
+            if nbytes <= CACHE_BYTES:
+                self.cache[key] = base
+                self.cached_bytes += nbytes
+                while self.cached_bytes > CACHE_BYTES:
+                    _, old = self.cache.popitem(last=False)
+                    self.cached_bytes -= old.untyped_storage().nbytes()
+            else:
+                return base
+        else:
+            self.cache.move_to_end(key)
+        out = torch.empty(0, dtype=ref.dtype)
+        out.set_(base.untyped_storage(), ref.offset, ref.size, ref.stride)
+        if isinstance(t, nn.Parameter):
+            out.requires_grad_(t.requires_grad)
+        return out
+
+
 @contextmanager
 def _init_calls_recorded(recorder: _Recorder) -> Iterator[None]:
     """torch.nn.init's meta-skipping functions replaced by recording stand-ins, meanwhile."""
@@ -234,6 +299,9 @@ class Deferred:
                 seen.add(id(t))
                 yield name, t
 
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
     def writers(self, key: int) -> list[_Op]:
         return [op for op in self.ops if key in op.writes]
 
@@ -264,6 +332,20 @@ class Deferred:
                 mean, std, all_equal = exact
                 return InitStats(numel, mean, std, all_equal and numel > 1, exact=True)
         return _measured(self.materialize(tensor))
+
+    @contextmanager
+    def materialized_in_forward(self) -> Iterator[None]:
+        """Meanwhile, every torch function that is handed one of the model's meta tensors gets
+        it materialised instead (and `.device` reads the CPU): a forward of the whole model
+        computes on real values while the model keeps its meta tensors, its Parameter objects
+        and their identities. A materialised tensor lives as long as what the op made of it
+        (an output, a view); the most recent ones are kept up to CACHE_BYTES for reuse. Autograd
+        does not keep them for a backward (which `check` never runs): a forward with grad
+        enabled would otherwise hold every weight of the model by the end."""
+        materializing = _Materializing(self)
+        saved = torch.autograd.graph.saved_tensors_hooks(materializing.pack, materializing.unpack)
+        with materializing, saved:
+            yield
 
     def _closure(self, key: int) -> set[int]:
         needed = {key}
@@ -398,3 +480,24 @@ def record(build: Callable[[], nn.Module], seed: int = 0) -> Deferred:
             raise
         raise DeferredUnsupported(f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
     return Deferred(model, recorder.ops, seed, recorder.alive)
+
+
+_ACTIVE: ContextVar[Deferred | None] = ContextVar("netdoctor_deferred", default=None)
+
+
+@contextmanager
+def active(deferred: Deferred | None) -> Iterator[None]:
+    """While checking a deferred model, `stats_of` answers for its meta tensors."""
+    token = _ACTIVE.set(deferred)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def stats_of(tensor: torch.Tensor) -> InitStats | None:
+    """The init statistics of a meta tensor of the deferred model being checked, else None."""
+    deferred = _ACTIVE.get()
+    if deferred is None or not tensor.is_meta:
+        return None
+    return deferred.init_stats(tensor)

@@ -4,6 +4,7 @@ modes restored, and on failure the innermost submodule that raised (for ND002)."
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -116,10 +117,10 @@ def main_output(value: Any) -> torch.Tensor | None:
 def model_device(model: nn.Module) -> torch.device:
     """Where the model lives (its first parameter or buffer): example inputs go there (a model
     watched while it trains on a GPU)."""
-    for t in model.parameters():
-        return t.device
-    for b in model.buffers():
-        return b.device
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        # a model built on the meta device (too large to build) computes on the CPU, its
+        # weights materialised a module at a time (netdoctor.loading.deferred)
+        return torch.device("cpu") if t.is_meta else t.device
     return torch.device("cpu")
 
 

@@ -14,6 +14,9 @@ import importlib.util
 import inspect
 import os
 import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +28,19 @@ from netdoctor.loading.seeding import DEFAULT_SEED, seeded
 
 if TYPE_CHECKING:
     from torch import nn
+
+
+def defer_params() -> int:
+    """Above this many parameters a model is built on the meta device and materialised a tensor
+    at a time (loading.deferred), unless told otherwise: where its float32 weights would take
+    more than a quarter of this machine's memory (at least 2 GiB), so that every model the full
+    build can hold is checked exactly as built."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: assume 16 GiB
+        total = 16 << 30
+    return max(1 << 29, total // 16)
+
 
 SKIP_DIRS = {
     ".git",
@@ -53,6 +69,8 @@ class LoadedModel:
     provenance: Any  # netdoctor.loading.provenance.Provenance
     class_location: Location | None = None
     source_path: str | None = None
+    # built on the meta device (too large to build): its construction, replayable per tensor
+    deferred: Any = None  # netdoctor.loading.deferred.Deferred
 
     def user_site(self) -> Location | None:
         """The user's own line that built or called the model: its class line when the class
@@ -125,11 +143,18 @@ def parse_kwargs(pairs: tuple[str, ...] | list[str], json_text: str | None) -> d
     return kwargs
 
 
-def load(spec: str, kwargs: dict[str, Any] | None = None, seed: int = DEFAULT_SEED) -> LoadResult:
+def load(
+    spec: str,
+    kwargs: dict[str, Any] | None = None,
+    seed: int = DEFAULT_SEED,
+    defer: bool | None = None,
+) -> LoadResult:
     """Load one target string into built models (or ONNX file paths).
 
     Importing and each model's construction run under `seed` (re-seeded per model), so a model
-    gets the same weights in every process, alone or among the other models of its folder."""
+    gets the same weights in every process, alone or among the other models of its folder.
+    `defer`: build on the meta device (`loading.deferred`) always (True), never (False), or
+    when the model has more than `defer_params()` parameters (None)."""
     kwargs = kwargs or {}
     where, name = split_target(spec)
     result = LoadResult()
@@ -151,7 +176,7 @@ def load(spec: str, kwargs: dict[str, Any] | None = None, seed: int = DEFAULT_SE
             )
         files = [path] if path.is_file() else _python_files(path)
         for f in files:
-            _discover(f, result, seed)
+            _discover(f, result, seed, defer)
         if not result.models and not result.onnx_files:
             result.notes.append(f"{spec}: no buildable nn.Module found")
         return result
@@ -167,11 +192,42 @@ def load(spec: str, kwargs: dict[str, Any] | None = None, seed: int = DEFAULT_SE
             hint = f" (nn.Module classes there: {', '.join(found)})" if found else ""
             raise UserError(f"{where} has no attribute {name!r}{hint}")
         obj = getattr(module, name)
-        with seeded(seed):
-            model = _build(obj, name, where, kwargs)
+        model, deferred = construct(lambda: _build(obj, name, where, kwargs), seed, defer)
     display = f"{display_path(source)}:{name}" if source else spec
-    result.models.append(LoadedModel(display, model, prov, _class_location(obj, model), source))
+    result.models.append(
+        LoadedModel(display, model, prov, _class_location(obj, model), source, deferred)
+    )
     return result
+
+
+def construct(
+    build: Callable[[], nn.Module], seed: int, defer: bool | None
+) -> tuple[nn.Module, Any]:
+    """(model, its Deferred record or None): `build()` under `seed`, on the meta device when
+    `defer` says so, or (None) when the model is larger than `defer_params()`, which takes one quiet
+    construction on the meta device to count. A construction that cannot run there is built
+    for real."""
+    if defer is not False:
+        from netdoctor.loading.deferred import record
+
+        try:
+            with seeded(seed), _quiet():
+                deferred = record(build)
+        except Exception:  # it needs values, or it fails: the real build says how
+            deferred = None
+        if deferred is not None and (defer or deferred.parameter_count() > defer_params()):
+            return deferred.model, deferred
+    with seeded(seed):
+        return build(), None
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The user's constructor prints and warns once, in the build that counts."""
+    with open(os.devnull, "w") as sink, redirect_stdout(sink), redirect_stderr(sink):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
 
 
 # -- importing ---------------------------------------------------------------------------------
@@ -337,7 +393,7 @@ def _python_files(folder: Path) -> list[Path]:
     return files
 
 
-def _discover(path: Path, result: LoadResult, seed: int) -> None:
+def _discover(path: Path, result: LoadResult, seed: int, defer: bool | None) -> None:
     """Build every nn.Module subclass defined in `path` that needs no arguments."""
     if path.suffix == ".onnx":
         result.onnx_files.append(str(path))
@@ -349,7 +405,7 @@ def _discover(path: Path, result: LoadResult, seed: int) -> None:
     if not _mentions_module(path):
         return
     prov = Provenance()
-    built: list[tuple[str, Any, nn.Module]] = []
+    built: list[tuple[str, Any, nn.Module, Any]] = []
     with prov.recording():
         with seeded(seed):
             module = _import_file(path)
@@ -364,19 +420,18 @@ def _discover(path: Path, result: LoadResult, seed: int) -> None:
                 )
                 continue
             try:
-                with seeded(seed):
-                    model = cls()
+                model, deferred = construct(cls, seed, defer)
             except Exception as e:
                 result.notes.append(
                     f"skipped {shown}:{name}: building it raised "
                     f"{type(e).__name__}: {_first_line(e)}"
                 )
                 continue
-            built.append((name, cls, model))
+            built.append((name, cls, model, deferred))
     # A class used as a building block of another model in the same file is checked as part of
     # that model, not on its own (its findings would repeat).
-    used_inside = {type(m) for _, _, model in built for m in model.modules() if m is not model}
-    for name, cls, model in built:
+    used_inside = {type(m) for _, _, model, _ in built for m in model.modules() if m is not model}
+    for name, cls, model, deferred in built:
         if cls in used_inside:
             result.notes.append(
                 f"skipped {shown}:{name}: checked as part of another model in the same file"
@@ -384,7 +439,12 @@ def _discover(path: Path, result: LoadResult, seed: int) -> None:
             continue
         result.models.append(
             LoadedModel(
-                f"{shown}:{name}", model, prov, _class_location(cls, model), str(path.resolve())
+                f"{shown}:{name}",
+                model,
+                prov,
+                _class_location(cls, model),
+                str(path.resolve()),
+                deferred,
             )
         )
 
