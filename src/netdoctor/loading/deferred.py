@@ -47,6 +47,43 @@ CONSTANT_LIMIT = 1 << 20  # elements of a real (non-meta) tensor an op may read 
 META_SKIPPING_INITS = ("trunc_normal_", "orthogonal_", "dirac_", "sparse_")
 
 
+class TooLarge(BaseException):  # not swallowed by a constructor's `except Exception`
+    """A real construction went past its allocation budget (`allocation_budget`)."""
+
+
+class _Budget(TorchDispatchMode):
+    """Counts the bytes of the new CPU storages a construction allocates."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.allocated = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not t.is_meta and storage_key(t) not in inputs:
+                self.allocated += t.untyped_storage().nbytes()
+        if self.allocated > self.limit:
+            raise TooLarge(f"construction allocated over {self.limit} bytes")
+        return out
+
+
+@contextmanager
+def allocation_budget(limit: int | None) -> Iterator[None]:
+    """Meanwhile, raise TooLarge once new tensors total more than `limit` bytes (None: no
+    limit). What a model's construction allocates is its weights and buffers (and a few
+    temporaries): past a limit, it is cheaper to stop and build it on the meta device."""
+    if limit is None:
+        yield
+        return
+    with _Budget(limit):
+        yield
+
+
 class DeferredUnsupported(RuntimeError):
     """The model's construction cannot be recorded on the meta device (it needs values)."""
 

@@ -14,9 +14,7 @@ import importlib.util
 import inspect
 import os
 import sys
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -203,31 +201,27 @@ def load(
 def construct(
     build: Callable[[], nn.Module], seed: int, defer: bool | None
 ) -> tuple[nn.Module, Any]:
-    """(model, its Deferred record or None): `build()` under `seed`, on the meta device when
-    `defer` says so, or (None) when the model is larger than `defer_params()`, which takes one quiet
-    construction on the meta device to count. A construction that cannot run there is built
-    for real."""
-    if defer is not False:
-        from netdoctor.loading.deferred import record
+    """(model, its Deferred record or None): `build()` under `seed`, for real, or on the meta
+    device (loading.deferred) when `defer` is True, or (None) when the real construction
+    allocates more than the float32 weights of `defer_params()` parameters: it is stopped
+    there, and built again on the meta device. A construction that cannot run on the meta
+    device is built for real."""
+    from netdoctor.loading.deferred import TooLarge, allocation_budget, record
 
+    if defer is not True:
+        budget = None if defer is False else 4 * defer_params()
         try:
-            with seeded(seed), _quiet():
-                deferred = record(build)
-        except Exception:  # it needs values, or it fails: the real build says how
-            deferred = None
-        if deferred is not None and (defer or deferred.parameter_count() > defer_params()):
-            return deferred.model, deferred
-    with seeded(seed):
-        return build(), None
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """The user's constructor prints and warns once, in the build that counts."""
-    with open(os.devnull, "w") as sink, redirect_stdout(sink), redirect_stderr(sink):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+            with seeded(seed), allocation_budget(budget):
+                return build(), None
+        except TooLarge:
+            pass
+    try:
+        with seeded(seed):
+            deferred = record(build)
+    except Exception:  # it needs values: build it for real, whatever it takes
+        with seeded(seed):
+            return build(), None
+    return deferred.model, deferred
 
 
 # -- importing ---------------------------------------------------------------------------------
