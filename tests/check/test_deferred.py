@@ -185,3 +185,25 @@ def test_check_on_the_meta_device_finds_what_the_full_build_finds_on_every_fixtu
                 assert rules(got) == rules(want), target
     finally:
         os.chdir(old)
+
+
+def test_a_model_is_built_on_the_meta_device_only_when_too_large_to_build(monkeypatch):
+    """Sizing without building twice what fits: a construction past SIZING_BYTES is stopped and
+    counted on the meta device; below defer_params() it is built again, for real."""
+    from netdoctor.loading import target
+
+    def wide():
+        return nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))  # 1 MiB each
+
+    small = target.construct(wide, 0, None)
+    assert small[1] is None and not small[0][0].weight.is_meta  # under the budget: built once
+    monkeypatch.setattr(target, "SIZING_BYTES", 1 << 20)
+    monkeypatch.setattr(target, "defer_params", lambda: 10**6)
+    model, deferred = target.construct(wide, 0, None)  # 525k parameters: built again, for real
+    assert deferred is None and not model[0].weight.is_meta
+    assert torch.equal(model[0].weight, small[0][0].weight)  # the same seed, the same weights
+    monkeypatch.setattr(target, "defer_params", lambda: 10**5)
+    model, deferred = target.construct(wide, 0, None)
+    assert deferred is not None and model[0].weight.is_meta
+    assert target.construct(wide, 0, False)[1] is None  # never
+    assert target.construct(wide, 0, True)[1] is not None  # always

@@ -28,16 +28,20 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+SIZING_BYTES = 2 << 30  # a construction allocating more is sized on the meta device first
+
+
 def defer_params() -> int:
     """Above this many parameters a model is built on the meta device and materialised a tensor
     at a time (loading.deferred), unless told otherwise: where its float32 weights would take
-    more than a quarter of this machine's memory (at least 2 GiB), so that every model the full
-    build can hold is checked exactly as built."""
+    more than 80% of this machine's memory, so that the full build could not hold them. Every
+    model the full build can hold is checked exactly as built (and faster: the deferred path
+    draws each weight again at every forward)."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not a POSIX system: assume 16 GiB
         total = 16 << 30
-    return max(1 << 29, total // 16)
+    return max(1 << 29, total // 5)
 
 
 SKIP_DIRS = {
@@ -202,16 +206,16 @@ def construct(
     build: Callable[[], nn.Module], seed: int, defer: bool | None
 ) -> tuple[nn.Module, Any]:
     """(model, its Deferred record or None): `build()` under `seed`, for real, or on the meta
-    device (loading.deferred) when `defer` is True, or (None) when the real construction
-    allocates more than the float32 weights of `defer_params()` parameters: it is stopped
-    there, and built again on the meta device. A construction that cannot run on the meta
-    device is built for real."""
+    device (loading.deferred) when `defer` is True, or (None) when the model has more than
+    `defer_params()` parameters. A construction that allocates more than SIZING_BYTES is
+    stopped there and run on the meta device, which counts the parameters: a model past
+    `defer_params()` stays there, a smaller one is built again for real. A construction that
+    cannot run on the meta device is built for real."""
     from netdoctor.loading.deferred import TooLarge, allocation_budget, record
 
     if defer is not True:
-        budget = None if defer is False else 4 * defer_params()
         try:
-            with seeded(seed), allocation_budget(budget):
+            with seeded(seed), allocation_budget(None if defer is False else SIZING_BYTES):
                 return build(), None
         except TooLarge:
             pass
@@ -219,9 +223,11 @@ def construct(
         with seeded(seed):
             deferred = record(build)
     except Exception:  # it needs values: build it for real, whatever it takes
-        with seeded(seed):
-            return build(), None
-    return deferred.model, deferred
+        deferred = None
+    if deferred is not None and (defer or deferred.parameter_count() > defer_params()):
+        return deferred.model, deferred
+    with seeded(seed):
+        return build(), None
 
 
 # -- importing ---------------------------------------------------------------------------------
