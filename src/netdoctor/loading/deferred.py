@@ -51,24 +51,24 @@ class TooLarge(BaseException):  # not swallowed by a constructor's `except Excep
     """A real construction went past its allocation budget (`allocation_budget`)."""
 
 
-class _Budget(TorchDispatchMode):
-    """Counts the bytes of the new CPU storages a construction allocates."""
+class _Budget(TorchFunctionMode):
+    """Counts the bytes of the new tensors a construction makes (a function mode: a dispatch
+    mode would cost every check the import of sympy)."""
 
     def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
         self.allocated = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {
-            storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta and storage_key(t) not in inputs:
-                self.allocated += t.untyped_storage().nbytes()
-        if self.allocated > self.limit:
-            raise TooLarge(f"construction allocated over {self.limit} bytes")
+        if isinstance(out, torch.Tensor) and not out.is_meta:
+            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            key = storage_key(out)
+            if all(storage_key(t) != key for t in inputs if not t.is_meta):
+                self.allocated += out.untyped_storage().nbytes()
+                if self.allocated > self.limit:
+                    raise TooLarge(f"construction allocated over {self.limit} bytes")
         return out
 
 
@@ -237,9 +237,13 @@ class _Materializing(TorchFunctionMode):
         self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # storage -> whole tensor
         self.cached_bytes = 0
         self.made: set[int] = set()  # data pointers of the storages materialised here
+        self.anchor = torch.zeros((), requires_grad=True)
+        self.depth = 0  # module forwards running
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if any(isinstance(a, torch.fx.Proxy) for a in tree_flatten((args, kwargs))[0]):
+            return func(*args, **kwargs)  # torch.fx tracing: no values, nothing to compute
         if func is torch.Tensor.device.__get__ and args and self._owned(args[0]):
             return torch.device("cpu")
         args = tree_map(self._real, args)
@@ -283,8 +287,16 @@ class _Materializing(TorchFunctionMode):
             self.cache.move_to_end(key)
         out = torch.empty(0, dtype=ref.dtype)
         out.set_(base.untyped_storage(), ref.offset, ref.size, ref.stride)
-        if isinstance(t, nn.Parameter):
-            out.requires_grad_(t.requires_grad)
+        if t.requires_grad and self.depth <= 0:
+            out.requires_grad_(True)  # outside a module's forward (torch.fx copying the model,
+            # its interpreter replaying the graph): a leaf, as a parameter is
+        elif t.requires_grad:
+            # inside a forward, not a leaf of its own: autograd's accumulator of a leaf holds
+            # the leaf, and the forward's output would then keep every weight it used alive;
+            # a sum with one zero-size leaf gives it a grad_fn and holds nothing large
+            with torch._C.DisableTorchFunction():
+                out = out + self.anchor
+            self.made.add(out.untyped_storage().data_ptr())
         return out
 
 
@@ -379,10 +391,30 @@ class Deferred:
         (an output, a view); the most recent ones are kept up to CACHE_BYTES for reuse. Autograd
         does not keep them for a backward (which `check` never runs): a forward with grad
         enabled would otherwise hold every weight of the model by the end."""
+        from torch.nn.modules.module import (
+            register_module_forward_hook,
+            register_module_forward_pre_hook,
+        )
+
         materializing = _Materializing(self)
+
+        def enter(module: nn.Module, args: Any) -> None:
+            materializing.depth += 1
+
+        def leave(module: nn.Module, args: Any, out: Any) -> None:
+            materializing.depth -= 1
+
         saved = torch.autograd.graph.saved_tensors_hooks(materializing.pack, materializing.unpack)
-        with materializing, saved:
-            yield
+        handles = [
+            register_module_forward_pre_hook(enter),
+            register_module_forward_hook(leave, always_call=True),
+        ]
+        try:
+            with materializing, saved:
+                yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _closure(self, key: int) -> set[int]:
         needed = {key}
