@@ -146,7 +146,7 @@ def _load(target: str, opts: CheckOptions, config: ProbeConfig) -> tuple[LoadedM
     part of the experiment), and the loader's notes."""
     from netdoctor.loading.target import load
 
-    result = load(target, opts.kwargs, seed=config.seed)
+    result = load(target, opts.kwargs, seed=config.seed, defer=False)  # it trains the weights
     if result.onnx_files and not result.models:
         raise UserError(
             f"{target}: the probe trains a PyTorch model; an ONNX graph cannot be "
