@@ -53,7 +53,7 @@ def check_loaded(loaded: LoadedModel, opts: CheckOptions) -> Report:
 @contextmanager
 def _deferred(loaded: LoadedModel) -> Iterator[None]:
     """For a model built on the meta device: its init statistics from its construction, and
-    each module's weights materialised while its forward runs."""
+    its weights materialised at the ops of its forwards that use them."""
     if loaded.deferred is None:
         yield
         return

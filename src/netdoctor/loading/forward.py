@@ -119,7 +119,7 @@ def model_device(model: nn.Module) -> torch.device:
     watched while it trains on a GPU)."""
     for t in itertools.chain(model.parameters(), model.buffers()):
         # a model built on the meta device (too large to build) computes on the CPU, its
-        # weights materialised a module at a time (netdoctor.loading.deferred)
+        # weights materialised at the ops that use them (netdoctor.loading.deferred)
         return torch.device("cpu") if t.is_meta else t.device
     return torch.device("cpu")
 

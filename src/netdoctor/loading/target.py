@@ -27,6 +27,8 @@ from netdoctor.loading.seeding import DEFAULT_SEED, seeded
 if TYPE_CHECKING:
     from torch import nn
 
+    from netdoctor.loading.deferred import Deferred
+
 
 SIZING_BYTES = 2 << 30  # a construction allocating more is sized on the meta device first
 
@@ -72,7 +74,7 @@ class LoadedModel:
     class_location: Location | None = None
     source_path: str | None = None
     # built on the meta device (too large to build): its construction, replayable per tensor
-    deferred: Any = None  # netdoctor.loading.deferred.Deferred
+    deferred: Deferred | None = None
 
     def user_site(self) -> Location | None:
         """The user's own line that built or called the model: its class line when the class
@@ -204,7 +206,7 @@ def load(
 
 def construct(
     build: Callable[[], nn.Module], seed: int, defer: bool | None
-) -> tuple[nn.Module, Any]:
+) -> tuple[nn.Module, Deferred | None]:
     """(model, its Deferred record or None): `build()` under `seed`, for real, or on the meta
     device (loading.deferred) when `defer` is True, or (None) when the model has more than
     `defer_params()` parameters. A construction that allocates more than SIZING_BYTES is
@@ -405,7 +407,7 @@ def _discover(path: Path, result: LoadResult, seed: int, defer: bool | None) -> 
     if not _mentions_module(path):
         return
     prov = Provenance()
-    built: list[tuple[str, Any, nn.Module, Any]] = []
+    built: list[tuple[str, Any, nn.Module, Deferred | None]] = []
     with prov.recording():
         with seeded(seed):
             module = _import_file(path)

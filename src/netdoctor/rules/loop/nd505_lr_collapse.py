@@ -41,20 +41,17 @@ class Overrun:
     """A decay that fell from its peak to near zero, then climbed back the way it came."""
 
     peak_step: int  # 0-based steps
-    low_step: int  # first step below peak / drop
     back_step: int  # first step back at half the peak or more
-    peak: float
     low: float  # the lowest lr on the way
 
 
-def decay_overrun(lrs: list[float], drop: float, mirror: float) -> Overrun | None:
-    """The first fall of the lr below its peak / drop, if the lr then climbs back to half its peak
-    gradually (over >= mirror x the fall's steps, unlike a warm restart's jump) and the rise to
-    the peak was shorter than that (unlike a cyclic schedule, which climbs as long as it falls)."""
-    found = lr_collapse_step(lrs, drop)
-    if found is None:
-        return None
-    low_step, peak = found
+def decay_overrun(
+    lrs: list[float], low_step: int, peak: float, drop: float, mirror: float
+) -> Overrun | None:
+    """Given the lr's first fall below peak / drop at `low_step`: an Overrun if the lr then climbs
+    back to half its peak gradually (over >= mirror x the fall's steps, unlike a warm restart's
+    jump) and the rise to the peak was shorter than that (unlike a cyclic schedule, which climbs
+    as long as it falls)."""
     peak_step = next(i for i, v in enumerate(lrs) if v == peak)
     fall = low_step - peak_step
     if peak_step > mirror * fall:
@@ -70,7 +67,7 @@ def decay_overrun(lrs: list[float], drop: float, mirror: float) -> Overrun | Non
             if i - last_low < mirror * fall:
                 return None  # a jump back up: a warm restart
             low = min(x for x in lrs[peak_step:i] if math.isfinite(x))
-            return Overrun(peak_step, low_step, i, peak, low)
+            return Overrun(peak_step, i, low)
     return None
 
 
@@ -99,7 +96,7 @@ def lr_collapse(lrs: list[float], options: Options) -> Collapse | None:
     low = sum(1 for v in after if v < peak / options.min_drop)
     if after and low / len(after) >= options.stays_low:
         return Collapse(at, peak, None)
-    overrun = decay_overrun(lrs, options.min_drop, options.mirror)
+    overrun = decay_overrun(lrs, at, peak, options.min_drop, options.mirror)
     if overrun is None:
         return None  # it recovers by design (a cyclic schedule, warm restarts)
     return Collapse(at, peak, overrun)
