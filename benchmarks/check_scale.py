@@ -42,17 +42,18 @@ of the ratios of each round. Every process runs with this checkout's src/ first 
 netdoctor byte-compiled first (as an installed copy is), --threads OpenMP/MKL threads when given,
 no CUDA device, and no network for transformers.
 
-The memory guard. Before a model runs, its fp32 weights (parameters x 4 bytes) are compared with
-the memory available now (MemAvailable of /proc/meminfo, else psutil) less --margin-gb (default
-4 GB: the interpreter, torch, the library and the rest of the machine). When they do not fit,
-the floor is reported as "cannot build (N GB of fp32 weights)" and not run; `check` is run only
-when it is expected to fit, which today is the same rule, since check builds the same fp32 model
+The memory guard. Before a model runs, its fp32 weights (parameters x 4 bytes) are compared with the
+memory available now (MemAvailable of /proc/meminfo, else psutil) less --margin-gb (default 4 GB:
+the interpreter, torch, the library and the rest of the machine). When they do not fit, the floor is
+reported as "cannot build (N GB of fp32 weights)" and not run; `check` is run only when it is
+expected to fit: a model past netdoctor's sizing budget (`defer_params`) is checked on the meta
+device, a few weights at a time, and needs DEFERRED_CHECK_BYTES; a smaller one its fp32 weights
 (`needed_bytes`). --try-all runs them anyway. Whatever runs is held to a hard limit (--limit-gb,
 default the memory available less 1 GB): the data segment of each process is capped with
-setrlimit(RLIMIT_DATA) (an allocation beyond it fails in the process; RLIMIT_AS would also count
-the libraries a CUDA build of torch maps and never touches), and a watchdog kills the process if
-its resident memory still passes the limit; --timeout (default 1800 s) bounds every run. The
-machine never swaps or runs out of memory: such a run is reported as "over the memory limit".
+setrlimit(RLIMIT_DATA) (an allocation beyond it fails in the process; RLIMIT_AS would also count the
+libraries a CUDA build of torch maps and never touches), and a watchdog kills the process if its
+resident memory still passes the limit; --timeout (default 1800 s) bounds every run. The machine
+never swaps or runs out of memory: such a run is reported as "over the memory limit".
 """
 
 from __future__ import annotations
@@ -232,14 +233,14 @@ DEFERRED_CHECK_BYTES = 3 * 1024**3  # issue 18's goal for a deferred check, what
 
 
 def defer_params() -> int:
-    """Above this many parameters `check` builds on the meta device (this checkout's
-    netdoctor.loading.target.defer_params(), which depends on the machine's memory)."""
+    """Above this many parameters `check` builds on the meta device: where the float32 weights
+    pass this checkout's netdoctor.loading.target.SIZING_BYTES."""
     sys.path.insert(0, str(SRC))
     try:
-        from netdoctor.loading.target import defer_params as netdoctor_defer_params
+        from netdoctor.loading.target import SIZING_BYTES
     finally:
         sys.path.remove(str(SRC))
-    return netdoctor_defer_params()
+    return SIZING_BYTES // 4
 
 
 def needed_bytes(params: int, what: str) -> int:

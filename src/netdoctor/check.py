@@ -58,8 +58,9 @@ def _deferred(loaded: LoadedModel) -> Iterator[None]:
         yield
         return
     from netdoctor.loading.deferred import active
+    from netdoctor.loading.materializing import materialized_in_forward
 
-    with active(loaded.deferred), loaded.deferred.materialized_in_forward():
+    with active(loaded.deferred), materialized_in_forward(loaded.deferred):
         yield
 
 

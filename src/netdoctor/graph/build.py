@@ -22,6 +22,7 @@ from netdoctor.loading.shapes import InputSpec, infer
 from netdoctor.loading.target import LoadedModel
 
 if TYPE_CHECKING:
+    import torch
     from torch import fx
 
 
@@ -51,14 +52,18 @@ def build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
 def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
     from netdoctor.graph import fx_frontend, hook_frontend
     from netdoctor.graph.signal import (
+        SignalHooks,
         batch_size,
+        measurable_in_eval,
         measure_init_rms,
         not_measured,
+        weight_layers,
         weight_modules,
     )
     from netdoctor.graph.torch_common import record_unregistered
 
     model, prov = loaded.model, loaded.provenance
+    deferred = loaded.deferred is not None
     outcome = BuildOutcome(graph=None)
     holders = Graph()
     extra = record_unregistered(holders, model, prov)  # so list-held modules get hooks too
@@ -77,13 +82,17 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
     # eager forward of the signal measurement (ND204) shows that the input runs, and a replay of
     # the traced graph on what its leaf modules returned there gives every node its shape. When
     # that forward fails, the plain eager forward decides (and names the failing submodule,
-    # ND002); the traced graph then runs on its own for the shapes.
+    # ND002); the traced graph then runs on its own for the shapes. Without a traced graph, the
+    # hook frontend's recorded forward shows it (and is the graph), and it also measures the
+    # signal when it computes what the signal measurement would (`one_pass`).
     shape_failure: list[str] = []
     signal_note: list[str] = []
+    recorded: list[tuple[Graph, SignalHooks | None, torch.Tensor]] = []
 
     def run(candidate: InputSpec) -> None:
         shape_failure.clear()
         signal_note.clear()
+        recorded.clear()
         if gm is not None and fx_graph is not None:
             leaves = fx_frontend.LeafOutputs(gm)
             try:
@@ -95,6 +104,7 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
                     candidate.dtype,
                     candidate.vocab,
                     observers=leaves.hooks(),
+                    deferred=deferred,
                 )
             except Exception as e:
                 if weight_modules(fx_graph, model, extra)[0]:
@@ -103,7 +113,7 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
                 x = example_input(
                     candidate.shape,
                     candidate.dtype,
-                    batch=batch_size(candidate.shape),
+                    batch=batch_size(candidate.shape, deferred),
                     vocab=candidate.vocab,
                 )
                 try:
@@ -111,11 +121,16 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
                 except Exception:  # e.g. a functional op that rejects the zeros: run for real
                     shapes_by_running(gm, candidate)
                 return
-        run_forward(
-            model, example_input(candidate.shape, candidate.dtype, vocab=candidate.vocab), extra
-        )
+        x = example_input(candidate.shape, candidate.dtype, vocab=candidate.vocab)
         if gm is not None:
+            run_forward(model, x, extra)
             shapes_by_running(gm, candidate)
+            return
+        x = x.to(model_device(model))
+        one_pass = batch_size(candidate.shape, deferred) == len(x) and measurable_in_eval(model)
+        signal = SignalHooks(weight_layers(model, extra)) if one_pass else None
+        graph = hook_frontend.build(model, prov, x, signal.hooks() if signal else ())
+        recorded.append((graph, signal, x))
 
     def shapes_by_running(gm: fx.GraphModule, candidate: InputSpec) -> None:
         for batch in (1, 2):  # a model may squeeze a batch of one away
@@ -163,22 +178,18 @@ def _build_graph(loaded: LoadedModel, spec: InputSpec | None) -> BuildOutcome:
             fx_graph.input_shape = outcome.input.shape
         return outcome
 
-    # 3. The graph without fx: one recorded forward.
-    if outcome.input is None:
+    # 3. The graph without fx: the recorded forward of step 2.
+    if outcome.input is None or not recorded:
         outcome.notes.append(
             "torch.fx could not trace the model and no working input is "
             "available for the fallback: graph rules were skipped"
         )
         return outcome
-    x = example_input(outcome.input.shape, outcome.input.dtype, vocab=outcome.input.vocab).to(
-        model_device(model)
-    )
-    try:
-        outcome.graph = hook_frontend.build(model, prov, x)
-    except ForwardFailure as f:
-        outcome.forward_failure, outcome.failed_input = f, outcome.input
-    if outcome.graph is not None:
-        outcome.graph.root_location = loaded.class_location
+    outcome.graph, signal, x = recorded[0]
+    outcome.graph.root_location = loaded.class_location
+    if signal is not None:
+        signal.annotate(outcome.graph, weight_modules(outcome.graph, model, extra)[1], x)
+    else:
         _measure_signal(outcome, loaded, extra)
     _locate_failure(outcome, loaded, extra)
     return outcome
@@ -194,7 +205,13 @@ def _measure_signal(outcome: BuildOutcome, loaded: LoadedModel, extra: dict) -> 
     if spec is None or outcome.graph is None or outcome.forward_failure is not None:
         return True
     note = record_init_rms(
-        outcome.graph, loaded.model, extra, spec.shape, spec.dtype, vocab=spec.vocab
+        outcome.graph,
+        loaded.model,
+        extra,
+        spec.shape,
+        spec.dtype,
+        vocab=spec.vocab,
+        deferred=loaded.deferred is not None,
     )
     if note:
         outcome.notes.append(note)

@@ -8,6 +8,9 @@ are always removed and module modes restored.
 
 from __future__ import annotations
 
+import functools
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -115,8 +118,11 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.graph = graph
         self.names = names
-        self.producer: dict[int, str] = {}
-        self.keep: list[Any] = []  # keeps tensors alive so ids stay unique
+        self.producer: dict[int, str] = {}  # by id() of a live tensor (`_track`)
+        self.tracked: dict[int, weakref.ref] = {}
+        # autograd nodes of the recorded tensors (held, so their ids stay theirs): which
+        # recorded op a custom Function's input came from, once that input is gone
+        self.grad_fns: dict[int, tuple[Any, str]] = {}
         self.leaf_depth = 0
         self.calls: dict[str, int] = {}
         self.params = {id(p): n for n, p in model.named_parameters()}
@@ -162,8 +168,7 @@ class _Recorder(TorchFunctionMode):
                 params={leaf: param_info(t)},
             )
         )
-        self.producer[id(t)] = node.name
-        self.keep.append(t)
+        self._track(t, node.name)
         return node.name
 
     def _function_call(self, t: torch.Tensor, inner: str) -> str:
@@ -177,10 +182,7 @@ class _Recorder(TorchFunctionMode):
             return inner
         if id(fn) in self.functions:
             return self.functions[id(fn)]
-        by_grad_fn: dict[int, str] = {}
-        for k in self.keep:
-            if isinstance(k, torch.Tensor) and k.grad_fn is not None and id(k) in self.producer:
-                by_grad_fn.setdefault(id(k.grad_fn), self.producer[id(k)])
+        by_grad_fn = {key: name for key, (_, name) in self.grad_fns.items()}
         inputs: list[str] = []
         for nxt, _ in fn.next_functions:
             if nxt is None:
@@ -209,13 +211,27 @@ class _Recorder(TorchFunctionMode):
             )
         )
         self.functions[id(fn)] = node.name
-        self.producer[id(t)] = node.name
+        self._track(t, node.name)
         return node.name
 
     def produced(self, value: Any, node_name: str) -> None:
         for t in tensors_in(value):
-            self.producer[id(t)] = node_name
-            self.keep.append(t)
+            self._track(t, node_name)
+
+    def _track(self, t: torch.Tensor, node_name: str) -> None:
+        """`t` came from `node_name`, for as long as it lives: its id is forgotten when it dies
+        (before another tensor can take that id), so the forward's activations are not kept
+        alive by the recording."""
+        key = id(t)
+        self.producer[key] = node_name
+        if t.grad_fn is not None and id(t.grad_fn) not in self.grad_fns:
+            self.grad_fns[id(t.grad_fn)] = (t.grad_fn, node_name)
+        if key not in self.tracked:
+            self.tracked[key] = weakref.ref(t, functools.partial(self._forget, key))
+
+    def _forget(self, key: int, _ref: weakref.ref) -> None:
+        self.producer.pop(key, None)
+        self.tracked.pop(key, None)
 
     # -- functional ops ----------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -319,8 +335,15 @@ def _normalizes(inside: _Recorder, out: Any) -> bool:
     ) or bool(self_normalized(graph) & live)
 
 
-def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
-    """Run one forward of `example` and record it. Raises ForwardFailure if forward raises."""
+def build(
+    model: nn.Module,
+    prov: Provenance,
+    example: torch.Tensor,
+    observers: Iterable[tuple[nn.Module, Callable[..., None]]] = (),
+) -> Graph:
+    """Run one forward of `example` and record it. Raises ForwardFailure if forward raises.
+    `observers`, (module, forward hook) pairs, see the same forward; they run before the
+    recording's own hooks close a module's call, so their tensor ops go unrecorded."""
     graph = Graph(frontend="hooks")
     record_modules(graph, model, prov)
     extra = record_unregistered(graph, model, prov)
@@ -396,6 +419,8 @@ def build(model: nn.Module, prov: Provenance, example: torch.Tensor) -> Graph:
     }
     handles = []
     try:
+        for module, hook in observers:
+            handles.append(module.register_forward_hook(hook))
         for m in names:
             if m is model:
                 continue

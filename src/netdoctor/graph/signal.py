@@ -22,9 +22,11 @@ the traced graph's shapes are replayed from what its layers returned here (fx_fr
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,10 +71,14 @@ def _root_mean_square(v: torch.Tensor, centered: bool) -> float | None:
     return None if math.isnan(ms) else math.inf
 
 
-def batch_size(shape: tuple[int, ...]) -> int:
+def batch_size(shape: tuple[int, ...], deferred: bool = False) -> int:
     """Enough samples for batch statistics, few enough to stay fast on big inputs: this is the
     one forward pass of a check on more than one sample, and on ImageNet-sized inputs two
-    samples times every pixel are plenty of statistics."""
+    samples times every pixel are plenty of statistics. A model too large to build (`deferred`:
+    its weights drawn again at the ops that use them) gets two: there the forward's cost is
+    its weights', and two samples are what the batch statistics need."""
+    if deferred:
+        return 2
     n = math.prod(shape)
     return 8 if n <= 3 * 64 * 64 else 4 if n <= 3 * 128 * 128 else 2
 
@@ -84,12 +90,13 @@ def record_init_rms(
     shape: tuple[int, ...],
     dtype: str = "float32",
     vocab: int | None = None,
+    deferred: bool = False,
 ) -> str | None:
     """Annotate the graph's weight-layer nodes with init_rms. Returns a note when it could not."""
     if not weight_modules(graph, model, extra)[0]:
         return None
     try:
-        measure_init_rms(graph, model, extra, shape, dtype, vocab)
+        measure_init_rms(graph, model, extra, shape, dtype, vocab, deferred=deferred)
     except Exception as e:  # the build already reported a failing forward (ND002)
         return not_measured(e)
     return None
@@ -129,6 +136,55 @@ def weight_modules(
     return modules, nodes
 
 
+def weight_layers(model: nn.Module, extra: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Every conv/linear module of the model by path: what a forward recorded before its graph
+    exists can measure (`weight_modules` later picks those its graph calls)."""
+    found = {path: m for path, m in extra.items() if module_op(m) in WEIGHT_OPS}
+    for path, m in model.named_modules():
+        if path and module_op(m) in WEIGHT_OPS:
+            found.setdefault(path, m)
+    return found
+
+
+def measurable_in_eval(model: nn.Module) -> bool:
+    """Whether a forward in plain eval mode is the signal measurement's forward: without
+    BatchNorm layers (which it runs in training mode) the two compute the same."""
+    return not any(isinstance(m, _BATCHNORM) for m in model.modules())
+
+
+class SignalHooks:
+    """Forward hooks that take the RMS of each conv/linear call's output and input, and what
+    they took, written onto the graph's nodes once the graph is known."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.calls: dict[str, list[tuple[tuple[float | None, float | None], ...]]] = defaultdict(
+            list
+        )
+
+    def hooks(self) -> list[tuple[nn.Module, Callable]]:
+        return [(m, functools.partial(self._taken, path)) for path, m in self.modules.items()]
+
+    def _taken(self, path: str, module: nn.Module, args: Any, out: Any) -> None:
+        # netdoctor's own arithmetic: no function mode (a recorder, a materialiser) sees it
+        with torch._C.DisableTorchFunction():
+            self.calls[path].append((_rms(out), _rms(args)))
+
+    def annotate(self, graph: Graph, nodes: dict[str, list[Node]], x: torch.Tensor) -> None:
+        for path, values in self.calls.items():
+            for node, ((rms, signal), (in_rms, in_signal)) in zip(nodes.get(path, ()), values):
+                if rms is not None:
+                    node.attrs["init_rms"] = rms
+                if signal is not None:
+                    node.attrs["init_signal_rms"] = signal
+                if in_rms is not None and in_signal is not None:
+                    node.attrs["init_input_rms"] = in_rms
+                    node.attrs["init_input_signal_rms"] = in_signal
+        if x.is_floating_point():
+            for node in graph.of_op("input"):
+                node.attrs["init_rms"], node.attrs["init_signal_rms"] = _rms(x)
+
+
 def measure_init_rms(
     graph: Graph,
     model: nn.Module,
@@ -137,24 +193,20 @@ def measure_init_rms(
     dtype: str = "float32",
     vocab: int | None = None,
     observers: Iterable[tuple[nn.Module, Callable]] = (),
+    deferred: bool = False,
 ) -> None:
     """One forward pass of the user's model as described above, annotating the graph. Raises
     what the forward raises (and then annotates nothing): it is also the check's proof that
     the model runs at this input. `observers`, (module, forward hook) pairs, see the same pass
     (the outputs the traced graph's shape replay stands in)."""
     modules, nodes = weight_modules(graph, model, extra)
-    calls: dict[str, list[tuple[tuple[float | None, float | None], ...]]] = defaultdict(list)
+    signal = SignalHooks(modules)
     handles = []
     norms = [m for m in model.modules() if isinstance(m, _BATCHNORM)]
-    x = example_input(shape, dtype, batch=batch_size(shape), vocab=vocab).to(model_device(model))
+    x = example_input(shape, dtype, batch=batch_size(shape, deferred), vocab=vocab)
+    x = x.to(model_device(model))
     try:
-        for path, module in modules.items():
-            handles.append(
-                module.register_forward_hook(
-                    lambda mod, args, out, p=path: calls[p].append((_rms(out), _rms(args)))
-                )
-            )
-        for module, hook in observers:
+        for module, hook in [*signal.hooks(), *observers]:
             handles.append(module.register_forward_hook(hook))
         with preserved_modes(model), preserved_buffers(norms), torch.no_grad():
             model.eval()
@@ -164,15 +216,4 @@ def measure_init_rms(
     finally:
         for h in handles:
             h.remove()
-    for path, values in calls.items():
-        for node, ((rms, signal), (in_rms, in_signal)) in zip(nodes[path], values):
-            if rms is not None:
-                node.attrs["init_rms"] = rms
-            if signal is not None:
-                node.attrs["init_signal_rms"] = signal
-            if in_rms is not None and in_signal is not None:
-                node.attrs["init_input_rms"] = in_rms
-                node.attrs["init_input_signal_rms"] = in_signal
-    if x.is_floating_point():
-        for node in graph.of_op("input"):
-            node.attrs["init_rms"], node.attrs["init_signal_rms"] = _rms(x)
+    signal.annotate(graph, nodes, x)

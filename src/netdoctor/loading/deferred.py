@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -42,46 +42,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-CACHE_BYTES = 1 << 28  # materialised tensors kept for reuse during a forward (256 MiB)
 CONSTANT_LIMIT = 1 << 20  # elements of a real (non-meta) tensor an op may read and be replayed
 META_SKIPPING_INITS = ("trunc_normal_", "orthogonal_", "dirac_", "sparse_")
-
-
-class TooLarge(BaseException):  # not swallowed by a constructor's `except Exception`
-    """A real construction went past its allocation budget (`allocation_budget`)."""
-
-
-class _Budget(TorchFunctionMode):
-    """Counts the bytes of the new tensors a construction makes (a function mode: a dispatch
-    mode would cost every check the import of sympy)."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-        self.allocated = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and not out.is_meta:
-            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            key = storage_key(out)
-            if all(storage_key(t) != key for t in inputs if not t.is_meta):
-                self.allocated += out.untyped_storage().nbytes()
-                if self.allocated > self.limit:
-                    raise TooLarge(f"construction allocated over {self.limit} bytes")
-        return out
-
-
-@contextmanager
-def allocation_budget(limit: int | None) -> Iterator[None]:
-    """Meanwhile, raise TooLarge once new tensors total more than `limit` bytes (None: no
-    limit). What a model's construction allocates is its weights and buffers (and a few
-    temporaries): past a limit, it is cheaper to stop and build it on the meta device."""
-    if limit is None:
-        yield
-        return
-    with _Budget(limit):
-        yield
 
 
 class DeferredUnsupported(RuntimeError):
@@ -118,8 +80,14 @@ def _contiguous(r: _Ref) -> bool:
     return True
 
 
+def _storage_numel(t: torch.Tensor) -> int:
+    with torch._C.DisableTorchFunction():
+        return t.untyped_storage().nbytes() // t.element_size()
+
+
 def storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
+    with torch._C.DisableTorchFunction():  # the meta storage itself, never a materialised one
+        return t.untyped_storage()._cdata
 
 
 @dataclass
@@ -226,80 +194,6 @@ class _FromData(TorchFunctionMode):
         return out
 
 
-class _Materializing(TorchFunctionMode):
-    """Hands torch functions real tensors for the deferred model's meta ones."""
-
-    def __init__(self, deferred: Deferred) -> None:
-        super().__init__()
-        self.deferred = deferred
-        self.owned = set(deferred._created)  # what construction wrote: also the tensors of
-        # modules held in plain lists or dicts, which model.parameters() does not list
-        self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # storage -> whole tensor
-        self.cached_bytes = 0
-        self.made: set[int] = set()  # data pointers of the storages materialised here
-        self.anchor = torch.zeros((), requires_grad=True)
-        self.depth = 0  # module forwards running
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if any(isinstance(a, torch.fx.Proxy) for a in tree_flatten((args, kwargs))[0]):
-            return func(*args, **kwargs)  # torch.fx tracing: no values, nothing to compute
-        if func is torch.Tensor.device.__get__ and args and self._owned(args[0]):
-            return torch.device("cpu")
-        args = tree_map(self._real, args)
-        kwargs = tree_map(self._real, kwargs)
-        return func(*args, **kwargs)
-
-    def pack(self, t: torch.Tensor) -> Any:
-        """A tensor autograd saves for a backward: dropped when it is a materialised weight."""
-        if t.untyped_storage().data_ptr() in self.made:
-            return None
-        return t
-
-    def unpack(self, packed: Any) -> torch.Tensor:
-        if packed is None:
-            raise RuntimeError("netdoctor: a deferred model's weights are not kept for backward")
-        return packed
-
-    def _owned(self, t: Any) -> bool:
-        return isinstance(t, torch.Tensor) and t.is_meta and storage_key(t) in self.owned
-
-    def _real(self, t: Any) -> Any:
-        if not self._owned(t):
-            return t
-        key = storage_key(t)
-        ref = _Ref.of(t)
-        base = self.cache.get(key)
-        if base is None:
-            with torch._C.DisableTorchFunction():
-                base = self.deferred.materialize(t)
-            self.made.add(base.untyped_storage().data_ptr())
-            nbytes = base.untyped_storage().nbytes()
-            if nbytes <= CACHE_BYTES:
-                self.cache[key] = base
-                self.cached_bytes += nbytes
-                while self.cached_bytes > CACHE_BYTES:
-                    _, old = self.cache.popitem(last=False)
-                    self.cached_bytes -= old.untyped_storage().nbytes()
-            else:
-                return base
-        else:
-            self.cache.move_to_end(key)
-        out = torch.empty(0, dtype=ref.dtype)
-        out.set_(base.untyped_storage(), ref.offset, ref.size, ref.stride)
-        if t.requires_grad and self.depth <= 0:
-            out.requires_grad_(True)  # outside a module's forward (torch.fx copying the model,
-            # its interpreter replaying the graph): a leaf, as a parameter is
-        elif t.requires_grad:
-            # inside a forward, not a leaf of its own: autograd's accumulator of a leaf holds
-            # the leaf, and the forward's output would then keep every weight it used alive;
-            # a sum with one zero-size leaf gives it a grad_fn and holds nothing large
-            with torch._C.DisableTorchFunction():
-                out = out + self.anchor
-            self.made.add(out.untyped_storage().data_ptr())
-        return out
-
-
 @contextmanager
 def _init_calls_recorded(recorder: _Recorder) -> Iterator[None]:
     """torch.nn.init's meta-skipping functions replaced by recording stand-ins, meanwhile."""
@@ -359,17 +253,35 @@ class Deferred:
         replaying what wrote it. Raises DeferredUnsupported when that read a large real tensor."""
         if not tensor.is_meta:
             return tensor.detach()
-        key = storage_key(tensor)
-        needed = self._closure(key)
+        key, numel = storage_key(tensor), _storage_numel(tensor)
         real: dict[int, torch.Tensor] = {}
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(self.seed * 1_000_003 + self._created.get(key, 0))
-            for op in self.ops:
-                if op.writes & needed:
-                    self._replay(op, real)
+            torch.manual_seed(self.seed_of(key))
+            for op in self._live(key, numel):
+                self._replay(op, real)
         if key not in real:  # never written: torch.empty's value is undefined; say zeros
             return torch.zeros(tensor.shape, dtype=tensor.dtype)
         return _view(real, _Ref.of(tensor))
+
+    def seed_of(self, key: int) -> int:
+        """The seed of storage `key`'s random draws: the same in every replay."""
+        return self.seed * 1_000_003 + self._created.get(key, 0)
+
+    def gaussian(self, tensor: torch.Tensor) -> tuple[float, float] | None:
+        """(mean, std) when `tensor`, the whole of its storage, holds one `normal_` draw and
+        nothing else reaches its value; else None."""
+        key, numel = storage_key(tensor), _storage_numel(tensor)
+        if not _Ref.of(tensor).covers(numel):
+            return None
+        live = self._live(key, numel)
+        if (
+            len(live) != 1
+            or _op_name(live[0].func) != "normal_"
+            or not _overwrites(live[0], key, numel)
+        ):
+            return None
+        mean, std = _params(live[0], ("mean", 0.0), ("std", 1.0))
+        return mean, abs(std)
 
     def init_stats(self, tensor: torch.Tensor) -> InitStats:
         """The parameter's init statistics: from the distribution its construction drew when
@@ -382,50 +294,24 @@ class Deferred:
                 return InitStats(numel, mean, std, all_equal and numel > 1, exact=True)
         return _measured(self.materialize(tensor))
 
-    @contextmanager
-    def materialized_in_forward(self) -> Iterator[None]:
-        """Meanwhile, every torch function that is handed one of the model's meta tensors gets
-        it materialised instead (and `.device` reads the CPU): a forward of the whole model
-        computes on real values while the model keeps its meta tensors, its Parameter objects
-        and their identities. A materialised tensor lives as long as what the op made of it
-        (an output, a view); the most recent ones are kept up to CACHE_BYTES for reuse. Autograd
-        does not keep them for a backward (which `check` never runs): a forward with grad
-        enabled would otherwise hold every weight of the model by the end."""
-        from torch.nn.modules.module import (
-            register_module_forward_hook,
-            register_module_forward_pre_hook,
-        )
-
-        materializing = _Materializing(self)
-
-        def enter(module: nn.Module, args: Any) -> None:
-            materializing.depth += 1
-
-        def leave(module: nn.Module, args: Any, out: Any) -> None:
-            materializing.depth -= 1
-
-        saved = torch.autograd.graph.saved_tensors_hooks(materializing.pack, materializing.unpack)
-        handles = [
-            register_module_forward_pre_hook(enter),
-            register_module_forward_hook(leave, always_call=True),
-        ]
-        try:
-            with materializing, saved:
-                yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _closure(self, key: int) -> set[int]:
+    def _live(self, key: int, numel: int) -> list[_Op]:
+        """The ops whose effect reaches the final value of storage `key` (of `numel` elements),
+        in order: those that wrote it, or what they read, transitively; walking back from the
+        end, a draw or fill over the whole of `key` ends what came before it there (a Linear's
+        default init that the library's own init overwrites is not drawn)."""
         needed = {key}
-        grew = True
-        while grew:
-            grew = False
-            for op in self.ops:
-                if op.writes & needed and not op.reads <= needed:
-                    needed |= op.reads
-                    grew = True
-        return needed
+        live: list[_Op] = []
+        for op in reversed(self.ops):
+            if not op.writes & needed:
+                continue
+            live.append(op)
+            if key in needed and _overwrites(op, key, numel):
+                needed.discard(key)
+                needed |= op.reads - {key}
+            else:
+                needed |= op.reads
+        live.reverse()
+        return live
 
     def _replay(self, op: _Op, real: dict[int, torch.Tensor]) -> None:
         def value(a: Any) -> Any:
@@ -441,7 +327,7 @@ class Deferred:
         kwargs = tree_map(value, op.kwargs)
         if kwargs.get("device") == "meta":
             kwargs["device"] = torch.device("cpu")
-        out = op.func(*args, **kwargs)
+        out = args[0] if _drawn_in_parallel(op.func, args, kwargs) else op.func(*args, **kwargs)
         flat, _ = tree_flatten(out)
         for ref, t in zip(op.outs, flat):
             if ref is not None and isinstance(t, torch.Tensor) and ref.key not in real:
@@ -449,6 +335,60 @@ class Deferred:
         for a, ra in zip(tree_flatten(op.args)[0], tree_flatten(args)[0]):
             if isinstance(a, _Ref) and a.key not in real and isinstance(ra, torch.Tensor):
                 real[a.key] = ra
+
+
+def _op_name(func: Any) -> str:
+    schema = getattr(func, "_schema", None)
+    if schema is not None:
+        return schema.name.split("::")[-1]
+    return getattr(getattr(func, "func", func), "__name__", "")  # a recorded init call
+
+
+# In-place ops whose result does not depend on what the tensor held.
+_OVERWRITING = {"normal_", "uniform_", "fill_", "zero_", "random_", "exponential_", "cauchy_",
+                "log_normal_", "geometric_", *META_SKIPPING_INITS}  # fmt: skip
+
+
+def _overwrites(op: _Op, key: int, numel: int) -> bool:
+    """Whether `op` writes the whole of storage `key` (`numel` elements) without reading it."""
+    target = op.args[0] if op.args else None
+    return (
+        isinstance(target, _Ref)
+        and target.key == key
+        and target.covers(numel)
+        and op.writes == {key}
+        and _op_name(op.func) in _OVERWRITING
+    )
+
+
+DRAW_CHUNK = 1 << 22  # elements per generator of a large replayed draw
+
+
+def _drawn_in_parallel(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Replays a large `normal_`/`uniform_` (a 7B model's forward draws billions of values, and
+    the CPU generator is serial) in chunks of DRAW_CHUNK elements on torch's threads, each
+    chunk from its own generator seeded from the global one: the same values on any number of
+    threads. False (nothing done) for anything else."""
+    target = args[0] if args else None
+    if (
+        _op_name(func) not in ("normal_", "uniform_")
+        or kwargs.get("generator") is not None
+        or not isinstance(target, torch.Tensor)
+        or target.numel() < 2 * DRAW_CHUNK
+        or not target.is_contiguous()
+    ):
+        return False
+    flat = target.view(-1)
+    base = int(torch.randint(0, 2**62, ()).item())
+
+    def draw(i: int) -> None:
+        chunk = flat[i * DRAW_CHUNK : (i + 1) * DRAW_CHUNK]
+        func(chunk, *args[1:], **{**kwargs, "generator": torch.Generator().manual_seed(base + i)})
+
+    chunks = range(-(-flat.numel() // DRAW_CHUNK))
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        list(pool.map(draw, chunks))
+    return True
 
 
 def _view(real: dict[int, torch.Tensor], ref: _Ref) -> torch.Tensor:

@@ -30,20 +30,11 @@ if TYPE_CHECKING:
     from netdoctor.loading.deferred import Deferred
 
 
-SIZING_BYTES = 2 << 30  # a construction allocating more is sized on the meta device first
-
-
-def defer_params() -> int:
-    """Above this many parameters a model is built on the meta device and materialised a tensor
-    at a time (loading.deferred), unless told otherwise: where its float32 weights would take
-    more than 80% of this machine's memory, so that the full build could not hold them. Every
-    model the full build can hold is checked exactly as built (and faster: the deferred path
-    draws each weight again at every forward)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not a POSIX system: assume 16 GiB
-        total = 16 << 30
-    return max(1 << 29, total // 5)
+# A construction allocating more is stopped and the model built on the meta device instead
+# (loading.deferred): about 540M float32 parameters. The deferred check is as precise (init
+# statistics exact or measured; the signal pass on the same distributions) and, past this
+# size, cheaper than building the weights.
+SIZING_BYTES = 2 << 30
 
 
 SKIP_DIRS = {
@@ -158,7 +149,7 @@ def load(
     Importing and each model's construction run under `seed` (re-seeded per model), so a model
     gets the same weights in every process, alone or among the other models of its folder.
     `defer`: build on the meta device (`loading.deferred`) always (True), never (False), or
-    when the model has more than `defer_params()` parameters (None)."""
+    when its construction allocates more than SIZING_BYTES (None)."""
     kwargs = kwargs or {}
     where, name = split_target(spec)
     result = LoadResult()
@@ -208,12 +199,11 @@ def construct(
     build: Callable[[], nn.Module], seed: int, defer: bool | None
 ) -> tuple[nn.Module, Deferred | None]:
     """(model, its Deferred record or None): `build()` under `seed`, for real, or on the meta
-    device (loading.deferred) when `defer` is True, or (None) when the model has more than
-    `defer_params()` parameters. A construction that allocates more than SIZING_BYTES is
-    stopped there and run on the meta device, which counts the parameters: a model past
-    `defer_params()` stays there, a smaller one is built again for real. A construction that
-    cannot run on the meta device is built for real."""
-    from netdoctor.loading.deferred import TooLarge, allocation_budget, record
+    device (loading.deferred) when `defer` is True, or (None) when its construction allocates
+    more than SIZING_BYTES: it is stopped there and run on the meta device. A construction
+    that cannot run on the meta device is built for real, whatever it takes."""
+    from netdoctor.loading.budget import TooLarge, allocation_budget
+    from netdoctor.loading.deferred import record
 
     if defer is not True:
         try:
@@ -224,12 +214,10 @@ def construct(
     try:
         with seeded(seed):
             deferred = record(build)
-    except Exception:  # it needs values: build it for real, whatever it takes
-        deferred = None
-    if deferred is not None and (defer or deferred.parameter_count() > defer_params()):
-        return deferred.model, deferred
-    with seeded(seed):
-        return build(), None
+    except Exception:  # it needs values: build it for real
+        with seeded(seed):
+            return build(), None
+    return deferred.model, deferred
 
 
 # -- importing ---------------------------------------------------------------------------------
