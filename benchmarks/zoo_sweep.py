@@ -5,6 +5,7 @@ transformers, each built by its library's own factory with the library's own ini
     python benchmarks/zoo_sweep.py --library timm --sample 30 --seed 1
     python benchmarks/zoo_sweep.py --only resnet18 LlamaForCausalLM
     python benchmarks/zoo_sweep.py --compare before.json after.json
+    python benchmarks/zoo_sweep.py --library transformers --deferred   # on the meta device
     python benchmarks/zoo_sweep.py --summary zoo.json --markdown      # the tables of a saved run
 
 Not CI: it needs timm, torchvision and transformers, which CI does not install. Build its side
@@ -522,6 +523,28 @@ def no_gradient(model, shape: tuple[int, ...], dtype: str, modules: list[str], s
     return True
 
 
+def build_task(task: dict[str, Any], settings: dict[str, Any]):
+    """(model, input shape, dtype, its Deferred record or None): built by its library, for
+    real, or with --deferred on the meta device as `netdoctor check` builds a model too large to
+    build (netdoctor.loading.deferred), its construction recorded."""
+
+    def build():
+        if task["library"] == "timm":
+            return build_timm(task)
+        if task["library"] == "torchvision":
+            return build_torchvision(task, settings["seg_size"])
+        return build_transformers(task)
+
+    if not settings.get("deferred"):
+        return (*build(), None)
+    from netdoctor.loading.deferred import record
+
+    built: list[tuple[Any, ...]] = []
+    deferred = record(lambda: built.append(build()) or built[0][0])
+    _, shape, dtype = built[0]
+    return deferred.model, shape, dtype, deferred
+
+
 def run_task(task: dict[str, Any], settings: dict[str, Any], phase) -> dict[str, Any]:
     """Build and check one model; never raises (the verdict is in the row)."""
     import gc
@@ -546,12 +569,7 @@ def run_task(task: dict[str, Any], settings: dict[str, Any], phase) -> dict[str,
             if task["library"] == "timm":
                 timm_size(task, settings["max_params"])  # outside the seed: RNG as in a check
             with prov.recording(), seeded(seed):
-                if task["library"] == "timm":
-                    model, shape, dtype = build_timm(task)
-                elif task["library"] == "torchvision":
-                    model, shape, dtype = build_torchvision(task, settings["seg_size"])
-                else:
-                    model, shape, dtype = build_transformers(task)
+                model, shape, dtype, deferred = build_task(task, settings)
         except Skip:
             raise
         except BaseException as e:  # a library raising anything, SystemExit included
@@ -569,7 +587,11 @@ def run_task(task: dict[str, Any], settings: dict[str, Any], phase) -> dict[str,
         phase("check")
         t1 = time.perf_counter()
         loaded = LoadedModel(
-            f"{task['library']}:{task['name']}", model, prov, class_location(type(model))
+            f"{task['library']}:{task['name']}",
+            model,
+            prov,
+            class_location(type(model)),
+            deferred=deferred,
         )
         try:
             report = check_loaded(
@@ -592,6 +614,7 @@ def run_task(task: dict[str, Any], settings: dict[str, Any], phase) -> dict[str,
         flagged = [f for f in row["findings"] if SEVERITY_ORDER[f["severity"]] >= 2]
         if (
             flagged
+            and deferred is None  # a model on the meta device cannot run a backward
             and {f["rule"] for f in flagged} <= MEASURABLE
             and all(f["module"] for f in flagged)
             and no_gradient(model, shape, dtype, [f["module"] for f in flagged], seed)
@@ -1044,6 +1067,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-params", type=float, default=50e6, help="timm: larger are skipped")
     parser.add_argument("--seg-size", type=int, default=224, help="torchvision segmentation side")
     parser.add_argument("--model-seed", type=int, default=0, help="netdoctor's seed (--seed)")
+    parser.add_argument(
+        "--deferred",
+        action="store_true",
+        help="build every model on the meta device, as check builds one too large to build",
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model")
@@ -1094,6 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_params": args.max_params,
         "seg_size": args.seg_size,
         "model_seed": args.model_seed,
+        "deferred": args.deferred,
         "threads": args.threads,
         "log": log,
     }

@@ -45,8 +45,9 @@ class _Materializing(TorchFunctionMode):
         self.anchor = torch.zeros((), requires_grad=True)
         self.depth = 0  # module forwards running
         self.touched: set[int] = set()  # storages whose values a forward has used
-        # storages of weights never drawn: the inputs their outputs were sampled for
-        self.sampled: dict[int, torch.Tensor] = {}
+        # storages of weights never drawn: the inputs their outputs were sampled for, and
+        # those inputs' versions then (an input changed in place since cannot condition)
+        self.sampled: dict[int, tuple[torch.Tensor, int]] = {}
         self.pinned: dict[int, torch.Tensor] = {}  # drawn given a sampled output: kept
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -88,7 +89,8 @@ class _Materializing(TorchFunctionMode):
         bias = self._real(bias)
         self.touched.add(key)
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            self.sampled[key] = input.detach()  # no copy: the inputs of q, k, v are one
+            # no copy: the inputs of q, k and v are one tensor
+            self.sampled[key] = (input.detach(), input._version)
             x, drawn = self._drawn(key, out_features)
             out = std * drawn + mean * x.sum(dim=1, keepdim=True)
             out = out.to(input.dtype).reshape(*input.shape[:-1], out_features)
@@ -101,7 +103,7 @@ class _Materializing(TorchFunctionMode):
 
     def _drawn(self, key: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         """X (float64) and R E for the weight of storage `key`: the same on every call."""
-        inputs = self.sampled[key]
+        inputs, _ = self.sampled[key]
         x = inputs.reshape(-1, inputs.shape[-1]).double()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # a small eigh: on several threads it can take 30x longer
@@ -113,21 +115,25 @@ class _Materializing(TorchFunctionMode):
         gen = torch.Generator().manual_seed(self.deferred.seed_of(key))
         return x, root @ torch.randn(len(x), out_features, generator=gen, dtype=torch.float64)
 
-    def _conditioned(self, t: torch.Tensor, key: int) -> torch.Tensor:
+    def _conditioned(self, t: torch.Tensor, key: int) -> torch.Tensor | None:
         """A weight whose output `_sampled_linear` drew, drawn given that output: the Gaussian
-        conditioned on X W^T, so that every use of it in the forward agrees."""
-        with torch._C.DisableTorchFunction(), torch.no_grad():
-            x, drawn = self._drawn(key, t.shape[0])
-        del self.sampled[key]
+        conditioned on X W^T, so that every use of it in the forward agrees. None when the
+        input was changed in place since (the weight is then drawn afresh)."""
+        inputs, version = self.sampled.pop(key)
         gaussian = self.deferred.gaussian(t)
-        assert gaussian is not None
+        if inputs._version != version or gaussian is None:
+            return None
+        self.sampled[key] = (inputs, version)
         mean, std = gaussian
         gen = torch.Generator().manual_seed(self.deferred.seed_of(key) + 1)
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            free = torch.randn(tuple(t.shape), generator=gen, dtype=torch.float64)
+            x, drawn = self._drawn(key, t.shape[0])
+            free = torch.randn(tuple(t.shape), generator=gen)
             # free + (drawn^T - free X^T) X^+^T: X z = drawn for each row z, the rest free
-            z = free + (drawn.T - free @ x.T) @ torch.linalg.pinv(x).T
-            return (mean + std * z).to(t.dtype)
+            missing = drawn.T - (free @ x.T.float()).double()  # out x n: small
+            given = missing.float() @ torch.linalg.pinv(x).T.float()
+            del self.sampled[key]
+            return (mean + std * (free + given)).to(t.dtype)
 
     @staticmethod
     def pack(t: torch.Tensor) -> None:
@@ -150,7 +156,9 @@ class _Materializing(TorchFunctionMode):
         ref = _Ref.of(t)
         self.touched.add(key)
         if key in self.sampled:
-            self.pinned[key] = self._conditioned(t, key)
+            conditioned = self._conditioned(t, key)
+            if conditioned is not None:
+                self.pinned[key] = conditioned
         base = self.pinned.get(key)
         if base is None:
             base = self.cache.get(key)
