@@ -17,6 +17,9 @@ them, as the typed events of `events`, to its parts, each of which keeps its own
   clipping, backward on the scaled loss) and low-precision weights;
 * `static.StaticChecks`: the static rules, once per model;
 * `distributed.Distributed`: the ranks' exchange under torchrun;
+* `tensorboard.TensorBoardExport`: with the `tensorboard` option (or `export_to`), the
+  measurements as TensorBoard events, and each finding at the step the live judgement confirmed
+  it (the rest, and the report, when the doctor closes);
 * `live.LiveJudge`: the live judgement -- confirmed severe findings announced on stderr as soon
   as they are confirmed; with `stop_on`, `StopTraining` (a BaseException) raised from the
   optimizer step hook, before the update;
