@@ -224,6 +224,45 @@ def test_watch_writes_into_a_users_writer_and_leaves_it_open(tmp_path):
     assert steps(acc, "netdoctor/grad_norm") == list(range(1, 13))
 
 
+def test_a_loop_that_raises_still_gets_its_events_flushed_and_the_writer_closed(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = our_threads()
+    with pytest.raises(RuntimeError, match="data loader died"):
+        with netdoctor.watch(model, optimizer, announce=False, tensorboard=tmp_path / "tb"):
+            for step in range(1, 20):
+                if step == 6:
+                    raise RuntimeError("data loader died")
+                optimizer.zero_grad()
+                F.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 2, (16,))).backward()
+                optimizer.step()
+    assert our_threads() == before
+    acc = events(tmp_path / "tb")
+    assert steps(acc, "netdoctor/loss") == [1, 2, 3, 4, 5]
+    assert list(texts(acc, "netdoctor/report")) == [5]
+
+
+def test_the_gradscalers_scale_is_the_one_each_step_was_scaled_by(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    used = []
+    with netdoctor.watch(model, optimizer, announce=False, tensorboard=tmp_path / "tb"):
+        for _ in range(7):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 2, (16,)))
+            used.append(scaler.get_scale())
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    assert used == [1024.0, 1024.0, 2048.0, 2048.0, 4096.0, 4096.0, 8192.0]
+    acc = events(tmp_path / "tb")
+    assert steps(acc, "netdoctor/amp/scale") == list(range(1, 8))
+    assert [e.value for e in acc.Scalars("netdoctor/amp/scale")] == used
+
+
 class BrokenWriter:
     """A writer on a full disk."""
 
