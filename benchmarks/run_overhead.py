@@ -15,6 +15,8 @@ clipping; `transformer-bf16`: autocast bfloat16, no scaler) -- each run as
   * bare      `python SCRIPT.py`
   * default   `python -m netdoctor run SCRIPT.py` (the default schedule: deep measurements on
               steps 1-4, 8, 16, 32, then every 50)
+  * tensorboard  `python -m netdoctor run --tensorboard DIR SCRIPT.py` (the default schedule,
+              with the TensorBoard export on; left out when the tensorboard package is missing)
   * every 1   `python -m netdoctor run --every 1 SCRIPT.py` (every step deep)
 
 The scripts time each optimizer step themselves (zero_grad .. step .. loss.item(), wall and CPU
@@ -42,6 +44,7 @@ native half kernels), bfloat16 faster.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -75,11 +78,13 @@ MODELS = {  # name -> (label, script, its options)
     ),
 }
 DEFAULT_MODELS = "resnet18,transformer"
-MODES = {  # name -> netdoctor run options (None: the bare script)
+MODES = {  # name -> netdoctor run options (None: the bare script; {dir}: a fresh folder)
     "bare": None,
     "default": [],
+    "tensorboard": ["--tensorboard", "{dir}"],
     "every1": ["--every", "1"],
 }
+WATCHED = [m for m in MODES if MODES[m] is not None]
 NOTE = re.compile(
     r"measurements took ([\d.]+) s of the ([\d.]+) s the training ran.*"
     r"static checks ([\d.]+) s once"
@@ -105,6 +110,8 @@ def start(
     options = MODES[mode]
     cmd = [sys.executable]
     if options is not None:
+        folder = tempfile.mkdtemp(prefix=f"{name}-{mode}-", dir=setup.workdir)
+        options = [o.format(dir=folder) for o in options]
         cmd += ["-m", "netdoctor", "run", "--format", "json", "-o", str(report), *options]
     cmd += [str(script), "--steps", str(setup.steps), "--timings", str(timings)]
     cmd += [*script_options, "--device", setup.device]
@@ -243,6 +250,10 @@ def main() -> None:
         raise SystemExit("--steps must leave at least 3 steps after --warmup")
 
     modes = list(MODES)
+    if importlib.util.find_spec("tensorboard") is None:
+        print("tensorboard is not installed: the export-on runs are left out", file=sys.stderr)
+        modes.remove("tensorboard")
+    watched = [m for m in WATCHED if m in modes]
     timed = slice(args.warmup, args.steps - 1)
     raw: dict[str, dict[str, list]] = {n: {"lockstep": [], "whole": []} for n in names}
 
@@ -257,6 +268,8 @@ def main() -> None:
     if args.load:
         raw = json.loads(Path(args.load).read_text())
         names = list(raw)
+        modes = [m for m in MODES if m in raw[names[0]]["lockstep"][0]]
+        watched = [m for m in WATCHED if m in modes]
         args.rounds = len(raw[names[0]]["lockstep"])
         args.whole = len(raw[names[0]]["whole"])
     device = "from " + args.load if args.load else describe(args.device)
@@ -280,11 +293,15 @@ def main() -> None:
         f"{args.threads} thread(s) per process; {args.rounds} lock-step round(s), "
         f"{args.whole} round(s) of whole processes\n"
     )
+    titles = {"default": "default", "tensorboard": "default + TensorBoard", "every1": "every 1"}
     print(
-        "| model | bare ms/step | default ms/step | every-1 ms/step | "
-        "whole process: bare / default / every 1 | start+report (+ static checks) |"
+        "| model | bare ms/step | "
+        + " | ".join(f"{titles[m]} ms/step" for m in watched)
+        + " | whole process: "
+        + " / ".join(["bare"] + [titles[m] for m in watched])
+        + " | start+report (+ static checks) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---" * (len(watched) + 4) + "|")
     details = []
     for name in names:
         rounds = raw[name]["lockstep"]
@@ -316,7 +333,7 @@ def main() -> None:
                     - (res["bare"]["process"] - sum(res["bare"]["wall"]))
                     for res in whole
                 )
-                for m in ("default", "every1")
+                for m in watched
             }
             static = statistics.median(res["default"].get("static", 0.0) for res in whole)
             cells.append(f"{round(fixed['default'], 1) or 0.0:.1f} s (+ {static:.1f} s)")
@@ -328,16 +345,34 @@ def main() -> None:
                 f"{name}: outside the steps (start, model and data, report) the "
                 "processes took "
                 + " / ".join(f"{outside[m]:.1f} s" for m in modes)
-                + " (bare / default / every 1)"
+                + " ("
+                + " / ".join(["bare"] + [titles[m] for m in watched])
+                + ")"
             )
         else:
             cells += ["-", "-"]
+        steps_cells = [f"{step_ms(m):.0f} ({pct(step_ratio(m))})" for m in watched]
         print(
-            f"| {MODELS[name][0]} | {step_ms('bare'):.0f} | "
-            f"{step_ms('default'):.0f} ({pct(step_ratio('default'))}) | "
-            f"{step_ms('every1'):.0f} ({pct(step_ratio('every1'))}) | {' | '.join(cells)} |"
+            f"| {MODELS[name][0]} | {step_ms('bare'):.0f} | {' | '.join(steps_cells)} | "
+            f"{' | '.join(cells)} |"
         )
-        for mode in ("default", "every1"):
+        if "tensorboard" in watched:
+            # the export's own cost: export on against export off, step by step
+            export = [
+                statistics.median(
+                    t / d
+                    for t, d in zip(
+                        res["tensorboard"]["wall"][timed], res["default"]["wall"][timed]
+                    )
+                )
+                for res in rounds
+            ]
+            details.append(
+                f"{name}, TensorBoard export: step time with the export on / off (the default "
+                f"schedule) {pct(statistics.median(export))}, per round "
+                + ", ".join(pct(r) for r in export)
+            )
+        for mode in watched:
             # the report's own account of its time in the steps, against the measured extra
             # (step 1 left out of the sum: in lock-step it overlaps the other processes' start)
             said = statistics.median(res[mode]["hooks"] for res in rounds)

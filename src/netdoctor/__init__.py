@@ -20,7 +20,9 @@ def watch(model=None, optimizer=None, **options):
     `netdoctor.StopTraining` from the optimizer step once such a finding is confirmed;
     `stop_action="flag"` only sets `doctor.should_stop`), `fail_on`, `output` and `format` (the
     report written by `close()`), `rule_options`, `announce` (one stderr line per confirmed
-    severe finding), `static` (run the static rules on each model once), `name`.
+    severe finding), `static` (run the static rules on each model once), `name`,
+    `tensorboard` (a directory or a `SummaryWriter`: the curves, per-layer values and findings
+    also written as TensorBoard events; needs the tensorboard package).
 
     The returned Doctor has `findings`, `report(format="text", output=None)`, `observe_loss(v)`
     and `close()`, and is a context manager (`with netdoctor.watch(model, opt) as doctor:`),

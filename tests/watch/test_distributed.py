@@ -122,6 +122,8 @@ def jobs(tmp_path_factory):
         *run,
         "-o",
         folder / "healthy.json",
+        "--tensorboard",
+        folder / "healthy_tb",
         LOOPS / "ddp.py",
         "--save",
         folder / "watched.pt",
@@ -226,6 +228,24 @@ def test_healthy_ddp_reports_nothing_and_trains_exactly_as_without_netdoctor(job
     after = torch.load(jobs.folder / "watched.pt")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_under_torchrun_rank_0_alone_writes_the_tensorboard_events(jobs):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    report, result = report_of(jobs, "healthy")
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = jobs.folder / "healthy_tb"
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1, list(folder.iterdir())
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    loss = acc.Scalars("netdoctor/loss")
+    assert [e.step for e in loss] == list(range(1, report["measurements"]["run"]["steps"] + 1))
+    assert [e.value for e in loss] == pytest.approx(report["measurements"]["loss_curve"])
+    assert [e.step for e in acc.Tensors("netdoctor/report/text_summary")] == [len(loss)]
 
 
 @pytest.mark.slow

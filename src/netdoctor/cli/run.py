@@ -11,7 +11,7 @@ import click
 from netdoctor.cli.options import emit, report_options, split_ids
 from netdoctor.errors import UserError
 
-RUN_KEYS = {"every", "stop-on", "dist-timeout"}
+RUN_KEYS = {"every", "stop-on", "dist-timeout", "tensorboard"}
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -29,10 +29,17 @@ RUN_KEYS = {"every", "stop-on", "dist-timeout"}
     help="Stop training at the first confirmed finding of this severity and write "
     "the report (default never: severe findings are only announced on stderr).",
 )
+@click.option(
+    "--tensorboard",
+    metavar="DIR",
+    help="Also write the doctor's curves (loss, gradient norms, learning rate, per-layer "
+    "values on the deep steps) and its findings as TensorBoard events to DIR (needs the "
+    "tensorboard package).",
+)
 @click.argument(
     "argv", nargs=-1, type=click.UNPROCESSED, metavar="SCRIPT.py [ARGS]... | -m MODULE [ARGS]..."
 )
-def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, argv):
+def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, tensorboard, argv):
     """Run SCRIPT.py [ARGS...] (or -m MODULE [ARGS...]) as python would, with netdoctor
     watching every model and optimizer it trains; report when it ends.
 
@@ -40,6 +47,7 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, ar
       netdoctor run train.py --epochs 3
       netdoctor run --stop-on error -m mypkg.train --lr 0.1
       netdoctor run --format json -o report.json train.py
+      netdoctor run --tensorboard runs/doctor train.py
       torchrun --nproc_per_node 4 -m netdoctor run train.py   (rank 0 reports)
 
     Options go before the script; everything after it is the script's. Exit code: the
@@ -81,8 +89,11 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, ar
         format=fmt or cfg.format or "text",
         rule_options=cfg.rules,
         dist_timeout=table.get("dist-timeout", DEFAULT_DIST_TIMEOUT),
+        tensorboard=tensorboard or table.get("tensorboard"),
     )
     opts.validate()
+    if opts.tensorboard:
+        _make_directory(str(opts.tensorboard))
 
     from netdoctor.watcher.script import resolve, run_script
 
@@ -114,3 +125,14 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, ar
     if failed:
         sys.exit(outcome.exit_code)
     sys.exit(doctor.exit_code(opts.fail_on))
+
+
+def _make_directory(path: str) -> None:
+    """--tensorboard's directory exists (made now: a path that cannot be written fails before
+    the training starts)."""
+    import os
+
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--tensorboard: cannot create {path}: {e.strerror or e}") from None

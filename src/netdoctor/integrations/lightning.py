@@ -1,7 +1,8 @@
 """netdoctor in a Lightning fit: `trainer = Trainer(callbacks=[DoctorCallback(output=...)])`.
 
 `DoctorCallback(**options)` takes the options of `netdoctor.watch` (`output`, `format`, `every`,
-`select`, `ignore`, `stop_on`, `fail_on`, `rule_options`, `announce`, `static`, `name`). It is
+`select`, `ignore`, `stop_on`, `fail_on`, `rule_options`, `announce`, `static`, `name`,
+`tensorboard`). It is
 a `Callback` of every Lightning flavour installed (`lightning.pytorch`, `pytorch_lightning`),
 built when first looked up: importing this module imports neither Lightning nor torch.
 
@@ -13,6 +14,9 @@ What it hooks:
   `self(x)`), named by their path in it; the validation loop (no gradients) is not a training
   forward. Lightning's `optimizer.step(closure)` is measured when the closure's backward
   returns;
+* TensorBoard: with `tensorboard=DIR` the doctor's curves and findings go to DIR; by default
+  (`tensorboard=None`), when the trainer has a `TensorBoardLogger`, into its writer
+  (`logger.experiment`, tags under `netdoctor/`); `tensorboard=False` writes none;
 * `on_train_batch_end`: the loss `training_step` returned, for steps whose backward netdoctor did
   not see; `trainer.should_stop = True` once `stop_on` fires (agreed across ranks with the
   strategy's `reduce_boolean_decision`, so every rank stops at the same step);
@@ -53,13 +57,17 @@ class _DoctorHooks(SessionResults):
 
     # -- Lightning hooks -------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        main = bool(trainer.is_global_zero)
         self._session.start(
             type(pl_module).__name__,
             optimizers=list(trainer.optimizers),
             scope=pl_module,
             discover_models=True,
             discover_optimizers=False,
-            main=bool(trainer.is_global_zero),
+            main=main,
+            tensorboard=_logger_writer(trainer)
+            if main and self._session.options.tensorboard is None
+            else None,
         )
 
     def on_train_batch_end(
@@ -98,6 +106,18 @@ class _DoctorHooks(SessionResults):
     def close(self) -> None:
         """Finish the fit's watch now (the trainer's end hooks do it; idempotent)."""
         self._session.finish()
+
+
+def _logger_writer(trainer: Any) -> Any:
+    """The SummaryWriter of the trainer's `TensorBoardLogger` (either Lightning flavour), when
+    it has one; looked up on global rank 0 only (elsewhere Lightning's is a stand-in)."""
+    try:
+        for logger in getattr(trainer, "loggers", None) or []:
+            if any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__):
+                return logger.experiment
+    except Exception:  # a logger that cannot open its writer: no export, the fit goes on
+        return None
+    return None
 
 
 def _callback_bases() -> tuple[type, ...]:

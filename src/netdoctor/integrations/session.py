@@ -59,9 +59,11 @@ class TrainerSession:
         discover_models: bool = False,
         discover_optimizers: bool = False,
         main: bool = True,
+        tensorboard: Any = None,
     ) -> None:
         """Watch a fit. Never raises: a failure to attach is one line on stderr and an
-        unwatched fit."""
+        unwatched fit. `tensorboard`: the trainer's own TensorBoard writer (or its log
+        directory), used when the callback's `tensorboard` option is None."""
         self.finish()  # a previous fit of this callback that ended without its end hook
         self.main = main
         try:
@@ -71,6 +73,14 @@ class TrainerSession:
         except Exception as e:
             self.doctor = None
             self._failed("not attached", e)
+            return
+        chosen = self.options.tensorboard
+        export = tensorboard if chosen is None else chosen
+        if self.doctor is not None and export is not None and export is not False:
+            try:
+                self.doctor.export_to(export)
+            except Exception as e:
+                self._failed("cannot export to TensorBoard", e)
 
     def _start(
         self,
@@ -88,7 +98,12 @@ class TrainerSession:
             doctor, self.joined = running, True
             self.doctor = doctor
         else:
-            opts = replace(self.options, output=None, announce=self.options.announce and self.main)
+            opts = replace(
+                self.options,
+                output=None,
+                announce=self.options.announce and self.main,
+                tensorboard=None,  # set up by start(), with the trainer's writer
+            )
             doctor = self.doctor = Doctor(
                 opts,
                 discover_models=discover_models,

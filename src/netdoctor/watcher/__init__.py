@@ -10,6 +10,7 @@
 * `localize`    -- part: where the first NaN/Inf came from, in the user's loop
 * `static`      -- part: the static rules, once per model at its first step
 * `distributed` -- part: the ranks' exchange under torchrun (ND508, one report for the job)
+* `tensorboard` -- part: the TensorBoard export (per-step scalars, deep steps, findings)
 * `live`        -- the live judgement: announcement and stop_on
 * `diagnosis`   -- what the parts gathered -> rules -> Report
 * `models`      -- one watched model: root hooks, replay records, deep measurement on/off

@@ -17,6 +17,9 @@ them, as the typed events of `events`, to its parts, each of which keeps its own
   clipping, backward on the scaled loss) and low-precision weights;
 * `static.StaticChecks`: the static rules, once per model;
 * `distributed.Distributed`: the ranks' exchange under torchrun;
+* `tensorboard.TensorBoardExport`: with the `tensorboard` option (or `export_to`), the
+  measurements as TensorBoard events, and each finding at the step the live judgement confirmed
+  it (the rest, and the report, when the doctor closes);
 * `live.LiveJudge`: the live judgement -- confirmed severe findings announced on stderr as soon
   as they are confirmed; with `stop_on`, `StopTraining` (a BaseException) raised from the
   optimizer step hook, before the update;
@@ -96,8 +99,9 @@ from netdoctor.watcher.registry import Registry
 from netdoctor.watcher.replicas import Replicas
 from netdoctor.watcher.schedule import Schedule
 from netdoctor.watcher.services import DirtyRules, Guard
-from netdoctor.watcher.settings import WatchOptions
+from netdoctor.watcher.settings import TensorBoardTarget, WatchOptions
 from netdoctor.watcher.static import StaticChecks
+from netdoctor.watcher.tensorboard import TensorBoardExport
 
 _ACTIVE: list[Doctor] = []  # at most one doctor watches at a time (the hooks are global)
 
@@ -189,6 +193,9 @@ class Doctor:
         self._report: Report | None = None
         self.closed = False
         self.joinable = False  # netdoctor run: a watch() in the script joins this doctor
+        self.export: TensorBoardExport | None = None
+        if self.options.tensorboard is not None and self.options.tensorboard is not False:
+            self.export_to(self.options.tensorboard)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> Doctor:
@@ -216,6 +223,9 @@ class Doctor:
         finally:
             self._detach()
         self.guard.run(lambda: self.distributed.finish(self._summary))
+        export = self.export
+        if export is not None:  # the final findings, then the writer flushed and closed
+            self.guard.run(lambda: export.finish(self.diagnose))
         output = self.options.output
         if output and self.rank == 0:
             self.guard.run(lambda: self.report(output=output))
@@ -273,6 +283,19 @@ class Doctor:
                 f"netdoctor.watch: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         self.guard.run(lambda: self.registry.add_optimizer(optimizer))
+
+    def export_to(self, target: TensorBoardTarget) -> None:
+        """Write TensorBoard events to `target` (a directory or a SummaryWriter) from now on,
+        unless an export is already set up (a `watch()` or a callback joining `netdoctor run`).
+        TensorBoardUnavailable when the tensorboard package is missing."""
+        if self.export is not None or target is None or target is False or self.closed:
+            return
+        export = TensorBoardExport(
+            target, self.registry, self.facts, self.guard, lambda: self.distributed.rank
+        )
+        self.export = export
+        self.parts.add(export)
+        self.judge.on_confirmed = export.confirmed
 
     def observe_loss(self, value: Any, after_step: bool = False) -> None:
         """A trainer's logged loss, used only for a step whose backward netdoctor did not see:
@@ -634,6 +657,7 @@ def watch(
     )
     running = running_doctor()
     if running is not None:
+        running.export_to(opts.tensorboard)
         for m in models:
             running.add_model(m)
         for o in optimizers:

@@ -33,6 +33,8 @@ class LiveJudge:
         self.gathered = gathered
         self.dirty = dirty
         self.announce_to: Callable[[str], None] = _to_stderr
+        # told every finding confirmed live, with its step (the TensorBoard export)
+        self.on_confirmed: Callable[[list[Finding], int], None] | None = None
         self.announced: set[tuple[object, ...]] = set()
         self.should_stop = False
         self.stopped_by: Finding | None = None
@@ -49,6 +51,8 @@ class LiveJudge:
         g = self.gathered
         with g.guard.busy_scope():
             found = live_findings(g, rules)
+        if found and self.on_confirmed is not None:
+            self.on_confirmed(found, step)
         self._settled |= {f.rule for f in found} - {"ND502"}  # ND502: per model
         options = g.options
         stop_level = None if options.stop_on == "never" else Severity.parse(options.stop_on)

@@ -9,8 +9,10 @@ Torch-free, so the CLI can validate flags before torch is imported.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from netdoctor.errors import UserError
 
@@ -29,6 +31,41 @@ FAIL_ON = ("error", "warning", "info", "never")
 DEFAULT_EVERY = 50
 WARM_STEPS = 4
 DEFAULT_DIST_TIMEOUT = 60.0
+
+
+@runtime_checkable
+class SummaryWriterLike(Protocol):
+    """What the TensorBoard export writes to: `torch.utils.tensorboard.SummaryWriter`, a
+    Lightning `TensorBoardLogger.experiment`, tensorboardX's `SummaryWriter`."""
+
+    def add_scalar(self, tag: str, scalar_value: Any, global_step: int | None = None) -> Any: ...
+
+    def add_histogram(self, tag: str, values: Any, global_step: int | None = None) -> Any: ...
+
+    def add_text(self, tag: str, text_string: str, global_step: int | None = None) -> Any: ...
+
+    def flush(self) -> Any: ...
+
+
+# The `tensorboard` option: a directory netdoctor writes its own event files to, a writer of the
+# user's (or of the trainer's logger), or None/False (none; a trainer callback given None looks
+# for the trainer's own TensorBoard logger).
+TensorBoardTarget = str | os.PathLike[str] | SummaryWriterLike | bool | None
+
+TENSORBOARD_EXTRA = "pip install 'netdoctor[tensorboard]' (or pip install tensorboard)"
+
+
+class TensorBoardUnavailable(UserError, ImportError):
+    """TensorBoard export was asked for and the tensorboard package is not installed (a
+    UserError for the CLI's one line and exit 2; an ImportError for `watch()`)."""
+
+
+def require_tensorboard() -> None:
+    """The tensorboard package is importable (looked up, not imported: torch-free)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise TensorBoardUnavailable(
+            f"TensorBoard export needs the tensorboard package: {TENSORBOARD_EXTRA}"
+        )
 
 
 @dataclass
@@ -52,6 +89,9 @@ class WatchOptions:
     # (a rank gone or out of step ends the comparison with a note; the user's collectives are
     # never touched)
     dist_timeout: float = DEFAULT_DIST_TIMEOUT
+    # TensorBoard export (`netdoctor run --tensorboard DIR`): a directory, or a SummaryWriter
+    # to write into (see `TensorBoardTarget`; docs/run.md#tensorboard lists the tags)
+    tensorboard: TensorBoardTarget = None
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> WatchOptions:
@@ -88,7 +128,26 @@ class WatchOptions:
             value = getattr(self, key)
             if value not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        self.check_tensorboard()
         self.rule_settings()  # a misspelled rule or option fails here, before training
+
+    def check_tensorboard(self) -> None:
+        """A directory (not a file; the tensorboard package installed) or a writer."""
+        tb = self.tensorboard
+        if tb is None or tb is False:
+            return
+        if isinstance(tb, (str, os.PathLike)):
+            path = os.fspath(tb)
+            if not path:
+                raise UserError("tensorboard must name a directory, got an empty path")
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise UserError(f"tensorboard: {path} is a file, not a directory")
+            require_tensorboard()
+            return
+        if isinstance(tb, bool) or not isinstance(tb, SummaryWriterLike):
+            raise UserError(
+                f"tensorboard must be a directory or a SummaryWriter (or None), got {tb!r}"
+            )
 
     def rule_settings(self) -> RuleSettings:
         """The rule selection and options (`rule_options` checked: a UserError names a bad
