@@ -123,3 +123,19 @@ def test_a_large_draw_is_the_same_on_any_number_of_threads():
     assert torch.equal(one, two)
     assert one.std().item() == pytest.approx(0.02, rel=0.01)
     assert not math.isclose(one[0, 0].item(), one[-1, -1].item())
+
+
+class ChangedInPlace(GaussianLinear):
+    """Libraries change a layer's output in place (a padding mask written into scores)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        y[:, 0] = 0.0
+        return y.add_(self.fc.bias)
+
+
+def test_a_forward_may_change_what_it_computed_in_place():
+    deferred = record(ChangedInPlace)
+    with materialized_in_forward(deferred):  # grad enabled, as the recorded forward runs
+        y = deferred.model(torch.randn(2, 1024, requires_grad=True))
+    assert y.requires_grad and (y[:, 0] == 0).all()

@@ -190,11 +190,16 @@ class _Materializing(TorchFunctionMode):
 
 
 class _Alias(torch.autograd.Function):
-    """The same values, with a grad_fn that holds nothing but a zero-size leaf (no copy)."""
+    """The same values, with a grad_fn that holds nothing but a zero-size leaf (no copy). The
+    same storage, not a view of it: a model may change the result in place (autograd forbids
+    that on a view a custom Function returns)."""
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        return weight.view_as(weight)
+        out = torch.empty(0, dtype=weight.dtype)
+        return out.set_(
+            weight.untyped_storage(), weight.storage_offset(), weight.shape, weight.stride()
+        )
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
