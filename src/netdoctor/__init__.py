@@ -28,6 +28,6 @@ def watch(model=None, optimizer=None, **options):
     and `close()`, and is a context manager (`with netdoctor.watch(model, opt) as doctor:`),
     which closes it and swallows `StopTraining`.
     """
-    from netdoctor.watcher.doctor import watch as _watch
+    from netdoctor.watcher.watching import watch as _watch
 
     return _watch(model, optimizer, **options)

@@ -54,7 +54,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -609,71 +609,3 @@ def running_doctor() -> Doctor | None:
     callback in the script joins it (its models and optimizers are added there; `netdoctor
     run`'s options apply and it writes the one report) instead of attaching a second time."""
     return _ACTIVE[0] if _ACTIVE and _ACTIVE[0].joinable else None
-
-
-class JoinedDoctor:
-    """What `netdoctor.watch()` returns inside a script that `netdoctor run` already watches:
-    the models and optimizers join the running doctor, and closing this handle leaves it
-    running (`netdoctor run` writes the one report)."""
-
-    def __init__(self, doctor: Doctor):
-        self._doctor = doctor
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._doctor, name)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> JoinedDoctor:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Literal[False]:
-        return False
-
-
-def watch(
-    model: nn.Module | list[nn.Module] | tuple[nn.Module, ...] | None = None,
-    optimizer: torch.optim.Optimizer
-    | list[torch.optim.Optimizer]
-    | tuple[torch.optim.Optimizer, ...]
-    | None = None,
-    **options: Any,
-) -> Doctor | JoinedDoctor:
-    """See `netdoctor.watch`."""
-    opts = WatchOptions.from_kwargs(**options)
-    models = [] if model is None else list(model) if isinstance(model, (list, tuple)) else [model]
-    optimizers = (
-        []
-        if optimizer is None
-        else list(optimizer)
-        if isinstance(optimizer, (list, tuple))
-        else [optimizer]
-    )
-    running = running_doctor()
-    if running is not None:
-        running.export_to(opts.tensorboard)
-        for m in models:
-            running.add_model(m)
-        for o in optimizers:
-            running.add_optimizer(o)
-        return JoinedDoctor(running)
-    target = opts.name or (", ".join(type(m).__name__ for m in models) if models else "training")
-    doctor = Doctor(
-        opts, discover_models=not models, discover_optimizers=not optimizers, target=target
-    )
-    doctor.start()
-    try:
-        for m in models:
-            doctor.add_model(m)
-        for o in optimizers:
-            doctor.add_optimizer(o)
-    except BaseException:
-        doctor.close()
-        raise
-    return doctor
