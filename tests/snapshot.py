@@ -9,7 +9,9 @@ One file per (command, target), named by the target (`Target.name`):
 * `run/` for every script of fixtures/loops.
 
 A report is compared after `normalize`: what changes from run to run (timings, netdoctor's own
-cost) is masked, floats are rounded to 6 significant digits.
+cost) is masked, floats are rounded to 6 significant digits. The per-step `curves` (what the
+html report draws: thousands of floats that pin no judgement) are left out; tests/report and
+tests/cli/test_html_cli.py test them.
 
 Update after a deliberate change of output (and say why in the commit):
 
@@ -194,11 +196,13 @@ def other_targets() -> list[Target]:
 
 def normalize(value: Any, key: str | None = None) -> Any:
     """The report with run-to-run noise masked: timing fields, notes that quote netdoctor's own
-    time, floats beyond 6 significant digits, and this checkout's own folder in paths."""
+    time, floats beyond 6 significant digits, and this checkout's own folder in paths; without
+    a report's `curves`."""
     if key in _TIMING_KEYS:
         return _MASK if not isinstance(value, dict) else {k: _MASK for k in value}
     if isinstance(value, dict):
-        return {k: normalize(v, k) for k, v in value.items()}
+        report = "findings" in value and "target" in value
+        return {k: normalize(v, k) for k, v in value.items() if not (report and k == "curves")}
     if isinstance(value, list):
         if key == "notes":
             return [

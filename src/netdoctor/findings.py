@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from netdoctor.curves import Curves
+
 
 class Severity(IntEnum):
     INFO = 1
@@ -123,6 +125,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     measurements: dict[str, Any] = field(default_factory=dict)
     command: str = "check"
+    # probe and run: the measured curves per step (the html report's charts); None for check
+    curves: Curves | None = None
 
     def sorted_findings(self) -> list[Finding]:
         """Priority order: severity, then impact, root causes before their symptoms."""
@@ -166,4 +170,6 @@ class Report:
         out["summary"]["fix_first"] = first.rule if first else None
         if self.measurements:
             out["measurements"] = self.measurements
+        if self.curves is not None:
+            out["curves"] = self.curves.to_dict()
         return out

@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING
 
 import click
 
-from netdoctor.cli.options import common_options, download_options, emit, exit_code, options_from
+from netdoctor.cli.options import (
+    common_options,
+    download_options,
+    emit,
+    exit_code,
+    options_from,
+    write_file,
+    write_reports,
+)
 from netdoctor.errors import UserError
 
 if TYPE_CHECKING:
@@ -81,6 +89,7 @@ def check(
     input_dtype,
     fmt,
     output,
+    html,
     fail_on,
     select,
     ignore_,
@@ -115,7 +124,6 @@ def check(
     """
     from netdoctor.check import check as run_check
     from netdoctor.config import load_config
-    from netdoctor.report import render
 
     cfg = load_config(config)
     targets = list(targets) or cfg.targets
@@ -129,6 +137,8 @@ def check(
     if show_diff and apply_fixes:
         raise UserError("--diff shows the fixes and --fix applies them: use one of the two")
     _refuse_combinations(add_ignore, statistics, show_diff, apply_fixes, fmt or cfg.format)
+    if add_ignore and html:
+        raise UserError("--add-ignore accepts today's findings and writes no report: drop --html")
     data = (
         _data_sample(
             opts,
@@ -172,15 +182,19 @@ def check(
             reports[0].notes.extend(notes)
         else:
             reports.append(Report(target=", ".join(targets), notes=notes))
-    if show_diff:
-        emit(_diff_text(reports), output)
-    elif statistics:
-        from netdoctor.report.statistics import render as render_statistics
+    if show_diff or statistics:
+        if show_diff:
+            emit(_diff_text(reports), output)
+        else:
+            from netdoctor.report.statistics import render as render_statistics
 
-        emit(render_statistics(reports, fmt or cfg.format or "text"), output)
+            emit(render_statistics(reports, fmt or cfg.format or "text"), output)
+        if html:
+            from netdoctor.report import render
+
+            write_file(render(reports, "html"), html)
     else:
-        fmt = fmt or cfg.format or "text"
-        emit(render(reports, fmt, color=False if output else color), output)
+        write_reports(reports, fmt or cfg.format or "text", output, color, html)
     sys.exit(exit_code(reports, fail_on or cfg.fail_on))
 
 

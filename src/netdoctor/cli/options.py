@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])  # a click command function
 
-FORMATS = ["text", "json", "sarif", "github"]
+FORMATS = ["text", "json", "sarif", "github", "html"]
 FAIL_ON = ["error", "warning", "info", "never"]
 
 
@@ -41,12 +41,35 @@ def parse_shape(value: str | list | tuple | None) -> tuple[int, ...] | None:
 
 def emit(text: str, output: str | None) -> None:
     if output:
-        try:
-            Path(output).write_text(text, encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"cannot write {output}: {e.strerror}") from None
+        write_file(text, output)
     else:
         click.echo(text, nl=False)
+
+
+def write_reports(
+    reports: list[Report], fmt: str, output: str | None, color: bool | None, html: str | None
+) -> None:
+    """The report in `fmt` to `output` (or stdout), and with --html the html page as well."""
+    from netdoctor.report import render
+
+    emit(render(reports, fmt, color=False if output else color), output)
+    if html:
+        write_file(render(reports, "html"), html)
+
+
+def write_file(text: str, path: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+
+def require_html(fmt: str | None, html: str | None) -> None:
+    """An html report's charts need plotly (the `html` extra): checked before any training."""
+    if fmt == "html" or html:
+        from netdoctor.report.charts import require_plotly
+
+        require_plotly()
 
 
 def exit_code(reports: list[Report], fail_on: str) -> int:
@@ -63,11 +86,18 @@ def split_ids(values: tuple[str, ...]) -> list[str]:
 
 
 def report_options(fn: F) -> F:
-    """The options every command that writes a report takes: format, output, exit code and
-    rule selection, config file, color."""
+    """The options every command that writes a report takes: format, output, --html, exit code
+    and rule selection, config file, color."""
     options = [
         click.option("--format", "fmt", type=click.Choice(FORMATS), help="Report format."),
         click.option("-o", "--output", metavar="FILE", help="Write the report to FILE."),
+        click.option(
+            "--html",
+            "html",
+            metavar="FILE",
+            help="Also write the report as a self-contained html page, with charts for "
+            "probe and run (needs plotly: pip install 'netdoctor[html]').",
+        ),
         click.option(
             "--fail-on",
             type=click.Choice(FAIL_ON),

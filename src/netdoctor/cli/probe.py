@@ -9,7 +9,14 @@ from typing import Any
 
 import click
 
-from netdoctor.cli.options import common_options, download_options, emit, exit_code, options_from
+from netdoctor.cli.options import (
+    common_options,
+    download_options,
+    exit_code,
+    options_from,
+    require_html,
+    write_reports,
+)
 from netdoctor.errors import UserError
 
 PROBE_KEYS = {
@@ -124,6 +131,7 @@ def probe(
     input_dtype,
     fmt,
     output,
+    html,
     fail_on,
     select,
     ignore_,
@@ -158,6 +166,7 @@ def probe(
       netdoctor probe mlp.py:MLP --data fashionmnist --raw --lr 0.5 --momentum 0
       netdoctor probe model.py:Net --data synthetic --input-shape 3,32,32 --format json
       netdoctor probe model.py:Net --data synthetic --precision fp16
+      netdoctor probe model.py:Net --data synthetic --html report.html
     """
     started = time.monotonic()  # the time budget counts the whole command
     from netdoctor.config import load_config
@@ -185,6 +194,8 @@ def probe(
             "no data given: pass --data fashionmnist|mnist|synthetic|FILE.npz|"
             "path.py:loader_fn (the probe trains on it)"
         )
+    fmt = fmt or cfg.format or "text"
+    require_html(fmt, html)
     if plot:
         from netdoctor.report.plot import require_matplotlib
 
@@ -232,8 +243,5 @@ def probe(
 
     with seeded(opts.seed):  # user code drawing from random or NumPy during the probe, too
         report, _ = probe_target(target, opts, settings)
-    fmt = fmt or cfg.format or "text"
-    from netdoctor.report import render
-
-    emit(render([report], fmt, color=False if output else color), output)
+    write_reports([report], fmt, output, color, html)
     sys.exit(exit_code([report], fail_on or cfg.fail_on))

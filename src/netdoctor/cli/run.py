@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from netdoctor.cli.options import emit, report_options, split_ids
+from netdoctor.cli.options import report_options, require_html, split_ids, write_reports
 from netdoctor.errors import UserError
 
 RUN_KEYS = {"every", "stop-on", "dist-timeout", "tensorboard"}
@@ -39,7 +39,9 @@ RUN_KEYS = {"every", "stop-on", "dist-timeout", "tensorboard"}
 @click.argument(
     "argv", nargs=-1, type=click.UNPROCESSED, metavar="SCRIPT.py [ARGS]... | -m MODULE [ARGS]..."
 )
-def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, tensorboard, argv):
+def run(
+    fmt, output, html, fail_on, select, ignore_, config, color, every, stop_on, tensorboard, argv
+):
     """Run SCRIPT.py [ARGS...] (or -m MODULE [ARGS...]) as python would, with netdoctor
     watching every model and optimizer it trains; report when it ends.
 
@@ -48,6 +50,7 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, te
       netdoctor run --stop-on error -m mypkg.train --lr 0.1
       netdoctor run --format json -o report.json train.py
       netdoctor run --tensorboard runs/doctor train.py
+      netdoctor run --html report.html train.py
       torchrun --nproc_per_node 4 -m netdoctor run train.py   (rank 0 reports)
 
     Options go before the script; everything after it is the script's. Exit code: the
@@ -92,6 +95,7 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, te
         tensorboard=tensorboard or table.get("tensorboard"),
     )
     opts.validate()
+    require_html(opts.format, html)
     if opts.tensorboard:
         _make_directory(str(opts.tensorboard))
 
@@ -118,10 +122,7 @@ def run(fmt, output, fail_on, select, ignore_, config, color, every, stop_on, te
             f"(--stop-on {opts.stop_on}): {f.rule} {f.name}",
             err=True,
         )
-    from netdoctor.report import render
-
-    report = doctor.diagnose()
-    emit(render([report], opts.format, color=False if output else color), output)
+    write_reports([doctor.diagnose()], opts.format, output, color, html)
     if failed:
         sys.exit(outcome.exit_code)
     sys.exit(doctor.exit_code(opts.fail_on))

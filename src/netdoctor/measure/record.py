@@ -195,6 +195,7 @@ class TrainingRun:
     precision: str = "fp32"
     headroom: list[ModuleHeadroom] = field(default_factory=list)  # in forward order
     skipped_steps: list[int] = field(default_factory=list)  # 1-based: GradScaler skipped them
+    scale: list[float] = field(default_factory=list)  # the probe's GradScaler: after each step
 
     # -- helpers the rules use ---------------------------------------------------------
     def site(self, module: str | None) -> Location | None:

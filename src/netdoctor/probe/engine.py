@@ -12,7 +12,8 @@ batches from a `netdoctor.data.DataSource` (fed exactly as the source serves the
 * the first non-finite value: the step and the module that produced it (`localize_forward`), or
   the first parameter whose gradient went non-finite;
 * under `--precision fp16|bf16` (`netdoctor.probe.amp`): each module's max |output|, the float16
-  headroom (`ModuleHeadroom`), and the steps a float16 run's GradScaler skipped;
+  headroom (`ModuleHeadroom`), and the steps a float16 run's GradScaler skipped (and its
+  scale after each step);
 * train- vs eval-mode outputs at the end (BatchNorm running statistics), and a separate
   overfit-one-batch run on a fresh copy (`netdoctor.probe.end_checks`).
 
@@ -338,6 +339,7 @@ def _run_probe(
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
+                    run.scale.append(float(scaler.get_scale()))  # the report's scale curve
                 else:
                     opt.step()
                 if skip and meter is not None:

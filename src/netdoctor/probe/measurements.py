@@ -1,5 +1,6 @@
 """The probe's measurements as the report carries them (`Report.measurements`): gradient
-flow, loss and accuracy curves, activations, the run's settings and timings."""
+flow, loss and accuracy curves, activations, the run's settings and timings; and its curves
+(`Report.curves`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 from dataclasses import asdict
 from typing import Any
 
+from netdoctor.curves import Curves, ScaleCurve, finite_or_none
+from netdoctor.measure.curves import run_curves
 from netdoctor.measure.record import TrainingRun
 from netdoctor.measure.summary import gradient_flow, mean
 from netdoctor.probe.config import probe_config
@@ -92,3 +95,15 @@ def headroom_table(run: TrainingRun) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def probe_curves(run: TrainingRun) -> Curves:
+    """The run's curves, with the probe's own learning rate per step (constant: the probe
+    runs no scheduler) and its GradScaler's scale (fp16)."""
+    curves = run_curves(run)
+    curves.lr = finite_or_none([run.config.learning_rate] * run.steps_run)
+    if run.scale:
+        curves.scalers = [
+            ScaleCurve("GradScaler", finite_or_none(run.scale), list(run.skipped_steps))
+        ]
+    return curves

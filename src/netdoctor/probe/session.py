@@ -202,7 +202,7 @@ def _train_and_diagnose(probe: _Probe) -> TrainingRun:
 
 def _run_and_diagnose(probe: _Probe) -> TrainingRun:
     from netdoctor.probe.engine import run_probe
-    from netdoctor.probe.measurements import measurements
+    from netdoctor.probe.measurements import measurements, probe_curves
     from netdoctor.rules.contexts import RuntimeContext
     from netdoctor.rules.engine import judge, revise_after_training, run_rules
 
@@ -259,18 +259,20 @@ def _run_and_diagnose(probe: _Probe) -> TrainingRun:
     judge(report, found, [loaded.class_location], loaded.user_site())
     revise_after_training(report.findings, run, rules)
     report.measurements = measurements(run)
+    report.curves = probe_curves(run)
     timings = report.measurements["probe"]["timings_s"]
     timings.update({k: round(v, 3) for k, v in probe.phase_times.items()})
     if probe.settings.verify:
         from netdoctor.probe.verify import verify
 
         t = time.perf_counter()
-        vf, notes = verify(
+        vf, notes, fix_curve = verify(
             loaded.model, probe.source, run, report, rules, probe.progress, probe.deadline
         )
         timings["verify_s"] = round(time.perf_counter() - t, 3)
         if vf is not None:
             report.measurements["verified_fix"] = vf
+            report.curves.fix = fix_curve
         report.notes.extend(notes)
     if run.stopped == "non-finite":
         report.notes.append(f"the probe stopped at step {run.steps_run}: non-finite values (ND401)")

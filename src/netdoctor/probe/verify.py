@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from netdoctor.curves import FixCurve, finite_or_none
 from netdoctor.findings import Finding, Report, Severity
 from netdoctor.measure.record import TrainingRun
 from netdoctor.measure.summary import learned_well
@@ -63,6 +64,7 @@ class Attempt:
     outcome: str = "no"  # "improved" | "unclear" | "no" | "failed"
     symptom_gone: bool = False
     error: str | None = None
+    loss: list[float] = field(default_factory=list)  # per step of the re-run
 
     @property
     def improved(self) -> bool:
@@ -77,20 +79,25 @@ def verify(
     rules: RuleSettings,
     progress: Progress | None = None,
     deadline: float | None = None,
-) -> tuple[dict[str, Any] | None, list[str]]:
+) -> tuple[dict[str, Any] | None, list[str], FixCurve | None]:
     """Re-run the probe with the top fix (and, if needed, the next ranked ones) applied.
-    Returns (the measurement for report.measurements["verified_fix"], notes). The symptom's
-    threshold is the one `rules` give its rule."""
+    Returns (the measurement for report.measurements["verified_fix"], notes, the loss curves
+    of the probe and of the re-run shown). The symptom's threshold is the one `rules` give
+    its rule."""
     top = report.fix_first()
     if top is None or run.steps_run == 0:
-        return None, []  # nothing to fix, or nothing to compare with (the report says why)
+        return None, [], None  # nothing to fix, or nothing to compare with (the report says why)
     context = RemedyContext(report, run, model)
     first = remedy_for(top, context)
     if first is None:
-        return None, [
-            f"fix first ({top.rule} {top.name}) changes code that cannot be applied "
-            "in memory: not verified"
-        ]
+        return (
+            None,
+            [
+                f"fix first ({top.rule} {top.name}) changes code that cannot be applied "
+                "in memory: not verified"
+            ],
+            None,
+        )
     ranked = report.sorted_findings()
     candidates = _candidates(first, top, ranked, context)
     symptom = symptom_for(top, ranked, rules)
@@ -136,11 +143,16 @@ def verify(
                 if longer.improved:
                     winner = longer
     if not v.attempts:
-        return None, notes + [
-            f"fix first ({top.rule}) was not verified: a re-run of the probe "
-            "would not fit the time left in the budget (--time-budget, or "
-            "--steps for no budget)"
-        ]
+        return (
+            None,
+            notes
+            + [
+                f"fix first ({top.rule}) was not verified: a re-run of the probe "
+                "would not fit the time left in the budget (--time-budget, or "
+                "--steps for no budget)"
+            ],
+            None,
+        )
     if v.out_of_time:
         notes.append(
             f"the verification stopped after {len(v.attempts)} attempt(s): the next "
@@ -148,10 +160,14 @@ def verify(
         )
     if v.attempts[0].outcome == "failed" and len(v.attempts) == 1:
         a = v.attempts[0]
-        return None, [
-            f"fix first ({top.rule}) was applied in memory ({_applied(a, run)}) but "
-            f"the re-run failed: {a.error}"
-        ]
+        return (
+            None,
+            [
+                f"fix first ({top.rule}) was applied in memory ({_applied(a, run)}) but "
+                f"the re-run failed: {a.error}"
+            ],
+            None,
+        )
 
     shown = winner or _best(v.attempts, symptom)
     before_side = v.before_side(shown.steps)
@@ -177,7 +193,12 @@ def verify(
         "stopped": "time budget" if v.out_of_time else None,
         "baseline_learned_well": learned_well(run) is not None,
     }
-    return result, notes
+    curve = FixCurve(
+        applied=result["applied"],
+        before=finite_or_none(v.baseline(shown.steps).loss),
+        after=finite_or_none(shown.loss),
+    )
+    return result, notes, curve
 
 
 # ------------------------------------------------------------------------------ the candidates
@@ -280,6 +301,7 @@ class _Verifier:
             self.attempts.append(a)
             return a
         a.side = after.summary_side()
+        a.loss = list(after.loss)
         a.symptom = self.symptom.value(after) if self.symptom else None
         before = self.before_side(steps)
         sym_before = self.before_symptom(steps)
@@ -312,11 +334,16 @@ class _Verifier:
             return None
         return self.attempt(best.remedies, best.lr_times, steps)
 
+    def baseline(self, steps: int) -> TrainingRun:
+        """The run the re-runs of `steps` steps are compared with: the probe, or the longer
+        baseline of an extended verification."""
+        return self._baselines.get(steps, self.run)
+
     def before_side(self, steps: int) -> dict[str, Any]:
-        return self._baselines.get(steps, self.run).summary_side()
+        return self.baseline(steps).summary_side()
 
     def before_symptom(self, steps: int) -> float | None:
-        return self.symptom.value(self._baselines.get(steps, self.run)) if self.symptom else None
+        return self.symptom.value(self.baseline(steps)) if self.symptom else None
 
 
 def _compose(

@@ -1,4 +1,5 @@
-"""Reporters: format finished Report objects as text, json, sarif or github annotations.
+"""Reporters: format finished Report objects as text, json, sarif, github annotations or a
+self-contained html page.
 
 Torch-free: nothing here (directly or indirectly) imports torch.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from netdoctor.findings import Report
 
-FORMATS = ("text", "json", "sarif", "github")
+FORMATS = ("text", "json", "sarif", "github", "html")
 
 
 def render(
@@ -17,8 +18,9 @@ def render(
     color: bool | None = None,
     width: int | None = None,
 ) -> str:
-    """Render reports in `fmt` (text|json|sarif|github). `color`/`width` apply to text only;
-    color=None means auto (a TTY on stdout, honouring NO_COLOR/FORCE_COLOR)."""
+    """Render reports in `fmt` (text|json|sarif|github|html). `color`/`width` apply to text
+    only; color=None means auto (a TTY on stdout, honouring NO_COLOR/FORCE_COLOR). html with
+    charts (probe, run) needs plotly: UserError without it."""
     if isinstance(reports, Report):
         reports = [reports]
     reports = list(reports)
@@ -38,6 +40,10 @@ def render(
         from netdoctor.report import github
 
         return github.render(reports)
+    if fmt == "html":
+        from netdoctor.report import html
+
+        return html.render(reports)
     raise ValueError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
 
 

@@ -429,6 +429,15 @@ def _verified_fix(p: _Printer, v: Any) -> None:
         p.line(Text("before: " + symptom.split(" → ")[0]), indent=2)
 
 
+def verified_fix_lines(verified: dict[str, Any]) -> list[str]:
+    """The verified-fix block as plain lines, unwrapped, details indented (for the html
+    report: one wording)."""
+    buf = StringIO()
+    console = Console(file=buf, width=10_000, color_system=None, highlight=False, markup=False)
+    _verified_fix(_Printer(console), verified)
+    return [line.rstrip() for line in buf.getvalue().splitlines() if line.strip()]
+
+
 def _symptom_dict(verified: dict[str, Any]) -> dict[str, Any]:
     symptom = verified.get("symptom")
     return symptom if isinstance(symptom, dict) else {}

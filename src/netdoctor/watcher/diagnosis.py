@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
+from netdoctor.curves import Curves, ScaleCurve, finite_or_none
 from netdoctor.findings import Finding, Location, Report
+from netdoctor.measure.curves import run_curves
 from netdoctor.measure.facts import LoopFacts
 from netdoctor.measure.record import TrainingRun
 from netdoctor.rules.contexts import LoopContext, RuntimeContext
@@ -235,6 +237,7 @@ def diagnose(g: Gathered, *, closed: bool, stopped_by: Finding | None, wall: flo
     findings.extend(guard.run(lambda: run_rules(loop, settings, guard.note_error)) or [])
     judge(report, findings, [wm.facts.site for wm in g.registry.models], _anchor(g))
     report.measurements = measurements(g, runs)
+    report.curves = guard.run(partial(curves, g, runs))
     report.notes.extend(_notes(g, runs, stopped_by, wall))
     dist = g.distributed
     if closed and dist.world_size > 1 and dist.exchange.rank == 0:
@@ -386,4 +389,23 @@ def measurements(g: Gathered, runs: list[tuple[WatchedModel, TrainingRun]]) -> d
         if run.nonfinite is not None:
             out["non_finite"] = asdict(run.nonfinite)
             break
+    return out
+
+
+def curves(g: Gathered, runs: list[tuple[WatchedModel, TrainingRun]]) -> Curves:
+    """The report's curves: the training step's loss, total gradient norm and learning rate
+    per step (the primary optimizer's), the first watched model's layers and activations on
+    the deep steps, and each GradScaler's scale."""
+    out = run_curves(runs[0][1]) if runs else Curves()
+    primary = g.registry.primary
+    if primary is not None:
+        f = primary.facts
+        out.loss = finite_or_none(f.loss)
+        out.grad_norm = finite_or_none(f.grad_norm)
+        out.lr = finite_or_none(f.lr_curve())
+    out.scalers = [
+        ScaleCurve(s.label, finite_or_none(s.scale), list(s.skipped))
+        for s in g.facts.scalers
+        if s.scale
+    ]
     return out

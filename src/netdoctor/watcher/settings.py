@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 STOP_ON = ("error", "warning", "never")
 STOP_ACTIONS = ("raise", "flag")
-FORMATS = ("text", "json", "sarif", "github")
+FORMATS = ("text", "json", "sarif", "github", "html")
 FAIL_ON = ("error", "warning", "info", "never")
 
 # Deep measurements (per-layer activations, gradient norms, update ratios) run on the first
@@ -129,6 +129,10 @@ class WatchOptions:
             if value not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
         self.check_tensorboard()
+        if self.format == "html":  # its charts need plotly: say so before the training
+            from netdoctor.report.charts import require_plotly
+
+            require_plotly()
         self.rule_settings()  # a misspelled rule or option fails here, before training
 
     def check_tensorboard(self) -> None:
