@@ -4,6 +4,7 @@ are made. plotly is the optional `html` extra; torch-free."""
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,14 +76,15 @@ def _finite(values: Sequence[float | None]) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
-def _log_axis(values: Sequence[float | None], zeros: bool = False) -> bool:
-    """Positive values spanning more than LOG_SPAN; with `zeros`, zeros may be among them
-    (norms: a log axis leaves a gap where one is zero)."""
+def _log_axis(values: Sequence[float | None], zeros: bool = False) -> float:
+    """The decades positive values span when it is more than LOG_SPAN (a log axis then), else
+    0; with `zeros`, zeros may be among them (norms: a log axis leaves a gap where one is)."""
     v = _finite(values)
     positive = [x for x in v if x > 0]
     if not positive or min(v) < 0 or (min(v) == 0 and not zeros):
-        return False
-    return max(positive) / min(positive) > LOG_SPAN
+        return 0.0
+    span = max(positive) / min(positive)
+    return math.log10(span) if span > LOG_SPAN else 0.0
 
 
 def _sampled(n: int, limit: int = MAX_LINES) -> list[int]:
@@ -92,7 +94,8 @@ def _sampled(n: int, limit: int = MAX_LINES) -> list[int]:
     return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
 
 
-def _figure(title: str, x_title: str, y_title: str, log_y: bool = False) -> go.Figure:
+def _figure(title: str, x_title: str, y_title: str, decades: float = 0.0) -> go.Figure:
+    """An empty chart; `decades` > 0: a log y axis over that span."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -106,9 +109,24 @@ def _figure(title: str, x_title: str, y_title: str, log_y: bool = False) -> go.F
     )
     fig.update_xaxes(title_text=x_title)
     fig.update_yaxes(title_text=y_title, exponentformat="e")
-    if log_y:  # spans two decades or more (LOG_SPAN): a tick per decade
-        fig.update_yaxes(type="log", dtick=1)
+    if decades:  # a tick every decade, or every few when they are many
+        fig.update_yaxes(type="log", dtick=max(1, math.ceil(decades / 8)))
     return fig
+
+
+def _aligned(
+    steps: Sequence[int], values: Sequence[float | None]
+) -> tuple[list[int], list[float | None]]:
+    """(steps, values) of a per-layer trace, paired from the first measured step (a run that
+    stopped on a NaN has one value fewer of some traces)."""
+    n = min(len(steps), len(values))
+    return list(steps[:n]), list(values[:n])
+
+
+def _label(text: Any) -> str:
+    """A name from the user's code as plotly shows it: plotly reads labels as a little html
+    (<b>, <br>, entities), so they are escaped to show as written."""
+    return html.escape(str(text), quote=False)
 
 
 def _mode(points: int) -> str:
@@ -191,7 +209,7 @@ def _gradient_flow(rows: Any) -> Chart | None:
         return None
     import plotly.graph_objects as go
 
-    names = [str(r.get("name", "?")) for r in rows if isinstance(r, dict)]
+    names = [_label(r.get("name", "?")) for r in rows if isinstance(r, dict)]
     means = [_number(r.get("grad_norm")) for r in rows if isinstance(r, dict)]
     maxes = [_number(r.get("grad_norm_max")) for r in rows if isinstance(r, dict)]
     if not [v for v in means + maxes if v is not None and v > 0]:
@@ -224,7 +242,11 @@ def _number(v: Any) -> float | None:
 def _per_layer(
     c: Curves, values_of: str, title: str, y_title: str, key: str, caption: str
 ) -> Chart | None:
-    layers = [layer for layer in c.layers if _finite(getattr(layer, values_of))]
+    layers = [
+        layer
+        for layer in c.layers
+        if _finite(_aligned(c.measured_steps, getattr(layer, values_of))[1])
+    ]
     if not layers:
         return None
     import plotly.graph_objects as go
@@ -236,9 +258,11 @@ def _per_layer(
     for color, i in zip(colors, picked):
         layer = layers[i]
         values = getattr(layer, values_of)
-        x = c.measured_steps[: len(values)]
+        x, values = _aligned(c.measured_steps, values)
         fig.add_trace(
-            go.Scatter(x=x, y=values, mode=_mode(len(x)), name=layer.name, line={"color": color})
+            go.Scatter(
+                x=x, y=values, mode=_mode(len(x)), name=_label(layer.name), line={"color": color}
+            )
         )
     caption += _sampled_caption(len(picked), len(layers), "layers")
     return Chart(key, title, caption, fig)
@@ -313,7 +337,7 @@ def _scale(c: Curves, index: int) -> Chart | None:
     import plotly.graph_objects as go
 
     title = f"{s.label} scale"
-    fig = _figure(title, "scaler step", "scale", _log_axis(s.scale))
+    fig = _figure(_label(title), "scaler step", "scale", _log_axis(s.scale))
     x = _steps(s.scale)
     fig.add_trace(go.Scatter(x=x, y=s.scale, mode=_mode(len(x)), name="scale"))
     caption = "The loss scale after each step."
@@ -333,7 +357,7 @@ def _scale(c: Curves, index: int) -> Chart | None:
 
 
 def _activations(c: Curves) -> Chart | None:
-    sites = [a for a in c.activations if _finite(a.share)]
+    sites = [a for a in c.activations if _finite(_aligned(c.measured_steps, a.share)[1])]
     if not sites:
         return None
     import plotly.graph_objects as go
@@ -344,14 +368,14 @@ def _activations(c: Curves) -> Chart | None:
     colors = _layer_colors(len(picked))
     for color, i in zip(colors, picked):
         a = sites[i]
-        x = c.measured_steps[: len(a.share)]
+        x, share = _aligned(c.measured_steps, a.share)
         what = "at zero" if a.measure == "zero" else "saturated"
         fig.add_trace(
             go.Scatter(
                 x=x,
-                y=a.share,
+                y=share,
                 mode=_mode(len(x)),
-                name=f"{a.name} ({a.kind}, {what})",
+                name=_label(f"{a.name} ({a.kind}, {what})"),
                 line={"color": color, "dash": "solid" if a.kind == "relu" else "dash"},
             )
         )
@@ -385,7 +409,7 @@ def _verified_fix(c: Curves) -> Chart | None:
             x=_steps(fix.after),
             y=fix.after,
             mode="lines",
-            name=f"with the fix: {fix.applied}",
+            name=_label(f"with the fix: {fix.applied}"),
             line={"color": COLORS["after"]},
         )
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 from netdoctor.catalogue import RULES
 from netdoctor.findings import Finding, Report, Severity
-from netdoctor.report._common import aggregate_summary, summary_phrase
+from netdoctor.report._common import aggregate_summary, rel_path, summary_phrase
 from netdoctor.report.charts import Chart, charts
 from netdoctor.report.text import (
     GROUP_TITLE,
@@ -73,6 +73,7 @@ h3.error { color: var(--err); } h3.warning { color: var(--warn); } h3.info { col
 .cause { font-style: italic; margin: 4px 0; }
 .fix { margin: 8px 0 4px; } .fix b { color: var(--ok); }
 .unsafe { color: var(--muted); font-size: 13px; }
+details summary { cursor: pointer; color: var(--muted); font-size: 13px; margin: 2px 0; }
 .code { background: #f6f8fa; border: 1px solid var(--line); border-radius: 6px; margin: 6px 0 0;
   overflow-x: auto; }
 .code pre { margin: 0; padding: 10px 12px; font-size: 13px; line-height: 1.45; }
@@ -191,7 +192,7 @@ def _report(report: Report, index: int, made: list[Chart]) -> str:
             continue
         cls = SEVERITY_CLASS[sev]
         out.append(f'<h3 class="{cls}">{GROUP_TITLE[sev]} ({len(group)})</h3>')
-        out.extend(_finding(f, anchors[id(f)], report, anchors) for f in group)
+        out.extend(_finding(f, anchors[id(f)], report, anchors, f is first) for f in group)
     by_key = {c.key: c for c in made}
     curves = [c for c in made if c.key != "verified-fix"]
     if curves:
@@ -247,7 +248,9 @@ def _settings(m: dict[str, Any]) -> str:
     return f'<p class="settings">{spans}</p>'
 
 
-def _finding(f: Finding, anchor: str, report: Report, anchors: dict[int, str]) -> str:
+def _finding(f: Finding, anchor: str, report: Report, anchors: dict[int, str], first: bool) -> str:
+    """One finding as the text report shows it; its patch folded, unless it is the fix
+    first."""
     cls = SEVERITY_CLASS[f.severity]
     info = RULES.get(f.rule)
     head = [
@@ -281,7 +284,12 @@ def _finding(f: Finding, anchor: str, report: Report, anchors: dict[int, str]) -
         )
         out.append(f'<p class="fix"><b>fix:</b> {e(f.fix.summary)}{unsafe}</p>')
         if f.fix.patch:
-            out.append(_code(f.fix.patch, "diff" if f.fix.kind == "diff" else "python"))
+            diff = f.fix.kind == "diff"
+            what = f"the patch ({rel_path(f.fix.path)})" if diff and f.fix.path else "the code"
+            out.append(
+                f"<details{' open' if first else ''}><summary>{e(what)}</summary>"
+                f"{_code(f.fix.patch, 'diff' if diff else 'python')}</details>"
+            )
     out.append("</article>")
     return "\n".join(out)
 
