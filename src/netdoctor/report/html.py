@@ -24,9 +24,11 @@ from netdoctor.report.text import (
     verified_fix_lines,
 )
 
+# Only what the page carries: its inline scripts and styles; images from data: and blob: (plotly's
+# "download plot as a png" draws one).
 CSP = (
-    "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; "
-    "style-src 'unsafe-inline'; img-src data:; font-src data:"
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src data: blob:; font-src data:"
 )
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["lasso2d"]}
 

@@ -330,7 +330,7 @@ class Doctor:
     def report(
         self, format: str | None = None, output: str | None = None, color: bool | None = None
     ) -> str:
-        """The report as text/json/sarif/github; written to `output` when given."""
+        """The report as text/json/sarif/github/html; written to `output` when given."""
         from netdoctor.report import render
 
         fmt = format or self.options.format
