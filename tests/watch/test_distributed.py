@@ -11,6 +11,7 @@ fast tests at the end check the pieces in this process.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from netdoctor import docs
 from netdoctor.findings import Finding, Location, Report, Severity
 
 LOOPS = FIXTURES / "loops"
+HTML = importlib.util.find_spec("plotly") is not None  # the [html] extra
 DEADLINE = 300  # seconds a torchrun job may take on a loaded 2-core machine
 RUNNING = 3  # torchrun jobs at a time
 
@@ -129,11 +131,13 @@ def jobs(tmp_path_factory):
         folder / "watched.pt",
     )
     j.add("bare", LOOPS / "ddp.py", "--save", folder / "bare.pt")
+    html = ("--html", folder / "nan.html") if HTML else ()  # the page, besides the json
     j.add(
         "nan",
         *run,
         "-o",
         folder / "nan.json",
+        *html,
         "--fail-on",
         "never",
         LOOPS / "ddp.py",
@@ -263,6 +267,20 @@ def test_a_nan_on_one_rank_is_named_with_its_rank(jobs):
         "rank 0: gradient NaN at step 6; rank 1: loss NaN at step 6" in n for n in report["notes"]
     ), report["notes"]
     assert "netdoctor [rank 1]: step 6: ND401" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not HTML, reason="the html report needs plotly (the [html] extra)")
+def test_the_html_report_of_the_job_names_each_rank_and_its_outliers(jobs):
+    report, _ = report_of(jobs, "nan")
+    page = (jobs.folder / "nan.html").read_text(encoding="utf-8")
+    ranks = page[page.index("<h2>Ranks</h2>") : page.index("<h2>Notes</h2>")]
+    assert "<tr><td>0</td><td>12</td><td>finished</td>" in ranks
+    assert "<tr><td>1</td><td>12</td><td>finished</td>" in ranks
+    assert "world size 2 · backend gloo" in ranks
+    assert ">ND401 non-finite</a>: only on rank 1</li>" in ranks
+    assert report["measurements"]["run"]["ranks"]["per_rank"]["1"]["steps"] == 12
 
 
 @pytest.mark.slow
