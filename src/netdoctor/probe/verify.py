@@ -86,17 +86,15 @@ def verify(
     its rule."""
     top = report.fix_first()
     if top is None or run.steps_run == 0:
-        return None, [], None  # nothing to fix, or nothing to compare with (the report says why)
+        return _unverified([])  # nothing to fix, or nothing to compare with (the report says why)
     context = RemedyContext(report, run, model)
     first = remedy_for(top, context)
     if first is None:
-        return (
-            None,
+        return _unverified(
             [
                 f"fix first ({top.rule} {top.name}) changes code that cannot be applied "
                 "in memory: not verified"
-            ],
-            None,
+            ]
         )
     ranked = report.sorted_findings()
     candidates = _candidates(first, top, ranked, context)
@@ -143,15 +141,13 @@ def verify(
                 if longer.improved:
                     winner = longer
     if not v.attempts:
-        return (
-            None,
+        return _unverified(
             notes
             + [
                 f"fix first ({top.rule}) was not verified: a re-run of the probe "
                 "would not fit the time left in the budget (--time-budget, or "
                 "--steps for no budget)"
-            ],
-            None,
+            ]
         )
     if v.out_of_time:
         notes.append(
@@ -160,13 +156,11 @@ def verify(
         )
     if v.attempts[0].outcome == "failed" and len(v.attempts) == 1:
         a = v.attempts[0]
-        return (
-            None,
+        return _unverified(
             [
                 f"fix first ({top.rule}) was applied in memory ({_applied(a, run)}) but "
                 f"the re-run failed: {a.error}"
-            ],
-            None,
+            ]
         )
 
     shown = winner or _best(v.attempts, symptom)
@@ -199,6 +193,11 @@ def verify(
         after=finite_or_none(shown.loss),
     )
     return result, notes, curve
+
+
+def _unverified(notes: list[str]) -> tuple[None, list[str], None]:
+    """verify()'s answer when nothing was verified: the notes say why."""
+    return None, notes, None
 
 
 # ------------------------------------------------------------------------------ the candidates
