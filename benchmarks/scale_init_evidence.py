@@ -286,7 +286,7 @@ def train(model: GPT, corpus: MarkovCorpus, steps: int, lr: float, marks: tuple[
     return at, per_step
 
 
-def tied_table(steps: int, lr: float) -> None:
+def tied_table(steps: int, lr: float, only: str) -> None:
     vocab, d = 4096, 128
     corpus = MarkovCorpus(vocab, order=1)
     marks = (50, 100, 200, steps)
@@ -297,10 +297,13 @@ def tied_table(steps: int, lr: float) -> None:
         "tied, N(0,0.02) scaled (GPT-2)": dict(emb_std=gpt2),
         "tied, N(0,d^-1/2) (tensor2tensor)": dict(emb_std=d**-0.5),
         "untied, N(0,1) + default head": dict(emb_std=None, tied=False),
+        **{f"tied, N(0,{s}/sqrt(d)): logit RMS ~{s}": dict(emb_std=s / d**0.5) for s in (3, 5, 8)},
     }
     print(f"entropy floor {corpus.entropy:.3f}, ln V = {math.log(vocab):.3f}; loss at step:")
     print(f"{'case':38} {'logit s':>8} {'0':>7}" + "".join(f"{m:>7}" for m in marks))
     for name, kw in cases.items():
+        if only not in name:
+            continue
         torch.manual_seed(0)
         model = GPT(vocab, d, 4, std=gpt2, proj_std=gpt2 / math.sqrt(8), **kw)
         with torch.no_grad():
@@ -343,14 +346,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--layers", type=int, default=32, help="depth: the model's layers")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW's peak learning rate")
-    parser.add_argument("-k", default="", help="depth: only the cases containing this text")
+    parser.add_argument("-k", default="", help="tied, depth: only the cases containing this text")
     args = parser.parse_args()
     if args.part == "logits":
         logits_table()
     elif args.part == "stream":
         stream_table()
     elif args.part == "tied":
-        tied_table(args.steps, args.lr)
+        tied_table(args.steps, args.lr, args.k)
     else:
         depth_table(args.steps, args.layers, args.lr, args.k)
 

@@ -116,6 +116,15 @@ def test_the_published_schemes_are_left_alone(tmp_path, body, kwargs):
     assert run(target, kwargs=kwargs) == []
 
 
+@pytest.mark.parametrize("std, reported", [(0.4, False), (0.6, True)])
+def test_the_threshold_is_the_freezing_point(tmp_path, std, reported):
+    """sqrt(2 ln 1000) = 3.72: logits of RMS 3.2 (std 0.4 x sqrt(64)) pass, 4.8 do not."""
+    found = run(write(tmp_path, "self.head(x)"), kwargs={"std": std})
+    assert bool(found) == reported
+    if found:
+        assert found[0].evidence["expected_loss"] > 2 * math.log(1000)
+
+
 def test_a_factor_that_is_not_constant_is_not_guessed(tmp_path):
     """Logits multiplied by a learned scale: the product is unknown statically, and the rule
     says nothing rather than judge the head's output alone."""
@@ -144,6 +153,7 @@ def test_the_option_and_the_severity_are_the_users():
     assert finding.severity.label == "info"
 
 
+@pytest.mark.slow
 def test_hugging_face_tied_models_as_built_are_clean_and_an_n01_embedding_is_not():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
@@ -169,6 +179,7 @@ def _nd205(model: nn.Module):
     return [f for f in report.findings if f.rule == "ND205"]
 
 
+@pytest.mark.slow
 def test_the_meta_device_build_gives_the_same_verdict():
     from netdoctor.loading.target import load
 

@@ -21,8 +21,9 @@ from netdoctor.rules.verification import Remedy, RemedyContext
 @dataclass(frozen=True)
 class Options(RuleOptions):
     # Flag when the cross-entropy the initial logits' scale predicts exceeds (1 + tolerance)
-    # x ln(V): what ND408 flags when it measures the loss at initialisation.
-    tolerance: float = 0.5
+    # x ln(V). At 1.0, logits of RMS above sqrt(2 ln V): past the point where the softmax's
+    # mass freezes onto the few largest logits (rules/ND205.md).
+    tolerance: float = 1.0
 
 
 def initial_cross_entropy(rms: float, classes: int) -> float:
