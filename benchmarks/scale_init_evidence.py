@@ -4,7 +4,7 @@ behind the rules that were not written (docs/check.md, "Init at LLM scale").
     python benchmarks/scale_init_evidence.py logits     # seconds
     python benchmarks/scale_init_evidence.py stream     # ~1 minute: HF configs at 24-80 layers
     python benchmarks/scale_init_evidence.py tied       # ~5 minutes on one core
-    python benchmarks/scale_init_evidence.py depth      # ~8 minutes on one core
+    python benchmarks/scale_init_evidence.py depth --steps 200   # ~10 minutes on one core
 
 * logits -- the logits of an output layer tied to an embedding, fed a normalized (unit-RMS)
   hidden state, for the embedding inits in use: nn.Embedding's default N(0, 1), GPT-2 / Hugging
@@ -18,10 +18,14 @@ behind the rules that were not written (docs/check.md, "Init at LLM scale").
   depth scaling), GPT-2 XL's 48 (output projections at 0.02 / sqrt(2 n_layer)) and the same
   without that scaling, BERT-large's 24 post-LN layers.
 * tied -- a 4-layer pre-LN GPT (width 128, vocabulary 4096, tied embeddings) trained 300 AdamW
-  steps on a synthetic order-1 Markov corpus, once per embedding init: the loss at init, after
-  50, 100 and 300 steps, against the corpus' entropy floor.
-* depth -- a 32-layer pre-LN GPT (width 64) trained 300 steps, GPT-2's scheme against the same
-  without depth scaling, at GPT-2-small's and Llama-7B's per-layer gain, and post-LN.
+  steps on a synthetic order-1 Markov corpus, once per embedding init (the published ones, and
+  N(0, s / sqrt(d)) for logits of RMS s = 3, 5, 8): the loss at init, after 50, 100, 200 and
+  300 steps, against the corpus' entropy floor.
+* depth -- a 32-layer pre-LN GPT (width 64, vocabulary 512) trained on the same kind of corpus,
+  GPT-2's scheme against the same without depth scaling, at GPT-2-small's and at Llama-7B's
+  per-layer gain (the docs quote `--steps 200`).
+
+`-k TEXT` runs only the tied or depth cases whose name contains TEXT.
 
 Synthetic data, CPU, one thread, seeded: the numbers are reproducible on one torch version.
 """
