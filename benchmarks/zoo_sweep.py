@@ -348,6 +348,11 @@ def shrink_kwargs(config) -> dict[str, Any]:
         for attr in INIT_STDS:
             if isinstance(d.get(attr), float):
                 out[attr] = d[attr] * math.sqrt(width / SHRINK_WIDTH)
+        if isinstance(d.get("dim_model_base"), int):
+            # A muP base width (MiniCPM3 divides the hidden state by width / base before its
+            # tied output layer): the shrunk model keeps the ratio (to an integer's rounding),
+            # or its logits grow 40x.
+            out["dim_model_base"] = max(1, round(d["dim_model_base"] * SHRINK_WIDTH / width))
     if "vocab_size" in d:
         # Token ids must stay inside the shrunk vocabulary (padding_idx is checked at build);
         # a padding token lets the sequence classifiers take a batch of two.

@@ -17,12 +17,14 @@ from netdoctor.check import CheckOptions, check
 from netdoctor.findings import Finding, Fix, Location, Report, Severity
 from netdoctor.fixes.apply import fix_until_clean, merge, writable
 
-SHAPES = {"alexnet.py": (1, 224, 224)}
+SHAPES = {"alexnet.py": (1, 224, 224), "tied_embedding.py": (16,)}
+TOKENS = {"tied_embedding.py"}  # models of token ids (long, below their 1000-token vocabulary)
 FIXABLE_FIXTURES = sorted(p.name for p in SICK.glob("*.py"))
 
 
 def reports_of(target: str, shape) -> list[Report]:
-    reports, _ = check(target, CheckOptions(input_shape=shape))
+    dtype = "long" if target.partition(":")[0].rpartition("/")[2] in TOKENS else "float32"
+    reports, _ = check(target, CheckOptions(input_shape=shape, input_dtype=dtype))
     return reports
 
 
@@ -31,8 +33,10 @@ def runs(target: str, shape) -> None:
 
     for loaded in load(target).models:
         model = loaded.model.eval()
+        tokens = target.rpartition("/")[2] in TOKENS
+        x = torch.randint(0, 1000, (2, *shape)) if tokens else torch.randn(2, *shape)
         with torch.no_grad():
-            out = model(torch.randn(2, *shape))
+            out = model(x)
         out = out[0] if isinstance(out, tuple) else out
         assert out.shape[0] == 2 and torch.isfinite(out).all(), loaded.target
 

@@ -4,7 +4,8 @@ link somewhere, its Options are the rule's own (keys and defaults, read off the 
 dataclass), and its examples are true -- the Example triggers the rule; the Fix does not and is
 healthy (no warning or error). Each example runs the way its stage runs:
 
-* meta, graph, params: `netdoctor check model.py:Net --input-shape INPUT_SHAPE`
+* meta, graph, params: `netdoctor check model.py:Net --input-shape INPUT_SHAPE` (and
+  `--input-dtype INPUT_DTYPE` when the example defines it: "long" for token ids)
 * data: the same with `--data model.py:data`
 * runtime: `netdoctor probe` with the flags of the example's `# probe:` line (the Fix's, else
   the Example's), `--no-verify`
@@ -128,6 +129,18 @@ def _input_shape(code: str) -> str:
     raise AssertionError("the example defines no INPUT_SHAPE = (C, H, W)")
 
 
+def _input_dtype(code: str) -> list[str]:
+    """`--input-dtype` for an example that defines INPUT_DTYPE (token ids: "long")."""
+    for node in ast.parse(code).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "INPUT_DTYPE" for t in node.targets
+        ):
+            dtype = ast.literal_eval(node.value)
+            assert isinstance(dtype, str)
+            return ["--input-dtype", dtype]
+    return []
+
+
 def _probe_flags(code: str) -> list[str] | None:
     m = re.search(r"^# probe: (.+)$", code, re.MULTILINE)
     return shlex.split(m.group(1)) if m else None
@@ -157,7 +170,7 @@ def _run_example(rule_id: str, code: str, folder: Path, flags: list[str] | None)
     assert re.search(r"^class Net\(nn\.Module\):", code, re.MULTILINE), "no class Net(nn.Module)"
     model = folder / "model.py"
     model.write_text(code, encoding="utf-8")
-    shape = ["--input-shape", _input_shape(code)]
+    shape = ["--input-shape", _input_shape(code), *_input_dtype(code)]
     if stage is Stage.RUNTIME:
         assert flags and "--data" in flags, f"{rule_id}: the Example has no '# probe:' line"
         extra = flags if "--input-shape" in flags else [*flags, *shape]

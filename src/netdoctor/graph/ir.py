@@ -100,6 +100,9 @@ class Graph:
     input_shape: tuple[int, ...] | None = None
     root_location: Location | None = None  # the model class definition
     notes: list[str] = field(default_factory=list)
+    # Parameters held under several names (tied weights): each group's qualified names, in
+    # registration order ("tok.weight", "head.weight": an embedding tied to the output layer).
+    tied: list[tuple[str, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._succ: dict[str, list[str]] | None = None  # successors by name, built on first use
@@ -148,6 +151,10 @@ class Graph:
                         succ[i].append(n.name)
             self._succ = succ
         return [self.nodes[s] for s in succ[name]]
+
+    def aliases(self, parameter: str) -> tuple[str, ...]:
+        """Every qualified name of the parameter called `parameter` (itself alone when untied)."""
+        return next((group for group in self.tied if parameter in group), (parameter,))
 
     def predecessors(self, name: str) -> list[Node]:
         return [self.nodes[i] for i in self.nodes[name].inputs if i in self.nodes]

@@ -53,6 +53,10 @@ def record_modules(graph: Graph, model: nn.Module, prov: Provenance) -> None:
             is_leaf=not any(True for _ in m.children()),
             shares_parameters=any(len(owners[id(p)]) > 1 for p in own),
         )
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    graph.tied = [tuple(group) for group in names.values() if len(group) > 1]
 
 
 def unregistered_modules(
